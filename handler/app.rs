@@ -1,0 +1,111 @@
+//! The running service: settings, source, storage, job store and queue wired together; the local
+//! server with its worker pool; recovery of unfinished jobs at start.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Settings, SourceSetting, StorageSetting};
+use crate::export::{worker, ExportError, ShardMessage};
+use crate::jobs::{Change, JobStatus, JobStore, ShardStatus};
+use crate::queue::{spawn_workers, InProcessQueue, QueueReceiver, WorkQueue};
+use crate::source::{EmbeddedStore, ResourceSource};
+use crate::storage::{LocalFolder, ObjectStore};
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub settings: Arc<Settings>,
+    pub source: Arc<dyn ResourceSource>,
+    pub storage: Arc<dyn ObjectStore>,
+    pub jobs: JobStore,
+    pub queue: Arc<dyn WorkQueue>,
+}
+
+impl App {
+    /// Opens the source and storage named by the settings, with an in-process queue.
+    pub fn open_local(settings: Settings) -> anyhow::Result<(App, QueueReceiver)> {
+        let source: Arc<dyn ResourceSource> = match &settings.source {
+            SourceSetting::Sqlite(path) => Arc::new(EmbeddedStore::open(path)?),
+        };
+        let storage: Arc<dyn ObjectStore> = match &settings.storage {
+            StorageSetting::Folder(path) => Arc::new(LocalFolder::open(path)?),
+        };
+        let (queue, receiver) = InProcessQueue::new();
+        let app = App {
+            settings: Arc::new(settings),
+            source,
+            jobs: JobStore::new(storage.clone()),
+            storage,
+            queue: Arc::new(queue),
+        };
+        Ok((app, receiver))
+    }
+
+    /// Picks up the jobs a previous process left running: their unfinished shards are queued again.
+    /// Only for a store this process owns alone (the local folder).
+    pub async fn resume_unfinished(&self) -> Result<usize, ExportError> {
+        let mut resumed = 0;
+        for id in self.jobs.ids().await? {
+            let unfinished = self
+                .jobs
+                .update(&id, |job| {
+                    if job.status != JobStatus::Running {
+                        return Change::Keep(Vec::new());
+                    }
+                    let mut unfinished = Vec::new();
+                    for (index, shard) in job.shards.iter_mut().enumerate() {
+                        if shard.status != ShardStatus::Done {
+                            shard.status = ShardStatus::Queued;
+                            unfinished.push(index);
+                        }
+                    }
+                    Change::Write(unfinished)
+                })
+                .await?
+                .unwrap_or_default();
+            let Some((job, _)) = self.jobs.load(&id).await? else {
+                continue;
+            };
+            if job.status != JobStatus::Running {
+                continue;
+            }
+            resumed += 1;
+            if unfinished.is_empty() {
+                worker::finalize(self, &id).await?;
+            } else {
+                let messages = unfinished
+                    .into_iter()
+                    .map(|shard| ShardMessage {
+                        job_id: id.clone(),
+                        shard,
+                    })
+                    .collect();
+                self.queue.enqueue(messages).await?;
+            }
+        }
+        Ok(resumed)
+    }
+}
+
+/// Serves the HTTP API on `listener` with `workers` shard workers until `shutdown` resolves.
+pub async fn serve_local(
+    app: App,
+    receiver: QueueReceiver,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let workers = spawn_workers(app.clone(), receiver, app.settings.workers);
+    match app.resume_unfinished().await {
+        Ok(0) => {}
+        Ok(resumed) => tracing::info!(resumed, "resumed unfinished exports"),
+        Err(error) => tracing::error!(%error, "could not resume unfinished exports"),
+    }
+    warp::serve(crate::http::routes(app))
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+    workers.iter().for_each(|w| w.abort());
+}

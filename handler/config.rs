@@ -1,0 +1,150 @@
+//! Settings: read and checked once at start-up; a bad value stops start-up with its name.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_FILE_MAX_BYTES: u64 = 64 << 20;
+pub const DEFAULT_STALE_AFTER_SECS: u64 = 600;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSetting {
+    Sqlite(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageSetting {
+    Folder(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub source: SourceSetting,
+    pub storage: StorageSetting,
+    pub file_max_bytes: u64,
+    pub stale_after: Duration,
+    pub max_attempts: u32,
+    pub workers: usize,
+    /// Public base URL; when unset, taken from each request's `Host`.
+    pub base_url: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("setting {name}: {message}")]
+pub struct SettingError {
+    pub name: &'static str,
+    pub message: String,
+}
+
+fn bad(name: &'static str, message: impl Into<String>) -> SettingError {
+    SettingError {
+        name,
+        message: message.into(),
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            source: SourceSetting::Sqlite(PathBuf::from("./.fhir/store.db")),
+            storage: StorageSetting::Folder(PathBuf::from("./exports")),
+            file_max_bytes: DEFAULT_FILE_MAX_BYTES,
+            stale_after: Duration::from_secs(DEFAULT_STALE_AFTER_SECS),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            workers: default_workers(),
+            base_url: None,
+        }
+    }
+}
+
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+impl Settings {
+    /// How often a running shard refreshes its heartbeat: a tenth of the stale limit, 1 s to 60 s.
+    pub fn heartbeat_every(&self) -> Duration {
+        (self.stale_after / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
+/// `FHIR_SOURCE`: `sqlite:PATH` (a bare path means the same).
+pub fn parse_source(value: &str) -> Result<SourceSetting, SettingError> {
+    let path = value.strip_prefix("sqlite:").unwrap_or(value);
+    if value.starts_with("http://") || value.starts_with("https://") {
+        return Err(bad("FHIR_SOURCE", format!("{value:?}: reading from a FHIR server is not available in this version; use sqlite:PATH")));
+    }
+    if path.is_empty() {
+        return Err(bad("FHIR_SOURCE", "empty path"));
+    }
+    Ok(SourceSetting::Sqlite(PathBuf::from(path)))
+}
+
+/// `EXPORT_STORAGE`: `file:DIR` (a bare path means the same).
+pub fn parse_storage(value: &str) -> Result<StorageSetting, SettingError> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        return Err(bad(
+            "EXPORT_STORAGE",
+            format!("{value:?}: Azure Blob storage is not available in this version; use file:DIR"),
+        ));
+    }
+    let path = value.strip_prefix("file:").unwrap_or(value);
+    if path.is_empty() {
+        return Err(bad("EXPORT_STORAGE", "empty path"));
+    }
+    Ok(StorageSetting::Folder(PathBuf::from(path)))
+}
+
+pub fn check_file_max_bytes(value: u64) -> Result<u64, SettingError> {
+    if value < 1024 {
+        return Err(bad(
+            "EXPORT_FILE_MAX_BYTES",
+            format!("{value} is too small (at least 1024)"),
+        ));
+    }
+    Ok(value)
+}
+
+pub fn check_base_url(value: &str) -> Result<String, SettingError> {
+    if !(value.starts_with("http://") || value.starts_with("https://"))
+        || value.contains(['?', '#'])
+    {
+        return Err(bad(
+            "EXPORT_BASE_URL",
+            format!("{value:?} is not an http(s) base URL"),
+        ));
+    }
+    Ok(value.trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_and_name_themselves_when_wrong() {
+        assert_eq!(
+            parse_source("sqlite:/x/db").unwrap(),
+            SourceSetting::Sqlite("/x/db".into())
+        );
+        assert_eq!(
+            parse_storage("file:./e").unwrap(),
+            StorageSetting::Folder("./e".into())
+        );
+        assert!(parse_storage("https://a.blob.core.windows.net")
+            .unwrap_err()
+            .to_string()
+            .contains("EXPORT_STORAGE"));
+        assert!(check_file_max_bytes(10)
+            .unwrap_err()
+            .to_string()
+            .contains("EXPORT_FILE_MAX_BYTES"));
+        assert_eq!(
+            check_base_url("http://h:1/fhir/").unwrap(),
+            "http://h:1/fhir"
+        );
+        assert!(check_base_url("ftp://x").is_err());
+    }
+}

@@ -1,0 +1,37 @@
+//! The export itself: kickoff parameters, the plan of shards, the shard worker, the manifest.
+
+pub mod kickoff;
+pub mod manifest;
+pub mod request;
+pub mod worker;
+
+use serde::{Deserialize, Serialize};
+
+pub use request::{ExportRequest, Level, RequestError};
+
+/// A queue message: run one shard of one job. Also the body of a Service Bus message in Azure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardMessage {
+    pub job_id: String,
+    pub shard: usize,
+}
+
+/// Everything that can stop an export operation; mapped to HTTP in `http::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Scan(#[from] crate::source::ScanError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Jobs(#[from] crate::jobs::JobError),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueClosed),
+    #[error("export {0} was cancelled")]
+    Cancelled(String),
+}

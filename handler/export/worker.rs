@@ -1,0 +1,308 @@
+//! The shard worker: claim a shard, stream its resources into rolled files, record the outputs;
+//! the worker that finishes the last shard writes the manifest.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+
+use super::{manifest, ExportError, ShardMessage};
+use crate::app::App;
+use crate::fhir::OperationOutcome;
+use crate::jobs::{Change, Job, JobStatus, ShardStatus};
+use crate::source::ScanRequest;
+use crate::storage::{OutputFile, RollingNdjsonWriter, StorageError};
+
+/// Runs one queue message; failures are retried up to the restart cap, then fail the job.
+pub async fn handle_message(app: &App, message: &ShardMessage) {
+    let span = tracing::info_span!("shard", job_id = %message.job_id, shard = message.shard);
+    let _entered = span.enter();
+    match run_shard(app, message).await {
+        Ok(()) => {}
+        Err(ExportError::Cancelled(_)) => tracing::info!("shard stopped: export cancelled"),
+        Err(error) => {
+            tracing::warn!(%error, "shard failed");
+            if let Err(record_error) = record_failure(app, message, &error).await {
+                tracing::error!(%record_error, "could not record the shard failure");
+            }
+        }
+    }
+}
+
+/// What claiming a shard found.
+enum Claim {
+    Run { job: Box<Job>, attempt: u32 },
+    Skip(&'static str),
+}
+
+pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportError> {
+    let stale_after =
+        chrono::Duration::from_std(app.settings.stale_after).unwrap_or(chrono::Duration::MAX);
+    let claim = app
+        .jobs
+        .update(&message.job_id, |job| {
+            if job.status != JobStatus::Running {
+                return Change::Keep(Claim::Skip("job is not running"));
+            }
+            let Some(shard) = job.shards.get_mut(message.shard) else {
+                return Change::Keep(Claim::Skip("no such shard"));
+            };
+            let now = Utc::now();
+            match shard.status {
+                ShardStatus::Done => return Change::Keep(Claim::Skip("shard already done")),
+                ShardStatus::Running
+                    if shard.heartbeat.is_some_and(|beat| now - beat < stale_after) =>
+                {
+                    return Change::Keep(Claim::Skip("shard is running elsewhere"))
+                }
+                _ => {}
+            }
+            shard.status = ShardStatus::Running;
+            shard.attempts += 1;
+            shard.heartbeat = Some(now);
+            let attempt = shard.attempts;
+            Change::Write(Claim::Run {
+                job: Box::new(job.clone()),
+                attempt,
+            })
+        })
+        .await?;
+    let (job, attempt) = match claim {
+        None => return Ok(()),
+        Some(Claim::Skip(reason)) => {
+            tracing::debug!(reason, "shard message skipped");
+            return Ok(());
+        }
+        Some(Claim::Run { job, attempt }) => (job, attempt),
+    };
+
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let heartbeat = tokio::spawn(keep_alive(
+        app.clone(),
+        message.clone(),
+        attempt,
+        cancelled.clone(),
+    ));
+    let written = write_files(app, &job, message.shard, cancelled).await;
+    heartbeat.abort();
+    let outputs = written?;
+
+    let finished_last = app
+        .jobs
+        .update(&job.id, |job| {
+            if job.status != JobStatus::Running {
+                return Change::Keep(None);
+            }
+            let shard = &mut job.shards[message.shard];
+            if shard.status == ShardStatus::Done {
+                return Change::Keep(Some(false));
+            }
+            shard.status = ShardStatus::Done;
+            shard.outputs = outputs.clone();
+            Change::Write(Some(job.all_shards_done()))
+        })
+        .await?
+        .flatten();
+    match finished_last {
+        None => {
+            remove_files(app, &outputs).await;
+            Err(ExportError::Cancelled(job.id.clone()))
+        }
+        Some(true) => finalize(app, &job.id).await,
+        Some(false) => Ok(()),
+    }
+}
+
+/// Streams the shard's resources from the source into rolled files on a blocking thread.
+async fn write_files(
+    app: &App,
+    job: &Job,
+    shard: usize,
+    cancelled: Arc<AtomicBool>,
+) -> Result<Vec<OutputFile>, ExportError> {
+    let spec = job.shards[shard].clone();
+    let until = job.request.until.map_or(job.transaction_time, |until| {
+        until.min(job.transaction_time)
+    });
+    let since = job.request.since;
+    let source = app.source.clone();
+    let mut writer = RollingNdjsonWriter::new(
+        app.storage.clone(),
+        tokio::runtime::Handle::current(),
+        &job.output_folder,
+        &spec.stem,
+        &spec.resource_type,
+        app.settings.file_max_bytes,
+    );
+    let job_id = job.id.clone();
+    let started = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        let request = ScanRequest {
+            resource_type: &spec.resource_type,
+            since,
+            until,
+        };
+        let scanned = source.scan(&request, &mut |resource| {
+            if cancelled.load(Ordering::Relaxed) {
+                return Err(StorageError::Io {
+                    path: job_id.clone(),
+                    source: std::io::Error::other("export cancelled"),
+                });
+            }
+            writer.push(resource)
+        });
+        match scanned {
+            Ok(count) => writer
+                .finish()
+                .map(|files| (count, files))
+                .map_err(ExportError::from),
+            Err(error) => {
+                writer.abort();
+                Err(if cancelled.load(Ordering::Relaxed) {
+                    ExportError::Cancelled(job_id)
+                } else {
+                    error.into()
+                })
+            }
+        }
+    })
+    .await
+    .expect("the shard writer does not panic");
+    let (count, files) = result?;
+    tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = files.len(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
+    Ok(files)
+}
+
+/// Refreshes the shard's heartbeat until aborted; raises `cancelled` when the job stops running.
+async fn keep_alive(app: App, message: ShardMessage, attempt: u32, cancelled: Arc<AtomicBool>) {
+    let mut ticks = tokio::time::interval(app.settings.heartbeat_every());
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let still_ours = app
+            .jobs
+            .update(&message.job_id, |job| {
+                let shard = &mut job.shards[message.shard];
+                if job.status != JobStatus::Running
+                    || shard.attempts != attempt
+                    || shard.status != ShardStatus::Running
+                {
+                    return Change::Keep(false);
+                }
+                shard.heartbeat = Some(Utc::now());
+                Change::Write(true)
+            })
+            .await;
+        if !matches!(still_ours, Ok(Some(true))) {
+            cancelled.store(true, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+/// Writes the manifest and marks the job completed; safe to run more than once.
+pub async fn finalize(app: &App, job_id: &str) -> Result<(), ExportError> {
+    let Some((job, _)) = app.jobs.load(job_id).await? else {
+        return Ok(());
+    };
+    if job.status != JobStatus::Running || !job.all_shards_done() {
+        return Ok(());
+    }
+    let notes = write_notes(app, &job).await?;
+    let manifest = manifest::build(&job, notes.as_ref());
+    app.jobs
+        .put_manifest(
+            job_id,
+            Bytes::from(serde_json::to_vec_pretty(&manifest).expect("JSON")),
+        )
+        .await?;
+    app.jobs
+        .update(job_id, |job| {
+            if job.status != JobStatus::Running {
+                return Change::Keep(());
+            }
+            job.status = JobStatus::Completed;
+            job.completed_at = Some(Utc::now());
+            Change::Write(())
+        })
+        .await?;
+    let files: usize = job.shards.iter().map(|s| s.outputs.len()).sum();
+    let resources: u64 = job
+        .shards
+        .iter()
+        .flat_map(|s| &s.outputs)
+        .map(|f| f.count)
+        .sum();
+    tracing::info!(job_id, files, resources, "export completed");
+    Ok(())
+}
+
+/// The lenient-handling notes as an NDJSON file of OperationOutcomes, when there are any.
+async fn write_notes(app: &App, job: &Job) -> Result<Option<OutputFile>, ExportError> {
+    if job.request.notes.is_empty() {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    for note in &job.request.notes {
+        body.extend_from_slice(&OperationOutcome::information(note.clone()).to_json());
+        body.push(b'\n');
+    }
+    let path = format!("{}/OperationOutcome-1.ndjson", job.output_folder);
+    let bytes = body.len() as u64;
+    app.storage
+        .put(&path, Bytes::from(body), crate::storage::PutMode::Overwrite)
+        .await?;
+    Ok(Some(OutputFile {
+        resource_type: "OperationOutcome".into(),
+        path,
+        count: job.request.notes.len() as u64,
+        bytes,
+    }))
+}
+
+/// After a failed attempt: queue the shard again after a pause, or past the cap fail the job.
+async fn record_failure(
+    app: &App,
+    message: &ShardMessage,
+    error: &ExportError,
+) -> Result<(), ExportError> {
+    let max_attempts = app.settings.max_attempts;
+    let retry = app
+        .jobs
+        .update(&message.job_id, |job| {
+            if job.status != JobStatus::Running {
+                return Change::Keep(false);
+            }
+            let shard = &mut job.shards[message.shard];
+            if shard.status == ShardStatus::Done {
+                return Change::Keep(false);
+            }
+            if shard.attempts < max_attempts {
+                shard.status = ShardStatus::Queued;
+                return Change::Write(true);
+            }
+            job.status = JobStatus::Failed;
+            job.failure = Some(format!(
+                "shard {} ({}) failed {} times; last error: {error}",
+                message.shard, shard.resource_type, shard.attempts
+            ));
+            Change::Write(false)
+        })
+        .await?;
+    if retry == Some(true) {
+        app.queue
+            .enqueue_later(message.clone(), Duration::from_secs(1))
+            .await?;
+    }
+    Ok(())
+}
+
+async fn remove_files(app: &App, files: &[OutputFile]) {
+    for file in files {
+        if let Err(error) = app.storage.delete_prefix(&file.path).await {
+            tracing::warn!(%error, path = %file.path, "could not remove a file of a cancelled export");
+        }
+    }
+}

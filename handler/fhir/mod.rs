@@ -1,0 +1,7 @@
+//! FHIR knowledge the exporter needs: resource type names, the Patient compartment, OperationOutcome.
+
+pub mod compartment;
+pub mod outcome;
+pub mod types;
+
+pub use outcome::{IssueType, OperationOutcome};

@@ -1,0 +1,330 @@
+//! The HTTP API: one warp filter hands every request to `dispatch`, which routes on the decoded path.
+//!
+//! - `GET /metadata`
+//! - `GET|POST /$export` (kickoff)
+//! - `GET|DELETE /_operations/export/{jobId}` (status, cancel)
+//! - `GET /_exports/{path}` (export files)
+
+pub mod error;
+mod metadata;
+mod parameters;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use warp::reply::Response;
+use warp::{Buf, Filter, Reply};
+
+pub use error::ApiError;
+
+use crate::app::App;
+use crate::export::request::{check_headers, is_lenient, KickoffHeaders};
+use crate::export::{kickoff, ExportRequest, Level};
+use crate::fhir::IssueType;
+use crate::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
+
+/// Largest request body accepted (a kickoff `Parameters` resource).
+const MAX_BODY_BYTES: usize = 1 << 20;
+const FHIR_JSON: &str = "application/fhir+json";
+const NDJSON: &str = "application/fhir+ndjson";
+
+/// A request as the router sees it.
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub fn routes(app: App) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method, path: warp::path::FullPath, query, headers, body| {
+                let app = app.clone();
+                async move {
+                    let body = match read_body(body).await {
+                        Ok(body) => body,
+                        Err(error) => return outcome_response(&error),
+                    };
+                    let request = Request {
+                        method,
+                        path: path.as_str().to_string(),
+                        query,
+                        headers,
+                        body,
+                    };
+                    dispatch(&app, request)
+                        .await
+                        .unwrap_or_else(|error| outcome_response(&error))
+                }
+            },
+        )
+}
+
+async fn read_body<S, B>(body: S) -> Result<Bytes, ApiError>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut collected = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                IssueType::Invalid,
+                format!("unreadable request body: {e}"),
+            )
+        })?;
+        if collected.len() + chunk.remaining() > MAX_BODY_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                IssueType::Invalid,
+                format!("request body larger than {MAX_BODY_BYTES} bytes"),
+            ));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            collected.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(collected.freeze())
+}
+
+/// Routes one request.
+pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError> {
+    let segments: Vec<String> = request
+        .path
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let segments: Vec<&str> = segments
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let method = &request.method;
+    match segments.as_slice() {
+        ["metadata"] => only(method, &[Method::GET]).map(|_| {
+            json_response(
+                StatusCode::OK,
+                FHIR_JSON,
+                metadata::capability_statement(&base_url(app, &request)),
+            )
+        }),
+        ["$export"] => {
+            only(method, &[Method::GET, Method::POST])?;
+            kickoff_export(app, &request, Level::System).await
+        }
+        ["_operations", "export", id] => {
+            only(method, &[Method::GET, Method::DELETE])?;
+            if *method == Method::DELETE {
+                cancel(app, id).await
+            } else {
+                status(app, id).await
+            }
+        }
+        ["_exports", rest @ ..] if !rest.is_empty() => {
+            only(method, &[Method::GET])?;
+            download(app, &rest.join("/")).await
+        }
+        _ => Err(ApiError::not_found(format!(
+            "no such endpoint: {} {}",
+            request.method, request.path
+        ))),
+    }
+}
+
+fn only(method: &Method, allowed: &[Method]) -> Result<(), ApiError> {
+    if allowed.contains(method) {
+        return Ok(());
+    }
+    let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    Err(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        IssueType::NotSupported,
+        format!(
+            "method {method} is not allowed here; use {}",
+            names.join(" or ")
+        ),
+    ))
+}
+
+/// The public base URL: the setting, else scheme and host of the request.
+fn base_url(app: &App, request: &Request) -> String {
+    if let Some(base) = &app.settings.base_url {
+        return base.clone();
+    }
+    let header = |name: &str| {
+        request
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let scheme = header("x-forwarded-proto")
+        .filter(|p| *p == "https" || *p == "http")
+        .unwrap_or("http");
+    let host = header("x-forwarded-host")
+        .or_else(|| header("host"))
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'@')
+        })
+        .unwrap_or("127.0.0.1");
+    format!("{scheme}://{host}")
+}
+
+async fn kickoff_export(app: &App, request: &Request, level: Level) -> Result<Response, ApiError> {
+    let header = |name: header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
+    let prefer = header(header::HeaderName::from_static("prefer"));
+    check_headers(&KickoffHeaders {
+        accept: header(header::ACCEPT),
+        prefer,
+    })?;
+    let query = if request.method == Method::POST {
+        if !request.query.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                IssueType::Invalid,
+                "a POST kickoff takes its parameters in a Parameters body, not in the query string",
+            ));
+        }
+        parameters::to_query(&request.body)?
+    } else {
+        request.query.clone()
+    };
+    let export = ExportRequest::from_query(level, &query, is_lenient(prefer))?;
+    let base = base_url(app, request);
+    let request_url = match request.query.is_empty() {
+        true => format!("{base}{}", request.path),
+        false => format!("{base}{}?{}", request.path, request.query),
+    };
+    let job = kickoff::start(app, export, request_url, base.clone()).await?;
+    let mut response = Vec::<u8>::new().into_response();
+    *response.status_mut() = StatusCode::ACCEPTED;
+    let location = format!("{base}/_operations/export/{}", job.id);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LOCATION, header_value(&location));
+    Ok(response)
+}
+
+async fn status(app: &App, id: &str) -> Result<Response, ApiError> {
+    let unknown =
+        || ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"));
+    if !is_job_id(id) {
+        return Err(unknown());
+    }
+    let (job, _) = app.jobs.load(id).await?.ok_or_else(unknown)?;
+    match job.status {
+        JobStatus::Cancelled => Err(unknown()),
+        JobStatus::Failed => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            IssueType::Exception,
+            job.failure.unwrap_or_else(|| "the export failed".into()),
+        )),
+        JobStatus::Completed => {
+            let manifest = app.jobs.manifest(id).await?.ok_or_else(unknown)?;
+            Ok(json_response(
+                StatusCode::OK,
+                "application/json",
+                manifest.to_vec(),
+            ))
+        }
+        JobStatus::Running => {
+            let (done, total) = (job.shards_done(), job.shards.len());
+            let percent = (done * 100).checked_div(total).unwrap_or(100);
+            let mut response = Vec::<u8>::new().into_response();
+            *response.status_mut() = StatusCode::ACCEPTED;
+            let headers = response.headers_mut();
+            headers.insert(
+                "x-progress",
+                header_value(&format!("{percent}% ({done}/{total} shards)")),
+            );
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Ok(response)
+        }
+    }
+}
+
+async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
+    let unknown =
+        || ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"));
+    if !is_job_id(id) {
+        return Err(unknown());
+    }
+    let folder = app
+        .jobs
+        .update(id, |job| match job.status {
+            JobStatus::Cancelled => Change::Keep(None),
+            _ => {
+                job.status = JobStatus::Cancelled;
+                Change::Write(Some(job.output_folder.clone()))
+            }
+        })
+        .await?
+        .flatten()
+        .ok_or_else(unknown)?;
+    app.storage.delete_prefix(&folder).await?;
+    app.storage
+        .delete_prefix(&crate::jobs::JobStore::manifest_path(id))
+        .await?;
+    tracing::info!(job_id = id, "export cancelled");
+    let mut response = json_response(
+        StatusCode::ACCEPTED,
+        FHIR_JSON,
+        crate::fhir::OperationOutcome::information(format!(
+            "export {id} cancelled; its files are removed"
+        ))
+        .to_json(),
+    );
+    *response.status_mut() = StatusCode::ACCEPTED;
+    Ok(response)
+}
+
+async fn download(app: &App, path: &str) -> Result<Response, ApiError> {
+    let missing = || ApiError::not_found(format!("no export file {path:?}"));
+    let servable = path.ends_with(".ndjson")
+        && !path.starts_with(&format!("{JOBS_CONTAINER}/"))
+        && crate::storage::validate_path(path).is_ok();
+    if !servable {
+        return Err(missing());
+    }
+    let (size, stream) = app.storage.read_stream(path).await?.ok_or_else(missing)?;
+    let mut response = warp::reply::stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    Ok(response)
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn json_response(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response {
+    let mut response = body.into_response();
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+pub fn outcome_response(error: &ApiError) -> Response {
+    json_response(error.status, FHIR_JSON, error.outcome.to_json())
+}

@@ -1,0 +1,206 @@
+//! Job state: one JSON document per job on the export storage, changed only by compare-and-swap.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::export::ExportRequest;
+use crate::storage::{ETag, ObjectStore, OutputFile, PutMode, StorageError};
+
+/// The reserved container (or folder) holding job documents and manifests.
+pub const JOBS_CONTAINER: &str = "fhir-export-jobs";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardStatus {
+    Queued,
+    Running,
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Shard {
+    pub resource_type: String,
+    /// File name stem: `Patient` gives `Patient-1.ndjson`, ...
+    pub stem: String,
+    pub status: ShardStatus,
+    pub attempts: u32,
+    pub heartbeat: Option<DateTime<Utc>>,
+    pub outputs: Vec<OutputFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    pub id: String,
+    pub request: ExportRequest,
+    /// The kickoff URL as the client sent it (the manifest's `request`).
+    pub request_url: String,
+    /// Base of the manifest's file URLs and the status URL.
+    pub base_url: String,
+    pub transaction_time: DateTime<Utc>,
+    /// Storage path of the folder the files go to: `container/{yyyyMMddTHHmmss}-{id}` or a new container.
+    pub output_folder: String,
+    pub status: JobStatus,
+    pub shards: Vec<Shard>,
+    pub failure: Option<String>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    pub fn shards_done(&self) -> usize {
+        self.shards
+            .iter()
+            .filter(|s| s.status == ShardStatus::Done)
+            .count()
+    }
+
+    pub fn all_shards_done(&self) -> bool {
+        self.shards_done() == self.shards.len()
+    }
+}
+
+/// Valid job ids: 32 lowercase hex digits (a simple UUID).
+pub fn is_job_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+pub fn new_job_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("job document {path} is unreadable: {source}")]
+    Corrupt {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What an update closure decided.
+pub enum Change<T> {
+    /// Write the changed job, then return `T`.
+    Write(T),
+    /// Leave the stored job as it is and return `T`.
+    Keep(T),
+}
+
+#[derive(Clone)]
+pub struct JobStore {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl JobStore {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Self { store }
+    }
+
+    fn job_path(id: &str) -> String {
+        format!("{JOBS_CONTAINER}/{id}/job.json")
+    }
+
+    pub fn manifest_path(id: &str) -> String {
+        format!("{JOBS_CONTAINER}/{id}/manifest.json")
+    }
+
+    pub async fn create(&self, job: &Job) -> Result<(), JobError> {
+        let body = Bytes::from(serde_json::to_vec_pretty(job).expect("a job serialises"));
+        self.store
+            .put(&Self::job_path(&job.id), body, PutMode::Create)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn load(&self, id: &str) -> Result<Option<(Job, ETag)>, JobError> {
+        let path = Self::job_path(id);
+        let Some((bytes, etag)) = self.store.get(&path).await? else {
+            return Ok(None);
+        };
+        let job =
+            serde_json::from_slice(&bytes).map_err(|source| JobError::Corrupt { path, source })?;
+        Ok(Some((job, etag)))
+    }
+
+    /// Applies `change` to the stored job with compare-and-swap, again on every conflict.
+    /// `None` when the job does not exist.
+    pub async fn update<T>(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut Job) -> Change<T>,
+    ) -> Result<Option<T>, JobError> {
+        loop {
+            let Some((mut job, etag)) = self.load(id).await? else {
+                return Ok(None);
+            };
+            let out = match change(&mut job) {
+                Change::Keep(out) => return Ok(Some(out)),
+                Change::Write(out) => out,
+            };
+            let body = Bytes::from(serde_json::to_vec_pretty(&job).expect("a job serialises"));
+            match self
+                .store
+                .put(&Self::job_path(id), body, PutMode::Update(etag))
+                .await
+            {
+                Ok(_) => return Ok(Some(out)),
+                Err(StorageError::PreconditionFailed(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Ids of every job on the storage.
+    pub async fn ids(&self) -> Result<Vec<String>, JobError> {
+        let paths = self.store.list(JOBS_CONTAINER).await?;
+        Ok(paths
+            .iter()
+            .filter_map(|p| {
+                p.strip_prefix(&format!("{JOBS_CONTAINER}/"))?
+                    .strip_suffix("/job.json")
+            })
+            .map(str::to_string)
+            .collect())
+    }
+
+    pub async fn put_manifest(&self, id: &str, manifest: Bytes) -> Result<(), JobError> {
+        self.store
+            .put(&Self::manifest_path(id), manifest, PutMode::Overwrite)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn manifest(&self, id: &str) -> Result<Option<Bytes>, JobError> {
+        Ok(self
+            .store
+            .get(&Self::manifest_path(id))
+            .await?
+            .map(|(bytes, _)| bytes))
+    }
+
+    /// Removes the job's documents (its export files are removed separately).
+    pub async fn delete(&self, id: &str) -> Result<(), JobError> {
+        self.store
+            .delete_prefix(&format!("{JOBS_CONTAINER}/{id}"))
+            .await?;
+        Ok(())
+    }
+}

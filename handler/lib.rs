@@ -1,0 +1,25 @@
+//! fhir-export: a FHIR Bulk Data `$export` service, as an Azure Functions custom handler and as one
+//! local process on embedded defaults.
+//!
+//! # Layout
+//! - [`app`]: the service wired together (settings, source, storage, jobs, queue); the local server.
+//! - [`config`]: settings, read and checked once at start-up.
+//! - [`http`]: the warp HTTP API; errors become OperationOutcomes in one place.
+//! - [`export`]: kickoff parameters, planning, the shard worker, the manifest.
+//! - [`source`]: the `ResourceSource` trait; the embedded SQLite store and its importer.
+//! - [`storage`]: the `ObjectStore` trait; the local folder; the rolling NDJSON writer.
+//! - [`jobs`]: job documents on storage, changed by compare-and-swap.
+//! - [`queue`]: the `WorkQueue` trait; the in-process queue and worker pool.
+//! - [`fhir`]: resource types, the Patient compartment, OperationOutcome.
+//! - [`generate`]: synthetic demo data.
+
+pub mod app;
+pub mod config;
+pub mod export;
+pub mod fhir;
+pub mod generate;
+pub mod http;
+pub mod jobs;
+pub mod queue;
+pub mod source;
+pub mod storage;

@@ -1,0 +1,189 @@
+//! `handler`: the command line of fhir-export (see `handler --help`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use fhir_export::app::{serve_local, App};
+use fhir_export::config::{self, Settings, SourceSetting};
+use fhir_export::source::{import, EmbeddedStore};
+
+#[derive(Parser)]
+#[command(name = "handler", version, about = "FHIR Bulk Data $export service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the local service: HTTP API, worker pool, embedded store, exports on local disk.
+    Serve(ServeArgs),
+    /// Load NDJSON / Bundle files (or folders, or .gz of either) into the embedded store.
+    Import {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Write a synthetic FHIR R4 population as NDJSON, one file per type.
+    Generate {
+        #[arg(long)]
+        patients: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// The embedded store (`sqlite:PATH` or a path).
+    #[arg(
+        long = "store",
+        env = "FHIR_SOURCE",
+        default_value = "sqlite:./.fhir/store.db"
+    )]
+    source: String,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, env = "EXPORT_PORT", default_value_t = 7071)]
+    port: u16,
+    /// Files or folders to import before serving.
+    #[arg(long = "data")]
+    data: Vec<PathBuf>,
+    /// Generate and import a demo population when the store is empty.
+    #[arg(long)]
+    demo: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Where export files and job state go (`file:DIR` or a path).
+    #[arg(
+        long = "exports",
+        env = "EXPORT_STORAGE",
+        default_value = "file:./exports"
+    )]
+    exports: String,
+    #[arg(long, env = "EXPORT_FILE_MAX_BYTES", default_value_t = config::DEFAULT_FILE_MAX_BYTES)]
+    file_max_bytes: u64,
+    #[arg(long, env = "EXPORT_STALE_AFTER_SECS", default_value_t = config::DEFAULT_STALE_AFTER_SECS)]
+    stale_after_secs: u64,
+    #[arg(long, env = "EXPORT_MAX_ATTEMPTS", default_value_t = config::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
+    /// Shard workers (default: one per core).
+    #[arg(long, env = "EXPORT_WORKERS")]
+    workers: Option<usize>,
+    /// Public base URL of the service (default: from each request's Host header).
+    #[arg(long, env = "EXPORT_BASE_URL")]
+    base_url: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,warp=warn,hyper=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Import { paths, store } => {
+            let SourceSetting::Sqlite(path) = config::parse_source(&store.source)?;
+            let store = EmbeddedStore::open(path)?;
+            Ok(if import_files(&store, &paths)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Generate {
+            patients,
+            seed,
+            out,
+        } => {
+            let started = Instant::now();
+            let summary = fhir_export::generate::write_ndjson(patients, seed, &out)?;
+            println!(
+                "{summary} in {:.2} s, in {}",
+                started.elapsed().as_secs_f64(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => serve(args),
+    }
+}
+
+/// Imports and prints the report; false when a file failed.
+fn import_files(store: &EmbeddedStore, paths: &[PathBuf]) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let report = import::import(store, paths)?;
+    for failure in &report.failed {
+        eprintln!("import failed: {failure}");
+    }
+    println!(
+        "imported {report} in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(report.failed.is_empty())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings {
+        source: config::parse_source(&args.store.source)?,
+        storage: config::parse_storage(&args.exports)?,
+        file_max_bytes: config::check_file_max_bytes(args.file_max_bytes)?,
+        stale_after: std::time::Duration::from_secs(args.stale_after_secs.max(1)),
+        max_attempts: args.max_attempts.max(1),
+        workers: args.workers.unwrap_or_else(config::default_workers).max(1),
+        base_url: args
+            .base_url
+            .as_deref()
+            .map(config::check_base_url)
+            .transpose()?,
+    };
+    let SourceSetting::Sqlite(store_path) = &settings.source;
+    let store = EmbeddedStore::open(store_path)?;
+    if !args.data.is_empty() && !import_files(&store, &args.data)? {
+        anyhow::bail!("some --data files could not be imported; nothing served");
+    }
+    if args.demo && store.count()? == 0 {
+        let folder = PathBuf::from("./demo-data");
+        let summary =
+            fhir_export::generate::write_ndjson(fhir_export::generate::DEMO_PATIENTS, 1, &folder)?;
+        println!("generated demo data: {summary}");
+        import_files(&store, &[folder])?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (app, receiver) = App::open_local(settings)?;
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port))).await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        println!("fhir-export serving {} resources at {base}", store.count()?);
+        println!("  kick off:  curl -i -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' '{base}/$export'");
+        println!("  then poll the Content-Location URL it answers until 200 gives the manifest");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        serve_local(app, receiver, listener, shutdown).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

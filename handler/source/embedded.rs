@@ -1,0 +1,150 @@
+//! The embedded FHIR store: one SQLite file holding each resource's JSON and its compartments.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OpenFlags};
+
+use super::{ResourceSource, ScanError, ScanRequest, SourceError};
+use crate::storage::StorageError;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS resources (
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    last_updated INTEGER NOT NULL,
+    content_hash INTEGER NOT NULL,
+    import_run INTEGER NOT NULL,
+    json BLOB NOT NULL,
+    PRIMARY KEY (type, id)
+);
+CREATE TABLE IF NOT EXISTS compartment (
+    patient_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (patient_id, type, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS compartment_by_resource ON compartment (type, id);
+CREATE TABLE IF NOT EXISTS urn_alias (
+    urn TEXT PRIMARY KEY,
+    reference TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedStore {
+    path: PathBuf,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, SourceError> {
+        let store = Self { path: path.into() };
+        if let Some(parent) = store.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| SourceError::Io {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+        let conn = store.connect()?;
+        conn.execute_batch("PRAGMA journal_mode = WAL;")
+            .and_then(|_| conn.execute_batch(SCHEMA))
+            .map_err(|e| store.error(e))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn connect(&self) -> Result<Connection, SourceError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&self.path, flags).map_err(|e| self.error(e))?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(|e| self.error(e))?;
+        conn.execute_batch(
+            "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;",
+        )
+        .map_err(|e| self.error(e))?;
+        Ok(conn)
+    }
+
+    pub(crate) fn error(&self, source: rusqlite::Error) -> SourceError {
+        SourceError::Sqlite {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Number of stored resources.
+    pub fn count(&self) -> Result<u64, SourceError> {
+        let conn = self.connect()?;
+        conn.query_row("SELECT count(*) FROM resources", [], |row| row.get(0))
+            .map_err(|e| self.error(e))
+    }
+
+    /// The ids of the patients whose compartment holds the resource.
+    pub fn compartments_of(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Vec<String>, SourceError> {
+        let conn = self.connect()?;
+        let mut statement = conn
+            .prepare("SELECT patient_id FROM compartment WHERE type = ?1 AND id = ?2 ORDER BY patient_id")
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map(params![resource_type, id], |row| row.get(0))
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.error(e))
+    }
+}
+
+pub(crate) fn micros(instant: DateTime<Utc>) -> i64 {
+    instant.timestamp_micros()
+}
+
+impl ResourceSource for EmbeddedStore {
+    fn resource_types(&self) -> Result<Vec<(String, u64)>, SourceError> {
+        let conn = self.connect()?;
+        let mut statement = conn
+            .prepare("SELECT type, count(*) FROM resources GROUP BY type ORDER BY type")
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.error(e))
+    }
+
+    fn scan(
+        &self,
+        request: &ScanRequest<'_>,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), StorageError>,
+    ) -> Result<u64, ScanError> {
+        let conn = self.connect()?;
+        let mut statement = conn
+            .prepare(
+                "SELECT json FROM resources
+                 WHERE type = ?1 AND last_updated > ?2 AND last_updated <= ?3
+                 ORDER BY id",
+            )
+            .map_err(|e| self.error(e))?;
+        let since = request.since.map(micros).unwrap_or(i64::MIN);
+        let mut rows = statement
+            .query(params![request.resource_type, since, micros(request.until)])
+            .map_err(|e| self.error(e))?;
+        let mut count = 0;
+        while let Some(row) = rows.next().map_err(|e| self.error(e))? {
+            let json = row
+                .get_ref(0)
+                .and_then(|v| Ok(v.as_blob()?))
+                .map_err(|e| self.error(e))?;
+            sink(json)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+}

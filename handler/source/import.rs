@@ -1,0 +1,699 @@
+//! Loading NDJSON and Bundle files (and `.gz` of either) into the embedded store.
+//!
+//! Each file is all-or-nothing (a savepoint). `urn:uuid:` references are resolved against every
+//! Bundle `fullUrl` in this import and earlier ones. A resource whose content equals what the store
+//! held before this import keeps its stored `meta.lastUpdated`, so loading the same data twice
+//! changes nothing.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use flate2::read::MultiGzDecoder;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::embedded::micros;
+use super::{EmbeddedStore, SourceError};
+use crate::fhir::compartment;
+use crate::fhir::types::is_resource_type;
+
+/// What went wrong with one input file; nothing of that file was imported.
+#[derive(Debug, Clone)]
+pub struct FileError {
+    pub file: PathBuf,
+    /// Line (NDJSON, JSON syntax) where known.
+    pub line: Option<u64>,
+    pub message: String,
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ImportReport {
+    pub files: usize,
+    pub resources_read: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub unresolved_references: u64,
+    pub failed: Vec<FileError>,
+}
+
+impl fmt::Display for ImportReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} files, {} resources read: {} created, {} updated, {} unchanged",
+            self.files, self.resources_read, self.created, self.updated, self.unchanged
+        )?;
+        if self.unresolved_references > 0 {
+            write!(
+                f,
+                ", {} urn references left unresolved",
+                self.unresolved_references
+            )?;
+        }
+        if !self.failed.is_empty() {
+            write!(f, "; {} files failed", self.failed.len())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Ndjson,
+    Document,
+}
+
+struct InputFile {
+    path: PathBuf,
+    format: Format,
+}
+
+/// Files to import: given files as they are, folders recursively (their `.ndjson`, `.jsonl`, `.json`
+/// files and `.gz` of those; hidden entries skipped), in name order.
+fn discover(paths: &[PathBuf], failed: &mut Vec<FileError>) -> Vec<InputFile> {
+    let mut files = Vec::new();
+    for path in paths {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => walk(path, &mut files, failed),
+            Ok(_) => files.push(InputFile {
+                format: format_of(path),
+                path: path.clone(),
+            }),
+            Err(e) => failed.push(FileError {
+                file: path.clone(),
+                line: None,
+                message: e.to_string(),
+            }),
+        }
+    }
+    files
+}
+
+fn walk(dir: &Path, files: &mut Vec<InputFile>, failed: &mut Vec<FileError>) {
+    let mut entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect::<Vec<_>>(),
+        Err(e) => {
+            return failed.push(FileError {
+                file: dir.to_path_buf(),
+                line: None,
+                message: e.to_string(),
+            })
+        }
+    };
+    entries.sort();
+    for path in entries {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            walk(&path, files, failed);
+        } else if has_data_extension(name) {
+            files.push(InputFile {
+                format: format_of(&path),
+                path,
+            });
+        }
+    }
+}
+
+fn has_data_extension(name: &str) -> bool {
+    let name = name.strip_suffix(".gz").unwrap_or(name);
+    [".ndjson", ".jsonl", ".json"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+fn format_of(path: &Path) -> Format {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let name = name.strip_suffix(".gz").unwrap_or(name);
+    if name.ends_with(".ndjson") || name.ends_with(".jsonl") {
+        Format::Ndjson
+    } else if name.ends_with(".json") {
+        Format::Document
+    } else {
+        sniff(path).unwrap_or(Format::Document)
+    }
+}
+
+/// A file of unknown name is NDJSON when its first line alone is a whole JSON object.
+fn sniff(path: &Path) -> std::io::Result<Format> {
+    let mut first_line = String::new();
+    open(path)?.take(64 << 20).read_line(&mut first_line)?;
+    let is_object = serde_json::from_str::<Value>(&first_line)
+        .map(|v| v.is_object())
+        .unwrap_or(false);
+    Ok(if is_object {
+        Format::Ndjson
+    } else {
+        Format::Document
+    })
+}
+
+/// A buffered reader of the file's content, gunzipped when it starts with the gzip magic bytes.
+fn open(path: &Path) -> std::io::Result<Box<dyn BufRead>> {
+    let mut file = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let gzipped = file.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    Ok(if gzipped {
+        Box::new(BufReader::with_capacity(1 << 20, MultiGzDecoder::new(file)))
+    } else {
+        Box::new(file)
+    })
+}
+
+#[derive(Deserialize)]
+struct BundleIds {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+    #[serde(default)]
+    entry: Vec<EntryIds>,
+}
+
+#[derive(Deserialize)]
+struct EntryIds {
+    #[serde(rename = "fullUrl")]
+    full_url: Option<String>,
+    resource: Option<ResourceIds>,
+}
+
+#[derive(Deserialize)]
+struct ResourceIds {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+    id: Option<String>,
+}
+
+/// `urn:` fullUrl -> `Type/id` for every Bundle entry in the document files.
+fn collect_urns(files: &[InputFile]) -> HashMap<String, String> {
+    let mut urns = HashMap::new();
+    for file in files.iter().filter(|f| f.format == Format::Document) {
+        let Ok(reader) = open(&file.path) else {
+            continue;
+        };
+        let Ok(bundle) = serde_json::from_reader::<_, BundleIds>(reader) else {
+            continue;
+        };
+        if bundle.resource_type.as_deref() != Some("Bundle") {
+            continue;
+        }
+        for entry in bundle.entry {
+            let (Some(url), Some(resource)) = (entry.full_url, entry.resource) else {
+                continue;
+            };
+            let Some(resource_type) = resource.resource_type else {
+                continue;
+            };
+            if let Some(id) = resource
+                .id
+                .or_else(|| url.strip_prefix("urn:uuid:").map(str::to_string))
+            {
+                if url.starts_with("urn:") {
+                    urns.insert(url, format!("{resource_type}/{id}"));
+                }
+            }
+        }
+    }
+    urns
+}
+
+/// Loads `paths` into `store`. Files that fail are listed in the report and leave no trace.
+pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, SourceError> {
+    let mut report = ImportReport::default();
+    let files = discover(paths, &mut report.failed);
+    report.files = files.len();
+    let urns = collect_urns(&files);
+    let mut conn = store.connect()?;
+    let tx = conn.transaction().map_err(|e| store.error(e))?;
+    let mut importer = Importer::new(&tx, urns, Utc::now()).map_err(|e| store.error(e))?;
+    for file in &files {
+        tx.execute_batch("SAVEPOINT file")
+            .map_err(|e| store.error(e))?;
+        let mut counts = Counts::default();
+        match importer.import_file(file, &mut counts) {
+            Ok(()) => {
+                tx.execute_batch("RELEASE file")
+                    .map_err(|e| store.error(e))?;
+                counts.add_to(&mut report);
+            }
+            Err(failure) => {
+                tx.execute_batch("ROLLBACK TO file; RELEASE file")
+                    .map_err(|e| store.error(e))?;
+                let failure = match failure {
+                    Failure::Input { line, message } => FileError {
+                        file: file.path.clone(),
+                        line,
+                        message,
+                    },
+                    Failure::Store(e) => return Err(store.error(e)),
+                };
+                report.failed.push(failure);
+            }
+        }
+    }
+    importer.finish(&mut report).map_err(|e| store.error(e))?;
+    tx.commit().map_err(|e| store.error(e))?;
+    Ok(report)
+}
+
+#[derive(Default)]
+struct Counts {
+    read: u64,
+    unresolved: u64,
+}
+
+impl Counts {
+    fn add_to(&self, report: &mut ImportReport) {
+        report.resources_read += self.read;
+        report.unresolved_references += self.unresolved;
+    }
+}
+
+enum Failure {
+    Input { line: Option<u64>, message: String },
+    Store(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(e: rusqlite::Error) -> Self {
+        Failure::Store(e)
+    }
+}
+
+fn input_error(line: Option<u64>, message: impl Into<String>) -> Failure {
+    Failure::Input {
+        line,
+        message: message.into(),
+    }
+}
+
+struct Importer<'c> {
+    conn: &'c Connection,
+    urns: HashMap<String, String>,
+    run: i64,
+    import_time: DateTime<Utc>,
+}
+
+impl<'c> Importer<'c> {
+    fn new(
+        conn: &'c Connection,
+        urns: HashMap<String, String>,
+        import_time: DateTime<Utc>,
+    ) -> rusqlite::Result<Self> {
+        conn.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS before_run (
+                 type TEXT NOT NULL, id TEXT NOT NULL, content_hash INTEGER, last_updated INTEGER,
+                 PRIMARY KEY (type, id)) WITHOUT ROWID;
+             DELETE FROM temp.before_run;",
+        )?;
+        let run: i64 = conn.query_row(
+            "SELECT coalesce(max(import_run), 0) + 1 FROM resources",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(Self {
+            conn,
+            urns,
+            run,
+            import_time,
+        })
+    }
+
+    /// Records the Bundle urns of this import so later imports resolve references to them too, and
+    /// counts the distinct resources created, updated and left unchanged.
+    fn finish(&self, report: &mut ImportReport) -> rusqlite::Result<()> {
+        let mut insert = self
+            .conn
+            .prepare_cached("INSERT OR REPLACE INTO urn_alias (urn, reference) VALUES (?1, ?2)")?;
+        for (urn, reference) in &self.urns {
+            insert.execute(params![urn, reference])?;
+        }
+        let (created, updated, unchanged): (i64, i64, i64) = self.conn.query_row(
+            "SELECT coalesce(sum(b.content_hash IS NULL), 0),
+                    coalesce(sum(b.content_hash != r.content_hash), 0),
+                    coalesce(sum(b.content_hash = r.content_hash), 0)
+             FROM temp.before_run b JOIN resources r USING (type, id)",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )?;
+        (report.created, report.updated, report.unchanged) =
+            (created as u64, updated as u64, unchanged as u64);
+        self.conn.execute_batch("DELETE FROM temp.before_run")
+    }
+
+    fn current_hash(&self, resource_type: &str, id: &str) -> rusqlite::Result<Option<i64>> {
+        self.conn
+            .prepare_cached("SELECT content_hash FROM resources WHERE type = ?1 AND id = ?2")?
+            .query_row(params![resource_type, id], |r| r.get(0))
+            .optional()
+    }
+
+    fn import_file(&mut self, file: &InputFile, counts: &mut Counts) -> Result<(), Failure> {
+        let reader = open(&file.path).map_err(|e| input_error(None, e.to_string()))?;
+        match file.format {
+            Format::Ndjson => self.import_ndjson(reader, counts),
+            Format::Document => self.import_document(reader, counts),
+        }
+    }
+
+    fn import_ndjson(
+        &mut self,
+        mut reader: Box<dyn BufRead>,
+        counts: &mut Counts,
+    ) -> Result<(), Failure> {
+        let mut line = Vec::new();
+        let mut number = 0;
+        loop {
+            line.clear();
+            let read = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| input_error(Some(number + 1), e.to_string()))?;
+            if read == 0 {
+                return Ok(());
+            }
+            number += 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let value: Value = serde_json::from_slice(&line)
+                .map_err(|e| input_error(Some(number), format!("invalid JSON: {e}")))?;
+            self.store_resource(value, None, counts)
+                .map_err(|failure| with_line(failure, number))?;
+        }
+    }
+
+    fn import_document(
+        &mut self,
+        reader: Box<dyn BufRead>,
+        counts: &mut Counts,
+    ) -> Result<(), Failure> {
+        let value: Value = serde_json::from_reader(reader).map_err(|e| {
+            input_error(
+                Some(e.line() as u64).filter(|l| *l > 0),
+                format!("invalid JSON: {e}"),
+            )
+        })?;
+        let is_unpacked_bundle = value.get("resourceType").and_then(Value::as_str)
+            == Some("Bundle")
+            && matches!(
+                value.get("type").and_then(Value::as_str),
+                Some("transaction" | "batch" | "collection" | "searchset")
+            );
+        if !is_unpacked_bundle {
+            return self.store_resource(value, None, counts);
+        }
+        let Value::Object(mut bundle) = value else {
+            unreachable!("a Bundle is an object")
+        };
+        let entries = match bundle.remove("entry") {
+            Some(Value::Array(entries)) => entries,
+            None => Vec::new(),
+            Some(_) => return Err(input_error(None, "Bundle.entry is not an array")),
+        };
+        for (index, entry) in entries.into_iter().enumerate() {
+            let Value::Object(mut entry) = entry else {
+                return Err(input_error(
+                    None,
+                    format!("Bundle.entry[{index}] is not an object"),
+                ));
+            };
+            let Some(resource) = entry.remove("resource") else {
+                continue;
+            };
+            let full_url = entry.get("fullUrl").and_then(Value::as_str);
+            self.store_resource(resource, full_url, counts)
+                .map_err(|failure| match failure {
+                    Failure::Input { message, line } => {
+                        input_error(line, format!("Bundle.entry[{index}]: {message}"))
+                    }
+                    store => store,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn store_resource(
+        &mut self,
+        mut value: Value,
+        full_url: Option<&str>,
+        counts: &mut Counts,
+    ) -> Result<(), Failure> {
+        let Value::Object(resource) = &mut value else {
+            return Err(input_error(None, "not a FHIR resource (not a JSON object)"));
+        };
+        let resource_type = match resource.get("resourceType") {
+            Some(Value::String(name)) if is_resource_type(name) => name.clone(),
+            Some(Value::String(name)) => {
+                return Err(input_error(None, format!("unknown resourceType {name:?}")))
+            }
+            _ => return Err(input_error(None, "not a FHIR resource (no resourceType)")),
+        };
+        let id = match (
+            resource.get("id"),
+            full_url.and_then(|url| url.strip_prefix("urn:uuid:")),
+        ) {
+            (Some(Value::String(id)), _) => id.clone(),
+            (None, Some(uuid)) => {
+                resource.insert("id".into(), Value::String(uuid.to_string()));
+                uuid.to_string()
+            }
+            _ => return Err(input_error(None, format!("{resource_type} without an id"))),
+        };
+        if !is_valid_id(&id) {
+            return Err(input_error(
+                None,
+                format!("{resource_type} id {id:?} is not a valid FHIR id"),
+            ));
+        }
+        counts.unresolved += self.rewrite_urns(&mut value)?;
+        let Value::Object(resource) = &mut value else {
+            unreachable!()
+        };
+
+        let stated = stated_last_updated(resource).map_err(|message| input_error(None, message))?;
+        let patients = compartment::patient_ids(&resource_type, &id, &value);
+        let content = serde_json::to_vec(&value).expect("a JSON value serialises");
+        let hash = xxhash_rust::xxh3::xxh3_64(&content) as i64;
+        counts.read += 1;
+
+        let previous = self.state_before_run(&resource_type, &id)?;
+        let (last_updated, json) = match (stated, previous) {
+            (Some(stated), _) => (stated, content),
+            (None, Some((prev_hash, prev_updated))) if prev_hash == hash => {
+                (prev_updated, with_last_updated(value, prev_updated))
+            }
+            (None, _) => (self.import_time, with_last_updated(value, self.import_time)),
+        };
+        if self.current_hash(&resource_type, &id)? == Some(hash) {
+            return Ok(());
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO resources (type, id, last_updated, content_hash, import_run, json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![resource_type, id, micros(last_updated), hash, self.run, json])?;
+        self.conn
+            .prepare_cached("DELETE FROM compartment WHERE type = ?1 AND id = ?2")?
+            .execute(params![resource_type, id])?;
+        let mut insert = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO compartment (patient_id, type, id) VALUES (?1, ?2, ?3)",
+        )?;
+        for patient in patients {
+            insert.execute(params![patient, resource_type, id])?;
+        }
+        Ok(())
+    }
+
+    /// The resource's content hash and `lastUpdated` as the store held them before this import.
+    fn state_before_run(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> rusqlite::Result<Option<(i64, DateTime<Utc>)>> {
+        let current: Option<(i64, i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT content_hash, last_updated, import_run FROM resources WHERE type = ?1 AND id = ?2")?
+            .query_row(params![resource_type, id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let state = match current {
+            None => {
+                self.remember_before_run(resource_type, id, None)?;
+                None
+            }
+            Some((hash, updated, run)) if run != self.run => {
+                self.remember_before_run(resource_type, id, Some((hash, updated)))?;
+                Some((hash, updated))
+            }
+            Some(_) => self
+                .conn
+                .prepare_cached("SELECT content_hash, last_updated FROM temp.before_run WHERE type = ?1 AND id = ?2")?
+                .query_row(params![resource_type, id], |r| {
+                    Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?))
+                })
+                .optional()?
+                .flatten(),
+        };
+        Ok(state.map(|(hash, updated)| {
+            (
+                hash,
+                DateTime::from_timestamp_micros(updated).unwrap_or_default(),
+            )
+        }))
+    }
+
+    fn remember_before_run(
+        &self,
+        resource_type: &str,
+        id: &str,
+        state: Option<(i64, i64)>,
+    ) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO temp.before_run (type, id, content_hash, last_updated) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![resource_type, id, state.map(|s| s.0), state.map(|s| s.1)])?;
+        Ok(())
+    }
+
+    /// Rewrites `urn:` references to `Type/id`; returns how many could not be resolved.
+    fn rewrite_urns(&self, value: &mut Value) -> rusqlite::Result<u64> {
+        let mut unresolved = 0;
+        let mut pending = vec![value];
+        while let Some(node) = pending.pop() {
+            match node {
+                Value::Object(map) => {
+                    for (key, child) in map.iter_mut() {
+                        match child {
+                            Value::String(reference)
+                                if key == "reference" && reference.starts_with("urn:") =>
+                            {
+                                match self.resolve_urn(reference)? {
+                                    Some(resolved) => *reference = resolved,
+                                    None => unresolved += 1,
+                                }
+                            }
+                            Value::Object(_) | Value::Array(_) => pending.push(child),
+                            _ => {}
+                        }
+                    }
+                }
+                Value::Array(items) => pending.extend(items.iter_mut()),
+                _ => {}
+            }
+        }
+        Ok(unresolved)
+    }
+
+    fn resolve_urn(&self, urn: &str) -> rusqlite::Result<Option<String>> {
+        if let Some(reference) = self.urns.get(urn) {
+            return Ok(Some(reference.clone()));
+        }
+        self.conn
+            .prepare_cached("SELECT reference FROM urn_alias WHERE urn = ?1")?
+            .query_row([urn], |r| r.get(0))
+            .optional()
+    }
+}
+
+fn with_line(failure: Failure, line: u64) -> Failure {
+    match failure {
+        Failure::Input { message, .. } => Failure::Input {
+            line: Some(line),
+            message,
+        },
+        store => store,
+    }
+}
+
+/// FHIR `id`: 1 to 64 of `A-Z a-z 0-9 - .`
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// `meta.lastUpdated` when the resource states one; an error when it is not a valid instant.
+fn stated_last_updated(resource: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, String> {
+    match resource
+        .get("meta")
+        .and_then(|meta| meta.get("lastUpdated"))
+    {
+        None => Ok(None),
+        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
+            .map(|t| Some(t.with_timezone(&Utc)))
+            .map_err(|_| format!("meta.lastUpdated {text:?} is not a valid instant")),
+        Some(_) => Err("meta.lastUpdated is not a string".into()),
+    }
+}
+
+/// The resource's JSON with `meta.lastUpdated` set (`meta` placed after `id` when new).
+fn with_last_updated(mut value: Value, instant: DateTime<Utc>) -> Vec<u8> {
+    let Value::Object(resource) = &mut value else {
+        unreachable!("resources are objects")
+    };
+    let text = Value::String(instant.to_rfc3339_opts(SecondsFormat::Millis, true));
+    match resource.get_mut("meta") {
+        Some(Value::Object(meta)) => {
+            meta.insert("lastUpdated".into(), text);
+        }
+        _ => {
+            let position = resource
+                .keys()
+                .position(|key| key == "id")
+                .map(|i| i + 1)
+                .unwrap_or(resource.len());
+            let mut meta = Map::new();
+            meta.insert("lastUpdated".into(), text);
+            resource.shift_insert(position, "meta".into(), Value::Object(meta));
+        }
+    }
+    serde_json::to_vec(&value).expect("a JSON value serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_the_fhir_rule() {
+        assert!(is_valid_id("a-1.B"));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("a/b"));
+        assert!(!is_valid_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn last_updated_goes_after_id() {
+        let json = with_last_updated(
+            serde_json::json!({"resourceType": "Patient", "id": "p", "active": true}),
+            DateTime::UNIX_EPOCH,
+        );
+        assert_eq!(
+            String::from_utf8(json).unwrap(),
+            r#"{"resourceType":"Patient","id":"p","meta":{"lastUpdated":"1970-01-01T00:00:00.000Z"},"active":true}"#
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! Where resources are read from: the `ResourceSource` trait and the embedded SQLite store.
+
+pub mod embedded;
+pub mod import;
+
+use chrono::{DateTime, Utc};
+
+use crate::storage::StorageError;
+
+pub use embedded::EmbeddedStore;
+
+/// One slice of resources to read: a type, within a `meta.lastUpdated` window.
+#[derive(Debug, Clone)]
+pub struct ScanRequest<'a> {
+    pub resource_type: &'a str,
+    /// Exclusive lower bound (`_since`).
+    pub since: Option<DateTime<Utc>>,
+    /// Inclusive upper bound: the export's `transactionTime`, or `_until` when earlier.
+    pub until: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("embedded store {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] StorageError),
+}
+
+/// A FHIR resource source. Calls block: run them on a blocking thread.
+pub trait ResourceSource: Send + Sync {
+    /// The resource types that hold at least one resource, with their counts, sorted by name.
+    fn resource_types(&self) -> Result<Vec<(String, u64)>, SourceError>;
+
+    /// Streams each matching resource, as its stored JSON bytes, to `sink`; returns how many.
+    fn scan(
+        &self,
+        request: &ScanRequest<'_>,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), StorageError>,
+    ) -> Result<u64, ScanError>;
+}

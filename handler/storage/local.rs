@@ -1,0 +1,244 @@
+//! `ObjectStore` on a local folder: a container is a directory, writes are a temp file renamed on commit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+use tokio_util::io::ReaderStream;
+
+use super::{validate_path, ByteStream, ETag, ObjectStore, ObjectWriter, PutMode, StorageError};
+
+/// Where unfinished files live, inside the root so a rename never crosses file systems.
+const STAGING: &str = ".staging";
+
+#[derive(Debug, Clone)]
+pub struct LocalFolder {
+    root: PathBuf,
+    /// Serialises conditional writes: one process owns a local folder.
+    cas: Arc<Mutex<()>>,
+}
+
+impl LocalFolder {
+    /// Opens the folder, creating it, and clears leftovers of writers that never committed.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
+        let root = root.into();
+        let staging = root.join(STAGING);
+        let display = staging.display().to_string();
+        match std::fs::remove_dir_all(&staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io(&display, e)),
+        }
+        std::fs::create_dir_all(&staging).map_err(|e| StorageError::io(&display, e))?;
+        Ok(Self {
+            root,
+            cas: Arc::new(Mutex::new(())),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn file(&self, path: &str) -> Result<PathBuf, StorageError> {
+        validate_path(path)?;
+        if path.split('/').next() == Some(STAGING) {
+            return Err(StorageError::InvalidPath(path.to_string()));
+        }
+        Ok(self.root.join(path))
+    }
+
+    fn staging_file(&self) -> PathBuf {
+        self.root
+            .join(STAGING)
+            .join(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    async fn write_whole(
+        &self,
+        path: &str,
+        target: &Path,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        let staged = self.staging_file();
+        tokio::fs::write(&staged, data)
+            .await
+            .map_err(|e| StorageError::io(path, e))?;
+        publish(path, &staged, target).await
+    }
+}
+
+fn etag_of(data: &[u8]) -> ETag {
+    ETag(format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(data)))
+}
+
+/// Moves a finished staged file into place.
+async fn publish(path: &str, staged: &Path, target: &Path) -> Result<(), StorageError> {
+    if let Some(parent) = target.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| StorageError::io(path, e))?;
+    }
+    tokio::fs::rename(staged, target)
+        .await
+        .map_err(|e| StorageError::io(path, e))
+}
+
+async fn read_optional(path: &str, file: &Path) -> Result<Option<Vec<u8>>, StorageError> {
+    match tokio::fs::read(file).await {
+        Ok(data) => Ok(Some(data)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::io(path, e)),
+    }
+}
+
+#[async_trait]
+impl ObjectStore for LocalFolder {
+    async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError> {
+        let file = self.file(path)?;
+        Ok(read_optional(path, &file).await?.map(|data| {
+            let etag = etag_of(&data);
+            (Bytes::from(data), etag)
+        }))
+    }
+
+    async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError> {
+        let target = self.file(path)?;
+        let etag = etag_of(&data);
+        if let PutMode::Overwrite = mode {
+            self.write_whole(path, &target, &data).await?;
+            return Ok(etag);
+        }
+        let _exclusive = self.cas.lock().await;
+        let current = read_optional(path, &target).await?.map(|d| etag_of(&d));
+        let allowed = match (&mode, &current) {
+            (PutMode::Create, None) => true,
+            (PutMode::Update(expected), Some(actual)) => expected == actual,
+            _ => false,
+        };
+        if !allowed {
+            return Err(StorageError::PreconditionFailed(path.to_string()));
+        }
+        self.write_whole(path, &target, &data).await?;
+        Ok(etag)
+    }
+
+    async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let target = self.file(path)?;
+        let staged = self.staging_file();
+        let file = tokio::fs::File::create(&staged)
+            .await
+            .map_err(|e| StorageError::io(path, e))?;
+        Ok(Box::new(LocalWriter {
+            path: path.to_string(),
+            target,
+            staged,
+            file,
+        }))
+    }
+
+    async fn read_stream(&self, path: &str) -> Result<Option<(u64, ByteStream)>, StorageError> {
+        let file = self.file(path)?;
+        let opened = match tokio::fs::File::open(&file).await {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io(path, e)),
+        };
+        let meta = opened
+            .metadata()
+            .await
+            .map_err(|e| StorageError::io(path, e))?;
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        Ok(Some((
+            meta.len(),
+            Box::pin(ReaderStream::with_capacity(opened, 256 << 10)),
+        )))
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        let target = self.file(prefix)?;
+        let result = match tokio::fs::metadata(&target).await {
+            Ok(meta) if meta.is_dir() => tokio::fs::remove_dir_all(&target).await,
+            Ok(_) => tokio::fs::remove_file(&target).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StorageError::io(prefix, e)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let dir = self.file(prefix)?;
+        let prefix = prefix.to_string();
+        let found = tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            let mut pending = vec![(dir, prefix)];
+            while let Some((dir, name)) = pending.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(StorageError::io(&name, e)),
+                };
+                for entry in entries {
+                    let entry = entry.map_err(|e| StorageError::io(&name, e))?;
+                    let child = format!("{name}/{}", entry.file_name().to_string_lossy());
+                    if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        pending.push((entry.path(), child));
+                    } else {
+                        found.push(child);
+                    }
+                }
+            }
+            found.sort();
+            Ok(found)
+        })
+        .await
+        .expect("listing does not panic")?;
+        Ok(found)
+    }
+}
+
+struct LocalWriter {
+    path: String,
+    target: PathBuf,
+    staged: PathBuf,
+    file: tokio::fs::File,
+}
+
+#[async_trait]
+impl ObjectWriter for LocalWriter {
+    async fn write(&mut self, data: Bytes) -> Result<(), StorageError> {
+        self.file
+            .write_all(&data)
+            .await
+            .map_err(|e| StorageError::io(&self.path, e))
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
+        self.file
+            .flush()
+            .await
+            .map_err(|e| StorageError::io(&self.path, e))?;
+        self.file
+            .sync_data()
+            .await
+            .map_err(|e| StorageError::io(&self.path, e))?;
+        publish(&self.path, &self.staged, &self.target).await
+    }
+
+    async fn abort(self: Box<Self>) -> Result<(), StorageError> {
+        drop(self.file);
+        match tokio::fs::remove_file(&self.staged).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StorageError::io(&self.path, e))
+            }
+            _ => Ok(()),
+        }
+    }
+}

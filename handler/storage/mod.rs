@@ -1,0 +1,116 @@
+//! Where export files and job state go: the `ObjectStore` trait, the local folder, the rolling NDJSON writer.
+//!
+//! Paths are `container/name/...`: plain segments, no `.`/`..`, no empty segment, no backslash.
+//! Objects written through an `ObjectWriter` become visible only when committed.
+
+pub mod local;
+pub mod rolling;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use local::LocalFolder;
+pub use rolling::{OutputFile, RollingNdjsonWriter};
+
+/// An opaque version tag of a stored object, for compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ETag(pub String);
+
+/// The condition a `put` must meet.
+#[derive(Debug, Clone)]
+pub enum PutMode {
+    Overwrite,
+    /// Create only (`If-None-Match: *`).
+    Create,
+    /// Replace only this version (`If-Match`).
+    Update(ETag),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{0}: precondition failed (the object changed or already exists)")]
+    PreconditionFailed(String),
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("invalid storage path {0:?}")]
+    InvalidPath(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    fn io(path: &str, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            StorageError::NotFound(path.to_string())
+        } else {
+            StorageError::Io {
+                path: path.to_string(),
+                source,
+            }
+        }
+    }
+}
+
+pub type ByteStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Sync>>;
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// The object's bytes and version, or `None` when absent.
+    async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError>;
+
+    /// Writes a whole object under `mode`; `PreconditionFailed` when the condition does not hold.
+    async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError>;
+
+    /// A streaming writer whose object appears, whole, on `commit` (replacing any earlier one).
+    async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError>;
+
+    /// The object's size and a stream of its bytes, or `None` when absent.
+    async fn read_stream(&self, path: &str) -> Result<Option<(u64, ByteStream)>, StorageError>;
+
+    /// Removes every object whose path starts with `prefix/` (and `prefix` itself).
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError>;
+
+    /// The paths of the objects under `prefix/`, sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
+}
+
+#[async_trait]
+pub trait ObjectWriter: Send {
+    async fn write(&mut self, data: Bytes) -> Result<(), StorageError>;
+    async fn commit(self: Box<Self>) -> Result<(), StorageError>;
+    async fn abort(self: Box<Self>) -> Result<(), StorageError>;
+}
+
+/// Checks a storage path: `/`-separated segments of printable characters, none empty, `.` or `..`.
+pub fn validate_path(path: &str) -> Result<(), StorageError> {
+    let ok = !path.is_empty()
+        && path.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && !segment.chars().any(|c| c == '\\' || c.is_control())
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidPath(path.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_cannot_escape() {
+        assert!(validate_path("c/f/Patient-1.ndjson").is_ok());
+        for bad in ["", "/c", "c//f", "c/../x", "c/./x", "c\\x", "c/\n"] {
+            assert!(validate_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Test support: the sample data, a real server on 127.0.0.1:0, and a Bulk Data client loop.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use fhir_export::app::{serve_local, App};
+use fhir_export::config::{Settings, SourceSetting, StorageSetting};
+use fhir_export::source::{import, EmbeddedStore};
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const SAMPLE_RESOURCES: usize = 38_472;
+
+/// The Synthea sample beside the project (`../shared/data/...`).
+pub fn sample_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/synthea-r4-100-bulk-data-server/bundles");
+    assert!(
+        dir.is_dir(),
+        "the sample data is missing at {}",
+        dir.display()
+    );
+    dir
+}
+
+/// The sample's resource counts per type, from its README (+ the Group).
+pub fn sample_counts() -> HashMap<&'static str, usize> {
+    HashMap::from([
+        ("Observation", 16_315),
+        ("Claim", 6_083),
+        ("Encounter", 3_697),
+        ("ExplanationOfBenefit", 3_697),
+        ("MedicationRequest", 2_386),
+        ("Procedure", 2_351),
+        ("Immunization", 1_287),
+        ("DiagnosticReport", 897),
+        ("Condition", 639),
+        ("Organization", 203),
+        ("Practitioner", 203),
+        ("CareTeam", 278),
+        ("CarePlan", 278),
+        ("Patient", 100),
+        ("AllergyIntolerance", 38),
+        ("ImagingStudy", 16),
+        ("Device", 4),
+        ("Group", 1),
+    ])
+}
+
+/// One store holding the sample, imported once per test binary; tests only read it.
+pub fn sample_store() -> PathBuf {
+    static STORE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
+    STORE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("sample.db");
+            let store = EmbeddedStore::open(&path).unwrap();
+            let report = import::import(&store, &[sample_dir()]).unwrap();
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            (dir, path)
+        })
+        .1
+        .clone()
+}
+
+pub struct Server {
+    pub base: String,
+    pub exports: PathBuf,
+    pub store: PathBuf,
+    _dir: TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Starts the local service on `store` with fresh exports folder; `tune` adjusts the settings.
+pub async fn start(store: &Path, tune: impl FnOnce(&mut Settings)) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let exports = dir.path().join("exports");
+    let mut settings = Settings {
+        source: SourceSetting::Sqlite(store.to_path_buf()),
+        storage: StorageSetting::Folder(exports.clone()),
+        ..Settings::default()
+    };
+    tune(&mut settings);
+    let (app, receiver) = App::open_local(settings).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_local(app, receiver, listener, async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        base,
+        exports,
+        store: store.to_path_buf(),
+        _dir: dir,
+        shutdown: Some(shutdown),
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+pub async fn kickoff(client: &reqwest::Client, url: &str) -> reqwest::Response {
+    client
+        .get(url)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Polls a status URL until the export completes; returns the manifest.
+pub async fn wait_for_manifest(client: &reqwest::Client, status_url: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let response = client.get(status_url).send().await.unwrap();
+        match response.status().as_u16() {
+            200 => return response.json().await.unwrap(),
+            202 => {
+                let progress = response
+                    .headers()
+                    .get("x-progress")
+                    .expect("X-Progress while running");
+                assert!(progress.to_str().unwrap().contains("shards"));
+                assert!(response.headers().contains_key("retry-after"));
+            }
+            other => panic!("status {other}: {}", response.text().await.unwrap()),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kicks off `url` and waits for the manifest.
+pub async fn export(client: &reqwest::Client, url: &str) -> Value {
+    let response = kickoff(client, url).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let location = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    wait_for_manifest(client, &location).await
+}
+
+/// Downloads every output file: (type, url, lines).
+pub async fn download_all(
+    client: &reqwest::Client,
+    manifest: &Value,
+) -> Vec<(String, String, Vec<String>)> {
+    let mut files = Vec::new();
+    for output in manifest["output"].as_array().unwrap() {
+        let url = output["url"].as_str().unwrap().to_string();
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/fhir+ndjson"
+        );
+        let body = response.text().await.unwrap();
+        assert!(body.ends_with('\n'), "{url} does not end with a newline");
+        let lines: Vec<String> = body.lines().map(str::to_string).collect();
+        assert_eq!(
+            lines.len() as u64,
+            output["count"].as_u64().unwrap(),
+            "count of {url}"
+        );
+        files.push((output["type"].as_str().unwrap().to_string(), url, lines));
+    }
+    files
+}
+
+/// Every stored resource's JSON by (type, id).
+pub fn stored_resources(store: &Path) -> HashMap<(String, String), String> {
+    let conn = rusqlite::Connection::open(store).unwrap();
+    let mut statement = conn
+        .prepare("SELECT type, id, json FROM resources")
+        .unwrap();
+    let rows = statement
+        .query_map([], |row| {
+            Ok((
+                (row.get(0)?, row.get(1)?),
+                String::from_utf8(row.get::<_, Vec<u8>>(2)?).unwrap(),
+            ))
+        })
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}

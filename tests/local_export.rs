@@ -1,0 +1,464 @@
+//! The local service end to end over real HTTP: kickoff, polling, downloads, rolling, bad requests.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use common::*;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_export_holds_every_sample_resource_exactly_once_as_stored() {
+    let store = sample_store();
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let started = std::time::Instant::now();
+    let manifest = export(&client, &format!("{}/$export", server.base)).await;
+    eprintln!(
+        "sample system export: kickoff to manifest {:?}",
+        started.elapsed()
+    );
+
+    assert_eq!(manifest["requiresAccessToken"], false);
+    assert_eq!(manifest["request"], format!("{}/$export", server.base));
+    assert!(manifest["transactionTime"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(manifest["error"], serde_json::json!([]));
+    let files = download_all(&client, &manifest).await;
+    let stored = stored_resources(&store);
+    let mut seen = HashSet::new();
+    let mut per_type: HashMap<String, usize> = HashMap::new();
+    for (file_type, url, lines) in &files {
+        assert!(url.ends_with(&format!("/{file_type}-1.ndjson")), "{url}");
+        for line in lines {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            let key = (
+                resource["resourceType"].as_str().unwrap().to_string(),
+                resource["id"].as_str().unwrap().to_string(),
+            );
+            assert_eq!(&key.0, file_type, "a {} in the {file_type} file", key.0);
+            assert_eq!(
+                stored.get(&key),
+                Some(line),
+                "{key:?} differs from the stored JSON"
+            );
+            assert!(seen.insert(key), "duplicate line in {url}");
+            *per_type.entry(file_type.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), SAMPLE_RESOURCES + 1);
+    let expected: HashMap<String, usize> = sample_counts()
+        .into_iter()
+        .map(|(t, n)| (t.to_string(), n))
+        .collect();
+    assert_eq!(per_type, expected);
+    let manifest_total: u64 = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(manifest_total, (SAMPLE_RESOURCES + 1) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observation_rolls_into_files_under_the_limit() {
+    const LIMIT: u64 = 1_000_000;
+    let store = sample_store();
+    let server = start(&store, |s| s.file_max_bytes = LIMIT).await;
+    let client = client();
+    let manifest = export(
+        &client,
+        &format!("{}/$export?_type=Observation,Patient", server.base),
+    )
+    .await;
+    let files = download_all(&client, &manifest).await;
+    let observation_files: Vec<_> = files
+        .iter()
+        .filter(|(t, _, _)| t == "Observation")
+        .collect();
+    assert!(
+        observation_files.len() > 5,
+        "only {} Observation files",
+        observation_files.len()
+    );
+    let mut ids = HashSet::new();
+    for (n, (_, url, lines)) in observation_files.iter().enumerate() {
+        assert!(
+            url.ends_with(&format!("/Observation-{}.ndjson", n + 1)),
+            "{url}"
+        );
+        let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
+        assert!(bytes as u64 <= LIMIT, "{url} has {bytes} bytes");
+        assert!(!lines.is_empty(), "{url} is empty");
+        if n + 1 < observation_files.len() {
+            assert!(
+                bytes as u64 > LIMIT / 2,
+                "{url} rolled early at {bytes} bytes"
+            );
+        }
+        for line in lines {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            assert!(ids.insert(resource["id"].as_str().unwrap().to_string()));
+        }
+    }
+    assert_eq!(ids.len(), sample_counts()["Observation"]);
+    let types: HashSet<&str> = files.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert_eq!(types, HashSet::from(["Observation", "Patient"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_type_and_post_parameters_select_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("s.db");
+    let data = dir.path().join("data.ndjson");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"resourceType":"Patient","id":"old","meta":{"lastUpdated":"2010-01-01T00:00:00Z"}}"#, "\n",
+            r#"{"resourceType":"Patient","id":"new","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#, "\n",
+            r#"{"resourceType":"Organization","id":"o","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#, "\n",
+        ),
+    )
+    .unwrap();
+    let store = fhir_export::source::EmbeddedStore::open(&store_path).unwrap();
+    fhir_export::source::import::import(&store, &[data]).unwrap();
+    let server = start(&store_path, |_| {}).await;
+    let client = client();
+
+    let ids = |files: Vec<(String, String, Vec<String>)>| -> HashSet<String> {
+        files
+            .into_iter()
+            .flat_map(|(_, _, lines)| lines)
+            .map(|l| {
+                serde_json::from_str::<Value>(&l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let manifest = export(
+        &client,
+        &format!(
+            "{}/$export?_since=2015-01-01T00:00:00Z&_type=Patient",
+            server.base
+        ),
+    )
+    .await;
+    assert_eq!(
+        ids(download_all(&client, &manifest).await),
+        HashSet::from(["new".to_string()])
+    );
+    let manifest = export(
+        &client,
+        &format!("{}/$export?_until=2015-01-01T00:00:00Z", server.base),
+    )
+    .await;
+    assert_eq!(
+        ids(download_all(&client, &manifest).await),
+        HashSet::from(["old".to_string()])
+    );
+
+    let response = client
+        .post(format!("{}/%24export", server.base))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .body(r#"{"resourceType":"Parameters","parameter":[{"name":"_type","valueString":"Organization"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let manifest = wait_for_manifest(
+        &client,
+        response.headers()["content-location"].to_str().unwrap(),
+    )
+    .await;
+    assert_eq!(
+        ids(download_all(&client, &manifest).await),
+        HashSet::from(["o".to_string()])
+    );
+
+    let manifest = export(&client, &format!("{}/$export?_type=Device", server.base)).await;
+    assert_eq!(manifest["output"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_an_operation_outcome_naming_the_problem() {
+    let store = sample_store();
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let base = &server.base;
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            client
+                .get(format!("{base}/$export"))
+                .header("Accept", "application/fhir+json"),
+            400,
+            "Prefer",
+        ),
+        (
+            client
+                .get(format!("{base}/$export"))
+                .header("Prefer", "respond-async"),
+            400,
+            "Accept",
+        ),
+        (
+            client
+                .get(format!("{base}/$export"))
+                .header("Accept", "text/html")
+                .header("Prefer", "respond-async"),
+            400,
+            "Accept",
+        ),
+        (
+            async_get(&client, &format!("{base}/$export?_type=Patient,Unicorn")),
+            400,
+            "_type",
+        ),
+        (
+            async_get(&client, &format!("{base}/$export?_since=last-week")),
+            400,
+            "_since",
+        ),
+        (
+            async_get(&client, &format!("{base}/$export?_outputFormat=text/csv")),
+            400,
+            "_outputFormat",
+        ),
+        (
+            async_get(&client, &format!("{base}/$export?_container=..%2F..%2Fetc")),
+            400,
+            "_container",
+        ),
+        (
+            async_get(
+                &client,
+                &format!("{base}/$export?_container=fhir-export-jobs"),
+            ),
+            400,
+            "_container",
+        ),
+        (
+            async_get(
+                &client,
+                &format!("{base}/$export?_typeFilter=Patient%3Factive%3Dtrue"),
+            ),
+            400,
+            "_typeFilter",
+        ),
+        (
+            async_get(&client, &format!("{base}/$export?patient=Patient/1")),
+            400,
+            "patient",
+        ),
+        (
+            async_get(&client, &format!("{base}/$export?bogus=1")),
+            400,
+            "bogus",
+        ),
+        (
+            async_post(&client, &format!("{base}/$export")).body("{not json"),
+            400,
+            "JSON",
+        ),
+        (
+            async_post(&client, &format!("{base}/$export")).body(r#"{"resourceType":"Patient"}"#),
+            400,
+            "Parameters",
+        ),
+        (
+            async_post(&client, &format!("{base}/$export")).body(vec![b' '; 2 << 20]),
+            413,
+            "larger",
+        ),
+        (client.put(format!("{base}/$export")), 405, "PUT"),
+        (
+            client.get(format!(
+                "{base}/_operations/export/0123456789abcdef0123456789abcdef"
+            )),
+            404,
+            "no export",
+        ),
+        (
+            client.get(format!("{base}/_operations/export/..%2F..%2Fjob")),
+            404,
+            "no export",
+        ),
+        (
+            client.delete(format!("{base}/_operations/export/nope")),
+            404,
+            "no export",
+        ),
+        (
+            client.get(format!("{base}/_exports/fhir-export-jobs/x/job.ndjson")),
+            404,
+            "no export file",
+        ),
+        (
+            client.get(format!("{base}/_exports/..%2F..%2Fetc%2Fpasswd.ndjson")),
+            404,
+            "no export file",
+        ),
+        (
+            client.get(format!("{base}/Patient/$everything")),
+            404,
+            "no such endpoint",
+        ),
+    ];
+    for (request, status, mention) in cases {
+        let request = request.build().unwrap();
+        let what = format!("{} {}", request.method(), request.url());
+        let response = client.execute(request).await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{what}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/fhir+json",
+            "{what}"
+        );
+        let outcome: Value = response.json().await.unwrap();
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{what}");
+        let text = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(
+            text.contains(mention),
+            "{what}: {text:?} does not mention {mention}"
+        );
+    }
+
+    let lenient = client
+        .get(format!("{base}/$export?_type=Patient&_elements=id"))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async, handling=lenient")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lenient.status(), 202);
+    let manifest = wait_for_manifest(
+        &client,
+        lenient.headers()["content-location"].to_str().unwrap(),
+    )
+    .await;
+    let note_url = manifest["error"][0]["url"].as_str().unwrap();
+    let note = client
+        .get(note_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(note.contains("_elements"), "{note}");
+}
+
+fn async_get(client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+    client
+        .get(url)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+}
+
+fn async_post(client: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_removes_files_and_later_polls_are_404() {
+    let store = sample_store();
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let response = kickoff(&client, &format!("{}/$export", server.base)).await;
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let job_id = status_url.rsplit('/').next().unwrap().to_string();
+    let job_file = server
+        .exports
+        .join(format!("fhir-export-jobs/{job_id}/job.json"));
+    assert!(
+        job_file.is_file(),
+        "job state is persisted at {}",
+        job_file.display()
+    );
+    let folder: Value = serde_json::from_slice(&std::fs::read(&job_file).unwrap()).unwrap();
+    let folder = server
+        .exports
+        .join(folder["outputFolder"].as_str().unwrap());
+
+    let cancelled = client.delete(&status_url).send().await.unwrap();
+    assert_eq!(cancelled.status(), 202);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let poll = client.get(&status_url).send().await.unwrap();
+    assert_eq!(poll.status(), 404);
+    assert_eq!(
+        client.delete(&status_url).send().await.unwrap().status(),
+        404
+    );
+    // Workers that were mid-shard stop and remove what they wrote.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let leftovers: Vec<_> = std::fs::read_dir(&folder)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "files left after cancel: {leftovers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_declares_the_bulk_data_export() {
+    let store = sample_store();
+    let server = start(&store, |_| {}).await;
+    let statement: Value = client()
+        .get(format!("{}/metadata", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(statement["resourceType"], "CapabilityStatement");
+    assert_eq!(
+        statement["instantiates"][0],
+        "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+    );
+    assert_eq!(statement["rest"][0]["operation"][0]["name"], "export");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_parameter_puts_files_in_a_new_folder_of_that_container() {
+    let store = sample_store();
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let first = export(
+        &client,
+        &format!("{}/$export?_type=Patient&_container=research", server.base),
+    )
+    .await;
+    let second = export(
+        &client,
+        &format!("{}/$export?_type=Patient&_container=research", server.base),
+    )
+    .await;
+    let folder_of = |m: &Value| {
+        let url = m["output"][0]["url"].as_str().unwrap().to_string();
+        url.split("/_exports/research/")
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(folder_of(&first), folder_of(&second));
+    assert!(folder_of(&first).len() > 16);
+    assert!(server
+        .exports
+        .join("research")
+        .join(folder_of(&first))
+        .join("Patient-1.ndjson")
+        .is_file());
+}

@@ -1,1 +1,274 @@
-fn main() {}
+//! `handler import` through the real binary: the sample's counts, idempotence, urn rewriting,
+//! compartments, and clear errors that leave nothing of a bad file behind.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use fhir_export::source::EmbeddedStore;
+
+fn handler(args: &[&str], dir: &Path) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_handler"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn sample_imports_to_its_readme_counts_and_twice_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = sample_dir();
+    let (ok, stdout, stderr) = handler(
+        &["import", sample.to_str().unwrap(), "--store", "sqlite:s.db"],
+        dir.path(),
+    );
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("{} created", SAMPLE_RESOURCES + 1)),
+        "{stdout}"
+    );
+    let store = dir.path().join("s.db");
+    let first = stored_resources(&store);
+    assert_eq!(first.len(), SAMPLE_RESOURCES + 1);
+    for (resource_type, count) in sample_counts() {
+        assert_eq!(
+            first.keys().filter(|(t, _)| t == resource_type).count(),
+            count,
+            "{resource_type}"
+        );
+    }
+    assert!(
+        first
+            .values()
+            .all(|json| !json.contains(r#""reference":"urn:"#)),
+        "urn references left"
+    );
+    assert!(first
+        .values()
+        .all(|json| json.contains(r#""lastUpdated":""#)));
+
+    let (ok, stdout, _) = handler(
+        &["import", sample.to_str().unwrap(), "--store", "s.db"],
+        dir.path(),
+    );
+    assert!(ok);
+    assert!(
+        stdout.contains(&format!(
+            "0 created, 0 updated, {} unchanged",
+            SAMPLE_RESOURCES + 1
+        )),
+        "{stdout}"
+    );
+    assert_eq!(
+        stored_resources(&store),
+        first,
+        "a second import changed stored resources"
+    );
+
+    let store = EmbeddedStore::open(&store).unwrap();
+    let group = &first[&(
+        "Group".to_string(),
+        "d9f31445-f448-48c0-af57-295c005e07df".to_string(),
+    )];
+    let member = group
+        .split(r#""reference":"Patient/"#)
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    assert_eq!(
+        store.compartments_of("Patient", member).unwrap(),
+        vec![member.to_string()]
+    );
+    let observation = first.iter().find(|((t, _), _)| t == "Observation").unwrap();
+    let subject = observation
+        .1
+        .split(r#""subject":{"reference":"Patient/"#)
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    assert_eq!(
+        store
+            .compartments_of("Observation", &observation.0 .1)
+            .unwrap(),
+        vec![subject.to_string()]
+    );
+    assert!(store
+        .compartments_of(
+            "Organization",
+            &first.keys().find(|(t, _)| t == "Organization").unwrap().1
+        )
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn bad_files_are_reported_with_file_and_line_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| std::fs::write(dir.path().join(name), body).unwrap();
+    write(
+        "good.ndjson",
+        "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n",
+    );
+    write("broken.ndjson", "{\"resourceType\":\"Patient\",\"id\":\"b\"}\n\n{\"resourceType\":\"Patient\",\"id\":\"c\"\n");
+    write("not-fhir.json", "{\"hello\": \"world\"}");
+    write(
+        "bad-id.ndjson",
+        "{\"resourceType\":\"Patient\",\"id\":\"x/../y\"}\n",
+    );
+    write(
+        "unknown-type.ndjson",
+        "{\"resourceType\":\"Unicorn\",\"id\":\"u\"}\n",
+    );
+    write(
+        "truncated.json",
+        "{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[{\"resource\":",
+    );
+    let args = [
+        "import",
+        "good.ndjson",
+        "broken.ndjson",
+        "not-fhir.json",
+        "bad-id.ndjson",
+        "unknown-type.ndjson",
+        "truncated.json",
+        "missing.ndjson",
+        "--store",
+        "s.db",
+    ];
+    let (ok, stdout, stderr) = handler(&args, dir.path());
+    assert!(!ok, "import with bad files must fail");
+    for expected in [
+        "broken.ndjson:3: invalid JSON",
+        "not-fhir.json: not a FHIR resource (no resourceType)",
+        "bad-id.ndjson:1: Patient id \"x/../y\" is not a valid FHIR id",
+        "unknown-type.ndjson:1: unknown resourceType \"Unicorn\"",
+        "truncated.json:1: invalid JSON",
+        "missing.ndjson: No such file",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected:?} missing in:\n{stderr}"
+        );
+    }
+    assert!(stdout.contains("1 created"), "{stdout}");
+    let stored = stored_resources(&dir.path().join("s.db"));
+    let ids: Vec<&str> = stored.keys().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, ["a"], "only the good file is imported");
+}
+
+#[test]
+fn ndjson_bundles_single_resources_and_gzip_all_load() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("nested")).unwrap();
+    let bundle = r#"{"resourceType":"Bundle","type":"transaction","entry":[
+        {"fullUrl":"urn:uuid:11111111-1111-1111-1111-111111111111","resource":{"resourceType":"Patient"}},
+        {"fullUrl":"urn:uuid:22222222-2222-2222-2222-222222222222","resource":{"resourceType":"Observation","id":"o1",
+         "subject":{"reference":"urn:uuid:11111111-1111-1111-1111-111111111111"}}}]}"#;
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(data.join("nested/bundle.json.gz")).unwrap(),
+        flate2::Compression::fast(),
+    );
+    gz.write_all(bundle.as_bytes()).unwrap();
+    gz.finish().unwrap();
+    std::fs::write(
+        data.join("single.json"),
+        r#"{"resourceType":"Organization","id":"org"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("lines.ndjson"),
+        "{\"resourceType\":\"Practitioner\",\"id\":\"pr\"}\n",
+    )
+    .unwrap();
+    std::fs::write(data.join("README.md"), "not data").unwrap();
+    let (ok, stdout, stderr) = handler(&["import", "data", "--store", "s.db"], dir.path());
+    assert!(ok, "{stdout}{stderr}");
+    let stored = stored_resources(&dir.path().join("s.db"));
+    assert_eq!(stored.len(), 4, "{stored:?}");
+    let observation = &stored[&("Observation".to_string(), "o1".to_string())];
+    assert!(
+        observation
+            .contains(r#""subject":{"reference":"Patient/11111111-1111-1111-1111-111111111111"}"#),
+        "{observation}"
+    );
+    let store = EmbeddedStore::open(dir.path().join("s.db")).unwrap();
+    assert_eq!(
+        store.compartments_of("Observation", "o1").unwrap(),
+        ["11111111-1111-1111-1111-111111111111"]
+    );
+}
+
+#[test]
+fn generated_demo_data_imports_cleanly_with_every_reference_resolving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = handler(
+        &[
+            "generate",
+            "--patients",
+            "40",
+            "--seed",
+            "7",
+            "--out",
+            "demo",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let summary = fhir_export::generate::write_ndjson(40, 7, &dir.path().join("again")).unwrap();
+    assert!(
+        stdout.contains(&format!("{} resources", summary.total())),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("demo/Observation.ndjson")).unwrap(),
+        std::fs::read(dir.path().join("again/Observation.ndjson")).unwrap(),
+        "same seed, same data"
+    );
+    let (ok, stdout, stderr) = handler(&["import", "demo", "--store", "s.db"], dir.path());
+    assert!(ok, "{stdout}{stderr}");
+    let stored = stored_resources(&dir.path().join("s.db"));
+    assert_eq!(stored.len() as u64, summary.total());
+    for json in stored.values() {
+        for reference in json
+            .split(r#""reference":""#)
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap())
+        {
+            let (resource_type, id) = reference.split_once('/').unwrap();
+            assert!(
+                stored.contains_key(&(resource_type.to_string(), id.to_string())),
+                "dangling {reference}"
+            );
+        }
+    }
+    for required in [
+        "Patient",
+        "Encounter",
+        "Observation",
+        "Condition",
+        "Claim",
+        "ExplanationOfBenefit",
+        "Group",
+        "Organization",
+        "Practitioner",
+    ] {
+        assert!(
+            summary.counts.get(required).copied().unwrap_or(0) > 0,
+            "{required} missing"
+        );
+    }
+}

@@ -40,9 +40,11 @@ pub fn to_query(body: &[u8]) -> Result<String, ApiError> {
             [(_, Value::String(text))] => text.clone(),
             [(_, Value::Bool(flag))] => flag.to_string(),
             [(_, Value::Number(number))] => number.to_string(),
-            _ => return Err(invalid(format!(
+            _ => {
+                return Err(invalid(format!(
                 "Parameters.parameter[{index}] ({name}) must have exactly one primitive value[x]"
-            ))),
+            )))
+            }
         };
         query.append_pair(name, &text);
     }

@@ -185,6 +185,13 @@ fn open(path: &Path) -> std::io::Result<Box<dyn BufRead>> {
     })
 }
 
+/// A JSON document file, decompressed, in memory (parsing from a slice is several times faster).
+fn read_whole(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut document = Vec::new();
+    open(path)?.read_to_end(&mut document)?;
+    Ok(document)
+}
+
 #[derive(Deserialize)]
 struct BundleIds {
     #[serde(rename = "resourceType")]
@@ -211,10 +218,10 @@ struct ResourceIds {
 fn collect_urns(files: &[InputFile]) -> HashMap<String, String> {
     let mut urns = HashMap::new();
     for file in files.iter().filter(|f| f.format == Format::Document) {
-        let Ok(reader) = open(&file.path) else {
+        let Ok(document) = read_whole(&file.path) else {
             continue;
         };
-        let Ok(bundle) = serde_json::from_reader::<_, BundleIds>(reader) else {
+        let Ok(bundle) = serde_json::from_slice::<BundleIds>(&document) else {
             continue;
         };
         if bundle.resource_type.as_deref() != Some("Bundle") {
@@ -407,10 +414,14 @@ impl<'c> Importer<'c> {
 
     fn import_document(
         &mut self,
-        reader: Box<dyn BufRead>,
+        mut reader: Box<dyn BufRead>,
         counts: &mut Counts,
     ) -> Result<(), Failure> {
-        let value: Value = serde_json::from_reader(reader).map_err(|e| {
+        let mut document = Vec::new();
+        reader
+            .read_to_end(&mut document)
+            .map_err(|e| input_error(None, e.to_string()))?;
+        let value: Value = serde_json::from_slice(&document).map_err(|e| {
             input_error(
                 Some(e.line() as u64).filter(|l| *l > 0),
                 format!("invalid JSON: {e}"),

@@ -96,7 +96,9 @@ pub async fn serve_local(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let workers = spawn_workers(app.clone(), receiver, app.settings.workers);
+    // Held here too, so that an API-only node (no workers) still accepts work into its queue.
+    let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+    let workers = spawn_workers(app.clone(), receiver.clone(), app.settings.workers);
     match app.resume_unfinished().await {
         Ok(0) => {}
         Ok(resumed) => tracing::info!(resumed, "resumed unfinished exports"),

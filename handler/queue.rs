@@ -63,10 +63,13 @@ impl WorkQueue for InProcessQueue {
     }
 }
 
-/// Starts `count` workers taking shards from `receiver` until the queue closes.
-pub fn spawn_workers(app: App, receiver: QueueReceiver, count: usize) -> Vec<JoinHandle<()>> {
-    let receiver = Arc::new(Mutex::new(receiver));
-    (0..count.max(1))
+/// Starts `count` workers taking shards from `receiver` until the queue closes (0: an API-only node).
+pub fn spawn_workers(
+    app: App,
+    receiver: Arc<Mutex<QueueReceiver>>,
+    count: usize,
+) -> Vec<JoinHandle<()>> {
+    (0..count)
         .map(|_| {
             let (app, receiver) = (app.clone(), receiver.clone());
             tokio::spawn(async move {

@@ -462,3 +462,55 @@ async fn container_parameter_puts_files_in_a_new_folder_of_that_container() {
         .join("Patient-1.ndjson")
         .is_file());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_service_finishes_the_jobs_it_left_running() {
+    let store = sample_store();
+    let exports_dir = tempfile::tempdir().unwrap();
+    let exports = exports_dir.path().join("exports");
+    let client = client();
+    let api_only = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |s| {
+        s.workers = 0
+    })
+    .await;
+    let response = kickoff(
+        &client,
+        &format!("{}/$export?_type=Patient,Condition", api_only.base),
+    )
+    .await;
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let waiting = client.get(&status_url).send().await.unwrap();
+    assert_eq!(waiting.status(), 202);
+    assert_eq!(waiting.headers()["x-progress"], "0% (0/2 shards)");
+    drop(api_only);
+
+    let restarted =
+        start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |_| {}).await;
+    let job_path = status_url.split("/_operations/").nth(1).unwrap();
+    let manifest = wait_for_manifest(
+        &client,
+        &format!("{}/_operations/{job_path}", restarted.base),
+    )
+    .await;
+    // URLs carry the base of the kickoff; this restart came back on another port.
+    let old_base = status_url
+        .split("/_operations/")
+        .next()
+        .unwrap()
+        .to_string();
+    let manifest: Value =
+        serde_json::from_str(&manifest.to_string().replace(&old_base, &restarted.base)).unwrap();
+    let files = download_all(&client, &manifest).await;
+    let counts: HashMap<&str, usize> = files
+        .iter()
+        .map(|(t, _, lines)| (t.as_str(), lines.len()))
+        .collect();
+    assert_eq!(
+        counts,
+        HashMap::from([("Patient", 100), ("Condition", 639)])
+    );
+}

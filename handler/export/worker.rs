@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
+use tracing::Instrument;
 
 use super::{manifest, ExportError, ShardMessage};
 use crate::app::App;
@@ -18,17 +19,20 @@ use crate::storage::{OutputFile, RollingNdjsonWriter, StorageError};
 /// Runs one queue message; failures are retried up to the restart cap, then fail the job.
 pub async fn handle_message(app: &App, message: &ShardMessage) {
     let span = tracing::info_span!("shard", job_id = %message.job_id, shard = message.shard);
-    let _entered = span.enter();
-    match run_shard(app, message).await {
-        Ok(()) => {}
-        Err(ExportError::Cancelled(_)) => tracing::info!("shard stopped: export cancelled"),
-        Err(error) => {
-            tracing::warn!(%error, "shard failed");
-            if let Err(record_error) = record_failure(app, message, &error).await {
-                tracing::error!(%record_error, "could not record the shard failure");
+    async {
+        match run_shard(app, message).await {
+            Ok(()) => {}
+            Err(ExportError::Cancelled(_)) => tracing::info!("shard stopped: export cancelled"),
+            Err(error) => {
+                tracing::warn!(%error, "shard failed");
+                if let Err(record_error) = record_failure(app, message, &error).await {
+                    tracing::error!(%record_error, "could not record the shard failure");
+                }
             }
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// What claiming a shard found.

@@ -86,6 +86,17 @@ impl Drop for Server {
 pub async fn start(store: &Path, tune: impl FnOnce(&mut Settings)) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let exports = dir.path().join("exports");
+    start_with_exports(store, &exports, dir, tune).await
+}
+
+/// Starts the local service on `store` writing to `exports`; `dir` lives as long as the server.
+pub async fn start_with_exports(
+    store: &Path,
+    exports: &Path,
+    dir: TempDir,
+    tune: impl FnOnce(&mut Settings),
+) -> Server {
+    let exports = exports.to_path_buf();
     let mut settings = Settings {
         source: SourceSetting::Sqlite(store.to_path_buf()),
         storage: StorageSetting::Folder(exports.clone()),

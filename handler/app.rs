@@ -89,6 +89,30 @@ impl App {
     }
 }
 
+impl App {
+    /// Removes finished jobs past their retention: files first, then the job's state.
+    pub async fn remove_expired(&self) -> Result<usize, ExportError> {
+        let now = chrono::Utc::now();
+        let mut removed = 0;
+        for id in self.jobs.ids().await? {
+            let Some((job, _)) = self.jobs.load(&id).await? else {
+                continue;
+            };
+            if job.status == JobStatus::Running
+                || job
+                    .expires_at(self.settings.retention)
+                    .is_none_or(|at| at > now)
+            {
+                continue;
+            }
+            self.storage.delete_prefix(&job.output_folder).await?;
+            self.jobs.delete(&id).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
 /// Serves the HTTP API on `listener` with `workers` shard workers until `shutdown` resolves.
 pub async fn serve_local(
     app: App,
@@ -104,10 +128,25 @@ pub async fn serve_local(
         Ok(resumed) => tracing::info!(resumed, "resumed unfinished exports"),
         Err(error) => tracing::error!(%error, "could not resume unfinished exports"),
     }
+    let cleaner = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                ticks.tick().await;
+                match app.remove_expired().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "removed expired exports"),
+                    Err(error) => tracing::warn!(%error, "could not remove expired exports"),
+                }
+            }
+        })
+    };
     warp::serve(crate::http::routes(app))
         .incoming(listener)
         .graceful(shutdown)
         .run()
         .await;
     workers.iter().for_each(|w| w.abort());
+    cleaner.abort();
 }

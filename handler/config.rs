@@ -6,6 +6,7 @@ use std::time::Duration;
 pub const DEFAULT_FILE_MAX_BYTES: u64 = 64 << 20;
 pub const DEFAULT_STALE_AFTER_SECS: u64 = 600;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_RETENTION_HOURS: u64 = 168;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSetting {
@@ -25,6 +26,8 @@ pub struct Settings {
     pub stale_after: Duration,
     pub max_attempts: u32,
     pub workers: usize,
+    /// How long a finished export's files are kept (the status answer's `Expires`).
+    pub retention: Duration,
     /// Public base URL; when unset, taken from each request's `Host`.
     pub base_url: Option<String>,
 }
@@ -52,6 +55,7 @@ impl Default for Settings {
             stale_after: Duration::from_secs(DEFAULT_STALE_AFTER_SECS),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             workers: default_workers(),
+            retention: Duration::from_secs(DEFAULT_RETENTION_HOURS * 3600),
             base_url: None,
         }
     }

@@ -75,6 +75,9 @@ struct ServeArgs {
     stale_after_secs: u64,
     #[arg(long, env = "EXPORT_MAX_ATTEMPTS", default_value_t = config::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
+    /// Hours a finished export's files are kept.
+    #[arg(long, env = "EXPORT_RETENTION_HOURS", default_value_t = config::DEFAULT_RETENTION_HOURS)]
+    retention_hours: u64,
     /// Shard workers (default: one per core).
     #[arg(long, env = "EXPORT_WORKERS")]
     workers: Option<usize>,
@@ -151,6 +154,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         stale_after: std::time::Duration::from_secs(args.stale_after_secs.max(1)),
         max_attempts: args.max_attempts.max(1),
         workers: args.workers.unwrap_or_else(config::default_workers).max(1),
+        retention: std::time::Duration::from_secs(args.retention_hours.max(1) * 3600),
         base_url: args
             .base_url
             .as_deref()

@@ -1,10 +1,15 @@
-//! Kickoff: plan the shards of a new export, record the job, enqueue its shards.
+//! Kickoff: resolve who and what to export, plan the shards, record the job, enqueue its shards.
 
 use chrono::Utc;
+use serde_json::Value;
 
-use super::{worker, ExportError, ExportRequest, ShardMessage};
+use super::request::is_patient_level_type;
+use super::{worker, ExportError, ExportRequest, Level, RequestError, ShardMessage};
 use crate::app::App;
+use crate::fhir::compartment::patient_id_of;
 use crate::jobs::{new_job_id, Job, JobStatus, Shard, ShardStatus};
+use crate::source::import::is_valid_id;
+use crate::source::PatientScope;
 
 /// Starts an export; returns the recorded job.
 pub async fn start(
@@ -15,13 +20,22 @@ pub async fn start(
 ) -> Result<Job, ExportError> {
     let transaction_time = Utc::now();
     let id = new_job_id();
-    let source = app.source.clone();
-    let present = tokio::task::spawn_blocking(move || source.resource_types())
+    let (scope, present) = {
+        let (source, request) = (app.source.clone(), request.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, ExportError> {
+            Ok((
+                resolve_scope(source.as_ref(), &request)?,
+                source.resource_types()?,
+            ))
+        })
         .await
-        .expect("listing resource types does not panic")?;
+        .expect("planning does not panic")?
+    };
+    let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
     let shards = present
         .into_iter()
         .map(|(resource_type, _count)| resource_type)
+        .filter(|t| !nobody && (!request.level.is_patient_scoped() || is_patient_level_type(t)))
         .filter(|t| {
             request
                 .types
@@ -49,6 +63,7 @@ pub async fn start(
         base_url,
         transaction_time,
         output_folder,
+        scope,
         status: JobStatus::Running,
         shards,
         failure: None,
@@ -68,4 +83,84 @@ pub async fn start(
         app.queue.enqueue(messages).await?;
     }
     Ok(job)
+}
+
+fn patient_error(message: String) -> ExportError {
+    RequestError {
+        parameter: "patient".into(),
+        message,
+        not_supported: false,
+    }
+    .into()
+}
+
+/// The patients whose compartments the export covers.
+fn resolve_scope(
+    source: &dyn crate::source::ResourceSource,
+    request: &ExportRequest,
+) -> Result<PatientScope, ExportError> {
+    match &request.level {
+        Level::System => Ok(PatientScope::All),
+        Level::Patient => match &request.patients {
+            None => Ok(PatientScope::AnyPatient),
+            Some(patients) => {
+                for patient in patients {
+                    if source.read("Patient", patient)?.is_none() {
+                        return Err(patient_error(format!(
+                            "patient Patient/{patient} is not known to this server"
+                        )));
+                    }
+                }
+                Ok(PatientScope::Only(patients.clone()))
+            }
+        },
+        Level::Group(group_id) => {
+            let unknown =
+                || ExportError::NotFound(format!("Group/{group_id} is not known to this server"));
+            if !is_valid_id(group_id) {
+                return Err(unknown());
+            }
+            let group = source.read("Group", group_id)?.ok_or_else(unknown)?;
+            let members = group_members(&group);
+            match &request.patients {
+                None => Ok(PatientScope::Only(members)),
+                Some(patients) => {
+                    if let Some(outsider) = patients.iter().find(|p| !members.contains(p)) {
+                        return Err(patient_error(format!(
+                            "patient Patient/{outsider} is not a member of Group/{group_id}"
+                        )));
+                    }
+                    Ok(PatientScope::Only(patients.clone()))
+                }
+            }
+        }
+    }
+}
+
+/// The active Patient members of a Group resource.
+fn group_members(group: &[u8]) -> Vec<String> {
+    let Ok(group) = serde_json::from_slice::<Value>(group) else {
+        return Vec::new();
+    };
+    let mut members = Vec::new();
+    for member in group
+        .get("member")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if member.get("inactive").and_then(Value::as_bool) == Some(true) {
+            continue;
+        }
+        let reference = member
+            .pointer("/entity/reference")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if let Some(patient) = patient_id_of(reference) {
+            if !members.iter().any(|m| m == patient) {
+                members.push(patient.to_string());
+            }
+        }
+    }
+    members
 }

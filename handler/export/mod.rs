@@ -32,6 +32,8 @@ pub enum ExportError {
     Jobs(#[from] crate::jobs::JobError),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueClosed),
+    #[error("{0}")]
+    NotFound(String),
     #[error("export {0} was cancelled")]
     Cancelled(String),
 }

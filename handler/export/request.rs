@@ -4,18 +4,41 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::fhir::compartment::in_patient_compartment_definition;
+use crate::fhir::search::SearchQuery;
 use crate::fhir::types::is_resource_type;
 use crate::jobs::JOBS_CONTAINER;
 
 const NDJSON_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
-/// Parameters this version recognises but cannot honour yet.
-const NOT_YET_SUPPORTED: &[&str] = &["_typeFilter", "_elements", "includeAssociatedData"];
+/// `includeAssociatedData` values this server knows; none of them is produced yet.
+const ASSOCIATED_DATA: &[&str] = &[
+    "LatestProvenanceResources",
+    "RelevantProvenanceResources",
+    "_history",
+    "_deleted",
+];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     System,
+    Patient,
+    Group(String),
+}
+
+impl Level {
+    pub fn is_patient_scoped(&self) -> bool {
+        !matches!(self, Level::System)
+    }
+}
+
+/// One `_elements` entry: an element of every type, or of one type (`Patient.name`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ElementSpec {
+    pub resource_type: Option<String>,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +51,11 @@ pub struct ExportRequest {
     pub until: Option<DateTime<Utc>>,
     pub output_format: String,
     pub container: Option<String>,
+    /// `_typeFilter` queries (`Type?criteria`), checked at kickoff.
+    pub type_filters: Vec<String>,
+    pub elements: Vec<ElementSpec>,
+    /// `patient` ids (POST, Patient and Group level).
+    pub patients: Option<Vec<String>>,
     /// Unsupported parameters turned into manifest notes by `Prefer: handling=lenient`.
     pub notes: Vec<String>,
 }
@@ -93,8 +121,14 @@ pub fn check_headers(headers: &KickoffHeaders<'_>) -> Result<(), RequestError> {
 }
 
 impl ExportRequest {
-    /// Parses a kickoff's query string (`raw_query` without the `?`).
-    pub fn from_query(level: Level, raw_query: &str, lenient: bool) -> Result<Self, RequestError> {
+    /// Parses a kickoff's parameters (`raw_query`: a query string without the `?`; a POST's
+    /// Parameters body arrives converted to one, with `via_post`).
+    pub fn from_query(
+        level: Level,
+        raw_query: &str,
+        lenient: bool,
+        via_post: bool,
+    ) -> Result<Self, RequestError> {
         let mut request = ExportRequest {
             level,
             types: None,
@@ -102,9 +136,22 @@ impl ExportRequest {
             until: None,
             output_format: NDJSON_FORMATS[0].to_string(),
             container: None,
+            type_filters: Vec::new(),
+            elements: Vec::new(),
+            patients: None,
             notes: Vec::new(),
         };
         let mut seen_until = None::<String>;
+        let refuse = |request: &mut ExportRequest, error: RequestError| {
+            if lenient && error.not_supported {
+                request
+                    .notes
+                    .push(format!("{}; ignored (handling=lenient)", error.message));
+                Ok(())
+            } else {
+                Err(error)
+            }
+        };
         for (name, value) in form_urlencoded::parse(raw_query.as_bytes()) {
             let (name, value) = (name.as_ref(), value.trim());
             if value.is_empty() {
@@ -115,10 +162,15 @@ impl ExportRequest {
                     if !NDJSON_FORMATS.contains(&value) {
                         return Err(RequestError {
                             not_supported: true,
-                            ..invalid(name, format!("_outputFormat {value:?} is not supported; use one of {}", NDJSON_FORMATS.join(", ")))
+                            ..invalid(
+                                name,
+                                format!(
+                                    "_outputFormat {value:?} is not supported; use one of {}",
+                                    NDJSON_FORMATS.join(", ")
+                                ),
+                            )
                         });
                     }
-                    request.output_format = NDJSON_FORMATS[0].to_string();
                 }
                 "_since" => request.since = Some(parse_instant(name, value)?),
                 "_until" | "_till" => {
@@ -131,11 +183,33 @@ impl ExportRequest {
                     let types = request.types.get_or_insert_with(Vec::new);
                     for resource_type in value.split(',').map(str::trim) {
                         if !is_resource_type(resource_type) {
-                            return Err(invalid(name, format!("_type {resource_type:?} is not a FHIR R4 resource type")));
+                            return Err(invalid(
+                                name,
+                                format!("_type {resource_type:?} is not a FHIR R4 resource type"),
+                            ));
                         }
                         if !types.iter().any(|t| t == resource_type) {
                             types.push(resource_type.to_string());
                         }
+                    }
+                }
+                "_typeFilter" => {
+                    for query in split_queries(value) {
+                        match SearchQuery::parse(query) {
+                            Ok(_) => request.type_filters.push(query.to_string()),
+                            Err(message) => refuse(
+                                &mut request,
+                                RequestError {
+                                    not_supported: message.contains("not supported"),
+                                    ..invalid(name, format!("_typeFilter: {message}"))
+                                },
+                            )?,
+                        }
+                    }
+                }
+                "_elements" => {
+                    for element in value.split(',').map(str::trim) {
+                        request.elements.push(parse_element(element)?);
                     }
                 }
                 "_container" => {
@@ -146,19 +220,63 @@ impl ExportRequest {
                     request.container = Some(value.to_string());
                 }
                 "patient" => {
-                    return Err(invalid(name, "parameter patient is only allowed on Patient and Group level exports (by POST)"))
+                    if !request.level.is_patient_scoped() {
+                        return Err(invalid(
+                            name,
+                            "parameter patient is only allowed on Patient and Group level exports",
+                        ));
+                    }
+                    if !via_post {
+                        return Err(invalid(name, "parameter patient is only accepted in a POST kickoff's Parameters body"));
+                    }
+                    let patients = request.patients.get_or_insert_with(Vec::new);
+                    for reference in value.split(',').map(str::trim) {
+                        let id = reference
+                            .strip_prefix("Patient/")
+                            .filter(|id| crate::source::import::is_valid_id(id))
+                            .ok_or_else(|| {
+                                invalid(
+                                    name,
+                                    format!(
+                                        "patient {reference:?} is not a Patient/{{id}} reference"
+                                    ),
+                                )
+                            })?;
+                        if !patients.iter().any(|p| p == id) {
+                            patients.push(id.to_string());
+                        }
+                    }
+                }
+                "includeAssociatedData" => {
+                    for item in value.split(',').map(str::trim) {
+                        let message = if ASSOCIATED_DATA.contains(&item) || item.starts_with('_') {
+                            format!(
+                                "includeAssociatedData {item:?} is not supported by this server"
+                            )
+                        } else {
+                            format!(
+                                "includeAssociatedData {item:?} is not a known value ({})",
+                                ASSOCIATED_DATA.join(", ")
+                            )
+                        };
+                        refuse(
+                            &mut request,
+                            RequestError {
+                                not_supported: true,
+                                ..invalid(name, message)
+                            },
+                        )?;
+                    }
                 }
                 other => {
-                    let message = if NOT_YET_SUPPORTED.contains(&other) {
-                        format!("parameter {other} is not supported by this server yet")
-                    } else {
-                        format!("parameter {other} is not a Bulk Data export parameter")
-                    };
-                    if lenient {
-                        request.notes.push(format!("{message}; ignored (handling=lenient)"));
-                    } else {
-                        return Err(RequestError { not_supported: true, ..invalid(other, message) });
-                    }
+                    let message = format!("parameter {other} is not a Bulk Data export parameter");
+                    refuse(
+                        &mut request,
+                        RequestError {
+                            not_supported: true,
+                            ..invalid(other, message)
+                        },
+                    )?;
                 }
             }
         }
@@ -170,8 +288,82 @@ impl ExportRequest {
         if request.since.is_some_and(|since| since > Utc::now()) {
             return Err(invalid("_since", "_since is in the future"));
         }
+        if request.level.is_patient_scoped() {
+            for resource_type in request.types.iter().flatten() {
+                if !is_patient_level_type(resource_type) {
+                    return Err(invalid("_type", format!("_type {resource_type} is not in the Patient compartment, so not part of a Patient or Group level export")));
+                }
+            }
+        }
         Ok(request)
     }
+
+    /// The `_typeFilter` queries of one type (empty: no filter).
+    pub fn filters_for(&self, resource_type: &str) -> Vec<SearchQuery> {
+        self.type_filters
+            .iter()
+            .filter_map(|q| SearchQuery::parse(q).ok())
+            .filter(|q| q.resource_type == resource_type)
+            .collect()
+    }
+
+    /// The `_elements` that apply to one type (empty: the whole resource).
+    pub fn elements_for(&self, resource_type: &str) -> Vec<String> {
+        self.elements
+            .iter()
+            .filter(|e| {
+                e.resource_type
+                    .as_deref()
+                    .is_none_or(|t| t == resource_type)
+            })
+            .map(|e| e.name.clone())
+            .collect()
+    }
+}
+
+/// Types exported at Patient and Group level: the Patient compartment, without Group itself.
+pub fn is_patient_level_type(resource_type: &str) -> bool {
+    resource_type != "Group" && in_patient_compartment_definition(resource_type)
+}
+
+/// `_typeFilter` values are comma lists of queries; a comma inside a query is escaped as `%2C`
+/// there, so a comma followed by `Type?` starts the next query.
+fn split_queries(value: &str) -> Vec<&str> {
+    let mut queries = Vec::new();
+    let mut start = 0;
+    for (at, _) in value.match_indices(',') {
+        let rest = &value[at + 1..];
+        let starts_query = rest
+            .split_once('?')
+            .is_some_and(|(head, _)| is_resource_type(head.trim()));
+        if starts_query {
+            queries.push(value[start..at].trim());
+            start = at + 1;
+        }
+    }
+    queries.push(value[start..].trim());
+    queries
+}
+
+fn parse_element(element: &str) -> Result<ElementSpec, RequestError> {
+    let is_name = |n: &str| {
+        n.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && n.chars().all(|c| c.is_ascii_alphanumeric())
+    };
+    let (resource_type, name) = match element.split_once('.') {
+        Some((resource_type, name)) => (Some(resource_type), name),
+        None => (None, element),
+    };
+    if resource_type.is_some_and(|t| !is_resource_type(t)) || !is_name(name) {
+        return Err(invalid(
+            "_elements",
+            format!("_elements {element:?} is not an element name (name or Type.name)"),
+        ));
+    }
+    Ok(ElementSpec {
+        resource_type: resource_type.map(str::to_string),
+        name: name.to_string(),
+    })
 }
 
 /// A FHIR `instant`: date, time and zone (`2020-01-01T00:00:00Z`).
@@ -215,7 +407,7 @@ mod tests {
     use super::*;
 
     fn parse(query: &str) -> Result<ExportRequest, RequestError> {
-        ExportRequest::from_query(Level::System, query, false)
+        ExportRequest::from_query(Level::System, query, false, false)
     }
 
     #[test]
@@ -239,7 +431,11 @@ mod tests {
             ("_container=fhir-export-jobs", "_container"),
             ("_container=a--b", "_container"),
             ("patient=Patient/1", "patient"),
-            ("_typeFilter=Patient%3Factive%3Dtrue", "_typeFilter"),
+            ("_typeFilter=Patient%3Fbogus%3Dtrue", "_typeFilter"),
+            ("_typeFilter=Observation", "_typeFilter"),
+            ("_elements=name.family", "_elements"),
+            ("_elements=Unicorn.id", "_elements"),
+            ("includeAssociatedData=_history", "includeAssociatedData"),
             ("_bogus=1", "_bogus"),
             ("_type=", "_type"),
             (
@@ -260,10 +456,67 @@ mod tests {
 
     #[test]
     fn lenient_turns_unsupported_parameters_into_notes() {
-        let request =
-            ExportRequest::from_query(Level::System, "_elements=id&_type=Patient", true).unwrap();
-        assert_eq!(request.notes.len(), 1);
-        assert!(request.notes[0].contains("_elements"));
+        let request = ExportRequest::from_query(
+            Level::System,
+            "_bogus=id&_type=Patient&includeAssociatedData=_history",
+            true,
+            false,
+        )
+        .unwrap();
+        assert_eq!(request.notes.len(), 2);
+        assert!(request.notes[0].contains("_bogus"));
+        assert!(request.notes[1].contains("_history"));
+    }
+
+    #[test]
+    fn patient_level_parameters() {
+        let patient_level =
+            |query: &str, post: bool| ExportRequest::from_query(Level::Patient, query, false, post);
+        assert_eq!(
+            patient_level("patient=Patient/a,Patient/b&patient=Patient/a", true)
+                .unwrap()
+                .patients
+                .unwrap(),
+            ["a", "b"]
+        );
+        assert_eq!(
+            patient_level("patient=Patient/a", false)
+                .unwrap_err()
+                .parameter,
+            "patient"
+        );
+        assert_eq!(
+            patient_level("patient=Observation/a", true)
+                .unwrap_err()
+                .parameter,
+            "patient"
+        );
+        assert_eq!(
+            patient_level("_type=Organization", false)
+                .unwrap_err()
+                .parameter,
+            "_type"
+        );
+        assert_eq!(
+            patient_level("_type=Group", false).unwrap_err().parameter,
+            "_type"
+        );
+        assert!(patient_level("_type=Observation,Patient", false).is_ok());
+    }
+
+    #[test]
+    fn type_filters_split_into_queries_and_elements_parse() {
+        let request = parse(
+            "_typeFilter=Observation%3Fcode%3D1%2C2,Condition%3Fcode%3D3&_elements=id,Patient.name",
+        )
+        .unwrap();
+        assert_eq!(
+            request.type_filters,
+            ["Observation?code=1,2", "Condition?code=3"]
+        );
+        assert_eq!(request.filters_for("Observation").len(), 1);
+        assert_eq!(request.elements_for("Patient"), ["id", "name"]);
+        assert_eq!(request.elements_for("Observation"), ["id"]);
     }
 
     #[test]

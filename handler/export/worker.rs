@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use super::{manifest, ExportError, ShardMessage};
 use crate::app::App;
+use crate::fhir::elements::subset;
 use crate::fhir::OperationOutcome;
 use crate::jobs::{Change, Job, JobStatus, ShardStatus};
 use crate::source::ScanRequest;
@@ -141,12 +142,16 @@ async fn write_files(
         app.settings.file_max_bytes,
     );
     let job_id = job.id.clone();
+    let scope = job.scope.clone();
+    let filters = job.request.filters_for(&spec.resource_type);
+    let elements = job.request.elements_for(&spec.resource_type);
     let started = std::time::Instant::now();
     let result = tokio::task::spawn_blocking(move || {
         let request = ScanRequest {
             resource_type: &spec.resource_type,
             since,
             until,
+            scope: &scope,
         };
         let scanned = source.scan(&request, &mut |resource| {
             if cancelled.load(Ordering::Relaxed) {
@@ -155,7 +160,21 @@ async fn write_files(
                     source: std::io::Error::other("export cancelled"),
                 });
             }
-            writer.push(resource)
+            if filters.is_empty() && elements.is_empty() {
+                return writer.push(resource);
+            }
+            // Only filtered or trimmed types pay for parsing; the rest flow as stored bytes.
+            let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
+                return writer.push(resource);
+            };
+            if !filters.is_empty() && !filters.iter().any(|query| query.matches(&value)) {
+                return Ok(());
+            }
+            if elements.is_empty() {
+                return writer.push(resource);
+            }
+            let trimmed = subset(value, &spec.resource_type, &elements);
+            writer.push(&serde_json::to_vec(&trimmed).expect("JSON serialises"))
         });
         match scanned {
             Ok(count) => writer

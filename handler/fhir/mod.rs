@@ -1,7 +1,9 @@
 //! FHIR knowledge the exporter needs: resource type names, the Patient compartment, OperationOutcome.
 
 pub mod compartment;
+pub mod elements;
 pub mod outcome;
+pub mod search;
 pub mod types;
 
 pub use outcome::{IssueType, OperationOutcome};

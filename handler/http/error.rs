@@ -38,6 +38,7 @@ impl From<ExportError> for ApiError {
                     outcome: OperationOutcome::parameter_error(code, &e.parameter, e.message),
                 }
             }
+            ExportError::NotFound(message) => ApiError::not_found(message),
             ExportError::Cancelled(id) => ApiError::not_found(format!("export {id} was cancelled")),
             other => {
                 tracing::error!(error = %other, "request failed");

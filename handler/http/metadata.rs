@@ -1,8 +1,54 @@
-//! `GET /metadata`: the CapabilityStatement, instantiating the Bulk Data server CapabilityStatement.
+//! `GET /metadata` (the CapabilityStatement, instantiating the Bulk Data server CapabilityStatement)
+//! and `GET /.well-known/smart-configuration`.
 
-use serde_json::json;
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::fhir::search::{supported_parameters, Kind};
+
+const EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export";
+const PATIENT_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
+const GROUP_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 
 pub fn capability_statement(base_url: &str) -> Vec<u8> {
+    let kind_name = |kind: Kind| match kind {
+        Kind::Token => "token",
+        Kind::Date => "date",
+        Kind::Reference => "reference",
+        Kind::String => "string",
+    };
+    let common = [
+        json!({"name": "_id", "type": "token"}),
+        json!({"name": "_lastUpdated", "type": "date"}),
+    ];
+    let mut per_type: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    for (resource_type, name, kind) in supported_parameters() {
+        per_type
+            .entry(resource_type)
+            .or_insert_with(|| common.to_vec())
+            .push(json!({"name": name, "type": kind_name(kind)}));
+    }
+    let resources: Vec<Value> = per_type
+        .into_iter()
+        .map(|(resource_type, search_params)| {
+            let mut resource = json!({
+                "type": resource_type,
+                "interaction": [],
+                "searchParam": search_params,
+                "extension": [{"url": "https://github.com/fhir-export/typeFilter", "valueString": "searchParam lists the parameters _typeFilter supports for this type"}],
+            });
+            let operation = match resource_type {
+                "Patient" => Some(json!([{"name": "export", "definition": PATIENT_EXPORT}])),
+                "Group" => Some(json!([{"name": "export", "definition": GROUP_EXPORT}])),
+                _ => None,
+            };
+            if let Some(operation) = operation {
+                resource["operation"] = operation;
+            }
+            resource
+        })
+        .collect();
     let statement = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -15,10 +61,25 @@ pub fn capability_statement(base_url: &str) -> Vec<u8> {
         "format": ["application/fhir+json"],
         "rest": [{
             "mode": "server",
+            "documentation": "_typeFilter supports, on every type, _id and _lastUpdated, and per type the searchParam entries listed; modifiers :missing, :not, :text (token), :exact, :contains (string); date prefixes eq ne gt lt ge le sa eb ap.",
+            "resource": resources,
             "operation": [
-                {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}
+                {"name": "export", "definition": EXPORT},
+                {"name": "patient-export", "definition": PATIENT_EXPORT},
+                {"name": "group-export", "definition": GROUP_EXPORT}
             ]
         }]
     });
     serde_json::to_vec(&statement).expect("JSON")
+}
+
+/// This server validates no tokens yet: it advertises no authorization endpoints.
+pub fn smart_configuration() -> Vec<u8> {
+    let configuration = json!({
+        "capabilities": [],
+        "grant_types_supported": [],
+        "token_endpoint_auth_methods_supported": [],
+        "scopes_supported": ["system/*.read", "system/*.rs"],
+    });
+    serde_json::to_vec(&configuration).expect("JSON")
 }

@@ -1,7 +1,8 @@
 //! The HTTP API: one warp filter hands every request to `dispatch`, which routes on the decoded path.
 //!
 //! - `GET /metadata`
-//! - `GET|POST /$export` (kickoff)
+//! - `GET /.well-known/smart-configuration`
+//! - `GET|POST /$export`, `/Patient/$export`, `/Group/{id}/$export` (kickoff)
 //! - `GET|DELETE /_operations/export/{jobId}` (status, cancel)
 //! - `GET /_exports/{path}` (export files)
 
@@ -128,6 +129,21 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
             only(method, &[Method::GET, Method::POST])?;
             kickoff_export(app, &request, Level::System).await
         }
+        ["Patient", "$export"] => {
+            only(method, &[Method::GET, Method::POST])?;
+            kickoff_export(app, &request, Level::Patient).await
+        }
+        ["Group", id, "$export"] => {
+            only(method, &[Method::GET, Method::POST])?;
+            kickoff_export(app, &request, Level::Group(id.to_string())).await
+        }
+        [".well-known", "smart-configuration"] => only(method, &[Method::GET]).map(|_| {
+            json_response(
+                StatusCode::OK,
+                "application/json",
+                metadata::smart_configuration(),
+            )
+        }),
         ["_operations", "export", id] => {
             only(method, &[Method::GET, Method::DELETE])?;
             if *method == Method::DELETE {
@@ -207,7 +223,12 @@ async fn kickoff_export(app: &App, request: &Request, level: Level) -> Result<Re
     } else {
         request.query.clone()
     };
-    let export = ExportRequest::from_query(level, &query, is_lenient(prefer))?;
+    let export = ExportRequest::from_query(
+        level,
+        &query,
+        is_lenient(prefer),
+        request.method == Method::POST,
+    )?;
     let base = base_url(app, request);
     let request_url = match request.query.is_empty() {
         true => format!("{base}{}", request.path),
@@ -239,11 +260,14 @@ async fn status(app: &App, id: &str) -> Result<Response, ApiError> {
         )),
         JobStatus::Completed => {
             let manifest = app.jobs.manifest(id).await?.ok_or_else(unknown)?;
-            Ok(json_response(
-                StatusCode::OK,
-                "application/json",
-                manifest.to_vec(),
-            ))
+            let mut response = json_response(StatusCode::OK, "application/json", manifest.to_vec());
+            if let Some(expires) = job.expires_at(app.settings.retention) {
+                let date = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+                response
+                    .headers_mut()
+                    .insert(header::EXPIRES, header_value(&date));
+            }
+            Ok(response)
         }
         JobStatus::Running => {
             let (done, total) = (job.shards_done(), job.shards.len());
@@ -273,6 +297,7 @@ async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
             JobStatus::Cancelled => Change::Keep(None),
             _ => {
                 job.status = JobStatus::Cancelled;
+                job.completed_at = Some(chrono::Utc::now());
                 Change::Write(Some(job.output_folder.clone()))
             }
         })

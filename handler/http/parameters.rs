@@ -40,6 +40,16 @@ pub fn to_query(body: &[u8]) -> Result<String, ApiError> {
             [(_, Value::String(text))] => text.clone(),
             [(_, Value::Bool(flag))] => flag.to_string(),
             [(_, Value::Number(number))] => number.to_string(),
+            [(key, Value::Object(reference))] if key.as_str() == "valueReference" => {
+                match reference.get("reference") {
+                    Some(Value::String(reference)) => reference.clone(),
+                    _ => {
+                        return Err(invalid(format!(
+                    "Parameters.parameter[{index}] ({name}) has a valueReference without reference"
+                )))
+                    }
+                }
+            }
             _ => {
                 return Err(invalid(format!(
                 "Parameters.parameter[{index}] ({name}) must have exactly one primitive value[x]"
@@ -64,6 +74,8 @@ mod tests {
             to_query(body).unwrap(),
             "_type=Patient%2CObservation&_since=2020-01-01T00%3A00%3A00Z"
         );
+        let patients = br#"{"resourceType":"Parameters","parameter":[{"name":"patient","valueReference":{"reference":"Patient/a"}}]}"#;
+        assert_eq!(to_query(patients).unwrap(), "patient=Patient%2Fa");
         assert!(to_query(br#"{"resourceType":"Patient"}"#).is_err());
         assert!(to_query(br#"{"resourceType":"Parameters","parameter":[{"name":"x"}]}"#).is_err());
         assert!(to_query(b"{nope").is_err());

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::export::ExportRequest;
+use crate::source::PatientScope;
 use crate::storage::{ETag, ObjectStore, OutputFile, PutMode, StorageError};
 
 /// The reserved container (or folder) holding job documents and manifests.
@@ -53,6 +54,8 @@ pub struct Job {
     pub transaction_time: DateTime<Utc>,
     /// Storage path of the folder the files go to: `container/{yyyyMMddTHHmmss}-{id}` or a new container.
     pub output_folder: String,
+    /// Whose compartments the export covers.
+    pub scope: PatientScope,
     pub status: JobStatus,
     pub shards: Vec<Shard>,
     pub failure: Option<String>,
@@ -65,6 +68,11 @@ impl Job {
             .iter()
             .filter(|s| s.status == ShardStatus::Done)
             .count()
+    }
+
+    /// When a finished job's files and state are removed.
+    pub fn expires_at(&self, retention: std::time::Duration) -> Option<DateTime<Utc>> {
+        Some(self.completed_at? + chrono::Duration::from_std(retention).ok()?)
     }
 
     pub fn all_shards_done(&self) -> bool {

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OpenFlags};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{ResourceSource, ScanError, ScanRequest, SourceError};
+use super::{PatientScope, ResourceSource, ScanError, ScanRequest, SourceError};
 use crate::storage::StorageError;
 
 const SCHEMA: &str = "
@@ -18,6 +18,14 @@ CREATE TABLE IF NOT EXISTS resources (
     import_run INTEGER NOT NULL,
     json BLOB NOT NULL,
     PRIMARY KEY (type, id)
+);
+CREATE TABLE IF NOT EXISTS history (
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    last_updated INTEGER NOT NULL,
+    superseded_at INTEGER NOT NULL,
+    json BLOB NOT NULL,
+    PRIMARY KEY (type, id, last_updated)
 );
 CREATE TABLE IF NOT EXISTS compartment (
     patient_id TEXT NOT NULL,
@@ -119,31 +127,73 @@ impl ResourceSource for EmbeddedStore {
         rows.collect::<Result<_, _>>().map_err(|e| self.error(e))
     }
 
+    fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        let conn = self.connect()?;
+        conn.query_row(
+            "SELECT json FROM resources WHERE type = ?1 AND id = ?2",
+            params![resource_type, id],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(|e| self.error(e))
+    }
+
+    /// Current versions in the window, then earlier versions that were current at `until`.
     fn scan(
         &self,
         request: &ScanRequest<'_>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), StorageError>,
     ) -> Result<u64, ScanError> {
         let conn = self.connect()?;
-        let mut statement = conn
-            .prepare(
-                "SELECT json FROM resources
-                 WHERE type = ?1 AND last_updated > ?2 AND last_updated <= ?3
-                 ORDER BY id",
-            )
-            .map_err(|e| self.error(e))?;
-        let since = request.since.map(micros).unwrap_or(i64::MIN);
-        let mut rows = statement
-            .query(params![request.resource_type, since, micros(request.until)])
-            .map_err(|e| self.error(e))?;
-        let mut count = 0;
-        while let Some(row) = rows.next().map_err(|e| self.error(e))? {
-            let json = row
-                .get_ref(0)
-                .and_then(|v| Ok(v.as_blob()?))
+        let scope = match request.scope {
+            PatientScope::All => "",
+            PatientScope::AnyPatient => {
+                "AND EXISTS (SELECT 1 FROM compartment c WHERE c.type = ?1 AND c.id = r.id)"
+            }
+            PatientScope::Only(patients) => {
+                conn.execute_batch(
+                    "CREATE TEMP TABLE IF NOT EXISTS scope_patients (id TEXT PRIMARY KEY) WITHOUT ROWID;
+                     DELETE FROM temp.scope_patients;",
+                )
                 .map_err(|e| self.error(e))?;
-            sink(json)?;
-            count += 1;
+                let mut insert = conn
+                    .prepare("INSERT OR IGNORE INTO temp.scope_patients (id) VALUES (?1)")
+                    .map_err(|e| self.error(e))?;
+                for patient in patients {
+                    insert.execute([patient]).map_err(|e| self.error(e))?;
+                }
+                "AND EXISTS (SELECT 1 FROM compartment c WHERE c.type = ?1 AND c.id = r.id
+                             AND c.patient_id IN (SELECT id FROM temp.scope_patients))"
+            }
+        };
+        let queries = [
+            format!(
+                "SELECT r.json FROM resources r
+                 WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 {scope}
+                 ORDER BY r.id"
+            ),
+            format!(
+                "SELECT r.json FROM history r
+                 WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3
+                   AND r.superseded_at > ?3 {scope}
+                 ORDER BY r.id"
+            ),
+        ];
+        let since = request.since.map(micros).unwrap_or(i64::MIN);
+        let mut count = 0;
+        for query in queries {
+            let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
+            let mut rows = statement
+                .query(params![request.resource_type, since, micros(request.until)])
+                .map_err(|e| self.error(e))?;
+            while let Some(row) = rows.next().map_err(|e| self.error(e))? {
+                let json = row
+                    .get_ref(0)
+                    .and_then(|v| Ok(v.as_blob()?))
+                    .map_err(|e| self.error(e))?;
+                sink(json)?;
+                count += 1;
+            }
         }
         Ok(count)
     }

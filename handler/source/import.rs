@@ -521,6 +521,19 @@ impl<'c> Importer<'c> {
         if self.current_hash(&resource_type, &id)? == Some(hash) {
             return Ok(());
         }
+        // The version exports taken before now may still need: kept, valid until this one's time.
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO history (type, id, last_updated, superseded_at, json)
+                 SELECT type, id, last_updated, ?3, json FROM resources
+                 WHERE type = ?1 AND id = ?2 AND import_run != ?4",
+            )?
+            .execute(params![resource_type, id, micros(last_updated), self.run])?;
+        self.conn
+            .prepare_cached(
+                "DELETE FROM history WHERE type = ?1 AND id = ?2 AND last_updated >= ?3",
+            )?
+            .execute(params![resource_type, id, micros(last_updated)])?;
         self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO resources (type, id, last_updated, content_hash, import_run, json)

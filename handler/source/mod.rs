@@ -4,10 +4,23 @@ pub mod embedded;
 pub mod import;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::storage::StorageError;
 
 pub use embedded::EmbeddedStore;
+
+/// Which patients' compartments a scan is limited to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PatientScope {
+    /// No limit (system level).
+    All,
+    /// Resources in any patient's compartment (Patient level).
+    AnyPatient,
+    /// Resources in these patients' compartments (Group level, `patient`).
+    Only(Vec<String>),
+}
 
 /// One slice of resources to read: a type, within a `meta.lastUpdated` window.
 #[derive(Debug, Clone)]
@@ -17,6 +30,7 @@ pub struct ScanRequest<'a> {
     pub since: Option<DateTime<Utc>>,
     /// Inclusive upper bound: the export's `transactionTime`, or `_until` when earlier.
     pub until: DateTime<Utc>,
+    pub scope: &'a PatientScope,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +61,9 @@ pub enum ScanError {
 pub trait ResourceSource: Send + Sync {
     /// The resource types that hold at least one resource, with their counts, sorted by name.
     fn resource_types(&self) -> Result<Vec<(String, u64)>, SourceError>;
+
+    /// One resource's stored JSON.
+    fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError>;
 
     /// Streams each matching resource, as its stored JSON bytes, to `sink`; returns how many.
     fn scan(

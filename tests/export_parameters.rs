@@ -1,0 +1,422 @@
+//! Levels and parameters over real HTTP: Patient and Group exports, `patient`, `_typeFilter`,
+//! `_elements`, the `transactionTime` snapshot, Expires, exactly-once across compartments.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+
+use common::*;
+use fhir_export::source::{import, EmbeddedStore};
+use serde_json::Value;
+
+type Keys = BTreeSet<(String, String)>;
+
+fn keys_of(files: &[(String, String, Vec<String>)]) -> Keys {
+    let mut keys = BTreeSet::new();
+    for (_, url, lines) in files {
+        for line in lines {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            let key = (
+                resource["resourceType"].as_str().unwrap().to_string(),
+                resource["id"].as_str().unwrap().to_string(),
+            );
+            assert!(keys.insert(key.clone()), "{key:?} twice (again in {url})");
+        }
+    }
+    keys
+}
+
+fn compartment_members(store: &Path) -> Keys {
+    let conn = rusqlite::Connection::open(store).unwrap();
+    let mut statement = conn
+        .prepare("SELECT DISTINCT type, id FROM compartment WHERE type != 'Group'")
+        .unwrap();
+    let rows = statement
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+async fn post_kickoff(client: &reqwest::Client, url: &str, body: &str) -> reqwest::Response {
+    client
+        .post(url)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn patients_body(ids: &[&str]) -> String {
+    let parameters: Vec<Value> = ids
+        .iter()
+        .map(|id| serde_json::json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}}))
+        .collect();
+    serde_json::json!({"resourceType": "Parameters", "parameter": parameters}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_and_group_exports_of_the_sample_hold_every_compartment_resource_once() {
+    let store = sample_store();
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let expected = compartment_members(&store);
+    assert!(expected.len() > 37_000, "{}", expected.len());
+
+    let patient_level = keys_of(
+        &download_all(
+            &client,
+            &export(&client, &format!("{}/Patient/$export", server.base)).await,
+        )
+        .await,
+    );
+    assert_eq!(patient_level, expected);
+    assert!(!patient_level
+        .iter()
+        .any(|(t, _)| t == "Organization" || t == "Group" || t == "Practitioner"));
+
+    let group = "d9f31445-f448-48c0-af57-295c005e07df";
+    let group_level = keys_of(
+        &download_all(
+            &client,
+            &export(&client, &format!("{}/Group/{group}/$export", server.base)).await,
+        )
+        .await,
+    );
+    assert_eq!(group_level, expected);
+
+    let response = kickoff(
+        &client,
+        &format!("{}/Group/no-such-group/$export", server.base),
+    )
+    .await;
+    assert_eq!(response.status(), 404);
+    let outcome: Value = response.json().await.unwrap();
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("Group/no-such-group"));
+    let response = kickoff(
+        &client,
+        &format!("{}/Patient/$export?_type=Organization", server.base),
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+}
+
+/// Two patients, one Observation in both compartments, a Group of `a`, an empty Group.
+fn small_store(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("small.ndjson");
+    std::fs::write(
+        &data,
+        [
+            r#"{"resourceType":"Patient","id":"a","gender":"female","name":[{"family":"Ames"}],"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            r#"{"resourceType":"Patient","id":"b","gender":"male","name":[{"family":"Boyd"}],"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            r#"{"resourceType":"Observation","id":"oa","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/a"},"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            r#"{"resourceType":"Observation","id":"ob","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"2339-0"}]},"subject":{"reference":"Patient/b"},"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            r#"{"resourceType":"Observation","id":"both","status":"amended","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/a"},"performer":[{"reference":"Patient/b"}],"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            r#"{"resourceType":"Organization","id":"org","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            r#"{"resourceType":"Group","id":"ga","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/a"}}],"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            r#"{"resourceType":"Group","id":"empty","type":"person","actual":true,"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let path = dir.join("small.db");
+    let report = import::import(&EmbeddedStore::open(&path).unwrap(), &[data]).unwrap();
+    assert!(report.failed.is_empty());
+    path
+}
+
+fn keys(list: &[(&str, &str)]) -> Keys {
+    list.iter()
+        .map(|(t, i)| (t.to_string(), i.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_and_the_patient_parameter_limit_the_compartments() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = small_store(dir.path());
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let base = &server.base;
+    let exported = |manifest: Value| {
+        let client = client.clone();
+        async move { keys_of(&download_all(&client, &manifest).await) }
+    };
+
+    let all = exported(export(&client, &format!("{base}/Patient/$export")).await).await;
+    assert_eq!(
+        all,
+        keys(&[
+            ("Observation", "both"),
+            ("Observation", "oa"),
+            ("Observation", "ob"),
+            ("Patient", "a"),
+            ("Patient", "b")
+        ])
+    );
+    let group_a = exported(export(&client, &format!("{base}/Group/ga/$export")).await).await;
+    assert_eq!(
+        group_a,
+        keys(&[
+            ("Observation", "both"),
+            ("Observation", "oa"),
+            ("Patient", "a")
+        ])
+    );
+    let empty = export(&client, &format!("{base}/Group/empty/$export")).await;
+    assert_eq!(
+        empty["output"],
+        serde_json::json!([]),
+        "an empty group exports nothing"
+    );
+
+    let response = post_kickoff(
+        &client,
+        &format!("{base}/Patient/$export"),
+        &patients_body(&["b"]),
+    )
+    .await;
+    assert_eq!(response.status(), 202);
+    let only_b = exported(
+        wait_for_manifest(
+            &client,
+            response.headers()["content-location"].to_str().unwrap(),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        only_b,
+        keys(&[
+            ("Observation", "both"),
+            ("Observation", "ob"),
+            ("Patient", "b")
+        ])
+    );
+
+    for (url, body, mention) in [
+        (
+            format!("{base}/Group/ga/$export"),
+            patients_body(&["b"]),
+            "not a member of Group/ga",
+        ),
+        (
+            format!("{base}/Patient/$export"),
+            patients_body(&["nobody"]),
+            "Patient/nobody is not known",
+        ),
+        (
+            format!("{base}/$export"),
+            patients_body(&["a"]),
+            "only allowed on Patient and Group",
+        ),
+    ] {
+        let response = post_kickoff(&client, &url, &body).await;
+        assert_eq!(response.status(), 400, "{url}");
+        let outcome: Value = response.json().await.unwrap();
+        let text = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(text.contains(mention), "{url}: {text}");
+        assert_eq!(outcome["issue"][0]["expression"][0], "patient");
+    }
+    let response = kickoff(
+        &client,
+        &format!("{base}/Patient/$export?patient=Patient/a"),
+    )
+    .await;
+    assert_eq!(response.status(), 400, "patient by GET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_filters_and_elements_shape_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = small_store(dir.path());
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let base = &server.base;
+
+    let filter = "Observation%3Fcode%3Dhttp%3A%2F%2Floinc.org%7C8867-4%26status%3Dfinal,Observation%3Fcode%3D2339-0";
+    let manifest = export(
+        &client,
+        &format!("{base}/$export?_type=Observation,Patient&_typeFilter={filter}"),
+    )
+    .await;
+    let filtered = keys_of(&download_all(&client, &manifest).await);
+    assert_eq!(
+        filtered,
+        keys(&[
+            ("Observation", "oa"),
+            ("Observation", "ob"),
+            ("Patient", "a"),
+            ("Patient", "b")
+        ])
+    );
+
+    let manifest = export(
+        &client,
+        &format!("{base}/$export?_typeFilter=Patient%3Fgender%3Dfemale&_type=Patient"),
+    )
+    .await;
+    assert_eq!(
+        keys_of(&download_all(&client, &manifest).await),
+        keys(&[("Patient", "a")])
+    );
+
+    let manifest = export(
+        &client,
+        &format!("{base}/$export?_type=Patient,Observation&_elements=Patient.gender,id"),
+    )
+    .await;
+    for (resource_type, _, lines) in download_all(&client, &manifest).await {
+        for line in lines {
+            let resource: Value = serde_json::from_str(&line).unwrap();
+            let mut fields: Vec<&str> = resource
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            fields.sort();
+            let expected: &[&str] = if resource_type == "Patient" {
+                &["gender", "id", "meta", "resourceType"]
+            } else {
+                &["code", "id", "meta", "resourceType", "status"]
+            };
+            assert_eq!(fields, expected, "{line}");
+            assert_eq!(resource["meta"]["tag"][0]["code"], "SUBSETTED");
+        }
+    }
+
+    let response = kickoff(
+        &client,
+        &format!("{base}/$export?_typeFilter=Observation%3Fvalue-quantity%3D5"),
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+    let outcome: Value = response.json().await.unwrap();
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("value-quantity"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_is_a_snapshot_at_transaction_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = small_store(dir.path());
+    let exports = dir.path().join("exports");
+    let client = client();
+    let api_only = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |s| {
+        s.workers = 0
+    })
+    .await;
+    let response = kickoff(&client, &format!("{}/$export?_type=Patient", api_only.base)).await;
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let old_base = api_only.base.clone();
+    drop(api_only);
+
+    // After kickoff: patient a changes, patient c appears.
+    let later = dir.path().join("later.ndjson");
+    std::fs::write(
+        &later,
+        "{\"resourceType\":\"Patient\",\"id\":\"a\",\"gender\":\"unknown\"}\n{\"resourceType\":\"Patient\",\"id\":\"c\"}\n",
+    )
+    .unwrap();
+    let report = import::import(&EmbeddedStore::open(&store).unwrap(), &[later]).unwrap();
+    assert_eq!((report.created, report.updated), (1, 1));
+
+    let server = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |_| {}).await;
+    let status_url = status_url.replace(&old_base, &server.base);
+    let response = client.get(&status_url).send().await.unwrap();
+    let mut manifest = response.status();
+    while manifest == 202 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        manifest = client.get(&status_url).send().await.unwrap().status();
+    }
+    let response = client.get(&status_url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let expires = response.headers()["expires"].to_str().unwrap().to_string();
+    assert!(expires.ends_with(" GMT"), "{expires}");
+    let manifest: Value = serde_json::from_str(
+        &response
+            .text()
+            .await
+            .unwrap()
+            .replace(&old_base, &server.base),
+    )
+    .unwrap();
+    let files = download_all(&client, &manifest).await;
+    let lines: Vec<&String> = files.iter().flat_map(|(_, _, lines)| lines).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(r#""id":"a""#) && l.contains(r#""gender":"female""#)),
+        "a as it was at kickoff: {lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains(r#""id":"c""#)),
+        "c was created after kickoff"
+    );
+
+    let now = kickoff(&client, &format!("{}/$export?_type=Patient", server.base)).await;
+    let manifest =
+        wait_for_manifest(&client, now.headers()["content-location"].to_str().unwrap()).await;
+    let files = download_all(&client, &manifest).await;
+    let lines: Vec<&String> = files.iter().flat_map(|(_, _, lines)| lines).collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines
+        .iter()
+        .any(|l| l.contains(r#""id":"a""#) && l.contains(r#""gender":"unknown""#)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_and_smart_configuration_describe_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&small_store(dir.path()), |_| {}).await;
+    let client = client();
+    let statement: Value = client
+        .get(format!("{}/metadata", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let operations: HashSet<&str> = statement["rest"][0]["operation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        operations,
+        HashSet::from(["export", "patient-export", "group-export"])
+    );
+    let observation = statement["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Observation")
+        .unwrap();
+    assert!(observation["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "code"));
+    let smart = client
+        .get(format!("{}/.well-known/smart-configuration", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(smart.status(), 200);
+    let smart: Value = smart.json().await.unwrap();
+    assert!(smart["capabilities"].is_array());
+}

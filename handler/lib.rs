@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`app`]: the service wired together (settings, source, storage, jobs, queue); the local server.
+//! - [`client`]: `handler export`, a Bulk Data client with progress.
 //! - [`config`]: settings, read and checked once at start-up.
 //! - [`http`]: the warp HTTP API; errors become OperationOutcomes in one place.
 //! - [`export`]: kickoff parameters, planning, the shard worker, the manifest.
@@ -14,6 +15,7 @@
 //! - [`generate`]: synthetic demo data.
 
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod export;
 pub mod fhir;

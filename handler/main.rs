@@ -28,6 +28,8 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Run a Bulk Data export against BASE_URL (this server or any other) and download the files.
+    Export(ExportArgs),
     /// Write a synthetic FHIR R4 population as NDJSON, one file per type.
     Generate {
         #[arg(long)]
@@ -37,6 +39,33 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The FHIR server's base URL (not needed with --resume).
+    #[arg(required_unless_present = "resume")]
+    base_url: Option<String>,
+    /// system, patient or group:ID
+    #[arg(long, default_value = "system")]
+    level: String,
+    /// Resource types (comma list or repeated).
+    #[arg(long = "type", value_delimiter = ',')]
+    types: Vec<String>,
+    /// Only resources changed after this instant (e.g. 2020-01-01T00:00:00Z).
+    #[arg(long)]
+    since: Option<String>,
+    /// A `_typeFilter` query such as `Observation?code=8867-4` (repeatable).
+    #[arg(long = "type-filter")]
+    type_filters: Vec<String>,
+    #[arg(long, default_value = "./out")]
+    out: PathBuf,
+    /// Continue an export that was started before, from its status URL.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Bearer token sent with every request.
+    #[arg(long, env = "FHIR_BEARER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Args)]
@@ -129,6 +158,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve(args),
+        Command::Export(args) => export(args),
+    }
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let options = fhir_export::client::ExportOptions {
+        base_url: args.base_url.unwrap_or_default(),
+        level: args.level,
+        types: args.types,
+        since: args.since,
+        type_filters: args.type_filters,
+        out: args.out,
+        resume: args.resume,
+        bearer_token: args.token,
+    };
+    let out = options.out.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(fhir_export::client::run(options)) {
+        Ok(summary) => {
+            let seconds = summary.elapsed.as_secs_f64();
+            println!(
+                "exported {} resources in {} files, {:.1} MB, in {seconds:.2} s ({:.0} resources/s) into {}",
+                summary.resources,
+                summary.files,
+                summary.bytes as f64 / 1e6,
+                summary.resources as f64 / seconds.max(1e-9),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error @ fhir_export::client::ClientError::Interrupted(_)) => {
+            println!("{error}");
+            Ok(ExitCode::from(130))
+        }
+        Err(fhir_export::client::ClientError::Other(error)) => Err(error),
     }
 }
 

@@ -96,6 +96,17 @@ pub async fn start_with_exports(
     dir: TempDir,
     tune: impl FnOnce(&mut Settings),
 ) -> Server {
+    start_at(store, exports, dir, 0, tune).await
+}
+
+/// As `start_with_exports`, on a given port (0: any free one).
+pub async fn start_at(
+    store: &Path,
+    exports: &Path,
+    dir: TempDir,
+    port: u16,
+    tune: impl FnOnce(&mut Settings),
+) -> Server {
     let exports = exports.to_path_buf();
     let mut settings = Settings {
         source: SourceSetting::Sqlite(store.to_path_buf()),
@@ -104,7 +115,9 @@ pub async fn start_with_exports(
     };
     tune(&mut settings);
     let (app, receiver) = App::open_local(settings).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve_local(app, receiver, listener, async move {

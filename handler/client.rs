@@ -1,0 +1,386 @@
+//! `handler export`: a Bulk Data client for this server or any other. Kickoff, polling that honours
+//! `Retry-After` with a progress bar fed by `X-Progress`, parallel downloads with retries, a count
+//! check per file, and a summary. Interrupted, it prints the status URL to resume with.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::{stream, StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::{header, StatusCode};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+/// Downloads in flight at once.
+const PARALLEL_DOWNLOADS: usize = 4;
+const DOWNLOAD_ATTEMPTS: u32 = 4;
+
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    pub base_url: String,
+    /// `system`, `patient` or `group:ID`.
+    pub level: String,
+    pub types: Vec<String>,
+    pub since: Option<String>,
+    pub type_filters: Vec<String>,
+    pub out: PathBuf,
+    pub resume: Option<String>,
+    pub bearer_token: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub files: usize,
+    pub resources: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// What ended a run without a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("interrupted; resume with: handler export --resume {0} --out <DIR>")]
+    Interrupted(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub async fn run(options: ExportOptions) -> Result<Summary, ClientError> {
+    let started = Instant::now();
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .user_agent(concat!("fhir-export/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("HTTP client")?;
+    let status_url = match &options.resume {
+        Some(url) => url.clone(),
+        None => kickoff(&client, &options).await?,
+    };
+    eprintln!("status: {status_url}");
+    let manifest = tokio::select! {
+        manifest = poll(&client, &options, &status_url) => manifest?,
+        _ = tokio::signal::ctrl_c() => return Err(ClientError::Interrupted(status_url)),
+    };
+    let mut summary = tokio::select! {
+        summary = download_all(&client, &options, &manifest) => summary?,
+        _ = tokio::signal::ctrl_c() => return Err(ClientError::Interrupted(status_url)),
+    };
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn authorized(
+    request: reqwest::RequestBuilder,
+    options: &ExportOptions,
+) -> reqwest::RequestBuilder {
+    match &options.bearer_token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
+}
+
+/// The kickoff URL and query for the options.
+pub fn kickoff_url(options: &ExportOptions) -> anyhow::Result<String> {
+    let base = options.base_url.trim_end_matches('/');
+    let path = match options.level.as_str() {
+        "system" | "" => "$export".to_string(),
+        "patient" => "Patient/$export".to_string(),
+        level => match level.strip_prefix("group:") {
+            Some(id) if !id.is_empty() => format!("Group/{id}/$export"),
+            _ => bail!("--level must be system, patient or group:ID (got {level:?})"),
+        },
+    };
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    if !options.types.is_empty() {
+        query.append_pair("_type", &options.types.join(","));
+    }
+    if let Some(since) = &options.since {
+        query.append_pair("_since", since);
+    }
+    for filter in &options.type_filters {
+        query.append_pair("_typeFilter", filter);
+    }
+    let query = query.finish();
+    Ok(if query.is_empty() {
+        format!("{base}/{path}")
+    } else {
+        format!("{base}/{path}?{query}")
+    })
+}
+
+async fn kickoff(client: &reqwest::Client, options: &ExportOptions) -> anyhow::Result<String> {
+    let url = kickoff_url(options)?;
+    let request = client
+        .get(&url)
+        .header(header::ACCEPT, "application/fhir+json")
+        .header("Prefer", "respond-async");
+    let response = authorized(request, options)
+        .send()
+        .await
+        .with_context(|| format!("kickoff {url}"))?;
+    if response.status() != StatusCode::ACCEPTED {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        bail!("kickoff refused ({status}): {}", outcome_text(&body));
+    }
+    let location = response
+        .headers()
+        .get(header::CONTENT_LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .context("kickoff answered 202 without Content-Location")?;
+    Ok(location.to_string())
+}
+
+/// The diagnostics of an OperationOutcome body, or the body itself.
+fn outcome_text(body: &str) -> String {
+    let diagnostics: Vec<String> = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("issue").and_then(Value::as_array).cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|issue| {
+            issue
+                .get("diagnostics")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect();
+    if diagnostics.is_empty() {
+        body.chars().take(500).collect()
+    } else {
+        diagnostics.join("; ")
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date, within 0.2 s to 5 minutes.
+fn retry_after(headers: &header::HeaderMap) -> Duration {
+    let value = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("1");
+    let wait = match value.trim().parse::<f64>() {
+        Ok(seconds) => Duration::from_secs_f64(seconds.max(0.0)),
+        Err(_) => chrono::DateTime::parse_from_rfc2822(value)
+            .ok()
+            .and_then(|at| {
+                (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                    .to_std()
+                    .ok()
+            })
+            .unwrap_or(Duration::from_secs(1)),
+    };
+    wait.clamp(Duration::from_millis(200), Duration::from_secs(300))
+}
+
+async fn poll(
+    client: &reqwest::Client,
+    options: &ExportOptions,
+    status_url: &str,
+) -> anyhow::Result<Value> {
+    let bar = ProgressBar::new(100);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} exporting [{bar:30}] {pos:>3}% {msg} ({elapsed})")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let mut transient_failures = 0;
+    loop {
+        let response = match authorized(client.get(status_url), options).send().await {
+            Ok(response) => response,
+            Err(error) if transient_failures < 5 => {
+                transient_failures += 1;
+                bar.set_message(format!("retrying: {error}"));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(error) => return Err(error).context(format!("polling {status_url}")),
+        };
+        match response.status() {
+            StatusCode::OK => {
+                bar.set_position(100);
+                bar.finish_with_message("done");
+                return response.json().await.context("the manifest is not JSON");
+            }
+            StatusCode::ACCEPTED => {
+                let progress = response
+                    .headers()
+                    .get("x-progress")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                if let Some(percent) = progress
+                    .split('%')
+                    .next()
+                    .and_then(|p| p.trim().parse::<u64>().ok())
+                {
+                    bar.set_position(percent.min(100));
+                }
+                bar.set_message(progress);
+                tokio::time::sleep(retry_after(response.headers())).await;
+            }
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                tokio::time::sleep(retry_after(response.headers())).await;
+            }
+            status => {
+                bar.abandon();
+                let body = response.text().await.unwrap_or_default();
+                bail!("the export failed ({status}): {}", outcome_text(&body));
+            }
+        }
+    }
+}
+
+async fn download_all(
+    client: &reqwest::Client,
+    options: &ExportOptions,
+    manifest: &Value,
+) -> anyhow::Result<Summary> {
+    tokio::fs::create_dir_all(&options.out)
+        .await
+        .with_context(|| format!("creating {}", options.out.display()))?;
+    let mut files: Vec<(String, u64)> = Vec::new();
+    for section in ["output", "error"] {
+        for item in manifest
+            .get(section)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let url = item
+                .get("url")
+                .and_then(Value::as_str)
+                .context("a manifest entry without url")?;
+            files.push((
+                url.to_string(),
+                item.get("count").and_then(Value::as_u64).unwrap_or(0),
+            ));
+        }
+    }
+    let needs_token = manifest
+        .get("requiresAccessToken")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let expected_total: u64 = files.iter().map(|(_, count)| count).sum();
+    let bar = ProgressBar::new(expected_total.max(1));
+    bar.set_style(
+        ProgressStyle::with_template("  download [{bar:30}] {pos}/{len} resources, {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let results: Vec<(u64, u64)> = stream::iter(files.iter())
+        .map(|(url, count)| {
+            let bar = bar.clone();
+            async move {
+                let (lines, bytes) =
+                    download_with_retries(client, options, needs_token, url, &options.out).await?;
+                if *count != 0 && lines != *count {
+                    bail!("{url}: {lines} lines, but the manifest says {count}");
+                }
+                bar.inc(lines);
+                Ok((lines, bytes))
+            }
+        })
+        .buffer_unordered(PARALLEL_DOWNLOADS)
+        .try_collect()
+        .await?;
+    bar.finish_with_message("done");
+    Ok(Summary {
+        files: results.len(),
+        resources: results.iter().map(|(lines, _)| lines).sum(),
+        bytes: results.iter().map(|(_, bytes)| bytes).sum(),
+        elapsed: Duration::ZERO,
+    })
+}
+
+/// Downloads one file into `out`; returns (lines, bytes).
+async fn download_with_retries(
+    client: &reqwest::Client,
+    options: &ExportOptions,
+    needs_token: bool,
+    url: &str,
+    out: &Path,
+) -> anyhow::Result<(u64, u64)> {
+    let name = url
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty() && *n != ".." && *n != ".")
+        .context("a file URL without a name")?;
+    let target = out.join(name);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match download(client, options, needs_token, url, &target).await {
+            Ok(result) => return Ok(result),
+            Err(error) if attempt < DOWNLOAD_ATTEMPTS => {
+                tracing::warn!(%url, %error, attempt, "download failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt))).await;
+            }
+            Err(error) => return Err(error.context(format!("downloading {url}"))),
+        }
+    }
+}
+
+async fn download(
+    client: &reqwest::Client,
+    options: &ExportOptions,
+    needs_token: bool,
+    url: &str,
+    target: &Path,
+) -> anyhow::Result<(u64, u64)> {
+    let mut request = client
+        .get(url)
+        .header(header::ACCEPT, "application/fhir+ndjson");
+    if needs_token {
+        request = authorized(request, options);
+    }
+    let response = request.send().await?;
+    if !response.status().is_success() {
+        bail!("HTTP {}", response.status());
+    }
+    let partial = target.with_extension("ndjson.partial");
+    let mut file = tokio::fs::File::create(&partial).await?;
+    let mut body = response.bytes_stream();
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    drop(file);
+    tokio::fs::rename(&partial, target).await?;
+    Ok((lines, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kickoff_urls_by_level() {
+        let mut options = ExportOptions {
+            base_url: "http://h/fhir/".into(),
+            ..Default::default()
+        };
+        assert_eq!(kickoff_url(&options).unwrap(), "http://h/fhir/$export");
+        options.level = "group:g1".into();
+        options.types = vec!["Patient".into(), "Observation".into()];
+        assert_eq!(
+            kickoff_url(&options).unwrap(),
+            "http://h/fhir/Group/g1/$export?_type=Patient%2CObservation"
+        );
+        options.level = "ward".into();
+        assert!(kickoff_url(&options).is_err());
+    }
+
+    #[test]
+    fn retry_after_is_bounded() {
+        let mut headers = header::HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&headers), Duration::from_secs(3));
+        headers.insert(header::RETRY_AFTER, "0".parse().unwrap());
+        assert_eq!(retry_after(&headers), Duration::from_millis(200));
+    }
+}

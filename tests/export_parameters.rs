@@ -420,3 +420,34 @@ async fn metadata_and_smart_configuration_describe_the_service() {
     let smart: Value = smart.json().await.unwrap();
     assert!(smart["capabilities"].is_array());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ndjson_spelling_and_the_till_alias_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&small_store(dir.path()), |_| {}).await;
+    let client = client();
+    for format in ["application/fhir%2Bndjson", "application/ndjson", "ndjson"] {
+        let manifest = export(
+            &client,
+            &format!(
+                "{}/$export?_type=Patient&_outputFormat={format}&_till=2021-01-01T00:00:00Z",
+                server.base
+            ),
+        )
+        .await;
+        assert_eq!(
+            keys_of(&download_all(&client, &manifest).await),
+            keys(&[("Patient", "a"), ("Patient", "b")]),
+            "{format}"
+        );
+    }
+    let response = kickoff(
+        &client,
+        &format!(
+            "{}/$export?_till=2021-01-01T00:00:00Z&_until=2021-01-01T00:00:00Z",
+            server.base
+        ),
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+}

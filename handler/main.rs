@@ -249,6 +249,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         println!("fhir-export serving {} resources at {base}", store.count()?);
         println!("  kick off:  curl -i -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' '{base}/$export'");
         println!("  then poll the Content-Location URL it answers until 200 gives the manifest");
+        println!("  or export with the client:  cargo run --release -- export {base} --out ./out");
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::{Settings, SourceSetting, StorageSetting};
-use crate::export::{worker, ExportError, ShardMessage};
+use crate::export::{enqueue_shards, worker, ExportError};
 use crate::jobs::{Change, JobStatus, JobStore, ShardStatus};
 use crate::queue::{spawn_workers, InProcessQueue, QueueReceiver, WorkQueue};
 use crate::source::{EmbeddedStore, ResourceSource};
@@ -75,14 +75,7 @@ impl App {
             if unfinished.is_empty() {
                 worker::finalize(self, &id).await?;
             } else {
-                let messages = unfinished
-                    .into_iter()
-                    .map(|shard| ShardMessage {
-                        job_id: id.clone(),
-                        shard,
-                    })
-                    .collect();
-                self.queue.enqueue(messages).await?;
+                enqueue_shards(self.queue.as_ref(), &id, unfinished).await?;
             }
         }
         Ok(resumed)

@@ -409,26 +409,6 @@ async fn cancel_removes_files_and_later_polls_are_404() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metadata_declares_the_bulk_data_export() {
-    let store = sample_store();
-    let server = start(&store, |_| {}).await;
-    let statement: Value = client()
-        .get(format!("{}/metadata", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(statement["resourceType"], "CapabilityStatement");
-    assert_eq!(
-        statement["instantiates"][0],
-        "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
-    );
-    assert_eq!(statement["rest"][0]["operation"][0]["name"], "export");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_parameter_puts_files_in_a_new_folder_of_that_container() {
     let store = sample_store();
     let server = start(&store, |_| {}).await;

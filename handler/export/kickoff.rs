@@ -4,7 +4,7 @@ use chrono::Utc;
 use serde_json::Value;
 
 use super::request::is_patient_level_type;
-use super::{worker, ExportError, ExportRequest, Level, RequestError, ShardMessage};
+use super::{enqueue_shards, worker, ExportError, ExportRequest, Level, RequestError};
 use crate::app::App;
 use crate::fhir::compartment::patient_id_of;
 use crate::jobs::{new_job_id, Job, JobStatus, Shard, ShardStatus};
@@ -74,13 +74,7 @@ pub async fn start(
     if job.shards.is_empty() {
         worker::finalize(app, &id).await?;
     } else {
-        let messages = (0..job.shards.len())
-            .map(|shard| ShardMessage {
-                job_id: id.clone(),
-                shard,
-            })
-            .collect();
-        app.queue.enqueue(messages).await?;
+        enqueue_shards(app.queue.as_ref(), &id, 0..job.shards.len()).await?;
     }
     Ok(job)
 }

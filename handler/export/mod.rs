@@ -17,6 +17,22 @@ pub struct ShardMessage {
     pub shard: usize,
 }
 
+/// Queues the given shards of a job.
+pub async fn enqueue_shards(
+    queue: &dyn crate::queue::WorkQueue,
+    job_id: &str,
+    shards: impl IntoIterator<Item = usize>,
+) -> Result<(), crate::queue::QueueClosed> {
+    let messages = shards
+        .into_iter()
+        .map(|shard| ShardMessage {
+            job_id: job_id.to_string(),
+            shard,
+        })
+        .collect();
+    queue.enqueue(messages).await
+}
+
 /// Everything that can stop an export operation; mapped to HTTP in `http::error`.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {

@@ -244,9 +244,12 @@ async fn kickoff_export(app: &App, request: &Request, level: Level) -> Result<Re
     Ok(response)
 }
 
+fn unknown_job(id: &str) -> ApiError {
+    ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"))
+}
+
 async fn status(app: &App, id: &str) -> Result<Response, ApiError> {
-    let unknown =
-        || ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"));
+    let unknown = || unknown_job(id);
     if !is_job_id(id) {
         return Err(unknown());
     }
@@ -286,8 +289,7 @@ async fn status(app: &App, id: &str) -> Result<Response, ApiError> {
 }
 
 async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
-    let unknown =
-        || ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"));
+    let unknown = || unknown_job(id);
     if !is_job_id(id) {
         return Err(unknown());
     }

@@ -12,7 +12,7 @@
 //! - [`jobs`]: job documents on storage, changed by compare-and-swap.
 //! - [`queue`]: the `WorkQueue` trait; the in-process queue and worker pool.
 //! - [`fhir`]: resource types, the Patient compartment, OperationOutcome.
-//! - [`generate`]: synthetic demo data.
+//! - [`generate`]: synthetic demo data; [`synth`]: N rewritten copies of a dataset.
 
 pub mod app;
 pub mod client;
@@ -25,3 +25,4 @@ pub mod jobs;
 pub mod queue;
 pub mod source;
 pub mod storage;
+pub mod synth;

@@ -30,6 +30,15 @@ enum Command {
     },
     /// Run a Bulk Data export against BASE_URL (this server or any other) and download the files.
     Export(ExportArgs),
+    /// Write N copies of a dataset, every id and reference rewritten per copy, as NDJSON per type.
+    Synth {
+        #[arg(long, required = true)]
+        from: Vec<PathBuf>,
+        #[arg(long)]
+        copies: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a synthetic FHIR R4 population as NDJSON, one file per type.
     Generate {
         #[arg(long)]
@@ -152,6 +161,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let summary = fhir_export::generate::write_ndjson(patients, seed, &out)?;
             println!(
                 "{summary} in {:.2} s, in {}",
+                started.elapsed().as_secs_f64(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Synth { from, copies, out } => {
+            let started = Instant::now();
+            let summary = fhir_export::synth::synth(&from, copies, &out)?;
+            println!(
+                "wrote {} resources ({:.1} MB) in {} types in {:.2} s into {}",
+                summary.resources,
+                summary.bytes as f64 / 1e6,
+                summary.per_type.len(),
                 started.elapsed().as_secs_f64(),
                 out.display()
             );

@@ -317,6 +317,13 @@ fn input_error(line: Option<u64>, message: impl Into<String>) -> Failure {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+struct CurrentRow {
+    hash: i64,
+    last_updated: i64,
+    run: i64,
+}
+
 struct Importer<'c> {
     conn: &'c Connection,
     urns: HashMap<String, String>,
@@ -332,7 +339,7 @@ impl<'c> Importer<'c> {
     ) -> rusqlite::Result<Self> {
         conn.execute_batch(
             "CREATE TEMP TABLE IF NOT EXISTS before_run (
-                 type TEXT NOT NULL, id TEXT NOT NULL, content_hash INTEGER, last_updated INTEGER,
+                 type TEXT NOT NULL, id TEXT NOT NULL, content_hash INTEGER NOT NULL, last_updated INTEGER NOT NULL,
                  PRIMARY KEY (type, id)) WITHOUT ROWID;
              DELETE FROM temp.before_run;",
         )?;
@@ -358,24 +365,21 @@ impl<'c> Importer<'c> {
         for (urn, reference) in &self.urns {
             insert.execute(params![urn, reference])?;
         }
-        let (created, updated, unchanged): (i64, i64, i64) = self.conn.query_row(
-            "SELECT coalesce(sum(b.content_hash IS NULL), 0),
-                    coalesce(sum(b.content_hash != r.content_hash), 0),
-                    coalesce(sum(b.content_hash = r.content_hash), 0)
+        let created: i64 = self.conn.query_row(
+            "SELECT count(*) FROM resources r WHERE r.import_run = ?1
+             AND NOT EXISTS (SELECT 1 FROM temp.before_run b WHERE b.type = r.type AND b.id = r.id)",
+            [self.run],
+            |row| row.get(0),
+        )?;
+        let (updated, unchanged): (i64, i64) = self.conn.query_row(
+            "SELECT coalesce(sum(b.content_hash != r.content_hash), 0), coalesce(sum(b.content_hash = r.content_hash), 0)
              FROM temp.before_run b JOIN resources r USING (type, id)",
             [],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
         (report.created, report.updated, report.unchanged) =
             (created as u64, updated as u64, unchanged as u64);
         self.conn.execute_batch("DELETE FROM temp.before_run")
-    }
-
-    fn current_hash(&self, resource_type: &str, id: &str) -> rusqlite::Result<Option<i64>> {
-        self.conn
-            .prepare_cached("SELECT content_hash FROM resources WHERE type = ?1 AND id = ?2")?
-            .query_row(params![resource_type, id], |r| r.get(0))
-            .optional()
     }
 
     fn import_file(&mut self, file: &InputFile, counts: &mut Counts) -> Result<(), Failure> {
@@ -510,7 +514,8 @@ impl<'c> Importer<'c> {
         let hash = xxhash_rust::xxh3::xxh3_64(&content) as i64;
         counts.read += 1;
 
-        let previous = self.state_before_run(&resource_type, &id)?;
+        let current = self.current_row(&resource_type, &id)?;
+        let previous = self.state_before_run(&resource_type, &id, current)?;
         let (last_updated, json) = match (stated, previous) {
             (Some(stated), _) => (stated, content),
             (None, Some((prev_hash, prev_updated))) if prev_hash == hash => {
@@ -518,17 +523,34 @@ impl<'c> Importer<'c> {
             }
             (None, _) => (self.import_time, with_last_updated(value, self.import_time)),
         };
-        if self.current_hash(&resource_type, &id)? == Some(hash) {
+        let Some(current) = current else {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    resource_type,
+                    id,
+                    micros(last_updated),
+                    hash,
+                    self.run,
+                    json
+                ])?;
+            return self.insert_compartments(&resource_type, &id, &patients);
+        };
+        if current.hash == hash {
             return Ok(());
         }
-        // The version exports taken before now may still need: kept, valid until this one's time.
-        self.conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO history (type, id, last_updated, superseded_at, json)
-                 SELECT type, id, last_updated, ?3, json FROM resources
-                 WHERE type = ?1 AND id = ?2 AND import_run != ?4",
-            )?
-            .execute(params![resource_type, id, micros(last_updated), self.run])?;
+        if current.run != self.run {
+            // The version exports taken before now may still need: kept, valid until this one's time.
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO history (type, id, last_updated, superseded_at, json)
+                     SELECT type, id, last_updated, ?3, json FROM resources WHERE type = ?1 AND id = ?2",
+                )?
+                .execute(params![resource_type, id, micros(last_updated)])?;
+        }
         self.conn
             .prepare_cached(
                 "DELETE FROM history WHERE type = ?1 AND id = ?2 AND last_updated >= ?3",
@@ -536,13 +558,22 @@ impl<'c> Importer<'c> {
             .execute(params![resource_type, id, micros(last_updated)])?;
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO resources (type, id, last_updated, content_hash, import_run, json)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "UPDATE resources SET last_updated = ?3, content_hash = ?4, import_run = ?5, json = ?6
+                 WHERE type = ?1 AND id = ?2",
             )?
             .execute(params![resource_type, id, micros(last_updated), hash, self.run, json])?;
         self.conn
             .prepare_cached("DELETE FROM compartment WHERE type = ?1 AND id = ?2")?
             .execute(params![resource_type, id])?;
+        self.insert_compartments(&resource_type, &id, &patients)
+    }
+
+    fn insert_compartments(
+        &self,
+        resource_type: &str,
+        id: &str,
+        patients: &[String],
+    ) -> Result<(), Failure> {
         let mut insert = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO compartment (patient_id, type, id) VALUES (?1, ?2, ?3)",
         )?;
@@ -552,34 +583,34 @@ impl<'c> Importer<'c> {
         Ok(())
     }
 
+    fn current_row(&self, resource_type: &str, id: &str) -> rusqlite::Result<Option<CurrentRow>> {
+        self.conn
+            .prepare_cached("SELECT content_hash, last_updated, import_run FROM resources WHERE type = ?1 AND id = ?2")?
+            .query_row(params![resource_type, id], |r| {
+                Ok(CurrentRow { hash: r.get(0)?, last_updated: r.get(1)?, run: r.get(2)? })
+            })
+            .optional()
+    }
+
     /// The resource's content hash and `lastUpdated` as the store held them before this import.
+    /// Rows this import created have no entry: they were absent before.
     fn state_before_run(
         &self,
         resource_type: &str,
         id: &str,
+        current: Option<CurrentRow>,
     ) -> rusqlite::Result<Option<(i64, DateTime<Utc>)>> {
-        let current: Option<(i64, i64, i64)> = self
-            .conn
-            .prepare_cached("SELECT content_hash, last_updated, import_run FROM resources WHERE type = ?1 AND id = ?2")?
-            .query_row(params![resource_type, id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
         let state = match current {
-            None => {
-                self.remember_before_run(resource_type, id, None)?;
-                None
-            }
-            Some((hash, updated, run)) if run != self.run => {
-                self.remember_before_run(resource_type, id, Some((hash, updated)))?;
-                Some((hash, updated))
+            None => None,
+            Some(row) if row.run != self.run => {
+                self.remember_before_run(resource_type, id, (row.hash, row.last_updated))?;
+                Some((row.hash, row.last_updated))
             }
             Some(_) => self
                 .conn
                 .prepare_cached("SELECT content_hash, last_updated FROM temp.before_run WHERE type = ?1 AND id = ?2")?
-                .query_row(params![resource_type, id], |r| {
-                    Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?))
-                })
-                .optional()?
-                .flatten(),
+                .query_row(params![resource_type, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?,
         };
         Ok(state.map(|(hash, updated)| {
             (
@@ -593,11 +624,13 @@ impl<'c> Importer<'c> {
         &self,
         resource_type: &str,
         id: &str,
-        state: Option<(i64, i64)>,
+        state: (i64, i64),
     ) -> rusqlite::Result<()> {
         self.conn
-            .prepare_cached("INSERT OR IGNORE INTO temp.before_run (type, id, content_hash, last_updated) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![resource_type, id, state.map(|s| s.0), state.map(|s| s.1)])?;
+            .prepare_cached(
+                "INSERT OR IGNORE INTO temp.before_run (type, id, content_hash, last_updated) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![resource_type, id, state.0, state.1])?;
         Ok(())
     }
 

@@ -272,3 +272,70 @@ fn generated_demo_data_imports_cleanly_with_every_reference_resolving() {
         );
     }
 }
+
+#[test]
+fn synth_copies_rewrite_every_id_and_reference_and_keep_compartments() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = fhir_export::generate::write_ndjson(20, 5, &dir.path().join("demo")).unwrap();
+    let (ok, stdout, stderr) = handler(
+        &["synth", "--from", "demo", "--copies", "3", "--out", "x3"],
+        dir.path(),
+    );
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("wrote {} resources", 3 * generated.total())),
+        "{stdout}"
+    );
+    for (db, data) in [("one.db", "demo"), ("three.db", "x3")] {
+        let (ok, stdout, stderr) = handler(&["import", data, "--store", db], dir.path());
+        assert!(ok, "{stdout}{stderr}");
+    }
+    let one = stored_resources(&dir.path().join("one.db"));
+    let three = stored_resources(&dir.path().join("three.db"));
+    assert_eq!(three.len(), 3 * one.len());
+    for copy in 1..=3 {
+        for (resource_type, id) in one.keys() {
+            assert!(
+                three.contains_key(&(resource_type.clone(), format!("c{copy}-{id}"))),
+                "{resource_type}/c{copy}-{id}"
+            );
+        }
+    }
+    for json in three.values() {
+        let copy = json
+            .split(r#""id":"c"#)
+            .nth(1)
+            .unwrap()
+            .split('-')
+            .next()
+            .unwrap();
+        for reference in json
+            .split(r#""reference":""#)
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap())
+        {
+            let (resource_type, id) = reference.split_once('/').unwrap();
+            assert!(
+                id.starts_with(&format!("c{copy}-")),
+                "{reference} crosses copies in {json}"
+            );
+            assert!(
+                three.contains_key(&(resource_type.to_string(), id.to_string())),
+                "dangling {reference}"
+            );
+        }
+    }
+    let one = EmbeddedStore::open(dir.path().join("one.db")).unwrap();
+    let three = EmbeddedStore::open(dir.path().join("three.db")).unwrap();
+    assert_eq!(
+        three
+            .compartments_of("Observation", "c2-pat-5-0-enc-0-obs-0")
+            .unwrap(),
+        vec!["c2-pat-5-0".to_string()]
+    );
+    assert_eq!(
+        one.compartments_of("Observation", "pat-5-0-enc-0-obs-0")
+            .unwrap(),
+        vec!["pat-5-0".to_string()]
+    );
+}

@@ -34,7 +34,6 @@ pub async fn start(
     let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
     let shards = present
         .into_iter()
-        .map(|(resource_type, _count)| resource_type)
         .filter(|t| !nobody && (!request.level.is_patient_scoped() || is_patient_level_type(t)))
         .filter(|t| {
             request

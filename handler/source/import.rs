@@ -254,6 +254,8 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     report.files = files.len();
     let urns = collect_urns(&files);
     let mut conn = store.connect()?;
+    conn.execute_batch("PRAGMA cache_size = -131072")
+        .map_err(|e| store.error(e))?;
     let tx = conn.transaction().map_err(|e| store.error(e))?;
     let mut importer = Importer::new(&tx, urns, Utc::now()).map_err(|e| store.error(e))?;
     for file in &files {

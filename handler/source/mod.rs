@@ -59,8 +59,8 @@ pub enum ScanError {
 
 /// A FHIR resource source. Calls block: run them on a blocking thread.
 pub trait ResourceSource: Send + Sync {
-    /// The resource types that hold at least one resource, with their counts, sorted by name.
-    fn resource_types(&self) -> Result<Vec<(String, u64)>, SourceError>;
+    /// The resource types that hold at least one resource, sorted by name.
+    fn resource_types(&self) -> Result<Vec<String>, SourceError>;
 
     /// One resource's stored JSON.
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError>;

@@ -1,0 +1,281 @@
+//! `cargo bench`: import and export figures at 1x, 10x and 100x the Synthea sample (made with
+//! `handler synth`), next to the time `cat` takes to copy the exported bytes on the same disk.
+//!
+//! `BENCH_COPIES=1,10` picks the sizes (default `1,10,100`); `BENCH_DIR` the scratch folder
+//! (default a temp folder; 100x needs about 15 GB). Without `../shared` the source is generated data.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn handler() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_handler"))
+}
+
+/// Peak resident memory (VmHWM) of a running process, in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Runs a command to completion, sampling its peak RSS; returns (seconds, peak MB, stdout).
+fn run_measured(mut command: Command) -> (f64, f64, String) {
+    let started = Instant::now();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut peak: f64 = 0.0;
+    while child.try_wait().unwrap().is_none() {
+        peak = peak.max(peak_rss_mb(child.id()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{command:?} failed");
+    (
+        started.elapsed().as_secs_f64(),
+        peak,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Figures {
+    resources: u64,
+    bytes: u64,
+    seconds: f64,
+    kickoff_ms: f64,
+    status_p99_ms: f64,
+    status_samples: usize,
+    files: Vec<PathBuf>,
+}
+
+async fn export(base: &str, exports: &Path) -> Figures {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let response = client
+        .get(format!("{base}/$export"))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    let kickoff_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(response.status(), 202);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut latencies = Vec::new();
+    let manifest: serde_json::Value = loop {
+        let asked = Instant::now();
+        let response = client.get(&status_url).send().await.unwrap();
+        latencies.push(asked.elapsed().as_secs_f64() * 1000.0);
+        if response.status() == 200 {
+            break response.json().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let mut files = Vec::new();
+    let (mut resources, mut bytes) = (0, 0);
+    for output in manifest["output"].as_array().unwrap() {
+        resources += output["count"].as_u64().unwrap();
+        let url = output["url"].as_str().unwrap();
+        let path = exports.join(url.split("/_exports/").nth(1).unwrap());
+        bytes += std::fs::metadata(&path).unwrap().len();
+        files.push(path);
+    }
+    Figures {
+        resources,
+        bytes,
+        seconds,
+        kickoff_ms,
+        status_p99_ms: percentile(&latencies, 0.99),
+        status_samples: latencies.len(),
+        files,
+    }
+}
+
+/// Seconds `cat` takes to copy the files into one file in `dir`.
+fn cat_seconds(files: &[PathBuf], dir: &Path) -> f64 {
+    let target = dir.join("cat-copy.ndjson");
+    let started = Instant::now();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat \"$@\" > {} && sync {}",
+            target.display(),
+            target.display()
+        ))
+        .arg("cat")
+        .args(files)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let seconds = started.elapsed().as_secs_f64();
+    std::fs::remove_file(target).unwrap();
+    seconds
+}
+
+fn main() {
+    let copies: Vec<u32> = std::env::var("BENCH_COPIES")
+        .unwrap_or_else(|_| "1,10,100".into())
+        .split(',')
+        .map(|c| c.trim().parse().expect("BENCH_COPIES: numbers"))
+        .collect();
+    let scratch = tempfile::tempdir_in(
+        std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
+    )
+    .unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/synthea-r4-100-bulk-data-server/bundles");
+    let source = if sample.is_dir() {
+        sample
+    } else {
+        let generated = scratch.path().join("generated");
+        run_measured({
+            let mut c = handler();
+            c.args([
+                "generate",
+                "--patients",
+                "1000",
+                "--out",
+                generated.to_str().unwrap(),
+            ]);
+            c
+        });
+        generated
+    };
+    println!("source: {}", source.display());
+    println!(
+        "{:>6} {:>10} {:>8} | {:>8} {:>9} {:>8} | {:>8} {:>9} {:>7} {:>7} {:>6} {:>8} {:>9} {:>10}",
+        "copies",
+        "resources",
+        "MB",
+        "import s",
+        "import/s",
+        "imp RSS",
+        "export s",
+        "export/s",
+        "MB/s",
+        "cat s",
+        "ratio",
+        "serve RSS",
+        "kickoff ms",
+        "status p99"
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for n in copies {
+        let dir = scratch.path().join(format!("x{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = dir.join("data");
+        run_measured({
+            let mut c = handler();
+            c.args([
+                "synth",
+                "--from",
+                source.to_str().unwrap(),
+                "--copies",
+                &n.to_string(),
+                "--out",
+                data.to_str().unwrap(),
+            ]);
+            c
+        });
+        let store = dir.join("store.db");
+        let (import_s, import_rss, _) = run_measured({
+            let mut c = handler();
+            c.args([
+                "import",
+                data.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+            ]);
+            c
+        });
+        std::fs::remove_dir_all(&data).unwrap();
+
+        let port = free_port();
+        let exports = dir.join("exports");
+        let serve = Serve(
+            handler()
+                .args([
+                    "serve",
+                    "--port",
+                    &port.to_string(),
+                    "--store",
+                    store.to_str().unwrap(),
+                    "--exports",
+                    exports.to_str().unwrap(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let figures = runtime.block_on(export(&base, &exports));
+        let serve_rss = peak_rss_mb(serve.0.id());
+        drop(serve);
+        let cat_s = cat_seconds(&figures.files, &dir);
+        let mb = figures.bytes as f64 / 1e6;
+        println!(
+            "{:>6} {:>10} {:>8.0} | {:>8.2} {:>9.0} {:>8.0} | {:>8.2} {:>9.0} {:>7.0} {:>7.2} {:>6.2} {:>8.0} {:>9.1} {:>7.1} ({})",
+            n,
+            figures.resources,
+            mb,
+            import_s,
+            figures.resources as f64 / import_s,
+            import_rss,
+            figures.seconds,
+            figures.resources as f64 / figures.seconds,
+            mb / figures.seconds,
+            cat_s,
+            figures.seconds / cat_s,
+            serve_rss,
+            figures.kickoff_ms,
+            figures.status_p99_ms,
+            figures.status_samples,
+        );
+        std::io::stdout().flush().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    println!("RSS in MB (peak); ratio = export time / cat time of the same bytes; status p99 in ms over (n) polls during the export");
+}

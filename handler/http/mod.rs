@@ -26,6 +26,8 @@ use crate::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
 
 /// Largest request body accepted (a kickoff `Parameters` resource).
 const MAX_BODY_BYTES: usize = 1 << 20;
+/// How much of an oversized body is read and dropped before answering 413.
+const DRAIN_BYTES: usize = 16 << 20;
 const FHIR_JSON: &str = "application/fhir+json";
 const NDJSON: &str = "application/fhir+ndjson";
 
@@ -83,6 +85,14 @@ where
             )
         })?;
         if collected.len() + chunk.remaining() > MAX_BODY_BYTES {
+            // Read on (up to a bound) so the client gets the 413 rather than a reset connection.
+            let mut seen = collected.len() + chunk.remaining();
+            while let Some(Ok(chunk)) = body.next().await {
+                seen += chunk.remaining();
+                if seen > DRAIN_BYTES {
+                    break;
+                }
+            }
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 IssueType::Invalid,

@@ -180,20 +180,26 @@ async fn write_files(
             Ok(count) => writer
                 .finish()
                 .map(|files| (count, files))
-                .map_err(ExportError::from),
+                .map_err(|e| (ExportError::from(e), Vec::new())),
             Err(error) => {
-                writer.abort();
+                let committed = writer.abort();
                 Err(if cancelled.load(Ordering::Relaxed) {
-                    ExportError::Cancelled(job_id)
+                    (ExportError::Cancelled(job_id), committed)
                 } else {
-                    error.into()
+                    (error.into(), Vec::new())
                 })
             }
         }
     })
     .await
     .expect("the shard writer does not panic");
-    let (count, files) = result?;
+    let (count, files) = match result {
+        Ok(written) => written,
+        Err((error, committed)) => {
+            remove_files(app, &committed).await;
+            return Err(error);
+        }
+    };
     tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = files.len(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
     Ok(files)
 }

@@ -96,11 +96,13 @@ impl RollingNdjsonWriter {
         Ok(std::mem::take(&mut self.finished))
     }
 
-    /// Drops the open file unseen (committed files stay: a rerun overwrites them by name).
-    pub fn abort(mut self) {
+    /// Drops the open file unseen; returns the files already committed (a rerun overwrites them
+    /// by name; a cancelled export removes them).
+    pub fn abort(mut self) -> Vec<OutputFile> {
         if let Some(writer) = self.current.take() {
             let _ = self.runtime.block_on(writer.abort());
         }
+        std::mem::take(&mut self.finished)
     }
 
     fn current_path(&self) -> String {

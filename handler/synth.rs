@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+use crate::fhir::references::try_for_each_reference;
 use crate::source::{import, EmbeddedStore};
 
 /// What serde_json writes for the marker character U+0001.
@@ -104,29 +105,13 @@ fn marked(mut resource: Value, keys: &HashSet<String>) -> Vec<u8> {
     if let Some(Value::String(id)) = resource.get_mut("id") {
         id.insert(0, '\u{1}');
     }
-    let mut pending: Vec<&mut Value> = vec![&mut resource];
-    while let Some(node) = pending.pop() {
-        match node {
-            Value::Object(map) => {
-                for (key, child) in map.iter_mut() {
-                    match child {
-                        Value::String(reference)
-                            if key == "reference" && keys.contains(reference.as_str()) =>
-                        {
-                            let slash = reference.find('/').expect("keys are Type/id") + 1;
-                            reference.insert(slash, '\u{1}');
-                        }
-                        Value::Object(_) | Value::Array(_) if key != "contained" => {
-                            pending.push(child)
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            Value::Array(items) => pending.extend(items.iter_mut()),
-            _ => {}
+    let _ = try_for_each_reference(&mut resource, |reference| {
+        if keys.contains(reference.as_str()) {
+            let slash = reference.find('/').expect("keys are Type/id") + 1;
+            reference.insert(slash, '\u{1}');
         }
-    }
+        Ok::<_, std::convert::Infallible>(())
+    });
     serde_json::to_vec(&resource).expect("JSON serialises")
 }
 
@@ -139,11 +124,15 @@ mod tests {
         let keys = HashSet::from(["Patient/p".to_string()]);
         let resource = serde_json::json!({"resourceType": "Observation", "id": "o",
             "subject": {"reference": "Patient/p"}, "performer": [{"reference": "Practitioner/x"}],
-            "contained": [{"id": "c"}], "hasMember": [{"reference": "#c"}]});
+            "contained": [{"id": "c", "subject": {"reference": "Patient/p"}}], "hasMember": [{"reference": "#c"}]});
         let text = String::from_utf8(marked(resource, &keys)).unwrap();
         assert!(text.contains(r#""id":"\u0001o""#), "{text}");
         assert!(text.contains(r#""reference":"Patient/\u0001p""#), "{text}");
         assert!(text.contains(r#""reference":"Practitioner/x""#), "{text}");
-        assert!(text.contains(r#""contained":[{"id":"c"}]"#), "{text}");
+        assert!(
+            text.contains(r#""contained":[{"id":"c","subject":{"reference":"Patient/\u0001p"}}]"#),
+            "{text}"
+        );
+        assert!(text.contains(r##""reference":"#c""##), "{text}");
     }
 }

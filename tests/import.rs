@@ -243,15 +243,10 @@ fn generated_demo_data_imports_cleanly_with_every_reference_resolving() {
     let stored = stored_resources(&dir.path().join("s.db"));
     assert_eq!(stored.len() as u64, summary.total());
     for json in stored.values() {
-        for reference in json
-            .split(r#""reference":""#)
-            .skip(1)
-            .map(|rest| rest.split('"').next().unwrap())
-        {
-            let (resource_type, id) = reference.split_once('/').unwrap();
+        for (resource_type, id) in references_in(json) {
             assert!(
                 stored.contains_key(&(resource_type.to_string(), id.to_string())),
-                "dangling {reference}"
+                "dangling {resource_type}/{id}"
             );
         }
     }
@@ -309,19 +304,14 @@ fn synth_copies_rewrite_every_id_and_reference_and_keep_compartments() {
             .split('-')
             .next()
             .unwrap();
-        for reference in json
-            .split(r#""reference":""#)
-            .skip(1)
-            .map(|rest| rest.split('"').next().unwrap())
-        {
-            let (resource_type, id) = reference.split_once('/').unwrap();
+        for (resource_type, id) in references_in(json) {
             assert!(
                 id.starts_with(&format!("c{copy}-")),
-                "{reference} crosses copies in {json}"
+                "{resource_type}/{id} crosses copies in {json}"
             );
             assert!(
                 three.contains_key(&(resource_type.to_string(), id.to_string())),
-                "dangling {reference}"
+                "dangling {resource_type}/{id}"
             );
         }
     }

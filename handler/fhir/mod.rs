@@ -3,6 +3,7 @@
 pub mod compartment;
 pub mod elements;
 pub mod outcome;
+pub mod references;
 pub mod search;
 pub mod types;
 

@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 use super::embedded::micros;
 use super::{EmbeddedStore, SourceError};
 use crate::fhir::compartment;
+use crate::fhir::references::try_for_each_reference;
 use crate::fhir::types::is_resource_type;
 
 /// What went wrong with one input file; nothing of that file was imported.
@@ -639,29 +640,15 @@ impl<'c> Importer<'c> {
     /// Rewrites `urn:` references to `Type/id`; returns how many could not be resolved.
     fn rewrite_urns(&self, value: &mut Value) -> rusqlite::Result<u64> {
         let mut unresolved = 0;
-        let mut pending = vec![value];
-        while let Some(node) = pending.pop() {
-            match node {
-                Value::Object(map) => {
-                    for (key, child) in map.iter_mut() {
-                        match child {
-                            Value::String(reference)
-                                if key == "reference" && reference.starts_with("urn:") =>
-                            {
-                                match self.resolve_urn(reference)? {
-                                    Some(resolved) => *reference = resolved,
-                                    None => unresolved += 1,
-                                }
-                            }
-                            Value::Object(_) | Value::Array(_) => pending.push(child),
-                            _ => {}
-                        }
-                    }
+        try_for_each_reference(value, |reference| {
+            if reference.starts_with("urn:") {
+                match self.resolve_urn(reference)? {
+                    Some(resolved) => *reference = resolved,
+                    None => unresolved += 1,
                 }
-                Value::Array(items) => pending.extend(items.iter_mut()),
-                _ => {}
             }
-        }
+            Ok::<_, rusqlite::Error>(())
+        })?;
         Ok(unresolved)
     }
 

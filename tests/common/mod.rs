@@ -228,3 +228,16 @@ pub fn stored_resources(store: &Path) -> HashMap<(String, String), String> {
         .unwrap();
     rows.map(Result::unwrap).collect()
 }
+
+/// The `Type/id` targets of every `reference` in a compact JSON line.
+pub fn references_in(json: &str) -> impl Iterator<Item = (&str, &str)> {
+    json.split(r#""reference":""#)
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .filter(|reference| !reference.starts_with('#'))
+        .map(|reference| {
+            reference
+                .split_once('/')
+                .unwrap_or_else(|| panic!("not Type/id: {reference}"))
+        })
+}

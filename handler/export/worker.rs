@@ -14,8 +14,8 @@ use crate::app::App;
 use crate::fhir::elements::subset;
 use crate::fhir::OperationOutcome;
 use crate::jobs::{Change, Job, JobStatus, ShardStatus};
-use crate::source::ScanRequest;
-use crate::storage::{OutputFile, RollingNdjsonWriter, StorageError};
+use crate::source::{ScanError, ScanRequest, SinkError};
+use crate::storage::{OutputFile, RollingNdjsonWriter};
 
 /// Runs one queue message; failures are retried up to the restart cap, then fail the job.
 pub async fn handle_message(app: &App, message: &ShardMessage) {
@@ -155,39 +155,36 @@ async fn write_files(
         };
         let scanned = source.scan(&request, &mut |resource| {
             if cancelled.load(Ordering::Relaxed) {
-                return Err(StorageError::Io {
-                    path: job_id.clone(),
-                    source: std::io::Error::other("export cancelled"),
-                });
+                return Err(SinkError::Stopped);
             }
             if filters.is_empty() && elements.is_empty() {
-                return writer.push(resource);
+                return Ok(writer.push(resource)?);
             }
             // Only filtered or trimmed types pay for parsing; the rest flow as stored bytes.
             let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
-                return writer.push(resource);
+                return Ok(writer.push(resource)?);
             };
             if !filters.is_empty() && !filters.iter().any(|query| query.matches(&value)) {
                 return Ok(());
             }
             if elements.is_empty() {
-                return writer.push(resource);
+                return Ok(writer.push(resource)?);
             }
             let trimmed = subset(value, &spec.resource_type, &elements);
-            writer.push(&serde_json::to_vec(&trimmed).expect("JSON serialises"))
+            Ok(writer.push(&serde_json::to_vec(&trimmed).expect("JSON serialises"))?)
         });
         match scanned {
             Ok(count) => writer
                 .finish()
                 .map(|files| (count, files))
                 .map_err(|e| (ExportError::from(e), Vec::new())),
-            Err(error) => {
+            Err(ScanError::Sink(SinkError::Stopped)) => {
                 let committed = writer.abort();
-                Err(if cancelled.load(Ordering::Relaxed) {
-                    (ExportError::Cancelled(job_id), committed)
-                } else {
-                    (error.into(), Vec::new())
-                })
+                Err((ExportError::Cancelled(job_id), committed))
+            }
+            Err(error) => {
+                writer.abort();
+                Err((error.into(), Vec::new()))
             }
         }
     })

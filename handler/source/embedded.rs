@@ -6,9 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{PatientScope, ResourceSource, ScanError, ScanRequest, SourceError};
+use super::{PatientScope, ResourceSource, ScanError, ScanRequest, SinkError, SourceError};
 use crate::fhir::types::R4_RESOURCE_TYPES;
-use crate::storage::StorageError;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS resources (
@@ -150,7 +149,7 @@ impl ResourceSource for EmbeddedStore {
     fn scan(
         &self,
         request: &ScanRequest<'_>,
-        sink: &mut dyn FnMut(&[u8]) -> Result<(), StorageError>,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<u64, ScanError> {
         let conn = self.connect()?;
         let scope = match request.scope {

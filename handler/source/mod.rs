@@ -49,12 +49,21 @@ pub enum SourceError {
     },
 }
 
+/// Why the receiver of a scan stopped it.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("stopped: the export was cancelled")]
+    Stopped,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
-    Sink(#[from] StorageError),
+    Sink(#[from] SinkError),
 }
 
 /// A FHIR resource source. Calls block: run them on a blocking thread.
@@ -69,6 +78,6 @@ pub trait ResourceSource: Send + Sync {
     fn scan(
         &self,
         request: &ScanRequest<'_>,
-        sink: &mut dyn FnMut(&[u8]) -> Result<(), StorageError>,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<u64, ScanError>;
 }

@@ -249,44 +249,282 @@ fn collect_urns(files: &[InputFile]) -> HashMap<String, String> {
 }
 
 /// Loads `paths` into `store`. Files that fail are listed in the report and leave no trace.
+///
+/// Two threads: one reads and prepares resources (parse, `urn:` rewriting, compartments,
+/// serialisation), the other writes them into SQLite, one savepoint per file.
 pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, SourceError> {
     let mut report = ImportReport::default();
     let files = discover(paths, &mut report.failed);
     report.files = files.len();
-    let urns = collect_urns(&files);
     let mut conn = store.connect()?;
     conn.execute_batch("PRAGMA cache_size = -131072")
         .map_err(|e| store.error(e))?;
+    let mut urns = known_urns(&conn).map_err(|e| store.error(e))?;
+    let new_urns = collect_urns(&files);
+    urns.extend(new_urns.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let import_time = Utc::now();
+    let parser = Parser { urns, import_time };
     let tx = conn.transaction().map_err(|e| store.error(e))?;
-    let mut importer = Importer::new(&tx, urns, Utc::now()).map_err(|e| store.error(e))?;
-    for file in &files {
-        tx.execute_batch("SAVEPOINT file")
-            .map_err(|e| store.error(e))?;
+    let mut importer = Importer::new(&tx, new_urns, import_time).map_err(|e| store.error(e))?;
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(1024);
+    std::thread::scope(|scope| {
+        scope.spawn(|| parser.run(&files, sender));
         let mut counts = Counts::default();
-        match importer.import_file(file, &mut counts) {
-            Ok(()) => {
-                tx.execute_batch("RELEASE file")
-                    .map_err(|e| store.error(e))?;
-                counts.add_to(&mut report);
-            }
-            Err(failure) => {
-                tx.execute_batch("ROLLBACK TO file; RELEASE file")
-                    .map_err(|e| store.error(e))?;
-                let failure = match failure {
-                    Failure::Input { line, message } => FileError {
-                        file: file.path.clone(),
+        for event in receiver {
+            match event {
+                Event::FileStart => {
+                    tx.execute_batch("SAVEPOINT file")
+                        .map_err(|e| store.error(e))?;
+                    counts = Counts::default();
+                }
+                Event::Resource(prepared) => {
+                    counts.read += 1;
+                    counts.unresolved += prepared.unresolved;
+                    importer.write(*prepared).map_err(|e| store.error(e))?;
+                }
+                Event::FileDone => {
+                    tx.execute_batch("RELEASE file")
+                        .map_err(|e| store.error(e))?;
+                    counts.add_to(&mut report);
+                }
+                Event::FileFailed(index, line, message) => {
+                    tx.execute_batch("ROLLBACK TO file; RELEASE file")
+                        .map_err(|e| store.error(e))?;
+                    report.failed.push(FileError {
+                        file: files[index].path.clone(),
                         line,
                         message,
-                    },
-                    Failure::Store(e) => return Err(store.error(e)),
-                };
-                report.failed.push(failure);
+                    });
+                }
             }
         }
-    }
+        Ok::<_, SourceError>(())
+    })?;
     importer.finish(&mut report).map_err(|e| store.error(e))?;
     tx.commit().map_err(|e| store.error(e))?;
     Ok(report)
+}
+
+/// The `urn:` aliases earlier imports recorded.
+fn known_urns(conn: &Connection) -> rusqlite::Result<HashMap<String, String>> {
+    let mut statement = conn.prepare("SELECT urn, reference FROM urn_alias")?;
+    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    rows.collect()
+}
+
+/// What the reading thread hands the writing thread.
+enum Event {
+    FileStart,
+    Resource(Box<Prepared>),
+    FileDone,
+    FileFailed(usize, Option<u64>, String),
+}
+
+/// A resource ready to store.
+struct Prepared {
+    resource_type: String,
+    id: String,
+    patients: Vec<String>,
+    hash: i64,
+    /// `meta.lastUpdated` as the resource states it; then `json` is its content as is.
+    stated: Option<DateTime<Utc>>,
+    /// The JSON to store: as given when `stated`, else with `lastUpdated` set to the import time.
+    json: Vec<u8>,
+    /// Kept when `lastUpdated` is not stated, to restore an earlier one if the content is unchanged.
+    value: Option<Value>,
+    unresolved: u64,
+}
+
+/// The reading side: files to prepared resources, nothing touching the store.
+struct Parser {
+    urns: HashMap<String, String>,
+    import_time: DateTime<Utc>,
+}
+
+impl Parser {
+    fn run(&self, files: &[InputFile], events: std::sync::mpsc::SyncSender<Event>) {
+        for (index, file) in files.iter().enumerate() {
+            if events.send(Event::FileStart).is_err() {
+                return;
+            }
+            let mut emit =
+                |prepared: Prepared| events.send(Event::Resource(Box::new(prepared))).is_ok();
+            let end = match self.parse_file(file, &mut emit) {
+                Ok(()) => Event::FileDone,
+                Err(Failure::Input { line, message }) => Event::FileFailed(index, line, message),
+                Err(Failure::Stopped) => return,
+            };
+            if events.send(end).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn parse_file(
+        &self,
+        file: &InputFile,
+        emit: &mut dyn FnMut(Prepared) -> bool,
+    ) -> Result<(), Failure> {
+        let reader = open(&file.path).map_err(|e| input_error(None, e.to_string()))?;
+        match file.format {
+            Format::Ndjson => self.parse_ndjson(reader, emit),
+            Format::Document => self.parse_document(reader, emit),
+        }
+    }
+
+    fn parse_ndjson(
+        &self,
+        mut reader: Box<dyn BufRead>,
+        emit: &mut dyn FnMut(Prepared) -> bool,
+    ) -> Result<(), Failure> {
+        let mut line = Vec::new();
+        let mut number = 0;
+        loop {
+            line.clear();
+            let read = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| input_error(Some(number + 1), e.to_string()))?;
+            if read == 0 {
+                return Ok(());
+            }
+            number += 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let value: Value = serde_json::from_slice(&line)
+                .map_err(|e| input_error(Some(number), format!("invalid JSON: {e}")))?;
+            let prepared = self
+                .prepare(value, None)
+                .map_err(|failure| with_line(failure, number))?;
+            if !emit(prepared) {
+                return Err(Failure::Stopped);
+            }
+        }
+    }
+
+    fn parse_document(
+        &self,
+        mut reader: Box<dyn BufRead>,
+        emit: &mut dyn FnMut(Prepared) -> bool,
+    ) -> Result<(), Failure> {
+        let mut document = Vec::new();
+        reader
+            .read_to_end(&mut document)
+            .map_err(|e| input_error(None, e.to_string()))?;
+        let value: Value = serde_json::from_slice(&document).map_err(|e| {
+            input_error(
+                Some(e.line() as u64).filter(|l| *l > 0),
+                format!("invalid JSON: {e}"),
+            )
+        })?;
+        let is_unpacked_bundle = value.get("resourceType").and_then(Value::as_str)
+            == Some("Bundle")
+            && matches!(
+                value.get("type").and_then(Value::as_str),
+                Some("transaction" | "batch" | "collection" | "searchset")
+            );
+        if !is_unpacked_bundle {
+            let prepared = self.prepare(value, None)?;
+            return if emit(prepared) {
+                Ok(())
+            } else {
+                Err(Failure::Stopped)
+            };
+        }
+        let Value::Object(mut bundle) = value else {
+            unreachable!("a Bundle is an object")
+        };
+        let entries = match bundle.remove("entry") {
+            Some(Value::Array(entries)) => entries,
+            None => Vec::new(),
+            Some(_) => return Err(input_error(None, "Bundle.entry is not an array")),
+        };
+        for (index, entry) in entries.into_iter().enumerate() {
+            let Value::Object(mut entry) = entry else {
+                return Err(input_error(
+                    None,
+                    format!("Bundle.entry[{index}] is not an object"),
+                ));
+            };
+            let Some(resource) = entry.remove("resource") else {
+                continue;
+            };
+            let full_url = entry.get("fullUrl").and_then(Value::as_str);
+            let prepared = self
+                .prepare(resource, full_url)
+                .map_err(|failure| match failure {
+                    Failure::Input { message, line } => {
+                        input_error(line, format!("Bundle.entry[{index}]: {message}"))
+                    }
+                    other => other,
+                })?;
+            if !emit(prepared) {
+                return Err(Failure::Stopped);
+            }
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, mut value: Value, full_url: Option<&str>) -> Result<Prepared, Failure> {
+        let Value::Object(resource) = &mut value else {
+            return Err(input_error(None, "not a FHIR resource (not a JSON object)"));
+        };
+        let resource_type = match resource.get("resourceType") {
+            Some(Value::String(name)) if is_resource_type(name) => name.clone(),
+            Some(Value::String(name)) => {
+                return Err(input_error(None, format!("unknown resourceType {name:?}")))
+            }
+            _ => return Err(input_error(None, "not a FHIR resource (no resourceType)")),
+        };
+        let id = match (
+            resource.get("id"),
+            full_url.and_then(|url| url.strip_prefix("urn:uuid:")),
+        ) {
+            (Some(Value::String(id)), _) => id.clone(),
+            (None, Some(uuid)) => {
+                resource.insert("id".into(), Value::String(uuid.to_string()));
+                uuid.to_string()
+            }
+            _ => return Err(input_error(None, format!("{resource_type} without an id"))),
+        };
+        if !is_valid_id(&id) {
+            return Err(input_error(
+                None,
+                format!("{resource_type} id {id:?} is not a valid FHIR id"),
+            ));
+        }
+        let mut unresolved = 0;
+        let _ = try_for_each_reference(&mut value, |reference| {
+            if reference.starts_with("urn:") {
+                match self.urns.get(reference.as_str()) {
+                    Some(resolved) => *reference = resolved.clone(),
+                    None => unresolved += 1,
+                }
+            }
+            Ok::<_, std::convert::Infallible>(())
+        });
+        let Value::Object(resource) = &value else {
+            unreachable!()
+        };
+        let stated = stated_last_updated(resource).map_err(|message| input_error(None, message))?;
+        let patients = compartment::patient_ids(&resource_type, &id, &value);
+        let content = serde_json::to_vec(&value).expect("a JSON value serialises");
+        let hash = xxhash_rust::xxh3::xxh3_64(&content) as i64;
+        let (json, value) = match stated {
+            Some(_) => (content, None),
+            None => (with_last_updated(&mut value, self.import_time), Some(value)),
+        };
+        Ok(Prepared {
+            resource_type,
+            id,
+            patients,
+            hash,
+            stated,
+            json,
+            value,
+            unresolved,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -303,14 +541,12 @@ impl Counts {
 }
 
 enum Failure {
-    Input { line: Option<u64>, message: String },
-    Store(rusqlite::Error),
-}
-
-impl From<rusqlite::Error> for Failure {
-    fn from(e: rusqlite::Error) -> Self {
-        Failure::Store(e)
-    }
+    Input {
+        line: Option<u64>,
+        message: String,
+    },
+    /// The writing side stopped listening.
+    Stopped,
 }
 
 fn input_error(line: Option<u64>, message: impl Into<String>) -> Failure {
@@ -385,146 +621,25 @@ impl<'c> Importer<'c> {
         self.conn.execute_batch("DELETE FROM temp.before_run")
     }
 
-    fn import_file(&mut self, file: &InputFile, counts: &mut Counts) -> Result<(), Failure> {
-        let reader = open(&file.path).map_err(|e| input_error(None, e.to_string()))?;
-        match file.format {
-            Format::Ndjson => self.import_ndjson(reader, counts),
-            Format::Document => self.import_document(reader, counts),
-        }
-    }
-
-    fn import_ndjson(
-        &mut self,
-        mut reader: Box<dyn BufRead>,
-        counts: &mut Counts,
-    ) -> Result<(), Failure> {
-        let mut line = Vec::new();
-        let mut number = 0;
-        loop {
-            line.clear();
-            let read = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| input_error(Some(number + 1), e.to_string()))?;
-            if read == 0 {
-                return Ok(());
-            }
-            number += 1;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let value: Value = serde_json::from_slice(&line)
-                .map_err(|e| input_error(Some(number), format!("invalid JSON: {e}")))?;
-            self.store_resource(value, None, counts)
-                .map_err(|failure| with_line(failure, number))?;
-        }
-    }
-
-    fn import_document(
-        &mut self,
-        mut reader: Box<dyn BufRead>,
-        counts: &mut Counts,
-    ) -> Result<(), Failure> {
-        let mut document = Vec::new();
-        reader
-            .read_to_end(&mut document)
-            .map_err(|e| input_error(None, e.to_string()))?;
-        let value: Value = serde_json::from_slice(&document).map_err(|e| {
-            input_error(
-                Some(e.line() as u64).filter(|l| *l > 0),
-                format!("invalid JSON: {e}"),
-            )
-        })?;
-        let is_unpacked_bundle = value.get("resourceType").and_then(Value::as_str)
-            == Some("Bundle")
-            && matches!(
-                value.get("type").and_then(Value::as_str),
-                Some("transaction" | "batch" | "collection" | "searchset")
-            );
-        if !is_unpacked_bundle {
-            return self.store_resource(value, None, counts);
-        }
-        let Value::Object(mut bundle) = value else {
-            unreachable!("a Bundle is an object")
-        };
-        let entries = match bundle.remove("entry") {
-            Some(Value::Array(entries)) => entries,
-            None => Vec::new(),
-            Some(_) => return Err(input_error(None, "Bundle.entry is not an array")),
-        };
-        for (index, entry) in entries.into_iter().enumerate() {
-            let Value::Object(mut entry) = entry else {
-                return Err(input_error(
-                    None,
-                    format!("Bundle.entry[{index}] is not an object"),
-                ));
-            };
-            let Some(resource) = entry.remove("resource") else {
-                continue;
-            };
-            let full_url = entry.get("fullUrl").and_then(Value::as_str);
-            self.store_resource(resource, full_url, counts)
-                .map_err(|failure| match failure {
-                    Failure::Input { message, line } => {
-                        input_error(line, format!("Bundle.entry[{index}]: {message}"))
-                    }
-                    store => store,
-                })?;
-        }
-        Ok(())
-    }
-
-    fn store_resource(
-        &mut self,
-        mut value: Value,
-        full_url: Option<&str>,
-        counts: &mut Counts,
-    ) -> Result<(), Failure> {
-        let Value::Object(resource) = &mut value else {
-            return Err(input_error(None, "not a FHIR resource (not a JSON object)"));
-        };
-        let resource_type = match resource.get("resourceType") {
-            Some(Value::String(name)) if is_resource_type(name) => name.clone(),
-            Some(Value::String(name)) => {
-                return Err(input_error(None, format!("unknown resourceType {name:?}")))
-            }
-            _ => return Err(input_error(None, "not a FHIR resource (no resourceType)")),
-        };
-        let id = match (
-            resource.get("id"),
-            full_url.and_then(|url| url.strip_prefix("urn:uuid:")),
-        ) {
-            (Some(Value::String(id)), _) => id.clone(),
-            (None, Some(uuid)) => {
-                resource.insert("id".into(), Value::String(uuid.to_string()));
-                uuid.to_string()
-            }
-            _ => return Err(input_error(None, format!("{resource_type} without an id"))),
-        };
-        if !is_valid_id(&id) {
-            return Err(input_error(
-                None,
-                format!("{resource_type} id {id:?} is not a valid FHIR id"),
-            ));
-        }
-        counts.unresolved += self.rewrite_urns(&mut value)?;
-        let Value::Object(resource) = &mut value else {
-            unreachable!()
-        };
-
-        let stated = stated_last_updated(resource).map_err(|message| input_error(None, message))?;
-        let patients = compartment::patient_ids(&resource_type, &id, &value);
-        let content = serde_json::to_vec(&value).expect("a JSON value serialises");
-        let hash = xxhash_rust::xxh3::xxh3_64(&content) as i64;
-        counts.read += 1;
-
+    fn write(&mut self, prepared: Prepared) -> rusqlite::Result<()> {
+        let Prepared {
+            resource_type,
+            id,
+            patients,
+            hash,
+            stated,
+            json,
+            value,
+            ..
+        } = prepared;
         let current = self.current_row(&resource_type, &id)?;
         let previous = self.state_before_run(&resource_type, &id, current)?;
-        let (last_updated, json) = match (stated, previous) {
-            (Some(stated), _) => (stated, content),
-            (None, Some((prev_hash, prev_updated))) if prev_hash == hash => {
-                (prev_updated, with_last_updated(value, prev_updated))
+        let (last_updated, json) = match (stated, previous, value) {
+            (Some(stated), _, _) => (stated, json),
+            (None, Some((prev_hash, prev_updated)), Some(mut value)) if prev_hash == hash => {
+                (prev_updated, with_last_updated(&mut value, prev_updated))
             }
-            (None, _) => (self.import_time, with_last_updated(value, self.import_time)),
+            (None, _, _) => (self.import_time, json),
         };
         let Some(current) = current else {
             self.conn
@@ -576,7 +691,7 @@ impl<'c> Importer<'c> {
         resource_type: &str,
         id: &str,
         patients: &[String],
-    ) -> Result<(), Failure> {
+    ) -> rusqlite::Result<()> {
         let mut insert = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO compartment (patient_id, type, id) VALUES (?1, ?2, ?3)",
         )?;
@@ -636,31 +751,6 @@ impl<'c> Importer<'c> {
             .execute(params![resource_type, id, state.0, state.1])?;
         Ok(())
     }
-
-    /// Rewrites `urn:` references to `Type/id`; returns how many could not be resolved.
-    fn rewrite_urns(&self, value: &mut Value) -> rusqlite::Result<u64> {
-        let mut unresolved = 0;
-        try_for_each_reference(value, |reference| {
-            if reference.starts_with("urn:") {
-                match self.resolve_urn(reference)? {
-                    Some(resolved) => *reference = resolved,
-                    None => unresolved += 1,
-                }
-            }
-            Ok::<_, rusqlite::Error>(())
-        })?;
-        Ok(unresolved)
-    }
-
-    fn resolve_urn(&self, urn: &str) -> rusqlite::Result<Option<String>> {
-        if let Some(reference) = self.urns.get(urn) {
-            return Ok(Some(reference.clone()));
-        }
-        self.conn
-            .prepare_cached("SELECT reference FROM urn_alias WHERE urn = ?1")?
-            .query_row([urn], |r| r.get(0))
-            .optional()
-    }
 }
 
 fn with_line(failure: Failure, line: u64) -> Failure {
@@ -669,7 +759,7 @@ fn with_line(failure: Failure, line: u64) -> Failure {
             line: Some(line),
             message,
         },
-        store => store,
+        stopped => stopped,
     }
 }
 
@@ -696,8 +786,8 @@ fn stated_last_updated(resource: &Map<String, Value>) -> Result<Option<DateTime<
 }
 
 /// The resource's JSON with `meta.lastUpdated` set (`meta` placed after `id` when new).
-fn with_last_updated(mut value: Value, instant: DateTime<Utc>) -> Vec<u8> {
-    let Value::Object(resource) = &mut value else {
+fn with_last_updated(value: &mut Value, instant: DateTime<Utc>) -> Vec<u8> {
+    let Value::Object(resource) = value else {
         unreachable!("resources are objects")
     };
     let text = Value::String(instant.to_rfc3339_opts(SecondsFormat::Millis, true));
@@ -716,7 +806,7 @@ fn with_last_updated(mut value: Value, instant: DateTime<Utc>) -> Vec<u8> {
             resource.shift_insert(position, "meta".into(), Value::Object(meta));
         }
     }
-    serde_json::to_vec(&value).expect("a JSON value serialises")
+    serde_json::to_vec(value).expect("a JSON value serialises")
 }
 
 #[cfg(test)]
@@ -734,7 +824,7 @@ mod tests {
     #[test]
     fn last_updated_goes_after_id() {
         let json = with_last_updated(
-            serde_json::json!({"resourceType": "Patient", "id": "p", "active": true}),
+            &mut serde_json::json!({"resourceType": "Patient", "id": "p", "active": true}),
             DateTime::UNIX_EPOCH,
         );
         assert_eq!(

@@ -56,7 +56,7 @@ impl EmbeddedStore {
             })?;
         }
         let conn = store.connect()?;
-        conn.execute_batch("PRAGMA journal_mode = WAL;")
+        conn.execute_batch("PRAGMA page_size = 16384; PRAGMA journal_mode = WAL;")
             .and_then(|_| conn.execute_batch(SCHEMA))
             .map_err(|e| store.error(e))?;
         Ok(store)

@@ -632,30 +632,35 @@ impl<'c> Importer<'c> {
             value,
             ..
         } = prepared;
-        let current = self.current_row(&resource_type, &id)?;
-        let previous = self.state_before_run(&resource_type, &id, current)?;
+        // Most resources of an import are new: try the insert first, look up only on conflict.
+        let new_last_updated = stated.unwrap_or(self.import_time);
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (type, id) DO NOTHING",
+            )?
+            .execute(params![
+                resource_type,
+                id,
+                micros(new_last_updated),
+                hash,
+                self.run,
+                json
+            ])?;
+        if inserted == 1 {
+            return self.insert_compartments(&resource_type, &id, &patients);
+        }
+        let Some(current) = self.current_row(&resource_type, &id)? else {
+            unreachable!("the insert conflicted, so the row exists")
+        };
+        let previous = self.state_before_run(&resource_type, &id, Some(current))?;
         let (last_updated, json) = match (stated, previous, value) {
             (Some(stated), _, _) => (stated, json),
             (None, Some((prev_hash, prev_updated)), Some(mut value)) if prev_hash == hash => {
                 (prev_updated, with_last_updated(&mut value, prev_updated))
             }
             (None, _, _) => (self.import_time, json),
-        };
-        let Some(current) = current else {
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![
-                    resource_type,
-                    id,
-                    micros(last_updated),
-                    hash,
-                    self.run,
-                    json
-                ])?;
-            return self.insert_compartments(&resource_type, &id, &patients);
         };
         if current.hash == hash {
             return Ok(());

@@ -52,7 +52,7 @@ impl App {
                 .jobs
                 .update(&id, |job| {
                     if job.status != JobStatus::Running {
-                        return Change::Keep(Vec::new());
+                        return Change::Keep(None);
                     }
                     let mut unfinished = Vec::new();
                     for (index, shard) in job.shards.iter_mut().enumerate() {
@@ -61,16 +61,13 @@ impl App {
                             unfinished.push(index);
                         }
                     }
-                    Change::Write(unfinished)
+                    Change::Write(Some(unfinished))
                 })
                 .await?
-                .unwrap_or_default();
-            let Some((job, _)) = self.jobs.load(&id).await? else {
+                .flatten();
+            let Some(unfinished) = unfinished else {
                 continue;
             };
-            if job.status != JobStatus::Running {
-                continue;
-            }
             resumed += 1;
             if unfinished.is_empty() {
                 worker::finalize(self, &id).await?;
@@ -80,9 +77,7 @@ impl App {
         }
         Ok(resumed)
     }
-}
 
-impl App {
     /// Removes finished jobs past their retention: files first, then the job's state.
     pub async fn remove_expired(&self) -> Result<usize, ExportError> {
         let now = chrono::Utc::now();

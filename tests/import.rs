@@ -22,6 +22,16 @@ fn handler(args: &[&str], dir: &Path) -> (bool, String, String) {
     )
 }
 
+/// The JSON string text that follows the first `marker` in `json`.
+fn text_after<'a>(json: &'a str, marker: &str) -> &'a str {
+    json.split(marker)
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+}
+
 #[test]
 fn sample_imports_to_its_readme_counts_and_twice_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -78,26 +88,13 @@ fn sample_imports_to_its_readme_counts_and_twice_changes_nothing() {
         "Group".to_string(),
         "d9f31445-f448-48c0-af57-295c005e07df".to_string(),
     )];
-    let member = group
-        .split(r#""reference":"Patient/"#)
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
+    let member = text_after(group, r#""reference":"Patient/"#);
     assert_eq!(
         store.compartments_of("Patient", member).unwrap(),
         vec![member.to_string()]
     );
     let observation = first.iter().find(|((t, _), _)| t == "Observation").unwrap();
-    let subject = observation
-        .1
-        .split(r#""subject":{"reference":"Patient/"#)
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
+    let subject = text_after(observation.1, r#""subject":{"reference":"Patient/"#);
     assert_eq!(
         store
             .compartments_of("Observation", &observation.0 .1)

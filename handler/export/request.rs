@@ -49,7 +49,6 @@ pub struct ExportRequest {
     pub types: Option<Vec<String>>,
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
-    pub output_format: String,
     pub container: Option<String>,
     /// `_typeFilter` queries (`Type?criteria`), checked at kickoff.
     pub type_filters: Vec<String>,
@@ -134,7 +133,6 @@ impl ExportRequest {
             types: None,
             since: None,
             until: None,
-            output_format: NDJSON_FORMATS[0].to_string(),
             container: None,
             type_filters: Vec::new(),
             elements: Vec::new(),

@@ -245,8 +245,7 @@ async fn kickoff_export(app: &App, request: &Request, level: Level) -> Result<Re
         false => format!("{base}{}?{}", request.path, request.query),
     };
     let job = kickoff::start(app, export, request_url, base.clone()).await?;
-    let mut response = Vec::<u8>::new().into_response();
-    *response.status_mut() = StatusCode::ACCEPTED;
+    let mut response = empty_accepted();
     let location = format!("{base}/_operations/export/{}", job.id);
     response
         .headers_mut()
@@ -285,8 +284,7 @@ async fn status(app: &App, id: &str) -> Result<Response, ApiError> {
         JobStatus::Running => {
             let (done, total) = (job.shards_done(), job.shards.len());
             let percent = (done * 100).checked_div(total).unwrap_or(100);
-            let mut response = Vec::<u8>::new().into_response();
-            *response.status_mut() = StatusCode::ACCEPTED;
+            let mut response = empty_accepted();
             let headers = response.headers_mut();
             headers.insert(
                 "x-progress",
@@ -321,16 +319,14 @@ async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
         .delete_prefix(&crate::jobs::JobStore::manifest_path(id))
         .await?;
     tracing::info!(job_id = id, "export cancelled");
-    let mut response = json_response(
+    Ok(json_response(
         StatusCode::ACCEPTED,
         FHIR_JSON,
         crate::fhir::OperationOutcome::information(format!(
             "export {id} cancelled; its files are removed"
         ))
         .to_json(),
-    );
-    *response.status_mut() = StatusCode::ACCEPTED;
-    Ok(response)
+    ))
 }
 
 async fn download(app: &App, path: &str) -> Result<Response, ApiError> {
@@ -347,6 +343,12 @@ async fn download(app: &App, path: &str) -> Result<Response, ApiError> {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     Ok(response)
+}
+
+fn empty_accepted() -> Response {
+    let mut response = Vec::<u8>::new().into_response();
+    *response.status_mut() = StatusCode::ACCEPTED;
+    response
 }
 
 fn header_value(text: &str) -> HeaderValue {

@@ -4,6 +4,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use azure_core::credentials::TokenCredential;
+use azure_identity::{
+    DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+    UserAssignedId,
+};
 use tokio::net::TcpListener;
 
 use crate::config::{Settings, SourceSetting, StorageSetting};
@@ -11,7 +16,7 @@ use crate::export::{enqueue_shards, worker, ExportError};
 use crate::jobs::{Change, JobStatus, JobStore, ShardStatus};
 use crate::queue::{spawn_workers, InProcessQueue, QueueReceiver, WorkQueue};
 use crate::source::{EmbeddedStore, ResourceSource};
-use crate::storage::{LocalFolder, ObjectStore};
+use crate::storage::{AzureBlob, LocalFolder, ObjectStore};
 
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]
@@ -26,21 +31,41 @@ pub struct App {
 impl App {
     /// Opens the source and storage named by the settings, with an in-process queue.
     pub fn open_local(settings: Settings) -> anyhow::Result<(App, QueueReceiver)> {
+        let (queue, receiver) = InProcessQueue::new();
+        Ok((App::open(settings, Arc::new(queue))?, receiver))
+    }
+
+    /// Opens the source and storage named by the settings, sending shards to `queue`.
+    pub fn open(settings: Settings, queue: Arc<dyn WorkQueue>) -> anyhow::Result<App> {
         let source: Arc<dyn ResourceSource> = match &settings.source {
             SourceSetting::Sqlite(path) => Arc::new(EmbeddedStore::open(path)?),
         };
         let storage: Arc<dyn ObjectStore> = match &settings.storage {
             StorageSetting::Folder(path) => Arc::new(LocalFolder::open(path)?),
+            StorageSetting::AzureBlob { url, sas } => {
+                let credential = if *sas {
+                    None
+                } else {
+                    Some(azure_credential()?)
+                };
+                Arc::new(AzureBlob::new(url, credential)?)
+            }
         };
-        let (queue, receiver) = InProcessQueue::new();
-        let app = App {
+        Ok(App {
             settings: Arc::new(settings),
             source,
             jobs: JobStore::new(storage.clone()),
             storage,
-            queue: Arc::new(queue),
-        };
-        Ok((app, receiver))
+            queue,
+        })
+    }
+
+    /// The same app sending its shards to another queue (one invocation's output binding).
+    pub fn with_queue(&self, queue: Arc<dyn WorkQueue>) -> App {
+        App {
+            queue,
+            ..self.clone()
+        }
     }
 
     /// Picks up the jobs a previous process left running: their unfinished shards are queued again.
@@ -58,6 +83,7 @@ impl App {
                     for (index, shard) in job.shards.iter_mut().enumerate() {
                         if shard.status != ShardStatus::Done {
                             shard.status = ShardStatus::Queued;
+                            shard.heartbeat = Some(chrono::Utc::now());
                             unfinished.push(index);
                         }
                     }
@@ -76,6 +102,68 @@ impl App {
             }
         }
         Ok(resumed)
+    }
+
+    /// Queues again the shards silent for longer than the stale limit: a worker that died while
+    /// running one, or a message that never arrived. A running shard past the restart cap fails
+    /// its job with a message naming the shard.
+    pub async fn sweep_stale(&self) -> Result<SweepReport, ExportError> {
+        let stale_after =
+            chrono::Duration::from_std(self.settings.stale_after).unwrap_or(chrono::Duration::MAX);
+        let max_attempts = self.settings.max_attempts;
+        let mut report = SweepReport::default();
+        for id in self.jobs.ids().await? {
+            let now = chrono::Utc::now();
+            let swept = self
+                .jobs
+                .update(&id, |job| {
+                    if job.status != JobStatus::Running {
+                        return Change::Keep((Vec::new(), false));
+                    }
+                    let mut requeue = Vec::new();
+                    let mut failure = None;
+                    for (index, shard) in job.shards.iter_mut().enumerate() {
+                        let silent = shard.heartbeat.is_none_or(|beat| now - beat >= stale_after);
+                        if shard.status == ShardStatus::Done || !silent {
+                            continue;
+                        }
+                        if shard.status == ShardStatus::Running && shard.attempts >= max_attempts {
+                            failure = Some(format!(
+                                "shard {index} ({}) stopped without a heartbeat {} times (the restart cap); the export is abandoned",
+                                shard.resource_type, shard.attempts
+                            ));
+                            break;
+                        }
+                        shard.status = ShardStatus::Queued;
+                        shard.heartbeat = Some(now);
+                        requeue.push(index);
+                    }
+                    if let Some(failure) = failure {
+                        job.status = JobStatus::Failed;
+                        job.failure = Some(failure);
+                        job.completed_at = Some(now);
+                        return Change::Write((Vec::new(), true));
+                    }
+                    if requeue.is_empty() {
+                        return Change::Keep((requeue, false));
+                    }
+                    Change::Write((requeue, false))
+                })
+                .await?;
+            let Some((requeue, failed)) = swept else {
+                continue;
+            };
+            if failed {
+                tracing::warn!(job_id = %id, "export failed: a shard passed the restart cap");
+                report.failed_jobs += 1;
+            }
+            if !requeue.is_empty() {
+                tracing::warn!(job_id = %id, shards = ?requeue, "stale shards queued again");
+                report.requeued_shards += requeue.len();
+                enqueue_shards(self.queue.as_ref(), &id, requeue).await?;
+            }
+        }
+        Ok(report)
     }
 
     /// Removes finished jobs past their retention: files first, then the job's state.
@@ -101,6 +189,46 @@ impl App {
     }
 }
 
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    pub requeued_shards: usize,
+    pub failed_jobs: usize,
+}
+
+impl std::fmt::Display for SweepReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} stale shard(s) queued again, {} export(s) failed at the restart cap",
+            self.requeued_shards, self.failed_jobs
+        )
+    }
+}
+
+/// The managed identity in Azure (user-assigned with `AZURE_CLIENT_ID`), the developer's sign-in
+/// (Azure CLI, azd) elsewhere.
+pub fn azure_credential() -> anyhow::Result<Arc<dyn TokenCredential>> {
+    let in_azure = [
+        "IDENTITY_ENDPOINT",
+        "MSI_ENDPOINT",
+        "FUNCTIONS_CUSTOMHANDLER_PORT",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some());
+    if !in_azure {
+        return Ok(DeveloperToolsCredential::new(None)?);
+    }
+    let options = std::env::var("AZURE_CLIENT_ID")
+        .ok()
+        .filter(|id| !id.trim().is_empty())
+        .map(|id| ManagedIdentityCredentialOptions {
+            user_assigned_id: Some(UserAssignedId::ClientId(id)),
+            ..Default::default()
+        });
+    Ok(ManagedIdentityCredential::new(options)?)
+}
+
 /// Serves the HTTP API on `listener` with `workers` shard workers until `shutdown` resolves.
 pub async fn serve_local(
     app: App,
@@ -119,9 +247,19 @@ pub async fn serve_local(
     let cleaner = {
         let app = app.clone();
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(std::time::Duration::from_secs(60));
+            let every = (app.settings.stale_after / 4).clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(60),
+            );
+            let mut ticks = tokio::time::interval(every);
+            ticks.tick().await;
             loop {
                 ticks.tick().await;
+                match app.sweep_stale().await {
+                    Ok(report) if report == SweepReport::default() => {}
+                    Ok(report) => tracing::warn!(%report, "stale work swept"),
+                    Err(error) => tracing::warn!(%error, "could not sweep stale work"),
+                }
                 match app.remove_expired().await {
                     Ok(0) => {}
                     Ok(removed) => tracing::info!(removed, "removed expired exports"),

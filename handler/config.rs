@@ -16,6 +16,11 @@ pub enum SourceSetting {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageSetting {
     Folder(PathBuf),
+    /// An Azure Blob account URL; with a SAS in its query no other credential is used.
+    AzureBlob {
+        url: String,
+        sas: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -86,13 +91,36 @@ pub fn parse_source(value: &str) -> Result<SourceSetting, SettingError> {
     Ok(SourceSetting::Sqlite(PathBuf::from(path)))
 }
 
-/// `EXPORT_STORAGE`: `file:DIR` (a bare path means the same).
+/// `EXPORT_STORAGE`: `file:DIR` (a bare path means the same), `https://{account}.blob.core.windows.net`,
+/// or an account URL with a SAS (`http://` only with a SAS, as for Azurite).
 pub fn parse_storage(value: &str) -> Result<StorageSetting, SettingError> {
     if value.starts_with("http://") || value.starts_with("https://") {
-        return Err(bad(
-            "EXPORT_STORAGE",
-            format!("{value:?}: Azure Blob storage is not available in this version; use file:DIR"),
-        ));
+        let (base, query) = value.split_once('?').unwrap_or((value, ""));
+        let sas = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "sig");
+        if !sas && !query.is_empty() {
+            return Err(bad(
+                "EXPORT_STORAGE",
+                "the URL has a query but no SAS signature (sig=)",
+            ));
+        }
+        if !sas && value.starts_with("http://") {
+            return Err(bad(
+                "EXPORT_STORAGE",
+                format!(
+                    "{base}: plain http needs a SAS in the URL; tokens are only sent over https"
+                ),
+            ));
+        }
+        if base.trim_end_matches('/').matches('/').count() > 3 || value.contains('#') {
+            return Err(bad(
+                "EXPORT_STORAGE",
+                format!("{base}: give the account URL, without a container"),
+            ));
+        }
+        return Ok(StorageSetting::AzureBlob {
+            url: value.to_string(),
+            sas,
+        });
     }
     let path = value.strip_prefix("file:").unwrap_or(value);
     if path.is_empty() {
@@ -137,10 +165,27 @@ mod tests {
             parse_storage("file:./e").unwrap(),
             StorageSetting::Folder("./e".into())
         );
-        assert!(parse_storage("https://a.blob.core.windows.net")
-            .unwrap_err()
-            .to_string()
-            .contains("EXPORT_STORAGE"));
+        assert_eq!(
+            parse_storage("https://a.blob.core.windows.net").unwrap(),
+            StorageSetting::AzureBlob {
+                url: "https://a.blob.core.windows.net".into(),
+                sas: false
+            }
+        );
+        assert!(matches!(
+            parse_storage("http://127.0.0.1:10000/devstoreaccount1?sv=1&sig=x").unwrap(),
+            StorageSetting::AzureBlob { sas: true, .. }
+        ));
+        for bad in [
+            "http://a.blob.core.windows.net",
+            "https://a.blob.core.windows.net/c/d/e",
+            "https://a.blob.core.windows.net?x=1",
+        ] {
+            assert!(parse_storage(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("EXPORT_STORAGE"));
+        }
         assert!(check_file_max_bytes(10)
             .unwrap_err()
             .to_string()

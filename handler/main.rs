@@ -13,8 +13,16 @@ use fhir_export::source::{import, EmbeddedStore};
 #[derive(Parser)]
 #[command(name = "handler", version, about = "FHIR Bulk Data $export service")]
 struct Cli {
+    /// Without a command: custom-handler mode when FUNCTIONS_CUSTOMHANDLER_PORT is set.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// Custom-handler mode takes its settings from the environment (the Function App's settings).
+#[derive(Parser)]
+struct FromEnvironment {
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -47,6 +55,14 @@ enum Command {
         seed: u64,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Write the Azure Functions deployment zip: this binary, host.json, one folder per function.
+    Package {
+        #[arg(long, default_value = "app.zip")]
+        out: PathBuf,
+        /// The binary to ship as `handler` (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
 }
 
@@ -142,7 +158,28 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        if let Ok(port) = std::env::var("FUNCTIONS_CUSTOMHANDLER_PORT") {
+            return custom_handler(&port);
+        }
+        <Cli as clap::CommandFactory>::command().print_help()?;
+        return Ok(ExitCode::from(2));
+    };
+    match command {
+        Command::Package { out, binary } => {
+            let binary = match binary {
+                Some(binary) => binary,
+                None => std::env::current_exe()?,
+            };
+            let summary = fhir_export::package::write_package(&out, &binary)?;
+            println!(
+                "wrote {} ({:.1} MB): {}",
+                out.display(),
+                summary.bytes as f64 / 1e6,
+                summary.entries.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Import { paths, store } => {
             let SourceSetting::Sqlite(path) = config::parse_source(&store.source)?;
             let store = EmbeddedStore::open(path)?;
@@ -234,8 +271,32 @@ fn import_files(store: &EmbeddedStore, paths: &[PathBuf]) -> anyhow::Result<bool
     Ok(report.failed.is_empty())
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings {
+/// Under the Functions host: settings from the environment, no in-process workers.
+fn custom_handler(port: &str) -> anyhow::Result<ExitCode> {
+    let port: u16 = port.trim().parse().map_err(|_| {
+        anyhow::anyhow!("setting FUNCTIONS_CUSTOMHANDLER_PORT: {port:?} is not a port number")
+    })?;
+    let args = FromEnvironment::try_parse_from(["handler"])?.serve;
+    let settings = settings_from(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let app = App::open(settings, std::sync::Arc::new(fhir_export::invoke::NoQueue))?;
+        let listener =
+            tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+        tracing::info!(port, "custom handler listening for the Functions host");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        fhir_export::invoke::serve_custom_handler(app, listener, shutdown).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
+    Ok(Settings {
         source: config::parse_source(&args.store.source)?,
         storage: config::parse_storage(&args.exports)?,
         file_max_bytes: config::check_file_max_bytes(args.file_max_bytes)?,
@@ -248,7 +309,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .as_deref()
             .map(config::check_base_url)
             .transpose()?,
-    };
+    })
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let settings = settings_from(&args)?;
     let SourceSetting::Sqlite(store_path) = &settings.source;
     let store = EmbeddedStore::open(store_path)?;
     if !args.data.is_empty() && !import_files(&store, &args.data)? {

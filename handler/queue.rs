@@ -63,6 +63,9 @@ impl WorkQueue for InProcessQueue {
     }
 }
 
+/// The pause before a message whose outcome could not be recorded is run again.
+const RETRY_UNRECORDED: Duration = Duration::from_secs(5);
+
 /// Starts `count` workers taking shards from `receiver` until the queue closes (0: an API-only node).
 pub fn spawn_workers(
     app: App,
@@ -77,7 +80,10 @@ pub fn spawn_workers(
                     let Some(message) = receiver.lock().await.recv().await else {
                         return;
                     };
-                    worker::handle_message(&app, &message).await;
+                    if worker::handle_message(&app, &message).await.is_err() {
+                        // The job store could not be reached; try again in a while.
+                        let _ = app.queue.enqueue_later(message, RETRY_UNRECORDED).await;
+                    }
                 }
             })
         })

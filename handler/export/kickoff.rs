@@ -46,7 +46,7 @@ pub async fn start(
             resource_type,
             status: ShardStatus::Queued,
             attempts: 0,
-            heartbeat: None,
+            heartbeat: Some(transaction_time),
             outputs: Vec::new(),
         })
         .collect::<Vec<_>>();

@@ -18,17 +18,21 @@ use crate::source::{ScanError, ScanRequest, SinkError};
 use crate::storage::{OutputFile, RollingNdjsonWriter};
 
 /// Runs one queue message; failures are retried up to the restart cap, then fail the job.
-pub async fn handle_message(app: &App, message: &ShardMessage) {
+/// An error means not even the failure could be recorded: the message must be delivered again.
+pub async fn handle_message(app: &App, message: &ShardMessage) -> Result<(), ExportError> {
     let span = tracing::info_span!("shard", job_id = %message.job_id, shard = message.shard);
     async {
         match run_shard(app, message).await {
-            Ok(()) => {}
-            Err(ExportError::Cancelled(_)) => tracing::info!("shard stopped: export cancelled"),
+            Ok(()) => Ok(()),
+            Err(ExportError::Cancelled(_)) => {
+                tracing::info!("shard stopped: export cancelled");
+                Ok(())
+            }
             Err(error) => {
                 tracing::warn!(%error, "shard failed");
-                if let Err(record_error) = record_failure(app, message, &error).await {
-                    tracing::error!(%record_error, "could not record the shard failure");
-                }
+                record_failure(app, message, &error).await.inspect_err(
+                    |record_error| tracing::error!(%record_error, "could not record the shard failure"),
+                )
             }
         }
     }
@@ -307,6 +311,7 @@ async fn record_failure(
             }
             if shard.attempts < max_attempts {
                 shard.status = ShardStatus::Queued;
+                shard.heartbeat = Some(Utc::now());
                 return Change::Write(true);
             }
             job.status = JobStatus::Failed;

@@ -25,7 +25,7 @@ use crate::fhir::IssueType;
 use crate::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
 
 /// Largest request body accepted (a kickoff `Parameters` resource).
-const MAX_BODY_BYTES: usize = 1 << 20;
+pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// How much of an oversized body is read and dropped before answering 413.
 const DRAIN_BYTES: usize = 16 << 20;
 const FHIR_JSON: &str = "application/fhir+json";

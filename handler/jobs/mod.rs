@@ -38,6 +38,7 @@ pub struct Shard {
     pub stem: String,
     pub status: ShardStatus,
     pub attempts: u32,
+    /// The last sign of life: when the shard was queued, or the running worker's last beat.
     pub heartbeat: Option<DateTime<Utc>>,
     pub outputs: Vec<OutputFile>,
 }

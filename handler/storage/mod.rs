@@ -3,12 +3,14 @@
 //! Paths are `container/name/...`: plain segments, no `.`/`..`, no empty segment, no backslash.
 //! Objects written through an `ObjectWriter` become visible only when committed.
 
+pub mod azure;
 pub mod local;
 pub mod rolling;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use azure::AzureBlob;
 pub use local::LocalFolder;
 pub use rolling::{OutputFile, RollingNdjsonWriter};
 
@@ -34,6 +36,10 @@ pub enum StorageError {
     NotFound(String),
     #[error("invalid storage path {0:?}")]
     InvalidPath(String),
+    #[error("{path}: the storage account refused access ({detail}); the app's identity needs the Storage Blob Data Contributor role on the account, and the account's firewall must let the app in")]
+    Denied { path: String, detail: String },
+    #[error("{path}: the storage request failed ({detail})")]
+    Service { path: String, detail: String },
     #[error("{path}: {source}")]
     Io {
         path: String,

@@ -1,6 +1,8 @@
 //! Test support: the sample data, a real server on 127.0.0.1:0, and a Bulk Data client loop.
 #![allow(dead_code)]
 
+pub mod azurite;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -1,0 +1,432 @@
+//! Azure Blob Storage (and ADLS Gen2) behind `ObjectStore`, through the official SDK.
+//!
+//! A path's first segment is the container, the rest the blob name. Files are streamed as staged
+//! blocks with deterministic ids (a redelivered shard stages the same ids again) and appear whole
+//! when the block list is committed. Containers are created on first use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use azure_core::credentials::TokenCredential;
+use azure_core::error::ErrorKind;
+use azure_core::http::{NoFormat, RequestContent, StatusCode, Url};
+use azure_storage_blob::models::{
+    BlobContainerClientListBlobsOptions, BlockBlobClientUploadOptions, BlockLookupList,
+};
+use azure_storage_blob::{BlobClient, BlobContainerClient};
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{StreamExt, TryStreamExt};
+
+use super::{validate_path, ByteStream, ETag, ObjectStore, ObjectWriter, PutMode, StorageError};
+
+/// Blocks being staged at once by one writer.
+const BLOCKS_IN_FLIGHT: usize = 4;
+
+pub struct AzureBlob {
+    account_url: Url,
+    credential: Option<Arc<dyn TokenCredential>>,
+    containers: Mutex<HashMap<String, ContainerState>>,
+}
+
+#[derive(Clone)]
+struct ContainerState {
+    client: Arc<BlobContainerClient>,
+    exists: bool,
+}
+
+impl AzureBlob {
+    /// `account_url`: `https://{account}.blob.core.windows.net` with a credential, or any URL carrying
+    /// a SAS in its query (then `credential` is `None`).
+    pub fn new(
+        account_url: &str,
+        credential: Option<Arc<dyn TokenCredential>>,
+    ) -> Result<Self, StorageError> {
+        let account_url = Url::parse(account_url).map_err(|e| StorageError::Service {
+            path: String::new(),
+            detail: format!("invalid account URL: {e}"),
+        })?;
+        Ok(Self {
+            account_url,
+            credential,
+            containers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn container(&self, name: &str) -> Result<ContainerState, StorageError> {
+        let mut containers = self.containers.lock().expect("container cache");
+        if let Some(state) = containers.get(name) {
+            return Ok(state.clone());
+        }
+        let mut url = self.account_url.clone();
+        url.path_segments_mut()
+            .map_err(|_| StorageError::InvalidPath(name.to_string()))?
+            .pop_if_empty()
+            .push(name);
+        let client = BlobContainerClient::new(url, self.credential.clone(), None)
+            .map_err(|e| service_error(name, e))?;
+        let state = ContainerState {
+            client: Arc::new(client),
+            exists: false,
+        };
+        containers.insert(name.to_string(), state.clone());
+        Ok(state)
+    }
+
+    /// Creates the container unless this process has seen it already.
+    async fn ensure_container(&self, name: &str) -> Result<Arc<BlobContainerClient>, StorageError> {
+        let state = self.container(name)?;
+        if state.exists {
+            return Ok(state.client);
+        }
+        match state.client.create(None).await {
+            Ok(_) => {}
+            Err(e) if e.http_status() == Some(StatusCode::Conflict) => {}
+            Err(e) => return Err(to_storage_error(name, e)),
+        }
+        if let Some(state) = self
+            .containers
+            .lock()
+            .expect("container cache")
+            .get_mut(name)
+        {
+            state.exists = true;
+        }
+        Ok(state.client)
+    }
+
+    fn forget_container(&self, name: &str) {
+        if let Some(state) = self
+            .containers
+            .lock()
+            .expect("container cache")
+            .get_mut(name)
+        {
+            state.exists = false;
+        }
+    }
+
+    fn blob(&self, path: &str) -> Result<(String, BlobClient), StorageError> {
+        let (container, name) = split(path)?;
+        let name = name.ok_or_else(|| StorageError::InvalidPath(path.to_string()))?;
+        let client = self.container(container)?.client.blob_client(name);
+        Ok((container.to_string(), client))
+    }
+
+    /// Names (without the container) of the blobs equal to `name` or under `name/`; all with `None`.
+    async fn blob_names(
+        &self,
+        container: &BlobContainerClient,
+        path: &str,
+        name: Option<&str>,
+    ) -> Result<Vec<String>, StorageError> {
+        let options = BlobContainerClientListBlobsOptions {
+            prefix: name.map(str::to_string),
+            ..Default::default()
+        };
+        let mut pager = container
+            .list_blobs(Some(options))
+            .map_err(|e| to_storage_error(path, e))?;
+        let mut names = Vec::new();
+        loop {
+            match pager.try_next().await {
+                Ok(Some(item)) => {
+                    let Some(found) = item.name else { continue };
+                    let wanted = match name {
+                        None => true,
+                        Some(name) => {
+                            found == name
+                                || found
+                                    .strip_prefix(name)
+                                    .is_some_and(|rest| rest.starts_with('/'))
+                        }
+                    };
+                    if wanted {
+                        names.push(found);
+                    }
+                }
+                Ok(None) => return Ok(names),
+                Err(e) if is_container_missing(&e) => return Ok(Vec::new()),
+                Err(e) => return Err(to_storage_error(path, e)),
+            }
+        }
+    }
+}
+
+fn split(path: &str) -> Result<(&str, Option<&str>), StorageError> {
+    validate_path(path)?;
+    Ok(match path.split_once('/') {
+        Some((container, name)) => (container, Some(name)),
+        None => (path, None),
+    })
+}
+
+fn error_code(error: &azure_core::Error) -> Option<&str> {
+    match error.kind() {
+        ErrorKind::HttpResponse { error_code, .. } => error_code.as_deref(),
+        _ => None,
+    }
+}
+
+fn is_container_missing(error: &azure_core::Error) -> bool {
+    error.http_status() == Some(StatusCode::NotFound)
+        && error_code(error).is_none_or(|code| code == "ContainerNotFound")
+}
+
+fn service_error(path: &str, error: azure_core::Error) -> StorageError {
+    StorageError::Service {
+        path: path.to_string(),
+        detail: describe(&error),
+    }
+}
+
+/// The status and the service's error code, never the raw XML body.
+fn describe(error: &azure_core::Error) -> String {
+    match error.kind() {
+        ErrorKind::HttpResponse {
+            status, error_code, ..
+        } => match error_code {
+            Some(code) => format!("HTTP {} {code}", u16::from(*status)),
+            None => format!("HTTP {}", u16::from(*status)),
+        },
+        ErrorKind::Connection => format!("cannot reach the storage account: {error}"),
+        ErrorKind::Credential => format!("cannot get a token for the storage account: {error}"),
+        _ => error.to_string(),
+    }
+}
+
+fn to_storage_error(path: &str, error: azure_core::Error) -> StorageError {
+    match error.http_status() {
+        Some(StatusCode::NotFound) => StorageError::NotFound(path.to_string()),
+        Some(StatusCode::PreconditionFailed) => StorageError::PreconditionFailed(path.to_string()),
+        Some(StatusCode::Conflict) if error_code(&error) == Some("BlobAlreadyExists") => {
+            StorageError::PreconditionFailed(path.to_string())
+        }
+        Some(StatusCode::Forbidden | StatusCode::Unauthorized) => StorageError::Denied {
+            path: path.to_string(),
+            detail: describe(&error),
+        },
+        _ if matches!(error.kind(), ErrorKind::Credential) => StorageError::Denied {
+            path: path.to_string(),
+            detail: describe(&error),
+        },
+        _ => service_error(path, error),
+    }
+}
+
+#[async_trait]
+impl ObjectStore for AzureBlob {
+    async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError> {
+        let (_, blob) = self.blob(path)?;
+        let downloaded = match blob.download(None).await {
+            Ok(downloaded) => downloaded,
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(None),
+            Err(e) => return Err(to_storage_error(path, e)),
+        };
+        let etag = downloaded.properties.etag.clone();
+        let body = downloaded
+            .body
+            .collect()
+            .await
+            .map_err(|e| to_storage_error(path, e))?;
+        let etag = etag.map(|t| ETag(t.to_string())).unwrap_or_else(|| {
+            // The service always sends one; an absent tag can never match.
+            ETag(String::new())
+        });
+        Ok(Some((body, etag)))
+    }
+
+    async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError> {
+        let (container, blob) = self.blob(path)?;
+        let options = || BlockBlobClientUploadOptions {
+            if_none_match: matches!(mode, PutMode::Create).then(|| "*".into()),
+            if_match: match &mode {
+                PutMode::Update(etag) => Some(etag.0.clone().into()),
+                _ => None,
+            },
+            ..Default::default()
+        };
+        let mut created_container = false;
+        loop {
+            match blob
+                .upload(
+                    <RequestContent<Bytes, NoFormat> as From<Bytes>>::from(data.clone()),
+                    Some(options()),
+                )
+                .await
+            {
+                Ok(uploaded) => {
+                    return Ok(ETag(
+                        uploaded.etag.map(|t| t.to_string()).unwrap_or_default(),
+                    ))
+                }
+                Err(e) if is_container_missing(&e) && !created_container => {
+                    self.forget_container(&container);
+                    self.ensure_container(&container).await?;
+                    created_container = true;
+                }
+                Err(e) => return Err(to_storage_error(path, e)),
+            }
+        }
+    }
+
+    async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let (container, _) = split(path)?;
+        self.ensure_container(container).await?;
+        let (_, blob) = self.blob(path)?;
+        Ok(Box::new(BlobWriter {
+            path: path.to_string(),
+            blob: Arc::new(blob),
+            block_ids: Vec::new(),
+            in_flight: FuturesUnordered::new(),
+        }))
+    }
+
+    async fn read_stream(&self, path: &str) -> Result<Option<(u64, ByteStream)>, StorageError> {
+        let (_, blob) = self.blob(path)?;
+        let downloaded = match blob.download(None).await {
+            Ok(downloaded) => downloaded,
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(None),
+            Err(e) => return Err(to_storage_error(path, e)),
+        };
+        // A large blob comes in ranges: its whole size is in the first range's Content-Range.
+        let size = downloaded
+            .headers
+            .get_optional_str(&azure_core::http::headers::HeaderName::from_static(
+                "content-range",
+            ))
+            .and_then(|range| range.rsplit('/').next()?.parse().ok())
+            .or(downloaded.properties.content_length)
+            .unwrap_or(0);
+        // The SDK's body is Send but not Sync: hand it over through a bounded channel.
+        let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+        let mut body = downloaded.body;
+        tokio::spawn(async move {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(std::io::Error::other);
+                let failed = chunk.is_err();
+                if sender.send(chunk).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Some((
+            size,
+            Box::pin(tokio_stream_from(receiver)) as ByteStream,
+        )))
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        let (container_name, name) = split(prefix)?;
+        let container = self.container(container_name)?.client;
+        if name.is_none() {
+            return match container.delete(None).await {
+                Ok(_) => {
+                    self.forget_container(container_name);
+                    Ok(())
+                }
+                Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(()),
+                Err(e) => Err(to_storage_error(prefix, e)),
+            };
+        }
+        for blob_name in self.blob_names(&container, prefix, name).await? {
+            match container.blob_client(&blob_name).delete(None).await {
+                Ok(_) => {}
+                Err(e) if e.http_status() == Some(StatusCode::NotFound) => {}
+                Err(e) => return Err(to_storage_error(prefix, e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let (container_name, name) = split(prefix)?;
+        let container = self.container(container_name)?.client;
+        let mut paths: Vec<String> = self
+            .blob_names(&container, prefix, name)
+            .await?
+            .into_iter()
+            .map(|blob| format!("{container_name}/{blob}"))
+            .collect();
+        paths.sort();
+        Ok(paths)
+    }
+}
+
+fn tokio_stream_from(
+    mut receiver: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Sync {
+    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+type StageFuture = futures_util::future::BoxFuture<'static, Result<(), StorageError>>;
+
+struct BlobWriter {
+    path: String,
+    blob: Arc<BlobClient>,
+    block_ids: Vec<Vec<u8>>,
+    in_flight: FuturesUnordered<StageFuture>,
+}
+
+impl BlobWriter {
+    async fn drain(&mut self) -> Result<(), StorageError> {
+        while let Some(staged) = self.in_flight.next().await {
+            staged?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectWriter for BlobWriter {
+    async fn write(&mut self, data: Bytes) -> Result<(), StorageError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        // Same length for every id, as the service requires; the same ids on a rerun.
+        let block_id = format!("block-{:08}", self.block_ids.len()).into_bytes();
+        self.block_ids.push(block_id.clone());
+        let (blob, path) = (self.blob.clone(), self.path.clone());
+        self.in_flight.push(Box::pin(async move {
+            let length = data.len() as u64;
+            blob.block_blob_client()
+                .stage_block(
+                    &block_id,
+                    length,
+                    <RequestContent<Bytes, NoFormat> as From<Bytes>>::from(data),
+                    None,
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| to_storage_error(&path, e))
+        }));
+        if self.in_flight.len() >= BLOCKS_IN_FLIGHT {
+            if let Some(staged) = self.in_flight.next().await {
+                staged?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
+        self.drain().await?;
+        let blocks = BlockLookupList {
+            latest: Some(std::mem::take(&mut self.block_ids)),
+            ..Default::default()
+        };
+        let content = RequestContent::try_from(blocks).map_err(|e| service_error(&self.path, e))?;
+        self.blob
+            .block_blob_client()
+            .commit_block_list(content, None)
+            .await
+            .map_err(|e| to_storage_error(&self.path, e))?;
+        Ok(())
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<(), StorageError> {
+        // Uncommitted blocks are discarded by the service; nothing became visible.
+        let _ = self.drain().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,236 @@
+//! One conformance suite for every `ObjectStore`: the local folder and Azure Blob (on Azurite).
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::azurite;
+use fhir_export::storage::{AzureBlob, LocalFolder, ObjectStore, PutMode, StorageError};
+use futures_util::StreamExt;
+
+async fn read_all(store: &dyn ObjectStore, path: &str) -> Option<Vec<u8>> {
+    let (size, mut stream) = store.read_stream(path).await.unwrap()?;
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        data.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(
+        size,
+        data.len() as u64,
+        "{path}: size and streamed bytes differ"
+    );
+    Some(data)
+}
+
+/// Everything the exporter relies on; `c` is a container no one else uses.
+async fn conformance(store: Arc<dyn ObjectStore>, c: &str) {
+    let doc = format!("{c}/jobs/1/job.json");
+
+    // Absent objects.
+    assert!(store.get(&doc).await.unwrap().is_none());
+    assert!(store.read_stream(&doc).await.unwrap().is_none());
+    assert!(store.list(&format!("{c}/jobs")).await.unwrap().is_empty());
+    store.delete_prefix(&format!("{c}/nothing")).await.unwrap();
+
+    // Create only once; update only the version read; a stale version is refused.
+    let first = store
+        .put(&doc, Bytes::from_static(b"{\"v\":1}"), PutMode::Create)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .put(&doc, Bytes::from_static(b"x"), PutMode::Create)
+            .await,
+        Err(StorageError::PreconditionFailed(_))
+    ));
+    let (bytes, etag) = store.get(&doc).await.unwrap().unwrap();
+    assert_eq!(&bytes[..], b"{\"v\":1}");
+    assert_eq!(etag, first);
+    let second = store
+        .put(
+            &doc,
+            Bytes::from_static(b"{\"v\":2}"),
+            PutMode::Update(etag.clone()),
+        )
+        .await
+        .unwrap();
+    assert_ne!(second, first);
+    assert!(matches!(
+        store
+            .put(
+                &doc,
+                Bytes::from_static(b"{\"v\":3}"),
+                PutMode::Update(etag)
+            )
+            .await,
+        Err(StorageError::PreconditionFailed(_))
+    ));
+    assert_eq!(&store.get(&doc).await.unwrap().unwrap().0[..], b"{\"v\":2}");
+    store
+        .put(&doc, Bytes::from_static(b"{\"v\":4}"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(&store.get(&doc).await.unwrap().unwrap().0[..], b"{\"v\":4}");
+
+    // Compare-and-swap under contention: no update is lost.
+    let counter = format!("{c}/jobs/counter.json");
+    store
+        .put(&counter, Bytes::from_static(b"0"), PutMode::Create)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (store, counter) = (store.clone(), counter.clone());
+            tokio::spawn(async move {
+                for _ in 0..4 {
+                    loop {
+                        let (bytes, etag) = store.get(&counter).await.unwrap().unwrap();
+                        let n: u64 = std::str::from_utf8(&bytes).unwrap().parse().unwrap();
+                        let next = Bytes::from((n + 1).to_string());
+                        match store.put(&counter, next, PutMode::Update(etag)).await {
+                            Ok(_) => break,
+                            Err(StorageError::PreconditionFailed(_)) => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(&store.get(&counter).await.unwrap().unwrap().0[..], b"24");
+
+    // A streamed file appears whole on commit, never before; blocks of several MiB in a row.
+    let file = format!("{c}/export-1/Observation-1.ndjson");
+    let blocks: Vec<Vec<u8>> = (0..6u8)
+        .map(|i| vec![b'a' + i; if i == 5 { 1234 } else { 3 << 20 }])
+        .collect();
+    let mut writer = store.writer(&file).await.unwrap();
+    for block in &blocks {
+        writer.write(Bytes::from(block.clone())).await.unwrap();
+        assert!(
+            store.read_stream(&file).await.unwrap().is_none(),
+            "visible before commit"
+        );
+    }
+    writer.commit().await.unwrap();
+    assert_eq!(
+        read_all(store.as_ref(), &file).await.unwrap(),
+        blocks.concat()
+    );
+
+    // A rewrite replaces the file only on commit; an aborted one leaves the old one.
+    let mut rewrite = store.writer(&file).await.unwrap();
+    rewrite.write(Bytes::from_static(b"new\n")).await.unwrap();
+    assert_eq!(
+        read_all(store.as_ref(), &file).await.unwrap().len(),
+        blocks.concat().len()
+    );
+    rewrite.commit().await.unwrap();
+    assert_eq!(read_all(store.as_ref(), &file).await.unwrap(), b"new\n");
+    let mut aborted = store.writer(&file).await.unwrap();
+    aborted.write(Bytes::from_static(b"lost\n")).await.unwrap();
+    aborted.abort().await.unwrap();
+    assert_eq!(read_all(store.as_ref(), &file).await.unwrap(), b"new\n");
+    let never = format!("{c}/export-1/Never-1.ndjson");
+    let mut aborted = store.writer(&never).await.unwrap();
+    aborted.write(Bytes::from_static(b"lost\n")).await.unwrap();
+    aborted.abort().await.unwrap();
+    assert!(store.read_stream(&never).await.unwrap().is_none());
+
+    // An empty committed file exists and is empty.
+    let empty = format!("{c}/export-1/Empty-1.ndjson");
+    store.writer(&empty).await.unwrap().commit().await.unwrap();
+    assert_eq!(read_all(store.as_ref(), &empty).await.unwrap(), b"");
+
+    // Listing: sorted, nested, and `x` does not match `x1`.
+    for name in [
+        "export-1/sub/Patient-1.ndjson",
+        "export-10/Patient-1.ndjson",
+    ] {
+        store
+            .put(
+                &format!("{c}/{name}"),
+                Bytes::from_static(b"{}\n"),
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.list(&format!("{c}/export-1")).await.unwrap(),
+        [
+            format!("{c}/export-1/Empty-1.ndjson"),
+            format!("{c}/export-1/Observation-1.ndjson"),
+            format!("{c}/export-1/sub/Patient-1.ndjson"),
+        ]
+    );
+    assert_eq!(store.list(c).await.unwrap().len(), 6);
+
+    // Deleting a file, then a folder, leaves the neighbours.
+    store.delete_prefix(&empty).await.unwrap();
+    assert!(store.read_stream(&empty).await.unwrap().is_none());
+    store.delete_prefix(&format!("{c}/export-1")).await.unwrap();
+    assert!(store
+        .list(&format!("{c}/export-1"))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.list(&format!("{c}/export-10")).await.unwrap(),
+        [format!("{c}/export-10/Patient-1.ndjson")]
+    );
+    assert!(store.get(&doc).await.unwrap().is_some());
+
+    // Paths cannot escape or be empty.
+    for bad in ["", "../x", &format!("{c}/../x"), &format!("{c}//x")] {
+        assert!(
+            matches!(store.get(bad).await, Err(StorageError::InvalidPath(_))),
+            "{bad:?}"
+        );
+    }
+
+    // The whole container goes.
+    store.delete_prefix(c).await.unwrap();
+    assert!(store.list(c).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn local_folder_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalFolder::open(dir.path()).unwrap());
+    conformance(store, "exports").await;
+}
+
+#[tokio::test]
+async fn azure_blob_conforms_on_azurite() {
+    let store = Arc::new(AzureBlob::new(&azurite::sas_url(), None).unwrap());
+    conformance(store, &azurite::unique_container("conformance")).await;
+}
+
+#[tokio::test]
+async fn azure_blob_refusal_is_a_clear_error() {
+    // No SAS: Azurite answers 403, as Azure does without a role assignment or past the firewall.
+    azurite::require_azurite();
+    let unsigned = format!("{}?sv=2021-08-06&sig=wrong", azurite::account_url());
+    let store = AzureBlob::new(&unsigned, None).unwrap();
+    let error = store
+        .put(
+            "denied/x.json",
+            Bytes::from_static(b"{}"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, StorageError::Denied { .. }), "{message}");
+    assert!(message.contains("HTTP 403"), "{message}");
+    assert!(
+        message.contains("Storage Blob Data Contributor"),
+        "{message}"
+    );
+    assert!(!message.contains('<'), "raw XML in {message}");
+}

@@ -239,10 +239,14 @@ pub async fn serve_local(
     // Held here too, so that an API-only node (no workers) still accepts work into its queue.
     let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
     let workers = spawn_workers(app.clone(), receiver.clone(), app.settings.workers);
-    match app.resume_unfinished().await {
-        Ok(0) => {}
-        Ok(resumed) => tracing::info!(resumed, "resumed unfinished exports"),
-        Err(error) => tracing::error!(%error, "could not resume unfinished exports"),
+    // Shared storage (Azure Blob) may hold other processes' running work: the sweeper takes over
+    // what went silent there, rather than resuming everything at once.
+    if matches!(app.settings.storage, StorageSetting::Folder(_)) {
+        match app.resume_unfinished().await {
+            Ok(0) => {}
+            Ok(resumed) => tracing::info!(resumed, "resumed unfinished exports"),
+            Err(error) => tracing::error!(%error, "could not resume unfinished exports"),
+        }
     }
     let cleaner = {
         let app = app.clone();

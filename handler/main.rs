@@ -147,6 +147,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,warp=warn,hyper=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(code) => code,

@@ -1,1 +1,737 @@
+//! The Azure Functions contract: the real `handler` binary in custom-handler mode, sent exactly the
+//! payloads the Functions host sends (HTTP in payload mode, Service Bus trigger with Metadata, timer,
+//! forwarded HTTP), writing to Azure Blob storage on Azurite through the Azure SDK.
 
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::azurite;
+use fhir_export::jobs::{Change, JobStore, ShardStatus};
+use fhir_export::storage::{AzureBlob, ObjectStore};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+/// The public address clients use; the host would route it to the handler.
+const PUBLIC: &str = "https://fhir-export.example.net";
+
+struct Handler {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `handler` as the Functions host does: no arguments, `FUNCTIONS_CUSTOMHANDLER_PORT` set.
+async fn start_handler(storage: &str, extra: &[(&str, &str)]) -> Handler {
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+        .env(
+            "FHIR_SOURCE",
+            format!("sqlite:{}", common::sample_store().display()),
+        )
+        .env("EXPORT_STORAGE", storage)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (name, value) in extra {
+        command.env(name, value);
+    }
+    let handler = Handler {
+        child: command.spawn().unwrap(),
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    // The host's readiness probe: any answer on the port.
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if let Ok(response) = client.get(format!("{}/", handler.base)).send().await {
+            assert_eq!(response.status(), 200);
+            return handler;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the handler did not start listening");
+}
+
+fn sys(function: &str) -> Value {
+    json!({
+        "MethodName": function,
+        "UtcNow": chrono::Utc::now().to_rfc3339(),
+        "RandGuid": uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// The payload the host sends for an HTTP trigger that has other output bindings.
+fn http_payload(
+    function: &str,
+    method: &str,
+    path_and_query: &str,
+    headers: Value,
+    body: &str,
+) -> Value {
+    let url = format!("{PUBLIC}{path_and_query}");
+    let query: HashMap<String, String> = url
+        .split_once('?')
+        .map(|(_, q)| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    json!({
+        "Data": {
+            "req": {
+                "Url": url,
+                "Method": method,
+                "Query": query,
+                "Headers": headers,
+                "Params": {},
+                "Body": body,
+            }
+        },
+        "Metadata": { "sys": sys(function) }
+    })
+}
+
+fn kickoff_headers() -> Value {
+    json!({
+        "Accept": ["application/fhir+json"],
+        "Prefer": ["respond-async"],
+        "Host": ["fhir-export.example.net"],
+    })
+}
+
+/// A Service Bus trigger payload; the body arrives as the host gives it: a JSON string.
+fn service_bus_payload(message: &Value, delivery_count: Value) -> Value {
+    json!({
+        "Data": { "message": message },
+        "Metadata": {
+            "DeliveryCount": delivery_count,
+            "MessageId": uuid::Uuid::new_v4().simple().to_string(),
+            "EnqueuedTimeUtc": chrono::Utc::now().to_rfc3339(),
+            "sys": sys("ShardWorker"),
+        }
+    })
+}
+
+fn timer_payload() -> Value {
+    json!({
+        "Data": { "timer": { "Schedule": { "AdjustForDST": true }, "ScheduleStatus": null, "IsPastDue": false } },
+        "Metadata": { "sys": sys("StaleSweeper") }
+    })
+}
+
+async fn invoke(handler: &Handler, function: &str, payload: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/{function}", handler.base))
+        .json(payload)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert!(body["Outputs"].is_object(), "{body}");
+    assert!(body["Logs"].is_array(), "{body}");
+    assert!(
+        body.as_object().unwrap().contains_key("ReturnValue"),
+        "{body}"
+    );
+    (status, body)
+}
+
+/// Kicks off through the payload protocol; returns the job id and the shard messages.
+async fn kickoff(handler: &Handler, function: &str, path_and_query: &str) -> (String, Vec<Value>) {
+    let (status, body) = invoke(
+        handler,
+        function,
+        &http_payload(function, "GET", path_and_query, kickoff_headers(), ""),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let res = &body["Outputs"]["res"];
+    assert_eq!(res["statusCode"], 202, "{body}");
+    let location = res["headers"]["content-location"].as_str().unwrap();
+    let id = location
+        .strip_prefix(&format!("{PUBLIC}/_operations/export/"))
+        .unwrap_or_else(|| panic!("Content-Location {location}"))
+        .to_string();
+    let shards = body["Outputs"]["shards"].as_array().unwrap().clone();
+    (id, shards)
+}
+
+/// Forwarded HTTP: the host passes the request through as it came.
+async fn forwarded_status(handler: &Handler, id: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("{}/_operations/export/{id}", handler.base))
+        .header("Host", "fhir-export.example.net")
+        .header("X-Forwarded-Proto", "https")
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn run_shards(handler: &Handler, shards: &[Value]) {
+    for (n, message) in shards.iter().enumerate() {
+        // The body as the host hands it over: a string, sometimes JSON-encoded twice.
+        let text = message.to_string();
+        let data = match n % 3 {
+            0 => Value::String(text),
+            1 => Value::String(Value::String(text).to_string()),
+            _ => message.clone(),
+        };
+        let count = if n % 2 == 0 { json!(1) } else { json!("1") };
+        let (status, body) =
+            invoke(handler, "ShardWorker", &service_bus_payload(&data, count)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["Outputs"]["shards"],
+            json!([]),
+            "no retry expected: {body}"
+        );
+    }
+}
+
+fn store() -> Arc<AzureBlob> {
+    Arc::new(AzureBlob::new(&azurite::sas_url(), None).unwrap())
+}
+
+async fn blob_text(store: &AzureBlob, path: &str) -> String {
+    let (_, mut stream) = store.read_stream(path).await.unwrap().unwrap();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        data.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8(data).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_export_through_the_host_protocol_lands_in_blob_storage() {
+    let sas = azurite::sas_url();
+    let max_bytes = 2_000_000u64;
+    let handler = start_handler(&sas, &[("EXPORT_FILE_MAX_BYTES", "2000000")]).await;
+    let container = azurite::unique_container("contract");
+
+    let (id, shards) = kickoff(
+        &handler,
+        "SystemExport",
+        &format!("/$export?_container={container}"),
+    )
+    .await;
+    assert_eq!(
+        shards.len(),
+        common::sample_counts().len(),
+        "one shard per type"
+    );
+    for message in &shards {
+        assert_eq!(message["jobId"], id.as_str());
+    }
+
+    // Running: 202 with progress.
+    let running = forwarded_status(&handler, &id).await;
+    assert_eq!(running.status(), 202);
+    assert!(running.headers()["x-progress"]
+        .to_str()
+        .unwrap()
+        .contains("0/18"));
+
+    run_shards(&handler, &shards).await;
+    let done = forwarded_status(&handler, &id).await;
+    assert_eq!(done.status(), 200);
+    let manifest: Value = done.json().await.unwrap();
+
+    // Every manifest URL names a blob of the export's own folder in the container.
+    let store = store();
+    let blobs = store.list(&container).await.unwrap();
+    let folder_prefix = format!("{container}/");
+    let mut seen = HashSet::new();
+    let mut per_type: HashMap<String, usize> = HashMap::new();
+    let outputs = manifest["output"].as_array().unwrap();
+    assert_eq!(outputs.len(), blobs.len(), "one blob per manifest entry");
+    for output in outputs {
+        let url = output["url"].as_str().unwrap();
+        let path = url.strip_prefix(&format!("{PUBLIC}/_exports/")).unwrap();
+        assert!(
+            path.starts_with(&folder_prefix) && path.contains(&id),
+            "{path}"
+        );
+        assert!(blobs.contains(&path.to_string()), "{path} is not a blob");
+        let text = blob_text(&store, path).await;
+        assert!(
+            text.len() as u64 <= max_bytes,
+            "{path} is {} bytes",
+            text.len()
+        );
+        assert_eq!(
+            text.lines().count() as u64,
+            output["count"].as_u64().unwrap()
+        );
+        for line in text.lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            let key = (
+                resource["resourceType"].as_str().unwrap().to_string(),
+                resource["id"].as_str().unwrap().to_string(),
+            );
+            assert_eq!(key.0, output["type"].as_str().unwrap());
+            assert!(seen.insert(key.clone()), "{key:?} twice");
+            *per_type.entry(key.0).or_default() += 1;
+        }
+    }
+    for (resource_type, count) in common::sample_counts() {
+        assert_eq!(
+            per_type.get(resource_type).copied().unwrap_or(0),
+            count,
+            "{resource_type}"
+        );
+    }
+    let observation_files = outputs
+        .iter()
+        .filter(|o| o["type"] == "Observation")
+        .count();
+    assert!(
+        observation_files > 5,
+        "Observation rolled into {observation_files} files"
+    );
+
+    // The forwarded download streams the same blob.
+    let first = outputs[0]["url"]
+        .as_str()
+        .unwrap()
+        .replace(PUBLIC, &handler.base);
+    let downloaded = reqwest::get(&first).await.unwrap();
+    assert_eq!(downloaded.status(), 200);
+    let path = outputs[0]["url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix(&format!("{PUBLIC}/_exports/"))
+        .unwrap();
+    assert_eq!(
+        downloaded.text().await.unwrap(),
+        blob_text(&store, path).await
+    );
+
+    // A redelivered message (DeliveryCount 2) changes nothing: no new blob, no second manifest.
+    let before: Vec<(String, String)> = {
+        let mut texts = Vec::new();
+        for blob in &blobs {
+            texts.push((blob.clone(), blob_text(&store, blob).await));
+        }
+        texts
+    };
+    let (status, body) = invoke(
+        &handler,
+        "ShardWorker",
+        &service_bus_payload(&Value::String(shards[0].to_string()), json!(2)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(store.list(&container).await.unwrap(), blobs);
+    for (blob, text) in &before {
+        assert_eq!(&blob_text(&store, blob).await, text, "{blob} changed");
+    }
+    assert_eq!(
+        store.list(&format!("fhir-export-jobs/{id}")).await.unwrap(),
+        [
+            format!("fhir-export-jobs/{id}/job.json"),
+            format!("fhir-export-jobs/{id}/manifest.json")
+        ]
+    );
+    let again: Value = forwarded_status(&handler, &id).await.json().await.unwrap();
+    assert_eq!(again, manifest);
+
+    // The timer finds nothing stale.
+    let (status, body) = invoke(&handler, "StaleSweeper", &timer_payload()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["Outputs"]["shards"], json!([]));
+
+    // Cancel through forwarded HTTP removes the blobs; later polls are 404.
+    let cancelled = reqwest::Client::new()
+        .delete(format!("{}/_operations/export/{id}", handler.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 202);
+    assert!(store.list(&container).await.unwrap().is_empty());
+    assert_eq!(forwarded_status(&handler, &id).await.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_shards_are_swept_redelivered_once_and_capped() {
+    let sas = azurite::sas_url();
+    let handler = start_handler(
+        &sas,
+        &[
+            ("EXPORT_STALE_AFTER_SECS", "1"),
+            ("EXPORT_MAX_ATTEMPTS", "2"),
+        ],
+    )
+    .await;
+    let jobs = JobStore::new(store());
+    let container = azurite::unique_container("stale");
+
+    // Shard 1's worker "dies": its message was taken, the shard marked running, then silence.
+    let (id, shards) = kickoff(
+        &handler,
+        "SystemExport",
+        &format!("/$export?_type=Patient,Condition&_container={container}"),
+    )
+    .await;
+    assert_eq!(shards.len(), 2);
+    run_shards(&handler, &shards[..1]).await;
+    jobs.update(&id, |job| {
+        let shard = &mut job.shards[1];
+        shard.status = ShardStatus::Running;
+        shard.attempts = 1;
+        shard.heartbeat = Some(chrono::Utc::now() - chrono::Duration::seconds(30));
+        Change::Write(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(forwarded_status(&handler, &id).await.status(), 202);
+
+    // The sweeper sends it out again through its output binding.
+    let (status, body) = invoke(&handler, "StaleSweeper", &timer_payload()).await;
+    assert_eq!(status, 200, "{body}");
+    let requeued: Vec<&Value> = body["Outputs"]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["jobId"] == id.as_str())
+        .collect();
+    assert_eq!(requeued, [&shards[1]]);
+
+    // Both the requeued message and the original's redelivery arrive: one runs, one is skipped.
+    let redelivered = service_bus_payload(&Value::String(shards[1].to_string()), json!(2));
+    let requeued_message = service_bus_payload(requeued[0], json!(1));
+    let (a, b) = tokio::join!(
+        invoke(&handler, "ShardWorker", &redelivered),
+        invoke(&handler, "ShardWorker", &requeued_message),
+    );
+    assert_eq!((a.0, b.0), (200, 200));
+    let manifest: Value = forwarded_status(&handler, &id).await.json().await.unwrap();
+    let store = store();
+    let mut ids = HashSet::new();
+    let mut lines = 0;
+    for output in manifest["output"].as_array().unwrap() {
+        let path = output["url"]
+            .as_str()
+            .unwrap()
+            .strip_prefix(&format!("{PUBLIC}/_exports/"))
+            .unwrap();
+        for line in blob_text(&store, path).await.lines() {
+            lines += 1;
+            let resource: Value = serde_json::from_str(line).unwrap();
+            ids.insert(format!("{}/{}", resource["resourceType"], resource["id"]));
+        }
+    }
+    let expected = common::sample_counts()["Patient"] + common::sample_counts()["Condition"];
+    assert_eq!(
+        (lines, ids.len()),
+        (expected, expected),
+        "every resource exactly once"
+    );
+
+    // Past the restart cap the job fails with an OperationOutcome naming the shard.
+    let (id, shards) = kickoff(
+        &handler,
+        "SystemExport",
+        &format!("/$export?_type=Device&_container={container}"),
+    )
+    .await;
+    assert_eq!(shards.len(), 1);
+    jobs.update(&id, |job| {
+        let shard = &mut job.shards[0];
+        shard.status = ShardStatus::Running;
+        shard.attempts = 2;
+        shard.heartbeat = Some(chrono::Utc::now() - chrono::Duration::seconds(30));
+        Change::Write(())
+    })
+    .await
+    .unwrap();
+    let (status, body) = invoke(&handler, "StaleSweeper", &timer_payload()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body["Outputs"]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["jobId"] == id.as_str()));
+    let failed = forwarded_status(&handler, &id).await;
+    assert_eq!(failed.status(), 500);
+    let outcome: Value = failed.json().await.unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    let diagnostics = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        diagnostics.contains("shard 0 (Device)") && diagnostics.contains("restart cap"),
+        "{diagnostics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_invocations_get_clear_answers_and_no_retries() {
+    let handler = start_handler(&azurite::sas_url(), &[]).await;
+
+    // A message that is not a shard message is dropped (a retry would never help), with a log.
+    for junk in [json!("not json"), json!({"jobId": 5}), json!(null)] {
+        let (status, body) = invoke(
+            &handler,
+            "ShardWorker",
+            &service_bus_payload(&junk, json!(1)),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["Logs"].to_string().contains("not a shard message"),
+            "{body}"
+        );
+    }
+    // A message for a job that does not exist is done with.
+    let ghost = json!({"jobId": "0123456789abcdef0123456789abcdef", "shard": 0});
+    let (status, _) = invoke(
+        &handler,
+        "ShardWorker",
+        &service_bus_payload(&ghost, json!(1)),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // Kickoff errors come back as the HTTP output: an OperationOutcome with a 4xx.
+    let missing_prefer = http_payload(
+        "SystemExport",
+        "GET",
+        "/$export",
+        json!({"Accept": ["application/fhir+json"]}),
+        "",
+    );
+    let (status, body) = invoke(&handler, "SystemExport", &missing_prefer).await;
+    assert_eq!(status, 200);
+    let res = &body["Outputs"]["res"];
+    assert_eq!(res["statusCode"], 400);
+    let outcome: Value = serde_json::from_str(res["body"].as_str().unwrap()).unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(body["Outputs"]["shards"], json!([]));
+
+    let (_, body) = invoke(
+        &handler,
+        "SystemExport",
+        &http_payload(
+            "SystemExport",
+            "GET",
+            "/$export?_type=Nonsense",
+            kickoff_headers(),
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(body["Outputs"]["res"]["statusCode"], 400);
+    assert!(body["Outputs"]["res"]["body"]
+        .as_str()
+        .unwrap()
+        .contains("_type"));
+
+    // A Group kickoff described only by route parameters (no Url), for an unknown group.
+    let payload = json!({
+        "Data": { "req": { "Method": "GET", "Query": "{}", "Headers": kickoff_headers(), "Params": {"id": "no-such-group"}, "Body": null } },
+        "Metadata": { "sys": sys("GroupExport") }
+    });
+    let (_, body) = invoke(&handler, "GroupExport", &payload).await;
+    assert_eq!(body["Outputs"]["res"]["statusCode"], 404, "{body}");
+
+    // A POST kickoff with a Parameters body.
+    let parameters = json!({"resourceType": "Parameters", "parameter": [{"name": "_type", "valueString": "Condition"}]});
+    let (_, body) = invoke(
+        &handler,
+        "PatientExport",
+        &http_payload(
+            "PatientExport",
+            "POST",
+            "/Patient/$export",
+            kickoff_headers(),
+            &parameters.to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(body["Outputs"]["res"]["statusCode"], 202, "{body}");
+    assert_eq!(body["Outputs"]["shards"].as_array().unwrap().len(), 1);
+
+    // A payload that is not JSON at all.
+    let response = reqwest::Client::new()
+        .post(format!("{}/ShardWorker", handler.base))
+        .body("{{{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_that_refuses_access_gives_an_operation_outcome() {
+    azurite::require_azurite();
+    let unsigned = format!("{}?sv=2021-08-06&sig=wrong", azurite::account_url());
+    let handler = start_handler(&unsigned, &[]).await;
+    let (status, body) = invoke(
+        &handler,
+        "SystemExport",
+        &http_payload("SystemExport", "GET", "/$export", kickoff_headers(), ""),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let res = &body["Outputs"]["res"];
+    assert_eq!(res["statusCode"], 503, "{body}");
+    let text = res["body"].as_str().unwrap();
+    let outcome: Value = serde_json::from_str(text).unwrap();
+    let diagnostics = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        diagnostics.contains("refused access") && diagnostics.contains("403"),
+        "{diagnostics}"
+    );
+    assert!(!diagnostics.contains('<'), "raw XML: {diagnostics}");
+
+    let status = forwarded_status(&handler, "0123456789abcdef0123456789abcdef").await;
+    assert_eq!(status.status(), 503);
+}
+
+#[test]
+fn the_package_zip_has_the_layout_the_host_expects() {
+    let dir = tempfile::tempdir().unwrap();
+    let zip_path = dir.path().join("app.zip");
+    let output = Command::new(env!("CARGO_BIN_EXE_handler"))
+        .args(["package", "--out"])
+        .arg(&zip_path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(&zip_path).unwrap()).unwrap();
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut folders: Vec<String> = std::fs::read_dir(root.join("functions"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().join("function.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    folders.sort();
+    let mut expected: Vec<String> = folders
+        .iter()
+        .map(|f| format!("{f}/function.json"))
+        .collect();
+    expected.extend(["handler".to_string(), "host.json".to_string()]);
+    expected.sort();
+    let mut names: Vec<String> = archive.file_names().map(str::to_string).collect();
+    names.sort();
+    assert_eq!(names, expected);
+
+    let handler = archive.by_name("handler").unwrap();
+    assert_eq!(
+        handler.unix_mode().unwrap() & 0o777,
+        0o755,
+        "the binary must be executable"
+    );
+    assert_eq!(
+        handler.size(),
+        std::fs::metadata(env!("CARGO_BIN_EXE_handler"))
+            .unwrap()
+            .len()
+    );
+    drop(handler);
+    let mut read = |name: &str| {
+        let mut text = String::new();
+        archive
+            .by_name(name)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        text
+    };
+    assert_eq!(
+        read("host.json"),
+        std::fs::read_to_string(root.join("host.json")).unwrap()
+    );
+    for folder in &folders {
+        let entry = format!("{folder}/function.json");
+        assert_eq!(
+            read(&entry),
+            std::fs::read_to_string(root.join("functions").join(&entry)).unwrap()
+        );
+    }
+
+    // host.json: the custom handler, forwarding, no route prefix.
+    let host: Value = serde_json::from_str(&read("host.json")).unwrap();
+    assert_eq!(
+        host["customHandler"]["description"]["defaultExecutablePath"],
+        "handler"
+    );
+    assert_eq!(host["customHandler"]["enableForwardingHttpRequest"], true);
+    assert_eq!(host["extensions"]["http"]["routePrefix"], "");
+
+    // The names the handler answers to are the functions and bindings the host will call.
+    let bindings = |folder: &str| -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(root.join("functions").join(folder).join("function.json"))
+                .unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()["bindings"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let has = |bindings: &[Value], kind: &str, name: &str| {
+        bindings
+            .iter()
+            .any(|b| b["type"] == kind && b["name"] == name)
+    };
+    for (function, route) in fhir_export::invoke::KICKOFF_FUNCTIONS {
+        let b = bindings(function);
+        assert!(
+            b.iter()
+                .any(|b| b["type"] == "httpTrigger" && b["route"] == route),
+            "{function}"
+        );
+        assert!(has(&b, "http", "res"), "{function}");
+        assert!(
+            has(&b, "serviceBus", fhir_export::invoke::SHARDS_OUTPUT),
+            "{function}"
+        );
+    }
+    let worker = bindings(fhir_export::invoke::SHARD_WORKER);
+    assert!(has(&worker, "serviceBusTrigger", "message"));
+    assert!(has(
+        &worker,
+        "serviceBus",
+        fhir_export::invoke::SHARDS_OUTPUT
+    ));
+    let sweeper = bindings(fhir_export::invoke::STALE_SWEEPER);
+    assert!(has(&sweeper, "timerTrigger", "timer"));
+    assert!(has(
+        &sweeper,
+        "serviceBus",
+        fhir_export::invoke::SHARDS_OUTPUT
+    ));
+    // Service Bus only through the identity-based connection.
+    for folder in &folders {
+        for binding in bindings(folder) {
+            if binding["type"].as_str().unwrap().starts_with("serviceBus") {
+                assert_eq!(binding["connection"], "ServiceBusConnection", "{folder}");
+                assert_eq!(binding["queueName"], "export-shards", "{folder}");
+            }
+        }
+    }
+}

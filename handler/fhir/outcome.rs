@@ -15,6 +15,7 @@ pub enum IssueType {
     Exception,
     Timeout,
     Throttled,
+    Transient,
     Forbidden,
     Security,
     Deleted,

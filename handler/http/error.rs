@@ -4,6 +4,8 @@ use warp::http::StatusCode;
 
 use crate::export::ExportError;
 use crate::fhir::{IssueType, OperationOutcome};
+use crate::jobs::JobError;
+use crate::storage::StorageError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -39,6 +41,19 @@ impl From<ExportError> for ApiError {
                 }
             }
             ExportError::NotFound(message) => ApiError::not_found(message),
+            ExportError::Storage(
+                e @ (StorageError::Denied { .. } | StorageError::Service { .. }),
+            )
+            | ExportError::Jobs(JobError::Storage(
+                e @ (StorageError::Denied { .. } | StorageError::Service { .. }),
+            )) => {
+                tracing::error!(error = %e, "export storage unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    IssueType::Transient,
+                    e.to_string(),
+                )
+            }
             ExportError::Cancelled(id) => ApiError::not_found(format!("export {id} was cancelled")),
             other => {
                 tracing::error!(error = %other, "request failed");

@@ -2,13 +2,16 @@
 //! local process on embedded defaults.
 //!
 //! # Layout
-//! - [`app`]: the service wired together (settings, source, storage, jobs, queue); the local server.
+//! - [`app`]: the service wired together (settings, source, storage, jobs, queue); the local server;
+//!   the stale-work sweep; Azure credentials.
+//! - [`invoke`]: custom-handler mode: the Functions host's invocation protocol.
+//! - [`package`]: the Azure Functions deployment zip.
 //! - [`client`]: `handler export`, a Bulk Data client with progress.
 //! - [`config`]: settings, read and checked once at start-up.
 //! - [`http`]: the warp HTTP API; errors become OperationOutcomes in one place.
 //! - [`export`]: kickoff parameters, planning, the shard worker, the manifest.
 //! - [`source`]: the `ResourceSource` trait; the embedded SQLite store and its importer.
-//! - [`storage`]: the `ObjectStore` trait; the local folder; the rolling NDJSON writer.
+//! - [`storage`]: the `ObjectStore` trait; the local folder and Azure Blob; the rolling NDJSON writer.
 //! - [`jobs`]: job documents on storage, changed by compare-and-swap.
 //! - [`queue`]: the `WorkQueue` trait; the in-process queue and worker pool.
 //! - [`fhir`]: resource types, the Patient compartment, OperationOutcome.

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The test command: installs Azurite (pinned in tests/azurite/package-lock.json) when missing, starts
-# it on a free loopback port for the Azure Blob tests, runs `cargo test`, and stops it again.
+# The test command: the offline Bicep checks (Python tools pinned in tests/infra/requirements.txt),
+# then `cargo test` with Azurite (pinned in tests/azurite/package-lock.json) on a free loopback port
+# for the Azure Blob tests. Installs what is missing; stops Azurite at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+python3 -c 'import pytest, tree_sitter_bicep, pycep' 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check -r tests/infra/requirements.txt
+python3 -m pytest tests/infra -q
 
 if [ ! -x tests/azurite/node_modules/.bin/azurite-blob ]; then
     npm ci --prefix tests/azurite --no-audit --no-fund --loglevel=error

@@ -1,0 +1,133 @@
+// fhir-export in an empty resource group: a Flex Consumption Function App (runtime custom) with a
+// system-assigned identity, Service Bus for the shard queue, export storage behind a firewall, host
+// storage and Application Insights, all reached by identity: no key, connection string or SAS.
+
+targetScope = 'resourceGroup'
+
+@description('Prefix of every resource name (letters and digits, 3-11 characters).')
+@minLength(3)
+@maxLength(11)
+param name string = 'fhirexport'
+
+@description('Region of every resource.')
+param location string = resourceGroup().location
+
+@description('Create the export account as ADLS Gen2 (hierarchical namespace).')
+param exportIsDataLake bool = true
+
+@description('Optional FHIR source: the base URL of an Azure Health Data Services FHIR service (empty: the embedded store).')
+param fhirServiceUrl string = ''
+
+@description('Optional: name of that FHIR service as `{workspace}/{service}` in this resource group; the app gets FHIR Data Reader on it.')
+param fhirServiceName string = ''
+
+@description('Optional client id of a user-assigned identity for the handler (empty: the system-assigned one).')
+param userAssignedClientId string = ''
+
+@description('Roll to a new file past this size (EXPORT_FILE_MAX_BYTES).')
+param fileMaxBytes int = 67108864
+
+@description('A shard silent this long is run again (EXPORT_STALE_AFTER_SECS).')
+param staleAfterSecs int = 600
+
+@description('Runs of one shard before its export fails (EXPORT_MAX_ATTEMPTS).')
+param maxAttempts int = 3
+
+@description('Hours a finished export is kept (EXPORT_RETENTION_HOURS).')
+param retentionHours int = 168
+
+@description('Largest number of instances the app scales out to.')
+param maximumInstanceCount int = 40
+
+var suffix = uniqueString(resourceGroup().id, name)
+var appName = '${name}-${suffix}'
+var shardQueueName = 'export-shards'
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    name: '${name}-${suffix}'
+    location: location
+  }
+}
+
+module network 'modules/network.bicep' = {
+  name: 'network'
+  params: {
+    name: '${name}-${suffix}'
+    location: location
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    hostAccountName: take('${name}host${suffix}', 24)
+    exportAccountName: take('${name}data${suffix}', 24)
+    location: location
+    exportIsDataLake: exportIsDataLake
+    appSubnetId: network.outputs.appSubnetId
+  }
+}
+
+module serviceBus 'modules/servicebus.bicep' = {
+  name: 'servicebus'
+  params: {
+    name: '${name}-${suffix}'
+    location: location
+    queueName: shardQueueName
+    lockDuration: 'PT5M'
+  }
+}
+
+module app 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  params: {
+    name: appName
+    location: location
+    appSubnetId: network.outputs.appSubnetId
+    hostAccountName: storage.outputs.hostAccountName
+    deploymentContainerUrl: storage.outputs.deploymentContainerUrl
+    applicationInsightsConnectionString: monitoring.outputs.connectionString
+    maximumInstanceCount: maximumInstanceCount
+    handlerSettings: concat(
+      [
+        { name: 'FHIR_SOURCE', value: empty(fhirServiceUrl) ? 'sqlite:./.fhir/store.db' : fhirServiceUrl }
+        { name: 'EXPORT_STORAGE', value: storage.outputs.exportBlobEndpoint }
+        { name: 'EXPORT_FILE_MAX_BYTES', value: string(fileMaxBytes) }
+        { name: 'EXPORT_STALE_AFTER_SECS', value: string(staleAfterSecs) }
+        { name: 'EXPORT_MAX_ATTEMPTS', value: string(maxAttempts) }
+        { name: 'EXPORT_RETENTION_HOURS', value: string(retentionHours) }
+        { name: 'EXPORT_BASE_URL', value: 'https://${appName}.azurewebsites.net' }
+      ],
+      empty(userAssignedClientId) ? [] : [
+        { name: 'AZURE_CLIENT_ID', value: userAssignedClientId }
+      ]
+    )
+    hostSettings: [
+      { name: 'AzureWebJobsStorage__accountName', value: storage.outputs.hostAccountName }
+      { name: 'AzureWebJobsStorage__credential', value: 'managedidentity' }
+      { name: 'ServiceBusConnection__fullyQualifiedNamespace', value: serviceBus.outputs.fullyQualifiedNamespace }
+      { name: 'ServiceBusConnection__credential', value: 'managedidentity' }
+      { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'Authorization=AAD' }
+    ]
+  }
+}
+
+module roles 'modules/roles.bicep' = {
+  name: 'roles'
+  params: {
+    principalId: app.outputs.principalId
+    hostAccountName: storage.outputs.hostAccountName
+    exportAccountName: storage.outputs.exportAccountName
+    serviceBusName: serviceBus.outputs.namespaceName
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    fhirServiceName: fhirServiceName
+  }
+}
+
+// Read by azd (and infra/deploy.sh) after provisioning.
+output APP_URL string = 'https://${app.outputs.defaultHostName}'
+output FUNCTION_APP_NAME string = appName
+output EXPORT_ACCOUNT_NAME string = storage.outputs.exportAccountName
+output EXPORT_BLOB_ENDPOINT string = storage.outputs.exportBlobEndpoint

@@ -1,0 +1,66 @@
+// Host storage (the Functions runtime and the deployment package) and the export account
+// (the NDJSON files and job state). Shared keys are disabled on both: identity only.
+// The export account's firewall denies by default, lets trusted Azure services through, and allows
+// the app's subnet.
+
+param hostAccountName string
+param exportAccountName string
+param location string
+param exportIsDataLake bool
+param appSubnetId string
+
+var deploymentContainerName = 'app-package'
+
+resource host 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  name: hostAccountName
+  location: location
+  kind: 'StorageV2'
+  sku: { name: 'Standard_LRS' }
+  properties: {
+    allowSharedKeyAccess: false
+    allowBlobPublicAccess: false
+    minimumTlsVersion: 'TLS1_2'
+    supportsHttpsTrafficOnly: true
+    defaultToOAuthAuthentication: true
+  }
+}
+
+resource hostBlobs 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+  parent: host
+  name: 'default'
+}
+
+resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: hostBlobs
+  name: deploymentContainerName
+  properties: { publicAccess: 'None' }
+}
+
+resource exports 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  name: exportAccountName
+  location: location
+  kind: 'StorageV2'
+  sku: { name: 'Standard_ZRS' }
+  properties: {
+    isHnsEnabled: exportIsDataLake
+    allowSharedKeyAccess: false
+    allowBlobPublicAccess: false
+    minimumTlsVersion: 'TLS1_2'
+    supportsHttpsTrafficOnly: true
+    defaultToOAuthAuthentication: true
+    publicNetworkAccess: 'Enabled'
+    networkAcls: {
+      defaultAction: 'Deny'
+      bypass: 'AzureServices'
+      virtualNetworkRules: [
+        { id: appSubnetId, action: 'Allow' }
+      ]
+      ipRules: []
+    }
+  }
+}
+
+output hostAccountName string = host.name
+output exportAccountName string = exports.name
+output exportBlobEndpoint string = exports.properties.primaryEndpoints.blob
+output deploymentContainerUrl string = '${host.properties.primaryEndpoints.blob}${deploymentContainerName}'

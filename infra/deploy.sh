@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 : "${AZURE_RESOURCE_GROUP:?set AZURE_RESOURCE_GROUP}"
 
 command -v cargo-zigbuild >/dev/null || python3 -m pip install --quiet cargo-zigbuild ziglang
-cargo zigbuild --release --locked --target x86_64-unknown-linux-gnu.2.28
+# Without debug info and symbols: a 30 MB zip instead of 100 MB.
+CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true \
+    cargo zigbuild --release --locked --target x86_64-unknown-linux-gnu.2.28
 target/x86_64-unknown-linux-gnu/release/handler package --out target/app.zip
 az functionapp deployment source config-zip \
     --resource-group "$AZURE_RESOURCE_GROUP" --name "$FUNCTION_APP_NAME" --src target/app.zip

@@ -11,11 +11,12 @@ use azure_identity::{
 };
 use tokio::net::TcpListener;
 
-use crate::config::{Settings, SourceSetting, StorageSetting};
+use crate::config::{Settings, SourceAuth, SourceSetting, StorageSetting};
 use crate::export::{enqueue_shards, worker, ExportError};
 use crate::jobs::{Change, JobStatus, JobStore, ShardStatus};
 use crate::queue::{spawn_workers, InProcessQueue, QueueReceiver, WorkQueue};
-use crate::source::{EmbeddedStore, ResourceSource};
+use crate::source::remote::RemoteAuth;
+use crate::source::{EmbeddedStore, RemoteServer, ResourceSource};
 use crate::storage::{AzureBlob, LocalFolder, ObjectStore};
 
 /// Shared by every handler; cheap to clone.
@@ -39,6 +40,24 @@ impl App {
     pub fn open(settings: Settings, queue: Arc<dyn WorkQueue>) -> anyhow::Result<App> {
         let source: Arc<dyn ResourceSource> = match &settings.source {
             SourceSetting::Sqlite(path) => Arc::new(EmbeddedStore::open(path)?),
+            SourceSetting::Remote { url, auth } => {
+                let auth = match auth {
+                    SourceAuth::None => RemoteAuth::None,
+                    SourceAuth::Azure => RemoteAuth::Azure(azure_credential()?),
+                    SourceAuth::ClientCredentials {
+                        token_url,
+                        client_id,
+                        client_secret,
+                        scope,
+                    } => RemoteAuth::ClientCredentials {
+                        token_url: token_url.clone(),
+                        client_id: client_id.clone(),
+                        client_secret: client_secret.clone(),
+                        scope: scope.clone(),
+                    },
+                };
+                Arc::new(RemoteServer::new(url, auth)?)
+            }
         };
         let storage: Arc<dyn ObjectStore> = match &settings.storage {
             StorageSetting::Folder(path) => Arc::new(LocalFolder::open(path)?),

@@ -11,6 +11,25 @@ pub const DEFAULT_RETENTION_HOURS: u64 = 168;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSetting {
     Sqlite(PathBuf),
+    /// A FHIR server's base URL, read over REST search.
+    Remote {
+        url: String,
+        auth: SourceAuth,
+    },
+}
+
+/// How the remote source signs its requests (`FHIR_SOURCE_AUTH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceAuth {
+    None,
+    /// A token for `{url}/.default`: managed identity in Azure, the developer's sign-in locally.
+    Azure,
+    ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: String,
+        scope: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,11 +98,20 @@ impl Settings {
     }
 }
 
-/// `FHIR_SOURCE`: `sqlite:PATH` (a bare path means the same).
+/// `FHIR_SOURCE`: `sqlite:PATH` (a bare path means the same), or a FHIR server's `http(s)://` base URL.
 pub fn parse_source(value: &str) -> Result<SourceSetting, SettingError> {
     let path = value.strip_prefix("sqlite:").unwrap_or(value);
     if value.starts_with("http://") || value.starts_with("https://") {
-        return Err(bad("FHIR_SOURCE", format!("{value:?}: reading from a FHIR server is not available in this version; use sqlite:PATH")));
+        if value.contains(['?', '#']) || value.split('/').nth(2).is_none_or(str::is_empty) {
+            return Err(bad(
+                "FHIR_SOURCE",
+                format!("{value:?} is not a FHIR base URL"),
+            ));
+        }
+        return Ok(SourceSetting::Remote {
+            url: value.trim_end_matches('/').to_string(),
+            auth: SourceAuth::None,
+        });
     }
     if path.is_empty() {
         return Err(bad("FHIR_SOURCE", "empty path"));
@@ -127,6 +155,38 @@ pub fn parse_storage(value: &str) -> Result<StorageSetting, SettingError> {
         return Err(bad("EXPORT_STORAGE", "empty path"));
     }
     Ok(StorageSetting::Folder(PathBuf::from(path)))
+}
+
+/// `FHIR_SOURCE_AUTH` (`none`, `azure`, `client-credentials`) and, for the last, its four settings.
+pub fn parse_source_auth(
+    kind: &str,
+    token_url: Option<&str>,
+    client_id: Option<&str>,
+    client_secret: Option<&str>,
+    scope: Option<&str>,
+) -> Result<SourceAuth, SettingError> {
+    match kind.trim() {
+        "" | "none" => Ok(SourceAuth::None),
+        "azure" => Ok(SourceAuth::Azure),
+        "client-credentials" => {
+            let need = |name: &'static str, value: Option<&str>| {
+                value
+                    .filter(|v| !v.trim().is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(name, "required with FHIR_SOURCE_AUTH=client-credentials"))
+            };
+            Ok(SourceAuth::ClientCredentials {
+                token_url: need("FHIR_SOURCE_TOKEN_URL", token_url)?,
+                client_id: need("FHIR_SOURCE_CLIENT_ID", client_id)?,
+                client_secret: need("FHIR_SOURCE_CLIENT_SECRET", client_secret)?,
+                scope: scope.unwrap_or_default().to_string(),
+            })
+        }
+        other => Err(bad(
+            "FHIR_SOURCE_AUTH",
+            format!("{other:?}: use none, azure or client-credentials"),
+        )),
+    }
 }
 
 pub fn check_file_max_bytes(value: u64) -> Result<u64, SettingError> {

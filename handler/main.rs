@@ -105,6 +105,26 @@ struct StoreArgs {
 }
 
 #[derive(Args)]
+struct SourceAuthArgs {
+    /// How to sign requests to a FHIR server source: none, azure (a token for {url}/.default from
+    /// the managed identity or your sign-in) or client-credentials.
+    #[arg(long = "source-auth", env = "FHIR_SOURCE_AUTH", default_value = "none")]
+    auth: String,
+    #[arg(long = "source-token-url", env = "FHIR_SOURCE_TOKEN_URL")]
+    token_url: Option<String>,
+    #[arg(long = "source-client-id", env = "FHIR_SOURCE_CLIENT_ID")]
+    client_id: Option<String>,
+    #[arg(
+        long = "source-client-secret",
+        env = "FHIR_SOURCE_CLIENT_SECRET",
+        hide_env_values = true
+    )]
+    client_secret: Option<String>,
+    #[arg(long = "source-scope", env = "FHIR_SOURCE_SCOPE")]
+    scope: Option<String>,
+}
+
+#[derive(Args)]
 struct ServeArgs {
     #[arg(long, env = "EXPORT_PORT", default_value_t = 7071)]
     port: u16,
@@ -116,6 +136,8 @@ struct ServeArgs {
     demo: bool,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    source_auth: SourceAuthArgs,
     /// Where export files and job state go (`file:DIR` or a path).
     #[arg(
         long = "exports",
@@ -182,7 +204,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Import { paths, store } => {
-            let SourceSetting::Sqlite(path) = config::parse_source(&store.source)?;
+            let SourceSetting::Sqlite(path) = config::parse_source(&store.source)? else {
+                anyhow::bail!("import loads the embedded store; --store must be sqlite:PATH, not a FHIR server");
+            };
             let store = EmbeddedStore::open(path)?;
             Ok(if import_files(&store, &paths)? {
                 ExitCode::SUCCESS
@@ -297,8 +321,21 @@ fn custom_handler(port: &str) -> anyhow::Result<ExitCode> {
 }
 
 fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
+    let source = match config::parse_source(&args.store.source)? {
+        SourceSetting::Remote { url, .. } => SourceSetting::Remote {
+            url,
+            auth: config::parse_source_auth(
+                &args.source_auth.auth,
+                args.source_auth.token_url.as_deref(),
+                args.source_auth.client_id.as_deref(),
+                args.source_auth.client_secret.as_deref(),
+                args.source_auth.scope.as_deref(),
+            )?,
+        },
+        sqlite => sqlite,
+    };
     Ok(Settings {
-        source: config::parse_source(&args.store.source)?,
+        source,
         storage: config::parse_storage(&args.exports)?,
         file_max_bytes: config::check_file_max_bytes(args.file_max_bytes)?,
         stale_after: std::time::Duration::from_secs(args.stale_after_secs.max(1)),
@@ -315,17 +352,29 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let settings = settings_from(&args)?;
-    let SourceSetting::Sqlite(store_path) = &settings.source;
-    let store = EmbeddedStore::open(store_path)?;
-    if !args.data.is_empty() && !import_files(&store, &args.data)? {
-        anyhow::bail!("some --data files could not be imported; nothing served");
-    }
-    if args.demo && store.count()? == 0 {
-        let folder = PathBuf::from("./demo-data");
-        let summary =
-            fhir_export::generate::write_ndjson(fhir_export::generate::DEMO_PATIENTS, 1, &folder)?;
-        println!("generated demo data: {summary}");
-        import_files(&store, &[folder])?;
+    let store = match &settings.source {
+        SourceSetting::Sqlite(store_path) => Some(EmbeddedStore::open(store_path)?),
+        SourceSetting::Remote { .. } if !args.data.is_empty() || args.demo => {
+            anyhow::bail!(
+                "--data and --demo load the embedded store; FHIR_SOURCE names a FHIR server"
+            )
+        }
+        SourceSetting::Remote { .. } => None,
+    };
+    if let Some(store) = &store {
+        if !args.data.is_empty() && !import_files(store, &args.data)? {
+            anyhow::bail!("some --data files could not be imported; nothing served");
+        }
+        if args.demo && store.count()? == 0 {
+            let folder = PathBuf::from("./demo-data");
+            let summary = fhir_export::generate::write_ndjson(
+                fhir_export::generate::DEMO_PATIENTS,
+                1,
+                &folder,
+            )?;
+            println!("generated demo data: {summary}");
+            import_files(store, &[folder])?;
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -334,7 +383,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let (app, receiver) = App::open_local(settings)?;
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port))).await?;
         let base = format!("http://{}", listener.local_addr()?);
-        println!("fhir-export serving {} resources at {base}", store.count()?);
+        match &store {
+            Some(store) => println!("fhir-export serving {} resources at {base}", store.count()?),
+            None => println!("fhir-export serving the FHIR server {} at {base}", args.store.source),
+        }
         println!("  kick off:  curl -i -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' '{base}/$export'");
         println!("  then poll the Content-Location URL it answers until 200 gives the manifest");
         println!("  or export with the client:  cargo run --release -- export {base} --out ./out");

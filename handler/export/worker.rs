@@ -148,6 +148,13 @@ async fn write_files(
     let job_id = job.id.clone();
     let scope = job.scope.clone();
     let filters = job.request.filters_for(&spec.resource_type);
+    let raw_filters: Vec<String> = job
+        .request
+        .type_filters
+        .iter()
+        .filter(|q| q.split('?').next() == Some(spec.resource_type.as_str()))
+        .cloned()
+        .collect();
     let elements = job.request.elements_for(&spec.resource_type);
     let started = std::time::Instant::now();
     let result = tokio::task::spawn_blocking(move || {
@@ -156,6 +163,8 @@ async fn write_files(
             since,
             until,
             scope: &scope,
+            after_id: None,
+            type_filters: &raw_filters,
         };
         let scanned = source.scan(&request, &mut |resource| {
             if cancelled.load(Ordering::Relaxed) {

@@ -8,3 +8,4 @@ pub mod search;
 pub mod types;
 
 pub use outcome::{IssueType, OperationOutcome};
+pub use types::is_resource_type;

@@ -41,6 +41,13 @@ impl From<ExportError> for ApiError {
                 }
             }
             ExportError::NotFound(message) => ApiError::not_found(message),
+            ExportError::Source(
+                e @ (crate::source::SourceError::Remote(_)
+                | crate::source::SourceError::Unsupported(_)),
+            ) => {
+                tracing::warn!(error = %e, "FHIR source failed");
+                ApiError::new(StatusCode::BAD_GATEWAY, IssueType::Exception, e.to_string())
+            }
             ExportError::Storage(
                 e @ (StorageError::Denied { .. } | StorageError::Service { .. }),
             )

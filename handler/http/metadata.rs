@@ -22,7 +22,10 @@ pub fn capability_statement(base_url: &str) -> Vec<u8> {
         json!({"name": "_id", "type": "token"}),
         json!({"name": "_lastUpdated", "type": "date"}),
     ];
-    let mut per_type: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    let mut per_type: BTreeMap<&str, Vec<Value>> = crate::fhir::types::R4_RESOURCE_TYPES
+        .iter()
+        .map(|t| (*t, common.to_vec()))
+        .collect();
     for (resource_type, name, kind) in supported_parameters() {
         per_type
             .entry(resource_type)
@@ -34,7 +37,7 @@ pub fn capability_statement(base_url: &str) -> Vec<u8> {
         .map(|(resource_type, search_params)| {
             let mut resource = json!({
                 "type": resource_type,
-                "interaction": [],
+                "interaction": [{"code": "read"}, {"code": "search-type"}],
                 "searchParam": search_params,
                 "extension": [{"url": "https://github.com/fhir-export/typeFilter", "valueString": "searchParam lists the parameters _typeFilter supports for this type"}],
             });

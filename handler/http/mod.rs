@@ -5,10 +5,12 @@
 //! - `GET|POST /$export`, `/Patient/$export`, `/Group/{id}/$export` (kickoff)
 //! - `GET|DELETE /_operations/export/{jobId}` (status, cancel)
 //! - `GET /_exports/{path}` (export files)
+//! - `GET /{type}/{id}`, `GET /{type}?...`, `GET /Patient/{id}/{type}?...` (FHIR read and search)
 
 pub mod error;
 mod metadata;
 mod parameters;
+mod search;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -165,6 +167,26 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
         ["_exports", rest @ ..] if !rest.is_empty() => {
             only(method, &[Method::GET])?;
             download(app, &rest.join("/")).await
+        }
+        [resource_type] if crate::fhir::is_resource_type(resource_type) => {
+            only(method, &[Method::GET])?;
+            search::search(
+                app,
+                &base_url(app, &request),
+                resource_type,
+                None,
+                &request.query,
+            )
+            .await
+        }
+        [resource_type, id] if crate::fhir::is_resource_type(resource_type) => {
+            only(method, &[Method::GET])?;
+            search::read(app, resource_type, id).await
+        }
+        ["Patient", patient, resource_type] if crate::fhir::is_resource_type(resource_type) => {
+            only(method, &[Method::GET])?;
+            let base = base_url(app, &request);
+            search::search(app, &base, resource_type, Some(patient), &request.query).await
         }
         _ => Err(ApiError::not_found(format!(
             "no such endpoint: {} {}",

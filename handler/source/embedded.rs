@@ -176,13 +176,13 @@ impl ResourceSource for EmbeddedStore {
         let queries = [
             format!(
                 "SELECT r.json FROM resources r
-                 WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 {scope}
+                 WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 AND r.id > ?4 {scope}
                  ORDER BY r.id"
             ),
             format!(
                 "SELECT r.json FROM history r
                  WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3
-                   AND r.superseded_at > ?3 {scope}
+                   AND r.superseded_at > ?3 AND r.id > ?4 {scope}
                  ORDER BY r.id"
             ),
         ];
@@ -191,7 +191,12 @@ impl ResourceSource for EmbeddedStore {
         for query in queries {
             let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
             let mut rows = statement
-                .query(params![request.resource_type, since, micros(request.until)])
+                .query(params![
+                    request.resource_type,
+                    since,
+                    micros(request.until),
+                    request.after_id.unwrap_or("")
+                ])
                 .map_err(|e| self.error(e))?;
             while let Some(row) = rows.next().map_err(|e| self.error(e))? {
                 let json = row

@@ -2,6 +2,7 @@
 
 pub mod embedded;
 pub mod import;
+pub mod remote;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::storage::StorageError;
 
 pub use embedded::EmbeddedStore;
+pub use remote::RemoteServer;
 
 /// Which patients' compartments a scan is limited to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +33,11 @@ pub struct ScanRequest<'a> {
     /// Inclusive upper bound: the export's `transactionTime`, or `_until` when earlier.
     pub until: DateTime<Utc>,
     pub scope: &'a PatientScope,
+    /// Only ids after this one (paging); the scan goes in id order.
+    pub after_id: Option<&'a str>,
+    /// `_typeFilter` queries of this type (`Type?...`, ORed): a source may pass them on to a server;
+    /// the exporter applies them to what comes back either way.
+    pub type_filters: &'a [String],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +54,12 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    /// The FHIR server refused or failed a request (after retries); the message says which and why.
+    #[error("FHIR source: {0}")]
+    Remote(String),
+    /// The FHIR server does not support something the export asks for (a type, a parameter).
+    #[error("FHIR source: {0}")]
+    Unsupported(String),
 }
 
 /// Why the receiver of a scan stopped it.

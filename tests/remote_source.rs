@@ -1,0 +1,430 @@
+//! The remote FHIR source: instance A serves the sample (and answers FHIR read and search), instance
+//! B exports from A over REST. Every export from B must hold exactly the resources of the same
+//! export from A, also when a proxy between them answers some requests with 429 and 503.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{client, download_all, export, start, Server};
+use fhir_export::config::{SourceAuth, SourceSetting};
+use serde_json::{json, Value};
+
+async fn start_remote(source_base: &str) -> Server {
+    let url = source_base.to_string();
+    start(&common::sample_store(), move |settings| {
+        settings.source = SourceSetting::Remote {
+            url,
+            auth: SourceAuth::None,
+        };
+    })
+    .await
+}
+
+/// Every exported line, per type, sorted: the export's content regardless of file boundaries.
+async fn contents(client: &reqwest::Client, manifest: &Value) -> BTreeMap<String, Vec<String>> {
+    let mut per_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (resource_type, _, lines) in download_all(client, manifest).await {
+        per_type.entry(resource_type).or_default().extend(lines);
+    }
+    for lines in per_type.values_mut() {
+        lines.sort();
+    }
+    per_type
+}
+
+async fn post_export(client: &reqwest::Client, url: &str, parameters: Value) -> Value {
+    let response = client
+        .post(url)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .header("Content-Type", "application/fhir+json")
+        .body(parameters.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let location = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    common::wait_for_manifest(client, &location).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_through_the_remote_source_equal_exports_from_the_store() {
+    let a = start(&common::sample_store(), |_| {}).await;
+    let b = start_remote(&a.base).await;
+    let client = client();
+    let group_id = {
+        let bundle: Value = client
+            .get(format!("{}/Group", a.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        bundle["entry"][0]["resource"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let kickoffs = [
+        "/$export".to_string(),
+        "/$export?_type=Patient,Condition,Device".to_string(),
+        "/$export?_since=2019-06-01T00:00:00Z&_type=Observation,Encounter".to_string(),
+        "/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory,Observation%3Fcode%3D8302-2".to_string(),
+        "/$export?_type=Condition,Patient&_elements=id,code,gender".to_string(),
+        "/Patient/$export?_type=Patient,Immunization,Claim".to_string(),
+        format!("/Group/{group_id}/$export?_type=Patient,Encounter,Procedure"),
+        format!("/Group/{group_id}/$export?_typeFilter=Condition%3Fclinical-status%3Dactive&_type=Condition"),
+    ];
+    for kickoff in &kickoffs {
+        let from_store = contents(
+            &client,
+            &export(&client, &format!("{}{kickoff}", a.base)).await,
+        )
+        .await;
+        let from_remote = contents(
+            &client,
+            &export(&client, &format!("{}{kickoff}", b.base)).await,
+        )
+        .await;
+        assert!(!from_store.is_empty(), "{kickoff}: nothing exported");
+        assert_eq!(
+            from_store
+                .iter()
+                .map(|(t, l)| (t.clone(), l.len()))
+                .collect::<Vec<_>>(),
+            from_remote
+                .iter()
+                .map(|(t, l)| (t.clone(), l.len()))
+                .collect::<Vec<_>>(),
+            "{kickoff}: counts per type"
+        );
+        assert!(from_store == from_remote, "{kickoff}: contents differ");
+    }
+
+    // The `patient` parameter (POST) at Patient level.
+    let patients: Value = client
+        .get(format!("{}/Patient?_count=2", a.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chosen: Vec<Value> = patients["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| json!({"name": "patient", "valueReference": {"reference": format!("Patient/{}", e["resource"]["id"].as_str().unwrap())}}))
+        .collect();
+    let mut parameter = chosen.clone();
+    parameter.push(json!({"name": "_type", "valueString": "Patient,Observation,Condition"}));
+    let body = json!({"resourceType": "Parameters", "parameter": parameter});
+    let from_store = contents(
+        &client,
+        &post_export(
+            &client,
+            &format!("{}/Patient/$export", a.base),
+            body.clone(),
+        )
+        .await,
+    )
+    .await;
+    let from_remote = contents(
+        &client,
+        &post_export(&client, &format!("{}/Patient/$export", b.base), body).await,
+    )
+    .await;
+    assert_eq!(from_store["Patient"].len(), 2);
+    assert!(
+        from_store == from_remote,
+        "patient parameter: contents differ"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fhir_read_and_search_answer_like_a_fhir_server() {
+    let a = start(&common::sample_store(), |_| {}).await;
+    let client = client();
+
+    // Paging: _count per page, next links until the end, every Condition once.
+    let mut url = Some(format!("{}/Condition?_count=250", a.base));
+    let mut ids = std::collections::HashSet::new();
+    let mut pages = 0;
+    while let Some(next) = url.take() {
+        let page: Value = client
+            .get(&next)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page["resourceType"], "Bundle");
+        assert_eq!(page["type"], "searchset");
+        for entry in page["entry"].as_array().into_iter().flatten() {
+            assert_eq!(entry["resource"]["resourceType"], "Condition");
+            assert!(ids.insert(entry["resource"]["id"].as_str().unwrap().to_string()));
+            assert!(entry["fullUrl"]
+                .as_str()
+                .unwrap()
+                .ends_with(entry["resource"]["id"].as_str().unwrap()));
+        }
+        url = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+        pages += 1;
+    }
+    assert_eq!(ids.len(), common::sample_counts()["Condition"]);
+    assert_eq!(pages, common::sample_counts()["Condition"].div_ceil(250));
+
+    // _summary=count, with search parameters and _lastUpdated bounds.
+    let count = |query: String| {
+        let client = client.clone();
+        async move {
+            let page: Value = client
+                .get(query)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            page["total"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(
+        count(format!("{}/Observation?_summary=count", a.base)).await,
+        16_315
+    );
+    let lab = count(format!(
+        "{}/Observation?_summary=count&category=laboratory",
+        a.base
+    ))
+    .await;
+    assert!(lab > 0 && lab < 16_315);
+    let before = count(format!(
+        "{}/Observation?_summary=count&_lastUpdated=le2019-01-01T00:00:00Z",
+        a.base
+    ))
+    .await;
+    let after = count(format!(
+        "{}/Observation?_summary=count&_lastUpdated=gt2019-01-01T00:00:00Z",
+        a.base
+    ))
+    .await;
+    assert_eq!(before + after, 16_315);
+
+    // Read, compartment search, and clear refusals.
+    let some_id = ids.iter().next().unwrap();
+    let read: Value = client
+        .get(format!("{}/Condition/{some_id}", a.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["id"], some_id.as_str());
+    let patient = read["subject"]["reference"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("Patient/")
+        .to_string();
+    let compartment: Value = client
+        .get(format!(
+            "{}/Patient/{patient}/Condition?_count=1000",
+            a.base
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = compartment["entry"].as_array().unwrap();
+    assert!(entries
+        .iter()
+        .any(|e| e["resource"]["id"] == some_id.as_str()));
+    assert!(entries
+        .iter()
+        .all(|e| e["resource"]["subject"]["reference"] == format!("Patient/{patient}").as_str()));
+    for (url, status, parameter) in [
+        (format!("{}/Condition/no-such-id", a.base), 404, None),
+        (
+            format!("{}/Condition?_count=0", a.base),
+            400,
+            Some("_count"),
+        ),
+        (format!("{}/Condition?bogus=1", a.base), 400, Some("bogus")),
+        (
+            format!("{}/Condition?_summary=data", a.base),
+            400,
+            Some("_summary"),
+        ),
+        (
+            format!("{}/Condition?_cursor=..%2Fx", a.base),
+            400,
+            Some("_cursor"),
+        ),
+    ] {
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), status, "{url}");
+        let outcome: Value = response.json().await.unwrap();
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{url}");
+        if let Some(parameter) = parameter {
+            assert!(outcome.to_string().contains(parameter), "{url}: {outcome}");
+        }
+    }
+    let metadata: Value = client
+        .get(format!("{}/metadata", a.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let declared = metadata["rest"][0]["resource"].as_array().unwrap();
+    assert!(declared.iter().any(|r| r["type"] == "Group"));
+    assert!(
+        declared.len() > 140,
+        "every R4 type is readable and searchable"
+    );
+}
+
+/// A proxy in front of A that answers every fourth request with 429 and the one two later with 503.
+async fn faulty_proxy(target: String) -> (String, Arc<AtomicU64>) {
+    use warp::Filter;
+    let faults = Arc::new(AtomicU64::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let upstream = reqwest::Client::new();
+    let route = {
+        let (faults, address) = (faults.clone(), address.clone());
+        warp::path::full()
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .then(move |path: warp::path::FullPath, query: String| {
+                let (faults, counter, upstream, target, address) = (
+                    faults.clone(),
+                    counter.clone(),
+                    upstream.clone(),
+                    target.clone(),
+                    address.clone(),
+                );
+                async move {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let mut response = warp::http::Response::builder();
+                    if n % 4 == 1 {
+                        faults.fetch_add(1, Ordering::SeqCst);
+                        return response
+                            .status(429)
+                            .header("Retry-After", "0")
+                            .body(b"{}".to_vec())
+                            .unwrap();
+                    }
+                    if n % 4 == 3 {
+                        faults.fetch_add(1, Ordering::SeqCst);
+                        return response.status(503).body(b"busy".to_vec()).unwrap();
+                    }
+                    let url = match query.is_empty() {
+                        true => format!("{target}{}", path.as_str()),
+                        false => format!("{target}{}?{query}", path.as_str()),
+                    };
+                    let answer = upstream
+                        .get(url)
+                        .header("X-Forwarded-Host", &address)
+                        .send()
+                        .await
+                        .unwrap();
+                    response = response.status(answer.status().as_u16());
+                    response
+                        .body(answer.bytes().await.unwrap().to_vec())
+                        .unwrap()
+                }
+            })
+    };
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    (format!("http://{address}"), faults)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_server_errors_lose_nothing_and_duplicate_nothing() {
+    let a = start(&common::sample_store(), |_| {}).await;
+    let (proxy, faults) = faulty_proxy(a.base.clone()).await;
+    let b = start_remote(&proxy).await;
+    let client = client();
+    let manifest = export(&client, &format!("{}/$export", b.base)).await;
+    let exported = contents(&client, &manifest).await;
+    let mut seen = std::collections::HashSet::new();
+    for lines in exported.values() {
+        for line in lines {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            assert!(
+                seen.insert(format!("{}/{}", resource["resourceType"], resource["id"])),
+                "twice: {line:.80}"
+            );
+        }
+    }
+    let stored = common::stored_resources(&common::sample_store());
+    assert_eq!(seen.len(), stored.len(), "every resource exactly once");
+    let patient_level = contents(
+        &client,
+        &export(
+            &client,
+            &format!("{}/Patient/$export?_type=Patient,Procedure", b.base),
+        )
+        .await,
+    )
+    .await;
+    let direct = contents(
+        &client,
+        &export(
+            &client,
+            &format!("{}/Patient/$export?_type=Patient,Procedure", a.base),
+        )
+        .await,
+    )
+    .await;
+    assert!(patient_level == direct);
+    assert!(
+        faults.load(Ordering::SeqCst) > 50,
+        "the proxy injected {} faults",
+        faults.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
+    let client = client();
+    // A server that answers everything with 401.
+    use warp::Filter;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let refuse = warp::any().map(|| {
+        warp::http::Response::builder()
+            .status(401)
+            .body(r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"login","diagnostics":"token missing"}]}"#.to_string())
+            .unwrap()
+    });
+    tokio::spawn(warp::serve(refuse).incoming(listener).run());
+    let b = start_remote(&format!("http://{address}")).await;
+    let response = common::kickoff(&client, &format!("{}/$export", b.base)).await;
+    let status = response.status().as_u16();
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(status, 502, "{outcome}");
+    let text = outcome.to_string();
+    assert!(
+        text.contains("refused access (401") && text.contains("token missing"),
+        "{text}"
+    );
+}

@@ -7,6 +7,7 @@ pub const DEFAULT_FILE_MAX_BYTES: u64 = 64 << 20;
 pub const DEFAULT_STALE_AFTER_SECS: u64 = 600;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_RETENTION_HOURS: u64 = 168;
+pub const DEFAULT_SHARD_MAX_RESOURCES: u64 = 250_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSetting {
@@ -54,6 +55,9 @@ pub struct Settings {
     pub retention: Duration,
     /// Public base URL; when unset, taken from each request's `Host`.
     pub base_url: Option<String>,
+    /// A type with more resources than this is split into `meta.lastUpdated` ranges, one shard each
+    /// (where the source counts cheaply: a FHIR server's `_summary=count`).
+    pub shard_max_resources: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +85,7 @@ impl Default for Settings {
             workers: default_workers(),
             retention: Duration::from_secs(DEFAULT_RETENTION_HOURS * 3600),
             base_url: None,
+            shard_max_resources: DEFAULT_SHARD_MAX_RESOURCES,
         }
     }
 }

@@ -154,6 +154,9 @@ struct ServeArgs {
     /// Hours a finished export's files are kept.
     #[arg(long, env = "EXPORT_RETENTION_HOURS", default_value_t = config::DEFAULT_RETENTION_HOURS)]
     retention_hours: u64,
+    /// Split a type with more resources than this into lastUpdated ranges (FHIR server sources).
+    #[arg(long, env = "EXPORT_SHARD_MAX_RESOURCES", default_value_t = config::DEFAULT_SHARD_MAX_RESOURCES)]
+    shard_max_resources: u64,
     /// Shard workers (default: one per core).
     #[arg(long, env = "EXPORT_WORKERS")]
     workers: Option<usize>,
@@ -342,6 +345,7 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
         max_attempts: args.max_attempts.max(1),
         workers: args.workers.unwrap_or_else(config::default_workers).max(1),
         retention: std::time::Duration::from_secs(args.retention_hours.max(1) * 3600),
+        shard_max_resources: args.shard_max_resources.max(1),
         base_url: args
             .base_url
             .as_deref()

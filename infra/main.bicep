@@ -36,6 +36,9 @@ param maxAttempts int = 3
 @description('Hours a finished export is kept (EXPORT_RETENTION_HOURS).')
 param retentionHours int = 168
 
+@description('A type with more resources is split into shards by lastUpdated ranges (EXPORT_SHARD_MAX_RESOURCES); small enough for a shard to finish within the 10-minute function timeout.')
+param shardMaxResources int = 250000
+
 @description('Largest number of instances the app scales out to.')
 param maximumInstanceCount int = 40
 
@@ -93,12 +96,14 @@ module app 'modules/functionapp.bicep' = {
     handlerSettings: concat(
       [
         { name: 'FHIR_SOURCE', value: empty(fhirServiceUrl) ? 'sqlite:./.fhir/store.db' : fhirServiceUrl }
+        { name: 'FHIR_SOURCE_AUTH', value: empty(fhirServiceUrl) ? 'none' : 'azure' }
         { name: 'EXPORT_STORAGE', value: storage.outputs.exportBlobEndpoint }
         { name: 'EXPORT_FILE_MAX_BYTES', value: string(fileMaxBytes) }
         { name: 'EXPORT_STALE_AFTER_SECS', value: string(staleAfterSecs) }
         { name: 'EXPORT_MAX_ATTEMPTS', value: string(maxAttempts) }
         { name: 'EXPORT_RETENTION_HOURS', value: string(retentionHours) }
         { name: 'EXPORT_BASE_URL', value: 'https://${appName}.azurewebsites.net' }
+        { name: 'EXPORT_SHARD_MAX_RESOURCES', value: string(shardMaxResources) }
       ],
       empty(userAssignedClientId) ? [] : [
         { name: 'AZURE_CLIENT_ID', value: userAssignedClientId }

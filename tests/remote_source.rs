@@ -13,12 +13,17 @@ use fhir_export::config::{SourceAuth, SourceSetting};
 use serde_json::{json, Value};
 
 async fn start_remote(source_base: &str) -> Server {
+    start_remote_with(source_base, u64::MAX).await
+}
+
+async fn start_remote_with(source_base: &str, shard_max_resources: u64) -> Server {
     let url = source_base.to_string();
     start(&common::sample_store(), move |settings| {
         settings.source = SourceSetting::Remote {
             url,
             auth: SourceAuth::None,
         };
+        settings.shard_max_resources = shard_max_resources;
     })
     .await
 }
@@ -427,4 +432,57 @@ async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
         text.contains("refused access (401") && text.contains("token missing"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_type_is_split_into_lastupdated_ranges_read_in_parallel() {
+    // Generated data: its lastUpdated instants spread over ten years (the sample's share one).
+    let dir = tempfile::tempdir().unwrap();
+    fhir_export::generate::write_ndjson(400, 7, &dir.path().join("data")).unwrap();
+    let store_path = dir.path().join("generated.db");
+    let store = fhir_export::source::EmbeddedStore::open(&store_path).unwrap();
+    fhir_export::source::import::import(&store, &[dir.path().join("data")]).unwrap();
+    let a = start(&store_path, |_| {}).await;
+    let url = a.base.clone();
+    let b = start(&store_path, move |settings| {
+        settings.source = SourceSetting::Remote {
+            url,
+            auth: SourceAuth::None,
+        };
+        settings.shard_max_resources = 1_000;
+    })
+    .await;
+    let client = client();
+    let kickoff = "/$export?_type=Observation,Patient&_since=2010-01-01T00:00:00Z";
+    let manifest = export(&client, &format!("{}{kickoff}", b.base)).await;
+    let mut parts = std::collections::BTreeSet::new();
+    for output in manifest["output"].as_array().unwrap() {
+        let url = output["url"].as_str().unwrap();
+        let name = url.rsplit('/').next().unwrap();
+        if output["type"] == "Observation" {
+            // Observation-{part}-{n}.ndjson
+            let pieces: Vec<&str> = name.trim_end_matches(".ndjson").split('-').collect();
+            assert_eq!(pieces.len(), 3, "{name}");
+            parts.insert(pieces[1].parse::<u32>().unwrap());
+            assert!(
+                output["count"].as_u64().unwrap() <= 1_000,
+                "{name}: {}",
+                output["count"]
+            );
+        } else {
+            assert_eq!(name, "Patient-1.ndjson");
+        }
+    }
+    assert!(parts.len() >= 3, "Observation split into {parts:?}");
+    assert_eq!(
+        parts.iter().copied().collect::<Vec<_>>(),
+        (1..=parts.len() as u32).collect::<Vec<_>>()
+    );
+    let from_remote = contents(&client, &manifest).await;
+    let from_store = contents(
+        &client,
+        &export(&client, &format!("{}{kickoff}", a.base)).await,
+    )
+    .await;
+    assert!(from_store == from_remote, "the split export differs");
 }

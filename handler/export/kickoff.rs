@@ -9,7 +9,7 @@ use crate::app::App;
 use crate::fhir::compartment::patient_id_of;
 use crate::jobs::{new_job_id, Job, JobStatus, Shard, ShardStatus};
 use crate::source::import::is_valid_id;
-use crate::source::PatientScope;
+use crate::source::{PatientScope, ResourceSource, ScanRequest};
 
 /// Starts an export; returns the recorded job.
 pub async fn start(
@@ -20,36 +20,60 @@ pub async fn start(
 ) -> Result<Job, ExportError> {
     let transaction_time = Utc::now();
     let id = new_job_id();
-    let (scope, present) = {
+    let max_per_shard = app.settings.shard_max_resources;
+    let (scope, planned) = {
         let (source, request) = (app.source.clone(), request.clone());
         tokio::task::spawn_blocking(move || -> Result<_, ExportError> {
-            Ok((
-                resolve_scope(source.as_ref(), &request)?,
-                source.resource_types()?,
-            ))
+            let scope = resolve_scope(source.as_ref(), &request)?;
+            let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
+            let mut planned = Vec::new();
+            for resource_type in source.resource_types()? {
+                let wanted = !nobody
+                    && (!request.level.is_patient_scoped()
+                        || is_patient_level_type(&resource_type))
+                    && request
+                        .types
+                        .as_ref()
+                        .is_none_or(|wanted| wanted.contains(&resource_type));
+                if !wanted {
+                    continue;
+                }
+                let window = Window {
+                    resource_type: &resource_type,
+                    scope: &scope,
+                    snapshot: transaction_time,
+                    max_per_shard,
+                };
+                let until = request
+                    .until
+                    .map_or(transaction_time, |u| u.min(transaction_time));
+                let ranges = window.split(source.as_ref(), request.since, until)?;
+                planned.push((resource_type, ranges));
+            }
+            Ok((scope, planned))
         })
         .await
         .expect("planning does not panic")?
     };
-    let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
-    let shards = present
-        .into_iter()
-        .filter(|t| !nobody && (!request.level.is_patient_scoped() || is_patient_level_type(t)))
-        .filter(|t| {
-            request
-                .types
-                .as_ref()
-                .is_none_or(|wanted| wanted.contains(t))
-        })
-        .map(|resource_type| Shard {
-            stem: resource_type.clone(),
-            resource_type,
-            status: ShardStatus::Queued,
-            attempts: 0,
-            heartbeat: Some(transaction_time),
-            outputs: Vec::new(),
-        })
-        .collect::<Vec<_>>();
+    let mut shards = Vec::new();
+    for (resource_type, ranges) in planned {
+        let split = ranges.len() > 1;
+        for (part, (since, until)) in ranges.into_iter().enumerate() {
+            shards.push(Shard {
+                stem: match split {
+                    true => format!("{resource_type}-{}", part + 1),
+                    false => resource_type.clone(),
+                },
+                resource_type: resource_type.clone(),
+                since,
+                until,
+                status: ShardStatus::Queued,
+                attempts: 0,
+                heartbeat: Some(transaction_time),
+                outputs: Vec::new(),
+            });
+        }
+    }
     let stamp = transaction_time.format("%Y%m%dT%H%M%S");
     let output_folder = match &request.container {
         Some(container) => format!("{container}/{stamp}-{id}"),
@@ -76,6 +100,95 @@ pub async fn start(
         enqueue_shards(app.queue.as_ref(), &id, 0..job.shards.len()).await?;
     }
     Ok(job)
+}
+
+/// One type's export window, to be cut into shards of at most `max_per_shard` resources.
+struct Window<'a> {
+    resource_type: &'a str,
+    scope: &'a PatientScope,
+    snapshot: chrono::DateTime<Utc>,
+    max_per_shard: u64,
+}
+
+type Range = (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>);
+
+impl Window<'_> {
+    fn count(
+        &self,
+        source: &dyn ResourceSource,
+        since: Option<chrono::DateTime<Utc>>,
+        until: chrono::DateTime<Utc>,
+    ) -> Result<Option<u64>, ExportError> {
+        Ok(source.count(&ScanRequest {
+            resource_type: self.resource_type,
+            since,
+            until,
+            snapshot: self.snapshot,
+            scope: self.scope,
+            after_id: None,
+            type_filters: &[],
+        })?)
+    }
+
+    /// `meta.lastUpdated` ranges `(since, until]` in order, found by halving the window while a
+    /// half holds more than `max_per_shard` (one second is the finest cut); one unbounded range when
+    /// the source cannot count or the type is small enough.
+    fn split(
+        &self,
+        source: &dyn ResourceSource,
+        since: Option<chrono::DateTime<Utc>>,
+        until: chrono::DateTime<Utc>,
+    ) -> Result<Vec<Range>, ExportError> {
+        let whole = vec![(None, None)];
+        let Some(total) = self.count(source, since, until)? else {
+            return Ok(whole);
+        };
+        if total <= self.max_per_shard {
+            return Ok(whole);
+        }
+        let floor =
+            since.unwrap_or(chrono::DateTime::UNIX_EPOCH - chrono::Duration::days(365 * 100));
+        let mut pieces = Vec::new();
+        self.bisect(source, floor, until, total, &mut pieces)?;
+        // Neighbours are merged while they fit together (halving leaves many small or empty pieces).
+        let mut ranges: Vec<(Range, u64)> = Vec::new();
+        for (low, high, count) in pieces {
+            match ranges.last_mut() {
+                Some(((_, end), sum)) if *sum + count <= self.max_per_shard => {
+                    *end = Some(high);
+                    *sum += count;
+                }
+                _ => ranges.push(((Some(low), Some(high)), count)),
+            }
+        }
+        let mut ranges: Vec<Range> = ranges.into_iter().map(|(range, _)| range).collect();
+        // The outer ends stay open: the request's own bounds still apply in the worker.
+        if let Some(first) = ranges.first_mut() {
+            first.0 = since;
+        }
+        Ok(ranges)
+    }
+
+    fn bisect(
+        &self,
+        source: &dyn ResourceSource,
+        low: chrono::DateTime<Utc>,
+        high: chrono::DateTime<Utc>,
+        count: u64,
+        pieces: &mut Vec<(chrono::DateTime<Utc>, chrono::DateTime<Utc>, u64)>,
+    ) -> Result<(), ExportError> {
+        if count <= self.max_per_shard || high - low <= chrono::Duration::seconds(1) {
+            pieces.push((low, high, count));
+            return Ok(());
+        }
+        let middle = low + (high - low) / 2;
+        let first = self
+            .count(source, Some(low), middle)?
+            .unwrap_or(0)
+            .min(count);
+        self.bisect(source, low, middle, first, pieces)?;
+        self.bisect(source, middle, high, count - first, pieces)
+    }
 }
 
 fn patient_error(message: String) -> ExportError {

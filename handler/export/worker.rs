@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
 use super::{manifest, ExportError, ShardMessage};
@@ -132,10 +132,12 @@ async fn write_files(
     cancelled: Arc<AtomicBool>,
 ) -> Result<Vec<OutputFile>, ExportError> {
     let spec = job.shards[shard].clone();
-    let until = job.request.until.map_or(job.transaction_time, |until| {
-        until.min(job.transaction_time)
-    });
-    let since = job.request.since;
+    let until = [job.request.until, spec.until]
+        .into_iter()
+        .flatten()
+        .fold(job.transaction_time, DateTime::min);
+    let since = job.request.since.max(spec.since);
+    let snapshot = job.transaction_time;
     let source = app.source.clone();
     let mut writer = RollingNdjsonWriter::new(
         app.storage.clone(),
@@ -162,6 +164,7 @@ async fn write_files(
             resource_type: &spec.resource_type,
             since,
             until,
+            snapshot,
             scope: &scope,
             after_id: None,
             type_filters: &raw_filters,

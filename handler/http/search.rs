@@ -180,6 +180,7 @@ pub async fn search(
                 resource_type: &resource_type_owned,
                 since,
                 until,
+                snapshot: until,
                 scope: &scope,
                 after_id: cursor.as_deref(),
                 type_filters: &[],

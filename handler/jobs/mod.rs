@@ -36,6 +36,11 @@ pub struct Shard {
     pub resource_type: String,
     /// File name stem: `Patient` gives `Patient-1.ndjson`, ...
     pub stem: String,
+    /// The `meta.lastUpdated` range of a type split into several shards: `(since, until]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
     pub status: ShardStatus,
     pub attempts: u32,
     /// The last sign of life: when the shard was queued, or the running worker's last beat.

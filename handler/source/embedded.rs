@@ -145,13 +145,51 @@ impl ResourceSource for EmbeddedStore {
         .map_err(|e| self.error(e))
     }
 
-    /// Current versions in the window, then earlier versions that were current at `until`.
+    /// Current versions in the window, then earlier versions that were current at the snapshot.
     fn scan(
         &self,
         request: &ScanRequest<'_>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<u64, ScanError> {
         let conn = self.connect()?;
+        let queries = self.queries(&conn, request, "r.json")?;
+        let mut count = 0;
+        for query in queries {
+            let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
+            let mut rows = statement.query(bind(request)).map_err(|e| self.error(e))?;
+            while let Some(row) = rows.next().map_err(|e| self.error(e))? {
+                let json = row
+                    .get_ref(0)
+                    .and_then(|v| Ok(v.as_blob()?))
+                    .map_err(|e| self.error(e))?;
+                sink(json)?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// The parameters of the scan queries: type, since, until, snapshot, after id.
+fn bind<'a>(request: &'a ScanRequest<'a>) -> (&'a str, i64, i64, i64, &'a str) {
+    (
+        request.resource_type,
+        request.since.map(micros).unwrap_or(i64::MIN),
+        micros(request.until.min(request.snapshot)),
+        micros(request.snapshot),
+        request.after_id.unwrap_or(""),
+    )
+}
+
+impl EmbeddedStore {
+    /// The two queries of a scan (current rows, then replaced versions current at the snapshot),
+    /// selecting `what`; the patient scope is set up in `conn`'s temp tables.
+    fn queries(
+        &self,
+        conn: &Connection,
+        request: &ScanRequest<'_>,
+        what: &str,
+    ) -> Result<[String; 2], SourceError> {
         let scope = match request.scope {
             PatientScope::All => "",
             PatientScope::AnyPatient => {
@@ -173,40 +211,23 @@ impl ResourceSource for EmbeddedStore {
                              AND c.patient_id IN (SELECT id FROM temp.scope_patients))"
             }
         };
-        let queries = [
+        let order = if what == "r.json" {
+            "ORDER BY r.id"
+        } else {
+            ""
+        };
+        Ok([
             format!(
-                "SELECT r.json FROM resources r
-                 WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 AND r.id > ?4 {scope}
-                 ORDER BY r.id"
+                "SELECT {what} FROM resources r
+                 WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 AND r.id > ?5 {scope}
+                 {order}"
             ),
             format!(
-                "SELECT r.json FROM history r
+                "SELECT {what} FROM history r
                  WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3
-                   AND r.superseded_at > ?3 AND r.id > ?4 {scope}
-                 ORDER BY r.id"
+                   AND r.superseded_at > ?4 AND r.id > ?5 {scope}
+                 {order}"
             ),
-        ];
-        let since = request.since.map(micros).unwrap_or(i64::MIN);
-        let mut count = 0;
-        for query in queries {
-            let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
-            let mut rows = statement
-                .query(params![
-                    request.resource_type,
-                    since,
-                    micros(request.until),
-                    request.after_id.unwrap_or("")
-                ])
-                .map_err(|e| self.error(e))?;
-            while let Some(row) = rows.next().map_err(|e| self.error(e))? {
-                let json = row
-                    .get_ref(0)
-                    .and_then(|v| Ok(v.as_blob()?))
-                    .map_err(|e| self.error(e))?;
-                sink(json)?;
-                count += 1;
-            }
-        }
-        Ok(count)
+        ])
     }
 }

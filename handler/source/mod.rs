@@ -30,8 +30,12 @@ pub struct ScanRequest<'a> {
     pub resource_type: &'a str,
     /// Exclusive lower bound (`_since`).
     pub since: Option<DateTime<Utc>>,
-    /// Inclusive upper bound: the export's `transactionTime`, or `_until` when earlier.
+    /// Inclusive upper bound: the export's `transactionTime`, `_until` or the shard's range end,
+    /// whichever is earliest.
     pub until: DateTime<Utc>,
+    /// The instant the export reads the data as of (its `transactionTime`): versions replaced
+    /// later are read as they were then.
+    pub snapshot: DateTime<Utc>,
     pub scope: &'a PatientScope,
     /// Only ids after this one (paging); the scan goes in id order.
     pub after_id: Option<&'a str>,
@@ -86,6 +90,12 @@ pub trait ResourceSource: Send + Sync {
 
     /// One resource's stored JSON.
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError>;
+
+    /// How many resources a scan would give, when the source can tell cheaply (`None`: it cannot;
+    /// then the type is not split). `type_filters` and `after_id` are not applied.
+    fn count(&self, _request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
+        Ok(None)
+    }
 
     /// Streams each matching resource, as its stored JSON bytes, to `sink`; returns how many.
     fn scan(

@@ -345,7 +345,10 @@ impl Inner {
         if let Some(since) = request.since {
             bounds.append_pair("_lastUpdated", &format!("gt{}", instant(since)));
         }
-        bounds.append_pair("_lastUpdated", &format!("le{}", instant(request.until)));
+        bounds.append_pair(
+            "_lastUpdated",
+            &format!("le{}", instant(request.until.min(request.snapshot))),
+        );
         bounds.append_pair("_count", &self.page_size.to_string());
         let bounds = bounds.finish();
         let queries: Vec<&str> = if request.type_filters.is_empty() {
@@ -447,6 +450,35 @@ impl ResourceSource for RemoteServer {
                 }
             }
             Ok(present)
+        })
+    }
+
+    /// A `_summary=count` probe of the window, for whole-type scans only.
+    fn count(&self, request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
+        let whole_type = matches!(request.scope, PatientScope::All)
+            || (matches!(request.scope, PatientScope::AnyPatient)
+                && request.resource_type == "Patient");
+        if !whole_type {
+            return Ok(None);
+        }
+        let mut url = format!("{}/{}?_summary=count", self.0.base, request.resource_type);
+        let mut bounds = form_urlencoded::Serializer::new(String::new());
+        if let Some(since) = request.since {
+            bounds.append_pair("_lastUpdated", &format!("gt{}", instant(since)));
+        }
+        bounds.append_pair(
+            "_lastUpdated",
+            &format!("le{}", instant(request.until.min(request.snapshot))),
+        );
+        url.push('&');
+        url.push_str(&bounds.finish());
+        self.0.runtime.block_on(async {
+            match self.0.get(&url).await? {
+                Fetched::NotFound => Ok(Some(0)),
+                Fetched::Body(body) => Ok(serde_json::from_slice::<Page>(&body)
+                    .ok()
+                    .and_then(|p| p.total)),
+            }
         })
     }
 

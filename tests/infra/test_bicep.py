@@ -252,14 +252,16 @@ def test_every_setting_the_handler_reads_is_in_the_readme():
     main_rs = (ROOT / "handler" / "main.rs").read_text()
     app_rs = (ROOT / "handler" / "app.rs").read_text()
     read = set(re.findall(r'env = "([A-Z_]+)"', main_rs)) | set(re.findall(r'std::env::var\("([A-Z_]+)"\)', main_rs + app_rs))
-    documented = set(readme_table("### Handler settings")) | set(readme_table("### Local service only"))
+    documented = (set(readme_table("### Handler settings")) | set(readme_table("### Local service only"))
+                  | set(readme_table("### Remote source with OAuth client credentials")))
     documented.add("FUNCTIONS_CUSTOMHANDLER_PORT")  # set by the host
     documented.add("FHIR_BEARER_TOKEN")  # the `export` client's token, not a service setting
     assert read, "no settings found in the source"
     assert read <= documented, read - documented
-    local_only = set(readme_table("### Local service only"))
+    not_in_azure = set(readme_table("### Local service only")) | set(
+        readme_table("### Remote source with OAuth client credentials"))
     handler, _, _ = app_settings()
-    assert not local_only & set(handler)
+    assert not not_in_azure & set(handler), "a local-only setting or a secret in the app settings"
 
 
 def test_azure_yaml_provisions_main_bicep_and_deploys_with_the_package_command():

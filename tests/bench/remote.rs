@@ -1,0 +1,128 @@
+//! `cargo bench --bench remote`: a system export read over FHIR REST from another instance (the
+//! remote source) next to the same export read from the embedded store, with the requests it took.
+//!
+//! The data: the Synthea sample (`../shared`), or generated data when it is absent.
+//! `BENCH_SHARD_MAX` sets `EXPORT_SHARD_MAX_RESOURCES` for the remote export (default 5000, so the
+//! big types are split and read in parallel).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fhir_export::app::{serve_local, App};
+use fhir_export::config::{Settings, SourceSetting, StorageSetting};
+use fhir_export::jobs::JobStore;
+use fhir_export::queue::InProcessQueue;
+use fhir_export::source::remote::RemoteAuth;
+use fhir_export::source::{import, EmbeddedStore, RemoteServer, ResourceSource};
+use fhir_export::storage::{LocalFolder, ObjectStore};
+use serde_json::Value;
+
+async fn serve(app: App, receiver: fhir_export::queue::QueueReceiver) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve_local(app, receiver, listener, std::future::pending()));
+    base
+}
+
+fn app(
+    settings: Settings,
+    source: Arc<dyn ResourceSource>,
+    exports: &Path,
+) -> (App, fhir_export::queue::QueueReceiver) {
+    let storage: Arc<dyn ObjectStore> = Arc::new(LocalFolder::open(exports).unwrap());
+    let (queue, receiver) = InProcessQueue::new();
+    let app = App {
+        settings: Arc::new(settings),
+        source,
+        jobs: JobStore::new(storage.clone()),
+        storage,
+        queue: Arc::new(queue),
+    };
+    (app, receiver)
+}
+
+/// Kickoff to manifest: (seconds, resources).
+async fn time_export(client: &reqwest::Client, base: &str) -> (f64, u64) {
+    let started = Instant::now();
+    let response = client
+        .get(format!("{base}/$export"))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let status = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    loop {
+        let response = client.get(&status).send().await.unwrap();
+        if response.status() == 200 {
+            let manifest: Value = response.json().await.unwrap();
+            let resources = manifest["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["count"].as_u64().unwrap())
+                .sum();
+            return (started.elapsed().as_secs_f64(), resources);
+        }
+        assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let scratch = tempfile::tempdir().unwrap();
+        let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea-r4-100-bulk-data-server/bundles");
+        let data = if sample.is_dir() {
+            sample
+        } else {
+            let generated = scratch.path().join("generated");
+            fhir_export::generate::write_ndjson(1000, 1, &generated).unwrap();
+            generated
+        };
+        let store_path = scratch.path().join("store.db");
+        let store = EmbeddedStore::open(&store_path).unwrap();
+        import::import(&store, &[data]).unwrap();
+        let shard_max: u64 = std::env::var("BENCH_SHARD_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+
+        let settings = Settings {
+            source: SourceSetting::Sqlite(store_path.clone()),
+            storage: StorageSetting::Folder(scratch.path().join("a")),
+            ..Settings::default()
+        };
+        let (a, receiver) = app(settings.clone(), Arc::new(store), &scratch.path().join("a"));
+        let a_base = serve(a, receiver).await;
+
+        let remote = Arc::new(RemoteServer::new(&a_base, RemoteAuth::None).unwrap());
+        let remote_settings = Settings {
+            source: SourceSetting::Remote { url: a_base.clone(), auth: fhir_export::config::SourceAuth::None },
+            shard_max_resources: shard_max,
+            ..settings
+        };
+        let (b, receiver) = app(remote_settings, remote.clone(), &scratch.path().join("b"));
+        let b_base = serve(b, receiver).await;
+
+        let client = reqwest::Client::new();
+        let (local_s, local_n) = time_export(&client, &a_base).await;
+        let (before, _) = remote.request_counts();
+        let (remote_s, remote_n) = time_export(&client, &b_base).await;
+        let (after, retries) = remote.request_counts();
+        assert_eq!(local_n, remote_n, "the remote export must hold the same resources");
+        println!("source        resources  seconds  resources/s  requests");
+        println!("embedded     {local_n:>10}  {local_s:>7.2}  {:>11.0}         -", local_n as f64 / local_s);
+        println!(
+            "remote REST  {remote_n:>10}  {remote_s:>7.2}  {:>11.0}  {:>8} ({retries} retries; shards of at most {shard_max})",
+            remote_n as f64 / remote_s,
+            after - before
+        );
+    });
+}

@@ -10,7 +10,8 @@
 //! - [`config`]: settings, read and checked once at start-up.
 //! - [`http`]: the warp HTTP API; errors become OperationOutcomes in one place.
 //! - [`export`]: kickoff parameters, planning, the shard worker, the manifest.
-//! - [`source`]: the `ResourceSource` trait; the embedded SQLite store and its importer.
+//! - [`source`]: the `ResourceSource` trait; the embedded SQLite store and its importer; a FHIR
+//!   server over REST.
 //! - [`storage`]: the `ObjectStore` trait; the local folder and Azure Blob; the rolling NDJSON writer.
 //! - [`jobs`]: job documents on storage, changed by compare-and-swap.
 //! - [`queue`]: the `WorkQueue` trait; the in-process queue and worker pool.

@@ -95,7 +95,7 @@ struct ExportArgs {
 
 #[derive(Args)]
 struct StoreArgs {
-    /// The embedded store (`sqlite:PATH` or a path).
+    /// The source: the embedded store (`sqlite:PATH` or a path), or a FHIR server (`https://...`).
     #[arg(
         long = "store",
         env = "FHIR_SOURCE",

@@ -40,6 +40,11 @@ async fn contents(client: &reqwest::Client, manifest: &Value) -> BTreeMap<String
     per_type
 }
 
+/// Exports `url` and returns its contents.
+async fn exported(client: &reqwest::Client, url: &str) -> BTreeMap<String, Vec<String>> {
+    contents(client, &export(client, url).await).await
+}
+
 async fn post_export(client: &reqwest::Client, url: &str, parameters: Value) -> Value {
     let response = client
         .post(url)
@@ -64,14 +69,7 @@ async fn exports_through_the_remote_source_equal_exports_from_the_store() {
     let b = start_remote(&a.base).await;
     let client = client();
     let group_id = {
-        let bundle: Value = client
-            .get(format!("{}/Group", a.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let bundle: Value = common::get_json(&client, &format!("{}/Group", a.base)).await;
         bundle["entry"][0]["resource"]["id"]
             .as_str()
             .unwrap()
@@ -88,16 +86,8 @@ async fn exports_through_the_remote_source_equal_exports_from_the_store() {
         format!("/Group/{group_id}/$export?_typeFilter=Condition%3Fclinical-status%3Dactive&_type=Condition"),
     ];
     for kickoff in &kickoffs {
-        let from_store = contents(
-            &client,
-            &export(&client, &format!("{}{kickoff}", a.base)).await,
-        )
-        .await;
-        let from_remote = contents(
-            &client,
-            &export(&client, &format!("{}{kickoff}", b.base)).await,
-        )
-        .await;
+        let from_store = exported(&client, &format!("{}{kickoff}", a.base)).await;
+        let from_remote = exported(&client, &format!("{}{kickoff}", b.base)).await;
         assert!(!from_store.is_empty(), "{kickoff}: nothing exported");
         assert_eq!(
             from_store
@@ -114,14 +104,7 @@ async fn exports_through_the_remote_source_equal_exports_from_the_store() {
     }
 
     // The `patient` parameter (POST) at Patient level.
-    let patients: Value = client
-        .get(format!("{}/Patient?_count=2", a.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let patients: Value = common::get_json(&client, &format!("{}/Patient?_count=2", a.base)).await;
     let chosen: Vec<Value> = patients["entry"]
         .as_array()
         .unwrap()
@@ -163,14 +146,7 @@ async fn fhir_read_and_search_answer_like_a_fhir_server() {
     let mut ids = std::collections::HashSet::new();
     let mut pages = 0;
     while let Some(next) = url.take() {
-        let page: Value = client
-            .get(&next)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = common::get_json(&client, &next).await;
         assert_eq!(page["resourceType"], "Bundle");
         assert_eq!(page["type"], "searchset");
         for entry in page["entry"].as_array().into_iter().flatten() {
@@ -196,14 +172,7 @@ async fn fhir_read_and_search_answer_like_a_fhir_server() {
     let count = |query: String| {
         let client = client.clone();
         async move {
-            let page: Value = client
-                .get(query)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page: Value = common::get_json(&client, &query).await;
             page["total"].as_u64().unwrap()
         }
     };
@@ -231,31 +200,18 @@ async fn fhir_read_and_search_answer_like_a_fhir_server() {
 
     // Read, compartment search, and clear refusals.
     let some_id = ids.iter().next().unwrap();
-    let read: Value = client
-        .get(format!("{}/Condition/{some_id}", a.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read: Value = common::get_json(&client, &format!("{}/Condition/{some_id}", a.base)).await;
     assert_eq!(read["id"], some_id.as_str());
     let patient = read["subject"]["reference"]
         .as_str()
         .unwrap()
         .trim_start_matches("Patient/")
         .to_string();
-    let compartment: Value = client
-        .get(format!(
-            "{}/Patient/{patient}/Condition?_count=1000",
-            a.base
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let compartment: Value = common::get_json(
+        &client,
+        &format!("{}/Patient/{patient}/Condition?_count=1000", a.base),
+    )
+    .await;
     let entries = compartment["entry"].as_array().unwrap();
     assert!(entries
         .iter()
@@ -290,14 +246,7 @@ async fn fhir_read_and_search_answer_like_a_fhir_server() {
             assert!(outcome.to_string().contains(parameter), "{url}: {outcome}");
         }
     }
-    let metadata: Value = client
-        .get(format!("{}/metadata", a.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let metadata: Value = common::get_json(&client, &format!("{}/metadata", a.base)).await;
     let declared = metadata["rest"][0]["resource"].as_array().unwrap();
     assert!(declared.iter().any(|r| r["type"] == "Group"));
     assert!(
@@ -369,9 +318,9 @@ async fn throttling_and_server_errors_lose_nothing_and_duplicate_nothing() {
     let b = start_remote(&proxy).await;
     let client = client();
     let manifest = export(&client, &format!("{}/$export", b.base)).await;
-    let exported = contents(&client, &manifest).await;
+    let everything = contents(&client, &manifest).await;
     let mut seen = std::collections::HashSet::new();
-    for lines in exported.values() {
+    for lines in everything.values() {
         for line in lines {
             let resource: Value = serde_json::from_str(line).unwrap();
             assert!(
@@ -382,22 +331,14 @@ async fn throttling_and_server_errors_lose_nothing_and_duplicate_nothing() {
     }
     let stored = common::stored_resources(&common::sample_store());
     assert_eq!(seen.len(), stored.len(), "every resource exactly once");
-    let patient_level = contents(
+    let patient_level = exported(
         &client,
-        &export(
-            &client,
-            &format!("{}/Patient/$export?_type=Patient,Procedure", b.base),
-        )
-        .await,
+        &format!("{}/Patient/$export?_type=Patient,Procedure", b.base),
     )
     .await;
-    let direct = contents(
+    let direct = exported(
         &client,
-        &export(
-            &client,
-            &format!("{}/Patient/$export?_type=Patient,Procedure", a.base),
-        )
-        .await,
+        &format!("{}/Patient/$export?_type=Patient,Procedure", a.base),
     )
     .await;
     assert!(patient_level == direct);
@@ -479,10 +420,100 @@ async fn a_big_type_is_split_into_lastupdated_ranges_read_in_parallel() {
         (1..=parts.len() as u32).collect::<Vec<_>>()
     );
     let from_remote = contents(&client, &manifest).await;
-    let from_store = contents(
+    let from_store = exported(&client, &format!("{}{kickoff}", a.base)).await;
+    assert!(from_store == from_remote, "the split export differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_tokens_are_fetched_once_and_sent_with_every_request() {
+    use warp::Filter;
+    let a = start(&common::sample_store(), |_| {}).await;
+    let token_calls = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let token = {
+        let calls = token_calls.clone();
+        warp::post()
+            .and(warp::path("token"))
+            .and(warp::body::form())
+            .map(move |form: std::collections::HashMap<String, String>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let good = form.get("grant_type").map(String::as_str) == Some("client_credentials")
+                    && form.get("client_id").map(String::as_str) == Some("exporter")
+                    && form.get("client_secret").map(String::as_str) == Some("s3cret");
+                let status = if good { 200 } else { 401 };
+                warp::http::Response::builder()
+                    .status(status)
+                    .body(
+                        br#"{"access_token":"token-1","token_type":"Bearer","expires_in":3600}"#
+                            .to_vec(),
+                    )
+                    .unwrap()
+            })
+    };
+    // The FHIR server: A behind a check of the bearer token.
+    let (upstream, target, forwarded_host) =
+        (reqwest::Client::new(), a.base.clone(), address.clone());
+    let fhir = warp::get()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::optional::<String>("authorization"))
+        .then(
+            move |path: warp::path::FullPath, query: String, authorization: Option<String>| {
+                let (upstream, target, host) =
+                    (upstream.clone(), target.clone(), forwarded_host.clone());
+                async move {
+                    if authorization.as_deref() != Some("Bearer token-1") {
+                        return warp::http::Response::builder()
+                            .status(401)
+                            .body(Vec::new())
+                            .unwrap();
+                    }
+                    let url = format!("{target}{}?{query}", path.as_str());
+                    let answer = upstream
+                        .get(url)
+                        .header("X-Forwarded-Host", host)
+                        .send()
+                        .await
+                        .unwrap();
+                    warp::http::Response::builder()
+                        .status(answer.status().as_u16())
+                        .body(answer.bytes().await.unwrap().to_vec())
+                        .unwrap()
+                }
+            },
+        );
+    tokio::spawn(warp::serve(token.or(fhir).unify()).incoming(listener).run());
+
+    let url = format!("http://{address}");
+    let token_url = format!("http://{address}/token");
+    let b = start(&common::sample_store(), move |settings| {
+        settings.source = SourceSetting::Remote {
+            url,
+            auth: SourceAuth::ClientCredentials {
+                token_url,
+                client_id: "exporter".into(),
+                client_secret: "s3cret".into(),
+                scope: "system/*.read".into(),
+            },
+        };
+    })
+    .await;
+    let client = client();
+    let through_b = exported(
         &client,
-        &export(&client, &format!("{}{kickoff}", a.base)).await,
+        &format!("{}/$export?_type=Patient,Condition", b.base),
     )
     .await;
-    assert!(from_store == from_remote, "the split export differs");
+    let direct = exported(
+        &client,
+        &format!("{}/$export?_type=Patient,Condition", a.base),
+    )
+    .await;
+    assert!(through_b == direct);
+    assert_eq!(
+        token_calls.load(Ordering::SeqCst),
+        1,
+        "the token is cached until it nears expiry"
+    );
 }

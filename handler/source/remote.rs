@@ -106,6 +106,19 @@ fn instant(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// The scan's `meta.lastUpdated` window as search parameters.
+fn window(request: &ScanRequest<'_>) -> form_urlencoded::Serializer<'static, String> {
+    let mut bounds = form_urlencoded::Serializer::new(String::new());
+    if let Some(since) = request.since {
+        bounds.append_pair("_lastUpdated", &format!("gt{}", instant(since)));
+    }
+    bounds.append_pair(
+        "_lastUpdated",
+        &format!("le{}", instant(request.until.min(request.snapshot))),
+    );
+    bounds
+}
+
 impl RemoteServer {
     /// `base`: the server's base URL. Must be called inside a tokio runtime.
     pub fn new(base: &str, auth: RemoteAuth) -> Result<Self, SourceError> {
@@ -341,14 +354,7 @@ impl Inner {
 
     /// The first page URL of each search the scan runs.
     fn searches(&self, request: &ScanRequest<'_>, patients: Option<&[String]>) -> Vec<String> {
-        let mut bounds = form_urlencoded::Serializer::new(String::new());
-        if let Some(since) = request.since {
-            bounds.append_pair("_lastUpdated", &format!("gt{}", instant(since)));
-        }
-        bounds.append_pair(
-            "_lastUpdated",
-            &format!("le{}", instant(request.until.min(request.snapshot))),
-        );
+        let mut bounds = window(request);
         bounds.append_pair("_count", &self.page_size.to_string());
         let bounds = bounds.finish();
         let queries: Vec<&str> = if request.type_filters.is_empty() {
@@ -462,16 +468,8 @@ impl ResourceSource for RemoteServer {
             return Ok(None);
         }
         let mut url = format!("{}/{}?_summary=count", self.0.base, request.resource_type);
-        let mut bounds = form_urlencoded::Serializer::new(String::new());
-        if let Some(since) = request.since {
-            bounds.append_pair("_lastUpdated", &format!("gt{}", instant(since)));
-        }
-        bounds.append_pair(
-            "_lastUpdated",
-            &format!("le{}", instant(request.until.min(request.snapshot))),
-        );
         url.push('&');
-        url.push_str(&bounds.finish());
+        url.push_str(&window(request).finish());
         self.0.runtime.block_on(async {
             match self.0.get(&url).await? {
                 Fetched::NotFound => Ok(Some(0)),

@@ -141,6 +141,11 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// GET `url` and read the answer as JSON.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 pub async fn kickoff(client: &reqwest::Client, url: &str) -> reqwest::Response {
     client
         .get(url)

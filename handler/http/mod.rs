@@ -179,7 +179,9 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
             )
             .await
         }
-        [resource_type, id] if crate::fhir::is_resource_type(resource_type) => {
+        [resource_type, id]
+            if crate::fhir::is_resource_type(resource_type) && !id.starts_with('$') =>
+        {
             only(method, &[Method::GET])?;
             search::read(app, resource_type, id).await
         }

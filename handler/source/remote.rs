@@ -307,9 +307,9 @@ impl Inner {
         }
     }
 
-    async fn count(&self, resource_type: &str) -> Result<Option<u64>, SourceError> {
-        let url = format!("{}/{resource_type}?_summary=count", self.base);
-        match self.get(&url).await? {
+    /// The `total` of a `_summary=count` search (`None` when the server gives none).
+    async fn total(&self, url: &str) -> Result<Option<u64>, SourceError> {
+        match self.get(url).await? {
             Fetched::NotFound => Ok(Some(0)),
             Fetched::Body(body) => Ok(serde_json::from_slice::<Page>(&body)
                 .ok()
@@ -442,7 +442,9 @@ impl ResourceSource for RemoteServer {
             let counted: Vec<(String, Result<Option<u64>, SourceError>)> =
                 futures_util::stream::iter(declared)
                     .map(|t| async move {
-                        let count = this.count(&t).await;
+                        let count = this
+                            .total(&format!("{}/{t}?_summary=count", this.base))
+                            .await;
                         (t, count)
                     })
                     .buffered(MAX_IN_FLIGHT)
@@ -470,14 +472,7 @@ impl ResourceSource for RemoteServer {
         let mut url = format!("{}/{}?_summary=count", self.0.base, request.resource_type);
         url.push('&');
         url.push_str(&window(request).finish());
-        self.0.runtime.block_on(async {
-            match self.0.get(&url).await? {
-                Fetched::NotFound => Ok(Some(0)),
-                Fetched::Body(body) => Ok(serde_json::from_slice::<Page>(&body)
-                    .ok()
-                    .and_then(|p| p.total)),
-            }
-        })
+        self.0.runtime.block_on(self.0.total(&url))
     }
 
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {

@@ -85,25 +85,32 @@ impl AzureBlob {
             Err(e) if e.http_status() == Some(StatusCode::Conflict) => {}
             Err(e) => return Err(to_storage_error(name, e)),
         }
-        if let Some(state) = self
-            .containers
-            .lock()
-            .expect("container cache")
-            .get_mut(name)
-        {
-            state.exists = true;
-        }
+        self.mark_container(name, true);
         Ok(state.client)
     }
 
-    fn forget_container(&self, name: &str) {
+    /// Records whether the container is known to exist (created, or deleted by us).
+    fn mark_container(&self, name: &str, exists: bool) {
         if let Some(state) = self
             .containers
             .lock()
             .expect("container cache")
             .get_mut(name)
         {
-            state.exists = false;
+            state.exists = exists;
+        }
+    }
+
+    /// The blob's download (body and properties), or `None` when it does not exist.
+    async fn download(
+        &self,
+        path: &str,
+    ) -> Result<Option<azure_storage_blob::models::BlobClientDownloadResult>, StorageError> {
+        let (_, blob) = self.blob(path)?;
+        match blob.download(None).await {
+            Ok(downloaded) => Ok(Some(downloaded)),
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
+            Err(e) => Err(to_storage_error(path, e)),
         }
     }
 
@@ -218,11 +225,8 @@ fn to_storage_error(path: &str, error: azure_core::Error) -> StorageError {
 #[async_trait]
 impl ObjectStore for AzureBlob {
     async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError> {
-        let (_, blob) = self.blob(path)?;
-        let downloaded = match blob.download(None).await {
-            Ok(downloaded) => downloaded,
-            Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(None),
-            Err(e) => return Err(to_storage_error(path, e)),
+        let Some(downloaded) = self.download(path).await? else {
+            return Ok(None);
         };
         let etag = downloaded.properties.etag.clone();
         let body = downloaded
@@ -262,7 +266,7 @@ impl ObjectStore for AzureBlob {
                     ))
                 }
                 Err(e) if is_container_missing(&e) && !created_container => {
-                    self.forget_container(&container);
+                    self.mark_container(&container, false);
                     self.ensure_container(&container).await?;
                     created_container = true;
                 }
@@ -284,11 +288,8 @@ impl ObjectStore for AzureBlob {
     }
 
     async fn read_stream(&self, path: &str) -> Result<Option<(u64, ByteStream)>, StorageError> {
-        let (_, blob) = self.blob(path)?;
-        let downloaded = match blob.download(None).await {
-            Ok(downloaded) => downloaded,
-            Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(None),
-            Err(e) => return Err(to_storage_error(path, e)),
+        let Some(downloaded) = self.download(path).await? else {
+            return Ok(None);
         };
         // A large blob comes in ranges: its whole size is in the first range's Content-Range.
         let size = downloaded
@@ -323,7 +324,7 @@ impl ObjectStore for AzureBlob {
         if name.is_none() {
             return match container.delete(None).await {
                 Ok(_) => {
-                    self.forget_container(container_name);
+                    self.mark_container(container_name, false);
                     Ok(())
                 }
                 Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(()),

@@ -11,6 +11,7 @@ use azure_identity::{
 };
 use tokio::net::TcpListener;
 
+use crate::auth::Authenticator;
 use crate::config::{Settings, SourceAuth, SourceSetting, StorageSetting};
 use crate::export::{enqueue_shards, worker, ExportError};
 use crate::jobs::{Change, JobStatus, JobStore, ShardStatus};
@@ -27,6 +28,8 @@ pub struct App {
     pub storage: Arc<dyn ObjectStore>,
     pub jobs: JobStore,
     pub queue: Arc<dyn WorkQueue>,
+    /// Bearer-token checks, when `EXPORT_AUTH_ISSUER` is set.
+    pub auth: Option<Arc<Authenticator>>,
 }
 
 impl App {
@@ -70,7 +73,12 @@ impl App {
                 Arc::new(AzureBlob::new(url, credential)?)
             }
         };
+        let auth = match &settings.auth {
+            Some(setting) => Some(Arc::new(Authenticator::new(setting.clone())?)),
+            None => None,
+        };
         Ok(App {
+            auth,
             settings: Arc::new(settings),
             source,
             jobs: JobStore::new(storage.clone()),
@@ -181,6 +189,13 @@ impl App {
                 report.requeued_shards += requeue.len();
                 enqueue_shards(self.queue.as_ref(), &id, requeue).await?;
             }
+        }
+        let removed = self
+            .jobs
+            .repair_running_markers(chrono::Duration::minutes(1))
+            .await?;
+        if removed > 0 {
+            tracing::info!(removed, "running markers of finished exports removed");
         }
         Ok(report)
     }

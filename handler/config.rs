@@ -8,6 +8,7 @@ pub const DEFAULT_STALE_AFTER_SECS: u64 = 600;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_RETENTION_HOURS: u64 = 168;
 pub const DEFAULT_SHARD_MAX_RESOURCES: u64 = 250_000;
+pub const DEFAULT_MAX_RUNNING_EXPORTS: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSetting {
@@ -58,6 +59,10 @@ pub struct Settings {
     /// A type with more resources than this is split into `meta.lastUpdated` ranges, one shard each
     /// (where the source counts cheaply: a FHIR server's `_summary=count`).
     pub shard_max_resources: u64,
+    /// Exports running at once; a kickoff beyond this answers 429.
+    pub max_running_exports: usize,
+    /// Bearer-token checks; `None` leaves every endpoint open.
+    pub auth: Option<crate::auth::AuthSetting>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +91,8 @@ impl Default for Settings {
             retention: Duration::from_secs(DEFAULT_RETENTION_HOURS * 3600),
             base_url: None,
             shard_max_resources: DEFAULT_SHARD_MAX_RESOURCES,
+            max_running_exports: DEFAULT_MAX_RUNNING_EXPORTS,
+            auth: None,
         }
     }
 }
@@ -192,6 +199,51 @@ pub fn parse_source_auth(
             format!("{other:?}: use none, azure or client-credentials"),
         )),
     }
+}
+
+/// `EXPORT_AUTH_ISSUER`, `EXPORT_AUTH_AUDIENCE`, `EXPORT_AUTH_JWKS_URL`: token checks are on when
+/// an issuer is given, and then need an audience.
+pub fn parse_auth(
+    issuer: Option<&str>,
+    audience: Option<&str>,
+    jwks_url: Option<&str>,
+) -> Result<Option<crate::auth::AuthSetting>, SettingError> {
+    fn given(value: Option<&str>) -> Option<&str> {
+        value.map(str::trim).filter(|v| !v.is_empty())
+    }
+    let Some(issuer) = given(issuer) else {
+        if given(audience).is_some() || given(jwks_url).is_some() {
+            return Err(bad(
+                "EXPORT_AUTH_ISSUER",
+                "required when EXPORT_AUTH_AUDIENCE or EXPORT_AUTH_JWKS_URL is set",
+            ));
+        }
+        return Ok(None);
+    };
+    let is_url = |v: &str| v.starts_with("https://") || v.starts_with("http://");
+    if !is_url(issuer) {
+        return Err(bad(
+            "EXPORT_AUTH_ISSUER",
+            format!("{issuer:?} is not an issuer URL (the tokens' iss claim)"),
+        ));
+    }
+    let audience = given(audience).ok_or_else(|| {
+        bad(
+            "EXPORT_AUTH_AUDIENCE",
+            "required with EXPORT_AUTH_ISSUER (the tokens' aud claim)",
+        )
+    })?;
+    if let Some(url) = given(jwks_url).filter(|url| !is_url(url)) {
+        return Err(bad(
+            "EXPORT_AUTH_JWKS_URL",
+            format!("{url:?} is not an http(s) URL"),
+        ));
+    }
+    Ok(Some(crate::auth::AuthSetting {
+        issuer: issuer.to_string(),
+        audience: audience.to_string(),
+        jwks_url: given(jwks_url).map(str::to_string),
+    }))
 }
 
 pub fn check_file_max_bytes(value: u64) -> Result<u64, SettingError> {

@@ -8,6 +8,8 @@
 //! - [`package`]: the Azure Functions deployment zip.
 //! - [`client`]: `handler export`, a Bulk Data client with progress.
 //! - [`config`]: settings, read and checked once at start-up.
+//! - [`auth`]: bearer-token checks (JWT against the issuer's keys, scopes, the export's owner).
+//! - [`crashpoint`]: the points where the crash-recovery tests kill the process.
 //! - [`http`]: the warp HTTP API; errors become OperationOutcomes in one place.
 //! - [`export`]: kickoff parameters, planning, the shard worker, the manifest.
 //! - [`source`]: the `ResourceSource` trait; the embedded SQLite store and its importer; a FHIR
@@ -19,8 +21,10 @@
 //! - [`generate`]: synthetic demo data; [`synth`]: N rewritten copies of a dataset.
 
 pub mod app;
+pub mod auth;
 pub mod client;
 pub mod config;
+pub mod crashpoint;
 pub mod export;
 pub mod fhir;
 pub mod generate;

@@ -163,6 +163,19 @@ struct ServeArgs {
     /// Public base URL of the service (default: from each request's Host header).
     #[arg(long, env = "EXPORT_BASE_URL")]
     base_url: Option<String>,
+    /// Exports running at once; a kickoff beyond this answers 429 with Retry-After.
+    #[arg(long, env = "EXPORT_MAX_RUNNING_EXPORTS", default_value_t = config::DEFAULT_MAX_RUNNING_EXPORTS)]
+    max_running_exports: usize,
+    /// Require bearer tokens issued by this issuer (the tokens' iss), e.g.
+    /// https://login.microsoftonline.com/{tenant}/v2.0.
+    #[arg(long, env = "EXPORT_AUTH_ISSUER")]
+    auth_issuer: Option<String>,
+    /// The audience the tokens must name (aud).
+    #[arg(long, env = "EXPORT_AUTH_AUDIENCE")]
+    auth_audience: Option<String>,
+    /// The issuer's signing keys (default: jwks_uri of its OpenID configuration).
+    #[arg(long, env = "EXPORT_AUTH_JWKS_URL")]
+    auth_jwks_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -346,6 +359,12 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
         workers: args.workers.unwrap_or_else(config::default_workers).max(1),
         retention: std::time::Duration::from_secs(args.retention_hours.max(1) * 3600),
         shard_max_resources: args.shard_max_resources.max(1),
+        max_running_exports: args.max_running_exports.max(1),
+        auth: config::parse_auth(
+            args.auth_issuer.as_deref(),
+            args.auth_audience.as_deref(),
+            args.auth_jwks_url.as_deref(),
+        )?,
         base_url: args
             .base_url
             .as_deref()

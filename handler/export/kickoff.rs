@@ -11,13 +11,18 @@ use crate::jobs::{new_job_id, Job, JobStatus, Shard, ShardStatus};
 use crate::source::import::is_valid_id;
 use crate::source::{PatientScope, ResourceSource, ScanRequest};
 
-/// Starts an export; returns the recorded job.
+/// Starts an export for `owner` (the caller, when tokens are checked); returns the recorded job.
 pub async fn start(
     app: &App,
     request: ExportRequest,
     request_url: String,
     base_url: String,
+    owner: Option<String>,
 ) -> Result<Job, ExportError> {
+    let running = app.jobs.running_count().await?;
+    if running >= app.settings.max_running_exports {
+        return Err(ExportError::TooManyRunning { running });
+    }
     let transaction_time = Utc::now();
     let id = new_job_id();
     let max_per_shard = app.settings.shard_max_resources;
@@ -91,8 +96,11 @@ pub async fn start(
         shards,
         failure: None,
         completed_at: None,
+        owner,
     };
+    crate::crashpoint::reached("kickoff-planned");
     app.jobs.create(&job).await?;
+    crate::crashpoint::reached("kickoff-recorded");
     tracing::info!(job_id = %id, shards = job.shards.len(), "export started");
     if job.shards.is_empty() {
         worker::finalize(app, &id).await?;

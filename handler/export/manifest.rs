@@ -48,7 +48,7 @@ pub fn build(job: &Job, notes: Option<&OutputFile>) -> Value {
     json!({
         "transactionTime": job.transaction_time.to_rfc3339_opts(SecondsFormat::Millis, true),
         "request": job.request_url,
-        "requiresAccessToken": false,
+        "requiresAccessToken": job.owner.is_some(),
         "output": output,
         "deleted": [],
         "error": error,

@@ -52,4 +52,8 @@ pub enum ExportError {
     NotFound(String),
     #[error("export {0} was cancelled")]
     Cancelled(String),
+    #[error("a shard of export {0} was taken over by another worker")]
+    Superseded(String),
+    #[error("{running} exports are running, the most this service takes at once (EXPORT_MAX_RUNNING_EXPORTS); try again later")]
+    TooManyRunning { running: usize },
 }

@@ -1,7 +1,7 @@
 //! The shard worker: claim a shard, stream its resources into rolled files, record the outputs;
 //! the worker that finishes the last shard writes the manifest.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,10 @@ pub async fn handle_message(app: &App, message: &ShardMessage) -> Result<(), Exp
             Ok(()) => Ok(()),
             Err(ExportError::Cancelled(_)) => {
                 tracing::info!("shard stopped: export cancelled");
+                Ok(())
+            }
+            Err(ExportError::Superseded(_)) => {
+                tracing::info!("shard stopped: another worker took it over");
                 Ok(())
             }
             Err(error) => {
@@ -86,15 +90,16 @@ pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportEr
         }
         Some(Claim::Run { job, attempt }) => (job, attempt),
     };
+    crate::crashpoint::reached("shard-claimed");
 
-    let cancelled = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicU8::new(KEEP_GOING));
     let heartbeat = tokio::spawn(keep_alive(
         app.clone(),
         message.clone(),
         attempt,
-        cancelled.clone(),
+        stop.clone(),
     ));
-    let written = write_files(app, &job, message.shard, cancelled).await;
+    let written = write_files(app, &job, message.shard, stop).await;
     heartbeat.abort();
     let outputs = written?;
 
@@ -114,6 +119,7 @@ pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportEr
         })
         .await?
         .flatten();
+    crate::crashpoint::reached("shard-done");
     match finished_last {
         None => {
             remove_files(app, &outputs).await;
@@ -124,12 +130,19 @@ pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportEr
     }
 }
 
+/// Why a running shard stops early (set by its heartbeat).
+const KEEP_GOING: u8 = 0;
+/// The export was cancelled or failed: the shard's files go.
+const JOB_STOPPED: u8 = 1;
+/// The sweeper gave the shard to another worker, which writes the same files: they stay.
+const TAKEN_OVER: u8 = 2;
+
 /// Streams the shard's resources from the source into rolled files on a blocking thread.
 async fn write_files(
     app: &App,
     job: &Job,
     shard: usize,
-    cancelled: Arc<AtomicBool>,
+    stop: Arc<AtomicU8>,
 ) -> Result<Vec<OutputFile>, ExportError> {
     let spec = job.shards[shard].clone();
     let until = [job.request.until, spec.until]
@@ -170,7 +183,7 @@ async fn write_files(
             type_filters: &raw_filters,
         };
         let scanned = source.scan(&request, &mut |resource| {
-            if cancelled.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) != KEEP_GOING {
                 return Err(SinkError::Stopped);
             }
             if filters.is_empty() && elements.is_empty() {
@@ -196,7 +209,10 @@ async fn write_files(
                 .map_err(|e| (ExportError::from(e), Vec::new())),
             Err(ScanError::Sink(SinkError::Stopped)) => {
                 let committed = writer.abort();
-                Err((ExportError::Cancelled(job_id), committed))
+                match stop.load(Ordering::Relaxed) {
+                    TAKEN_OVER => Err((ExportError::Superseded(job_id), Vec::new())),
+                    _ => Err((ExportError::Cancelled(job_id), committed)),
+                }
             }
             Err(error) => {
                 writer.abort();
@@ -217,29 +233,34 @@ async fn write_files(
     Ok(files)
 }
 
-/// Refreshes the shard's heartbeat until aborted; raises `cancelled` when the job stops running.
-async fn keep_alive(app: App, message: ShardMessage, attempt: u32, cancelled: Arc<AtomicBool>) {
+/// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
+/// shard was given to another worker. A failed refresh is tried again at the next beat.
+async fn keep_alive(app: App, message: ShardMessage, attempt: u32, stop: Arc<AtomicU8>) {
     let mut ticks = tokio::time::interval(app.settings.heartbeat_every());
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        let still_ours = app
+        let beat = app
             .jobs
             .update(&message.job_id, |job| {
+                if job.status != JobStatus::Running {
+                    return Change::Keep(JOB_STOPPED);
+                }
                 let shard = &mut job.shards[message.shard];
-                if job.status != JobStatus::Running
-                    || shard.attempts != attempt
-                    || shard.status != ShardStatus::Running
-                {
-                    return Change::Keep(false);
+                if shard.attempts != attempt || shard.status != ShardStatus::Running {
+                    return Change::Keep(TAKEN_OVER);
                 }
                 shard.heartbeat = Some(Utc::now());
-                Change::Write(true)
+                Change::Write(KEEP_GOING)
             })
             .await;
-        if !matches!(still_ours, Ok(Some(true))) {
-            cancelled.store(true, Ordering::Relaxed);
-            return;
+        match beat {
+            Ok(Some(KEEP_GOING)) => {}
+            Ok(reason) => {
+                stop.store(reason.unwrap_or(JOB_STOPPED), Ordering::Relaxed);
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "could not refresh the shard's heartbeat"),
         }
     }
 }
@@ -260,6 +281,7 @@ pub async fn finalize(app: &App, job_id: &str) -> Result<(), ExportError> {
             Bytes::from(serde_json::to_vec_pretty(&manifest).expect("JSON")),
         )
         .await?;
+    crate::crashpoint::reached("manifest-written");
     app.jobs
         .update(job_id, |job| {
             if job.status != JobStatus::Running {

@@ -18,6 +18,7 @@ pub enum IssueType {
     Transient,
     Forbidden,
     Security,
+    Login,
     Deleted,
     Informational,
 }

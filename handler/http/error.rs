@@ -1,16 +1,21 @@
 //! The one place where errors become HTTP statuses and OperationOutcomes.
 
-use warp::http::StatusCode;
+use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use crate::export::ExportError;
 use crate::fhir::{IssueType, OperationOutcome};
 use crate::jobs::JobError;
 use crate::storage::StorageError;
 
+/// `Retry-After` of a kickoff refused because too many exports are running.
+pub const RETRY_BUSY_SECS: u32 = 10;
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub outcome: OperationOutcome,
+    /// Extra answer headers (`Retry-After`, `WWW-Authenticate`).
+    pub headers: HeaderMap,
 }
 
 impl ApiError {
@@ -18,7 +23,15 @@ impl ApiError {
         Self {
             status,
             outcome: OperationOutcome::error(code, message),
+            headers: HeaderMap::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: header::HeaderName, value: &str) -> Self {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            self.headers.insert(name, value);
+        }
+        self
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -38,6 +51,7 @@ impl From<ExportError> for ApiError {
                 ApiError {
                     status: StatusCode::BAD_REQUEST,
                     outcome: OperationOutcome::parameter_error(code, &e.parameter, e.message),
+                    headers: HeaderMap::new(),
                 }
             }
             ExportError::NotFound(message) => ApiError::not_found(message),
@@ -62,12 +76,53 @@ impl From<ExportError> for ApiError {
                 )
             }
             ExportError::Cancelled(id) => ApiError::not_found(format!("export {id} was cancelled")),
+            e @ ExportError::TooManyRunning { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                IssueType::Throttled,
+                e.to_string(),
+            )
+            .with_header(header::RETRY_AFTER, &RETRY_BUSY_SECS.to_string()),
             other => {
                 tracing::error!(error = %other, "request failed");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     IssueType::Exception,
                     other.to_string(),
+                )
+            }
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(error: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        let message = error.to_string();
+        let challenge = |code: &str| {
+            let description = message.replace(['"', '\\'], "'");
+            format!(
+                r#"Bearer realm="fhir-export", error="{code}", error_description="{description}""#
+            )
+        };
+        match error {
+            AuthError::Missing => {
+                ApiError::new(StatusCode::UNAUTHORIZED, IssueType::Login, &message)
+                    .with_header(header::WWW_AUTHENTICATE, r#"Bearer realm="fhir-export""#)
+            }
+            AuthError::Invalid(_) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, IssueType::Login, &message)
+                    .with_header(header::WWW_AUTHENTICATE, &challenge("invalid_token"))
+            }
+            AuthError::Forbidden(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, IssueType::Forbidden, &message)
+                    .with_header(header::WWW_AUTHENTICATE, &challenge("insufficient_scope"))
+            }
+            AuthError::KeysUnavailable(_) => {
+                tracing::error!(error = %message, "token keys unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    IssueType::Transient,
+                    message,
                 )
             }
         }

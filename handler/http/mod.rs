@@ -21,6 +21,7 @@ use warp::{Buf, Filter, Reply};
 pub use error::ApiError;
 
 use crate::app::App;
+use crate::auth::{AuthError, Caller};
 use crate::export::request::{check_headers, is_lenient, KickoffHeaders};
 use crate::export::{kickoff, ExportRequest, Level};
 use crate::fhir::IssueType;
@@ -129,6 +130,22 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
         .filter(|s| !s.is_empty())
         .collect();
     let method = &request.method;
+    // Discovery stays open: a client reads it to learn how to get a token.
+    let open = matches!(
+        segments.as_slice(),
+        ["metadata"] | [".well-known", "smart-configuration"]
+    );
+    let caller = match &app.auth {
+        Some(auth) if !open => {
+            let authorization = request
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            Some(auth.verify(authorization).await?)
+        }
+        _ => None,
+    };
+    let caller = caller.as_ref();
     match segments.as_slice() {
         ["metadata"] => only(method, &[Method::GET]).map(|_| {
             json_response(
@@ -139,15 +156,15 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
         }),
         ["$export"] => {
             only(method, &[Method::GET, Method::POST])?;
-            kickoff_export(app, &request, Level::System).await
+            kickoff_export(app, &request, Level::System, caller).await
         }
         ["Patient", "$export"] => {
             only(method, &[Method::GET, Method::POST])?;
-            kickoff_export(app, &request, Level::Patient).await
+            kickoff_export(app, &request, Level::Patient, caller).await
         }
         ["Group", id, "$export"] => {
             only(method, &[Method::GET, Method::POST])?;
-            kickoff_export(app, &request, Level::Group(id.to_string())).await
+            kickoff_export(app, &request, Level::Group(id.to_string()), caller).await
         }
         [".well-known", "smart-configuration"] => only(method, &[Method::GET]).map(|_| {
             json_response(
@@ -159,17 +176,18 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
         ["_operations", "export", id] => {
             only(method, &[Method::GET, Method::DELETE])?;
             if *method == Method::DELETE {
-                cancel(app, id).await
+                cancel(app, id, caller).await
             } else {
-                status(app, id).await
+                status(app, id, caller).await
             }
         }
         ["_exports", rest @ ..] if !rest.is_empty() => {
             only(method, &[Method::GET])?;
-            download(app, &rest.join("/")).await
+            download(app, &rest.join("/"), caller).await
         }
         [resource_type] if crate::fhir::is_resource_type(resource_type) => {
             only(method, &[Method::GET])?;
+            may_read(caller, resource_type)?;
             search::search(
                 app,
                 &base_url(app, &request),
@@ -183,10 +201,12 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
             if crate::fhir::is_resource_type(resource_type) && !id.starts_with('$') =>
         {
             only(method, &[Method::GET])?;
+            may_read(caller, resource_type)?;
             search::read(app, resource_type, id).await
         }
         ["Patient", patient, resource_type] if crate::fhir::is_resource_type(resource_type) => {
             only(method, &[Method::GET])?;
+            may_read(caller, resource_type)?;
             let base = base_url(app, &request);
             search::search(app, &base, resource_type, Some(patient), &request.query).await
         }
@@ -195,6 +215,48 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
             request.method, request.path
         ))),
     }
+}
+
+fn may_read(caller: Option<&Caller>, resource_type: &str) -> Result<(), ApiError> {
+    match caller {
+        Some(caller) if !caller.may_read(resource_type) => {
+            Err(AuthError::Forbidden(format!("read access to {resource_type}")).into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Narrows an export to the types the caller may read: `_type` naming another type is refused,
+/// no `_type` means every readable type.
+fn limit_to_readable(caller: Option<&Caller>, export: &mut ExportRequest) -> Result<(), ApiError> {
+    let Some(readable) = caller.and_then(Caller::readable_types) else {
+        return Ok(());
+    };
+    let filtered_types = export
+        .type_filters
+        .iter()
+        .filter_map(|query| query.split('?').next());
+    let requested = export.types.iter().flatten().map(String::as_str);
+    let refused: Vec<&str> = requested
+        .chain(filtered_types)
+        .filter(|t| !readable.iter().any(|r| r == t))
+        .collect();
+    if !refused.is_empty() {
+        return Err(AuthError::Forbidden(format!(
+            "read access to {} (asked for in _type or _typeFilter)",
+            refused.join(", ")
+        ))
+        .into());
+    }
+    if export.types.is_none() {
+        export.types = Some(readable.to_vec());
+    }
+    Ok(())
+}
+
+/// A job the caller may see: with tokens checked, only its owner's.
+fn visible(job: &crate::jobs::Job, caller: Option<&Caller>) -> bool {
+    caller.is_none_or(|caller| job.owner.as_deref() == Some(caller.owner.as_str()))
 }
 
 fn only(method: &Method, allowed: &[Method]) -> Result<(), ApiError> {
@@ -238,7 +300,12 @@ fn base_url(app: &App, request: &Request) -> String {
     format!("{scheme}://{host}")
 }
 
-async fn kickoff_export(app: &App, request: &Request, level: Level) -> Result<Response, ApiError> {
+async fn kickoff_export(
+    app: &App,
+    request: &Request,
+    level: Level,
+    caller: Option<&Caller>,
+) -> Result<Response, ApiError> {
     let header = |name: header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
     let prefer = header(header::HeaderName::from_static("prefer"));
     check_headers(&KickoffHeaders {
@@ -257,18 +324,20 @@ async fn kickoff_export(app: &App, request: &Request, level: Level) -> Result<Re
     } else {
         request.query.clone()
     };
-    let export = ExportRequest::from_query(
+    let mut export = ExportRequest::from_query(
         level,
         &query,
         is_lenient(prefer),
         request.method == Method::POST,
     )?;
+    limit_to_readable(caller, &mut export)?;
     let base = base_url(app, request);
     let request_url = match request.query.is_empty() {
         true => format!("{base}{}", request.path),
         false => format!("{base}{}?{}", request.path, request.query),
     };
-    let job = kickoff::start(app, export, request_url, base.clone()).await?;
+    let owner = caller.map(|c| c.owner.clone());
+    let job = kickoff::start(app, export, request_url, base.clone(), owner).await?;
     let mut response = empty_accepted();
     let location = format!("{base}/_operations/export/{}", job.id);
     response
@@ -281,12 +350,17 @@ fn unknown_job(id: &str) -> ApiError {
     ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"))
 }
 
-async fn status(app: &App, id: &str) -> Result<Response, ApiError> {
+async fn status(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
     let unknown = || unknown_job(id);
     if !is_job_id(id) {
         return Err(unknown());
     }
-    let (job, _) = app.jobs.load(id).await?.ok_or_else(unknown)?;
+    let (job, _) = app
+        .jobs
+        .load(id)
+        .await?
+        .filter(|(job, _)| visible(job, caller))
+        .ok_or_else(unknown)?;
     match job.status {
         JobStatus::Cancelled => Err(unknown()),
         JobStatus::Failed => Err(ApiError::new(
@@ -320,7 +394,7 @@ async fn status(app: &App, id: &str) -> Result<Response, ApiError> {
     }
 }
 
-async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
+async fn cancel(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
     let unknown = || unknown_job(id);
     if !is_job_id(id) {
         return Err(unknown());
@@ -328,6 +402,7 @@ async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
     let folder = app
         .jobs
         .update(id, |job| match job.status {
+            _ if !visible(job, caller) => Change::Keep(None),
             JobStatus::Cancelled => Change::Keep(None),
             _ => {
                 job.status = JobStatus::Cancelled;
@@ -353,13 +428,28 @@ async fn cancel(app: &App, id: &str) -> Result<Response, ApiError> {
     ))
 }
 
-async fn download(app: &App, path: &str) -> Result<Response, ApiError> {
+async fn download(app: &App, path: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
     let missing = || ApiError::not_found(format!("no export file {path:?}"));
     let servable = path.ends_with(".ndjson")
         && !path.starts_with(&format!("{JOBS_CONTAINER}/"))
         && crate::storage::validate_path(path).is_ok();
     if !servable {
         return Err(missing());
+    }
+    if caller.is_some() {
+        // The folder names the job (`{yyyyMMddTHHmmss}-{jobId}`); only its owner reads the files.
+        let job_id = path
+            .rsplit('/')
+            .skip(1)
+            .find_map(|folder| folder.get(folder.len().checked_sub(32)?..))
+            .filter(|id| is_job_id(id))
+            .ok_or_else(missing)?;
+        let owned = app.jobs.load(job_id).await?.is_some_and(|(job, _)| {
+            visible(&job, caller) && path.starts_with(&format!("{}/", job.output_folder))
+        });
+        if !owned {
+            return Err(missing());
+        }
     }
     let (size, stream) = app.storage.read_stream(path).await?.ok_or_else(missing)?;
     let mut response = warp::reply::stream(stream).into_response();
@@ -389,5 +479,9 @@ fn json_response(status: StatusCode, content_type: &'static str, body: Vec<u8>) 
 }
 
 pub fn outcome_response(error: &ApiError) -> Response {
-    json_response(error.status, FHIR_JSON, error.outcome.to_json())
+    let mut response = json_response(error.status, FHIR_JSON, error.outcome.to_json());
+    for (name, value) in &error.headers {
+        response.headers_mut().insert(name, value.clone());
+    }
+    response
 }

@@ -12,6 +12,8 @@ use crate::storage::{ETag, ObjectStore, OutputFile, PutMode, StorageError};
 
 /// The reserved container (or folder) holding job documents and manifests.
 pub const JOBS_CONTAINER: &str = "fhir-export-jobs";
+/// The folder of running-job markers inside it.
+const RUNNING: &str = "running";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -66,6 +68,10 @@ pub struct Job {
     pub shards: Vec<Shard>,
     pub failure: Option<String>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The client that started the export (`{issuer}#{client}`), when tokens are checked: only it
+    /// sees the status and the files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl Job {
@@ -136,12 +142,59 @@ impl JobStore {
         format!("{JOBS_CONTAINER}/{id}/manifest.json")
     }
 
+    /// The marker of a running job: counting them is cheap, unlike loading every job.
+    fn running_path(id: &str) -> String {
+        format!("{JOBS_CONTAINER}/{RUNNING}/{id}")
+    }
+
+    /// Records a new job, with its running marker first (so a crash between the two over-counts,
+    /// which the sweep repairs, rather than under-counts).
     pub async fn create(&self, job: &Job) -> Result<(), JobError> {
+        self.store
+            .put(
+                &Self::running_path(&job.id),
+                Bytes::from(job.transaction_time.to_rfc3339()),
+                PutMode::Overwrite,
+            )
+            .await?;
         let body = Bytes::from(serde_json::to_vec_pretty(job).expect("a job serialises"));
         self.store
             .put(&Self::job_path(&job.id), body, PutMode::Create)
             .await?;
         Ok(())
+    }
+
+    /// How many exports are running (by their markers).
+    pub async fn running_count(&self) -> Result<usize, JobError> {
+        Ok(self
+            .store
+            .list(&format!("{JOBS_CONTAINER}/{RUNNING}"))
+            .await?
+            .len())
+    }
+
+    /// Removes markers left by jobs that are no longer running, or whose kickoff died before the
+    /// job was recorded (`grace` after the marker was written). Returns how many were removed.
+    pub async fn repair_running_markers(&self, grace: chrono::Duration) -> Result<usize, JobError> {
+        let prefix = format!("{JOBS_CONTAINER}/{RUNNING}/");
+        let mut removed = 0;
+        for path in self.store.list(&prefix[..prefix.len() - 1]).await? {
+            let id = &path[prefix.len()..];
+            let stale = match self.load(id).await? {
+                Some((job, _)) => job.status != JobStatus::Running,
+                None => self.store.get(&path).await?.is_some_and(|(written, _)| {
+                    std::str::from_utf8(&written)
+                        .ok()
+                        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                        .is_none_or(|t| Utc::now() - t.with_timezone(&Utc) > grace)
+                }),
+            };
+            if stale {
+                self.store.delete_prefix(&path).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     pub async fn load(&self, id: &str) -> Result<Option<(Job, ETag)>, JobError> {
@@ -175,7 +228,12 @@ impl JobStore {
                 .put(&Self::job_path(id), body, PutMode::Update(etag))
                 .await
             {
-                Ok(_) => return Ok(Some(out)),
+                Ok(_) => {
+                    if job.status != JobStatus::Running {
+                        self.store.delete_prefix(&Self::running_path(id)).await?;
+                    }
+                    return Ok(Some(out));
+                }
                 Err(StorageError::PreconditionFailed(_)) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -191,6 +249,7 @@ impl JobStore {
                 p.strip_prefix(&format!("{JOBS_CONTAINER}/"))?
                     .strip_suffix("/job.json")
             })
+            .filter(|id| is_job_id(id))
             .map(str::to_string)
             .collect())
     }

@@ -119,7 +119,9 @@ impl RollingNdjsonWriter {
             .current
             .as_mut()
             .expect("a file is open while bytes are buffered");
-        self.runtime.block_on(writer.write(block))
+        self.runtime.block_on(writer.write(block))?;
+        crate::crashpoint::reached("file-block-written");
+        Ok(())
     }
 
     fn close_file(&mut self) -> Result<(), StorageError> {
@@ -129,6 +131,7 @@ impl RollingNdjsonWriter {
         self.flush()?;
         let writer = self.current.take().expect("checked above");
         self.runtime.block_on(writer.commit())?;
+        crate::crashpoint::reached("file-committed");
         self.finished.push(OutputFile {
             resource_type: self.resource_type.clone(),
             path: self.current_path(),

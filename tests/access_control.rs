@@ -1,0 +1,325 @@
+//! Bearer-token access control against a real issuer on loopback: a JWKS endpoint behind OpenID
+//! discovery, tokens signed with the test key in `tests/fixtures` (made for these tests only).
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{client, get_json, sample_store, start};
+use fhir_export::auth::AuthSetting;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use warp::Filter;
+
+const AUDIENCE: &str = "api://fhir-export";
+const SIGNING_KEY: &[u8] = include_bytes!("fixtures/jwt-signing-key.pem");
+const OTHER_KEY: &[u8] = include_bytes!("fixtures/jwt-other-key.pem");
+const JWKS: &str = include_str!("fixtures/jwks.json");
+
+/// An OpenID issuer serving discovery and its key set; counts key-set fetches.
+async fn issuer() -> (String, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let fetches = Arc::new(AtomicU64::new(0));
+    let discovery = {
+        let base = base.clone();
+        warp::path!(".well-known" / "openid-configuration").map(move || {
+            warp::reply::json(&json!({"issuer": base, "jwks_uri": format!("{base}/keys")}))
+        })
+    };
+    let keys = {
+        let fetches = fetches.clone();
+        warp::path!("keys").map(move || {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            warp::reply::with_header(JWKS, "content-type", "application/json")
+        })
+    };
+    tokio::spawn(warp::serve(discovery.or(keys)).incoming(listener).run());
+    (base, fetches)
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A token with `claims` over the defaults (valid for an hour, client `client-a`, all reads).
+fn token_with(issuer: &str, claims: Value, key: &[u8], kid: Option<&str>) -> String {
+    let mut body = json!({
+        "iss": issuer,
+        "aud": AUDIENCE,
+        "exp": now() + 3600,
+        "iat": now(),
+        "azp": "client-a",
+        "scope": "system/*.read",
+    });
+    for (name, value) in claims.as_object().unwrap() {
+        if value.is_null() {
+            body.as_object_mut().unwrap().remove(name);
+        } else {
+            body[name] = value.clone();
+        }
+    }
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, &body, &EncodingKey::from_rsa_pem(key).unwrap()).unwrap()
+}
+
+fn token(issuer: &str, claims: Value) -> String {
+    token_with(issuer, claims, SIGNING_KEY, Some("test-key-1"))
+}
+
+async fn send(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    bearer: Option<&str>,
+) -> reqwest::Response {
+    let mut request = client
+        .request(method, url)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async");
+    if let Some(bearer) = bearer {
+        request = request.header("Authorization", format!("Bearer {bearer}"));
+    }
+    request.send().await.unwrap()
+}
+
+/// Asserts an OperationOutcome answer with `status` whose text holds `words`.
+async fn assert_refused(response: reqwest::Response, status: u16, words: &str) {
+    let got = response.status().as_u16();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(got, status, "{outcome}");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert!(
+        outcome.to_string().contains(words),
+        "{words:?} not in {outcome}"
+    );
+    if status == 401 {
+        assert!(challenge.unwrap().starts_with("Bearer"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_and_exports_belong_to_their_client() {
+    let (issuer, key_fetches) = issuer().await;
+    let store = sample_store();
+    let setting = AuthSetting {
+        issuer: issuer.clone(),
+        audience: AUDIENCE.into(),
+        jwks_url: None,
+    };
+    let server = start(&store, |s| s.auth = Some(setting)).await;
+    let client = client();
+    let base = &server.base;
+    let kickoff_url = format!("{base}/$export?_type=Patient,Condition");
+    use reqwest::Method;
+
+    // Discovery stays open.
+    let metadata = send(&client, Method::GET, &format!("{base}/metadata"), None).await;
+    assert_eq!(metadata.status(), 200);
+
+    // Every way a token can be wrong is a 401 naming what is wrong.
+    let hmac = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"iss": issuer, "aud": AUDIENCE, "exp": now() + 60, "azp": "x", "scope": "system/*.read"}),
+        &EncodingKey::from_secret(JWKS.as_bytes()),
+    )
+    .unwrap();
+    let refusals: Vec<(Option<String>, u16, &str)> = vec![
+        (None, 401, "needs a bearer token"),
+        (Some("not-a-jwt".into()), 401, "not valid"),
+        (
+            Some(token(&issuer, json!({"exp": now() - 3600}))),
+            401,
+            "expired",
+        ),
+        (
+            Some(token(&issuer, json!({"nbf": now() + 3600}))),
+            401,
+            "not valid yet",
+        ),
+        (
+            Some(token(&issuer, json!({"aud": "api://other"}))),
+            401,
+            "another audience",
+        ),
+        (
+            Some(token(&issuer, json!({"iss": "https://evil.example"}))),
+            401,
+            "another issuer",
+        ),
+        (Some(token(&issuer, json!({"exp": null}))), 401, "exp"),
+        (
+            Some(token_with(
+                &issuer,
+                json!({}),
+                OTHER_KEY,
+                Some("test-key-1"),
+            )),
+            401,
+            "signature",
+        ),
+        (
+            Some(token_with(
+                &issuer,
+                json!({}),
+                OTHER_KEY,
+                Some("rotated-away"),
+            )),
+            401,
+            "rotated-away",
+        ),
+        (Some(hmac), 401, "HS256"),
+        (
+            Some(token(&issuer, json!({"scope": "openid profile"}))),
+            403,
+            "system/*.read",
+        ),
+        (
+            Some(token(&issuer, json!({"scope": "patient/*.read"}))),
+            403,
+            "read access",
+        ),
+    ];
+    for (bearer, status, words) in refusals {
+        let response = send(&client, Method::GET, &kickoff_url, bearer.as_deref()).await;
+        assert_refused(response, status, words).await;
+    }
+    // An unknown key id refetches the key set at most once a minute.
+    assert!(key_fetches.load(Ordering::SeqCst) <= 2, "{key_fetches:?}");
+
+    // Client A's export: visible to A only.
+    let a = token(&issuer, json!({}));
+    let b = token(&issuer, json!({"azp": "client-b"}));
+    let started = send(&client, Method::GET, &kickoff_url, Some(&a)).await;
+    assert_eq!(started.status(), 202);
+    let status_url = started.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_refused(
+        send(&client, Method::GET, &status_url, None).await,
+        401,
+        "bearer",
+    )
+    .await;
+    assert_refused(
+        send(&client, Method::GET, &status_url, Some(&b)).await,
+        404,
+        "no export",
+    )
+    .await;
+    assert_refused(
+        send(&client, Method::DELETE, &status_url, Some(&b)).await,
+        404,
+        "no export",
+    )
+    .await;
+    let manifest = loop {
+        let response = send(&client, Method::GET, &status_url, Some(&a)).await;
+        match response.status().as_u16() {
+            202 => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            200 => break response.json::<Value>().await.unwrap(),
+            other => panic!("status {other}"),
+        }
+    };
+    assert_eq!(manifest["requiresAccessToken"], true);
+    let outputs = manifest["output"].as_array().unwrap();
+    assert_eq!(outputs.len(), 2);
+    for output in outputs {
+        let url = output["url"].as_str().unwrap();
+        let owner = send(&client, Method::GET, url, Some(&a)).await;
+        assert_eq!(owner.status(), 200);
+        let lines = owner.text().await.unwrap().lines().count() as u64;
+        assert_eq!(lines, output["count"].as_u64().unwrap());
+        assert_refused(send(&client, Method::GET, url, None).await, 401, "bearer").await;
+        assert_refused(
+            send(&client, Method::GET, url, Some(&b)).await,
+            404,
+            "no export file",
+        )
+        .await;
+    }
+
+    // A token for some types narrows the export to them and refuses others.
+    let patients_only = token(
+        &issuer,
+        json!({"scope": "system/Patient.rs", "azp": "client-c"}),
+    );
+    let narrowed = send(
+        &client,
+        Method::GET,
+        &format!("{base}/$export"),
+        Some(&patients_only),
+    )
+    .await;
+    assert_eq!(narrowed.status(), 202);
+    let narrowed_url = narrowed.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let types: Vec<String> = loop {
+        let response = send(&client, Method::GET, &narrowed_url, Some(&patients_only)).await;
+        if response.status() == 200 {
+            let manifest: Value = response.json().await.unwrap();
+            break manifest["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["type"].as_str().unwrap().to_string())
+                .collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(types, ["Patient"]);
+    assert_refused(
+        send(
+            &client,
+            Method::GET,
+            &format!("{base}/$export?_type=Observation"),
+            Some(&patients_only),
+        )
+        .await,
+        403,
+        "Observation",
+    )
+    .await;
+    assert_refused(
+        send(
+            &client,
+            Method::GET,
+            &format!("{base}/Observation?_count=1"),
+            Some(&patients_only),
+        )
+        .await,
+        403,
+        "Observation",
+    )
+    .await;
+    let search = send(
+        &client,
+        Method::GET,
+        &format!("{base}/Patient?_count=1"),
+        Some(&patients_only),
+    )
+    .await;
+    assert_eq!(search.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_issuer_the_service_stays_open_and_says_so() {
+    let store = sample_store();
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let manifest = common::export(&client, &format!("{}/$export?_type=Patient", server.base)).await;
+    assert_eq!(manifest["requiresAccessToken"], false);
+    let url = manifest["output"][0]["url"].as_str().unwrap();
+    assert_eq!(client.get(url).send().await.unwrap().status(), 200);
+    let metadata = get_json(&client, &format!("{}/metadata", server.base)).await;
+    assert_eq!(metadata["resourceType"], "CapabilityStatement");
+}

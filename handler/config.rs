@@ -104,9 +104,9 @@ pub fn default_workers() -> usize {
 }
 
 impl Settings {
-    /// How often a running shard refreshes its heartbeat: a tenth of the stale limit, 1 s to 60 s.
+    /// How often a running shard refreshes its heartbeat: a tenth of the stale limit, 0.1 s to 60 s.
     pub fn heartbeat_every(&self) -> Duration {
-        (self.stale_after / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        (self.stale_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
     }
 }
 

@@ -255,8 +255,12 @@ async fn fhir_read_and_search_answer_like_a_fhir_server() {
     );
 }
 
-/// A proxy in front of A that answers every fourth request with 429 and the one two later with 503.
-async fn faulty_proxy(target: String) -> (String, Arc<AtomicU64>) {
+/// A proxy in front of A that answers a request with the status `fault` gives it (with
+/// `Retry-After: 0`), or else forwards it; counts the faults.
+async fn proxy(
+    target: String,
+    fault: impl Fn(u64, &str, &str) -> Option<u16> + Clone + Send + Sync + 'static,
+) -> (String, Arc<AtomicU64>) {
     use warp::Filter;
     let faults = Arc::new(AtomicU64::new(0));
     let counter = Arc::new(AtomicU64::new(0));
@@ -268,27 +272,24 @@ async fn faulty_proxy(target: String) -> (String, Arc<AtomicU64>) {
         warp::path::full()
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
             .then(move |path: warp::path::FullPath, query: String| {
-                let (faults, counter, upstream, target, address) = (
+                let (faults, counter, upstream, target, address, fault) = (
                     faults.clone(),
                     counter.clone(),
                     upstream.clone(),
                     target.clone(),
                     address.clone(),
+                    fault.clone(),
                 );
                 async move {
                     let n = counter.fetch_add(1, Ordering::SeqCst);
                     let mut response = warp::http::Response::builder();
-                    if n % 4 == 1 {
+                    if let Some(status) = fault(n, path.as_str(), &query) {
                         faults.fetch_add(1, Ordering::SeqCst);
                         return response
-                            .status(429)
+                            .status(status)
                             .header("Retry-After", "0")
                             .body(b"{}".to_vec())
                             .unwrap();
-                    }
-                    if n % 4 == 3 {
-                        faults.fetch_add(1, Ordering::SeqCst);
-                        return response.status(503).body(b"busy".to_vec()).unwrap();
                     }
                     let url = match query.is_empty() {
                         true => format!("{target}{}", path.as_str()),
@@ -309,6 +310,16 @@ async fn faulty_proxy(target: String) -> (String, Arc<AtomicU64>) {
     };
     tokio::spawn(warp::serve(route).incoming(listener).run());
     (format!("http://{address}"), faults)
+}
+
+/// Every fourth request answered 429, the one two later 503.
+async fn faulty_proxy(target: String) -> (String, Arc<AtomicU64>) {
+    proxy(target, |n, _, _| match n % 4 {
+        1 => Some(429),
+        3 => Some(503),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,6 +358,63 @@ async fn throttling_and_server_errors_lose_nothing_and_duplicate_nothing() {
         "the proxy injected {} faults",
         faults.load(Ordering::SeqCst)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_shard_fails_its_export_at_the_restart_cap_and_the_queue_drains() {
+    let a = start(&common::sample_store(), |_| {}).await;
+    // Condition pages always fail; its count probe (planning) passes.
+    let (proxy, faults) = proxy(a.base.clone(), |_, path, query| {
+        (path == "/Condition" && !query.contains("_summary=count")).then_some(500)
+    })
+    .await;
+    let url = proxy.clone();
+    let b = start(&common::sample_store(), move |settings| {
+        settings.source = SourceSetting::Remote {
+            url,
+            auth: SourceAuth::None,
+        };
+        settings.max_attempts = 3;
+    })
+    .await;
+    let client = client();
+    let response = common::kickoff(
+        &client,
+        &format!("{}/$export?_type=Patient,Condition", b.base),
+    )
+    .await;
+    assert_eq!(response.status(), 202);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let outcome: Value = loop {
+        let response = client.get(&status_url).send().await.unwrap();
+        match response.status().as_u16() {
+            202 => {}
+            500 => break response.json().await.unwrap(),
+            other => panic!("status {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never failed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    let text = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(text.contains("(Condition) failed 3 times"), "{text}");
+    // Each attempt retried its page 8 times after the first try: 3 attempts, 27 requests.
+    let at_failure = faults.load(Ordering::SeqCst);
+    assert_eq!(at_failure, 27);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        faults.load(Ordering::SeqCst),
+        at_failure,
+        "work went on after the failure"
+    );
+    assert_eq!(client.get(&status_url).send().await.unwrap().status(), 500);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

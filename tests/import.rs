@@ -132,6 +132,31 @@ fn bad_files_are_reported_with_file_and_line_and_leave_nothing() {
         "truncated.json",
         "{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[{\"resource\":",
     );
+    // A gzip cut in half, noise with invalid UTF-8 and NULs, an array; a plain file named .gz
+    // (read as what it is) and a Bundle entry without a resource (nothing to load) are fine.
+    let mut lines = String::new();
+    for n in 0..2000 {
+        lines.push_str(&format!(
+            "{{\"resourceType\":\"Patient\",\"id\":\"cut{n}\"}}\n"
+        ));
+    }
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gzip, lines.as_bytes()).unwrap();
+    let gzip = gzip.finish().unwrap();
+    std::fs::write(dir.path().join("cut.ndjson.gz"), &gzip[..gzip.len() / 2]).unwrap();
+    write(
+        "not-gzip.ndjson.gz",
+        "{\"resourceType\":\"Patient\",\"id\":\"g\"}\n",
+    );
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|n| (n.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("noise.ndjson"), noise).unwrap();
+    write("array.ndjson", "[1,2,3]\n");
+    write(
+        "entry-without-resource.json",
+        "{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[{\"fullUrl\":\"urn:uuid:1\"}]}",
+    );
     let args = [
         "import",
         "good.ndjson",
@@ -140,6 +165,11 @@ fn bad_files_are_reported_with_file_and_line_and_leave_nothing() {
         "bad-id.ndjson",
         "unknown-type.ndjson",
         "truncated.json",
+        "cut.ndjson.gz",
+        "not-gzip.ndjson.gz",
+        "noise.ndjson",
+        "array.ndjson",
+        "entry-without-resource.json",
         "missing.ndjson",
         "--store",
         "s.db",
@@ -152,6 +182,9 @@ fn bad_files_are_reported_with_file_and_line_and_leave_nothing() {
         "bad-id.ndjson:1: Patient id \"x/../y\" is not a valid FHIR id",
         "unknown-type.ndjson:1: unknown resourceType \"Unicorn\"",
         "truncated.json:1: invalid JSON",
+        "cut.ndjson.gz:1000: incomplete deflate stream",
+        "noise.ndjson:1: invalid JSON",
+        "array.ndjson:1: not a FHIR resource",
         "missing.ndjson: No such file",
     ] {
         assert!(
@@ -159,10 +192,16 @@ fn bad_files_are_reported_with_file_and_line_and_leave_nothing() {
             "{expected:?} missing in:\n{stderr}"
         );
     }
-    assert!(stdout.contains("1 created"), "{stdout}");
+    assert!(!stderr.contains("entry-without-resource"), "{stderr}");
+    assert!(stdout.contains("2 created"), "{stdout}");
     let stored = stored_resources(&dir.path().join("s.db"));
-    let ids: Vec<&str> = stored.keys().map(|(_, id)| id.as_str()).collect();
-    assert_eq!(ids, ["a"], "only the good file is imported");
+    let mut ids: Vec<&str> = stored.keys().map(|(_, id)| id.as_str()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["a", "g"],
+        "only the good files are imported, none in part"
+    );
 }
 
 #[test]

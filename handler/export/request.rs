@@ -152,6 +152,12 @@ impl ExportRequest {
         };
         for (name, value) in form_urlencoded::parse(raw_query.as_bytes()) {
             let (name, value) = (name.as_ref(), value.trim());
+            if name.is_empty() {
+                return Err(invalid(
+                    "query",
+                    format!("a parameter has no name (={value})"),
+                ));
+            }
             if value.is_empty() {
                 return Err(invalid(name, format!("parameter {name} has no value")));
             }

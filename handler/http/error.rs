@@ -1,6 +1,6 @@
 //! The one place where errors become HTTP statuses and OperationOutcomes.
 
-use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
+use warp::http::{header, HeaderValue, StatusCode};
 
 use crate::export::ExportError;
 use crate::fhir::{IssueType, OperationOutcome};
@@ -15,7 +15,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub outcome: OperationOutcome,
     /// Extra answer headers (`Retry-After`, `WWW-Authenticate`).
-    pub headers: HeaderMap,
+    pub headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -23,13 +23,13 @@ impl ApiError {
         Self {
             status,
             outcome: OperationOutcome::error(code, message),
-            headers: HeaderMap::new(),
+            headers: Vec::new(),
         }
     }
 
     pub fn with_header(mut self, name: header::HeaderName, value: &str) -> Self {
         if let Ok(value) = HeaderValue::from_str(value) {
-            self.headers.insert(name, value);
+            self.headers.push((name, value));
         }
         self
     }
@@ -51,7 +51,7 @@ impl From<ExportError> for ApiError {
                 ApiError {
                     status: StatusCode::BAD_REQUEST,
                     outcome: OperationOutcome::parameter_error(code, &e.parameter, e.message),
-                    headers: HeaderMap::new(),
+                    headers: Vec::new(),
                 }
             }
             ExportError::NotFound(message) => ApiError::not_found(message),

@@ -9,7 +9,7 @@
 
 pub mod error;
 mod metadata;
-mod parameters;
+pub mod parameters;
 mod search;
 
 use bytes::{Bytes, BytesMut};
@@ -451,7 +451,11 @@ async fn download(app: &App, path: &str, caller: Option<&Caller>) -> Result<Resp
             return Err(missing());
         }
     }
-    let (size, stream) = app.storage.read_stream(path).await?.ok_or_else(missing)?;
+    let (size, stream) = match app.storage.read_stream(path).await {
+        Ok(found) => found.ok_or_else(missing)?,
+        Err(crate::storage::StorageError::InvalidPath(_)) => return Err(missing()),
+        Err(error) => return Err(error.into()),
+    };
     let mut response = warp::reply::stream(stream).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));

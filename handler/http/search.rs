@@ -27,7 +27,7 @@ fn invalid(parameter: &str, message: String) -> ApiError {
             parameter,
             message,
         ),
-        headers: Default::default(),
+        headers: Vec::new(),
     }
 }
 

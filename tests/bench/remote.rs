@@ -38,6 +38,7 @@ fn app(
         jobs: JobStore::new(storage.clone()),
         storage,
         queue: Arc::new(queue),
+        auth: None,
     };
     (app, receiver)
 }

@@ -1,0 +1,215 @@
+//! Properties of the parsers that face clients: kickoff parameters, `_typeFilter` queries and
+//! POST Parameters bodies. On any input they answer (never panic); a refusal names a parameter;
+//! what they accept is well formed. Shared by `tests/hostile_input.rs` (short) and
+//! `cargo bench --bench fuzz` (long).
+
+use fhir_export::export::{ExportRequest, Level};
+use fhir_export::fhir::search::SearchQuery;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::{json, Value};
+
+const NAMES: &[&str] = &[
+    "_type",
+    "_since",
+    "_until",
+    "_till",
+    "_outputFormat",
+    "_typeFilter",
+    "_elements",
+    "_container",
+    "patient",
+    "includeAssociatedData",
+];
+
+const VALUES: &[&str] = &[
+    "Patient",
+    "Patient,Observation",
+    "Observation,Unicorn",
+    "2020-01-01T00:00:00Z",
+    "2020-01-01T00:00:00+05:30",
+    "2020-02-30T00:00:00Z",
+    "application/fhir+ndjson",
+    "ndjson",
+    "Observation?code=8867-4",
+    "Observation?code=http://loinc.org|8867-4,Condition?clinical-status=active",
+    "Patient?gender:not=male&birthdate=ge2000",
+    "Observation?_lastUpdated=gt2020-01-01",
+    "Patient.name,id",
+    "my-container",
+    "Patient/abc",
+    "Patient/a,Patient/b",
+    "LatestProvenanceResources",
+    "..",
+    "%2F",
+    "",
+];
+
+/// A value: a known good or bad one, or anything.
+fn value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        proptest::sample::select(VALUES).prop_map(str::to_string),
+        any::<String>(),
+        "[A-Za-z?=&:,|./%0-9_-]{0,40}",
+    ]
+}
+
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => proptest::sample::select(NAMES).prop_map(str::to_string),
+        1 => any::<String>(),
+    ]
+}
+
+/// A query string of name=value pairs (encoded as a client would), or raw bytes.
+fn query() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => proptest::collection::vec((name(), value()), 0..6).prop_map(|pairs| {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            for (name, value) in &pairs {
+                query.append_pair(name, value);
+            }
+            query.finish()
+        }),
+        1 => proptest::collection::vec(any::<u8>(), 0..200)
+            .prop_map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+    ]
+}
+
+fn level() -> impl Strategy<Value = Level> {
+    prop_oneof![
+        Just(Level::System),
+        Just(Level::Patient),
+        "[a-z0-9-]{1,8}".prop_map(Level::Group),
+    ]
+}
+
+fn kickoff_parameters(runner: &mut TestRunner) {
+    runner
+        .run(
+            &(level(), query(), any::<bool>(), any::<bool>()),
+            |(level, query, lenient, via_post)| {
+                match ExportRequest::from_query(level, &query, lenient, via_post) {
+                    Err(error) => {
+                        prop_assert!(!error.parameter.is_empty(), "{query:?}: unnamed refusal");
+                        prop_assert!(!error.message.is_empty());
+                    }
+                    Ok(request) => {
+                        for resource_type in request.types.iter().flatten() {
+                            prop_assert!(fhir_export::fhir::is_resource_type(resource_type));
+                        }
+                        if let (Some(since), Some(until)) = (request.since, request.until) {
+                            prop_assert!(since < until);
+                        }
+                        if let Some(container) = &request.container {
+                            prop_assert!(fhir_export::export::request::check_container_name(
+                                container
+                            )
+                            .is_ok());
+                        }
+                        for filter in &request.type_filters {
+                            prop_assert!(SearchQuery::parse(filter).is_ok());
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+/// A resource to evaluate accepted filters against: a few shapes, some odd.
+fn resource() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        value().prop_map(Value::from),
+    ];
+    let any_json = leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            proptest::collection::btree_map("[a-zA-Z]{1,10}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    prop_oneof![
+        Just(
+            json!({"resourceType": "Observation", "id": "o", "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}, "meta": {"lastUpdated": "2021-01-01T00:00:00Z"}})
+        ),
+        Just(
+            json!({"resourceType": "Patient", "id": "p", "gender": "male", "birthDate": "2001-02-03", "name": [{"family": "Müller"}]})
+        ),
+        any_json,
+    ]
+}
+
+fn type_filters(runner: &mut TestRunner) {
+    let filter = prop_oneof![
+        (
+            proptest::sample::select(&["Patient", "Observation", "Condition", "Encounter"][..]),
+            query()
+        )
+            .prop_map(|(t, q)| format!("{t}?{q}")),
+        value(),
+    ];
+    runner
+        .run(&(filter, resource()), |(filter, resource)| {
+            match SearchQuery::parse(&filter) {
+                Err(message) => prop_assert!(!message.is_empty()),
+                Ok(query) => {
+                    let _ = query.matches(&resource);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn parameters_bodies(runner: &mut TestRunner) {
+    let parameter = (
+        name(),
+        value(),
+        proptest::sample::select(
+            &[
+                "valueString",
+                "valueInstant",
+                "valueInteger",
+                "valueReference",
+                "resource",
+                "part",
+            ][..],
+        ),
+    )
+        .prop_map(|(name, value, key)| match key {
+            "valueReference" => json!({"name": name, key: {"reference": value}}),
+            "valueInteger" => json!({"name": name, key: value.len()}),
+            _ => json!({"name": name, key: value}),
+        });
+    let body = prop_oneof![
+        3 => proptest::collection::vec(parameter, 0..5)
+            .prop_map(|p| json!({"resourceType": "Parameters", "parameter": p}).to_string().into_bytes()),
+        1 => resource().prop_map(|r| r.to_string().into_bytes()),
+        1 => proptest::collection::vec(any::<u8>(), 0..200),
+    ];
+    runner
+        .run(&(body, level()), |(body, level)| {
+            if let Ok(query) = fhir_export::http::parameters::to_query(&body) {
+                let _ = ExportRequest::from_query(level, &query, false, true);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Runs every property over `cases` generated inputs each.
+pub fn run_all(cases: u32) {
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    kickoff_parameters(&mut TestRunner::new(config.clone()));
+    type_filters(&mut TestRunner::new(config.clone()));
+    parameters_bodies(&mut TestRunner::new(config));
+}

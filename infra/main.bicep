@@ -39,6 +39,18 @@ param retentionHours int = 168
 @description('A type with more resources is split into shards by lastUpdated ranges (EXPORT_SHARD_MAX_RESOURCES); small enough for a shard to finish within the 10-minute function timeout.')
 param shardMaxResources int = 250000
 
+@description('Exports running at once; a kickoff beyond this answers 429 (EXPORT_MAX_RUNNING_EXPORTS).')
+param maxRunningExports int = 32
+
+@description('Require bearer tokens from this issuer, e.g. https://login.microsoftonline.com/{tenant}/v2.0 (EXPORT_AUTH_ISSUER); empty leaves the API open, for App Service authentication in front or a private network.')
+param authIssuer string = ''
+
+@description('The audience the tokens must name, e.g. api://fhir-export (EXPORT_AUTH_AUDIENCE).')
+param authAudience string = ''
+
+@description('The issuer\'s signing keys; empty reads jwks_uri from its OpenID configuration (EXPORT_AUTH_JWKS_URL).')
+param authJwksUrl string = ''
+
 @description('Largest number of instances the app scales out to.')
 param maximumInstanceCount int = 40
 
@@ -104,9 +116,15 @@ module app 'modules/functionapp.bicep' = {
         { name: 'EXPORT_RETENTION_HOURS', value: string(retentionHours) }
         { name: 'EXPORT_BASE_URL', value: 'https://${appName}.azurewebsites.net' }
         { name: 'EXPORT_SHARD_MAX_RESOURCES', value: string(shardMaxResources) }
+        { name: 'EXPORT_MAX_RUNNING_EXPORTS', value: string(maxRunningExports) }
       ],
       empty(userAssignedClientId) ? [] : [
         { name: 'AZURE_CLIENT_ID', value: userAssignedClientId }
+      ],
+      empty(authIssuer) ? [] : [
+        { name: 'EXPORT_AUTH_ISSUER', value: authIssuer }
+        { name: 'EXPORT_AUTH_AUDIENCE', value: authAudience }
+        { name: 'EXPORT_AUTH_JWKS_URL', value: authJwksUrl }
       ]
     )
     hostSettings: [

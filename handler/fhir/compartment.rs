@@ -92,6 +92,14 @@ fn paths_for(resource_type: &str) -> Option<&'static [&'static str]> {
         .map(|(_, paths)| *paths)
 }
 
+/// The top-level elements `patient_ids` reads for a type (the first step of each path).
+pub fn elements_read(resource_type: &str) -> impl Iterator<Item = &'static str> {
+    paths_for(resource_type)
+        .unwrap_or_default()
+        .iter()
+        .map(|path| path.split('.').next().unwrap_or(path))
+}
+
 /// The ids of the patients whose compartment holds `resource` (a Patient is in its own).
 pub fn patient_ids(resource_type: &str, id: &str, resource: &Value) -> Vec<String> {
     let mut ids = Vec::new();

@@ -251,7 +251,8 @@ fn collect_urns(files: &[InputFile]) -> HashMap<String, String> {
 /// Loads `paths` into `store`. Files that fail are listed in the report and leave no trace.
 ///
 /// Two threads: one reads and prepares resources (parse, `urn:` rewriting, compartments,
-/// serialisation), the other writes them into SQLite, one savepoint per file.
+/// serialisation; an NDJSON line needing no change is only skimmed and kept as it is), the other
+/// writes them into SQLite, one savepoint per file.
 pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, SourceError> {
     let mut report = ImportReport::default();
     let files = discover(paths, &mut report.failed);
@@ -259,6 +260,11 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let mut conn = store.connect()?;
     conn.execute_batch("PRAGMA cache_size = -131072")
         .map_err(|e| store.error(e))?;
+    // A rollback journal while loading: new pages go straight into the file, rather than through
+    // the WAL and a checkpoint copying them again. Only while no one else has the store open.
+    let journal: String = conn
+        .query_row("PRAGMA journal_mode = TRUNCATE", [], |row| row.get(0))
+        .unwrap_or_else(|_| "wal".into());
     let mut urns = known_urns(&conn).map_err(|e| store.error(e))?;
     let new_urns = collect_urns(&files);
     urns.extend(new_urns.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -266,7 +272,7 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let parser = Parser { urns, import_time };
     let tx = conn.transaction().map_err(|e| store.error(e))?;
     let mut importer = Importer::new(&tx, new_urns, import_time).map_err(|e| store.error(e))?;
-    let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(1024);
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(16);
     std::thread::scope(|scope| {
         scope.spawn(|| parser.run(&files, sender));
         let mut counts = Counts::default();
@@ -277,10 +283,12 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
                         .map_err(|e| store.error(e))?;
                     counts = Counts::default();
                 }
-                Event::Resource(prepared) => {
-                    counts.read += 1;
-                    counts.unresolved += prepared.unresolved;
-                    importer.write(*prepared).map_err(|e| store.error(e))?;
+                Event::Resources(batch) => {
+                    for prepared in batch {
+                        counts.read += 1;
+                        counts.unresolved += prepared.unresolved;
+                        importer.write(prepared).map_err(|e| store.error(e))?;
+                    }
                 }
                 Event::FileDone => {
                     tx.execute_batch("RELEASE file")
@@ -301,7 +309,12 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
         Ok::<_, SourceError>(())
     })?;
     importer.finish(&mut report).map_err(|e| store.error(e))?;
+    drop(importer);
     tx.commit().map_err(|e| store.error(e))?;
+    if journal != "wal" {
+        conn.execute_batch("PRAGMA journal_mode = WAL")
+            .map_err(|e| store.error(e))?;
+    }
     Ok(report)
 }
 
@@ -312,10 +325,14 @@ fn known_urns(conn: &Connection) -> rusqlite::Result<HashMap<String, String>> {
     rows.collect()
 }
 
+/// Resources per hand-over from the reading thread to the writing one.
+const BATCH: usize = 256;
+
 /// What the reading thread hands the writing thread.
 enum Event {
     FileStart,
-    Resource(Box<Prepared>),
+    /// Handed over in batches: one hand-over per resource costs more than preparing it.
+    Resources(Vec<Prepared>),
     FileDone,
     FileFailed(usize, Option<u64>, String),
 }
@@ -347,9 +364,23 @@ impl Parser {
             if events.send(Event::FileStart).is_err() {
                 return;
             }
-            let mut emit =
-                |prepared: Prepared| events.send(Event::Resource(Box::new(prepared))).is_ok();
-            let end = match self.parse_file(file, &mut emit) {
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut emit = |prepared: Prepared| {
+                batch.push(prepared);
+                batch.len() < BATCH
+                    || events
+                        .send(Event::Resources(std::mem::replace(
+                            &mut batch,
+                            Vec::with_capacity(BATCH),
+                        )))
+                        .is_ok()
+            };
+            let parsed = self.parse_file(file, &mut emit);
+            if parsed.is_ok() && !batch.is_empty() && events.send(Event::Resources(batch)).is_err()
+            {
+                return;
+            }
+            let end = match parsed {
                 Ok(()) => Event::FileDone,
                 Err(Failure::Input { line, message }) => Event::FileFailed(index, line, message),
                 Err(Failure::Stopped) => return,
@@ -389,6 +420,12 @@ impl Parser {
             }
             number += 1;
             if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if let Some(prepared) = self.prepare_as_is(&line) {
+                if !emit(prepared) {
+                    return Err(Failure::Stopped);
+                }
                 continue;
             }
             let value: Value = serde_json::from_slice(&line)
@@ -463,6 +500,50 @@ impl Parser {
             }
         }
         Ok(())
+    }
+
+    /// The quick way for an NDJSON line that needs no change (no `urn:` reference to rewrite,
+    /// `meta.lastUpdated` stated): only the type, id, `lastUpdated` and the compartment's elements
+    /// are read, and the line is stored as it is. `None` sends the line the full way, which also
+    /// words any error.
+    fn prepare_as_is(&self, line: &[u8]) -> Option<Prepared> {
+        #[derive(Deserialize)]
+        struct Meta<'a> {
+            #[serde(rename = "lastUpdated", borrow)]
+            last_updated: Option<&'a str>,
+        }
+        let line = line.trim_ascii();
+        if memchr::memmem::find(line, b"\"urn:").is_some() {
+            return None;
+        }
+        let fields: HashMap<&str, &serde_json::value::RawValue> =
+            serde_json::from_slice(line).ok()?;
+        let field = |name: &str| fields.get(name).map(|raw| raw.get());
+        let resource_type: &str = serde_json::from_str(field("resourceType")?).ok()?;
+        let id: &str = serde_json::from_str(field("id")?).ok()?;
+        if !is_resource_type(resource_type) || !is_valid_id(id) {
+            return None;
+        }
+        let meta: Meta = serde_json::from_str(field("meta")?).ok()?;
+        let stated = DateTime::parse_from_rfc3339(meta.last_updated?)
+            .ok()?
+            .with_timezone(&Utc);
+        let mut elements = Map::new();
+        for name in compartment::elements_read(resource_type) {
+            if let Some(raw) = field(name) {
+                elements.insert(name.to_string(), serde_json::from_str(raw).ok()?);
+            }
+        }
+        Some(Prepared {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            patients: compartment::patient_ids(resource_type, id, &Value::Object(elements)),
+            hash: xxhash_rust::xxh3::xxh3_64(line) as i64,
+            stated: Some(stated),
+            json: line.to_vec(),
+            value: None,
+            unresolved: 0,
+        })
     }
 
     fn prepare(&self, mut value: Value, full_url: Option<&str>) -> Result<Prepared, Failure> {
@@ -565,6 +646,9 @@ struct CurrentRow {
 
 struct Importer<'c> {
     conn: &'c Connection,
+    /// The two statements every new resource runs, held rather than looked up in the cache.
+    insert_resource: rusqlite::Statement<'c>,
+    insert_compartment: rusqlite::Statement<'c>,
     urns: HashMap<String, String>,
     run: i64,
     import_time: DateTime<Utc>,
@@ -589,6 +673,13 @@ impl<'c> Importer<'c> {
         )?;
         Ok(Self {
             conn,
+            insert_resource: conn.prepare(
+                "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (type, id) DO NOTHING",
+            )?,
+            insert_compartment: conn.prepare(
+                "INSERT OR IGNORE INTO compartment (patient_id, type, id) VALUES (?1, ?2, ?3)",
+            )?,
             urns,
             run,
             import_time,
@@ -634,20 +725,14 @@ impl<'c> Importer<'c> {
         } = prepared;
         // Most resources of an import are new: try the insert first, look up only on conflict.
         let new_last_updated = stated.unwrap_or(self.import_time);
-        let inserted = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (type, id) DO NOTHING",
-            )?
-            .execute(params![
-                resource_type,
-                id,
-                micros(new_last_updated),
-                hash,
-                self.run,
-                json
-            ])?;
+        let inserted = self.insert_resource.execute(params![
+            resource_type,
+            id,
+            micros(new_last_updated),
+            hash,
+            self.run,
+            json
+        ])?;
         if inserted == 1 {
             return self.insert_compartments(&resource_type, &id, &patients);
         }
@@ -692,16 +777,14 @@ impl<'c> Importer<'c> {
     }
 
     fn insert_compartments(
-        &self,
+        &mut self,
         resource_type: &str,
         id: &str,
         patients: &[String],
     ) -> rusqlite::Result<()> {
-        let mut insert = self.conn.prepare_cached(
-            "INSERT OR IGNORE INTO compartment (patient_id, type, id) VALUES (?1, ?2, ?3)",
-        )?;
         for patient in patients {
-            insert.execute(params![patient, resource_type, id])?;
+            self.insert_compartment
+                .execute(params![patient, resource_type, id])?;
         }
         Ok(())
     }
@@ -824,6 +907,41 @@ mod tests {
         assert!(!is_valid_id(""));
         assert!(!is_valid_id("a/b"));
         assert!(!is_valid_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn a_line_kept_as_is_is_read_like_a_parsed_one() {
+        let parser = Parser {
+            urns: HashMap::from([("urn:uuid:1".to_string(), "Patient/p1".to_string())]),
+            import_time: DateTime::UNIX_EPOCH,
+        };
+        let team = br#"{"resourceType":"CareTeam","id":"t","meta":{"lastUpdated":"2020-01-01T00:00:00Z"},"subject":{"reference":"Patient/a"},"participant":[{"member":{"reference":"Patient/b"}},{"member":{"reference":"Practitioner/x"}}]}"#;
+        let quick = parser.prepare_as_is(team).unwrap();
+        let full = parser
+            .prepare(serde_json::from_slice(team).unwrap(), None)
+            .ok()
+            .unwrap();
+        assert_eq!(
+            (
+                &quick.resource_type,
+                &quick.id,
+                &quick.patients,
+                quick.stated
+            ),
+            (&full.resource_type, &full.id, &full.patients, full.stated)
+        );
+        assert_eq!(quick.patients, ["a", "b"]);
+        assert_eq!(quick.json, team);
+        // What needs a change, or an error message, goes the full way.
+        for needs_work in [
+            &br#"{"resourceType":"Observation","id":"o","meta":{"lastUpdated":"2020-01-01T00:00:00Z"},"subject":{"reference":"urn:uuid:1"}}"#[..],
+            br#"{"resourceType":"Observation","id":"o"}"#,
+            br#"{"resourceType":"Unicorn","id":"o","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            br#"{"resourceType":"Observation","id":"o/../x","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            br#"[1]"#,
+        ] {
+            assert!(parser.prepare_as_is(needs_work).is_none());
+        }
     }
 
     #[test]

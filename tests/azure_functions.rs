@@ -31,17 +31,9 @@ impl Drop for Handler {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts `handler` as the Functions host does: no arguments, `FUNCTIONS_CUSTOMHANDLER_PORT` set.
 async fn start_handler(storage: &str, extra: &[(&str, &str)]) -> Handler {
-    let port = free_port();
+    let port = common::free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
     command
         .env_clear()

@@ -26,14 +26,6 @@ enum Kill {
     After(Duration),
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A generated population (about 3,700 resources) in its own store.
 fn generated_store(dir: &Path) -> PathBuf {
     let data = dir.join("data");
@@ -216,7 +208,7 @@ async fn run_scenario(
     let client = common::client();
     let dir = tempfile::tempdir().unwrap();
     let exports = dir.path().join("exports");
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let label = format!("{kills:?}");
     let mut answered = None;

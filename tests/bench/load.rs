@@ -100,6 +100,14 @@ fn wrk(url: &str, seconds: u64) -> WrkFigures {
     }
 }
 
+/// Runs wrk on a blocking thread while this runtime goes on.
+async fn wrk_beside(url: &str, seconds: u64) -> WrkFigures {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || wrk(&url, seconds))
+        .await
+        .unwrap()
+}
+
 fn print(phase: &str, figures: &WrkFigures) {
     println!(
         "{phase:<34} {:>8.0} req/s  p50 {:>8}  p99 {:>8}  max {:>8}  {} requests, {} not 200",
@@ -181,10 +189,7 @@ async fn main() {
         .await
         .unwrap();
 
-    let url = status_url.clone();
-    let idle = tokio::task::spawn_blocking(move || wrk(&url, seconds))
-        .await
-        .unwrap();
+    let idle = wrk_beside(&status_url, seconds).await;
     print("status of a finished export, idle", &idle);
 
     let running = Arc::new(AtomicBool::new(true));
@@ -199,10 +204,7 @@ async fn main() {
             }
         })
     };
-    let url = status_url.clone();
-    let busy = tokio::task::spawn_blocking(move || wrk(&url, seconds))
-        .await
-        .unwrap();
+    let busy = wrk_beside(&status_url, seconds).await;
     running.store(false, Ordering::SeqCst);
     background.await.unwrap();
     print("status while exports run", &busy);

@@ -134,6 +134,15 @@ pub async fn start_at(
     }
 }
 
+/// A loopback port free right now (for a server process started on it, and restarted on it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))

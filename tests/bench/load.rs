@@ -5,6 +5,9 @@
 //! `LOAD_SECONDS` sets each phase's length (default 10), `LOAD_PATIENTS` the demo population
 //! (default 2000).
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,14 +23,6 @@ impl Drop for Serve {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -37,26 +32,18 @@ fn setting(name: &str, default: u64) -> u64 {
 
 /// Kicks off a system export and waits for it; returns the status URL.
 async fn export(client: &reqwest::Client, base: &str) -> String {
-    let response = client
-        .get(format!("{base}/$export"))
-        .header("Accept", "application/fhir+json")
-        .header("Prefer", "respond-async")
-        .send()
-        .await
-        .unwrap();
+    let response = common::kickoff(client, &format!("{base}/$export")).await;
     assert_eq!(response.status(), 202);
     let status_url = response.headers()["content-location"]
         .to_str()
         .unwrap()
         .to_string();
-    loop {
-        let status = client.get(&status_url).send().await.unwrap().status();
-        if status == 200 {
-            return status_url;
-        }
-        assert_eq!(status, 202);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_manifest(client, &status_url).await;
+    status_url
+}
+
+async fn text_of(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
 }
 
 struct WrkFigures {
@@ -150,7 +137,7 @@ async fn main() {
     ]);
     run(&["import", &path(&data), "--store", &path(&store)]);
 
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let _serve = Serve(
         Command::new(handler)
@@ -180,14 +167,7 @@ async fn main() {
         "load: {patients} patients, one system export {:.2} s; wrk -t2 -c8 for {seconds} s per phase on {status_url}",
         started.elapsed().as_secs_f64()
     );
-    let manifest = client
-        .get(&status_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let manifest = text_of(&client, &status_url).await;
 
     let idle = wrk_beside(&status_url, seconds).await;
     print("status of a finished export, idle", &idle);
@@ -212,13 +192,6 @@ async fn main() {
         "{} exports completed during the busy phase",
         exports_done.load(Ordering::SeqCst)
     );
-    let after = client
-        .get(&status_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let after = text_of(&client, &status_url).await;
     assert_eq!(after, manifest, "the manifest changed under load");
 }

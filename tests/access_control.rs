@@ -1,73 +1,15 @@
-//! Bearer-token access control against a real issuer on loopback: a JWKS endpoint behind OpenID
-//! discovery, tokens signed with the test key in `tests/fixtures` (made for these tests only).
+//! Bearer-token access control against a real issuer on loopback (`common::tokens`): a JWKS
+//! endpoint behind OpenID discovery, tokens signed with the test key in `tests/fixtures`.
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use common::tokens::{issuer, now, token, token_with, AUDIENCE, JWKS, OTHER_KEY};
 use common::{client, get_json, sample_store, start};
 use fhir_export::auth::AuthSetting;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use warp::Filter;
-
-const AUDIENCE: &str = "api://fhir-export";
-const SIGNING_KEY: &[u8] = include_bytes!("fixtures/jwt-signing-key.pem");
-const OTHER_KEY: &[u8] = include_bytes!("fixtures/jwt-other-key.pem");
-const JWKS: &str = include_str!("fixtures/jwks.json");
-
-/// An OpenID issuer serving discovery and its key set; counts key-set fetches.
-async fn issuer() -> (String, Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let fetches = Arc::new(AtomicU64::new(0));
-    let discovery = {
-        let base = base.clone();
-        warp::path!(".well-known" / "openid-configuration").map(move || {
-            warp::reply::json(&json!({"issuer": base, "jwks_uri": format!("{base}/keys")}))
-        })
-    };
-    let keys = {
-        let fetches = fetches.clone();
-        warp::path!("keys").map(move || {
-            fetches.fetch_add(1, Ordering::SeqCst);
-            warp::reply::with_header(JWKS, "content-type", "application/json")
-        })
-    };
-    tokio::spawn(warp::serve(discovery.or(keys)).incoming(listener).run());
-    (base, fetches)
-}
-
-fn now() -> i64 {
-    chrono::Utc::now().timestamp()
-}
-
-/// A token with `claims` over the defaults (valid for an hour, client `client-a`, all reads).
-fn token_with(issuer: &str, claims: Value, key: &[u8], kid: Option<&str>) -> String {
-    let mut body = json!({
-        "iss": issuer,
-        "aud": AUDIENCE,
-        "exp": now() + 3600,
-        "iat": now(),
-        "azp": "client-a",
-        "scope": "system/*.read",
-    });
-    for (name, value) in claims.as_object().unwrap() {
-        if value.is_null() {
-            body.as_object_mut().unwrap().remove(name);
-        } else {
-            body[name] = value.clone();
-        }
-    }
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = kid.map(str::to_string);
-    jsonwebtoken::encode(&header, &body, &EncodingKey::from_rsa_pem(key).unwrap()).unwrap()
-}
-
-fn token(issuer: &str, claims: Value) -> String {
-    token_with(issuer, claims, SIGNING_KEY, Some("test-key-1"))
-}
 
 async fn send(
     client: &reqwest::Client,

@@ -727,3 +727,75 @@ fn the_package_zip_has_the_layout_the_host_expects() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_in_payload_and_forwarded_requests() {
+    use common::tokens::{issuer, token, AUDIENCE};
+    let (issuer, _) = issuer().await;
+    let handler = start_handler(
+        &azurite::sas_url(),
+        &[
+            ("EXPORT_AUTH_ISSUER", issuer.as_str()),
+            ("EXPORT_AUTH_AUDIENCE", AUDIENCE),
+        ],
+    )
+    .await;
+    let container = azurite::unique_container("tokens");
+    let path = format!("/$export?_type=Patient&_container={container}");
+
+    // Payload mode: no token, a 401 and no work queued.
+    let (_, refused) = invoke(
+        &handler,
+        "SystemExport",
+        &http_payload("SystemExport", "GET", &path, kickoff_headers(), ""),
+    )
+    .await;
+    assert_eq!(refused["Outputs"]["res"]["statusCode"], 401, "{refused}");
+    assert_eq!(refused["Outputs"]["shards"], json!([]));
+
+    let bearer = format!("Bearer {}", token(&issuer, json!({})));
+    let mut headers = kickoff_headers();
+    headers["Authorization"] = json!([bearer]);
+    let (_, started) = invoke(
+        &handler,
+        "SystemExport",
+        &http_payload("SystemExport", "GET", &path, headers, ""),
+    )
+    .await;
+    assert_eq!(started["Outputs"]["res"]["statusCode"], 202, "{started}");
+    let location = started["Outputs"]["res"]["headers"]["content-location"]
+        .as_str()
+        .unwrap();
+    let id = location.rsplit('/').next().unwrap().to_string();
+    let shards = started["Outputs"]["shards"].as_array().unwrap().clone();
+    run_shards(&handler, &shards).await;
+
+    // Forwarded mode: status and files need the token too.
+    assert_eq!(forwarded_status(&handler, &id).await.status(), 401);
+    let client = reqwest::Client::new();
+    let with_token = |url: String| {
+        client
+            .get(url)
+            .header("Authorization", &bearer)
+            .header("Host", "fhir-export.example.net")
+            .header("X-Forwarded-Proto", "https")
+    };
+    let done = with_token(format!("{}/_operations/export/{id}", handler.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    let manifest: Value = done.json().await.unwrap();
+    assert_eq!(manifest["requiresAccessToken"], true);
+    let file = manifest["output"][0]["url"]
+        .as_str()
+        .unwrap()
+        .replace(PUBLIC, &handler.base);
+    let download = with_token(file.clone()).send().await.unwrap();
+    assert_eq!(download.status(), 200);
+    assert_eq!(download.text().await.unwrap().lines().count(), 100);
+    let anonymous = client.get(&file).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let outcome: Value = anonymous.json().await.unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+}

@@ -172,7 +172,7 @@ async fn write_files(
         .collect();
     let elements = job.request.elements_for(&spec.resource_type);
     let started = std::time::Instant::now();
-    let result = tokio::task::spawn_blocking(move || {
+    let result = on_background_thread(move || {
         let request = ScanRequest {
             resource_type: &spec.resource_type,
             since,
@@ -220,8 +220,7 @@ async fn write_files(
             }
         }
     })
-    .await
-    .expect("the shard writer does not panic");
+    .await;
     let (count, files) = match result {
         Ok(written) => written,
         Err((error, committed)) => {
@@ -232,6 +231,33 @@ async fn write_files(
     tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = files.len(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
     Ok(files)
 }
+
+/// Runs a shard's scan-and-write loop on a thread of its own at a lower CPU priority, so that
+/// kickoff and status requests are answered first when every core is busy writing. (A thread of
+/// its own: the priority must not stay with a pooled thread that later serves requests.)
+async fn on_background_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("shard-writer".into())
+        .spawn(move || {
+            lower_this_threads_priority();
+            let _ = done.send(work());
+        })
+        .expect("a thread starts");
+    result.await.expect("the shard writer does not panic")
+}
+
+#[cfg(target_os = "linux")]
+fn lower_this_threads_priority() {
+    // SAFETY: plain syscalls on the calling thread; on Linux the nice value is per thread.
+    unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, 10);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_this_threads_priority() {}
 
 /// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
 /// shard was given to another worker. A failed refresh is tried again at the next beat.

@@ -365,3 +365,123 @@ fn synth_copies_rewrite_every_id_and_reference_and_keep_compartments() {
         vec!["pat-5-0".to_string()]
     );
 }
+
+/// The indexes of a store's compartment table, and whether SQLite finds the file sound.
+fn compartment_indexes_and_integrity(store: &Path) -> (Vec<String>, String) {
+    let conn = rusqlite::Connection::open(store).unwrap();
+    let mut statement = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'compartment' ORDER BY name")
+        .unwrap();
+    let indexes = statement
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let integrity = conn
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    (indexes, integrity)
+}
+
+#[test]
+fn a_first_load_that_changes_a_resource_twice_keeps_only_its_last_compartments() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| std::fs::write(dir.path().join(name), body).unwrap();
+    let observation = |patient: &str, value: u32| {
+        format!("{{\"resourceType\":\"Observation\",\"id\":\"o1\",\"meta\":{{\"lastUpdated\":\"2024-01-0{value}T00:00:00Z\"}},\"subject\":{{\"reference\":\"Patient/{patient}\"}}}}\n")
+    };
+    // Into an empty store the links go in unindexed; the first change of a resource builds the
+    // indexes, a file failing after that takes them back, and the next change builds them again.
+    write(
+        "1.ndjson",
+        &format!(
+            "{}{{\"resourceType\":\"Patient\",\"id\":\"a\"}}\n{{\"resourceType\":\"Patient\",\"id\":\"b\"}}\n",
+            observation("a", 1)
+        ),
+    );
+    write("2.ndjson", &format!("{}{{broken\n", observation("b", 2)));
+    write("3.ndjson", &observation("b", 3));
+    let (ok, stdout, stderr) = handler(
+        &[
+            "import", "1.ndjson", "2.ndjson", "3.ndjson", "--store", "s.db",
+        ],
+        dir.path(),
+    );
+    assert!(!ok, "2.ndjson is broken");
+    assert!(stderr.contains("2.ndjson:2: invalid JSON"), "{stderr}");
+    assert!(stdout.contains("3 created, 0 updated"), "{stdout}");
+    let store_path = dir.path().join("s.db");
+    let store = EmbeddedStore::open(&store_path).unwrap();
+    assert_eq!(store.compartments_of("Observation", "o1").unwrap(), ["b"]);
+    assert_eq!(store.compartments_of("Patient", "a").unwrap(), ["a"]);
+    let expected_indexes = ["compartment_by_patient", "compartment_by_resource"];
+    assert_eq!(
+        compartment_indexes_and_integrity(&store_path),
+        (
+            expected_indexes.map(String::from).to_vec(),
+            "ok".to_string()
+        )
+    );
+
+    // A later load into the filled store changes the links in place.
+    write("4.ndjson", &observation("a", 4));
+    let (ok, stdout, stderr) = handler(&["import", "4.ndjson", "--store", "s.db"], dir.path());
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("0 created, 1 updated"), "{stdout}");
+    assert_eq!(store.compartments_of("Observation", "o1").unwrap(), ["a"]);
+}
+
+#[test]
+fn a_store_of_the_earlier_layout_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let older = |name: &str| {
+        let conn = rusqlite::Connection::open(dir.path().join(name)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE resources (type TEXT NOT NULL, id TEXT NOT NULL, last_updated INTEGER NOT NULL,
+                 content_hash INTEGER NOT NULL, import_run INTEGER NOT NULL, json BLOB NOT NULL,
+                 PRIMARY KEY (type, id));
+             CREATE TABLE compartment (patient_id TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL,
+                 PRIMARY KEY (patient_id, type, id)) WITHOUT ROWID;
+             CREATE INDEX compartment_by_resource ON compartment (type, id);",
+        )
+        .unwrap();
+    };
+    older("empty.db");
+    older("filled.db");
+    rusqlite::Connection::open(dir.path().join("filled.db"))
+        .unwrap()
+        .execute_batch(
+            "INSERT INTO resources VALUES ('Observation', 'o1', 0, 0, 1,
+                 '{\"resourceType\":\"Observation\",\"id\":\"o1\",\"subject\":{\"reference\":\"Patient/a\"}}');
+             INSERT INTO compartment VALUES ('a', 'Observation', 'o1');",
+        )
+        .unwrap();
+    std::fs::write(
+        dir.path().join("o.ndjson"),
+        "{\"resourceType\":\"Observation\",\"id\":\"o1\",\"subject\":{\"reference\":\"Patient/b\"}}\n",
+    )
+    .unwrap();
+    for store in ["empty.db", "filled.db"] {
+        let (ok, stdout, stderr) = handler(&["import", "o.ndjson", "--store", store], dir.path());
+        assert!(ok, "{stdout}{stderr}");
+        let path = dir.path().join(store);
+        assert_eq!(
+            EmbeddedStore::open(&path)
+                .unwrap()
+                .compartments_of("Observation", "o1")
+                .unwrap(),
+            ["b"],
+            "{store}"
+        );
+        assert_eq!(compartment_indexes_and_integrity(&path).1, "ok");
+    }
+    // The emptied one is rebuilt in the current layout; the filled one keeps its own.
+    assert_eq!(
+        compartment_indexes_and_integrity(&dir.path().join("empty.db")).0,
+        ["compartment_by_patient", "compartment_by_resource"]
+    );
+    assert_eq!(
+        compartment_indexes_and_integrity(&dir.path().join("filled.db")).0,
+        ["compartment_by_resource"]
+    );
+}

@@ -100,6 +100,42 @@ pub fn elements_read(resource_type: &str) -> impl Iterator<Item = &'static str> 
         .map(|path| path.split('.').next().unwrap_or(path))
 }
 
+/// Whether `member` is the first step of a compartment path of some type: a top-level member a
+/// resource may name a patient in. A superset of every type's `elements_read`.
+pub fn may_name_a_patient(member: &str) -> bool {
+    matches!(
+        member,
+        "subject"
+            | "patient"
+            | "recorder"
+            | "asserter"
+            | "participant"
+            | "actor"
+            | "agent"
+            | "entity"
+            | "author"
+            | "activity"
+            | "payee"
+            | "sender"
+            | "recipient"
+            | "requester"
+            | "attester"
+            | "policyHolder"
+            | "subscriber"
+            | "beneficiary"
+            | "payor"
+            | "performer"
+            | "candidate"
+            | "member"
+            | "source"
+            | "receiver"
+            | "link"
+            | "target"
+            | "individual"
+            | "action"
+    )
+}
+
 /// The ids of the patients whose compartment holds `resource` (a Patient is in its own).
 pub fn patient_ids(resource_type: &str, id: &str, resource: &Value) -> Vec<String> {
     let mut ids = Vec::new();
@@ -164,6 +200,15 @@ fn reference_of(value: &Value, found: &mut dyn FnMut(&str)) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_element_read_may_name_a_patient() {
+        for (resource_type, _) in PATIENT_COMPARTMENT {
+            for element in elements_read(resource_type) {
+                assert!(may_name_a_patient(element), "{resource_type}.{element}");
+            }
+        }
+    }
 
     #[test]
     fn finds_patients_through_nested_and_repeated_paths() {

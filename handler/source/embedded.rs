@@ -30,14 +30,19 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE TABLE IF NOT EXISTS compartment (
     patient_id TEXT NOT NULL,
     type TEXT NOT NULL,
-    id TEXT NOT NULL,
-    PRIMARY KEY (patient_id, type, id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS compartment_by_resource ON compartment (type, id);
+    id TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS urn_alias (
     urn TEXT PRIMARY KEY,
     reference TEXT NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// The compartment table's indexes. A load into an empty store builds them once at the end (a
+/// sort), rather than inserting every link into two random-order B-trees as it goes.
+pub(crate) const COMPARTMENT_INDEXES: &str = "
+CREATE UNIQUE INDEX IF NOT EXISTS compartment_by_patient ON compartment (patient_id, type, id);
+CREATE INDEX IF NOT EXISTS compartment_by_resource ON compartment (type, id);
 ";
 
 #[derive(Debug, Clone)]
@@ -58,6 +63,19 @@ impl EmbeddedStore {
         let conn = store.connect()?;
         conn.execute_batch("PRAGMA page_size = 16384; PRAGMA journal_mode = WAL;")
             .and_then(|_| conn.execute_batch(SCHEMA))
+            .and_then(|_| {
+                // Stores made before the indexes were separate keep the ones they have.
+                let indexed: bool = conn.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM pragma_index_list('compartment'))",
+                    [],
+                    |row| row.get(0),
+                )?;
+                if indexed {
+                    Ok(())
+                } else {
+                    conn.execute_batch(COMPARTMENT_INDEXES)
+                }
+            })
             .map_err(|e| store.error(e))?;
         Ok(store)
     }

@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use flate2::read::MultiGzDecoder;
 use rusqlite::{params, Connection, OptionalExtension};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::embedded::micros;
+use super::embedded::{micros, COMPARTMENT_INDEXES};
 use super::{EmbeddedStore, SourceError};
 use crate::fhir::compartment;
 use crate::fhir::references::try_for_each_reference;
@@ -258,7 +260,8 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let files = discover(paths, &mut report.failed);
     report.files = files.len();
     let mut conn = store.connect()?;
-    conn.execute_batch("PRAGMA cache_size = -131072")
+    // Temp files, not memory, for the sort that builds deferred indexes.
+    conn.execute_batch("PRAGMA cache_size = -131072; PRAGMA temp_store = FILE")
         .map_err(|e| store.error(e))?;
     // A rollback journal while loading: new pages go straight into the file, rather than through
     // the WAL and a checkpoint copying them again. Only while no one else has the store open.
@@ -272,16 +275,18 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let parser = Parser { urns, import_time };
     let tx = conn.transaction().map_err(|e| store.error(e))?;
     let mut importer = Importer::new(&tx, new_urns, import_time).map_err(|e| store.error(e))?;
-    let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(16);
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(4);
     std::thread::scope(|scope| {
         scope.spawn(|| parser.run(&files, sender));
         let mut counts = Counts::default();
+        let mut at_file_start = (0, false);
         for event in receiver {
             match event {
                 Event::FileStart => {
                     tx.execute_batch("SAVEPOINT file")
                         .map_err(|e| store.error(e))?;
                     counts = Counts::default();
+                    at_file_start = (importer.created, importer.deferred_indexes);
                 }
                 Event::Resources(batch) => {
                     for prepared in batch {
@@ -298,6 +303,7 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
                 Event::FileFailed(index, line, message) => {
                     tx.execute_batch("ROLLBACK TO file; RELEASE file")
                         .map_err(|e| store.error(e))?;
+                    (importer.created, importer.deferred_indexes) = at_file_start;
                     report.failed.push(FileError {
                         file: files[index].path.clone(),
                         line,
@@ -326,7 +332,7 @@ fn known_urns(conn: &Connection) -> rusqlite::Result<HashMap<String, String>> {
 }
 
 /// Resources per hand-over from the reading thread to the writing one.
-const BATCH: usize = 256;
+const BATCH: usize = 1024;
 
 /// What the reading thread hands the writing thread.
 enum Event {
@@ -350,6 +356,49 @@ struct Prepared {
     /// Kept when `lastUpdated` is not stated, to restore an earlier one if the content is unchanged.
     value: Option<Value>,
     unresolved: u64,
+}
+
+/// The top-level members of a resource line the quick path reads, borrowed from the line; every
+/// other member is only checked to be valid JSON.
+#[derive(Default)]
+struct Skim<'a> {
+    resource_type: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    meta: Option<&'a RawValue>,
+    /// Members that may name a patient in some type's compartment; the type picks among them.
+    elements: Vec<(&'a str, &'a RawValue)>,
+}
+
+impl<'de> Deserialize<'de> for Skim<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SkimVisitor;
+        impl<'de> Visitor<'de> for SkimVisitor {
+            type Value = Skim<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<Skim<'de>, A::Error> {
+                let mut skim = Skim::default();
+                while let Some(name) = members.next_key::<&'de str>()? {
+                    match name {
+                        "resourceType" => skim.resource_type = Some(members.next_value()?),
+                        "id" => skim.id = Some(members.next_value()?),
+                        "meta" => skim.meta = Some(members.next_value()?),
+                        name if compartment::may_name_a_patient(name) => {
+                            skim.elements.push((name, members.next_value()?))
+                        }
+                        _ => {
+                            members.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(skim)
+            }
+        }
+        deserializer.deserialize_map(SkimVisitor)
+    }
 }
 
 /// The reading side: files to prepared resources, nothing touching the store.
@@ -516,22 +565,22 @@ impl Parser {
         if memchr::memmem::find(line, b"\"urn:").is_some() {
             return None;
         }
-        let fields: HashMap<&str, &serde_json::value::RawValue> =
-            serde_json::from_slice(line).ok()?;
-        let field = |name: &str| fields.get(name).map(|raw| raw.get());
-        let resource_type: &str = serde_json::from_str(field("resourceType")?).ok()?;
-        let id: &str = serde_json::from_str(field("id")?).ok()?;
+        // Validated once here: reading from a `str`, serde_json does not check skipped text again.
+        let text = simdutf8::basic::from_utf8(line).ok()?;
+        let skim: Skim = serde_json::from_str(text).ok()?;
+        let resource_type: &str = serde_json::from_str(skim.resource_type?.get()).ok()?;
+        let id: &str = serde_json::from_str(skim.id?.get()).ok()?;
         if !is_resource_type(resource_type) || !is_valid_id(id) {
             return None;
         }
-        let meta: Meta = serde_json::from_str(field("meta")?).ok()?;
+        let meta: Meta = serde_json::from_str(skim.meta?.get()).ok()?;
         let stated = DateTime::parse_from_rfc3339(meta.last_updated?)
             .ok()?
             .with_timezone(&Utc);
         let mut elements = Map::new();
-        for name in compartment::elements_read(resource_type) {
-            if let Some(raw) = field(name) {
-                elements.insert(name.to_string(), serde_json::from_str(raw).ok()?);
+        for (name, raw) in skim.elements {
+            if compartment::elements_read(resource_type).any(|read| read == name) {
+                elements.insert(name.to_string(), serde_json::from_str(raw.get()).ok()?);
             }
         }
         Some(Prepared {
@@ -652,6 +701,11 @@ struct Importer<'c> {
     urns: HashMap<String, String>,
     run: i64,
     import_time: DateTime<Utc>,
+    /// Rows this import inserted (a resource given twice is inserted once, then updated).
+    created: u64,
+    /// The store was empty: compartment links go in unindexed, and the indexes are built at the
+    /// end, or as soon as a resource's links must be looked up.
+    deferred_indexes: bool,
 }
 
 impl<'c> Importer<'c> {
@@ -671,6 +725,18 @@ impl<'c> Importer<'c> {
             [],
             |r| r.get(0),
         )?;
+        let empty: bool = conn.query_row(
+            "SELECT NOT EXISTS (SELECT 1 FROM resources) AND NOT EXISTS (SELECT 1 FROM compartment)",
+            [],
+            |r| r.get(0),
+        )?;
+        if empty {
+            // Dropped with the table, so that a store of the earlier layout gets the current one.
+            conn.execute_batch(
+                "DROP TABLE compartment;
+                 CREATE TABLE compartment (patient_id TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL);",
+            )?;
+        }
         Ok(Self {
             conn,
             insert_resource: conn.prepare(
@@ -683,32 +749,30 @@ impl<'c> Importer<'c> {
             urns,
             run,
             import_time,
+            created: 0,
+            deferred_indexes: empty,
         })
     }
 
     /// Records the Bundle urns of this import so later imports resolve references to them too, and
     /// counts the distinct resources created, updated and left unchanged.
-    fn finish(&self, report: &mut ImportReport) -> rusqlite::Result<()> {
+    fn finish(&mut self, report: &mut ImportReport) -> rusqlite::Result<()> {
+        self.build_deferred_indexes()?;
         let mut insert = self
             .conn
             .prepare_cached("INSERT OR REPLACE INTO urn_alias (urn, reference) VALUES (?1, ?2)")?;
         for (urn, reference) in &self.urns {
             insert.execute(params![urn, reference])?;
         }
-        let created: i64 = self.conn.query_row(
-            "SELECT count(*) FROM resources r WHERE r.import_run = ?1
-             AND NOT EXISTS (SELECT 1 FROM temp.before_run b WHERE b.type = r.type AND b.id = r.id)",
-            [self.run],
-            |row| row.get(0),
-        )?;
+        // Driven by the (small) table of rows that existed before: never a scan of the store.
         let (updated, unchanged): (i64, i64) = self.conn.query_row(
             "SELECT coalesce(sum(b.content_hash != r.content_hash), 0), coalesce(sum(b.content_hash = r.content_hash), 0)
-             FROM temp.before_run b JOIN resources r USING (type, id)",
+             FROM temp.before_run b CROSS JOIN resources r ON r.type = b.type AND r.id = b.id",
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
         (report.created, report.updated, report.unchanged) =
-            (created as u64, updated as u64, unchanged as u64);
+            (self.created, updated as u64, unchanged as u64);
         self.conn.execute_batch("DELETE FROM temp.before_run")
     }
 
@@ -734,6 +798,7 @@ impl<'c> Importer<'c> {
             json
         ])?;
         if inserted == 1 {
+            self.created += 1;
             return self.insert_compartments(&resource_type, &id, &patients);
         }
         let Some(current) = self.current_row(&resource_type, &id)? else {
@@ -770,10 +835,18 @@ impl<'c> Importer<'c> {
                  WHERE type = ?1 AND id = ?2",
             )?
             .execute(params![resource_type, id, micros(last_updated), hash, self.run, json])?;
+        self.build_deferred_indexes()?;
         self.conn
             .prepare_cached("DELETE FROM compartment WHERE type = ?1 AND id = ?2")?
             .execute(params![resource_type, id])?;
         self.insert_compartments(&resource_type, &id, &patients)
+    }
+
+    fn build_deferred_indexes(&mut self) -> rusqlite::Result<()> {
+        if std::mem::take(&mut self.deferred_indexes) {
+            self.conn.execute_batch(COMPARTMENT_INDEXES)?;
+        }
+        Ok(())
     }
 
     fn insert_compartments(

@@ -128,6 +128,12 @@ async fn export(base: &str, exports: &Path) -> Figures {
     }
 }
 
+/// Writes every dirty page to disk, so that a measured step does not pay for the writeback of the
+/// step before it.
+fn settle() {
+    assert!(Command::new("sync").status().unwrap().success());
+}
+
 /// Seconds `cat` takes to copy the files into one file in `dir`.
 fn cat_seconds(files: &[PathBuf], dir: &Path) -> f64 {
     let target = dir.join("cat-copy.ndjson");
@@ -155,10 +161,10 @@ fn main() {
         .split(',')
         .map(|c| c.trim().parse().expect("BENCH_COPIES: numbers"))
         .collect();
-    let scratch = tempfile::tempdir_in(
-        std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
-    )
-    .unwrap();
+    let scratch_parent =
+        std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string());
+    std::fs::create_dir_all(&scratch_parent).expect("BENCH_DIR: a folder that can be made");
+    let scratch = tempfile::tempdir_in(scratch_parent).unwrap();
     let sample = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/data/synthea-r4-100-bulk-data-server/bundles");
     let source = if sample.is_dir() {
@@ -215,6 +221,7 @@ fn main() {
             c
         });
         let store = dir.join("store.db");
+        settle();
         let (import_s, import_rss, _) = run_measured({
             let mut c = handler();
             c.args([
@@ -226,6 +233,7 @@ fn main() {
             c
         });
         std::fs::remove_dir_all(&data).unwrap();
+        settle();
 
         let port = free_port();
         let exports = dir.join("exports");
@@ -254,6 +262,7 @@ fn main() {
         let figures = runtime.block_on(export(&base, &exports));
         let serve_rss = peak_rss_mb(serve.0.id());
         drop(serve);
+        settle();
         let cat_s = cat_seconds(&figures.files, &dir);
         let mb = figures.bytes as f64 / 1e6;
         println!(

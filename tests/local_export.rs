@@ -497,3 +497,101 @@ async fn a_restarted_service_finishes_the_jobs_it_left_running() {
         HashMap::from([("Patient", 100), ("Condition", 639)])
     );
 }
+
+/// Exported lines per type, in file order.
+async fn exported_lines(client: &reqwest::Client, url: &str) -> HashMap<String, Vec<String>> {
+    let manifest = export(client, url).await;
+    let mut lines: HashMap<String, Vec<String>> = HashMap::new();
+    for (file_type, _, file_lines) in download_all(client, &manifest).await {
+        lines.entry(file_type).or_default().extend(file_lines);
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_does() {
+    use fhir_export::source::{import, EmbeddedStore};
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("generated");
+    fhir_export::generate::write_ndjson(20, 7, &generated).unwrap();
+    // The same lines once type by type (each type's rows together: read in storage order) and
+    // once dealt out across types into one file (read by the type's index, in id order).
+    let mut per_type: Vec<Vec<String>> = Vec::new();
+    for entry in std::fs::read_dir(&generated).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        per_type.push(text.lines().map(str::to_string).collect());
+    }
+    let mut mixed = String::new();
+    for row in 0..per_type.iter().map(Vec::len).max().unwrap() {
+        for lines in &per_type {
+            if let Some(line) = lines.get(row) {
+                mixed.push_str(line);
+                mixed.push('\n');
+            }
+        }
+    }
+    std::fs::create_dir_all(dir.path().join("mixed")).unwrap();
+    std::fs::write(dir.path().join("mixed/all.ndjson"), mixed).unwrap();
+    let client = client();
+    let mut exports = Vec::new();
+    for (name, data) in [("together.db", "generated"), ("mixed.db", "mixed")] {
+        let store = dir.path().join(name);
+        let report = import::import(
+            &EmbeddedStore::open(&store).unwrap(),
+            &[dir.path().join(data)],
+        )
+        .unwrap();
+        assert!(report.failed.is_empty());
+        let server = start(&store, |_| {}).await;
+        let mut runs = Vec::new();
+        for url in [
+            format!("{}/$export", server.base),
+            format!("{}/Patient/$export", server.base),
+            format!("{}/$export?_since=2020-01-01T00:00:00Z", server.base),
+        ] {
+            runs.push(exported_lines(&client, &url).await);
+        }
+        exports.push(runs);
+    }
+    let id_of = |line: &String| {
+        serde_json::from_str::<Value>(line).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let observations = |export: &HashMap<String, Vec<String>>| export["Observation"].clone();
+    let together = observations(&exports[0][0]);
+    let generated_order: Vec<String> =
+        std::fs::read_to_string(generated.join("Observation.ndjson"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+    assert_eq!(together, generated_order, "storage order");
+    let mixed = observations(&exports[1][0]);
+    let ids: Vec<String> = mixed.iter().map(id_of).collect();
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+    assert_eq!(ids, sorted_ids, "id order");
+    assert_ne!(
+        together, mixed,
+        "the two loads are read in different orders"
+    );
+    for (together, mixed) in exports[0].iter().zip(&exports[1]) {
+        let sorted = |export: &HashMap<String, Vec<String>>| {
+            let mut sorted: Vec<(String, Vec<String>)> = export
+                .iter()
+                .map(|(t, lines)| {
+                    let mut lines = lines.clone();
+                    lines.sort();
+                    (t.clone(), lines)
+                })
+                .collect();
+            sorted.sort();
+            sorted
+        };
+        let total: usize = together.values().map(Vec::len).sum();
+        assert!(total > 200, "{total} lines");
+        assert_eq!(sorted(together), sorted(mixed));
+    }
+}

@@ -205,6 +205,28 @@ fn bind<'a>(request: &'a ScanRequest<'a>) -> (&'a str, i64, i64, i64, &'a str) {
 }
 
 impl EmbeddedStore {
+    /// The rowid span of a type's current rows when at least half the rows in it are of that type,
+    /// as after a load of per-type files. One pass over the type's index entries.
+    fn dense_rowid_span(
+        &self,
+        conn: &Connection,
+        resource_type: &str,
+    ) -> Result<Option<(i64, i64)>, SourceError> {
+        let (count, first, last): (i64, Option<i64>, Option<i64>) = conn
+            .query_row(
+                "SELECT count(*), min(rowid), max(rowid) FROM resources WHERE type = ?1",
+                [resource_type],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(match (first, last) {
+            (Some(first), Some(last)) if count.saturating_mul(2) > last - first => {
+                Some((first, last))
+            }
+            _ => None,
+        })
+    }
+
     /// The two queries of a scan (current rows, then replaced versions current at the snapshot),
     /// selecting `what`; the patient scope is set up in `conn`'s temp tables.
     fn queries(
@@ -239,11 +261,24 @@ impl EmbeddedStore {
         } else {
             ""
         };
+        // An export (no paging) reads a type stored together in storage order: each page once,
+        // where id order jumps about the table.
+        let span = match (what, request.after_id) {
+            ("r.json", None) => self.dense_rowid_span(conn, request.resource_type)?,
+            _ => None,
+        };
+        let (type_term, current_order) = match span {
+            Some((first, last)) => (
+                "+r.type",
+                format!("AND r.rowid BETWEEN {first} AND {last} ORDER BY r.rowid"),
+            ),
+            None => ("r.type", order.to_string()),
+        };
         Ok([
             format!(
                 "SELECT {what} FROM resources r
-                 WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 AND r.id > ?5 {scope}
-                 {order}"
+                 WHERE {type_term} = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 AND r.id > ?5 {scope}
+                 {current_order}"
             ),
             format!(
                 "SELECT {what} FROM history r

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 use tokio_util::io::ReaderStream;
 
@@ -131,7 +130,9 @@ impl ObjectStore for LocalFolder {
         let staged = self.staging_file();
         let file = tokio::fs::File::create(&staged)
             .await
-            .map_err(|e| StorageError::io(path, e))?;
+            .map_err(|e| StorageError::io(path, e))?
+            .into_std()
+            .await;
         Ok(Box::new(LocalWriter {
             path: path.to_string(),
             target,
@@ -204,30 +205,26 @@ impl ObjectStore for LocalFolder {
     }
 }
 
+/// Writes and syncs on the calling thread, not the runtime's blocking pool: the rolling writer
+/// calls from a shard thread of its own at a lower priority, and the copy into the page cache
+/// (the bulk of an export's work) is charged there, behind the requests the runtime serves.
 struct LocalWriter {
     path: String,
     target: PathBuf,
     staged: PathBuf,
-    file: tokio::fs::File,
+    file: std::fs::File,
 }
 
 #[async_trait]
 impl ObjectWriter for LocalWriter {
     async fn write(&mut self, data: Bytes) -> Result<(), StorageError> {
-        self.file
-            .write_all(&data)
-            .await
+        std::io::Write::write_all(&mut self.file, &data)
             .map_err(|e| StorageError::io(&self.path, e))
     }
 
     async fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
         self.file
-            .flush()
-            .await
-            .map_err(|e| StorageError::io(&self.path, e))?;
-        self.file
             .sync_data()
-            .await
             .map_err(|e| StorageError::io(&self.path, e))?;
         publish(&self.path, &self.staged, &self.target).await
     }

@@ -416,12 +416,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(async move {
         let (app, receiver) = App::open_local(settings)?;
+        // Counted before the port opens: a client that connects is answered at once.
+        let serving = match &store {
+            Some(store) => format!("{} resources", store.count()?),
+            None => format!("the FHIR server {}", args.store.source),
+        };
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port))).await?;
         let base = format!("http://{}", listener.local_addr()?);
-        match &store {
-            Some(store) => println!("fhir-export serving {} resources at {base}", store.count()?),
-            None => println!("fhir-export serving the FHIR server {} at {base}", args.store.source),
-        }
+        println!("fhir-export serving {serving} at {base}");
         println!("  kick off:  curl -i -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' '{base}/$export'");
         println!("  then poll the Content-Location URL it answers until 200 gives the manifest");
         println!("  or export with the client:  cargo run --release -- export {base} --out ./out");

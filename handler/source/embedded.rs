@@ -27,15 +27,19 @@ CREATE TABLE IF NOT EXISTS history (
     json BLOB NOT NULL,
     PRIMARY KEY (type, id, last_updated)
 );
+CREATE TABLE IF NOT EXISTS urn_alias (
+    urn TEXT PRIMARY KEY,
+    reference TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Patient-compartment links, without their indexes (`COMPARTMENT_INDEXES`).
+pub(crate) const COMPARTMENT_TABLE: &str = "
 CREATE TABLE IF NOT EXISTS compartment (
     patient_id TEXT NOT NULL,
     type TEXT NOT NULL,
     id TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS urn_alias (
-    urn TEXT PRIMARY KEY,
-    reference TEXT NOT NULL
-) WITHOUT ROWID;
 ";
 
 /// The compartment table's indexes. A load into an empty store builds them once at the end (a
@@ -63,6 +67,7 @@ impl EmbeddedStore {
         let conn = store.connect()?;
         conn.execute_batch("PRAGMA page_size = 16384; PRAGMA journal_mode = WAL;")
             .and_then(|_| conn.execute_batch(SCHEMA))
+            .and_then(|_| conn.execute_batch(COMPARTMENT_TABLE))
             .and_then(|_| {
                 // Stores made before the indexes were separate keep the ones they have.
                 let indexed: bool = conn.query_row(

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::embedded::{micros, COMPARTMENT_INDEXES};
+use super::embedded::{micros, COMPARTMENT_INDEXES, COMPARTMENT_TABLE};
 use super::{EmbeddedStore, SourceError};
 use crate::fhir::compartment;
 use crate::fhir::references::try_for_each_reference;
@@ -732,10 +732,8 @@ impl<'c> Importer<'c> {
         )?;
         if empty {
             // Dropped with the table, so that a store of the earlier layout gets the current one.
-            conn.execute_batch(
-                "DROP TABLE compartment;
-                 CREATE TABLE compartment (patient_id TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL);",
-            )?;
+            conn.execute_batch("DROP TABLE compartment")?;
+            conn.execute_batch(COMPARTMENT_TABLE)?;
         }
         Ok(Self {
             conn,

@@ -128,11 +128,7 @@ impl ObjectStore for LocalFolder {
     async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let target = self.file(path)?;
         let staged = self.staging_file();
-        let file = tokio::fs::File::create(&staged)
-            .await
-            .map_err(|e| StorageError::io(path, e))?
-            .into_std()
-            .await;
+        let file = std::fs::File::create(&staged).map_err(|e| StorageError::io(path, e))?;
         Ok(Box::new(LocalWriter {
             path: path.to_string(),
             target,
@@ -205,7 +201,7 @@ impl ObjectStore for LocalFolder {
     }
 }
 
-/// Writes and syncs on the calling thread, not the runtime's blocking pool: the rolling writer
+/// Created, written and synced on the calling thread, not the runtime's blocking pool: the rolling writer
 /// calls from a shard thread of its own at a lower priority, and the copy into the page cache
 /// (the bulk of an export's work) is charged there, behind the requests the runtime serves.
 struct LocalWriter {

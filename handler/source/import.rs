@@ -260,9 +260,13 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let files = discover(paths, &mut report.failed);
     report.files = files.len();
     let mut conn = store.connect()?;
-    // Temp files, not memory, for the sort that builds deferred indexes.
-    conn.execute_batch("PRAGMA cache_size = -131072; PRAGMA temp_store = FILE")
-        .map_err(|e| store.error(e))?;
+    // Temp files, not memory, for the sort that builds deferred indexes, and a helper thread per
+    // spare core for it: the reading thread is done by then.
+    let helpers = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    conn.execute_batch(&format!(
+        "PRAGMA cache_size = -131072; PRAGMA temp_store = FILE; PRAGMA threads = {helpers}"
+    ))
+    .map_err(|e| store.error(e))?;
     // A rollback journal while loading: new pages go straight into the file, rather than through
     // the WAL and a checkpoint copying them again. Only while no one else has the store open.
     let journal: String = conn
@@ -314,9 +318,15 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
         }
         Ok::<_, SourceError>(())
     })?;
+    tracing::debug!("every file written");
     importer.finish(&mut report).map_err(|e| store.error(e))?;
     drop(importer);
+    let started = std::time::Instant::now();
     tx.commit().map_err(|e| store.error(e))?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "committed"
+    );
     if journal != "wal" {
         conn.execute_batch("PRAGMA journal_mode = WAL")
             .map_err(|e| store.error(e))?;
@@ -842,7 +852,12 @@ impl<'c> Importer<'c> {
 
     fn build_deferred_indexes(&mut self) -> rusqlite::Result<()> {
         if std::mem::take(&mut self.deferred_indexes) {
+            let started = std::time::Instant::now();
             self.conn.execute_batch(COMPARTMENT_INDEXES)?;
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "compartment indexes built"
+            );
         }
         Ok(())
     }

@@ -249,10 +249,15 @@ async fn on_background_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send
 
 #[cfg(target_os = "linux")]
 fn lower_this_threads_priority() {
-    // SAFETY: plain syscalls on the calling thread; on Linux the nice value is per thread.
+    // SCHED_IDLE rather than a nice value: under EEVDF a waking request thread preempts an idle-class
+    // thread at once, while a nice one may finish its slice first (milliseconds).
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscalls on the calling thread (pid 0); the policy and nice value are per thread.
     unsafe {
-        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, thread, 10);
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, thread, 10);
+        }
     }
 }
 

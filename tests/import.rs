@@ -485,3 +485,87 @@ fn a_store_of_the_earlier_layout_still_loads() {
         ["compartment_by_resource"]
     );
 }
+
+type Stats = Vec<(String, i64, i64, i64)>;
+
+/// `type_stats` as kept, and as counted from the rows.
+fn kept_and_counted_stats(store: &Path) -> (Stats, Stats) {
+    let conn = rusqlite::Connection::open(store).unwrap();
+    let read = |sql: &str| -> Stats {
+        let mut statement = conn.prepare(sql).unwrap();
+        let rows = statement
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    };
+    (
+        read("SELECT type, resources, first_rowid, last_rowid FROM type_stats ORDER BY type"),
+        read("SELECT type, count(*), min(rowid), max(rowid) FROM resources GROUP BY type ORDER BY type"),
+    )
+}
+
+/// The per-type statistics the export planner cuts types by agree with the rows after every import
+/// (a failed file's rows taken back included), and a store written by something that did not keep
+/// them is recounted when opened.
+#[test]
+fn type_statistics_follow_the_rows_through_imports_and_failures() {
+    use fhir_export::source::import::import;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fhir_export::generate::write_ndjson(10, 3, &data).unwrap();
+    let path = dir.path().join("s.db");
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert!(import(&store, std::slice::from_ref(&data))
+        .unwrap()
+        .failed
+        .is_empty());
+    let (kept, counted) = kept_and_counted_stats(&path);
+    assert!(kept.len() > 5, "{kept:?}");
+    assert_eq!(kept, counted);
+
+    let observation = std::fs::read_to_string(data.join("Observation.ndjson")).unwrap();
+    let observation = observation.lines().next().unwrap();
+    let with_id = |id: &str| {
+        let mut value: serde_json::Value = serde_json::from_str(observation).unwrap();
+        value["id"] = id.into();
+        value.to_string()
+    };
+    let more = dir.path().join("more");
+    std::fs::create_dir_all(&more).unwrap();
+    std::fs::write(
+        more.join("a-good.ndjson"),
+        format!("{}\n{}\n", with_id("extra-1"), with_id("extra-2")),
+    )
+    .unwrap();
+    // More lines than one hand-over to the writing thread before the bad one: rows that were
+    // written, then taken back.
+    let mut bad: String = (0..1500)
+        .map(|i| with_id(&format!("taken-back-{i}")) + "\n")
+        .collect();
+    bad.push_str("{not json\n");
+    std::fs::write(more.join("b-bad.ndjson"), bad).unwrap();
+    let report = import(&store, &[more]).unwrap();
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    assert_eq!(report.created, 2);
+    let (kept_after, counted) = kept_and_counted_stats(&path);
+    assert_eq!(kept_after, counted);
+    assert_ne!(kept_after, kept);
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json)
+         VALUES ('Patient', 'written-elsewhere', 0, 0, 0, '{}')",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let (stale, counted) = kept_and_counted_stats(&path);
+    assert_ne!(stale, counted);
+    let reopened = EmbeddedStore::open(&path).unwrap();
+    let (kept, counted) = kept_and_counted_stats(&path);
+    assert_eq!(kept, counted);
+    assert_eq!(
+        reopened.count().unwrap(),
+        counted.iter().map(|s| s.1 as u64).sum::<u64>()
+    );
+}

@@ -498,18 +498,8 @@ async fn a_restarted_service_finishes_the_jobs_it_left_running() {
     );
 }
 
-/// Exported lines per type, in file order.
-async fn exported_lines(client: &reqwest::Client, url: &str) -> HashMap<String, Vec<String>> {
-    let manifest = export(client, url).await;
-    let mut lines: HashMap<String, Vec<String>> = HashMap::new();
-    for (file_type, _, file_lines) in download_all(client, &manifest).await {
-        lines.entry(file_type).or_default().extend(file_lines);
-    }
-    lines
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_does() {
+async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_or_one_cut_into_parts_does() {
     use fhir_export::source::{import, EmbeddedStore};
     let dir = tempfile::tempdir().unwrap();
     let generated = dir.path().join("generated");
@@ -534,7 +524,13 @@ async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_does() {
     std::fs::write(dir.path().join("mixed/all.ndjson"), mixed).unwrap();
     let client = client();
     let mut exports = Vec::new();
-    for (name, data) in [("together.db", "generated"), ("mixed.db", "mixed")] {
+    let mut observation_files = Vec::new();
+    // The type-by-type store once more, with its types cut into parts of at most 40 resources.
+    for (name, data, max_per_shard) in [
+        ("together.db", "generated", None),
+        ("mixed.db", "mixed", None),
+        ("cut.db", "generated", Some(40)),
+    ] {
         let store = dir.path().join(name);
         let report = import::import(
             &EmbeddedStore::open(&store).unwrap(),
@@ -542,17 +538,37 @@ async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_does() {
         )
         .unwrap();
         assert!(report.failed.is_empty());
-        let server = start(&store, |_| {}).await;
+        let server = start(&store, |settings| {
+            if let Some(max) = max_per_shard {
+                settings.shard_max_resources = max;
+            }
+        })
+        .await;
         let mut runs = Vec::new();
         for url in [
             format!("{}/$export", server.base),
             format!("{}/Patient/$export", server.base),
             format!("{}/$export?_since=2020-01-01T00:00:00Z", server.base),
         ] {
-            runs.push(exported_lines(&client, &url).await);
+            let manifest = export(&client, &url).await;
+            let mut lines: HashMap<String, Vec<String>> = HashMap::new();
+            let mut files = Vec::new();
+            for (file_type, url, file_lines) in download_all(&client, &manifest).await {
+                if file_type == "Observation" {
+                    files.push(url.rsplit('/').next().unwrap().to_string());
+                }
+                lines.entry(file_type).or_default().extend(file_lines);
+            }
+            runs.push(lines);
+            observation_files.push(files);
         }
         exports.push(runs);
     }
+    assert_eq!(observation_files[0], ["Observation-1.ndjson"]);
+    let cut_files = &observation_files[6];
+    assert!(cut_files.len() > 2, "{cut_files:?}");
+    assert_eq!(cut_files[0], "Observation-1-1.ndjson");
+    assert_eq!(cut_files[1], "Observation-2-1.ndjson");
     let id_of = |line: &String| {
         serde_json::from_str::<Value>(line).unwrap()["id"]
             .as_str()
@@ -577,7 +593,12 @@ async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_does() {
         together, mixed,
         "the two loads are read in different orders"
     );
-    for (together, mixed) in exports[0].iter().zip(&exports[1]) {
+    assert_eq!(
+        observations(&exports[2][0]),
+        together,
+        "parts in order, each in storage order"
+    );
+    for ((together, mixed), cut) in exports[0].iter().zip(&exports[1]).zip(&exports[2]) {
         let sorted = |export: &HashMap<String, Vec<String>>| {
             let mut sorted: Vec<(String, Vec<String>)> = export
                 .iter()
@@ -593,5 +614,6 @@ async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_does() {
         let total: usize = together.values().map(Vec::len).sum();
         assert!(total > 200, "{total} lines");
         assert_eq!(sorted(together), sorted(mixed));
+        assert_eq!(sorted(together), sorted(cut));
     }
 }

@@ -9,7 +9,7 @@ use crate::app::App;
 use crate::fhir::compartment::patient_id_of;
 use crate::jobs::{new_job_id, Job, JobStatus, Shard, ShardStatus};
 use crate::source::import::is_valid_id;
-use crate::source::{PatientScope, ResourceSource, ScanRequest};
+use crate::source::{PatientScope, ResourceSource, RowRange, ScanRequest};
 
 /// Starts an export for `owner` (the caller, when tokens are checked); returns the recorded job.
 pub async fn start(
@@ -31,6 +31,7 @@ pub async fn start(
         tokio::task::spawn_blocking(move || -> Result<_, ExportError> {
             let scope = resolve_scope(source.as_ref(), &request)?;
             let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
+            let stored = source.storage_parts(max_per_shard)?;
             let mut planned = Vec::new();
             for resource_type in source.resource_types()? {
                 let wanted = !nobody
@@ -53,7 +54,19 @@ pub async fn start(
                     .until
                     .map_or(transaction_time, |u| u.min(transaction_time));
                 let ranges = window.split(source.as_ref(), request.since, until)?;
-                planned.push((resource_type, ranges));
+                let parts: Vec<(Range, RowRange, Option<u64>)> =
+                    match (ranges.as_slice(), stored.get(&resource_type)) {
+                        ([whole], Some(stored)) => {
+                            let rows = RowRange::between(&stored.cuts);
+                            let size = Some(stored.resources / rows.len() as u64);
+                            rows.into_iter().map(|rows| (*whole, rows, size)).collect()
+                        }
+                        _ => ranges
+                            .into_iter()
+                            .map(|range| (range, RowRange::default(), None))
+                            .collect(),
+                    };
+                planned.push((resource_type, parts));
             }
             Ok((scope, planned))
         })
@@ -61,9 +74,11 @@ pub async fn start(
         .expect("planning does not panic")?
     };
     let mut shards = Vec::new();
-    for (resource_type, ranges) in planned {
-        let split = ranges.len() > 1;
-        for (part, (since, until)) in ranges.into_iter().enumerate() {
+    let mut sizes = Vec::new();
+    for (resource_type, parts) in planned {
+        let split = parts.len() > 1;
+        for (part, ((since, until), rows, size)) in parts.into_iter().enumerate() {
+            sizes.push(size);
             shards.push(Shard {
                 stem: match split {
                     true => format!("{resource_type}-{}", part + 1),
@@ -72,6 +87,7 @@ pub async fn start(
                 resource_type: resource_type.clone(),
                 since,
                 until,
+                rows,
                 status: ShardStatus::Queued,
                 attempts: 0,
                 heartbeat: Some(transaction_time),
@@ -105,7 +121,11 @@ pub async fn start(
     if job.shards.is_empty() {
         worker::finalize(app, &id).await?;
     } else {
-        enqueue_shards(app.queue.as_ref(), &id, 0..job.shards.len()).await?;
+        // Largest first, so that the last shards to run are small ones and both cores finish
+        // together (a stable sort: shards of unknown size keep type order).
+        let mut order: Vec<usize> = (0..job.shards.len()).collect();
+        order.sort_by_key(|&shard| std::cmp::Reverse(sizes[shard]));
+        enqueue_shards(app.queue.as_ref(), &id, order).await?;
     }
     Ok(job)
 }
@@ -135,6 +155,7 @@ impl Window<'_> {
             scope: self.scope,
             after_id: None,
             type_filters: &[],
+            rows: RowRange::default(),
         })?)
     }
 

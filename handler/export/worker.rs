@@ -181,6 +181,7 @@ async fn write_files(
             scope: &scope,
             after_id: None,
             type_filters: &raw_filters,
+            rows: spec.rows,
         };
         let scanned = source.scan(&request, &mut |resource| {
             if stop.load(Ordering::Relaxed) != KEEP_GOING {

@@ -184,6 +184,7 @@ pub async fn search(
                 snapshot: until,
                 scope: &scope,
                 after_id: cursor.as_deref(),
+                rows: Default::default(),
                 type_filters: &[],
             };
             let scanned = source.scan(&request, &mut |resource| {

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::export::ExportRequest;
-use crate::source::PatientScope;
+use crate::source::{PatientScope, RowRange};
 use crate::storage::{ETag, ObjectStore, OutputFile, PutMode, StorageError};
 
 /// The reserved container (or folder) holding job documents and manifests.
@@ -43,6 +43,9 @@ pub struct Shard {
     pub since: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
+    /// The part of a type cut by storage position (`ResourceSource::storage_parts`).
+    #[serde(default, skip_serializing_if = "RowRange::is_whole")]
+    pub rows: RowRange,
     pub status: ShardStatus,
     pub attempts: u32,
     /// The last sign of life: when the shard was queued, or the running worker's last beat.

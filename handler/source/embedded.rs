@@ -1,12 +1,15 @@
 //! The embedded FHIR store: one SQLite file holding each resource's JSON and its compartments.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{PatientScope, ResourceSource, ScanError, ScanRequest, SinkError, SourceError};
+use super::{
+    PatientScope, ResourceSource, ScanError, ScanRequest, SinkError, SourceError, StoredType,
+};
 use crate::fhir::types::R4_RESOURCE_TYPES;
 
 const SCHEMA: &str = "
@@ -31,7 +34,38 @@ CREATE TABLE IF NOT EXISTS urn_alias (
     urn TEXT PRIMARY KEY,
     reference TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS type_stats (
+    type TEXT PRIMARY KEY,
+    resources INTEGER NOT NULL,
+    first_rowid INTEGER NOT NULL,
+    last_rowid INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
+
+/// Recounts `type_stats` from the resources themselves (one pass over the type index).
+const RECOUNT_TYPE_STATS: &str = "
+DELETE FROM type_stats;
+INSERT INTO type_stats (type, resources, first_rowid, last_rowid)
+    SELECT type, count(*), min(rowid), max(rowid) FROM resources GROUP BY type;
+";
+
+/// How many current resources of a type the store holds, and the first and last rowid among them.
+/// Kept by every import (rows are never deleted, and a rowid never changes), so a planner knows a
+/// type's size and where its rows lie without counting them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TypeStats {
+    pub resources: u64,
+    pub first_rowid: i64,
+    pub last_rowid: i64,
+}
+
+impl TypeStats {
+    /// At least half the rows in the type's rowid span are its own, as after a load of per-type
+    /// files: then reading the span in rowid order reads each page once.
+    fn is_dense(&self) -> bool {
+        self.resources.saturating_mul(2) > self.last_rowid.abs_diff(self.first_rowid)
+    }
+}
 
 /// Patient-compartment links, without their indexes (`COMPARTMENT_INDEXES`).
 pub(crate) const COMPARTMENT_TABLE: &str = "
@@ -68,6 +102,13 @@ impl EmbeddedStore {
         conn.execute_batch("PRAGMA page_size = 16384; PRAGMA journal_mode = WAL;")
             .and_then(|_| conn.execute_batch(SCHEMA))
             .and_then(|_| conn.execute_batch(COMPARTMENT_TABLE))
+            .and_then(|_| {
+                // Stores loaded before the table existed (or by a version that did not keep it).
+                match type_stats(&conn)? {
+                    Some(_) => Ok(()),
+                    None => conn.execute_batch(&format!("BEGIN; {RECOUNT_TYPE_STATS} COMMIT;")),
+                }
+            })
             .and_then(|_| {
                 // Stores made before the indexes were separate keep the ones they have.
                 let indexed: bool = conn.query_row(
@@ -113,8 +154,12 @@ impl EmbeddedStore {
     /// Number of stored resources.
     pub fn count(&self) -> Result<u64, SourceError> {
         let conn = self.connect()?;
-        conn.query_row("SELECT count(*) FROM resources", [], |row| row.get(0))
-            .map_err(|e| self.error(e))
+        match type_stats(&conn).map_err(|e| self.error(e))? {
+            Some(stats) => Ok(stats.values().map(|s| s.resources).sum()),
+            None => conn
+                .query_row("SELECT count(*) FROM resources", [], |row| row.get(0))
+                .map_err(|e| self.error(e)),
+        }
     }
 
     /// The ids of the patients whose compartment holds the resource.
@@ -132,6 +177,32 @@ impl EmbeddedStore {
             .map_err(|e| self.error(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.error(e))
     }
+}
+
+/// Every type's `TypeStats`, when they agree with the table: the highest rowid recorded is the
+/// table's highest (a writer that did not keep them would have added rows above it). Two index
+/// seeks and a read of a table of a row per type.
+pub(crate) fn type_stats(
+    conn: &Connection,
+) -> rusqlite::Result<Option<HashMap<String, TypeStats>>> {
+    let mut statement =
+        conn.prepare_cached("SELECT type, resources, first_rowid, last_rowid FROM type_stats")?;
+    let stats = statement
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                TypeStats {
+                    resources: row.get(1)?,
+                    first_rowid: row.get(2)?,
+                    last_rowid: row.get(3)?,
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<HashMap<_, _>>>()?;
+    let highest: Option<i64> =
+        conn.query_row("SELECT max(rowid) FROM resources", [], |row| row.get(0))?;
+    let recorded = stats.values().map(|s| s.last_rowid).max();
+    Ok((highest == recorded).then_some(stats))
 }
 
 pub(crate) fn micros(instant: DateTime<Utc>) -> i64 {
@@ -160,6 +231,33 @@ impl ResourceSource for EmbeddedStore {
             after = resource_type;
         }
         Ok(present)
+    }
+
+    /// From the kept statistics: a type stored together with more than `max_per_part` resources
+    /// is cut into rowid spans of equal length.
+    fn storage_parts(&self, max_per_part: u64) -> Result<HashMap<String, StoredType>, SourceError> {
+        let conn = self.connect()?;
+        let Some(stats) = type_stats(&conn).map_err(|e| self.error(e))? else {
+            return Ok(HashMap::new());
+        };
+        Ok(stats
+            .into_iter()
+            .map(|(resource_type, s)| {
+                let parts = match s.is_dense() {
+                    true => s.resources.div_ceil(max_per_part.max(1)).max(1),
+                    false => 1,
+                };
+                let span = i128::from(s.last_rowid - s.first_rowid + 1);
+                let cuts = (1..parts)
+                    .map(|k| s.first_rowid + (span * i128::from(k) / i128::from(parts)) as i64)
+                    .collect();
+                let stored = StoredType {
+                    resources: s.resources,
+                    cuts,
+                };
+                (resource_type, stored)
+            })
+            .collect())
     }
 
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
@@ -210,36 +308,45 @@ fn bind<'a>(request: &'a ScanRequest<'a>) -> (&'a str, i64, i64, i64, &'a str) {
 }
 
 impl EmbeddedStore {
-    /// The rowid span of a type's current rows when at least half the rows in it are of that type,
-    /// as after a load of per-type files. One pass over the type's index entries.
+    /// The rowid span of a type's current rows when they lie together (`TypeStats::is_dense`). From
+    /// the kept statistics, else by one pass over the type's index entries.
     fn dense_rowid_span(
         &self,
         conn: &Connection,
         resource_type: &str,
     ) -> Result<Option<(i64, i64)>, SourceError> {
-        let (count, first, last): (i64, Option<i64>, Option<i64>) = conn
-            .query_row(
-                "SELECT count(*), min(rowid), max(rowid) FROM resources WHERE type = ?1",
-                [resource_type],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-            )
-            .map_err(|e| self.error(e))?;
-        Ok(match (first, last) {
-            (Some(first), Some(last)) if count.saturating_mul(2) > last - first => {
-                Some((first, last))
-            }
-            _ => None,
-        })
+        let stats = match type_stats(conn).map_err(|e| self.error(e))? {
+            Some(mut all) => all.remove(resource_type),
+            None => conn
+                .query_row(
+                    "SELECT count(*), min(rowid), max(rowid) FROM resources WHERE type = ?1",
+                    [resource_type],
+                    |row| {
+                        Ok(match (row.get::<_, Option<i64>>(1)?, row.get(2)?) {
+                            (Some(first_rowid), Some(last_rowid)) => Some(TypeStats {
+                                resources: row.get(0)?,
+                                first_rowid,
+                                last_rowid,
+                            }),
+                            _ => None,
+                        })
+                    },
+                )
+                .map_err(|e| self.error(e))?,
+        };
+        Ok(stats
+            .filter(TypeStats::is_dense)
+            .map(|s| (s.first_rowid, s.last_rowid)))
     }
 
-    /// The two queries of a scan (current rows, then replaced versions current at the snapshot),
-    /// selecting `what`; the patient scope is set up in `conn`'s temp tables.
+    /// The queries of a scan (current rows, then, in a type's first part, replaced versions current
+    /// at the snapshot), selecting `what`; the patient scope is set up in `conn`'s temp tables.
     fn queries(
         &self,
         conn: &Connection,
         request: &ScanRequest<'_>,
         what: &str,
-    ) -> Result<[String; 2], SourceError> {
+    ) -> Result<Vec<String>, SourceError> {
         let scope = match request.scope {
             PatientScope::All => "",
             PatientScope::AnyPatient => {
@@ -272,19 +379,39 @@ impl EmbeddedStore {
             ("r.json", None) => self.dense_rowid_span(conn, request.resource_type)?,
             _ => None,
         };
+        let rows = request.rows;
         let (type_term, current_order) = match span {
-            Some((first, last)) => (
-                "+r.type",
-                format!("AND r.rowid BETWEEN {first} AND {last} ORDER BY r.rowid"),
-            ),
-            None => ("r.type", order.to_string()),
+            Some((first, last)) => {
+                let low = rows.from.map_or(first, |from| from.max(first));
+                let high = rows.to.map_or(last, |to| (to - 1).min(last));
+                (
+                    "+r.type",
+                    format!("AND r.rowid BETWEEN {low} AND {high} ORDER BY r.rowid"),
+                )
+            }
+            None => {
+                let from = rows.from.map(|from| format!("AND r.rowid >= {from} "));
+                let to = rows.to.map(|to| format!("AND r.rowid < {to} "));
+                (
+                    "r.type",
+                    format!(
+                        "{}{}{order}",
+                        from.unwrap_or_default(),
+                        to.unwrap_or_default()
+                    ),
+                )
+            }
         };
-        Ok([
-            format!(
-                "SELECT {what} FROM resources r
-                 WHERE {type_term} = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 AND r.id > ?5 {scope}
-                 {current_order}"
-            ),
+        let current = format!(
+            "SELECT {what} FROM resources r
+             WHERE {type_term} = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 AND r.id > ?5 {scope}
+             {current_order}"
+        );
+        if rows.from.is_some() {
+            return Ok(vec![current]);
+        }
+        Ok(vec![
+            current,
             format!(
                 "SELECT {what} FROM history r
                  WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::embedded::{micros, COMPARTMENT_INDEXES, COMPARTMENT_TABLE};
+use super::embedded::{micros, TypeStats, COMPARTMENT_INDEXES, COMPARTMENT_TABLE};
 use super::{EmbeddedStore, SourceError};
 use crate::fhir::compartment;
 use crate::fhir::references::try_for_each_reference;
@@ -283,14 +283,14 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     std::thread::scope(|scope| {
         scope.spawn(|| parser.run(&files, sender));
         let mut counts = Counts::default();
-        let mut at_file_start = (0, false);
+        let mut at_file_start = importer.file_start();
         for event in receiver {
             match event {
                 Event::FileStart => {
                     tx.execute_batch("SAVEPOINT file")
                         .map_err(|e| store.error(e))?;
                     counts = Counts::default();
-                    at_file_start = (importer.created, importer.deferred_indexes);
+                    at_file_start = importer.file_start();
                 }
                 Event::Resources(batch) => {
                     for prepared in batch {
@@ -307,7 +307,8 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
                 Event::FileFailed(index, line, message) => {
                     tx.execute_batch("ROLLBACK TO file; RELEASE file")
                         .map_err(|e| store.error(e))?;
-                    (importer.created, importer.deferred_indexes) = at_file_start;
+                    importer
+                        .undo_file(std::mem::replace(&mut at_file_start, importer.file_start()));
                     report.failed.push(FileError {
                         file: files[index].path.clone(),
                         line,
@@ -716,6 +717,16 @@ struct Importer<'c> {
     /// The store was empty: compartment links go in unindexed, and the indexes are built at the
     /// end, or as soon as a resource's links must be looked up.
     deferred_indexes: bool,
+    /// Per type, the rows this import inserted, added to `type_stats` at the end.
+    inserted: HashMap<String, TypeStats>,
+}
+
+/// What the writing side undoes when a file fails.
+#[derive(Clone)]
+struct FileStart {
+    created: u64,
+    deferred_indexes: bool,
+    inserted: HashMap<String, TypeStats>,
 }
 
 impl<'c> Importer<'c> {
@@ -759,6 +770,7 @@ impl<'c> Importer<'c> {
             import_time,
             created: 0,
             deferred_indexes: empty,
+            inserted: HashMap::new(),
         })
     }
 
@@ -771,6 +783,20 @@ impl<'c> Importer<'c> {
             .prepare_cached("INSERT OR REPLACE INTO urn_alias (urn, reference) VALUES (?1, ?2)")?;
         for (urn, reference) in &self.urns {
             insert.execute(params![urn, reference])?;
+        }
+        let mut add_stats = self.conn.prepare_cached(
+            "INSERT INTO type_stats (type, resources, first_rowid, last_rowid) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (type) DO UPDATE SET resources = resources + excluded.resources,
+                 first_rowid = min(first_rowid, excluded.first_rowid),
+                 last_rowid = max(last_rowid, excluded.last_rowid)",
+        )?;
+        for (resource_type, stats) in &self.inserted {
+            add_stats.execute(params![
+                resource_type,
+                stats.resources,
+                stats.first_rowid,
+                stats.last_rowid
+            ])?;
         }
         // Driven by the (small) table of rows that existed before: never a scan of the store.
         let (updated, unchanged): (i64, i64) = self.conn.query_row(
@@ -807,6 +833,7 @@ impl<'c> Importer<'c> {
         ])?;
         if inserted == 1 {
             self.created += 1;
+            self.count_insert(&resource_type);
             return self.insert_compartments(&resource_type, &id, &patients);
         }
         let Some(current) = self.current_row(&resource_type, &id)? else {
@@ -848,6 +875,39 @@ impl<'c> Importer<'c> {
             .prepare_cached("DELETE FROM compartment WHERE type = ?1 AND id = ?2")?
             .execute(params![resource_type, id])?;
         self.insert_compartments(&resource_type, &id, &patients)
+    }
+
+    fn count_insert(&mut self, resource_type: &str) {
+        let rowid = self.conn.last_insert_rowid();
+        match self.inserted.get_mut(resource_type) {
+            Some(stats) => {
+                stats.resources += 1;
+                stats.first_rowid = stats.first_rowid.min(rowid);
+                stats.last_rowid = stats.last_rowid.max(rowid);
+            }
+            None => {
+                let first = TypeStats {
+                    resources: 1,
+                    first_rowid: rowid,
+                    last_rowid: rowid,
+                };
+                self.inserted.insert(resource_type.to_string(), first);
+            }
+        }
+    }
+
+    fn file_start(&self) -> FileStart {
+        FileStart {
+            created: self.created,
+            deferred_indexes: self.deferred_indexes,
+            inserted: self.inserted.clone(),
+        }
+    }
+
+    fn undo_file(&mut self, start: FileStart) {
+        self.created = start.created;
+        self.deferred_indexes = start.deferred_indexes;
+        self.inserted = start.inserted;
     }
 
     fn build_deferred_indexes(&mut self) -> rusqlite::Result<()> {

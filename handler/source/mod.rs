@@ -4,6 +4,8 @@ pub mod embedded;
 pub mod import;
 pub mod remote;
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +44,48 @@ pub struct ScanRequest<'a> {
     /// `_typeFilter` queries of this type (`Type?...`, ORed): a source may pass them on to a server;
     /// the exporter applies them to what comes back either way.
     pub type_filters: &'a [String],
+    /// The part of the type to read, as cut by `ResourceSource::storage_parts` (whole by default).
+    pub rows: RowRange,
+}
+
+/// A part of a type cut by storage position (the embedded store's rowids): `from` inclusive, `to`
+/// exclusive, either end open, so that the parts of a type hold every row once whatever was
+/// stored after the cut.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowRange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<i64>,
+}
+
+impl RowRange {
+    pub fn is_whole(&self) -> bool {
+        self.from.is_none() && self.to.is_none()
+    }
+
+    /// The parts between `cuts` (ascending): below the first, between neighbours, from the last on.
+    pub fn between(cuts: &[i64]) -> Vec<RowRange> {
+        let bounds: Vec<Option<i64>> = std::iter::once(None)
+            .chain(cuts.iter().copied().map(Some))
+            .chain(std::iter::once(None))
+            .collect();
+        bounds
+            .windows(2)
+            .map(|pair| RowRange {
+                from: pair[0],
+                to: pair[1],
+            })
+            .collect()
+    }
+}
+
+/// A type as a source stores it: how many resources, and where to cut it into parts of about the
+/// size asked (no cuts: one part).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredType {
+    pub resources: u64,
+    pub cuts: Vec<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +139,16 @@ pub trait ResourceSource: Send + Sync {
     /// then the type is not split). `type_filters` and `after_id` are not applied.
     fn count(&self, _request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
         Ok(None)
+    }
+
+    /// Each stored type's size and where to cut it into parts of about `max_per_part` resources,
+    /// when the source can tell without counting (empty: it cannot; then types are not cut this way
+    /// and shards run in type order).
+    fn storage_parts(
+        &self,
+        _max_per_part: u64,
+    ) -> Result<HashMap<String, StoredType>, SourceError> {
+        Ok(HashMap::new())
     }
 
     /// Streams each matching resource, as its stored JSON bytes, to `sink`; returns how many.

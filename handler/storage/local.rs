@@ -63,10 +63,15 @@ impl LocalFolder {
         data: &[u8],
     ) -> Result<(), StorageError> {
         let staged = self.staging_file();
-        tokio::fs::write(&staged, data)
-            .await
-            .map_err(|e| StorageError::io(path, e))?;
-        publish(path, &staged, target).await
+        let (path, target, data) = (path.to_string(), target.to_path_buf(), data.to_vec());
+        // One trip to the blocking pool for the write and the rename, not one per call: each trip
+        // waits for a pool thread, which is what a request waits for while both cores are busy.
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&staged, &data).map_err(|e| StorageError::io(&path, e))?;
+            publish_now(&path, &staged, &target)
+        })
+        .await
+        .expect("a small write does not panic")
     }
 }
 
@@ -75,15 +80,11 @@ fn etag_of(data: &[u8]) -> ETag {
 }
 
 /// Moves a finished staged file into place.
-async fn publish(path: &str, staged: &Path, target: &Path) -> Result<(), StorageError> {
+fn publish_now(path: &str, staged: &Path, target: &Path) -> Result<(), StorageError> {
     if let Some(parent) = target.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|e| StorageError::io(path, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| StorageError::io(path, e))?;
     }
-    tokio::fs::rename(staged, target)
-        .await
-        .map_err(|e| StorageError::io(path, e))
+    std::fs::rename(staged, target).map_err(|e| StorageError::io(path, e))
 }
 
 /// Read on the calling thread, not the blocking pool: what is read whole is a small document (a
@@ -234,7 +235,12 @@ impl ObjectWriter for LocalWriter {
         self.file
             .sync_data()
             .map_err(|e| StorageError::io(&self.path, e))?;
-        publish(&self.path, &self.staged, &self.target).await
+        // The rename on a pool thread at normal priority: a file system lock must not wait on
+        // this idle-priority thread getting the core back.
+        let (path, staged, target) = (self.path.clone(), self.staged.clone(), self.target.clone());
+        tokio::task::spawn_blocking(move || publish_now(&path, &staged, &target))
+            .await
+            .expect("a rename does not panic")
     }
 
     async fn abort(self: Box<Self>) -> Result<(), StorageError> {

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -86,12 +87,18 @@ CREATE INDEX IF NOT EXISTS compartment_by_resource ON compartment (type, id);
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
     path: PathBuf,
+    /// Kept open for the planner's small questions (types, sizes), which would otherwise spend
+    /// most of their time opening a connection.
+    planning: Arc<Mutex<Option<Connection>>>,
 }
 
 impl EmbeddedStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, SourceError> {
-        let store = Self { path: path.into() };
+        let store = Self {
+            path: path.into(),
+            planning: Arc::default(),
+        };
         if let Some(parent) = store.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| SourceError::Io {
                 path: parent.display().to_string(),
@@ -144,6 +151,19 @@ impl EmbeddedStore {
         Ok(conn)
     }
 
+    /// Runs `question` on the planning connection, opening it the first time.
+    fn planning<T>(
+        &self,
+        question: impl FnOnce(&Connection) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
+        let mut planning = self.planning.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = match planning.as_ref() {
+            Some(conn) => conn,
+            None => planning.insert(self.connect()?),
+        };
+        question(conn)
+    }
+
     pub(crate) fn error(&self, source: rusqlite::Error) -> SourceError {
         SourceError::Sqlite {
             path: self.path.display().to_string(),
@@ -153,13 +173,12 @@ impl EmbeddedStore {
 
     /// Number of stored resources.
     pub fn count(&self) -> Result<u64, SourceError> {
-        let conn = self.connect()?;
-        match type_stats(&conn).map_err(|e| self.error(e))? {
+        self.planning(|conn| match type_stats(conn).map_err(|e| self.error(e))? {
             Some(stats) => Ok(stats.values().map(|s| s.resources).sum()),
             None => conn
                 .query_row("SELECT count(*) FROM resources", [], |row| row.get(0))
                 .map_err(|e| self.error(e)),
-        }
+        })
     }
 
     /// The ids of the patients whose compartment holds the resource.
@@ -210,54 +229,15 @@ pub(crate) fn micros(instant: DateTime<Utc>) -> i64 {
 }
 
 impl ResourceSource for EmbeddedStore {
-    /// One index probe per R4 type: constant time, whatever the store's size.
+    /// From the kept statistics (one small table), else one index seek per stored type.
     fn resource_types(&self) -> Result<Vec<String>, SourceError> {
-        // One index seek per stored type (a skip scan), not one per R4 type: on a cold page cache
-        // each seek is a disk read.
-        let conn = self.connect()?;
-        let mut next = conn
-            .prepare("SELECT type FROM resources WHERE type > ?1 ORDER BY type LIMIT 1")
-            .map_err(|e| self.error(e))?;
-        let mut present = Vec::new();
-        let mut after = String::new();
-        while let Some(resource_type) = next
-            .query_row([&after], |row| row.get::<_, String>(0))
-            .optional()
-            .map_err(|e| self.error(e))?
-        {
-            if R4_RESOURCE_TYPES.contains(&resource_type.as_str()) {
-                present.push(resource_type.clone());
-            }
-            after = resource_type;
-        }
-        Ok(present)
+        self.planning(|conn| self.types_on(conn))
     }
 
     /// From the kept statistics: a type stored together with more than `max_per_part` resources
     /// is cut into rowid spans of equal length.
     fn storage_parts(&self, max_per_part: u64) -> Result<HashMap<String, StoredType>, SourceError> {
-        let conn = self.connect()?;
-        let Some(stats) = type_stats(&conn).map_err(|e| self.error(e))? else {
-            return Ok(HashMap::new());
-        };
-        Ok(stats
-            .into_iter()
-            .map(|(resource_type, s)| {
-                let parts = match s.is_dense() {
-                    true => s.resources.div_ceil(max_per_part.max(1)).max(1),
-                    false => 1,
-                };
-                let span = i128::from(s.last_rowid - s.first_rowid + 1);
-                let cuts = (1..parts)
-                    .map(|k| s.first_rowid + (span * i128::from(k) / i128::from(parts)) as i64)
-                    .collect();
-                let stored = StoredType {
-                    resources: s.resources,
-                    cuts,
-                };
-                (resource_type, stored)
-            })
-            .collect())
+        self.planning(|conn| self.parts_on(conn, max_per_part))
     }
 
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
@@ -293,6 +273,65 @@ impl ResourceSource for EmbeddedStore {
             }
         }
         Ok(count)
+    }
+}
+
+impl EmbeddedStore {
+    fn types_on(&self, conn: &Connection) -> Result<Vec<String>, SourceError> {
+        if let Some(stats) = type_stats(conn).map_err(|e| self.error(e))? {
+            let mut present: Vec<String> = stats
+                .into_iter()
+                .filter(|(t, s)| s.resources > 0 && R4_RESOURCE_TYPES.contains(&t.as_str()))
+                .map(|(t, _)| t)
+                .collect();
+            present.sort();
+            return Ok(present);
+        }
+        // A skip scan, not one seek per R4 type: on a cold page cache each seek is a disk read.
+        let mut next = conn
+            .prepare("SELECT type FROM resources WHERE type > ?1 ORDER BY type LIMIT 1")
+            .map_err(|e| self.error(e))?;
+        let mut present = Vec::new();
+        let mut after = String::new();
+        while let Some(resource_type) = next
+            .query_row([&after], |row| row.get::<_, String>(0))
+            .optional()
+            .map_err(|e| self.error(e))?
+        {
+            if R4_RESOURCE_TYPES.contains(&resource_type.as_str()) {
+                present.push(resource_type.clone());
+            }
+            after = resource_type;
+        }
+        Ok(present)
+    }
+
+    fn parts_on(
+        &self,
+        conn: &Connection,
+        max_per_part: u64,
+    ) -> Result<HashMap<String, StoredType>, SourceError> {
+        let Some(stats) = type_stats(conn).map_err(|e| self.error(e))? else {
+            return Ok(HashMap::new());
+        };
+        Ok(stats
+            .into_iter()
+            .map(|(resource_type, s)| {
+                let parts = match s.is_dense() {
+                    true => s.resources.div_ceil(max_per_part.max(1)).max(1),
+                    false => 1,
+                };
+                let span = i128::from(s.last_rowid - s.first_rowid + 1);
+                let cuts = (1..parts)
+                    .map(|k| s.first_rowid + (span * i128::from(k) / i128::from(parts)) as i64)
+                    .collect();
+                let stored = StoredType {
+                    resources: s.resources,
+                    cuts,
+                };
+                (resource_type, stored)
+            })
+            .collect())
     }
 }
 

@@ -87,7 +87,7 @@ CREATE INDEX IF NOT EXISTS compartment_by_resource ON compartment (type, id);
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
     path: PathBuf,
-    /// Kept open for the planner's small questions (types, sizes), which would otherwise spend
+    /// Kept open for small questions (types, sizes, one resource), which would otherwise spend
     /// most of their time opening a connection.
     planning: Arc<Mutex<Option<Connection>>>,
 }
@@ -241,14 +241,15 @@ impl ResourceSource for EmbeddedStore {
     }
 
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
-        let conn = self.connect()?;
-        conn.query_row(
-            "SELECT json FROM resources WHERE type = ?1 AND id = ?2",
-            params![resource_type, id],
-            |row| row.get(0),
-        )
-        .optional()
-        .map_err(|e| self.error(e))
+        self.planning(|conn| {
+            conn.prepare_cached("SELECT json FROM resources WHERE type = ?1 AND id = ?2")
+                .and_then(|mut statement| {
+                    statement
+                        .query_row(params![resource_type, id], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(|e| self.error(e))
+        })
     }
 
     /// Current versions in the window, then earlier versions that were current at the snapshot.

@@ -66,6 +66,8 @@ impl LocalFolder {
         let (path, target, data) = (path.to_string(), target.to_path_buf(), data.to_vec());
         // One trip to the blocking pool for the write and the rename, not one per call: each trip
         // waits for a pool thread, which is what a request waits for while both cores are busy.
+        // (Not on the calling thread, as reads are: creating a file can wait on the journal for
+        // tens of milliseconds while an export syncs, and the request thread must not.)
         tokio::task::spawn_blocking(move || {
             std::fs::write(&staged, &data).map_err(|e| StorageError::io(&path, e))?;
             publish_now(&path, &staged, &target)

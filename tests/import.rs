@@ -486,7 +486,7 @@ fn a_store_of_the_earlier_layout_still_loads() {
     );
 }
 
-type Stats = Vec<(String, i64, i64, i64)>;
+type Stats = Vec<(String, i64, i64, i64, i64)>;
 
 /// `type_stats` as kept, and as counted from the rows.
 fn kept_and_counted_stats(store: &Path) -> (Stats, Stats) {
@@ -494,13 +494,20 @@ fn kept_and_counted_stats(store: &Path) -> (Stats, Stats) {
     let read = |sql: &str| -> Stats {
         let mut statement = conn.prepare(sql).unwrap();
         let rows = statement
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .unwrap();
         rows.collect::<Result<_, _>>().unwrap()
     };
     (
-        read("SELECT type, resources, first_rowid, last_rowid FROM type_stats ORDER BY type"),
-        read("SELECT type, count(*), min(rowid), max(rowid) FROM resources GROUP BY type ORDER BY type"),
+        read(
+            "SELECT type, resources, first_rowid, last_rowid, bytes FROM type_stats ORDER BY type",
+        ),
+        read(
+            "SELECT type, count(*), min(rowid), max(rowid), sum(length(json)) FROM resources
+             GROUP BY type ORDER BY type",
+        ),
     )
 }
 

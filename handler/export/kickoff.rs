@@ -58,7 +58,7 @@ pub async fn start(
                     match (ranges.as_slice(), stored.get(&resource_type)) {
                         ([whole], Some(stored)) => {
                             let rows = RowRange::between(&stored.cuts);
-                            let size = Some(stored.resources / rows.len() as u64);
+                            let size = Some(stored.bytes / rows.len() as u64);
                             rows.into_iter().map(|rows| (*whole, rows, size)).collect()
                         }
                         _ => ranges

@@ -39,15 +39,16 @@ CREATE TABLE IF NOT EXISTS type_stats (
     type TEXT PRIMARY KEY,
     resources INTEGER NOT NULL,
     first_rowid INTEGER NOT NULL,
-    last_rowid INTEGER NOT NULL
+    last_rowid INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 
 /// Recounts `type_stats` from the resources themselves (one pass over the type index).
 const RECOUNT_TYPE_STATS: &str = "
 DELETE FROM type_stats;
-INSERT INTO type_stats (type, resources, first_rowid, last_rowid)
-    SELECT type, count(*), min(rowid), max(rowid) FROM resources GROUP BY type;
+INSERT INTO type_stats (type, resources, first_rowid, last_rowid, bytes)
+    SELECT type, count(*), min(rowid), max(rowid), sum(length(json)) FROM resources GROUP BY type;
 ";
 
 /// How many current resources of a type the store holds, and the first and last rowid among them.
@@ -58,6 +59,9 @@ pub struct TypeStats {
     pub resources: u64,
     pub first_rowid: i64,
     pub last_rowid: i64,
+    /// JSON bytes as inserted (not adjusted when an update changes a resource's size): what a
+    /// planner orders shards by.
+    pub bytes: u64,
 }
 
 impl TypeStats {
@@ -204,8 +208,8 @@ impl EmbeddedStore {
 pub(crate) fn type_stats(
     conn: &Connection,
 ) -> rusqlite::Result<Option<HashMap<String, TypeStats>>> {
-    let mut statement =
-        conn.prepare_cached("SELECT type, resources, first_rowid, last_rowid FROM type_stats")?;
+    let mut statement = conn
+        .prepare_cached("SELECT type, resources, first_rowid, last_rowid, bytes FROM type_stats")?;
     let stats = statement
         .query_map([], |row| {
             Ok((
@@ -214,6 +218,7 @@ pub(crate) fn type_stats(
                     resources: row.get(1)?,
                     first_rowid: row.get(2)?,
                     last_rowid: row.get(3)?,
+                    bytes: row.get(4)?,
                 },
             ))
         })?
@@ -328,6 +333,7 @@ impl EmbeddedStore {
                     .collect();
                 let stored = StoredType {
                     resources: s.resources,
+                    bytes: s.bytes,
                     cuts,
                 };
                 (resource_type, stored)
@@ -367,6 +373,7 @@ impl EmbeddedStore {
                                 resources: row.get(0)?,
                                 first_rowid,
                                 last_rowid,
+                                bytes: 0,
                             }),
                             _ => None,
                         })

@@ -785,8 +785,9 @@ impl<'c> Importer<'c> {
             insert.execute(params![urn, reference])?;
         }
         let mut add_stats = self.conn.prepare_cached(
-            "INSERT INTO type_stats (type, resources, first_rowid, last_rowid) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO type_stats (type, resources, first_rowid, last_rowid, bytes) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (type) DO UPDATE SET resources = resources + excluded.resources,
+                 bytes = bytes + excluded.bytes,
                  first_rowid = min(first_rowid, excluded.first_rowid),
                  last_rowid = max(last_rowid, excluded.last_rowid)",
         )?;
@@ -795,7 +796,8 @@ impl<'c> Importer<'c> {
                 resource_type,
                 stats.resources,
                 stats.first_rowid,
-                stats.last_rowid
+                stats.last_rowid,
+                stats.bytes
             ])?;
         }
         // Driven by the (small) table of rows that existed before: never a scan of the store.
@@ -833,7 +835,7 @@ impl<'c> Importer<'c> {
         ])?;
         if inserted == 1 {
             self.created += 1;
-            self.count_insert(&resource_type);
+            self.count_insert(&resource_type, json.len() as u64);
             return self.insert_compartments(&resource_type, &id, &patients);
         }
         let Some(current) = self.current_row(&resource_type, &id)? else {
@@ -877,17 +879,19 @@ impl<'c> Importer<'c> {
         self.insert_compartments(&resource_type, &id, &patients)
     }
 
-    fn count_insert(&mut self, resource_type: &str) {
+    fn count_insert(&mut self, resource_type: &str, bytes: u64) {
         let rowid = self.conn.last_insert_rowid();
         match self.inserted.get_mut(resource_type) {
             Some(stats) => {
                 stats.resources += 1;
+                stats.bytes += bytes;
                 stats.first_rowid = stats.first_rowid.min(rowid);
                 stats.last_rowid = stats.last_rowid.max(rowid);
             }
             None => {
                 let first = TypeStats {
                     resources: 1,
+                    bytes,
                     first_rowid: rowid,
                     last_rowid: rowid,
                 };

@@ -85,6 +85,8 @@ impl RowRange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredType {
     pub resources: u64,
+    /// About how many bytes its resources take (to run the largest first).
+    pub bytes: u64,
     pub cuts: Vec<i64>,
 }
 

@@ -14,6 +14,35 @@ use super::{ObjectStore, ObjectWriter, StorageError};
 /// Bytes gathered before they are handed to the store.
 const BLOCK_BYTES: usize = 4 << 20;
 
+/// Room for a block and the line that takes it past `BLOCK_BYTES`.
+const BUFFER_BYTES: usize = BLOCK_BYTES + (64 << 10);
+
+/// Block buffers of finished writers, for the next ones: a new buffer's pages are faulted in
+/// one by one as it fills (16k faults per 1x export, 18 shards, when each made its own).
+static SPARE_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// At most this many spare buffers are kept (16 MB).
+const MAX_SPARE_BUFFERS: usize = 4;
+
+fn spare_buffer() -> Vec<u8> {
+    let spare = SPARE_BUFFERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop();
+    spare.unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
+}
+
+fn return_buffer(mut buffer: Vec<u8>) {
+    if buffer.capacity() < BUFFER_BYTES {
+        return;
+    }
+    buffer.clear();
+    let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+    if spare.len() < MAX_SPARE_BUFFERS {
+        spare.push(buffer);
+    }
+}
+
 /// A committed export file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputFile {
@@ -61,7 +90,7 @@ impl RollingNdjsonWriter {
             file_number: 0,
             file_bytes: 0,
             file_count: 0,
-            buffer: Vec::with_capacity(BLOCK_BYTES + (64 << 10)),
+            buffer: spare_buffer(),
             finished: Vec::new(),
         }
     }
@@ -113,13 +142,22 @@ impl RollingNdjsonWriter {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let block = Bytes::copy_from_slice(&self.buffer);
-        self.buffer.clear();
         let writer = self
             .current
             .as_mut()
             .expect("a file is open while bytes are buffered");
-        self.runtime.block_on(writer.write(block))?;
+        // The buffer itself is handed over, not a copy; once the store is done with it, it comes
+        // back to be filled again (the store keeps no reference after `write` returns).
+        let block = Bytes::from(std::mem::take(&mut self.buffer));
+        self.runtime.block_on(writer.write(block.clone()))?;
+        self.buffer = match block.try_into_mut() {
+            Ok(reclaimed) => {
+                let mut reclaimed = Vec::from(reclaimed);
+                reclaimed.clear();
+                reclaimed
+            }
+            Err(_) => spare_buffer(),
+        };
         crate::crashpoint::reached("file-block-written");
         Ok(())
     }
@@ -141,5 +179,11 @@ impl RollingNdjsonWriter {
         self.file_bytes = 0;
         self.file_count = 0;
         Ok(())
+    }
+}
+
+impl Drop for RollingNdjsonWriter {
+    fn drop(&mut self) {
+        return_buffer(std::mem::take(&mut self.buffer));
     }
 }

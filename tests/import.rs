@@ -570,7 +570,17 @@ fn type_statistics_follow_the_rows_through_imports_and_failures() {
     assert_ne!(stale, counted);
     let reopened = EmbeddedStore::open(&path).unwrap();
     let (kept, counted) = kept_and_counted_stats(&path);
-    assert_eq!(kept, counted);
+    let without_bytes = |stats: &Stats| -> Vec<_> {
+        stats
+            .iter()
+            .map(|(t, n, first, last, _)| (t.clone(), *n, *first, *last))
+            .collect()
+    };
+    assert_eq!(without_bytes(&kept), without_bytes(&counted));
+    assert!(
+        kept.iter().all(|s| s.4 == 0),
+        "a recount leaves bytes unknown"
+    );
     assert_eq!(
         reopened.count().unwrap(),
         counted.iter().map(|s| s.1 as u64).sum::<u64>()

@@ -54,11 +54,12 @@ pub async fn start(
                     .until
                     .map_or(transaction_time, |u| u.min(transaction_time));
                 let ranges = window.split(source.as_ref(), request.since, until)?;
-                let parts: Vec<(Range, RowRange, Option<u64>)> =
+                let parts: Vec<(Range, RowRange, Option<ShardSize>)> =
                     match (ranges.as_slice(), stored.get(&resource_type)) {
                         ([whole], Some(stored)) => {
                             let rows = RowRange::between(&stored.cuts);
-                            let size = Some(stored.bytes / rows.len() as u64);
+                            let parts = rows.len() as u64;
+                            let size = Some((stored.bytes / parts, stored.resources / parts));
                             rows.into_iter().map(|rows| (*whole, rows, size)).collect()
                         }
                         _ => ranges
@@ -139,6 +140,9 @@ struct Window<'a> {
 }
 
 type Range = (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>);
+
+/// A planned shard's size as the source estimates it: (bytes, resources), compared in that order.
+type ShardSize = (u64, u64);
 
 impl Window<'_> {
     fn count(

@@ -307,8 +307,7 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
                 Event::FileFailed(index, line, message) => {
                     tx.execute_batch("ROLLBACK TO file; RELEASE file")
                         .map_err(|e| store.error(e))?;
-                    importer
-                        .undo_file(std::mem::replace(&mut at_file_start, importer.file_start()));
+                    importer.undo_file(at_file_start.clone());
                     report.failed.push(FileError {
                         file: files[index].path.clone(),
                         line,

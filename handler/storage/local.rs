@@ -60,10 +60,10 @@ impl LocalFolder {
         &self,
         path: &str,
         target: &Path,
-        data: &[u8],
+        data: Bytes,
     ) -> Result<(), StorageError> {
         let staged = self.staging_file();
-        let (path, target, data) = (path.to_string(), target.to_path_buf(), data.to_vec());
+        let (path, target) = (path.to_string(), target.to_path_buf());
         // One trip to the blocking pool for the write and the rename, not one per call: each trip
         // waits for a pool thread, which is what a request waits for while both cores are busy.
         // (Not on the calling thread, as reads are: creating a file can wait on the journal for
@@ -115,7 +115,7 @@ impl ObjectStore for LocalFolder {
         let target = self.file(path)?;
         let etag = etag_of(&data);
         if let PutMode::Overwrite = mode {
-            self.write_whole(path, &target, &data).await?;
+            self.write_whole(path, &target, data).await?;
             return Ok(etag);
         }
         let _exclusive = self.cas.lock().await;
@@ -128,7 +128,7 @@ impl ObjectStore for LocalFolder {
         if !allowed {
             return Err(StorageError::PreconditionFailed(path.to_string()));
         }
-        self.write_whole(path, &target, &data).await?;
+        self.write_whole(path, &target, data).await?;
         Ok(etag)
     }
 

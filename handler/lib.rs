@@ -9,6 +9,7 @@
 //! - [`client`]: `handler export`, a Bulk Data client with progress.
 //! - [`config`]: settings, read and checked once at start-up.
 //! - [`auth`]: bearer-token checks (JWT against the issuer's keys, scopes, the export's owner).
+//! - [`blocking`]: short blocking work a request waits for, on its own thread.
 //! - [`crashpoint`]: the points where the crash-recovery tests kill the process.
 //! - [`http`]: the warp HTTP API; errors become OperationOutcomes in one place.
 //! - [`export`]: kickoff parameters, planning, the shard worker, the manifest.
@@ -22,6 +23,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod blocking;
 pub mod client;
 pub mod config;
 pub mod crashpoint;

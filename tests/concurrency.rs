@@ -212,7 +212,9 @@ async fn a_shard_run_twice_at_once_redelivered_or_taken_over_writes_each_line_on
         keys.len(),
         counts["Patient"] + counts["Condition"] + counts["Observation"]
     );
-    let documents: Vec<String> = std::fs::read_dir(exports.join("fhir-export-jobs").join(&job.id))
+    let job_folder = exports.join("fhir-export-jobs").join(&job.id);
+    common::published_file(&job_folder.join("manifest.json")).await;
+    let documents: Vec<String> = std::fs::read_dir(&job_folder)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect::<BTreeSet<_>>()

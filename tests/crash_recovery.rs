@@ -179,10 +179,8 @@ async fn assert_complete(
     );
     assert!(&exported == expected, "{label}: other resources exported");
 
-    let job: Value = serde_json::from_slice(
-        &std::fs::read(exports.join("fhir-export-jobs").join(id).join("job.json")).unwrap(),
-    )
-    .unwrap();
+    let job_file = exports.join("fhir-export-jobs").join(id).join("job.json");
+    let job: Value = serde_json::from_slice(&common::published_file(&job_file).await).unwrap();
     let folder = exports.join(job["outputFolder"].as_str().unwrap());
     let on_disk: BTreeSet<String> = files_under(&folder)
         .iter()
@@ -265,6 +263,9 @@ async fn run_scenario(
     if kills.is_empty() {
         let response = common::kickoff(&client, &format!("{base}/$export")).await;
         assert_eq!(response.status(), 202);
+        let location = response.headers()["content-location"].to_str().unwrap();
+        let id = location.rsplit('/').next().unwrap();
+        common::published_file(&exports.join("fhir-export-jobs").join(id).join("job.json")).await;
     }
     let ids = job_ids(&exports);
     if let Some(location) = &answered {

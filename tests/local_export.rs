@@ -381,12 +381,7 @@ async fn cancel_removes_files_and_later_polls_are_404() {
     let job_file = server
         .exports
         .join(format!("fhir-export-jobs/{job_id}/job.json"));
-    assert!(
-        job_file.is_file(),
-        "job state is persisted at {}",
-        job_file.display()
-    );
-    let folder: Value = serde_json::from_slice(&std::fs::read(&job_file).unwrap()).unwrap();
+    let folder: Value = serde_json::from_slice(&common::published_file(&job_file).await).unwrap();
     let folder = server
         .exports
         .join(folder["outputFolder"].as_str().unwrap());

@@ -28,7 +28,7 @@ pub async fn start(
     let max_per_shard = app.settings.shard_max_resources;
     let (scope, planned) = {
         let (source, request) = (app.source.clone(), request.clone());
-        tokio::task::spawn_blocking(move || -> Result<_, ExportError> {
+        crate::blocking::run(move || -> Result<_, ExportError> {
             let scope = resolve_scope(source.as_ref(), &request)?;
             let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
             let stored = source.storage_parts(max_per_shard)?;
@@ -71,8 +71,7 @@ pub async fn start(
             }
             Ok((scope, planned))
         })
-        .await
-        .expect("planning does not panic")?
+        .await?
     };
     let mut shards = Vec::new();
     let mut sizes = Vec::new();

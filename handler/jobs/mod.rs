@@ -161,8 +161,10 @@ impl JobStore {
             )
             .await?;
         let body = Bytes::from(serde_json::to_vec_pretty(job).expect("a job serialises"));
+        // Not `Create`: a fresh random id has no document to collide with, and asking the local
+        // folder whether one exists searches a directory the export's writeback may hold locked.
         self.store
-            .put(&Self::job_path(&job.id), body, PutMode::Create)
+            .put(&Self::job_path(&job.id), body, PutMode::Overwrite)
             .await?;
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! Objects written through an `ObjectWriter` become visible only when committed.
 
 pub mod azure;
+mod journal;
 pub mod local;
 pub mod rolling;
 

@@ -144,6 +144,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A document of the local folder as a file: written behind the folder's journal, it appears
+/// within milliseconds of the request that wrote it, so it is waited for (up to 5 s).
+pub async fn published_file(path: &Path) -> Vec<u8> {
+    for _ in 0..500 {
+        if let Ok(bytes) = std::fs::read(path) {
+            return bytes;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} was not written", path.display());
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))

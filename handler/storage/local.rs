@@ -338,6 +338,7 @@ impl ObjectStore for LocalFolder {
             staged,
             file,
             behind: self.behind.clone(),
+            written: 0,
         }))
     }
 
@@ -432,6 +433,25 @@ impl ObjectStore for LocalFolder {
 /// milliseconds (a status request waited up to 9 ms at 100x), 256 KB for a fraction of one.
 const WRITE_SYSCALL_BYTES: usize = 256 << 10;
 
+/// Starts writing a block just written to disk without waiting for it, so that the sync at commit
+/// finds most of the file already written rather than writing all of it then.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a hint on an open descriptor; failure only loses the head start.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
+
 /// Created, written and synced on the calling thread, not the runtime's blocking pool: the rolling writer
 /// calls from a shard thread of its own at a lower priority, and the copy into the page cache
 /// (the bulk of an export's work) is charged there, behind the requests the runtime serves.
@@ -441,6 +461,8 @@ struct LocalWriter {
     staged: PathBuf,
     file: std::fs::File,
     behind: Arc<WriteBehind>,
+    /// Bytes written so far.
+    written: u64,
 }
 
 #[async_trait]
@@ -450,6 +472,8 @@ impl ObjectWriter for LocalWriter {
             std::io::Write::write_all(&mut self.file, piece)
                 .map_err(|e| StorageError::io(&self.path, e))?;
         }
+        start_writeback(&self.file, self.written, data.len() as u64);
+        self.written += data.len() as u64;
         Ok(())
     }
 

@@ -24,7 +24,9 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Runs a command to completion, sampling its peak RSS; returns (seconds, peak MB, stdout).
+/// Runs a command to completion; returns (seconds, peak RSS in MB, stdout). The child is reaped
+/// with `wait4`, which gives its exact end and its own peak RSS, rather than polling it.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which `Child` does not know of
 fn run_measured(mut command: Command) -> (f64, f64, String) {
     let started = Instant::now();
     let mut child = command
@@ -32,17 +34,25 @@ fn run_measured(mut command: Command) -> (f64, f64, String) {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let mut peak: f64 = 0.0;
-    while child.try_wait().unwrap().is_none() {
-        peak = peak.max(peak_rss_mb(child.id()));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "{command:?} failed");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+        text
+    });
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 fills it and the status for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let reaped = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        reaped > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{command:?} failed"
+    );
     (
-        started.elapsed().as_secs_f64(),
-        peak,
-        String::from_utf8_lossy(&output.stdout).into_owned(),
+        seconds,
+        usage.ru_maxrss as f64 / 1024.0,
+        reader.join().unwrap(),
     )
 }
 

@@ -236,7 +236,12 @@ fn main() {
         "status p99",
         "kick p99"
     );
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // One thread for the client: its requests are sequential, and a multi-threaded client would
+    // add a wake-up between its own threads to every latency it measures on the busy cores.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     for n in copies {
         let dir = scratch.path().join(format!("x{n}"));
         std::fs::create_dir_all(&dir).unwrap();

@@ -53,20 +53,45 @@ pub fn sample_counts() -> HashMap<&'static str, usize> {
     ])
 }
 
-/// One store holding the sample, imported once per test binary; tests only read it.
+/// One store holding the sample, imported once per test binary; tests only read it. A static is
+/// never dropped, so the store's folder is named after the process, and each run removes those of
+/// processes that have ended.
 pub fn sample_store() -> PathBuf {
-    static STORE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
+    static STORE: OnceLock<PathBuf> = OnceLock::new();
     STORE
         .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("sample.db");
+            remove_sample_stores_of_ended_processes();
+            let dir =
+                std::env::temp_dir().join(format!("{SAMPLE_STORE_PREFIX}{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("sample.db");
             let store = EmbeddedStore::open(&path).unwrap();
             let report = import::import(&store, &[sample_dir()]).unwrap();
             assert!(report.failed.is_empty(), "{:?}", report.failed);
-            (dir, path)
+            path
         })
-        .1
         .clone()
+}
+
+const SAMPLE_STORE_PREFIX: &str = "fhir-export-sample-";
+
+fn remove_sample_stores_of_ended_processes() {
+    let processes = Path::new("/proc");
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    if !processes.join("self").exists() {
+        return; // no way to tell a running test binary's store from a left one
+    }
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(SAMPLE_STORE_PREFIX) {
+            if !processes.join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 pub struct Server {

@@ -46,26 +46,7 @@ impl LocalFolder {
             Err(e) => return Err(StorageError::io(&display, e)),
         }
         std::fs::create_dir_all(&staging).map_err(|e| StorageError::io(&display, e))?;
-        let journal_display = root.join(JOURNAL).display().to_string();
-        let journal_error = |e| StorageError::io(&journal_display, e);
-        let (mut journal, records) = Journal::open(&root.join(JOURNAL)).map_err(journal_error)?;
-        let mut left = BTreeMap::new();
-        for (_, record) in records {
-            match record {
-                Record::Put { path, data } => {
-                    left.insert(path, data);
-                }
-                Record::Cancel { path } => remove_under(&mut left, &path),
-            }
-        }
-        for (path, data) in &left {
-            validate_path(path)?;
-            write_file(&root, path, data)?;
-        }
-        if !left.is_empty() {
-            tracing::info!(objects = left.len(), "published the journal's objects");
-        }
-        journal.clear_all().map_err(journal_error)?;
+        let journal = publish_journal(&root)?;
         let behind = Arc::new(WriteBehind {
             root: root.clone(),
             state: std::sync::Mutex::new(Pending {
@@ -115,6 +96,32 @@ impl LocalFolder {
         }
         Ok(read_optional(path, &file)?.map(Bytes::from))
     }
+}
+
+/// Opens the journal and writes the objects a process that ended left in it, the latest version of
+/// each, leaving out those deleted after; then empties it.
+fn publish_journal(root: &Path) -> Result<Journal, StorageError> {
+    let display = root.join(JOURNAL).display().to_string();
+    let journal_error = |e| StorageError::io(&display, e);
+    let (mut journal, records) = Journal::open(&root.join(JOURNAL)).map_err(journal_error)?;
+    let mut left = BTreeMap::new();
+    for (_, record) in records {
+        match record {
+            Record::Put { path, data } => {
+                left.insert(path, data);
+            }
+            Record::Cancel { path } => remove_under(&mut left, &path),
+        }
+    }
+    for (path, data) in &left {
+        validate_path(path)?;
+        write_file(root, path, data)?;
+    }
+    if !left.is_empty() {
+        tracing::info!(objects = left.len(), "published the journal's objects");
+    }
+    journal.clear_all().map_err(journal_error)?;
+    Ok(journal)
 }
 
 fn etag_of(data: &[u8]) -> ETag {

@@ -166,15 +166,19 @@ impl RetiredFile {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn put(path: &str, data: &'static [u8]) -> Record {
+impl Record {
+    /// A put of static bytes.
+    pub fn put(path: &str, data: &'static [u8]) -> Self {
         Record::Put {
             path: path.into(),
             data: Bytes::from_static(data),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn records_come_back_in_order_across_both_files_and_a_torn_tail_is_dropped() {
@@ -182,9 +186,9 @@ mod tests {
         {
             let (mut journal, left) = Journal::open(dir.path()).unwrap();
             assert!(left.is_empty());
-            journal.append(0, &put("c/a.json", b"1")).unwrap();
+            journal.append(0, &Record::put("c/a.json", b"1")).unwrap();
             let retired = journal.retire_current();
-            journal.append(1, &put("c/a.json", b"2")).unwrap();
+            journal.append(1, &Record::put("c/a.json", b"2")).unwrap();
             journal
                 .append(2, &Record::Cancel { path: "c".into() })
                 .unwrap();
@@ -194,8 +198,8 @@ mod tests {
         assert_eq!(
             records,
             [
-                (0, put("c/a.json", b"1")),
-                (1, put("c/a.json", b"2")),
+                (0, Record::put("c/a.json", b"1")),
+                (1, Record::put("c/a.json", b"2")),
                 (2, Record::Cancel { path: "c".into() }),
             ]
         );
@@ -209,21 +213,21 @@ mod tests {
         damaged[20] ^= 1;
         std::fs::write(&b, &damaged).unwrap();
         let (_, records) = Journal::open(dir.path()).unwrap();
-        assert_eq!(records, [(0, put("c/a.json", b"1"))]);
+        assert_eq!(records, [(0, Record::put("c/a.json", b"1"))]);
     }
 
     #[test]
     fn a_retired_file_is_emptied_and_the_current_one_kept() {
         let dir = tempfile::tempdir().unwrap();
         let (mut journal, _) = Journal::open(dir.path()).unwrap();
-        journal.append(0, &put("c/a.json", b"1")).unwrap();
+        journal.append(0, &Record::put("c/a.json", b"1")).unwrap();
         assert!(journal.has_records());
         let retired = journal.retire_current();
         assert!(!journal.has_records());
-        journal.append(1, &put("c/b.json", b"2")).unwrap();
+        journal.append(1, &Record::put("c/b.json", b"2")).unwrap();
         retired.clear().unwrap();
         drop(journal);
         let (_, records) = Journal::open(dir.path()).unwrap();
-        assert_eq!(records, [(1, put("c/b.json", b"2"))]);
+        assert_eq!(records, [(1, Record::put("c/b.json", b"2"))]);
     }
 }

@@ -517,26 +517,19 @@ impl ObjectWriter for LocalWriter {
 mod tests {
     use super::*;
 
-    fn put(path: &str, data: &'static [u8]) -> Record {
-        Record::Put {
-            path: path.into(),
-            data: Bytes::from_static(data),
-        }
-    }
-
     #[tokio::test]
     async fn what_a_dead_process_left_in_its_journal_is_published_at_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut journal, _) = Journal::open(&dir.path().join(JOURNAL)).unwrap();
             let records = [
-                put("c/job/job.json", b"1"),
-                put("c/job/job.json", b"2"),
-                put("c/gone/job.json", b"x"),
+                Record::put("c/job/job.json", b"1"),
+                Record::put("c/job/job.json", b"2"),
+                Record::put("c/gone/job.json", b"x"),
                 Record::Cancel {
                     path: "c/gone".into(),
                 },
-                put("c/streamed.ndjson", b"old"),
+                Record::put("c/streamed.ndjson", b"old"),
                 Record::Cancel {
                     path: "c/streamed.ndjson".into(),
                 },

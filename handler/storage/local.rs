@@ -436,9 +436,11 @@ impl ObjectStore for LocalFolder {
 }
 
 /// Bytes per `write` call. A kernel without preemption (`preempt=none`, common on VMs) lets no
-/// other thread have the core while one copies into the page cache: a 4 MB write holds it for
-/// milliseconds (a status request waited up to 9 ms at 100x), 256 KB for a fraction of one.
-const WRITE_SYSCALL_BYTES: usize = 256 << 10;
+/// other thread have the core while one copies into the page cache: a 4 MB write held it for
+/// milliseconds (a status request waited up to 9 ms at 100x). Copying into memory the VM has not
+/// touched yet is slow too: `perf sched` showed 256 KB writes holding the core for 3-8 ms while a
+/// request thread waited; 64 KB caps that at a quarter, for one more syscall per 64 KB.
+const WRITE_SYSCALL_BYTES: usize = 64 << 10;
 
 /// Starts writing a block just written to disk without waiting for it, so that the sync at commit
 /// finds most of the file already written rather than writing all of it then.

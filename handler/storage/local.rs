@@ -160,16 +160,20 @@ fn read_optional(path: &str, file: &Path) -> Result<Option<Vec<u8>>, StorageErro
     }
 }
 
-/// Removes `path` and everything under `path/` from `objects`.
-fn remove_under<T>(objects: &mut BTreeMap<String, T>, path: &str) {
-    objects.remove(path);
-    let folder = format!("{path}/");
-    let under: Vec<String> = objects
+/// The keys under `prefix/`, in order.
+fn keys_under<T>(objects: &BTreeMap<String, T>, prefix: &str) -> Vec<String> {
+    let folder = format!("{prefix}/");
+    objects
         .range(folder.clone()..)
         .take_while(|(key, _)| key.starts_with(&folder))
         .map(|(key, _)| key.clone())
-        .collect();
-    for key in under {
+        .collect()
+}
+
+/// Removes `path` and everything under `path/` from `objects`.
+fn remove_under<T>(objects: &mut BTreeMap<String, T>, path: &str) {
+    objects.remove(path);
+    for key in keys_under(objects, path) {
         objects.remove(&key);
     }
 }
@@ -219,14 +223,7 @@ impl WriteBehind {
     }
 
     fn pending_under(&self, prefix: &str) -> Vec<String> {
-        let folder = format!("{prefix}/");
-        let state = self.state.lock().expect("journal lock");
-        state
-            .objects
-            .range(folder.clone()..)
-            .take_while(|(key, _)| key.starts_with(&folder))
-            .map(|(key, _)| key.clone())
-            .collect()
+        keys_under(&self.state.lock().expect("journal lock").objects, prefix)
     }
 
     fn latest_seq(&self, path: &str) -> Option<u64> {

@@ -179,7 +179,7 @@ async fn assert_complete(
     );
     assert!(&exported == expected, "{label}: other resources exported");
 
-    let job_file = exports.join("fhir-export-jobs").join(id).join("job.json");
+    let job_file = common::job_document(exports, id);
     let job: Value = serde_json::from_slice(&common::published_file(&job_file).await).unwrap();
     let folder = exports.join(job["outputFolder"].as_str().unwrap());
     let on_disk: BTreeSet<String> = files_under(&folder)
@@ -265,7 +265,7 @@ async fn run_scenario(
         assert_eq!(response.status(), 202);
         let location = response.headers()["content-location"].to_str().unwrap();
         let id = location.rsplit('/').next().unwrap();
-        common::published_file(&exports.join("fhir-export-jobs").join(id).join("job.json")).await;
+        common::published_file(&common::job_document(&exports, id)).await;
     }
     let ids = job_ids(&exports);
     if let Some(location) = &answered {

@@ -378,9 +378,7 @@ async fn cancel_removes_files_and_later_polls_are_404() {
         .unwrap()
         .to_string();
     let job_id = status_url.rsplit('/').next().unwrap().to_string();
-    let job_file = server
-        .exports
-        .join(format!("fhir-export-jobs/{job_id}/job.json"));
+    let job_file = job_document(&server.exports, &job_id);
     let folder: Value = serde_json::from_slice(&common::published_file(&job_file).await).unwrap();
     let folder = server
         .exports

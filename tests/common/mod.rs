@@ -169,6 +169,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Where the local folder keeps a job's document.
+pub fn job_document(exports: &Path, job_id: &str) -> PathBuf {
+    exports
+        .join("fhir-export-jobs")
+        .join(job_id)
+        .join("job.json")
+}
+
 /// A document of the local folder as a file: written behind the folder's journal, it appears
 /// within milliseconds of the request that wrote it, so it is waited for (up to 5 s).
 pub async fn published_file(path: &Path) -> Vec<u8> {

@@ -73,20 +73,24 @@ impl TypeStats {
     }
 }
 
-/// Patient-compartment links, without their indexes (`COMPARTMENT_INDEXES`).
-pub(crate) const COMPARTMENT_TABLE: &str = "
-CREATE TABLE IF NOT EXISTS compartment (
+/// Patient-compartment links, keyed by the resource's rowid (stable: rows are never deleted and the
+/// store is never vacuumed). A load appends its links in rowid order, so the table grows at its
+/// end and needs no index of its own; every question asks by resource.
+const PATIENT_LINK_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS patient_link (
+    resource INTEGER NOT NULL,
     patient_id TEXT NOT NULL,
-    type TEXT NOT NULL,
-    id TEXT NOT NULL
-);
+    PRIMARY KEY (resource, patient_id)
+) WITHOUT ROWID;
 ";
 
-/// The compartment table's indexes. A load into an empty store builds them once at the end (a
-/// sort), rather than inserting every link into two random-order B-trees as it goes.
-pub(crate) const COMPARTMENT_INDEXES: &str = "
-CREATE UNIQUE INDEX IF NOT EXISTS compartment_by_patient ON compartment (patient_id, type, id);
-CREATE INDEX IF NOT EXISTS compartment_by_resource ON compartment (type, id);
+/// Stores of the earlier layout held links by `(patient_id, type, id)` in `compartment`: moved
+/// into `patient_link` once, when such a store is opened.
+const MOVE_COMPARTMENT_LINKS: &str = "
+INSERT OR IGNORE INTO patient_link (resource, patient_id)
+    SELECT r.rowid, c.patient_id FROM compartment c JOIN resources r ON r.type = c.type AND r.id = c.id
+    ORDER BY 1, 2;
+DROP TABLE compartment;
 ";
 
 #[derive(Debug, Clone)]
@@ -113,7 +117,7 @@ impl EmbeddedStore {
         let conn = store.connect()?;
         conn.execute_batch("PRAGMA page_size = 16384; PRAGMA journal_mode = WAL;")
             .and_then(|_| conn.execute_batch(SCHEMA))
-            .and_then(|_| conn.execute_batch(COMPARTMENT_TABLE))
+            .and_then(|_| conn.execute_batch(PATIENT_LINK_TABLE))
             .and_then(|_| {
                 // Stores loaded before the table existed (or by a version that did not keep it).
                 match type_stats(&conn)? {
@@ -121,19 +125,7 @@ impl EmbeddedStore {
                     None => conn.execute_batch(&format!("BEGIN; {RECOUNT_TYPE_STATS} COMMIT;")),
                 }
             })
-            .and_then(|_| {
-                // Stores made before the indexes were separate keep the ones they have.
-                let indexed: bool = conn.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM pragma_index_list('compartment'))",
-                    [],
-                    |row| row.get(0),
-                )?;
-                if indexed {
-                    Ok(())
-                } else {
-                    conn.execute_batch(COMPARTMENT_INDEXES)
-                }
-            })
+            .and_then(|_| move_compartment_links(&conn))
             .map_err(|e| store.error(e))?;
         Ok(store)
     }
@@ -194,13 +186,42 @@ impl EmbeddedStore {
     ) -> Result<Vec<String>, SourceError> {
         let conn = self.connect()?;
         let mut statement = conn
-            .prepare("SELECT patient_id FROM compartment WHERE type = ?1 AND id = ?2 ORDER BY patient_id")
+            .prepare(
+                "SELECT l.patient_id FROM resources r JOIN patient_link l ON l.resource = r.rowid
+                 WHERE r.type = ?1 AND r.id = ?2 ORDER BY l.patient_id",
+            )
             .map_err(|e| self.error(e))?;
         let rows = statement
             .query_map(params![resource_type, id], |row| row.get(0))
             .map_err(|e| self.error(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.error(e))
     }
+}
+
+/// Moves the links of a store of the earlier layout, in one transaction that rechecks under the
+/// write lock, so two processes opening the store at once move them once.
+fn move_compartment_links(conn: &Connection) -> rusqlite::Result<()> {
+    let has_old_table = |conn: &Connection| {
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'compartment')",
+            [],
+            |row| row.get::<_, bool>(0),
+        )
+    };
+    if !has_old_table(conn)? {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let moved = has_old_table(conn)
+        .and_then(|old| match old {
+            true => conn.execute_batch(MOVE_COMPARTMENT_LINKS),
+            false => Ok(()),
+        })
+        .and_then(|_| conn.execute_batch("COMMIT"));
+    if moved.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    moved
 }
 
 /// Every type's `TypeStats`, when they agree with the table: the highest rowid recorded is the
@@ -395,11 +416,19 @@ impl EmbeddedStore {
         request: &ScanRequest<'_>,
         what: &str,
     ) -> Result<Vec<String>, SourceError> {
-        let scope = match request.scope {
-            PatientScope::All => "",
-            PatientScope::AnyPatient => {
-                "AND EXISTS (SELECT 1 FROM compartment c WHERE c.type = ?1 AND c.id = r.id)"
-            }
+        // Links belong to current rows: a replaced version in `history` is in the compartments
+        // of its resource's current row.
+        let (links, history_links) = (
+            "patient_link c WHERE c.resource = r.rowid",
+            "resources now JOIN patient_link c ON c.resource = now.rowid
+             WHERE now.type = ?1 AND now.id = r.id",
+        );
+        let (scope, history_scope) = match request.scope {
+            PatientScope::All => (String::new(), String::new()),
+            PatientScope::AnyPatient => (
+                format!("AND EXISTS (SELECT 1 FROM {links})"),
+                format!("AND EXISTS (SELECT 1 FROM {history_links})"),
+            ),
             PatientScope::Only(patients) => {
                 conn.execute_batch(
                     "CREATE TEMP TABLE IF NOT EXISTS scope_patients (id TEXT PRIMARY KEY) WITHOUT ROWID;
@@ -412,8 +441,11 @@ impl EmbeddedStore {
                 for patient in patients {
                     insert.execute([patient]).map_err(|e| self.error(e))?;
                 }
-                "AND EXISTS (SELECT 1 FROM compartment c WHERE c.type = ?1 AND c.id = r.id
-                             AND c.patient_id IN (SELECT id FROM temp.scope_patients))"
+                let in_scope = "AND c.patient_id IN (SELECT id FROM temp.scope_patients)";
+                (
+                    format!("AND EXISTS (SELECT 1 FROM {links} {in_scope})"),
+                    format!("AND EXISTS (SELECT 1 FROM {history_links} {in_scope})"),
+                )
             }
         };
         let order = if what == "r.json" {
@@ -469,7 +501,7 @@ impl EmbeddedStore {
             format!(
                 "SELECT {what} FROM history r
                  WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3
-                   AND r.superseded_at > ?4 AND r.id > ?5 {scope}
+                   AND r.superseded_at > ?4 AND r.id > ?5 {history_scope}
                  {order}"
             ),
         ])

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::embedded::{micros, TypeStats, COMPARTMENT_INDEXES, COMPARTMENT_TABLE};
+use super::embedded::{micros, TypeStats};
 use super::{EmbeddedStore, SourceError};
 use crate::fhir::compartment;
 use crate::fhir::references::try_for_each_reference;
@@ -260,13 +260,9 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let files = discover(paths, &mut report.failed);
     report.files = files.len();
     let mut conn = store.connect()?;
-    // Temp files, not memory, for the sort that builds deferred indexes, and a helper thread per
-    // spare core for it: the reading thread is done by then.
-    let helpers = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
-    conn.execute_batch(&format!(
-        "PRAGMA cache_size = -131072; PRAGMA temp_store = FILE; PRAGMA threads = {helpers}"
-    ))
-    .map_err(|e| store.error(e))?;
+    // Temp files, not memory, for `before_run`: a reload of the whole store remembers every row.
+    conn.execute_batch("PRAGMA cache_size = -131072; PRAGMA temp_store = FILE")
+        .map_err(|e| store.error(e))?;
     // A rollback journal while loading: new pages go straight into the file, rather than through
     // the WAL and a checkpoint copying them again. Only while no one else has the store open.
     let journal: String = conn
@@ -698,6 +694,7 @@ fn input_error(line: Option<u64>, message: impl Into<String>) -> Failure {
 
 #[derive(Debug, Clone, Copy)]
 struct CurrentRow {
+    rowid: i64,
     hash: i64,
     last_updated: i64,
     run: i64,
@@ -707,15 +704,12 @@ struct Importer<'c> {
     conn: &'c Connection,
     /// The two statements every new resource runs, held rather than looked up in the cache.
     insert_resource: rusqlite::Statement<'c>,
-    insert_compartment: rusqlite::Statement<'c>,
+    insert_link: rusqlite::Statement<'c>,
     urns: HashMap<String, String>,
     run: i64,
     import_time: DateTime<Utc>,
     /// Rows this import inserted (a resource given twice is inserted once, then updated).
     created: u64,
-    /// The store was empty: compartment links go in unindexed, and the indexes are built at the
-    /// end, or as soon as a resource's links must be looked up.
-    deferred_indexes: bool,
     /// Per type, the rows this import inserted, added to `type_stats` at the end.
     inserted: HashMap<String, TypeStats>,
 }
@@ -724,7 +718,6 @@ struct Importer<'c> {
 #[derive(Clone)]
 struct FileStart {
     created: u64,
-    deferred_indexes: bool,
     inserted: HashMap<String, TypeStats>,
 }
 
@@ -745,30 +738,19 @@ impl<'c> Importer<'c> {
             [],
             |r| r.get(0),
         )?;
-        let empty: bool = conn.query_row(
-            "SELECT NOT EXISTS (SELECT 1 FROM resources) AND NOT EXISTS (SELECT 1 FROM compartment)",
-            [],
-            |r| r.get(0),
-        )?;
-        if empty {
-            // Dropped with the table, so that a store of the earlier layout gets the current one.
-            conn.execute_batch("DROP TABLE compartment")?;
-            conn.execute_batch(COMPARTMENT_TABLE)?;
-        }
         Ok(Self {
             conn,
             insert_resource: conn.prepare(
                 "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (type, id) DO NOTHING",
             )?,
-            insert_compartment: conn.prepare(
-                "INSERT OR IGNORE INTO compartment (patient_id, type, id) VALUES (?1, ?2, ?3)",
+            insert_link: conn.prepare(
+                "INSERT OR IGNORE INTO patient_link (resource, patient_id) VALUES (?1, ?2)",
             )?,
             urns,
             run,
             import_time,
             created: 0,
-            deferred_indexes: empty,
             inserted: HashMap::new(),
         })
     }
@@ -776,7 +758,6 @@ impl<'c> Importer<'c> {
     /// Records the Bundle urns of this import so later imports resolve references to them too, and
     /// counts the distinct resources created, updated and left unchanged.
     fn finish(&mut self, report: &mut ImportReport) -> rusqlite::Result<()> {
-        self.build_deferred_indexes()?;
         let mut insert = self
             .conn
             .prepare_cached("INSERT OR REPLACE INTO urn_alias (urn, reference) VALUES (?1, ?2)")?;
@@ -834,8 +815,9 @@ impl<'c> Importer<'c> {
         ])?;
         if inserted == 1 {
             self.created += 1;
-            self.count_insert(&resource_type, json.len() as u64);
-            return self.insert_compartments(&resource_type, &id, &patients);
+            let rowid = self.conn.last_insert_rowid();
+            self.count_insert(&resource_type, rowid, json.len() as u64);
+            return self.insert_links(rowid, &patients);
         }
         let Some(current) = self.current_row(&resource_type, &id)? else {
             unreachable!("the insert conflicted, so the row exists")
@@ -871,15 +853,13 @@ impl<'c> Importer<'c> {
                  WHERE type = ?1 AND id = ?2",
             )?
             .execute(params![resource_type, id, micros(last_updated), hash, self.run, json])?;
-        self.build_deferred_indexes()?;
         self.conn
-            .prepare_cached("DELETE FROM compartment WHERE type = ?1 AND id = ?2")?
-            .execute(params![resource_type, id])?;
-        self.insert_compartments(&resource_type, &id, &patients)
+            .prepare_cached("DELETE FROM patient_link WHERE resource = ?1")?
+            .execute([current.rowid])?;
+        self.insert_links(current.rowid, &patients)
     }
 
-    fn count_insert(&mut self, resource_type: &str, bytes: u64) {
-        let rowid = self.conn.last_insert_rowid();
+    fn count_insert(&mut self, resource_type: &str, rowid: i64, bytes: u64) {
         match self.inserted.get_mut(resource_type) {
             Some(stats) => {
                 stats.resources += 1;
@@ -902,47 +882,28 @@ impl<'c> Importer<'c> {
     fn file_start(&self) -> FileStart {
         FileStart {
             created: self.created,
-            deferred_indexes: self.deferred_indexes,
             inserted: self.inserted.clone(),
         }
     }
 
     fn undo_file(&mut self, start: FileStart) {
         self.created = start.created;
-        self.deferred_indexes = start.deferred_indexes;
         self.inserted = start.inserted;
     }
 
-    fn build_deferred_indexes(&mut self) -> rusqlite::Result<()> {
-        if std::mem::take(&mut self.deferred_indexes) {
-            let started = std::time::Instant::now();
-            self.conn.execute_batch(COMPARTMENT_INDEXES)?;
-            tracing::debug!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "compartment indexes built"
-            );
-        }
-        Ok(())
-    }
-
-    fn insert_compartments(
-        &mut self,
-        resource_type: &str,
-        id: &str,
-        patients: &[String],
-    ) -> rusqlite::Result<()> {
+    /// A new resource's links follow the rows inserted before it: appended at the table's end.
+    fn insert_links(&mut self, resource: i64, patients: &[String]) -> rusqlite::Result<()> {
         for patient in patients {
-            self.insert_compartment
-                .execute(params![patient, resource_type, id])?;
+            self.insert_link.execute(params![resource, patient])?;
         }
         Ok(())
     }
 
     fn current_row(&self, resource_type: &str, id: &str) -> rusqlite::Result<Option<CurrentRow>> {
         self.conn
-            .prepare_cached("SELECT content_hash, last_updated, import_run FROM resources WHERE type = ?1 AND id = ?2")?
+            .prepare_cached("SELECT rowid, content_hash, last_updated, import_run FROM resources WHERE type = ?1 AND id = ?2")?
             .query_row(params![resource_type, id], |r| {
-                Ok(CurrentRow { hash: r.get(0)?, last_updated: r.get(1)?, run: r.get(2)? })
+                Ok(CurrentRow { rowid: r.get(0)?, hash: r.get(1)?, last_updated: r.get(2)?, run: r.get(3)? })
             })
             .optional()
     }

@@ -9,7 +9,7 @@ use common::{client, download_all, kickoff, sample_counts, sample_store, start};
 use fhir_export::app::App;
 use fhir_export::config::{Settings, SourceSetting, StorageSetting};
 use fhir_export::export::{kickoff as planner, worker, ExportRequest, Level, ShardMessage};
-use fhir_export::jobs::{Change, ShardStatus};
+use fhir_export::jobs::{Change, JobStatus, ShardStatus};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,4 +222,75 @@ async fn a_shard_run_twice_at_once_redelivered_or_taken_over_writes_each_line_on
         .collect();
     assert_eq!(documents, ["job.json", "manifest.json"]);
     assert_eq!(app.jobs.running_count().await.unwrap(), 0);
+}
+
+/// On a local folder the running count is kept in memory once listed: it must follow every
+/// marker written and removed, and count what a dead process left until the sweep clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_count_follows_kickoffs_endings_and_markers_left_behind() {
+    let store = sample_store();
+    let dir = tempfile::tempdir().unwrap();
+    let exports = dir.path().join("exports");
+    // A kickoff that died before recording its job, two hours ago.
+    let running = exports.join("fhir-export-jobs/running");
+    std::fs::create_dir_all(&running).unwrap();
+    let left_behind = "0123456789abcdef0123456789abcdef";
+    let two_hours_ago = chrono::Utc::now() - chrono::Duration::hours(2);
+    std::fs::write(running.join(left_behind), two_hours_ago.to_rfc3339()).unwrap();
+    let settings = Settings {
+        source: SourceSetting::Sqlite(store.clone()),
+        storage: StorageSetting::Folder(exports.clone()),
+        workers: 0,
+        ..Settings::default()
+    };
+    let (app, _queue) = App::open_local(settings).unwrap();
+    let start = |types: &str| {
+        let request = ExportRequest::from_query(Level::System, types, false, false).unwrap();
+        planner::start(
+            &app,
+            request,
+            "http://test/$export".into(),
+            "http://test".into(),
+            None,
+        )
+    };
+    assert_eq!(app.jobs.running_count().await.unwrap(), 1);
+    let first = start("_type=Patient").await.unwrap();
+    let second = start("_type=Condition").await.unwrap();
+    assert_eq!(app.jobs.running_count().await.unwrap(), 3);
+
+    let end = |id: String, status| {
+        let jobs = app.jobs.clone();
+        async move {
+            jobs.update(&id, |job| {
+                job.status = status;
+                Change::Write(())
+            })
+            .await
+            .unwrap()
+        }
+    };
+    end(first.id.clone(), JobStatus::Cancelled).await;
+    assert_eq!(app.jobs.running_count().await.unwrap(), 2);
+    app.sweep_stale().await.unwrap();
+    assert_eq!(
+        app.jobs.running_count().await.unwrap(),
+        1,
+        "the dead kickoff's"
+    );
+    end(second.id.clone(), JobStatus::Completed).await;
+    assert_eq!(app.jobs.running_count().await.unwrap(), 0);
+
+    // What the next process finds on disk agrees.
+    let third = start("_type=Patient").await.unwrap();
+    drop(app);
+    let settings = Settings {
+        source: SourceSetting::Sqlite(store.clone()),
+        storage: StorageSetting::Folder(exports.clone()),
+        workers: 0,
+        ..Settings::default()
+    };
+    let (app, _queue) = App::open_local(settings).unwrap();
+    assert_eq!(app.jobs.running_count().await.unwrap(), 1);
+    assert!(running.join(&third.id).exists());
 }

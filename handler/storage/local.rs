@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tokio::sync::Mutex;
 use tokio_util::io::ReaderStream;
 
+use super::direct::DirectFile;
 use super::journal::{Journal, Record};
 use super::{validate_path, ByteStream, ETag, ObjectStore, ObjectWriter, PutMode, StorageError};
 
@@ -300,6 +301,10 @@ impl Drop for Publisher {
 
 #[async_trait]
 impl ObjectStore for LocalFolder {
+    fn owned_by_this_process(&self) -> bool {
+        true
+    }
+
     async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError> {
         Ok(self.read_whole(path)?.map(|data| {
             let etag = etag_of(&data);
@@ -335,14 +340,13 @@ impl ObjectStore for LocalFolder {
     async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let target = self.file(path)?;
         let staged = staging_file(&self.root);
-        let file = std::fs::File::create(&staged).map_err(|e| StorageError::io(path, e))?;
+        let file = DirectFile::create(&staged).map_err(|e| StorageError::io(path, e))?;
         Ok(Box::new(LocalWriter {
             path: path.to_string(),
             target,
             staged,
             file,
             behind: self.behind.clone(),
-            written: 0,
         }))
     }
 
@@ -432,66 +436,38 @@ impl ObjectStore for LocalFolder {
     }
 }
 
-/// Bytes per `write` call. A kernel without preemption (`preempt=none`, common on VMs) lets no
-/// other thread have the core while one copies into the page cache: a 4 MB write held it for
-/// milliseconds (a status request waited up to 9 ms at 100x). Copying into memory the VM has not
-/// touched yet is slow too: `perf sched` showed 256 KB writes holding the core for 3-8 ms while a
-/// request thread waited; 64 KB caps that at a quarter, for one more syscall per 64 KB.
-const WRITE_SYSCALL_BYTES: usize = 64 << 10;
-
-/// Starts writing a block just written to disk without waiting for it, so that the sync at commit
-/// finds most of the file already written rather than writing all of it then.
-#[cfg(target_os = "linux")]
-fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a hint on an open descriptor; failure only loses the head start.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
-
-/// Created, written and synced on the calling thread, not the runtime's blocking pool: the rolling writer
-/// calls from a shard thread of its own at a lower priority, and the copy into the page cache
-/// (the bulk of an export's work) is charged there, behind the requests the runtime serves.
+/// Created, written and synced on the calling thread, not the runtime's blocking pool: the rolling
+/// writer calls from a shard thread of its own at a lower priority, and what writing costs (the
+/// wait for a direct write, or the copy into the page cache where direct I/O is refused) is
+/// charged there, behind the requests the runtime serves.
 struct LocalWriter {
     path: String,
     target: PathBuf,
     staged: PathBuf,
-    file: std::fs::File,
+    file: DirectFile,
     behind: Arc<WriteBehind>,
-    /// Bytes written so far.
-    written: u64,
 }
 
 #[async_trait]
 impl ObjectWriter for LocalWriter {
     async fn write(&mut self, data: Bytes) -> Result<(), StorageError> {
-        for piece in data.chunks(WRITE_SYSCALL_BYTES) {
-            std::io::Write::write_all(&mut self.file, piece)
-                .map_err(|e| StorageError::io(&self.path, e))?;
-        }
-        start_writeback(&self.file, self.written, data.len() as u64);
-        self.written += data.len() as u64;
-        Ok(())
+        self.file
+            .write(&data)
+            .map_err(|e| StorageError::io(&self.path, e))
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
-        self.file
-            .sync_data()
-            .map_err(|e| StorageError::io(&self.path, e))?;
+    async fn commit(self: Box<Self>) -> Result<(), StorageError> {
+        let Self {
+            path,
+            target,
+            staged,
+            file,
+            behind,
+        } = *self;
+        file.finish().map_err(|e| StorageError::io(&path, e))?;
         // The rename on a pool thread at normal priority: a file system lock must not wait on
         // this idle-priority thread getting the core back.
         // A whole object journaled earlier at this path must not be published over the file.
-        let (path, staged, target) = (self.path.clone(), self.staged.clone(), self.target.clone());
-        let behind = self.behind.clone();
         tokio::task::spawn_blocking(move || {
             let _publishing = behind.publishing.lock().expect("publishing lock");
             behind.record(&path, Record::Cancel { path: path.clone() })?;

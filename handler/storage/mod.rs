@@ -4,6 +4,7 @@
 //! Objects written through an `ObjectWriter` become visible only when committed.
 
 pub mod azure;
+mod direct;
 mod journal;
 pub mod local;
 pub mod rolling;
@@ -84,6 +85,12 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// The paths of the objects under `prefix/`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
+
+    /// No other process writes here while this one runs (a local folder): what this process
+    /// listed once and changed since is all there is.
+    fn owned_by_this_process(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]

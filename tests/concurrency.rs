@@ -237,13 +237,16 @@ async fn the_running_count_follows_kickoffs_endings_and_markers_left_behind() {
     let left_behind = "0123456789abcdef0123456789abcdef";
     let two_hours_ago = chrono::Utc::now() - chrono::Duration::hours(2);
     std::fs::write(running.join(left_behind), two_hours_ago.to_rfc3339()).unwrap();
-    let settings = Settings {
-        source: SourceSetting::Sqlite(store.clone()),
-        storage: StorageSetting::Folder(exports.clone()),
-        workers: 0,
-        ..Settings::default()
+    let open = || {
+        let settings = Settings {
+            source: SourceSetting::Sqlite(store.clone()),
+            storage: StorageSetting::Folder(exports.clone()),
+            workers: 0,
+            ..Settings::default()
+        };
+        App::open_local(settings).unwrap()
     };
-    let (app, _queue) = App::open_local(settings).unwrap();
+    let (app, _queue) = open();
     let start = |types: &str| {
         let request = ExportRequest::from_query(Level::System, types, false, false).unwrap();
         planner::start(
@@ -284,13 +287,7 @@ async fn the_running_count_follows_kickoffs_endings_and_markers_left_behind() {
     // What the next process finds on disk agrees.
     let third = start("_type=Patient").await.unwrap();
     drop(app);
-    let settings = Settings {
-        source: SourceSetting::Sqlite(store.clone()),
-        storage: StorageSetting::Folder(exports.clone()),
-        workers: 0,
-        ..Settings::default()
-    };
-    let (app, _queue) = App::open_local(settings).unwrap();
+    let (app, _queue) = open();
     assert_eq!(app.jobs.running_count().await.unwrap(), 1);
     assert!(running.join(&third.id).exists());
 }

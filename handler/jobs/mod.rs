@@ -179,22 +179,24 @@ impl JobStore {
     /// How many exports are running (by their markers).
     pub async fn running_count(&self) -> Result<usize, JobError> {
         let Some(running) = &self.running else {
-            return Ok(self.list_running().await?.len());
+            return Ok(self.running_ids().await?.len());
         };
         // Listed under the lock: a marker written or removed meanwhile is noted after the listing.
         let mut known = running.lock().await;
         if known.is_none() {
-            let prefix = format!("{JOBS_CONTAINER}/{RUNNING}/");
-            let ids = self.list_running().await?.into_iter();
-            *known = Some(ids.map(|path| path[prefix.len()..].to_string()).collect());
+            *known = Some(self.running_ids().await?.into_iter().collect());
         }
         Ok(known.as_ref().map_or(0, BTreeSet::len))
     }
 
-    async fn list_running(&self) -> Result<Vec<String>, StorageError> {
-        self.store
-            .list(&format!("{JOBS_CONTAINER}/{RUNNING}"))
-            .await
+    /// The ids of the jobs with a running marker in storage.
+    async fn running_ids(&self) -> Result<Vec<String>, StorageError> {
+        let prefix = Self::running_path("");
+        let paths = self.store.list(&prefix[..prefix.len() - 1]).await?;
+        Ok(paths
+            .into_iter()
+            .map(|path| path[prefix.len()..].to_string())
+            .collect())
     }
 
     /// Keeps the known running ids in step with a marker just written or removed.
@@ -213,11 +215,10 @@ impl JobStore {
     /// Removes markers left by jobs that are no longer running, or whose kickoff died before the
     /// job was recorded (`grace` after the marker was written). Returns how many were removed.
     pub async fn repair_running_markers(&self, grace: chrono::Duration) -> Result<usize, JobError> {
-        let prefix = format!("{JOBS_CONTAINER}/{RUNNING}/");
         let mut removed = 0;
-        for path in self.list_running().await? {
-            let id = &path[prefix.len()..];
-            let stale = match self.load(id).await? {
+        for id in self.running_ids().await? {
+            let path = Self::running_path(&id);
+            let stale = match self.load(&id).await? {
                 Some((job, _)) => job.status != JobStatus::Running,
                 None => self.store.get(&path).await?.is_some_and(|(written, _)| {
                     std::str::from_utf8(&written)
@@ -228,7 +229,7 @@ impl JobStore {
             };
             if stale {
                 self.store.delete_prefix(&path).await?;
-                self.note_running(id, false).await;
+                self.note_running(&id, false).await;
                 removed += 1;
             }
         }

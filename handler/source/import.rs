@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::embedded::{micros, TypeStats};
+use super::read_once::ReadOnce;
 use super::{EmbeddedStore, SourceError};
 use crate::fhir::compartment;
 use crate::fhir::references::try_for_each_reference;
@@ -179,7 +180,16 @@ fn sniff(path: &Path) -> std::io::Result<Format> {
 
 /// A buffered reader of the file's content, gunzipped when it starts with the gzip magic bytes.
 fn open(path: &Path) -> std::io::Result<Box<dyn BufRead>> {
-    let mut file = BufReader::with_capacity(1 << 20, File::open(path)?);
+    decoded(File::open(path)?)
+}
+
+/// `open` for the pass that imports the file: its pages leave the page cache once read.
+fn open_to_import(path: &Path) -> std::io::Result<Box<dyn BufRead>> {
+    decoded(ReadOnce::new(File::open(path)?))
+}
+
+fn decoded(file: impl Read + 'static) -> std::io::Result<Box<dyn BufRead>> {
+    let mut file = BufReader::with_capacity(1 << 20, file);
     let gzipped = file.fill_buf()?.starts_with(&[0x1f, 0x8b]);
     Ok(if gzipped {
         Box::new(BufReader::with_capacity(1 << 20, MultiGzDecoder::new(file)))
@@ -484,7 +494,7 @@ impl Parser {
         file: &InputFile,
         emit: &mut dyn FnMut(Prepared) -> bool,
     ) -> Result<(), Failure> {
-        let reader = open(&file.path).map_err(|e| input_error(None, e.to_string()))?;
+        let reader = open_to_import(&file.path).map_err(|e| input_error(None, e.to_string()))?;
         match file.format {
             Format::Ndjson => self.parse_ndjson(reader, emit),
             Format::Document => self.parse_document(reader, emit),

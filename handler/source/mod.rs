@@ -2,6 +2,7 @@
 
 pub mod embedded;
 pub mod import;
+mod read_once;
 pub mod remote;
 
 use std::collections::HashMap;

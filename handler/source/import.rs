@@ -272,11 +272,21 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let mut conn = store.connect()?;
     // Temp files, not memory, for `before_run`: a reload of the whole store remembers every row.
     // The connection's small page cache is kept: a load mostly appends, and a larger cache only
-    // holds more of it in fresh memory until the commit (128 MB made no load faster). Rows already
-    // stored are read through a map of the file rather than copied a page at a time into that
-    // cache, which a reload does for every resource; SQLite caps the map (2 GB in this build).
-    conn.execute_batch("PRAGMA temp_store = FILE; PRAGMA mmap_size = 1099511627776")
+    // holds more of it in fresh memory until the commit (128 MB made no load faster).
+    conn.execute_batch("PRAGMA temp_store = FILE")
         .map_err(|e| store.error(e))?;
+    // Into a store already holding resources, a load looks each one up: those rows are read
+    // through a map of the file rather than copied a page at a time into that small cache. SQLite
+    // caps the map (2 GB in this build).
+    let holds_resources: bool = conn
+        .query_row("SELECT EXISTS (SELECT 1 FROM resources)", [], |row| {
+            row.get(0)
+        })
+        .map_err(|e| store.error(e))?;
+    if holds_resources {
+        conn.execute_batch("PRAGMA mmap_size = 1099511627776")
+            .map_err(|e| store.error(e))?;
+    }
     // A rollback journal while loading: new pages go straight into the file, rather than through
     // the WAL and a checkpoint copying them again. Only while no one else has the store open.
     let journal: String = conn

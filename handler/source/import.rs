@@ -296,13 +296,19 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let new_urns = collect_urns(&files);
     urns.extend(new_urns.iter().map(|(k, v)| (k.clone(), v.clone())));
     let import_time = Utc::now();
-    let parser = Parser { urns, import_time };
+    let (spent, spent_batches) = std::sync::mpsc::channel::<Vec<Prepared>>();
+    let parser = Parser {
+        urns,
+        import_time,
+        spent_batches,
+    };
     let tx = conn.transaction().map_err(|e| store.error(e))?;
     let mut importer = Importer::new(&tx, new_urns, import_time).map_err(|e| store.error(e))?;
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(4);
     let (loading, load_ended) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
-        scope.spawn(|| parser.run(&files, sender));
+        let files = &files;
+        scope.spawn(move || parser.run(files, sender));
         scope.spawn(|| start_writeback_until(store.path(), load_ended));
         // Dropped however this ends, which stops the writeback thread at once.
         let _loading = loading;
@@ -316,12 +322,15 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
                     counts = Counts::default();
                     at_file_start = importer.file_start();
                 }
-                Event::Resources(batch) => {
-                    for prepared in batch {
+                Event::Resources(mut batch) => {
+                    for prepared in &mut batch {
                         counts.read += 1;
                         counts.unresolved += prepared.unresolved;
                         importer.write(prepared).map_err(|e| store.error(e))?;
                     }
+                    // Freed by the thread that allocated it: a free from another thread waits
+                    // on the allocator's lock while that thread allocates.
+                    let _ = spent.send(batch);
                 }
                 Event::FileDone => {
                     tx.execute_batch("RELEASE file")
@@ -468,6 +477,8 @@ impl<'de> Deserialize<'de> for Skim<'de> {
 struct Parser {
     urns: HashMap<String, String>,
     import_time: DateTime<Utc>,
+    /// Batches the writing side is done with, to empty here and fill again.
+    spent_batches: std::sync::mpsc::Receiver<Vec<Prepared>>,
 }
 
 impl Parser {
@@ -476,14 +487,14 @@ impl Parser {
             if events.send(Event::FileStart).is_err() {
                 return;
             }
-            let mut batch = Vec::with_capacity(BATCH);
+            let mut batch = self.empty_batch();
             let mut emit = |prepared: Prepared| {
                 batch.push(prepared);
                 batch.len() < BATCH
                     || events
                         .send(Event::Resources(std::mem::replace(
                             &mut batch,
-                            Vec::with_capacity(BATCH),
+                            self.empty_batch(),
                         )))
                         .is_ok()
             };
@@ -500,6 +511,16 @@ impl Parser {
             if events.send(end).is_err() {
                 return;
             }
+        }
+    }
+
+    fn empty_batch(&self) -> Vec<Prepared> {
+        match self.spent_batches.try_recv() {
+            Ok(mut spent) => {
+                spent.clear();
+                spent
+            }
+            Err(_) => Vec::with_capacity(BATCH),
         }
     }
 
@@ -849,17 +870,13 @@ impl<'c> Importer<'c> {
         self.conn.execute_batch("DELETE FROM temp.before_run")
     }
 
-    fn write(&mut self, prepared: Prepared) -> rusqlite::Result<()> {
-        let Prepared {
-            resource_type,
-            id,
-            patients,
-            hash,
-            stated,
-            json,
-            value,
-            ..
-        } = prepared;
+    fn write(&mut self, prepared: &mut Prepared) -> rusqlite::Result<()> {
+        let (resource_type, id, hash, stated) = (
+            prepared.resource_type.as_str(),
+            prepared.id.as_str(),
+            prepared.hash,
+            prepared.stated,
+        );
         // Most resources of an import are new: try the insert first, look up only on conflict.
         let new_last_updated = stated.unwrap_or(self.import_time);
         let inserted = self.insert_resource.execute(params![
@@ -868,24 +885,26 @@ impl<'c> Importer<'c> {
             micros(new_last_updated),
             hash,
             self.run,
-            json
+            prepared.json
         ])?;
         if inserted == 1 {
             self.created += 1;
             let rowid = self.conn.last_insert_rowid();
-            self.count_insert(&resource_type, rowid, json.len() as u64);
-            return self.insert_links(rowid, &patients);
+            self.count_insert(resource_type, rowid, prepared.json.len() as u64);
+            return self.insert_links(rowid, &prepared.patients);
         }
-        let Some(current) = self.current_row(&resource_type, &id)? else {
+        let Some(current) = self.current_row(resource_type, id)? else {
             unreachable!("the insert conflicted, so the row exists")
         };
-        let previous = self.state_before_run(&resource_type, &id, Some(current))?;
-        let (last_updated, json) = match (stated, previous, value) {
-            (Some(stated), _, _) => (stated, json),
-            (None, Some((prev_hash, prev_updated)), Some(mut value)) if prev_hash == hash => {
-                (prev_updated, with_last_updated(&mut value, prev_updated))
+        let previous = self.state_before_run(resource_type, id, Some(current))?;
+        let restored;
+        let (last_updated, json) = match (stated, previous, prepared.value.as_mut()) {
+            (Some(stated), _, _) => (stated, &prepared.json),
+            (None, Some((prev_hash, prev_updated)), Some(value)) if prev_hash == hash => {
+                restored = with_last_updated(value, prev_updated);
+                (prev_updated, &restored)
             }
-            (None, _, _) => (self.import_time, json),
+            (None, _, _) => (self.import_time, &prepared.json),
         };
         if current.hash == hash {
             return Ok(());
@@ -913,7 +932,7 @@ impl<'c> Importer<'c> {
         self.conn
             .prepare_cached("DELETE FROM patient_link WHERE resource = ?1")?
             .execute([current.rowid])?;
-        self.insert_links(current.rowid, &patients)
+        self.insert_links(current.rowid, &prepared.patients)
     }
 
     fn count_insert(&mut self, resource_type: &str, rowid: i64, bytes: u64) {
@@ -1081,6 +1100,7 @@ mod tests {
         let parser = Parser {
             urns: HashMap::from([("urn:uuid:1".to_string(), "Patient/p1".to_string())]),
             import_time: DateTime::UNIX_EPOCH,
+            spent_batches: std::sync::mpsc::channel().1,
         };
         let team = br#"{"resourceType":"CareTeam","id":"t","meta":{"lastUpdated":"2020-01-01T00:00:00Z"},"subject":{"reference":"Patient/a"},"participant":[{"member":{"reference":"Patient/b"}},{"member":{"reference":"Practitioner/x"}}]}"#;
         let quick = parser.prepare_as_is(team).unwrap();

@@ -303,7 +303,8 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
         spent_batches,
     };
     let tx = conn.transaction().map_err(|e| store.error(e))?;
-    let mut importer = Importer::new(&tx, new_urns, import_time).map_err(|e| store.error(e))?;
+    let mut importer =
+        Importer::new(&tx, new_urns, import_time, holds_resources).map_err(|e| store.error(e))?;
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(4);
     let (loading, load_ended) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
@@ -786,6 +787,8 @@ struct Importer<'c> {
     urns: HashMap<String, String>,
     run: i64,
     import_time: DateTime<Utc>,
+    /// The store held resources before this import: each is looked up before it is inserted.
+    look_up_first: bool,
     /// Rows this import inserted (a resource given twice is inserted once, then updated).
     created: u64,
     /// Per type, the rows this import inserted, added to `type_stats` at the end.
@@ -804,6 +807,7 @@ impl<'c> Importer<'c> {
         conn: &'c Connection,
         urns: HashMap<String, String>,
         import_time: DateTime<Utc>,
+        look_up_first: bool,
     ) -> rusqlite::Result<Self> {
         conn.execute_batch(
             "CREATE TEMP TABLE IF NOT EXISTS before_run (
@@ -828,6 +832,7 @@ impl<'c> Importer<'c> {
             urns,
             run,
             import_time,
+            look_up_first,
             created: 0,
             inserted: HashMap::new(),
         })
@@ -877,24 +882,19 @@ impl<'c> Importer<'c> {
             prepared.hash,
             prepared.stated,
         );
-        // Most resources of an import are new: try the insert first, look up only on conflict.
-        let new_last_updated = stated.unwrap_or(self.import_time);
-        let inserted = self.insert_resource.execute(params![
-            resource_type,
-            id,
-            micros(new_last_updated),
-            hash,
-            self.run,
-            prepared.json
-        ])?;
-        if inserted == 1 {
-            self.created += 1;
-            let rowid = self.conn.last_insert_rowid();
-            self.count_insert(resource_type, rowid, prepared.json.len() as u64);
-            return self.insert_links(rowid, &prepared.patients);
-        }
-        let Some(current) = self.current_row(resource_type, id)? else {
-            unreachable!("the insert conflicted, so the row exists")
+        // Into an empty store most resources are new: the insert is tried first, and a lookup
+        // follows only on conflict. Into a store that held resources, the lookup comes first: it
+        // reads through the file's map, where the insert's search copies each page it visits.
+        let known = match self.look_up_first {
+            true => self.current_row(resource_type, id)?,
+            false => None,
+        };
+        let current = match known {
+            Some(current) => current,
+            None if self.insert_new(prepared)? => return Ok(()),
+            None => self
+                .current_row(resource_type, id)?
+                .expect("the insert conflicted, so the row exists"),
         };
         let previous = self.state_before_run(resource_type, id, Some(current))?;
         let restored;
@@ -933,6 +933,26 @@ impl<'c> Importer<'c> {
             .prepare_cached("DELETE FROM patient_link WHERE resource = ?1")?
             .execute([current.rowid])?;
         self.insert_links(current.rowid, &prepared.patients)
+    }
+
+    /// Inserts the resource unless its type and id are stored already; true when inserted.
+    fn insert_new(&mut self, prepared: &Prepared) -> rusqlite::Result<bool> {
+        let inserted = self.insert_resource.execute(params![
+            prepared.resource_type,
+            prepared.id,
+            micros(prepared.stated.unwrap_or(self.import_time)),
+            prepared.hash,
+            self.run,
+            prepared.json
+        ])?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        self.created += 1;
+        let rowid = self.conn.last_insert_rowid();
+        self.count_insert(&prepared.resource_type, rowid, prepared.json.len() as u64);
+        self.insert_links(rowid, &prepared.patients)?;
+        Ok(true)
     }
 
     fn count_insert(&mut self, resource_type: &str, rowid: i64, bytes: u64) {

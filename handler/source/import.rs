@@ -779,6 +779,10 @@ struct CurrentRow {
     run: i64,
 }
 
+/// How far `Importer::stored_lately` leans: after this many new resources in a row, inserts go
+/// first again (and after as many stored ones, lookups).
+const LATELY: i32 = 64;
+
 struct Importer<'c> {
     conn: &'c Connection,
     /// The two statements every new resource runs, held rather than looked up in the cache.
@@ -787,8 +791,9 @@ struct Importer<'c> {
     urns: HashMap<String, String>,
     run: i64,
     import_time: DateTime<Utc>,
-    /// The store held resources before this import: each is looked up before it is inserted.
-    look_up_first: bool,
+    /// Leans positive while the resources written lately were stored already, negative while
+    /// they were new (within -LATELY..=LATELY): when positive, each is looked up before the insert.
+    stored_lately: i32,
     /// Rows this import inserted (a resource given twice is inserted once, then updated).
     created: u64,
     /// Per type, the rows this import inserted, added to `type_stats` at the end.
@@ -807,7 +812,7 @@ impl<'c> Importer<'c> {
         conn: &'c Connection,
         urns: HashMap<String, String>,
         import_time: DateTime<Utc>,
-        look_up_first: bool,
+        store_held_resources: bool,
     ) -> rusqlite::Result<Self> {
         conn.execute_batch(
             "CREATE TEMP TABLE IF NOT EXISTS before_run (
@@ -832,7 +837,11 @@ impl<'c> Importer<'c> {
             urns,
             run,
             import_time,
-            look_up_first,
+            stored_lately: if store_held_resources {
+                LATELY
+            } else {
+                -LATELY
+            },
             created: 0,
             inserted: HashMap::new(),
         })
@@ -882,20 +891,24 @@ impl<'c> Importer<'c> {
             prepared.hash,
             prepared.stated,
         );
-        // Into an empty store most resources are new: the insert is tried first, and a lookup
-        // follows only on conflict. Into a store that held resources, the lookup comes first: it
-        // reads through the file's map, where the insert's search copies each page it visits.
-        let known = match self.look_up_first {
+        // While most resources are new, the insert is tried first and a lookup follows only on
+        // conflict. While most are stored already, the lookup comes first: it reads through the
+        // file's map, where the insert's search copies each page it visits.
+        let known = match self.stored_lately > 0 {
             true => self.current_row(resource_type, id)?,
             false => None,
         };
         let current = match known {
             Some(current) => current,
-            None if self.insert_new(prepared)? => return Ok(()),
+            None if self.insert_new(prepared)? => {
+                self.stored_lately = (self.stored_lately - 1).max(-LATELY);
+                return Ok(());
+            }
             None => self
                 .current_row(resource_type, id)?
                 .expect("the insert conflicted, so the row exists"),
         };
+        self.stored_lately = (self.stored_lately + 1).min(LATELY);
         let previous = self.state_before_run(resource_type, id, Some(current))?;
         let restored;
         let (last_updated, json) = match (stated, previous, prepared.value.as_mut()) {

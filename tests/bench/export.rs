@@ -219,13 +219,14 @@ fn main() {
     };
     println!("source: {}", source.display());
     println!(
-        "{:>6} {:>10} {:>8} | {:>8} {:>9} {:>8} | {:>8} {:>9} {:>7} {:>7} {:>6} {:>8} {:>9} {:>10} {:>10}",
+        "{:>6} {:>10} {:>8} | {:>8} {:>9} {:>8} {:>9} | {:>8} {:>9} {:>7} {:>7} {:>6} {:>8} {:>9} {:>10} {:>10}",
         "copies",
         "resources",
         "MB",
         "import s",
         "import/s",
         "imp RSS",
+        "reload/s",
         "export s",
         "export/s",
         "MB/s",
@@ -261,7 +262,7 @@ fn main() {
         });
         let store = dir.join("store.db");
         settle();
-        let (import_s, import_rss, _) = run_measured({
+        let import = || {
             let mut c = handler();
             c.args([
                 "import",
@@ -270,7 +271,11 @@ fn main() {
                 store.to_str().unwrap(),
             ]);
             c
-        });
+        };
+        let (import_s, import_rss, _) = run_measured(import());
+        settle();
+        // The same files again: every resource is found stored and unchanged.
+        let (reload_s, _, _) = run_measured(import());
         std::fs::remove_dir_all(&data).unwrap();
         settle();
 
@@ -308,13 +313,14 @@ fn main() {
         let cat_s = cat_seconds(&figures.files, &dir);
         let mb = figures.bytes as f64 / 1e6;
         println!(
-            "{:>6} {:>10} {:>8.0} | {:>8.2} {:>9.0} {:>8.0} | {:>8.2} {:>9.0} {:>7.0} {:>7.2} {:>6.2} {:>8.0} {:>9.1} {:>7.1} ({}) {:>5.1} ({})",
+            "{:>6} {:>10} {:>8.0} | {:>8.2} {:>9.0} {:>8.0} {:>9.0} | {:>8.2} {:>9.0} {:>7.0} {:>7.2} {:>6.2} {:>8.0} {:>9.1} {:>7.1} ({}) {:>5.1} ({})",
             n,
             figures.resources,
             mb,
             import_s,
             figures.resources as f64 / import_s,
             import_rss,
+            figures.resources as f64 / reload_s,
             figures.seconds,
             figures.resources as f64 / figures.seconds,
             mb / figures.seconds,
@@ -330,6 +336,7 @@ fn main() {
         std::io::stdout().flush().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
+    println!("reload/s: the same files imported again into the store they filled (all unchanged);");
     println!("RSS in MB (peak); ratio = export time / cat time of the same bytes; status p99 in ms over (n) polls during the export;");
     println!("kick p99 in ms over (n) kickoffs of a small export (Patient, _since the start) made during it, one after every other poll");
 }

@@ -277,7 +277,7 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
         .map_err(|e| store.error(e))?;
     // Into a store already holding resources, a load looks each one up: those rows are read
     // through a map of the file rather than copied a page at a time into that small cache. SQLite
-    // caps the map (2 GB in this build).
+    // caps the map at its build's `SQLITE_MAX_MMAP_SIZE` (raised in `.cargo/config.toml`).
     let holds_resources: bool = conn
         .query_row("SELECT EXISTS (SELECT 1 FROM resources)", [], |row| {
             row.get(0)
@@ -296,20 +296,15 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let new_urns = collect_urns(&files);
     urns.extend(new_urns.iter().map(|(k, v)| (k.clone(), v.clone())));
     let import_time = Utc::now();
-    let (spent, spent_batches) = std::sync::mpsc::channel::<Vec<Prepared>>();
-    let parser = Parser {
-        urns,
-        import_time,
-        spent_batches,
-    };
+    let parser = Parser { urns, import_time };
     let tx = conn.transaction().map_err(|e| store.error(e))?;
     let mut importer =
         Importer::new(&tx, new_urns, import_time, holds_resources).map_err(|e| store.error(e))?;
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(4);
+    let (spent, spent_batches) = std::sync::mpsc::channel::<Vec<Prepared>>();
     let (loading, load_ended) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
-        let files = &files;
-        scope.spawn(move || parser.run(files, sender));
+        scope.spawn(|| parser.run(&files, sender, spent_batches));
         scope.spawn(|| start_writeback_until(store.path(), load_ended));
         // Dropped however this ends, which stops the writeback thread at once.
         let _loading = loading;
@@ -478,24 +473,36 @@ impl<'de> Deserialize<'de> for Skim<'de> {
 struct Parser {
     urns: HashMap<String, String>,
     import_time: DateTime<Utc>,
-    /// Batches the writing side is done with, to empty here and fill again.
-    spent_batches: std::sync::mpsc::Receiver<Vec<Prepared>>,
 }
 
 impl Parser {
-    fn run(&self, files: &[InputFile], events: std::sync::mpsc::SyncSender<Event>) {
+    /// Reads `files` into `events`; `spent_batches` brings back the batches the writing side is
+    /// done with, to empty here and fill again.
+    fn run(
+        &self,
+        files: &[InputFile],
+        events: std::sync::mpsc::SyncSender<Event>,
+        spent_batches: std::sync::mpsc::Receiver<Vec<Prepared>>,
+    ) {
+        let empty_batch = || match spent_batches.try_recv() {
+            Ok(mut spent) => {
+                spent.clear();
+                spent
+            }
+            Err(_) => Vec::with_capacity(BATCH),
+        };
         for (index, file) in files.iter().enumerate() {
             if events.send(Event::FileStart).is_err() {
                 return;
             }
-            let mut batch = self.empty_batch();
+            let mut batch = empty_batch();
             let mut emit = |prepared: Prepared| {
                 batch.push(prepared);
                 batch.len() < BATCH
                     || events
                         .send(Event::Resources(std::mem::replace(
                             &mut batch,
-                            self.empty_batch(),
+                            empty_batch(),
                         )))
                         .is_ok()
             };
@@ -512,16 +519,6 @@ impl Parser {
             if events.send(end).is_err() {
                 return;
             }
-        }
-    }
-
-    fn empty_batch(&self) -> Vec<Prepared> {
-        match self.spent_batches.try_recv() {
-            Ok(mut spent) => {
-                spent.clear();
-                spent
-            }
-            Err(_) => Vec::with_capacity(BATCH),
         }
     }
 
@@ -909,7 +906,7 @@ impl<'c> Importer<'c> {
                 .expect("the insert conflicted, so the row exists"),
         };
         self.stored_lately = (self.stored_lately + 1).min(LATELY);
-        let previous = self.state_before_run(resource_type, id, Some(current))?;
+        let previous = self.state_before_run(resource_type, id, current)?;
         let restored;
         let (last_updated, json) = match (stated, previous, prepared.value.as_mut()) {
             (Some(stated), _, _) => (stated, &prepared.json),
@@ -1023,15 +1020,14 @@ impl<'c> Importer<'c> {
         &self,
         resource_type: &str,
         id: &str,
-        current: Option<CurrentRow>,
+        current: CurrentRow,
     ) -> rusqlite::Result<Option<(i64, DateTime<Utc>)>> {
-        let state = match current {
-            None => None,
-            Some(row) if row.run != self.run => {
-                self.remember_before_run(resource_type, id, (row.hash, row.last_updated))?;
-                Some((row.hash, row.last_updated))
+        let state = match current.run != self.run {
+            true => {
+                self.remember_before_run(resource_type, id, (current.hash, current.last_updated))?;
+                Some((current.hash, current.last_updated))
             }
-            Some(_) => self
+            false => self
                 .conn
                 .prepare_cached("SELECT content_hash, last_updated FROM temp.before_run WHERE type = ?1 AND id = ?2")?
                 .query_row(params![resource_type, id], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -1133,7 +1129,6 @@ mod tests {
         let parser = Parser {
             urns: HashMap::from([("urn:uuid:1".to_string(), "Patient/p1".to_string())]),
             import_time: DateTime::UNIX_EPOCH,
-            spent_batches: std::sync::mpsc::channel().1,
         };
         let team = br#"{"resourceType":"CareTeam","id":"t","meta":{"lastUpdated":"2020-01-01T00:00:00Z"},"subject":{"reference":"Patient/a"},"participant":[{"member":{"reference":"Patient/b"}},{"member":{"reference":"Practitioner/x"}}]}"#;
         let quick = parser.prepare_as_is(team).unwrap();

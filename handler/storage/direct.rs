@@ -134,8 +134,11 @@ impl DirectFile {
         if let Some(chunk) = self.chunk.take() {
             let aligned = chunk.filled - chunk.filled % ALIGNMENT;
             let (head, tail) = chunk.filled().split_at(aligned);
-            let written = self.write_aligned(head).and_then(|_| {
-                buffer_from_now(&self.file)?;
+            let written = self.write_aligned(head).and_then(|direct| {
+                // Turned off already where the direct write was turned down.
+                if direct {
+                    buffer_from_now(&self.file)?;
+                }
                 self.write_buffered(tail)
             });
             chunk.give_back();

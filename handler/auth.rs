@@ -36,6 +36,9 @@ pub struct AuthSetting {
     pub audience: String,
     /// Where the signing keys are; default: `jwks_uri` of the issuer's OpenID configuration.
     pub jwks_url: Option<String>,
+    /// The token endpoint clients are told of; default: `token_endpoint` of the issuer's OpenID
+    /// configuration.
+    pub token_endpoint: Option<String>,
 }
 
 /// Why a request was refused.
@@ -49,6 +52,8 @@ pub enum AuthError {
     Forbidden(String),
     #[error("the token issuer's signing keys could not be read: {0}")]
     KeysUnavailable(String),
+    #[error("the token issuer's OpenID configuration could not be read: {0}")]
+    DiscoveryUnavailable(String),
 }
 
 /// A verified caller.
@@ -103,6 +108,8 @@ pub struct Authenticator {
     setting: AuthSetting,
     http: reqwest::Client,
     keys: RwLock<Option<Keys>>,
+    /// The issuer's token endpoint once discovered, and when discovery was last tried.
+    token_endpoint: std::sync::Mutex<(Option<String>, Option<Instant>)>,
 }
 
 impl Authenticator {
@@ -113,7 +120,51 @@ impl Authenticator {
                 .timeout(Duration::from_secs(10))
                 .build()?,
             keys: RwLock::new(None),
+            token_endpoint: std::sync::Mutex::new((None, None)),
         })
+    }
+
+    /// The token endpoint to advertise: the setting, else the issuer's OpenID configuration (read
+    /// at most once a minute until it answers; no lock is held while it is read).
+    pub async fn token_endpoint(&self) -> Result<String, AuthError> {
+        if let Some(endpoint) = &self.setting.token_endpoint {
+            return Ok(endpoint.clone());
+        }
+        {
+            let mut cached = self.token_endpoint.lock().expect("not poisoned");
+            match &*cached {
+                (Some(endpoint), _) => return Ok(endpoint.clone()),
+                (None, Some(tried)) if tried.elapsed() < REFETCH_AFTER => {
+                    return Err(AuthError::DiscoveryUnavailable(
+                        "it did not answer lately; tried again within a minute".into(),
+                    ))
+                }
+                _ => cached.1 = Some(Instant::now()),
+            }
+        }
+        let configuration = self.openid_configuration().await.map_err(|e| match e {
+            AuthError::KeysUnavailable(why) => AuthError::DiscoveryUnavailable(why),
+            other => other,
+        })?;
+        let endpoint = configuration["token_endpoint"]
+            .as_str()
+            .filter(|url| url.starts_with("https://") || url.starts_with("http://"))
+            .ok_or_else(|| {
+                AuthError::DiscoveryUnavailable(
+                    "it names no token_endpoint; set EXPORT_AUTH_TOKEN_ENDPOINT".into(),
+                )
+            })?
+            .to_string();
+        self.token_endpoint.lock().expect("not poisoned").0 = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    async fn openid_configuration(&self) -> Result<serde_json::Value, AuthError> {
+        let discovery = format!(
+            "{}/.well-known/openid-configuration",
+            self.setting.issuer.trim_end_matches('/')
+        );
+        self.get_json(&discovery).await
     }
 
     /// Checks the `Authorization` header's bearer token.
@@ -242,19 +293,14 @@ impl Authenticator {
     async fn fetch_key_set(&self) -> Result<JwkSet, AuthError> {
         let jwks_url = match &self.setting.jwks_url {
             Some(url) => url.clone(),
-            None => {
-                let discovery = format!(
-                    "{}/.well-known/openid-configuration",
-                    self.setting.issuer.trim_end_matches('/')
-                );
-                let configuration: serde_json::Value = self.get_json(&discovery).await?;
-                configuration["jwks_uri"]
-                    .as_str()
-                    .ok_or_else(|| {
-                        AuthError::KeysUnavailable(format!("{discovery} names no jwks_uri"))
-                    })?
-                    .to_string()
-            }
+            None => self.openid_configuration().await?["jwks_uri"]
+                .as_str()
+                .ok_or_else(|| {
+                    AuthError::KeysUnavailable(
+                        "the issuer's OpenID configuration names no jwks_uri".into(),
+                    )
+                })?
+                .to_string(),
         };
         self.get_json(&jwks_url).await
     }

@@ -201,21 +201,26 @@ pub fn parse_source_auth(
     }
 }
 
-/// `EXPORT_AUTH_ISSUER`, `EXPORT_AUTH_AUDIENCE`, `EXPORT_AUTH_JWKS_URL`: token checks are on when
-/// an issuer is given, and then need an audience.
+/// `EXPORT_AUTH_ISSUER`, `EXPORT_AUTH_AUDIENCE`, `EXPORT_AUTH_JWKS_URL`,
+/// `EXPORT_AUTH_TOKEN_ENDPOINT`: token checks are on when an issuer is given, and then need an
+/// audience.
 pub fn parse_auth(
     issuer: Option<&str>,
     audience: Option<&str>,
     jwks_url: Option<&str>,
+    token_endpoint: Option<&str>,
 ) -> Result<Option<crate::auth::AuthSetting>, SettingError> {
     fn given(value: Option<&str>) -> Option<&str> {
         value.map(str::trim).filter(|v| !v.is_empty())
     }
     let Some(issuer) = given(issuer) else {
-        if given(audience).is_some() || given(jwks_url).is_some() {
+        if [audience, jwks_url, token_endpoint]
+            .into_iter()
+            .any(|v| given(v).is_some())
+        {
             return Err(bad(
                 "EXPORT_AUTH_ISSUER",
-                "required when EXPORT_AUTH_AUDIENCE or EXPORT_AUTH_JWKS_URL is set",
+                "required when EXPORT_AUTH_AUDIENCE, EXPORT_AUTH_JWKS_URL or EXPORT_AUTH_TOKEN_ENDPOINT is set",
             ));
         }
         return Ok(None);
@@ -239,10 +244,17 @@ pub fn parse_auth(
             format!("{url:?} is not an http(s) URL"),
         ));
     }
+    if let Some(url) = given(token_endpoint).filter(|url| !is_url(url)) {
+        return Err(bad(
+            "EXPORT_AUTH_TOKEN_ENDPOINT",
+            format!("{url:?} is not an http(s) URL"),
+        ));
+    }
     Ok(Some(crate::auth::AuthSetting {
         issuer: issuer.to_string(),
         audience: audience.to_string(),
         jwks_url: given(jwks_url).map(str::to_string),
+        token_endpoint: given(token_endpoint).map(str::to_string),
     }))
 }
 
@@ -254,6 +266,25 @@ pub fn check_file_max_bytes(value: u64) -> Result<u64, SettingError> {
         ));
     }
     Ok(value)
+}
+
+/// Under the Functions host without `EXPORT_BASE_URL`: `https://` and the app's default host name,
+/// which App Service sets as `WEBSITE_HOSTNAME`.
+pub fn base_url_from_site_host(host: Option<&str>) -> Result<Option<String>, SettingError> {
+    match host.map(str::trim).filter(|h| !h.is_empty()) {
+        None => Ok(None),
+        Some(host)
+            if host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b)) =>
+        {
+            Ok(Some(format!("https://{}", host.to_ascii_lowercase())))
+        }
+        Some(host) => Err(bad(
+            "WEBSITE_HOSTNAME",
+            format!("{host:?} is not a host name; set EXPORT_BASE_URL"),
+        )),
+    }
 }
 
 pub fn check_base_url(value: &str) -> Result<String, SettingError> {
@@ -312,5 +343,11 @@ mod tests {
             "http://h:1/fhir"
         );
         assert!(check_base_url("ftp://x").is_err());
+        assert_eq!(
+            base_url_from_site_host(Some("fx-abc.azurewebsites.net")).unwrap(),
+            Some("https://fx-abc.azurewebsites.net".into())
+        );
+        assert_eq!(base_url_from_site_host(None).unwrap(), None);
+        assert!(base_url_from_site_host(Some("evil/x")).is_err());
     }
 }

@@ -176,6 +176,10 @@ struct ServeArgs {
     /// The issuer's signing keys (default: jwks_uri of its OpenID configuration).
     #[arg(long, env = "EXPORT_AUTH_JWKS_URL")]
     auth_jwks_url: Option<String>,
+    /// The token endpoint advertised to clients in SMART discovery (default: token_endpoint of the
+    /// issuer's OpenID configuration).
+    #[arg(long, env = "EXPORT_AUTH_TOKEN_ENDPOINT")]
+    auth_token_endpoint: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -330,7 +334,12 @@ fn custom_handler(port: &str) -> anyhow::Result<ExitCode> {
         anyhow::anyhow!("setting FUNCTIONS_CUSTOMHANDLER_PORT: {port:?} is not a port number")
     })?;
     let args = FromEnvironment::try_parse_from(["handler"])?.serve;
-    let settings = settings_from(&args)?;
+    let mut settings = settings_from(&args)?;
+    if settings.base_url.is_none() {
+        // App Service names the app's own host; a client's Host header never decides the URLs.
+        settings.base_url =
+            config::base_url_from_site_host(std::env::var("WEBSITE_HOSTNAME").ok().as_deref())?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -376,6 +385,7 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
             args.auth_issuer.as_deref(),
             args.auth_audience.as_deref(),
             args.auth_jwks_url.as_deref(),
+            args.auth_token_endpoint.as_deref(),
         )?,
         base_url: args
             .base_url

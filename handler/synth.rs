@@ -11,9 +11,8 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use serde_json::Value;
 
-use crate::fhir::references::try_for_each_reference;
+use crate::fhir::json::Json;
 use crate::source::{import, EmbeddedStore};
 
 /// What serde_json writes for the marker character U+0001.
@@ -62,7 +61,7 @@ pub fn synth(from: &[PathBuf], copies: u32, out: &Path) -> anyhow::Result<SynthS
         if json.windows(MARKER.len()).any(|w| w == MARKER) {
             bail!("{resource_type} contains the escape \\u0001, which synth uses as its marker");
         }
-        let template = marked(serde_json::from_slice(json)?, &keys);
+        let template = marked(Json::parse_slice(json)?, &keys);
         if current.as_ref().is_none_or(|(t, _)| *t != resource_type) {
             if let Some((_, mut file)) = current.take() {
                 file.flush()?;
@@ -101,18 +100,17 @@ pub fn synth(from: &[PathBuf], copies: u32, out: &Path) -> anyhow::Result<SynthS
 
 /// The resource serialised with the marker before its id and before the id of every reference to
 /// a resource of the dataset.
-fn marked(mut resource: Value, keys: &HashSet<String>) -> Vec<u8> {
-    if let Some(Value::String(id)) = resource.get_mut("id") {
-        id.insert(0, '\u{1}');
+fn marked(mut resource: Json, keys: &HashSet<String>) -> Vec<u8> {
+    if let Some(id) = resource.get("id").and_then(Json::as_str) {
+        let id = Json::string(&format!("\u{1}{id}"));
+        resource.set("id", id, 0);
     }
-    let _ = try_for_each_reference(&mut resource, |reference| {
-        if keys.contains(reference.as_str()) {
-            let slash = reference.find('/').expect("keys are Type/id") + 1;
-            reference.insert(slash, '\u{1}');
-        }
-        Ok::<_, std::convert::Infallible>(())
+    resource.rewrite_references(&mut |reference| {
+        let (resource_type, id) = reference.split_once('/')?;
+        keys.contains(reference)
+            .then(|| format!("{resource_type}/\u{1}{id}"))
     });
-    serde_json::to_vec(&resource).expect("JSON serialises")
+    resource.to_bytes()
 }
 
 #[cfg(test)]
@@ -122,10 +120,11 @@ mod tests {
     #[test]
     fn ids_and_known_references_are_marked() {
         let keys = HashSet::from(["Patient/p".to_string()]);
-        let resource = serde_json::json!({"resourceType": "Observation", "id": "o",
+        let resource = Json::parse(r##"{"resourceType": "Observation", "id": "o", "valueDecimal": 1.50,
             "subject": {"reference": "Patient/p"}, "performer": [{"reference": "Practitioner/x"}],
-            "contained": [{"id": "c", "subject": {"reference": "Patient/p"}}], "hasMember": [{"reference": "#c"}]});
+            "contained": [{"id": "c", "subject": {"reference": "Patient/p"}}], "hasMember": [{"reference": "#c"}]}"##).unwrap();
         let text = String::from_utf8(marked(resource, &keys)).unwrap();
+        assert!(text.contains(r#""valueDecimal":1.50"#), "{text}");
         assert!(text.contains(r#""id":"\u0001o""#), "{text}");
         assert!(text.contains(r#""reference":"Patient/\u0001p""#), "{text}");
         assert!(text.contains(r#""reference":"Practitioner/x""#), "{text}");

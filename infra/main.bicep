@@ -51,6 +51,9 @@ param authAudience string = ''
 @description('The issuer\'s signing keys; empty reads jwks_uri from its OpenID configuration (EXPORT_AUTH_JWKS_URL).')
 param authJwksUrl string = ''
 
+@description('The token endpoint advertised to clients in SMART discovery; empty reads token_endpoint from the issuer\'s OpenID configuration (EXPORT_AUTH_TOKEN_ENDPOINT).')
+param authTokenEndpoint string = ''
+
 @description('Largest number of instances the app scales out to.')
 param maximumInstanceCount int = 40
 
@@ -125,6 +128,7 @@ module app 'modules/functionapp.bicep' = {
         { name: 'EXPORT_AUTH_ISSUER', value: authIssuer }
         { name: 'EXPORT_AUTH_AUDIENCE', value: authAudience }
         { name: 'EXPORT_AUTH_JWKS_URL', value: authJwksUrl }
+        { name: 'EXPORT_AUTH_TOKEN_ENDPOINT', value: authTokenEndpoint }
       ]
     )
     hostSettings: [

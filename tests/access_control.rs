@@ -54,6 +54,7 @@ async fn tokens_are_checked_and_exports_belong_to_their_client() {
         issuer: issuer.clone(),
         audience: AUDIENCE.into(),
         jwks_url: None,
+        token_endpoint: None,
     };
     let server = start(&store, |s| s.auth = Some(setting)).await;
     let client = client();
@@ -264,4 +265,134 @@ async fn without_an_issuer_the_service_stays_open_and_says_so() {
     assert_eq!(client.get(url).send().await.unwrap().status(), 200);
     let metadata = get_json(&client, &format!("{}/metadata", server.base)).await;
     assert_eq!(metadata["resourceType"], "CapabilityStatement");
+}
+
+/// SMART Backend Services as BDT and bulk-data-client use it: discovery names the issuer's token
+/// endpoint, a client-credentials token starts an export, and a download is checked against the
+/// token's type scopes as well as the export's owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_clients_discover_the_token_endpoint_and_downloads_follow_type_scopes() {
+    let (issuer, _) = issuer().await;
+    let store = sample_store();
+    let setting = AuthSetting {
+        issuer: issuer.clone(),
+        audience: AUDIENCE.into(),
+        jwks_url: None,
+        token_endpoint: None,
+    };
+    let server = start(&store, |s| s.auth = Some(setting)).await;
+    let client = client();
+    let base = &server.base;
+    use reqwest::Method;
+
+    let smart = send(
+        &client,
+        Method::GET,
+        &format!("{base}/.well-known/smart-configuration"),
+        None,
+    )
+    .await;
+    assert_eq!(smart.status(), 200);
+    let smart: Value = smart.json().await.unwrap();
+    let token_endpoint = smart["token_endpoint"].as_str().unwrap().to_string();
+    assert_eq!(token_endpoint, format!("{issuer}/token"));
+    assert_eq!(
+        smart["grant_types_supported"],
+        json!(["client_credentials"])
+    );
+    assert!(smart["token_endpoint_auth_methods_supported"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("private_key_jwt")));
+    assert!(smart["scopes_supported"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("system/*.read")));
+
+    let statement: Value = send(&client, Method::GET, &format!("{base}/metadata"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let security = &statement["rest"][0]["security"];
+    let oauth = security["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e["url"] == "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+        })
+        .unwrap();
+    assert_eq!(oauth["extension"][0]["url"], "token");
+    assert_eq!(oauth["extension"][0]["valueUri"], token_endpoint);
+    assert_eq!(security["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+
+    // BDT's authorization checks at every kickoff level: no token, and an invalid one.
+    for level in ["$export", "Patient/$export", "Group/some-group/$export"] {
+        let url = format!("{base}/{level}");
+        assert_refused(send(&client, Method::GET, &url, None).await, 401, "bearer").await;
+        assert_refused(
+            send(&client, Method::GET, &url, Some("invalidToken")).await,
+            401,
+            "not valid",
+        )
+        .await;
+    }
+
+    let token_for = |scope: &'static str| {
+        let (client, token_endpoint) = (client.clone(), token_endpoint.clone());
+        async move {
+            let answer = client
+                .post(&token_endpoint)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(common::tokens::client_credentials_form(
+                    &token_endpoint,
+                    scope,
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200);
+            let answer: Value = answer.json().await.unwrap();
+            answer["access_token"].as_str().unwrap().to_string()
+        }
+    };
+    let everything = token_for("system/*.read").await;
+    let started = send(
+        &client,
+        Method::GET,
+        &format!("{base}/$export?_type=Observation,ImagingStudy"),
+        Some(&everything),
+    )
+    .await;
+    assert_eq!(started.status(), 202);
+    let status_url = started.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let manifest = loop {
+        let response = send(&client, Method::GET, &status_url, Some(&everything)).await;
+        match response.status().as_u16() {
+            202 => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            200 => break response.json::<Value>().await.unwrap(),
+            other => panic!("status {other}"),
+        }
+    };
+    let observations_only = token_for("system/Observation.read").await;
+    let mut seen = std::collections::HashSet::new();
+    for output in manifest["output"].as_array().unwrap() {
+        let (resource_type, url) = (
+            output["type"].as_str().unwrap(),
+            output["url"].as_str().unwrap(),
+        );
+        seen.insert(resource_type.to_string());
+        let narrow = send(&client, Method::GET, url, Some(&observations_only)).await;
+        match resource_type {
+            "Observation" => assert_eq!(narrow.status(), 200),
+            _ => assert_refused(narrow, 403, resource_type).await,
+        }
+        let wide = send(&client, Method::GET, url, Some(&everything)).await;
+        assert_eq!(wide.status(), 200);
+    }
+    assert_eq!(seen.len(), 2, "{manifest}");
 }

@@ -404,10 +404,20 @@ async fn metadata_and_smart_configuration_describe_the_service() {
         .iter()
         .map(|o| o["name"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        operations,
-        HashSet::from(["export", "patient-export", "group-export"])
-    );
+    assert_eq!(operations, HashSet::from(["export"]));
+    for (resource_type, operation) in [("Patient", "patient-export"), ("Group", "group-export")] {
+        let resource = statement["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == resource_type)
+            .unwrap();
+        assert_eq!(
+            resource["operation"][0]["name"], operation,
+            "{resource_type}"
+        );
+    }
+    assert!(statement["rest"][0].get("security").is_none());
     let observation = statement["rest"][0]["resource"]
         .as_array()
         .unwrap()
@@ -458,4 +468,134 @@ async fn every_ndjson_spelling_and_the_till_alias_are_accepted() {
     )
     .await;
     assert_eq!(response.status(), 400);
+}
+
+/// Outside clients' findings: privacy parameters are never ignored, `_type` at Patient level keeps
+/// the compartment's types and notes the rest, an empty 202 has no Content-Type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_parameters_mixed_types_and_empty_accepted_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&small_store(dir.path()), |_| {}).await;
+    let client = client();
+    let base = &server.base;
+    let lenient = |url: String| {
+        client
+            .get(url)
+            .header("Accept", "application/fhir+json")
+            .header("Prefer", "respond-async, handling=lenient")
+    };
+    for parameter in [
+        "_anonymizationConfig",
+        "_anonymizationConfigEtag",
+        "_anonymizationConfigCollectionReference",
+    ] {
+        for level in ["$export", "Patient/$export", "Group/ga/$export"] {
+            let response = lenient(format!(
+                "{base}/{level}?_type=Patient&{parameter}=hipaa.json"
+            ))
+            .send()
+            .await
+            .unwrap();
+            assert_eq!(response.status(), 400, "{level} {parameter}");
+            let outcome: Value = response.json().await.unwrap();
+            assert!(outcome.to_string().contains(parameter), "{outcome}");
+        }
+    }
+
+    let mixed = kickoff(
+        &client,
+        &format!("{base}/Patient/$export?_type=Patient,Organization"),
+    )
+    .await;
+    assert_eq!(mixed.status(), 202);
+    assert!(mixed.headers().get("content-type").is_none());
+    let status_url = mixed.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let running = client.get(&status_url).send().await.unwrap();
+    if running.status() == 202 {
+        assert!(running.headers().get("content-type").is_none());
+    }
+    let manifest = wait_for_manifest(&client, &status_url).await;
+    assert_eq!(
+        keys_of(&download_all(&client, &manifest).await),
+        keys(&[("Patient", "a"), ("Patient", "b")])
+    );
+    let note_url = manifest["error"][0]["url"].as_str().unwrap();
+    let note = client
+        .get(note_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        note.contains("Organization is not in the Patient compartment"),
+        "{note}"
+    );
+
+    let none_in_scope = lenient(format!("{base}/Patient/$export?_type=Organization"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(none_in_scope.status(), 202);
+    let manifest = wait_for_manifest(
+        &client,
+        none_in_scope.headers()["content-location"]
+            .to_str()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(manifest["output"], serde_json::json!([]));
+    assert_eq!(manifest["error"].as_array().unwrap().len(), 1);
+}
+
+/// FHIR decimals are exact: what the input wrote (trailing zeros, exponents, long digits) comes
+/// out of import, export and `_elements` as written, from NDJSON rewritten on import and Bundles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_stay_as_written_through_import_export_and_elements() {
+    let dir = tempfile::tempdir().unwrap();
+    let numbers = r#""valueQuantity":{"value":1.50,"unit":"mg"},"referenceRange":[{"low":{"value":1e2},"high":{"value":12345678901234567890.10}}]"#;
+    let ndjson = dir.path().join("numbers.ndjson");
+    // No meta.lastUpdated: the importer rewrites the resource to add one.
+    std::fs::write(
+        &ndjson,
+        format!(r#"{{"resourceType":"Observation","id":"n1","status":"final","code":{{"text":"x"}},{numbers}}}"#),
+    )
+    .unwrap();
+    let bundle = dir.path().join("bundle.json");
+    std::fs::write(
+        &bundle,
+        format!(
+            r#"{{"resourceType":"Bundle","type":"transaction","entry":[
+            {{"fullUrl":"urn:uuid:7d1ba4a2-0000-4000-8000-000000000001","resource":{{"resourceType":"Patient","id":"p9","birthDate":"1970-01-01"}},"request":{{"method":"POST","url":"Patient"}}}},
+            {{"fullUrl":"urn:uuid:7d1ba4a2-0000-4000-8000-000000000002","resource":{{"resourceType":"Observation","id":"n2","status":"final","code":{{"text":"x"}},"subject":{{"reference":"urn:uuid:7d1ba4a2-0000-4000-8000-000000000001"}},{numbers}}},"request":{{"method":"POST","url":"Observation"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    let path = dir.path().join("numbers.db");
+    let report = import::import(&EmbeddedStore::open(&path).unwrap(), &[ndjson, bundle]).unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let server = start(&path, |_| {}).await;
+    let client = client();
+    for query in [
+        "_type=Observation",
+        "_type=Observation&_elements=value,referenceRange",
+    ] {
+        let manifest = export(&client, &format!("{}/$export?{query}", server.base)).await;
+        let files = download_all(&client, &manifest).await;
+        let lines: Vec<&String> = files.iter().flat_map(|(_, _, lines)| lines).collect();
+        assert_eq!(lines.len(), 2, "{query}");
+        for line in lines {
+            for literal in [
+                r#""value":1.50,"#,
+                r#""value":1e2}"#,
+                r#""value":12345678901234567890.10}"#,
+            ] {
+                assert!(line.contains(literal), "{query}: {literal} not in {line}");
+            }
+        }
+    }
 }

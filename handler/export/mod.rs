@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 pub use request::{ExportRequest, Level, RequestError};
 
+/// The file of a job's lenient-handling notes, in its output folder (the manifest's `error`).
+pub const NOTES_FILE: &str = "OperationOutcome-1.ndjson";
+
 /// A queue message: run one shard of one job. Also the body of a Service Bus message in Azure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -54,6 +57,9 @@ pub enum ExportError {
     Cancelled(String),
     #[error("a shard of export {0} was taken over by another worker")]
     Superseded(String),
+    /// A bug met on some data: the shard's work stopped, and the shard is retried like any failure.
+    #[error("the shard stopped on an internal error: {0}")]
+    Panicked(String),
     #[error("{running} exports are running, the most this service takes at once (EXPORT_MAX_RUNNING_EXPORTS); try again later")]
     TooManyRunning { running: usize },
 }

@@ -162,6 +162,12 @@ impl ExportRequest {
                 return Err(invalid(name, format!("parameter {name} has no value")));
             }
             match name {
+                _ if is_privacy_parameter(name) => {
+                    return Err(invalid(
+                        name,
+                        format!("{name}: de-identified export is not available on this server, and a parameter that protects what is exported is never ignored (not even with handling=lenient); start the export without it"),
+                    ));
+                }
                 "_outputFormat" => {
                     if !NDJSON_FORMATS.contains(&value) {
                         return Err(RequestError {
@@ -293,13 +299,36 @@ impl ExportRequest {
             return Err(invalid("_since", "_since is in the future"));
         }
         if request.level.is_patient_scoped() {
-            for resource_type in request.types.iter().flatten() {
-                if !is_patient_level_type(resource_type) {
-                    return Err(invalid("_type", format!("_type {resource_type} is not in the Patient compartment, so not part of a Patient or Group level export")));
-                }
-            }
+            request.keep_patient_level_types(lenient)?;
         }
         Ok(request)
+    }
+
+    /// At Patient and Group level, `_type` keeps the Patient compartment's types and notes the others
+    /// in the manifest; with none of its types in scope the kickoff is refused (lenient: an empty
+    /// export with a note).
+    fn keep_patient_level_types(&mut self, lenient: bool) -> Result<(), RequestError> {
+        let Some(types) = self.types.as_mut() else {
+            return Ok(());
+        };
+        let (kept, out_of_scope): (Vec<String>, Vec<String>) =
+            types.drain(..).partition(|t| is_patient_level_type(t));
+        *types = kept;
+        if out_of_scope.is_empty() {
+            return Ok(());
+        }
+        let message = format!(
+            "_type {} not in the Patient compartment, so not part of a Patient or Group level export",
+            match out_of_scope.as_slice() {
+                [one] => format!("{one} is"),
+                many => format!("{} are", many.join(", ")),
+            }
+        );
+        if types.is_empty() && !lenient {
+            return Err(invalid("_type", message));
+        }
+        self.notes.push(format!("{message}; not exported"));
+        Ok(())
     }
 
     /// The `_typeFilter` queries of one type (empty: no filter).
@@ -323,6 +352,13 @@ impl ExportRequest {
             .map(|e| e.name.clone())
             .collect()
     }
+}
+
+/// Parameters that protect what is exported (de-identification): refused until supported, and never
+/// ignorable. Matched without regard to case, so no spelling slips past as "unknown".
+fn is_privacy_parameter(name: &str) -> bool {
+    name.get(..14)
+        .is_some_and(|head| head.eq_ignore_ascii_case("_anonymization"))
 }
 
 /// Types exported at Patient and Group level: the Patient compartment, without Group itself.
@@ -506,6 +542,35 @@ mod tests {
             "_type"
         );
         assert!(patient_level("_type=Observation,Patient", false).is_ok());
+        let mixed = patient_level("_type=Observation,Organization,Group", false).unwrap();
+        assert_eq!(mixed.types.unwrap(), ["Observation"]);
+        assert_eq!(mixed.notes.len(), 1);
+        assert!(mixed.notes[0].contains("Organization, Group are not in the Patient compartment"));
+        let none_in_scope =
+            ExportRequest::from_query(Level::Patient, "_type=Organization", true, false).unwrap();
+        assert_eq!(none_in_scope.types.unwrap(), Vec::<String>::new());
+        assert!(none_in_scope.notes[0].contains("Organization"));
+    }
+
+    #[test]
+    fn privacy_parameters_are_never_ignored() {
+        for name in [
+            "_anonymizationConfig",
+            "_anonymizationConfigEtag",
+            "_anonymizationConfigCollectionReference",
+            "_ANONYMIZATIONconfig",
+        ] {
+            for lenient in [false, true] {
+                for level in [Level::System, Level::Patient, Level::Group("g".into())] {
+                    let error =
+                        ExportRequest::from_query(level, &format!("{name}=x"), lenient, false)
+                            .unwrap_err();
+                    assert_eq!(error.parameter, name);
+                    assert!(error.message.contains(name), "{}", error.message);
+                    assert!(error.message.contains("never ignored"), "{}", error.message);
+                }
+            }
+        }
     }
 
     #[test]

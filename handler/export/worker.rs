@@ -93,14 +93,16 @@ pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportEr
     crate::crashpoint::reached("shard-claimed");
 
     let stop = Arc::new(AtomicU8::new(KEEP_GOING));
-    let heartbeat = tokio::spawn(keep_alive(
+    // The heartbeat lives exactly as long as the shard's work: a shard that ends in any way (an
+    // error, a panic, a dropped future) stops beating, so the sweeper can take it back.
+    let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(
         app.clone(),
         message.clone(),
         attempt,
         stop.clone(),
-    ));
+    )));
     let written = write_files(app, &job, message.shard, stop).await;
-    heartbeat.abort();
+    drop(heartbeat);
     let outputs = written?;
 
     let finished_last = app
@@ -127,6 +129,15 @@ pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportEr
         }
         Some(true) => finalize(app, &job.id).await,
         Some(false) => Ok(()),
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -183,26 +194,37 @@ async fn write_files(
             type_filters: &raw_filters,
             rows: spec.rows,
         };
-        let scanned = source.scan(&request, &mut |resource| {
-            if stop.load(Ordering::Relaxed) != KEEP_GOING {
-                return Err(SinkError::Stopped);
-            }
-            if filters.is_empty() && elements.is_empty() {
-                return Ok(writer.push(resource)?);
-            }
-            // Only filtered or trimmed types pay for parsing; the rest flow as stored bytes.
-            let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
-                return Ok(writer.push(resource)?);
-            };
-            if !filters.is_empty() && !filters.iter().any(|query| query.matches(&value)) {
-                return Ok(());
-            }
-            if elements.is_empty() {
-                return Ok(writer.push(resource)?);
-            }
-            let trimmed = subset(value, &spec.resource_type, &elements);
-            Ok(writer.push(&serde_json::to_vec(&trimmed).expect("JSON serialises"))?)
+        let scanned = caught(|| {
+            source.scan(&request, &mut |resource| {
+                if stop.load(Ordering::Relaxed) != KEEP_GOING {
+                    return Err(SinkError::Stopped);
+                }
+                if filters.is_empty() && elements.is_empty() {
+                    return Ok(writer.push(resource)?);
+                }
+                // Only filtered or trimmed types pay for parsing; the rest flow as stored bytes.
+                let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
+                    return Ok(writer.push(resource)?);
+                };
+                if !filters.is_empty() && !filters.iter().any(|query| query.matches(&value)) {
+                    return Ok(());
+                }
+                if elements.is_empty() {
+                    return Ok(writer.push(resource)?);
+                }
+                let Ok(resource) = crate::fhir::json::Json::parse_slice(resource) else {
+                    return Ok(writer.push(resource)?);
+                };
+                Ok(writer.push(&subset(resource, &spec.resource_type, &elements).to_bytes())?)
+            })
         });
+        let scanned = match scanned {
+            Ok(scanned) => scanned,
+            Err(panic) => {
+                writer.abort();
+                return Err((ExportError::Panicked(panic), Vec::new()));
+            }
+        };
         match scanned {
             Ok(count) => writer
                 .finish()
@@ -221,7 +243,8 @@ async fn write_files(
             }
         }
     })
-    .await;
+    .await
+    .unwrap_or_else(|panic| Err((ExportError::Panicked(panic), Vec::new())));
     let (count, files) = match result {
         Ok(written) => written,
         Err((error, committed)) => {
@@ -236,16 +259,35 @@ async fn write_files(
 /// Runs a shard's scan-and-write loop on a thread of its own at a lower CPU priority, so that
 /// kickoff and status requests are answered first when every core is busy writing. (A thread of
 /// its own: the priority must not stay with a pooled thread that later serves requests.)
-async fn on_background_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+/// A panic in `work` comes back as its message.
+async fn on_background_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("shard-writer".into())
         .spawn(move || {
             lower_this_threads_priority();
-            let _ = done.send(work());
+            let _ = done.send(caught(work));
         })
-        .expect("a thread starts");
-    result.await.expect("the shard writer does not panic")
+        .map_err(|e| format!("no thread for the shard: {e}"))?;
+    result
+        .await
+        .unwrap_or_else(|_| Err("the shard's thread ended without an answer".into()))
+}
+
+/// Runs `work`, turning a panic into its message: a bug met on one resource fails that shard (to
+/// be retried, then to fail its job) instead of killing a worker.
+fn caught<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        tracing::error!(panic = %message, "shard work panicked");
+        message
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -345,7 +387,7 @@ async fn write_notes(app: &App, job: &Job) -> Result<Option<OutputFile>, ExportE
         body.extend_from_slice(&OperationOutcome::information(note.clone()).to_json());
         body.push(b'\n');
     }
-    let path = format!("{}/OperationOutcome-1.ndjson", job.output_folder);
+    let path = format!("{}/{}", job.output_folder, super::NOTES_FILE);
     let bytes = body.len() as u64;
     app.storage
         .put(&path, Bytes::from(body), crate::storage::PutMode::Overwrite)

@@ -1,7 +1,7 @@
 //! `_elements`: a resource cut down to chosen top-level elements, the mandatory ones, and a
 //! `SUBSETTED` tag.
 
-use serde_json::{json, Map, Value};
+use super::json::Json;
 
 /// Elements with a minimum cardinality of 1 in R4, for the types commonly exported.
 const MANDATORY: &[(&str, &[&str])] = &[
@@ -65,9 +65,10 @@ fn key_is_element(key: &str, name: &str) -> bool {
             .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
 }
 
-/// The resource with only `elements` (plus the mandatory ones), tagged `SUBSETTED`.
-pub fn subset(resource: Value, resource_type: &str, elements: &[String]) -> Value {
-    let Value::Object(map) = resource else {
+/// The resource with only `elements` (plus the mandatory ones), tagged `SUBSETTED`; what it keeps
+/// stays as written.
+pub fn subset<'a>(resource: Json<'a>, resource_type: &str, elements: &[String]) -> Json<'a> {
+    let Json::Object(members) = resource else {
         return resource;
     };
     let mandatory = MANDATORY
@@ -79,16 +80,25 @@ pub fn subset(resource: Value, resource_type: &str, elements: &[String]) -> Valu
             || elements.iter().any(|e| key_is_element(key, e))
             || mandatory.iter().any(|m| key_is_element(key, m))
     };
-    let mut kept: Map<String, Value> = map.into_iter().filter(|(key, _)| keep(key)).collect();
-    let meta = kept.entry("meta").or_insert_with(|| json!({}));
-    if let Value::Object(meta) = meta {
-        let tags = meta.entry("tag").or_insert_with(|| json!([]));
-        if let Value::Array(tags) = tags {
-            tags.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}));
+    let mut kept = Json::Object(members.into_iter().filter(|(key, _)| keep(key)).collect());
+    let subsetted = Json::parse(SUBSETTED).expect("valid JSON");
+    match kept.get_mut("meta") {
+        Some(meta @ Json::Object(_)) => match meta.get_mut("tag") {
+            Some(Json::Array(tags)) => tags.push(subsetted),
+            Some(_) => {}
+            None => meta.set("tag", Json::Array(vec![subsetted]), usize::MAX),
+        },
+        Some(_) => {}
+        None => {
+            let meta = Json::Object(vec![("tag".into(), Json::Array(vec![subsetted]))]);
+            kept.set("meta", meta, usize::MAX);
         }
     }
-    Value::Object(kept)
+    kept
 }
+
+const SUBSETTED: &str =
+    r#"{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED"}"#;
 
 #[cfg(test)]
 mod tests {
@@ -96,10 +106,10 @@ mod tests {
 
     #[test]
     fn keeps_listed_mandatory_and_choice_elements() {
-        let obs = json!({"resourceType": "Observation", "id": "o", "meta": {"lastUpdated": "2020-01-01T00:00:00Z"},
+        let obs = Json::parse(r#"{"resourceType": "Observation", "id": "o", "meta": {"lastUpdated": "2020-01-01T00:00:00Z"},
             "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p"},
-            "valueQuantity": {"value": 1}, "issued": "2020-01-01T00:00:00Z"});
-        let cut = subset(obs, "Observation", &["value".to_string()]);
+            "valueQuantity": {"value": 1.50}, "issued": "2020-01-01T00:00:00Z"}"#).unwrap();
+        let cut = subset(obs, "Observation", &["value".to_string()]).to_value();
         let keys: Vec<&str> = cut
             .as_object()
             .unwrap()

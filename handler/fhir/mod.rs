@@ -2,8 +2,8 @@
 
 pub mod compartment;
 pub mod elements;
+pub mod json;
 pub mod outcome;
-pub mod references;
 pub mod search;
 pub mod types;
 

@@ -613,7 +613,7 @@ fn date_range(text: &str) -> Option<(i64, i64)> {
             Some((micros(day(year, 1, 1)?)?, micros(day(year + 1, 1, 1)?)?))
         }
         7 => {
-            let (year, month) = (text[..4].parse().ok()?, text.get(5..7)?.parse().ok()?);
+            let (year, month) = (text.get(..4)?.parse().ok()?, text.get(5..7)?.parse().ok()?);
             let next = if month == 12 {
                 day(year + 1, 1, 1)?
             } else {

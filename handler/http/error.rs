@@ -117,13 +117,14 @@ impl From<crate::auth::AuthError> for ApiError {
                 ApiError::new(StatusCode::FORBIDDEN, IssueType::Forbidden, &message)
                     .with_header(header::WWW_AUTHENTICATE, &challenge("insufficient_scope"))
             }
-            AuthError::KeysUnavailable(_) => {
-                tracing::error!(error = %message, "token keys unavailable");
+            AuthError::KeysUnavailable(_) | AuthError::DiscoveryUnavailable(_) => {
+                tracing::error!(error = %message, "token issuer unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     IssueType::Transient,
                     message,
                 )
+                .with_header(header::RETRY_AFTER, "60")
             }
         }
     }

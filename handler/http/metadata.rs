@@ -11,7 +11,17 @@ const EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export
 const PATIENT_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
 const GROUP_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 
-pub fn capability_statement(base_url: &str) -> Vec<u8> {
+/// Scopes a client may ask for: SMART v1 and v2 read scopes, for all types or one (`Patient` shown).
+const SCOPES: &[&str] = &[
+    "system/*.read",
+    "system/*.rs",
+    "system/Patient.read",
+    "system/Patient.rs",
+];
+
+/// The CapabilityStatement; with access control on, `token_endpoint` is the issuer's token
+/// endpoint, advertised in `rest.security` (SMART's `oauth-uris` extension).
+pub fn capability_statement(base_url: &str, token_endpoint: Option<&str>) -> Vec<u8> {
     let kind_name = |kind: Kind| match kind {
         Kind::Token => "token",
         Kind::Date => "date",
@@ -42,8 +52,8 @@ pub fn capability_statement(base_url: &str) -> Vec<u8> {
                 "extension": [{"url": "https://github.com/fhir-export/typeFilter", "valueString": "searchParam lists the parameters _typeFilter supports for this type"}],
             });
             let operation = match resource_type {
-                "Patient" => Some(json!([{"name": "export", "definition": PATIENT_EXPORT}])),
-                "Group" => Some(json!([{"name": "export", "definition": GROUP_EXPORT}])),
+                "Patient" => Some(json!([{"name": "patient-export", "definition": PATIENT_EXPORT}])),
+                "Group" => Some(json!([{"name": "group-export", "definition": GROUP_EXPORT}])),
                 _ => None,
             };
             if let Some(operation) = operation {
@@ -52,7 +62,7 @@ pub fn capability_statement(base_url: &str) -> Vec<u8> {
             resource
         })
         .collect();
-    let statement = json!({
+    let mut statement = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2026-11-23",
@@ -66,23 +76,44 @@ pub fn capability_statement(base_url: &str) -> Vec<u8> {
             "mode": "server",
             "documentation": "_typeFilter supports, on every type, _id and _lastUpdated, and per type the searchParam entries listed; modifiers :missing, :not, :text (token), :exact, :contains (string); date prefixes eq ne gt lt ge le sa eb ap.",
             "resource": resources,
-            "operation": [
-                {"name": "export", "definition": EXPORT},
-                {"name": "patient-export", "definition": PATIENT_EXPORT},
-                {"name": "group-export", "definition": GROUP_EXPORT}
-            ]
+            "operation": [{"name": "export", "definition": EXPORT}]
         }]
     });
+    if let Some(token_endpoint) = token_endpoint {
+        statement["rest"][0]["security"] = json!({
+            "service": [{"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR"
+            }]}],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": token_endpoint}]
+            }],
+            "description": "SMART Backend Services: client_credentials with a private_key_jwt client assertion; bearer tokens with system/*.read, system/*.rs or per-type read scopes"
+        });
+    }
     serde_json::to_vec(&statement).expect("JSON")
 }
 
-/// This server validates no tokens yet: it advertises no authorization endpoints.
-pub fn smart_configuration() -> Vec<u8> {
-    let configuration = json!({
-        "capabilities": [],
-        "grant_types_supported": [],
-        "token_endpoint_auth_methods_supported": [],
-        "scopes_supported": ["system/*.read", "system/*.rs"],
-    });
+/// SMART discovery. With access control on (`token_endpoint` given), SMART Backend Services: the
+/// issuer's token endpoint, `client_credentials` with `private_key_jwt`; without, nothing to ask
+/// for.
+pub fn smart_configuration(token_endpoint: Option<&str>) -> Vec<u8> {
+    let configuration = match token_endpoint {
+        Some(token_endpoint) => json!({
+            "token_endpoint": token_endpoint,
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+            "scopes_supported": SCOPES,
+            "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        }),
+        None => json!({
+            "capabilities": [],
+            "grant_types_supported": [],
+            "token_endpoint_auth_methods_supported": [],
+            "scopes_supported": ["system/*.read", "system/*.rs"],
+        }),
+    };
     serde_json::to_vec(&configuration).expect("JSON")
 }

@@ -147,13 +147,15 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
     };
     let caller = caller.as_ref();
     match segments.as_slice() {
-        ["metadata"] => only(method, &[Method::GET]).map(|_| {
-            json_response(
+        ["metadata"] => {
+            only(method, &[Method::GET])?;
+            let token_endpoint = token_endpoint(app).await?;
+            Ok(json_response(
                 StatusCode::OK,
                 FHIR_JSON,
-                metadata::capability_statement(&base_url(app, &request)),
-            )
-        }),
+                metadata::capability_statement(&base_url(app, &request), token_endpoint.as_deref()),
+            ))
+        }
         ["$export"] => {
             only(method, &[Method::GET, Method::POST])?;
             kickoff_export(app, &request, Level::System, caller).await
@@ -166,13 +168,15 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
             only(method, &[Method::GET, Method::POST])?;
             kickoff_export(app, &request, Level::Group(id.to_string()), caller).await
         }
-        [".well-known", "smart-configuration"] => only(method, &[Method::GET]).map(|_| {
-            json_response(
+        [".well-known", "smart-configuration"] => {
+            only(method, &[Method::GET])?;
+            let token_endpoint = token_endpoint(app).await?;
+            Ok(json_response(
                 StatusCode::OK,
                 "application/json",
-                metadata::smart_configuration(),
-            )
-        }),
+                metadata::smart_configuration(token_endpoint.as_deref()),
+            ))
+        }
         ["_operations", "export", id] => {
             only(method, &[Method::GET, Method::DELETE])?;
             if *method == Method::DELETE {
@@ -214,6 +218,14 @@ pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError>
             "no such endpoint: {} {}",
             request.method, request.path
         ))),
+    }
+}
+
+/// With access control on, the token endpoint that discovery advertises.
+async fn token_endpoint(app: &App) -> Result<Option<String>, ApiError> {
+    match &app.auth {
+        Some(auth) => Ok(Some(auth.token_endpoint().await?)),
+        None => Ok(None),
     }
 }
 
@@ -444,11 +456,16 @@ async fn download(app: &App, path: &str, caller: Option<&Caller>) -> Result<Resp
             .find_map(|folder| folder.get(folder.len().checked_sub(32)?..))
             .filter(|id| is_job_id(id))
             .ok_or_else(missing)?;
-        let owned = app.jobs.load(job_id).await?.is_some_and(|(job, _)| {
-            visible(&job, caller) && path.starts_with(&format!("{}/", job.output_folder))
-        });
-        if !owned {
-            return Err(missing());
+        let job = app
+            .jobs
+            .load(job_id)
+            .await?
+            .map(|(job, _)| job)
+            .filter(|job| visible(job, caller))
+            .ok_or_else(missing)?;
+        match file_type(&job, path).ok_or_else(missing)? {
+            FileType::Notes => {}
+            FileType::Resources(resource_type) => may_read(caller, resource_type)?,
         }
     }
     let (size, stream) = match app.storage.read_stream(path).await {
@@ -463,10 +480,31 @@ async fn download(app: &App, path: &str, caller: Option<&Caller>) -> Result<Resp
     Ok(response)
 }
 
+/// `202 Accepted` with no body, and so no `Content-Type`.
+enum FileType<'a> {
+    /// The request's notes (`OperationOutcome-1.ndjson`): the owner's whatever its scopes.
+    Notes,
+    Resources(&'a str),
+}
+
+/// What one of a job's files holds: `{stem}-{n}.ndjson` of one of its shards, or the notes.
+fn file_type<'a>(job: &'a crate::jobs::Job, path: &str) -> Option<FileType<'a>> {
+    let name = path.strip_prefix(&format!("{}/", job.output_folder))?;
+    if name == crate::export::NOTES_FILE {
+        return (!job.request.notes.is_empty()).then_some(FileType::Notes);
+    }
+    job.shards.iter().find_map(|shard| {
+        let number = name
+            .strip_prefix(shard.stem.as_str())?
+            .strip_prefix('-')?
+            .strip_suffix(".ndjson")?;
+        let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
+        numbered.then_some(FileType::Resources(shard.resource_type.as_str()))
+    })
+}
+
 fn empty_accepted() -> Response {
-    let mut response = Vec::<u8>::new().into_response();
-    *response.status_mut() = StatusCode::ACCEPTED;
-    response
+    StatusCode::ACCEPTED.into_response()
 }
 
 fn header_value(text: &str) -> HeaderValue {

@@ -129,7 +129,9 @@ fn parse(resource_type: &str, query: &str) -> Result<Search, ApiError> {
 
 /// Narrows the scan by a `_lastUpdated` bound with a `gt ge lt le` prefix and a full instant.
 fn bound(search: &mut Search, value: &str) -> bool {
-    let (prefix, instant) = value.split_at(value.len().min(2));
+    let (Some(prefix), Some(instant)) = (value.get(..2), value.get(2..)) else {
+        return false;
+    };
     let Ok(instant) = DateTime::parse_from_rfc3339(instant).map(|i| i.with_timezone(&Utc)) else {
         return false;
     };

@@ -23,7 +23,7 @@ use super::embedded::{micros, TypeStats};
 use super::read_once::ReadOnce;
 use super::{EmbeddedStore, SourceError};
 use crate::fhir::compartment;
-use crate::fhir::references::try_for_each_reference;
+use crate::fhir::json::Json;
 use crate::fhir::types::is_resource_type;
 
 /// What went wrong with one input file; nothing of that file was imported.
@@ -421,8 +421,9 @@ struct Prepared {
     stated: Option<DateTime<Utc>>,
     /// The JSON to store: as given when `stated`, else with `lastUpdated` set to the import time.
     json: Vec<u8>,
-    /// Kept when `lastUpdated` is not stated, to restore an earlier one if the content is unchanged.
-    value: Option<Value>,
+    /// The content without `lastUpdated`, kept when it is not stated, to restore an earlier one
+    /// if the content is unchanged.
+    value: Option<Vec<u8>>,
     unresolved: u64,
 }
 
@@ -559,10 +560,10 @@ impl Parser {
                 }
                 continue;
             }
-            let value: Value = serde_json::from_slice(&line)
+            let resource = Json::parse_slice(&line)
                 .map_err(|e| input_error(Some(number), format!("invalid JSON: {e}")))?;
             let prepared = self
-                .prepare(value, None)
+                .prepare(resource, None)
                 .map_err(|failure| with_line(failure, number))?;
             if !emit(prepared) {
                 return Err(Failure::Stopped);
@@ -579,47 +580,58 @@ impl Parser {
         reader
             .read_to_end(&mut document)
             .map_err(|e| input_error(None, e.to_string()))?;
-        let value: Value = serde_json::from_slice(&document).map_err(|e| {
+        let document = Json::parse_slice(&document).map_err(|e| {
             input_error(
                 Some(e.line() as u64).filter(|l| *l > 0),
                 format!("invalid JSON: {e}"),
             )
         })?;
-        let is_unpacked_bundle = value.get("resourceType").and_then(Value::as_str)
-            == Some("Bundle")
+        let text_of = |json: &Json, key: &str| {
+            json.get(key)
+                .and_then(|v| v.as_str().map(|s| s.into_owned()))
+        };
+        let is_unpacked_bundle = text_of(&document, "resourceType").as_deref() == Some("Bundle")
             && matches!(
-                value.get("type").and_then(Value::as_str),
+                text_of(&document, "type").as_deref(),
                 Some("transaction" | "batch" | "collection" | "searchset")
             );
         if !is_unpacked_bundle {
-            let prepared = self.prepare(value, None)?;
+            let prepared = self.prepare(document, None)?;
             return if emit(prepared) {
                 Ok(())
             } else {
                 Err(Failure::Stopped)
             };
         }
-        let Value::Object(mut bundle) = value else {
+        let Json::Object(members) = document else {
             unreachable!("a Bundle is an object")
         };
-        let entries = match bundle.remove("entry") {
-            Some(Value::Array(entries)) => entries,
+        let entries = match members.into_iter().find(|(key, _)| key == "entry") {
+            Some((_, Json::Array(entries))) => entries,
             None => Vec::new(),
             Some(_) => return Err(input_error(None, "Bundle.entry is not an array")),
         };
         for (index, entry) in entries.into_iter().enumerate() {
-            let Value::Object(mut entry) = entry else {
+            let Json::Object(members) = entry else {
                 return Err(input_error(
                     None,
                     format!("Bundle.entry[{index}] is not an object"),
                 ));
             };
-            let Some(resource) = entry.remove("resource") else {
+            let mut resource = None;
+            let mut full_url = None;
+            for (key, value) in members {
+                match key.as_ref() {
+                    "resource" => resource = Some(value),
+                    "fullUrl" => full_url = value.as_str().map(|url| url.into_owned()),
+                    _ => {}
+                }
+            }
+            let Some(resource) = resource else {
                 continue;
             };
-            let full_url = entry.get("fullUrl").and_then(Value::as_str);
             let prepared = self
-                .prepare(resource, full_url)
+                .prepare(resource, full_url.as_deref())
                 .map_err(|failure| match failure {
                     Failure::Input { message, line } => {
                         input_error(line, format!("Bundle.entry[{index}]: {message}"))
@@ -677,24 +689,30 @@ impl Parser {
         })
     }
 
-    fn prepare(&self, mut value: Value, full_url: Option<&str>) -> Result<Prepared, Failure> {
-        let Value::Object(resource) = &mut value else {
+    /// Checks a resource and makes it ready to store: `urn:` references resolved, an id from its
+    /// `urn:uuid:` full URL, `lastUpdated` set when not stated. Edited on a lossless tree, so every
+    /// value the import does not change is stored as the input wrote it.
+    fn prepare(&self, mut resource: Json, full_url: Option<&str>) -> Result<Prepared, Failure> {
+        if !matches!(resource, Json::Object(_)) {
             return Err(input_error(None, "not a FHIR resource (not a JSON object)"));
-        };
-        let resource_type = match resource.get("resourceType") {
-            Some(Value::String(name)) if is_resource_type(name) => name.clone(),
-            Some(Value::String(name)) => {
+        }
+        let resource_type = match resource.get("resourceType").map(Json::as_str) {
+            Some(Some(name)) if is_resource_type(&name) => name.into_owned(),
+            Some(Some(name)) => {
                 return Err(input_error(None, format!("unknown resourceType {name:?}")))
             }
             _ => return Err(input_error(None, "not a FHIR resource (no resourceType)")),
         };
+        let stated_id = resource
+            .get("id")
+            .map(|id| id.as_str().map(|id| id.into_owned()));
         let id = match (
-            resource.get("id"),
+            stated_id,
             full_url.and_then(|url| url.strip_prefix("urn:uuid:")),
         ) {
-            (Some(Value::String(id)), _) => id.clone(),
+            (Some(Some(id)), _) => id,
             (None, Some(uuid)) => {
-                resource.insert("id".into(), Value::String(uuid.to_string()));
+                resource.set("id", Json::string(uuid), usize::MAX);
                 uuid.to_string()
             }
             _ => return Err(input_error(None, format!("{resource_type} without an id"))),
@@ -706,25 +724,31 @@ impl Parser {
             ));
         }
         let mut unresolved = 0;
-        let _ = try_for_each_reference(&mut value, |reference| {
-            if reference.starts_with("urn:") {
-                match self.urns.get(reference.as_str()) {
-                    Some(resolved) => *reference = resolved.clone(),
-                    None => unresolved += 1,
-                }
+        resource.rewrite_references(&mut |reference| {
+            if !reference.starts_with("urn:") {
+                return None;
             }
-            Ok::<_, std::convert::Infallible>(())
+            let resolved = self.urns.get(reference).cloned();
+            unresolved += u64::from(resolved.is_none());
+            resolved
         });
-        let Value::Object(resource) = &value else {
-            unreachable!()
-        };
-        let stated = stated_last_updated(resource).map_err(|message| input_error(None, message))?;
-        let patients = compartment::patient_ids(&resource_type, &id, &value);
-        let content = serde_json::to_vec(&value).expect("a JSON value serialises");
+        let stated =
+            stated_last_updated(&resource).map_err(|message| input_error(None, message))?;
+        let mut elements = Map::new();
+        for name in compartment::elements_read(&resource_type) {
+            if let Some(element) = resource.get(name) {
+                elements.insert(name.to_string(), element.to_value());
+            }
+        }
+        let patients = compartment::patient_ids(&resource_type, &id, &Value::Object(elements));
+        let content = resource.to_bytes();
         let hash = xxhash_rust::xxh3::xxh3_64(&content) as i64;
         let (json, value) = match stated {
             Some(_) => (content, None),
-            None => (with_last_updated(&mut value, self.import_time), Some(value)),
+            None => (
+                with_last_updated(&mut resource, self.import_time),
+                Some(content),
+            ),
         };
         Ok(Prepared {
             resource_type,
@@ -908,10 +932,12 @@ impl<'c> Importer<'c> {
         self.stored_lately = (self.stored_lately + 1).min(LATELY);
         let previous = self.state_before_run(resource_type, id, current)?;
         let restored;
-        let (last_updated, json) = match (stated, previous, prepared.value.as_mut()) {
+        let (last_updated, json) = match (stated, previous, prepared.value.as_deref()) {
             (Some(stated), _, _) => (stated, &prepared.json),
-            (None, Some((prev_hash, prev_updated)), Some(value)) if prev_hash == hash => {
-                restored = with_last_updated(value, prev_updated);
+            (None, Some((prev_hash, prev_updated)), Some(content)) if prev_hash == hash => {
+                let mut resource =
+                    Json::parse_slice(content).expect("content this import wrote is valid JSON");
+                restored = with_last_updated(&mut resource, prev_updated);
                 (prev_updated, &restored)
             }
             (None, _, _) => (self.import_time, &prepared.json),
@@ -1075,41 +1101,31 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 /// `meta.lastUpdated` when the resource states one; an error when it is not a valid instant.
-fn stated_last_updated(resource: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, String> {
-    match resource
+fn stated_last_updated(resource: &Json) -> Result<Option<DateTime<Utc>>, String> {
+    let Some(stated) = resource
         .get("meta")
         .and_then(|meta| meta.get("lastUpdated"))
-    {
-        None => Ok(None),
-        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
-            .map(|t| Some(t.with_timezone(&Utc)))
-            .map_err(|_| format!("meta.lastUpdated {text:?} is not a valid instant")),
-        Some(_) => Err("meta.lastUpdated is not a string".into()),
-    }
+    else {
+        return Ok(None);
+    };
+    let text = stated.as_str().ok_or("meta.lastUpdated is not a string")?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| Some(t.with_timezone(&Utc)))
+        .map_err(|_| format!("meta.lastUpdated {text:?} is not a valid instant"))
 }
 
 /// The resource's JSON with `meta.lastUpdated` set (`meta` placed after `id` when new).
-fn with_last_updated(value: &mut Value, instant: DateTime<Utc>) -> Vec<u8> {
-    let Value::Object(resource) = value else {
-        unreachable!("resources are objects")
-    };
-    let text = Value::String(instant.to_rfc3339_opts(SecondsFormat::Millis, true));
+fn with_last_updated(resource: &mut Json, instant: DateTime<Utc>) -> Vec<u8> {
+    let text = Json::string(&instant.to_rfc3339_opts(SecondsFormat::Millis, true));
     match resource.get_mut("meta") {
-        Some(Value::Object(meta)) => {
-            meta.insert("lastUpdated".into(), text);
-        }
+        Some(meta @ Json::Object(_)) => meta.set("lastUpdated", text, usize::MAX),
         _ => {
-            let position = resource
-                .keys()
-                .position(|key| key == "id")
-                .map(|i| i + 1)
-                .unwrap_or(resource.len());
-            let mut meta = Map::new();
-            meta.insert("lastUpdated".into(), text);
-            resource.shift_insert(position, "meta".into(), Value::Object(meta));
+            let position = resource.position("id").map_or(usize::MAX, |at| at + 1);
+            let meta = Json::Object(vec![("lastUpdated".into(), text)]);
+            resource.set("meta", meta, position);
         }
     }
-    serde_json::to_vec(value).expect("a JSON value serialises")
+    resource.to_bytes()
 }
 
 #[cfg(test)]
@@ -1133,7 +1149,7 @@ mod tests {
         let team = br#"{"resourceType":"CareTeam","id":"t","meta":{"lastUpdated":"2020-01-01T00:00:00Z"},"subject":{"reference":"Patient/a"},"participant":[{"member":{"reference":"Patient/b"}},{"member":{"reference":"Practitioner/x"}}]}"#;
         let quick = parser.prepare_as_is(team).unwrap();
         let full = parser
-            .prepare(serde_json::from_slice(team).unwrap(), None)
+            .prepare(Json::parse_slice(team).unwrap(), None)
             .ok()
             .unwrap();
         assert_eq!(
@@ -1162,7 +1178,7 @@ mod tests {
     #[test]
     fn last_updated_goes_after_id() {
         let json = with_last_updated(
-            &mut serde_json::json!({"resourceType": "Patient", "id": "p", "active": true}),
+            &mut Json::parse(r#"{"resourceType":"Patient","id":"p","active":true}"#).unwrap(),
             DateTime::UNIX_EPOCH,
         );
         assert_eq!(

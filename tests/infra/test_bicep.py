@@ -255,6 +255,7 @@ def test_every_setting_the_handler_reads_is_in_the_readme():
     documented = (set(readme_table("### Handler settings")) | set(readme_table("### Local service only"))
                   | set(readme_table("### Remote source with OAuth client credentials")))
     documented.add("FUNCTIONS_CUSTOMHANDLER_PORT")  # set by the host
+    documented.add("WEBSITE_HOSTNAME")  # set by App Service: the app's default host name
     documented.add("FHIR_BEARER_TOKEN")  # the `export` client's token, not a service setting
     assert read, "no settings found in the source"
     assert read <= documented, read - documented

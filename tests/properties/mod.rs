@@ -43,7 +43,17 @@ const VALUES: &[&str] = &[
     "..",
     "%2F",
     "",
+    "12€45",
+    "ge12€45",
+    "Patient?birthdate=12€45",
+    "Observation?_lastUpdated=ge12€45",
+    "Patient?name=Müller",
 ];
+
+/// Text shaped like a date, a prefix or a list, with multibyte characters where digits go.
+fn date_like() -> impl Strategy<Value = String> {
+    "(eq|ge|le|gt|lt|sa|eb|ap)?[0-9€ü日T:.+,-]{0,25}"
+}
 
 /// A value: a known good or bad one, or anything.
 fn value() -> impl Strategy<Value = String> {
@@ -51,6 +61,9 @@ fn value() -> impl Strategy<Value = String> {
         proptest::sample::select(VALUES).prop_map(str::to_string),
         any::<String>(),
         "[A-Za-z?=&:,|./%0-9_-]{0,40}",
+        date_like(),
+        date_like().prop_map(|d| format!("Patient?birthdate={d}")),
+        date_like().prop_map(|d| format!("Observation?_lastUpdated={d}")),
     ]
 }
 
@@ -140,6 +153,7 @@ fn resource() -> impl Strategy<Value = Value> {
         Just(
             json!({"resourceType": "Patient", "id": "p", "gender": "male", "birthDate": "2001-02-03", "name": [{"family": "Müller"}]})
         ),
+        date_like().prop_map(|d| json!({"resourceType": "Patient", "id": "p", "birthDate": d, "meta": {"lastUpdated": d}})),
         any_json,
     ]
 }
@@ -151,6 +165,11 @@ fn type_filters(runner: &mut TestRunner) {
             query()
         )
             .prop_map(|(t, q)| format!("{t}?{q}")),
+        (
+            proptest::sample::select(&["birthdate", "_lastUpdated", "date"][..]),
+            date_like()
+        )
+            .prop_map(|(p, d)| format!("Patient?{p}={d}")),
         value(),
     ];
     runner

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use crate::auth::Authenticator;
 use crate::config::{Settings, SourceAuth, SourceSetting, StorageSetting};
 use crate::export::{enqueue_shards, worker, ExportError};
-use crate::jobs::{Change, JobStatus, JobStore, ShardStatus};
+use crate::jobs::{Change, JobError, JobStatus, JobStore, ShardStatus};
 use crate::queue::{spawn_workers, InProcessQueue, QueueReceiver, WorkQueue};
 use crate::source::remote::RemoteAuth;
 use crate::source::{EmbeddedStore, RemoteServer, ResourceSource};
@@ -116,8 +116,8 @@ impl App {
                     }
                     Change::Write(Some(unfinished))
                 })
-                .await?
-                .flatten();
+                .await;
+            let unfinished = readable(&id, unfinished)?.flatten().flatten();
             let Some(unfinished) = unfinished else {
                 continue;
             };
@@ -176,8 +176,8 @@ impl App {
                     }
                     Change::Write((requeue, false))
                 })
-                .await?;
-            let Some((requeue, failed)) = swept else {
+                .await;
+            let Some((requeue, failed)) = readable(&id, swept)?.flatten() else {
                 continue;
             };
             if failed {
@@ -205,7 +205,7 @@ impl App {
         let now = chrono::Utc::now();
         let mut removed = 0;
         for id in self.jobs.ids().await? {
-            let Some((job, _)) = self.jobs.load(&id).await? else {
+            let Some((job, _)) = readable(&id, self.jobs.load(&id).await)?.flatten() else {
                 continue;
             };
             if job.status == JobStatus::Running
@@ -220,6 +220,19 @@ impl App {
             removed += 1;
         }
         Ok(removed)
+    }
+}
+
+/// A job document that cannot be read is reported and passed over, so that one bad document never
+/// stops the resumption, sweep or retention of every other export.
+fn readable<T>(id: &str, result: Result<T, JobError>) -> Result<Option<T>, JobError> {
+    match result {
+        Ok(found) => Ok(Some(found)),
+        Err(error @ JobError::Corrupt { .. }) => {
+            tracing::error!(job_id = id, %error, "unreadable job document passed over");
+            Ok(None)
+        }
+        Err(error) => Err(error),
     }
 }
 

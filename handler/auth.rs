@@ -108,6 +108,9 @@ pub struct Authenticator {
     setting: AuthSetting,
     http: reqwest::Client,
     keys: RwLock<Option<Keys>>,
+    /// When the key set was last asked for, answered or not: at most one fetch a minute, however
+    /// many tokens name unknown keys, and no lock is held while it runs.
+    keys_asked: std::sync::Mutex<Option<Instant>>,
     /// The issuer's token endpoint once discovered, and when discovery was last tried.
     token_endpoint: std::sync::Mutex<(Option<String>, Option<Instant>)>,
 }
@@ -120,6 +123,7 @@ impl Authenticator {
                 .timeout(Duration::from_secs(10))
                 .build()?,
             keys: RwLock::new(None),
+            keys_asked: std::sync::Mutex::new(None),
             token_endpoint: std::sync::Mutex::new((None, None)),
         })
     }
@@ -198,10 +202,17 @@ impl Authenticator {
             .await?
             .map_err(|e| AuthError::Invalid(describe(&e)))?;
         let claims = verified.claims;
-        let client = [&claims.azp, &claims.appid, &claims.client_id, &claims.sub]
+        // A client's own identity (azp, appid, client_id) owns as itself; a bare `sub` is marked as
+        // such, so that a token whose subject merely equals a client id owns nothing of it.
+        let client = [&claims.azp, &claims.appid, &claims.client_id]
             .into_iter()
             .flatten()
             .find(|id| !id.is_empty())
+            .cloned()
+            .or_else(|| {
+                let subject = claims.sub.as_ref().filter(|s| !s.is_empty())?;
+                Some(format!("sub:{subject}"))
+            })
             .ok_or_else(|| {
                 AuthError::Invalid("no client identity (azp, appid, client_id or sub)".into())
             })?;
@@ -257,16 +268,33 @@ impl Authenticator {
             }
             self.refresh().await?;
         }
-        unreachable!("the second pass answers")
+        Err(AuthError::KeysUnavailable(
+            "no key set has been read yet".into(),
+        ))
     }
 
     async fn refresh(&self) -> Result<(), AuthError> {
-        let mut slot = self.keys.write().await;
-        if slot
-            .as_ref()
-            .is_some_and(|k| k.fetched.elapsed() < REFETCH_AFTER)
-        {
-            return Ok(());
+        let asked_lately = {
+            let mut asked = self.keys_asked.lock().expect("not poisoned");
+            let lately = asked.is_some_and(|at| at.elapsed() < REFETCH_AFTER);
+            if !lately {
+                *asked = Some(Instant::now());
+            }
+            lately
+        };
+        if asked_lately {
+            let usable = self
+                .keys
+                .read()
+                .await
+                .as_ref()
+                .is_some_and(|k| k.fetched.elapsed() < KEYS_LIFETIME);
+            return match usable {
+                true => Ok(()),
+                false => Err(AuthError::KeysUnavailable(
+                    "they could not be read lately; asked again at most once a minute".into(),
+                )),
+            };
         }
         let set = self.fetch_key_set().await?;
         let mut keys = Keys {
@@ -286,7 +314,7 @@ impl Authenticator {
             }
         }
         tracing::info!(keys = set.keys.len(), "token signing keys fetched");
-        *slot = Some(keys);
+        *self.keys.write().await = Some(keys);
         Ok(())
     }
 

@@ -95,31 +95,58 @@ pub async fn serve_custom_handler(
 ) {
     let invocations = {
         let app = app.clone();
+        // The function name is checked before the body is read: any other POST goes on to the
+        // forwarded routes with its body untouched.
         warp::post()
-            .and(warp::path::param::<String>())
+            .and(
+                warp::path::param::<String>().and_then(|function: String| async move {
+                    match is_invocation(&function) {
+                        true => Ok(function),
+                        false => Err(warp::reject::not_found()),
+                    }
+                }),
+            )
             .and(warp::path::end())
             .and(warp::body::content_length_limit(MAX_PAYLOAD_BYTES))
             .and(warp::body::bytes())
-            .and_then(move |function: String, body: Bytes| {
+            .then(move |function: String, body: Bytes| {
                 let app = app.clone();
-                async move {
-                    if !is_invocation(&function) {
-                        return Err(warp::reject::not_found());
-                    }
-                    Ok::<_, warp::Rejection>(invoke(&app, &function, &body).await)
-                }
+                async move { invoke(&app, &function, &body).await }
             })
     };
+    // Kickoffs arrive as invocations of their functions (which carry the Service Bus output);
+    // a raw request for one on this port has no queue to send its shards to.
+    let raw_kickoff = warp::path::full().and_then(|path: warp::path::FullPath| async move {
+            let is_kickoff = path
+                .as_str()
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| last == "$export" || last == "%24export");
+            match is_kickoff {
+                true => Ok(outcome_response(&ApiError::not_found(
+                    "a kickoff reaches this handler as an invocation of SystemExport, PatientExport or GroupExport, not as a forwarded request",
+                ))),
+                false => Err(warp::reject::not_found()),
+            }
+        });
     // The host waits for any answer on the port before it sends work.
     let ready = warp::path::end()
         .and(warp::get().or(warp::head()).unify())
         .map(|| warp::reply::json(&json!({ "status": "ready" })).into_response());
     let forwarded = crate::http::routes(app);
-    warp::serve(invocations.or(ready).unify().or(forwarded).unify())
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    warp::serve(
+        invocations
+            .or(ready)
+            .unify()
+            .or(raw_kickoff)
+            .unify()
+            .or(forwarded)
+            .unify(),
+    )
+    .incoming(listener)
+    .graceful(shutdown)
+    .run()
+    .await;
 }
 
 fn is_invocation(function: &str) -> bool {
@@ -230,6 +257,14 @@ async fn run_shard(app: &App, payload: &Value, logs: &mut Vec<String>) -> Status
         "ShardWorker: job {} shard {} (delivery {delivery})",
         message.job_id, message.shard
     ));
+    if !crate::jobs::is_job_id(&message.job_id) {
+        logs.push(format!(
+            "ShardWorker: {:?} is not a job id; message dropped",
+            message.job_id
+        ));
+        tracing::error!(job_id = %message.job_id, "shard message for no possible job dropped");
+        return StatusCode::OK;
+    }
     match worker::handle_message(app, &message).await {
         Ok(()) => StatusCode::OK,
         Err(error) => {

@@ -396,3 +396,84 @@ async fn backend_clients_discover_the_token_endpoint_and_downloads_follow_type_s
     }
     assert_eq!(seen.len(), 2, "{manifest}");
 }
+
+/// While the issuer's key endpoint fails, forged tokens cause at most one fetch a minute, and a
+/// token whose `sub` equals a client id owns nothing of that client's exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_key_endpoint_is_asked_once_and_sub_is_not_a_client() {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    use warp::Filter;
+    let hits = Arc::new(AtomicU64::new(0));
+    let failing = {
+        let hits = hits.clone();
+        warp::any().map(move || {
+            hits.fetch_add(1, Ordering::SeqCst);
+            warp::reply::with_status("down", warp::http::StatusCode::INTERNAL_SERVER_ERROR)
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let keys_url = format!("http://{}/keys", listener.local_addr().unwrap());
+    tokio::spawn(warp::serve(failing).incoming(listener).run());
+    let (issuer, _) = issuer().await;
+    let store = sample_store();
+    let broken = start(&store, |s| {
+        s.auth = Some(AuthSetting {
+            issuer: issuer.clone(),
+            audience: AUDIENCE.into(),
+            jwks_url: Some(keys_url),
+            token_endpoint: None,
+        })
+    })
+    .await;
+    let client = client();
+    use reqwest::Method;
+    for n in 0..20 {
+        let forged = token_with(&issuer, json!({}), OTHER_KEY, Some(&format!("forged-{n}")));
+        let response = send(
+            &client,
+            Method::GET,
+            &format!("{}/Patient?_count=1", broken.base),
+            Some(&forged),
+        )
+        .await;
+        assert_refused(response, 503, "signing keys").await;
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    let server = start(&store, |s| {
+        s.auth = Some(AuthSetting {
+            issuer: issuer.clone(),
+            audience: AUDIENCE.into(),
+            jwks_url: None,
+            token_endpoint: None,
+        })
+    })
+    .await;
+    let owner = token(&issuer, json!({}));
+    let started = send(
+        &client,
+        Method::GET,
+        &format!("{}/$export?_type=Device", server.base),
+        Some(&owner),
+    )
+    .await;
+    assert_eq!(started.status(), 202);
+    let status_url = started.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let impostor = token(&issuer, json!({"azp": null, "sub": "client-a"}));
+    assert_refused(
+        send(&client, Method::GET, &status_url, Some(&impostor)).await,
+        404,
+        "no export",
+    )
+    .await;
+    assert_ne!(
+        send(&client, Method::GET, &status_url, Some(&owner))
+            .await
+            .status(),
+        404
+    );
+}

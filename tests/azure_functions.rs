@@ -569,6 +569,47 @@ async fn bad_invocations_get_clear_answers_and_no_retries() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+
+    // A message naming no possible job is logged and dropped, not redelivered.
+    let bad_id = json!({"jobId": "../../etc", "shard": 0});
+    let (status, body) = invoke(
+        &handler,
+        "ShardWorker",
+        &service_bus_payload(&bad_id, json!(1)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["Logs"].to_string().contains("not a job id"), "{body}");
+
+    // On the handler's port, requests that are no invocation get a FHIR answer, never a 500: a
+    // POST to a one-segment path, and a raw kickoff (kickoffs come as invocations), which records
+    // nothing.
+    let client = reqwest::Client::new();
+    for (method, path) in [
+        (reqwest::Method::POST, "/Patient"),
+        (reqwest::Method::POST, "/metadata"),
+        (reqwest::Method::GET, "/$export"),
+        (reqwest::Method::POST, "/Patient/$export"),
+    ] {
+        let response = client
+            .request(method.clone(), format!("{}{path}", handler.base))
+            .header("Accept", "application/fhir+json")
+            .header("Prefer", "respond-async")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let outcome: Value = response.json().await.unwrap();
+        assert!(
+            (400..500).contains(&status),
+            "{method} {path}: {status} {outcome}"
+        );
+        assert_eq!(
+            outcome["resourceType"], "OperationOutcome",
+            "{method} {path}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

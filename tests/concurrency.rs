@@ -92,6 +92,33 @@ async fn beyond_the_running_limit_a_kickoff_gets_429_with_retry_after() {
     assert_eq!(kickoff(&client, &url).await.status(), 429);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_kickoffs_never_pass_the_running_limit() {
+    let store = sample_store();
+    for limit in [1, 4] {
+        let server = start(&store, |s| {
+            s.max_running_exports = limit;
+            s.workers = 0;
+        })
+        .await;
+        let client = client();
+        let url = format!("{}/$export?_type=Patient", server.base);
+        let kickoffs = (0..24).map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { kickoff(&client, &url).await.status().as_u16() })
+        });
+        let mut admitted = 0;
+        for answer in kickoffs.collect::<Vec<_>>() {
+            match answer.await.unwrap() {
+                202 => admitted += 1,
+                429 => {}
+                other => panic!("status {other}"),
+            }
+        }
+        assert_eq!(admitted, limit, "limit {limit}");
+    }
+}
+
 /// Every line of every file of the job's manifest, checked to be in `folder` and nothing more.
 fn exported_keys(exports: &std::path::Path, manifest: &Value) -> Vec<(String, String)> {
     let mut keys = Vec::new();

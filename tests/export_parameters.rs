@@ -599,3 +599,63 @@ async fn numbers_stay_as_written_through_import_export_and_elements() {
         }
     }
 }
+
+/// A stored value that once panicked the date search (`birthDate "12€45"`) is just a value that
+/// matches nothing; the same text from a client is a 400 naming the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multibyte_text_in_dates_is_an_answer_never_a_wedge() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("odd.ndjson");
+    std::fs::write(
+        &data,
+        [
+            r#"{"resourceType":"Patient","id":"odd","birthDate":"12€45","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+            r#"{"resourceType":"Patient","id":"ok","birthDate":"2001-02-03","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let path = dir.path().join("odd.db");
+    import::import(&EmbeddedStore::open(&path).unwrap(), &[data]).unwrap();
+    let server = start(&path, |s| s.workers = 1).await;
+    let client = client();
+    for _ in 0..3 {
+        let manifest = export(
+            &client,
+            &format!(
+                "{}/$export?_typeFilter=Patient%3Fbirthdate%3Dge2000",
+                server.base
+            ),
+        )
+        .await;
+        assert_eq!(
+            keys_of(&download_all(&client, &manifest).await),
+            keys(&[("Patient", "ok")])
+        );
+    }
+    for (query, parameter) in [
+        ("Patient?birthdate=12€45", "birthdate"),
+        ("Patient?_lastUpdated=ge12€45", "_lastUpdated"),
+        ("Patient?birthdate=€", "birthdate"),
+    ] {
+        let response = client
+            .get(format!("{}/{query}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let outcome: Value = response.json().await.unwrap();
+        assert!(outcome.to_string().contains(parameter), "{outcome}");
+    }
+    let kickoff = kickoff(
+        &client,
+        &format!(
+            "{}/$export?_typeFilter=Patient%3Fbirthdate%3D12%E2%82%AC45",
+            server.base
+        ),
+    )
+    .await;
+    assert_eq!(kickoff.status(), 400);
+    let outcome: Value = kickoff.json().await.unwrap();
+    assert!(outcome.to_string().contains("_typeFilter"), "{outcome}");
+}

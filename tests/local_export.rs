@@ -463,6 +463,11 @@ async fn a_restarted_service_finishes_the_jobs_it_left_running() {
     assert_eq!(waiting.status(), 202);
     assert_eq!(waiting.headers()["x-progress"], "0% (0/2 shards)");
     drop(api_only);
+    // One unreadable job document beside it stops nobody, and can be deleted.
+    let corrupt_id = "0123456789abcdef0123456789abcdef";
+    let corrupt = job_document(&exports, corrupt_id);
+    std::fs::create_dir_all(corrupt.parent().unwrap()).unwrap();
+    std::fs::write(&corrupt, b"{\"id\": trunc").unwrap();
 
     let restarted =
         start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |_| {}).await;
@@ -489,6 +494,10 @@ async fn a_restarted_service_finishes_the_jobs_it_left_running() {
         counts,
         HashMap::from([("Patient", 100), ("Condition", 639)])
     );
+    let corrupt_url = format!("{}/_operations/export/{corrupt_id}", restarted.base);
+    let deleted = client.delete(&corrupt_url).send().await.unwrap();
+    assert_eq!(deleted.status(), 202);
+    assert_eq!(client.get(&corrupt_url).send().await.unwrap().status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

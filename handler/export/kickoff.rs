@@ -115,7 +115,15 @@ pub async fn start(
         owner,
     };
     crate::crashpoint::reached("kickoff-planned");
-    app.jobs.create(&job).await?;
+    {
+        // Counted again and recorded under one lock: concurrent kickoffs cannot all pass the count.
+        let _admission = app.jobs.admission().await;
+        let running = app.jobs.running_count().await?;
+        if running >= app.settings.max_running_exports {
+            return Err(ExportError::TooManyRunning { running });
+        }
+        app.jobs.create(&job).await?;
+    }
     crate::crashpoint::reached("kickoff-recorded");
     tracing::info!(job_id = %id, shards = job.shards.len(), "export started");
     if job.shards.is_empty() {

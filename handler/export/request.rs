@@ -140,6 +140,7 @@ impl ExportRequest {
             notes: Vec::new(),
         };
         let mut seen_until = None::<String>;
+        let mut filter_bytes = 0;
         let refuse = |request: &mut ExportRequest, error: RequestError| {
             if lenient && error.not_supported {
                 request
@@ -182,7 +183,12 @@ impl ExportRequest {
                         });
                     }
                 }
-                "_since" => request.since = Some(parse_instant(name, value)?),
+                "_since" => {
+                    if request.since.is_some() {
+                        return Err(invalid(name, "give _since once"));
+                    }
+                    request.since = Some(parse_instant(name, value)?);
+                }
                 "_until" | "_till" => {
                     if let Some(first) = seen_until.replace(name.to_string()) {
                         return Err(invalid(name, format!("give the end of the window once (_until, alias _till); got {first} and {name}")));
@@ -204,7 +210,22 @@ impl ExportRequest {
                     }
                 }
                 "_typeFilter" => {
+                    filter_bytes += value.len();
+                    if filter_bytes > MAX_TYPE_FILTER_BYTES {
+                        return Err(invalid(
+                            name,
+                            format!(
+                                "_typeFilter is longer than {MAX_TYPE_FILTER_BYTES} bytes in all"
+                            ),
+                        ));
+                    }
                     for query in split_queries(value) {
+                        if request.type_filters.len() >= MAX_TYPE_FILTERS {
+                            return Err(invalid(
+                                name,
+                                format!("more than {MAX_TYPE_FILTERS} _typeFilter queries"),
+                            ));
+                        }
                         match SearchQuery::parse(query) {
                             Ok(_) => request.type_filters.push(query.to_string()),
                             Err(message) => refuse(
@@ -367,23 +388,47 @@ pub fn is_patient_level_type(resource_type: &str) -> bool {
 }
 
 /// `_typeFilter` values are comma lists of queries; a comma inside a query is escaped as `%2C`
-/// there, so a comma followed by `Type?` starts the next query.
+/// there, so a comma followed by `Type?` starts the next query. Linear: after each comma only a
+/// type name's length is looked at.
 fn split_queries(value: &str) -> Vec<&str> {
     let mut queries = Vec::new();
-    let mut start = 0;
-    for (at, _) in value.match_indices(',') {
-        let rest = &value[at + 1..];
-        let starts_query = rest
-            .split_once('?')
-            .is_some_and(|(head, _)| is_resource_type(head.trim()));
-        if starts_query {
-            queries.push(value[start..at].trim());
-            start = at + 1;
+    let mut rest = value;
+    let mut query_start = value;
+    while let Some(comma) = rest.find(',') {
+        let after = rest.get(comma + 1..).unwrap_or_default();
+        if starts_with_type_and_question_mark(after) {
+            let taken = query_start.len() - rest.len() + comma;
+            queries.push(query_start.get(..taken).unwrap_or_default().trim());
+            query_start = after;
         }
+        rest = after;
     }
-    queries.push(value[start..].trim());
+    queries.push(query_start.trim());
     queries
 }
+
+/// Whether `text` begins (after blanks) with `Type?`; reads at most a type name's length.
+fn starts_with_type_and_question_mark(text: &str) -> bool {
+    let text = text.trim_start();
+    let name_length = text
+        .bytes()
+        .take(MAX_TYPE_NAME + 1)
+        .take_while(u8::is_ascii_alphabetic)
+        .count();
+    name_length <= MAX_TYPE_NAME
+        && text
+            .get(name_length..)
+            .is_some_and(|after| after.trim_start().starts_with('?'))
+        && text.get(..name_length).is_some_and(is_resource_type)
+}
+
+/// Longer than any R4 resource type name (`MedicinalProductAuthorization`, 29).
+const MAX_TYPE_NAME: usize = 40;
+/// `_typeFilter` queries one kickoff may give: every one is evaluated on every resource of its
+/// type, so their number bounds the export's CPU time per resource.
+pub const MAX_TYPE_FILTERS: usize = 100;
+/// The most `_typeFilter` text one kickoff may give, in bytes, all queries together.
+pub const MAX_TYPE_FILTER_BYTES: usize = 16 * 1024;
 
 fn parse_element(element: &str) -> Result<ElementSpec, RequestError> {
     let is_name = |n: &str| {
@@ -433,6 +478,12 @@ pub fn check_container_name(name: &str) -> Result<(), RequestError> {
             format!("_container {name:?} is not a valid container name (3-63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit)"),
         ));
     }
+    if is_export_container_name(name) {
+        return Err(invalid(
+            "_container",
+            format!("_container {name:?} has the form of the container an export without _container gets ({{yyyymmdd}}t{{hhmmss}}-{{jobId}}); an export's files belong to it alone, so name another"),
+        ));
+    }
     if name == JOBS_CONTAINER {
         return Err(invalid(
             "_container",
@@ -440,6 +491,19 @@ pub fn check_container_name(name: &str) -> Result<(), RequestError> {
         ));
     }
     Ok(())
+}
+
+/// The container name an export without `_container` gets: `{yyyymmdd}t{hhmmss}-{jobId}`.
+fn is_export_container_name(name: &str) -> bool {
+    let Some((stamp, id)) = name.split_once('-') else {
+        return false;
+    };
+    let digits = |text: Option<&str>| text.is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()));
+    stamp.len() == 15
+        && digits(stamp.get(..8))
+        && stamp.get(8..9) == Some("t")
+        && digits(stamp.get(9..))
+        && crate::jobs::is_job_id(id)
 }
 
 #[cfg(test)]
@@ -470,6 +534,10 @@ mod tests {
             ("_container=Upper", "_container"),
             ("_container=fhir-export-jobs", "_container"),
             ("_container=a--b", "_container"),
+            (
+                "_container=20261201t184500-0123456789abcdef0123456789abcdef",
+                "_container",
+            ),
             ("patient=Patient/1", "patient"),
             ("_typeFilter=Patient%3Fbogus%3Dtrue", "_typeFilter"),
             ("_typeFilter=Observation", "_typeFilter"),
@@ -483,6 +551,10 @@ mod tests {
                 "_until",
             ),
             ("_since=2999-01-01T00:00:00Z", "_since"),
+            (
+                "_since=2020-01-01T00:00:00Z&_since=2021-01-01T00:00:00Z",
+                "_since",
+            ),
         ] {
             let error = parse(query).unwrap_err();
             assert_eq!(error.parameter, parameter, "{query}");
@@ -584,6 +656,10 @@ mod tests {
             ["Observation?code=1,2", "Condition?code=3"]
         );
         assert_eq!(request.filters_for("Observation").len(), 1);
+        assert_eq!(
+            split_queries("Observation?code=a, Condition ?code=b,c,Unicorn?x=1"),
+            ["Observation?code=a", "Condition ?code=b,c,Unicorn?x=1"]
+        );
         assert_eq!(request.elements_for("Patient"), ["id", "name"]);
         assert_eq!(request.elements_for("Observation"), ["id"]);
     }

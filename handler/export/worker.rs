@@ -445,3 +445,15 @@ async fn remove_files(app: &App, files: &[OutputFile]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_on_the_shard_thread_comes_back_as_its_message() {
+        let answer = on_background_thread(|| -> u32 { panic!("bad data at row 7") }).await;
+        assert_eq!(answer, Err("bad data at row 7".to_string()));
+        assert_eq!(on_background_thread(|| 5).await, Ok(5));
+    }
+}

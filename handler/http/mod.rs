@@ -411,7 +411,7 @@ async fn cancel(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response
     if !is_job_id(id) {
         return Err(unknown());
     }
-    let folder = app
+    let cancelled = app
         .jobs
         .update(id, |job| match job.status {
             _ if !visible(job, caller) => Change::Keep(None),
@@ -422,9 +422,23 @@ async fn cancel(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response
                 Change::Write(Some(job.output_folder.clone()))
             }
         })
-        .await?
-        .flatten()
-        .ok_or_else(unknown)?;
+        .await;
+    let folder = match cancelled {
+        Err(crate::jobs::JobError::Corrupt { .. }) => {
+            // Its folder and owner cannot be read: its state goes, so it stops troubling anyone.
+            app.jobs.delete(id).await?;
+            tracing::warn!(job_id = id, "unreadable job document deleted on cancel");
+            return Ok(json_response(
+                StatusCode::ACCEPTED,
+                FHIR_JSON,
+                crate::fhir::OperationOutcome::information(format!(
+                    "export {id} had an unreadable state document, now removed; its files could not be located"
+                ))
+                .to_json(),
+            ));
+        }
+        other => other?.flatten().ok_or_else(unknown)?,
+    };
     app.storage.delete_prefix(&folder).await?;
     app.storage
         .delete_prefix(&crate::jobs::JobStore::manifest_path(id))

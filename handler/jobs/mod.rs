@@ -135,12 +135,23 @@ pub struct JobStore {
     /// markers are written and removed, so that a kickoff counts them without reading a directory
     /// (half its time, and a wait on the directory's lock while job files are renamed in it).
     running: Option<Arc<tokio::sync::Mutex<Option<BTreeSet<String>>>>>,
+    /// Held by a kickoff from counting the running jobs to recording its own.
+    admission: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl JobStore {
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
         let running = store.owned_by_this_process().then(Arc::default);
-        Self { store, running }
+        Self {
+            store,
+            running,
+            admission: Arc::default(),
+        }
+    }
+
+    /// Admission to the running-exports limit: hold it from the count to `create`.
+    pub async fn admission(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.admission.lock().await
     }
 
     fn job_path(id: &str) -> String {

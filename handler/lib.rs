@@ -18,7 +18,7 @@
 //! - [`storage`]: the `ObjectStore` trait; the local folder and Azure Blob; the rolling NDJSON writer.
 //! - [`jobs`]: job documents on storage, changed by compare-and-swap.
 //! - [`queue`]: the `WorkQueue` trait; the in-process queue and worker pool.
-//! - [`fhir`]: resource types, the Patient compartment, OperationOutcome.
+//! - [`fhir`]: resource types, the Patient compartment, lossless JSON edits, OperationOutcome.
 //! - [`generate`]: synthetic demo data; [`synth`]: N rewritten copies of a dataset.
 
 pub mod app;

@@ -234,3 +234,41 @@ async fn azure_blob_refusal_is_a_clear_error() {
     );
     assert!(!message.contains('<'), "raw XML in {message}");
 }
+
+/// An account that accepts connections and never answers (a black-holed endpoint): every call is a
+/// clear service error within seconds, whatever the SDK's retry policy would do.
+#[tokio::test]
+async fn an_account_that_never_answers_is_an_error_within_seconds() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept() {
+            open.push(socket);
+            if open.len() > 64 {
+                break;
+            }
+        }
+    });
+    let silent = format!("http://{address}/devstoreaccount1?sv=2021-08-06&sig=x");
+    let store = AzureBlob::new(&silent, None).unwrap();
+    let started = std::time::Instant::now();
+    let read = store.get("jobs/x.json").await.unwrap_err();
+    let written = store
+        .put("jobs/y.json", Bytes::from_static(b"{}"), PutMode::Overwrite)
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    for error in [&read, &written] {
+        assert!(matches!(error, StorageError::Service { .. }), "{error}");
+        assert!(
+            error.to_string().contains("no answer within 5 s"),
+            "{error}"
+        );
+    }
+    assert!(
+        elapsed < std::time::Duration::from_secs(15),
+        "{elapsed:?} for two calls"
+    );
+    drop(held);
+}

@@ -1,4 +1,5 @@
-//! FHIR knowledge the exporter needs: resource type names, the Patient compartment, OperationOutcome.
+//! FHIR knowledge the exporter needs: resource type names, the Patient compartment, lossless JSON
+//! edits, OperationOutcome.
 
 pub mod compartment;
 pub mod elements;

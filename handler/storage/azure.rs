@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use azure_core::credentials::TokenCredential;
@@ -23,6 +24,28 @@ use super::{validate_path, ByteStream, ETag, ObjectStore, ObjectWriter, PutMode,
 
 /// Blocks being staged at once by one writer.
 const BLOCKS_IN_FLIGHT: usize = 4;
+/// The longest a small request (read, write or delete of a document, a listing page, a commit) may
+/// take, the SDK's own retries included: an unreachable account is a clear error within seconds,
+/// not a request hanging for minutes.
+const REQUEST_LIMIT: Duration = Duration::from_secs(5);
+/// The longest a whole listing (all its pages) may take.
+const LISTING_LIMIT: Duration = Duration::from_secs(30);
+/// The longest staging one block (up to 4 MiB) may take, retries included.
+const BLOCK_LIMIT: Duration = Duration::from_secs(120);
+
+/// `call`, or a service error naming `path` when it has not answered within `limit`.
+async fn bounded<T>(
+    path: &str,
+    limit: Duration,
+    call: impl std::future::Future<Output = T>,
+) -> Result<T, StorageError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| StorageError::Service {
+            path: path.to_string(),
+            detail: format!("no answer within {} s", limit.as_secs()),
+        })
+}
 
 pub struct AzureBlob {
     account_url: Url,
@@ -80,7 +103,7 @@ impl AzureBlob {
         if state.exists {
             return Ok(state.client);
         }
-        match state.client.create(None).await {
+        match bounded(name, REQUEST_LIMIT, state.client.create(None)).await? {
             Ok(_) => {}
             Err(e) if e.http_status() == Some(StatusCode::Conflict) => {}
             Err(e) => return Err(to_storage_error(name, e)),
@@ -107,7 +130,7 @@ impl AzureBlob {
         path: &str,
     ) -> Result<Option<azure_storage_blob::models::BlobClientDownloadResult>, StorageError> {
         let (_, blob) = self.blob(path)?;
-        match blob.download(None).await {
+        match bounded(path, REQUEST_LIMIT, blob.download(None)).await? {
             Ok(downloaded) => Ok(Some(downloaded)),
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
             Err(e) => Err(to_storage_error(path, e)),
@@ -229,10 +252,8 @@ impl ObjectStore for AzureBlob {
             return Ok(None);
         };
         let etag = downloaded.properties.etag.clone();
-        let body = downloaded
-            .body
-            .collect()
-            .await
+        let body = bounded(path, REQUEST_LIMIT, downloaded.body.collect())
+            .await?
             .map_err(|e| to_storage_error(path, e))?;
         let etag = etag.map(|t| ETag(t.to_string())).unwrap_or_else(|| {
             // The service always sends one; an absent tag can never match.
@@ -253,13 +274,11 @@ impl ObjectStore for AzureBlob {
         };
         let mut created_container = false;
         loop {
-            match blob
-                .upload(
-                    <RequestContent<Bytes, NoFormat> as From<Bytes>>::from(data.clone()),
-                    Some(options()),
-                )
-                .await
-            {
+            let upload = blob.upload(
+                <RequestContent<Bytes, NoFormat> as From<Bytes>>::from(data.clone()),
+                Some(options()),
+            );
+            match bounded(path, REQUEST_LIMIT, upload).await? {
                 Ok(uploaded) => {
                     return Ok(ETag(
                         uploaded.etag.map(|t| t.to_string()).unwrap_or_default(),
@@ -322,7 +341,7 @@ impl ObjectStore for AzureBlob {
         let (container_name, name) = split(prefix)?;
         let container = self.container(container_name)?.client;
         if name.is_none() {
-            return match container.delete(None).await {
+            return match bounded(prefix, REQUEST_LIMIT, container.delete(None)).await? {
                 Ok(_) => {
                     self.mark_container(container_name, false);
                     Ok(())
@@ -331,8 +350,14 @@ impl ObjectStore for AzureBlob {
                 Err(e) => Err(to_storage_error(prefix, e)),
             };
         }
-        for blob_name in self.blob_names(&container, prefix, name).await? {
-            match container.blob_client(&blob_name).delete(None).await {
+        let names = bounded(
+            prefix,
+            LISTING_LIMIT,
+            self.blob_names(&container, prefix, name),
+        );
+        for blob_name in names.await?? {
+            let blob = container.blob_client(&blob_name);
+            match bounded(prefix, REQUEST_LIMIT, blob.delete(None)).await? {
                 Ok(_) => {}
                 Err(e) if e.http_status() == Some(StatusCode::NotFound) => {}
                 Err(e) => return Err(to_storage_error(prefix, e)),
@@ -344,9 +369,13 @@ impl ObjectStore for AzureBlob {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let (container_name, name) = split(prefix)?;
         let container = self.container(container_name)?.client;
-        let mut paths: Vec<String> = self
-            .blob_names(&container, prefix, name)
-            .await?
+        let names = bounded(
+            prefix,
+            LISTING_LIMIT,
+            self.blob_names(&container, prefix, name),
+        );
+        let mut paths: Vec<String> = names
+            .await??
             .into_iter()
             .map(|blob| format!("{container_name}/{blob}"))
             .collect();
@@ -391,14 +420,15 @@ impl ObjectWriter for BlobWriter {
         let (blob, path) = (self.blob.clone(), self.path.clone());
         self.in_flight.push(Box::pin(async move {
             let length = data.len() as u64;
-            blob.block_blob_client()
-                .stage_block(
-                    &block_id,
-                    length,
-                    <RequestContent<Bytes, NoFormat> as From<Bytes>>::from(data),
-                    None,
-                )
-                .await
+            let block_client = blob.block_blob_client();
+            let stage = block_client.stage_block(
+                &block_id,
+                length,
+                <RequestContent<Bytes, NoFormat> as From<Bytes>>::from(data),
+                None,
+            );
+            bounded(&path, BLOCK_LIMIT, stage)
+                .await?
                 .map(|_| ())
                 .map_err(|e| to_storage_error(&path, e))
         }));
@@ -417,10 +447,10 @@ impl ObjectWriter for BlobWriter {
             ..Default::default()
         };
         let content = RequestContent::try_from(blocks).map_err(|e| service_error(&self.path, e))?;
-        self.blob
-            .block_blob_client()
-            .commit_block_list(content, None)
-            .await
+        let block_client = self.blob.block_blob_client();
+        let commit = block_client.commit_block_list(content, None);
+        bounded(&self.path, REQUEST_LIMIT, commit)
+            .await?
             .map_err(|e| to_storage_error(&self.path, e))?;
         Ok(())
     }

@@ -27,6 +27,28 @@ async fn send(
     request.send().await.unwrap()
 }
 
+/// Token checks against `issuer`, its keys and token endpoint found by discovery.
+fn checked_by(issuer: &str) -> AuthSetting {
+    AuthSetting {
+        issuer: issuer.to_string(),
+        audience: AUDIENCE.into(),
+        jwks_url: None,
+        token_endpoint: None,
+    }
+}
+
+/// Polls a status URL with `bearer` until the manifest.
+async fn manifest_for(client: &reqwest::Client, status_url: &str, bearer: &str) -> Value {
+    loop {
+        let response = send(client, reqwest::Method::GET, status_url, Some(bearer)).await;
+        match response.status().as_u16() {
+            202 => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            200 => return response.json::<Value>().await.unwrap(),
+            other => panic!("status {other}"),
+        }
+    }
+}
+
 /// Asserts an OperationOutcome answer with `status` whose text holds `words`.
 async fn assert_refused(response: reqwest::Response, status: u16, words: &str) {
     let got = response.status().as_u16();
@@ -50,13 +72,7 @@ async fn assert_refused(response: reqwest::Response, status: u16, words: &str) {
 async fn tokens_are_checked_and_exports_belong_to_their_client() {
     let (issuer, key_fetches) = issuer().await;
     let store = sample_store();
-    let setting = AuthSetting {
-        issuer: issuer.clone(),
-        audience: AUDIENCE.into(),
-        jwks_url: None,
-        token_endpoint: None,
-    };
-    let server = start(&store, |s| s.auth = Some(setting)).await;
+    let server = start(&store, |s| s.auth = Some(checked_by(&issuer))).await;
     let client = client();
     let base = &server.base;
     let kickoff_url = format!("{base}/$export?_type=Patient,Condition");
@@ -163,14 +179,7 @@ async fn tokens_are_checked_and_exports_belong_to_their_client() {
         "no export",
     )
     .await;
-    let manifest = loop {
-        let response = send(&client, Method::GET, &status_url, Some(&a)).await;
-        match response.status().as_u16() {
-            202 => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            200 => break response.json::<Value>().await.unwrap(),
-            other => panic!("status {other}"),
-        }
-    };
+    let manifest = manifest_for(&client, &status_url, &a).await;
     assert_eq!(manifest["requiresAccessToken"], true);
     let outputs = manifest["output"].as_array().unwrap();
     assert_eq!(outputs.len(), 2);
@@ -274,13 +283,7 @@ async fn without_an_issuer_the_service_stays_open_and_says_so() {
 async fn backend_clients_discover_the_token_endpoint_and_downloads_follow_type_scopes() {
     let (issuer, _) = issuer().await;
     let store = sample_store();
-    let setting = AuthSetting {
-        issuer: issuer.clone(),
-        audience: AUDIENCE.into(),
-        jwks_url: None,
-        token_endpoint: None,
-    };
-    let server = start(&store, |s| s.auth = Some(setting)).await;
+    let server = start(&store, |s| s.auth = Some(checked_by(&issuer))).await;
     let client = client();
     let base = &server.base;
     use reqwest::Method;
@@ -370,14 +373,7 @@ async fn backend_clients_discover_the_token_endpoint_and_downloads_follow_type_s
         .to_str()
         .unwrap()
         .to_string();
-    let manifest = loop {
-        let response = send(&client, Method::GET, &status_url, Some(&everything)).await;
-        match response.status().as_u16() {
-            202 => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            200 => break response.json::<Value>().await.unwrap(),
-            other => panic!("status {other}"),
-        }
-    };
+    let manifest = manifest_for(&client, &status_url, &everything).await;
     let observations_only = token_for("system/Observation.read").await;
     let mut seen = std::collections::HashSet::new();
     for output in manifest["output"].as_array().unwrap() {
@@ -441,15 +437,7 @@ async fn a_failing_key_endpoint_is_asked_once_and_sub_is_not_a_client() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 
-    let server = start(&store, |s| {
-        s.auth = Some(AuthSetting {
-            issuer: issuer.clone(),
-            audience: AUDIENCE.into(),
-            jwks_url: None,
-            token_endpoint: None,
-        })
-    })
-    .await;
+    let server = start(&store, |s| s.auth = Some(checked_by(&issuer))).await;
     let owner = token(&issuer, json!({}));
     let started = send(
         &client,

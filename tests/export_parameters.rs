@@ -522,15 +522,7 @@ async fn privacy_parameters_mixed_types_and_empty_accepted_answers() {
         keys_of(&download_all(&client, &manifest).await),
         keys(&[("Patient", "a"), ("Patient", "b")])
     );
-    let note_url = manifest["error"][0]["url"].as_str().unwrap();
-    let note = client
-        .get(note_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let note = notes_text(&client, &manifest).await;
     assert!(
         note.contains("Organization is not in the Patient compartment"),
         "{note}"

@@ -338,15 +338,7 @@ async fn bad_requests_get_an_operation_outcome_naming_the_problem() {
         lenient.headers()["content-location"].to_str().unwrap(),
     )
     .await;
-    let note_url = manifest["error"][0]["url"].as_str().unwrap();
-    let note = client
-        .get(note_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let note = notes_text(&client, &manifest).await;
     assert!(note.contains("_bogus"), "{note}");
 }
 

@@ -237,6 +237,12 @@ pub async fn wait_for_manifest(client: &reqwest::Client, status_url: &str) -> Va
 }
 
 /// Kicks off `url` and waits for the manifest.
+/// The text of a manifest's first `error` file (the request's notes).
+pub async fn notes_text(client: &reqwest::Client, manifest: &Value) -> String {
+    let url = manifest["error"][0]["url"].as_str().unwrap();
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 pub async fn export(client: &reqwest::Client, url: &str) -> Value {
     let response = kickoff(client, url).await;
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());

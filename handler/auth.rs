@@ -108,11 +108,28 @@ pub struct Authenticator {
     setting: AuthSetting,
     http: reqwest::Client,
     keys: RwLock<Option<Keys>>,
-    /// When the key set was last asked for, answered or not: at most one fetch a minute, however
-    /// many tokens name unknown keys, and no lock is held while it runs.
-    keys_asked: std::sync::Mutex<Option<Instant>>,
-    /// The issuer's token endpoint once discovered, and when discovery was last tried.
-    token_endpoint: std::sync::Mutex<(Option<String>, Option<Instant>)>,
+    /// The key set is asked for at most once a minute, however many tokens name unknown keys.
+    keys_asked: Pacing,
+    /// The issuer's token endpoint once discovered.
+    token_endpoint: std::sync::Mutex<Option<String>>,
+    /// Discovery is tried at most once a minute until it answers.
+    discovery_asked: Pacing,
+}
+
+/// At most one attempt per `REFETCH_AFTER`, answered or not; held by no one while the attempt runs.
+#[derive(Default)]
+struct Pacing(std::sync::Mutex<Option<Instant>>);
+
+impl Pacing {
+    /// Whether an attempt may start now; if so, it is recorded as started.
+    fn may_try(&self) -> bool {
+        let mut last = self.0.lock().expect("not poisoned");
+        if last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
 }
 
 impl Authenticator {
@@ -123,8 +140,9 @@ impl Authenticator {
                 .timeout(Duration::from_secs(10))
                 .build()?,
             keys: RwLock::new(None),
-            keys_asked: std::sync::Mutex::new(None),
-            token_endpoint: std::sync::Mutex::new((None, None)),
+            keys_asked: Pacing::default(),
+            token_endpoint: std::sync::Mutex::new(None),
+            discovery_asked: Pacing::default(),
         })
     }
 
@@ -134,22 +152,18 @@ impl Authenticator {
         if let Some(endpoint) = &self.setting.token_endpoint {
             return Ok(endpoint.clone());
         }
-        {
-            let mut cached = self.token_endpoint.lock().expect("not poisoned");
-            match &*cached {
-                (Some(endpoint), _) => return Ok(endpoint.clone()),
-                (None, Some(tried)) if tried.elapsed() < REFETCH_AFTER => {
-                    return Err(AuthError::DiscoveryUnavailable(
-                        "it did not answer lately; tried again within a minute".into(),
-                    ))
-                }
-                _ => cached.1 = Some(Instant::now()),
-            }
+        if let Some(endpoint) = self.token_endpoint.lock().expect("not poisoned").as_ref() {
+            return Ok(endpoint.clone());
         }
-        let configuration = self.openid_configuration().await.map_err(|e| match e {
-            AuthError::KeysUnavailable(why) => AuthError::DiscoveryUnavailable(why),
-            other => other,
-        })?;
+        if !self.discovery_asked.may_try() {
+            return Err(AuthError::DiscoveryUnavailable(
+                "it did not answer lately; tried again within a minute".into(),
+            ));
+        }
+        let configuration = self
+            .openid_configuration()
+            .await
+            .map_err(AuthError::DiscoveryUnavailable)?;
         let endpoint = configuration["token_endpoint"]
             .as_str()
             .filter(|url| url.starts_with("https://") || url.starts_with("http://"))
@@ -159,11 +173,11 @@ impl Authenticator {
                 )
             })?
             .to_string();
-        self.token_endpoint.lock().expect("not poisoned").0 = Some(endpoint.clone());
+        *self.token_endpoint.lock().expect("not poisoned") = Some(endpoint.clone());
         Ok(endpoint)
     }
 
-    async fn openid_configuration(&self) -> Result<serde_json::Value, AuthError> {
+    async fn openid_configuration(&self) -> Result<serde_json::Value, String> {
         let discovery = format!(
             "{}/.well-known/openid-configuration",
             self.setting.issuer.trim_end_matches('/')
@@ -274,15 +288,7 @@ impl Authenticator {
     }
 
     async fn refresh(&self) -> Result<(), AuthError> {
-        let asked_lately = {
-            let mut asked = self.keys_asked.lock().expect("not poisoned");
-            let lately = asked.is_some_and(|at| at.elapsed() < REFETCH_AFTER);
-            if !lately {
-                *asked = Some(Instant::now());
-            }
-            lately
-        };
-        if asked_lately {
+        if !self.keys_asked.may_try() {
             let usable = self
                 .keys
                 .read()
@@ -321,7 +327,10 @@ impl Authenticator {
     async fn fetch_key_set(&self) -> Result<JwkSet, AuthError> {
         let jwks_url = match &self.setting.jwks_url {
             Some(url) => url.clone(),
-            None => self.openid_configuration().await?["jwks_uri"]
+            None => self
+                .openid_configuration()
+                .await
+                .map_err(AuthError::KeysUnavailable)?["jwks_uri"]
                 .as_str()
                 .ok_or_else(|| {
                     AuthError::KeysUnavailable(
@@ -330,11 +339,14 @@ impl Authenticator {
                 })?
                 .to_string(),
         };
-        self.get_json(&jwks_url).await
+        self.get_json(&jwks_url)
+            .await
+            .map_err(AuthError::KeysUnavailable)
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, AuthError> {
-        let unavailable = |e: reqwest::Error| AuthError::KeysUnavailable(format!("{url}: {e}"));
+    /// A JSON document from the issuer; the error says which URL failed and how.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
+        let unavailable = |e: reqwest::Error| format!("{url}: {e}");
         self.http
             .get(url)
             .send()

@@ -37,6 +37,16 @@ fn checked_by(issuer: &str) -> AuthSetting {
     }
 }
 
+/// Kicks off `url` with `bearer`, expects a 202, and gives the status URL.
+async fn started_by(client: &reqwest::Client, url: &str, bearer: &str) -> String {
+    let started = send(client, reqwest::Method::GET, url, Some(bearer)).await;
+    assert_eq!(started.status(), 202);
+    started.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Polls a status URL with `bearer` until the manifest.
 async fn manifest_for(client: &reqwest::Client, status_url: &str, bearer: &str) -> Value {
     loop {
@@ -155,12 +165,7 @@ async fn tokens_are_checked_and_exports_belong_to_their_client() {
     // Client A's export: visible to A only.
     let a = token(&issuer, json!({}));
     let b = token(&issuer, json!({"azp": "client-b"}));
-    let started = send(&client, Method::GET, &kickoff_url, Some(&a)).await;
-    assert_eq!(started.status(), 202);
-    let status_url = started.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let status_url = started_by(&client, &kickoff_url, &a).await;
     assert_refused(
         send(&client, Method::GET, &status_url, None).await,
         401,
@@ -203,18 +208,7 @@ async fn tokens_are_checked_and_exports_belong_to_their_client() {
         &issuer,
         json!({"scope": "system/Patient.rs", "azp": "client-c"}),
     );
-    let narrowed = send(
-        &client,
-        Method::GET,
-        &format!("{base}/$export"),
-        Some(&patients_only),
-    )
-    .await;
-    assert_eq!(narrowed.status(), 202);
-    let narrowed_url = narrowed.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let narrowed_url = started_by(&client, &format!("{base}/$export"), &patients_only).await;
     let types: Vec<String> = loop {
         let response = send(&client, Method::GET, &narrowed_url, Some(&patients_only)).await;
         if response.status() == 200 {
@@ -361,18 +355,12 @@ async fn backend_clients_discover_the_token_endpoint_and_downloads_follow_type_s
         }
     };
     let everything = token_for("system/*.read").await;
-    let started = send(
+    let status_url = started_by(
         &client,
-        Method::GET,
         &format!("{base}/$export?_type=Observation,ImagingStudy"),
-        Some(&everything),
+        &everything,
     )
     .await;
-    assert_eq!(started.status(), 202);
-    let status_url = started.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
     let manifest = manifest_for(&client, &status_url, &everything).await;
     let observations_only = token_for("system/Observation.read").await;
     let mut seen = std::collections::HashSet::new();
@@ -439,18 +427,12 @@ async fn a_failing_key_endpoint_is_asked_once_and_sub_is_not_a_client() {
 
     let server = start(&store, |s| s.auth = Some(checked_by(&issuer))).await;
     let owner = token(&issuer, json!({}));
-    let started = send(
+    let status_url = started_by(
         &client,
-        Method::GET,
         &format!("{}/$export?_type=Device", server.base),
-        Some(&owner),
+        &owner,
     )
     .await;
-    assert_eq!(started.status(), 202);
-    let status_url = started.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
     let impostor = token(&issuer, json!({"azp": null, "sub": "client-a"}));
     assert_refused(
         send(&client, Method::GET, &status_url, Some(&impostor)).await,

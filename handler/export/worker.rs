@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::{manifest, ExportError, ShardMessage};
 use crate::app::App;
 use crate::fhir::elements::subset;
+use crate::fhir::json::Json;
 use crate::fhir::OperationOutcome;
 use crate::jobs::{Change, Job, JobStatus, ShardStatus};
 use crate::source::{ScanError, ScanRequest, SinkError};
@@ -199,23 +200,23 @@ async fn write_files(
                 if stop.load(Ordering::Relaxed) != KEEP_GOING {
                     return Err(SinkError::Stopped);
                 }
-                if filters.is_empty() && elements.is_empty() {
-                    return Ok(writer.push(resource)?);
-                }
-                // Only filtered or trimmed types pay for parsing; the rest flow as stored bytes.
-                let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
-                    return Ok(writer.push(resource)?);
-                };
-                if !filters.is_empty() && !filters.iter().any(|query| query.matches(&value)) {
-                    return Ok(());
+                // Only filtered or trimmed types pay for parsing, each for what it needs; the rest
+                // flow as stored bytes.
+                if !filters.is_empty() {
+                    let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
+                        return Ok(writer.push(resource)?);
+                    };
+                    if !filters.iter().any(|query| query.matches(&value)) {
+                        return Ok(());
+                    }
                 }
                 if elements.is_empty() {
                     return Ok(writer.push(resource)?);
                 }
-                let Ok(resource) = crate::fhir::json::Json::parse_slice(resource) else {
+                let Ok(parsed) = Json::parse_slice(resource) else {
                     return Ok(writer.push(resource)?);
                 };
-                Ok(writer.push(&subset(resource, &spec.resource_type, &elements).to_bytes())?)
+                Ok(writer.push(&subset(parsed, &spec.resource_type, &elements).to_bytes())?)
             })
         });
         let scanned = match scanned {

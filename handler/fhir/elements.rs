@@ -81,7 +81,7 @@ pub fn subset<'a>(resource: Json<'a>, resource_type: &str, elements: &[String]) 
             || mandatory.iter().any(|m| key_is_element(key, m))
     };
     let mut kept = Json::Object(members.into_iter().filter(|(key, _)| keep(key)).collect());
-    let subsetted = Json::parse(SUBSETTED).expect("valid JSON");
+    let subsetted = SUBSETTED_TAG.clone();
     match kept.get_mut("meta") {
         Some(meta @ Json::Object(_)) => match meta.get_mut("tag") {
             Some(Json::Array(tags)) => tags.push(subsetted),
@@ -97,8 +97,11 @@ pub fn subset<'a>(resource: Json<'a>, resource_type: &str, elements: &[String]) 
     kept
 }
 
-const SUBSETTED: &str =
-    r#"{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED"}"#;
+/// The tag of a trimmed resource, parsed once.
+static SUBSETTED_TAG: std::sync::LazyLock<Json<'static>> = std::sync::LazyLock::new(|| {
+    Json::parse(r#"{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED"}"#)
+        .expect("valid JSON")
+});
 
 #[cfg(test)]
 mod tests {

@@ -23,9 +23,7 @@ pub enum Json<'a> {
 impl<'a> Json<'a> {
     /// Parses one JSON value (surrounding whitespace allowed); errors are serde_json's.
     pub fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str::<IgnoredAny>(text)?;
-        let mut walk = Walk { text, at: 0 };
-        Ok(walk.value())
+        Self::parse_slice(text.as_bytes())
     }
 
     /// Like [`Json::parse`], from bytes (serde_json checks that they are UTF-8).
@@ -140,13 +138,12 @@ impl<'a> Json<'a> {
         match self {
             Json::Object(members) => {
                 for (key, value) in members.iter_mut() {
-                    if key == "reference" {
-                        let replaced = value.as_str().and_then(|reference| visit(&reference));
-                        if let Some(replaced) = replaced {
-                            *value = Json::string(&replaced);
-                        }
-                    } else {
-                        value.rewrite_references(visit);
+                    // A `reference` that is itself an element (a Reference under a member named
+                    // `reference`) is walked like any other.
+                    let reference = (key == "reference").then(|| value.as_str()).flatten();
+                    match reference.and_then(|reference| visit(&reference)) {
+                        Some(replaced) => *value = Json::string(&replaced),
+                        None => value.rewrite_references(visit),
                     }
                 }
             }
@@ -154,20 +151,6 @@ impl<'a> Json<'a> {
                 .iter_mut()
                 .for_each(|item| item.rewrite_references(visit)),
             Json::Leaf(_) => {}
-        }
-    }
-
-    /// The same tree, owning its text.
-    pub fn into_owned(self) -> Json<'static> {
-        match self {
-            Json::Leaf(token) => Json::Leaf(Cow::Owned(token.into_owned())),
-            Json::Array(items) => Json::Array(items.into_iter().map(Json::into_owned).collect()),
-            Json::Object(members) => Json::Object(
-                members
-                    .into_iter()
-                    .map(|(k, v)| (Cow::Owned(k.into_owned()), v.into_owned()))
-                    .collect(),
-            ),
         }
     }
 }
@@ -296,6 +279,15 @@ mod tests {
         let mut json =
             Json::parse(r#"{"id":"x","s":{"reference":"urn:uuid:1"},"v":1.50}"#).unwrap();
         json.rewrite_references(&mut |r| r.strip_prefix("urn:uuid:").map(|id| format!("P/{id}")));
+        let mut nested = Json::parse(
+            r#"{"definition":{"resource":[{"reference":{"reference":"urn:uuid:2"}}]},"note":[{"text":"reference"}]}"#,
+        )
+        .unwrap();
+        nested.rewrite_references(&mut |r| r.strip_prefix("urn:uuid:").map(|id| format!("P/{id}")));
+        assert_eq!(
+            nested.to_bytes(),
+            br#"{"definition":{"resource":[{"reference":{"reference":"P/2"}}]},"note":[{"text":"reference"}]}"#
+        );
         json.set("meta", Json::parse(r#"{"lastUpdated":"t"}"#).unwrap(), 1);
         assert_eq!(
             json.to_bytes(),

@@ -494,7 +494,6 @@ async fn download(app: &App, path: &str, caller: Option<&Caller>) -> Result<Resp
     Ok(response)
 }
 
-/// `202 Accepted` with no body, and so no `Content-Type`.
 enum FileType<'a> {
     /// The request's notes (`OperationOutcome-1.ndjson`): the owner's whatever its scopes.
     Notes,
@@ -517,6 +516,7 @@ fn file_type<'a>(job: &'a crate::jobs::Job, path: &str) -> Option<FileType<'a>> 
     })
 }
 
+/// `202 Accepted` with no body, and so no `Content-Type`.
 fn empty_accepted() -> Response {
     StatusCode::ACCEPTED.into_response()
 }

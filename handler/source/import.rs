@@ -586,13 +586,10 @@ impl Parser {
                 format!("invalid JSON: {e}"),
             )
         })?;
-        let text_of = |json: &Json, key: &str| {
-            json.get(key)
-                .and_then(|v| v.as_str().map(|s| s.into_owned()))
-        };
-        let is_unpacked_bundle = text_of(&document, "resourceType").as_deref() == Some("Bundle")
+        let text_of = |key: &str| document.get(key).and_then(Json::as_str);
+        let is_unpacked_bundle = text_of("resourceType").as_deref() == Some("Bundle")
             && matches!(
-                text_of(&document, "type").as_deref(),
+                text_of("type").as_deref(),
                 Some("transaction" | "batch" | "collection" | "searchset")
             );
         if !is_unpacked_bundle {

@@ -385,6 +385,117 @@ async fn the_export_is_a_snapshot_at_transaction_time() {
         .any(|l| l.contains(r#""id":"a""#) && l.contains(r#""gender":"unknown""#)));
 }
 
+/// What an export holds is what was stored at its kickoff, each version in the compartments its own
+/// content names: an Observation moved from a to b by a later import stays in a's export as it
+/// was, and a Patient stored later stays out whatever older `lastUpdated` it claims (it is in the
+/// next `_since` export).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_moved_or_backdated_after_kickoff_stays_where_it_was_at_kickoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = small_store(dir.path());
+    let exports = dir.path().join("exports");
+    let client = client();
+    let api_only = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |s| {
+        s.workers = 0
+    })
+    .await;
+    let observations_of = |patient: &str| {
+        serde_json::json!({"resourceType": "Parameters", "parameter": [
+            {"name": "_type", "valueString": "Observation"},
+            {"name": "patient", "valueReference": {"reference": format!("Patient/{patient}")}}
+        ]})
+        .to_string()
+    };
+    let mut status_urls = Vec::new();
+    for patient in ["a", "b"] {
+        let url = format!("{}/Patient/$export", api_only.base);
+        let response = post_kickoff(&client, &url, &observations_of(patient)).await;
+        assert_eq!(response.status(), 202);
+        status_urls.push(
+            response.headers()["content-location"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let url = format!("{}/$export?_type=Patient", api_only.base);
+    let response = kickoff(&client, &url).await;
+    status_urls.push(
+        response.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string(),
+    );
+    let old_base = api_only.base.clone();
+    drop(api_only);
+
+    let later = dir.path().join("later.ndjson");
+    std::fs::write(
+        &later,
+        "{\"resourceType\":\"Observation\",\"id\":\"oa\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/b\"}}\n\
+         {\"resourceType\":\"Patient\",\"id\":\"d\",\"meta\":{\"lastUpdated\":\"2019-01-01T00:00:00Z\"}}\n",
+    )
+    .unwrap();
+    let report = import::import(&EmbeddedStore::open(&store).unwrap(), &[later]).unwrap();
+    assert_eq!((report.created, report.updated), (1, 1));
+
+    let server = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |_| {}).await;
+    let mut at_kickoff = Vec::new();
+    let mut transaction_time = String::new();
+    for status_url in &status_urls {
+        let status_url = status_url.replace(&old_base, &server.base);
+        let manifest = wait_for_manifest(&client, &status_url).await;
+        let manifest: Value =
+            serde_json::from_str(&manifest.to_string().replace(&old_base, &server.base)).unwrap();
+        transaction_time = manifest["transactionTime"].as_str().unwrap().to_string();
+        let files = download_all(&client, &manifest).await;
+        let oa_names_a = files
+            .iter()
+            .flat_map(|(_, _, lines)| lines)
+            .filter(|l| l.contains(r#""id":"oa""#))
+            .all(|l| l.contains("Patient/a"));
+        assert!(oa_names_a, "{status_url}: oa as it was at kickoff");
+        at_kickoff.push(keys_of(&files));
+    }
+    assert_eq!(
+        at_kickoff,
+        [
+            keys(&[("Observation", "both"), ("Observation", "oa")]),
+            keys(&[("Observation", "both"), ("Observation", "ob")]),
+            keys(&[("Patient", "a"), ("Patient", "b")]),
+        ]
+    );
+
+    let mut now = Vec::new();
+    for patient in ["a", "b"] {
+        let url = format!("{}/Patient/$export", server.base);
+        let response = post_kickoff(&client, &url, &observations_of(patient)).await;
+        let status_url = response.headers()["content-location"].to_str().unwrap();
+        let manifest = wait_for_manifest(&client, status_url).await;
+        now.push(keys_of(&download_all(&client, &manifest).await));
+    }
+    let since = format!(
+        "{}/$export?_type=Patient&_since={}",
+        server.base,
+        transaction_time.replace('+', "%2B")
+    );
+    let manifest = export(&client, &since).await;
+    now.push(keys_of(&download_all(&client, &manifest).await));
+    assert_eq!(
+        now,
+        [
+            keys(&[("Observation", "both")]),
+            keys(&[
+                ("Observation", "both"),
+                ("Observation", "oa"),
+                ("Observation", "ob")
+            ]),
+            keys(&[("Patient", "d")]),
+        ],
+        "the next exports, and d in the next _since export though it claims an older lastUpdated"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_and_smart_configuration_describe_the_service() {
     let dir = tempfile::tempdir().unwrap();

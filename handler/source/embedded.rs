@@ -13,6 +13,11 @@ use super::{
 };
 use crate::fhir::types::R4_RESOURCE_TYPES;
 
+/// What an export reads is what was stored when it began, whatever `meta.lastUpdated` the rows
+/// claim: each import is a run, visible from its `committed_at` in `import_runs` (registered after
+/// its rows are committed), and a version an import replaces moves to `replaced` with the patients
+/// its own content named and the run that replaced it. A snapshot at instant T reads the current
+/// rows of the runs committed by T, and the replaced versions stored by then and replaced after.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS resources (
     type TEXT NOT NULL,
@@ -23,13 +28,19 @@ CREATE TABLE IF NOT EXISTS resources (
     json BLOB NOT NULL,
     PRIMARY KEY (type, id)
 );
-CREATE TABLE IF NOT EXISTS history (
+CREATE TABLE IF NOT EXISTS replaced (
     type TEXT NOT NULL,
     id TEXT NOT NULL,
     last_updated INTEGER NOT NULL,
-    superseded_at INTEGER NOT NULL,
+    stored_run INTEGER NOT NULL,
+    superseded_run INTEGER NOT NULL,
+    patients TEXT NOT NULL,
     json BLOB NOT NULL,
-    PRIMARY KEY (type, id, last_updated)
+    PRIMARY KEY (type, id, superseded_run)
+);
+CREATE TABLE IF NOT EXISTS import_runs (
+    run INTEGER PRIMARY KEY,
+    committed_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS urn_alias (
     urn TEXT PRIMARY KEY,
@@ -126,6 +137,7 @@ impl EmbeddedStore {
                 }
             })
             .and_then(|_| move_compartment_links(&conn))
+            .and_then(|_| register_earlier_runs(&conn))
             .map_err(|e| store.error(e))?;
         Ok(store)
     }
@@ -224,6 +236,44 @@ fn move_compartment_links(conn: &Connection) -> rusqlite::Result<()> {
     moved
 }
 
+/// Stores of the earlier layouts: their rows become visible to every snapshot, and the replaced
+/// versions kept by lastUpdated alone (which cannot say when they were stored) are dropped.
+fn register_earlier_runs(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("DROP TABLE IF EXISTS history")?;
+    let registered: bool =
+        conn.query_row("SELECT EXISTS (SELECT 1 FROM import_runs)", [], |row| {
+            row.get(0)
+        })?;
+    if !registered {
+        conn.execute(
+            "INSERT OR IGNORE INTO import_runs (run, committed_at)
+             SELECT max(import_run), 0 FROM resources HAVING max(import_run) IS NOT NULL",
+            [],
+        )?;
+    }
+    Ok(())
+}
+
+/// Registers `run` as committed now (never before a run registered earlier, should the clock step
+/// back): from now on snapshots read its rows.
+pub(crate) fn register_run(conn: &Connection, run: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO import_runs (run, committed_at)
+         SELECT ?1, max(?2, coalesce(max(committed_at), 0)) FROM import_runs",
+        params![run, micros(Utc::now())],
+    )?;
+    Ok(())
+}
+
+/// The last import run committed by `instant` (0 when none was).
+fn run_committed_by(conn: &Connection, instant: DateTime<Utc>) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT coalesce(max(run), 0) FROM import_runs WHERE committed_at <= ?1",
+        [micros(instant)],
+        |row| row.get(0),
+    )
+}
+
 /// Every type's `TypeStats`, when they agree with the table: the highest rowid recorded is the
 /// table's highest (a writer that did not keep them would have added rows above it). Two index
 /// seeks and a read of a table of a row per type.
@@ -287,10 +337,22 @@ impl ResourceSource for EmbeddedStore {
     ) -> Result<u64, ScanError> {
         let conn = self.connect()?;
         let queries = self.queries(&conn, request, "r.json")?;
+        let runs = Runs {
+            snapshot: run_committed_by(&conn, request.snapshot).map_err(|e| self.error(e))?,
+            since: match request.since {
+                Some(since) => match run_committed_by(&conn, since).map_err(|e| self.error(e))? {
+                    0 => i64::MAX,
+                    run => run,
+                },
+                None => i64::MAX,
+            },
+        };
         let mut count = 0;
         for query in queries {
             let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
-            let mut rows = statement.query(bind(request)).map_err(|e| self.error(e))?;
+            let mut rows = statement
+                .query(bind(request, runs))
+                .map_err(|e| self.error(e))?;
             while let Some(row) = rows.next().map_err(|e| self.error(e))? {
                 let json = row
                     .get_ref(0)
@@ -364,14 +426,27 @@ impl EmbeddedStore {
     }
 }
 
-/// The parameters of the scan queries: type, since, until, snapshot, after id.
-fn bind<'a>(request: &'a ScanRequest<'a>) -> (&'a str, i64, i64, i64, &'a str) {
+/// The import runs a scan's instants stand for.
+#[derive(Debug, Clone, Copy)]
+struct Runs {
+    /// The last run committed at the snapshot: later ones are not read.
+    snapshot: i64,
+    /// The last run committed at `_since`: a version stored by a later run changed since then,
+    /// whatever `lastUpdated` it claims, so an export chained on an earlier one's `transactionTime`
+    /// misses nothing loaded in between. `i64::MAX` without `_since`, or when it precedes the
+    /// store's first load: then only `lastUpdated` tells what changed.
+    since: i64,
+}
+
+/// The parameters of the scan queries: type, since, until, snapshot run, after id, since run.
+fn bind<'a>(request: &'a ScanRequest<'a>, runs: Runs) -> (&'a str, i64, i64, i64, &'a str, i64) {
     (
         request.resource_type,
         request.since.map(micros).unwrap_or(i64::MIN),
         micros(request.until.min(request.snapshot)),
-        micros(request.snapshot),
+        runs.snapshot,
         request.after_id.unwrap_or(""),
+        runs.since,
     )
 }
 
@@ -416,18 +491,14 @@ impl EmbeddedStore {
         request: &ScanRequest<'_>,
         what: &str,
     ) -> Result<Vec<String>, SourceError> {
-        // Links belong to current rows: a replaced version in `history` is in the compartments
-        // of its resource's current row.
-        let (links, history_links) = (
-            "patient_link c WHERE c.resource = r.rowid",
-            "resources now JOIN patient_link c ON c.resource = now.rowid
-             WHERE now.type = ?1 AND now.id = r.id",
-        );
-        let (scope, history_scope) = match request.scope {
+        // A current row's patients are its links; a replaced version keeps the patients its own
+        // content named.
+        let links = "patient_link c WHERE c.resource = r.rowid";
+        let (scope, replaced_scope) = match request.scope {
             PatientScope::All => (String::new(), String::new()),
             PatientScope::AnyPatient => (
                 format!("AND EXISTS (SELECT 1 FROM {links})"),
-                format!("AND EXISTS (SELECT 1 FROM {history_links})"),
+                "AND r.patients != '[]'".to_string(),
             ),
             PatientScope::Only(patients) => {
                 conn.execute_batch(
@@ -441,10 +512,10 @@ impl EmbeddedStore {
                 for patient in patients {
                     insert.execute([patient]).map_err(|e| self.error(e))?;
                 }
-                let in_scope = "AND c.patient_id IN (SELECT id FROM temp.scope_patients)";
+                let in_scope = "IN (SELECT id FROM temp.scope_patients)";
                 (
-                    format!("AND EXISTS (SELECT 1 FROM {links} {in_scope})"),
-                    format!("AND EXISTS (SELECT 1 FROM {history_links} {in_scope})"),
+                    format!("AND EXISTS (SELECT 1 FROM {links} AND c.patient_id {in_scope})"),
+                    format!("AND EXISTS (SELECT 1 FROM json_each(r.patients) p WHERE p.value {in_scope})"),
                 )
             }
         };
@@ -490,7 +561,9 @@ impl EmbeddedStore {
         };
         let current = format!(
             "SELECT {what} FROM resources r
-             WHERE {type_term} = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3 AND r.id > ?5 {scope}
+             WHERE {type_term} = ?1 AND r.import_run <= ?4
+               AND (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3
+               AND r.id > ?5 {scope}
              {current_order}"
         );
         if rows.from.is_some() {
@@ -499,9 +572,10 @@ impl EmbeddedStore {
         Ok(vec![
             current,
             format!(
-                "SELECT {what} FROM history r
-                 WHERE r.type = ?1 AND r.last_updated > ?2 AND r.last_updated <= ?3
-                   AND r.superseded_at > ?4 AND r.id > ?5 {history_scope}
+                "SELECT {what} FROM replaced r
+                 WHERE r.type = ?1 AND r.stored_run <= ?4 AND r.superseded_run > ?4
+                   AND (r.last_updated > ?2 OR r.stored_run > ?6) AND r.last_updated <= ?3
+                   AND r.id > ?5 {replaced_scope}
                  {order}"
             ),
         ])

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::embedded::{micros, TypeStats};
+use super::embedded::{micros, register_run, TypeStats};
 use super::read_once::ReadOnce;
 use super::{EmbeddedStore, SourceError};
 use crate::fhir::compartment;
@@ -297,9 +297,10 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     urns.extend(new_urns.iter().map(|(k, v)| (k.clone(), v.clone())));
     let import_time = Utc::now();
     let parser = Parser { urns, import_time };
+    let run = last_run(&conn).map_err(|e| store.error(e))? + 1;
     let tx = conn.transaction().map_err(|e| store.error(e))?;
-    let mut importer =
-        Importer::new(&tx, new_urns, import_time, holds_resources).map_err(|e| store.error(e))?;
+    let mut importer = Importer::new(&tx, new_urns, run, import_time, holds_resources)
+        .map_err(|e| store.error(e))?;
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Event>(4);
     let (spent, spent_batches) = std::sync::mpsc::channel::<Vec<Prepared>>();
     let (loading, load_ended) = std::sync::mpsc::channel::<()>();
@@ -360,7 +361,21 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
         conn.execute_batch("PRAGMA journal_mode = WAL")
             .map_err(|e| store.error(e))?;
     }
+    // Only now, its rows committed, do snapshots taken from here on read the run.
+    register_run(&conn, run).map_err(|e| store.error(e))?;
     Ok(report)
+}
+
+/// The last import run, registered if it is not (its import died between committing its rows and
+/// registering them): from here on its rows are read.
+fn last_run(conn: &Connection) -> rusqlite::Result<i64> {
+    let last: i64 = conn.query_row(
+        "SELECT coalesce(max(import_run), 0) FROM resources",
+        [],
+        |row| row.get(0),
+    )?;
+    register_run(conn, last)?;
+    Ok(last)
 }
 
 /// How often the store's written pages are sent on to disk while a load runs.
@@ -829,6 +844,7 @@ impl<'c> Importer<'c> {
     fn new(
         conn: &'c Connection,
         urns: HashMap<String, String>,
+        run: i64,
         import_time: DateTime<Utc>,
         store_held_resources: bool,
     ) -> rusqlite::Result<Self> {
@@ -837,11 +853,6 @@ impl<'c> Importer<'c> {
                  type TEXT NOT NULL, id TEXT NOT NULL, content_hash INTEGER NOT NULL, last_updated INTEGER NOT NULL,
                  PRIMARY KEY (type, id)) WITHOUT ROWID;
              DELETE FROM temp.before_run;",
-        )?;
-        let run: i64 = conn.query_row(
-            "SELECT coalesce(max(import_run), 0) + 1 FROM resources",
-            [],
-            |r| r.get(0),
         )?;
         Ok(Self {
             conn,
@@ -943,19 +954,18 @@ impl<'c> Importer<'c> {
             return Ok(());
         }
         if current.run != self.run {
-            // The version exports taken before now may still need: kept, valid until this one's time.
+            // The version exports taken before this run's commit read, with its own patients.
             self.conn
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO history (type, id, last_updated, superseded_at, json)
-                     SELECT type, id, last_updated, ?3, json FROM resources WHERE type = ?1 AND id = ?2",
+                    "INSERT OR REPLACE INTO replaced
+                         (type, id, last_updated, stored_run, superseded_run, patients, json)
+                     SELECT type, id, last_updated, import_run, ?3,
+                         (SELECT json_group_array(patient_id) FROM patient_link WHERE resource = r.rowid),
+                         json
+                     FROM resources r WHERE type = ?1 AND id = ?2",
                 )?
-                .execute(params![resource_type, id, micros(last_updated)])?;
+                .execute(params![resource_type, id, self.run])?;
         }
-        self.conn
-            .prepare_cached(
-                "DELETE FROM history WHERE type = ?1 AND id = ?2 AND last_updated >= ?3",
-            )?
-            .execute(params![resource_type, id, micros(last_updated)])?;
         self.conn
             .prepare_cached(
                 "UPDATE resources SET last_updated = ?3, content_hash = ?4, import_run = ?5, json = ?6

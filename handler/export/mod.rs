@@ -36,6 +36,18 @@ pub async fn enqueue_shards(
     queue.enqueue(messages).await
 }
 
+impl ExportError {
+    /// The export storage refused a write for want of space.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            ExportError::Storage(e) | ExportError::Jobs(crate::jobs::JobError::Storage(e)) => {
+                e.is_full()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Everything that can stop an export operation; mapped to HTTP in `http::error`.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {

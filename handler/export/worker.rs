@@ -35,7 +35,11 @@ pub async fn handle_message(app: &App, message: &ShardMessage) -> Result<(), Exp
             }
             Err(error) => {
                 tracing::warn!(%error, "shard failed");
-                record_failure(app, message, &error).await.inspect_err(
+                match record_failure(app, message, &error).await {
+                    Err(full) if full.is_storage_full() => fail_for_want_of_space(app, message, &full).await,
+                    other => other,
+                }
+                .inspect_err(
                     |record_error| tracing::error!(%record_error, "could not record the shard failure"),
                 )
             }
@@ -401,41 +405,89 @@ async fn write_notes(app: &App, job: &Job) -> Result<Option<OutputFile>, ExportE
     }))
 }
 
-/// After a failed attempt: queue the shard again after a pause, or past the cap fail the job.
+/// What a shard's failure leads to.
+enum AfterFailure {
+    Retry,
+    /// The job failed: its files (in this folder) serve no one, and may be what filled the disk.
+    JobFailed(String),
+    Nothing,
+}
+
+/// After a failed attempt: queue the shard again after a pause, or past the cap fail the job and
+/// remove its files.
 async fn record_failure(
     app: &App,
     message: &ShardMessage,
     error: &ExportError,
 ) -> Result<(), ExportError> {
     let max_attempts = app.settings.max_attempts;
-    let retry = app
+    let after = app
         .jobs
         .update(&message.job_id, |job| {
             if job.status != JobStatus::Running {
-                return Change::Keep(false);
+                return Change::Keep(AfterFailure::Nothing);
             }
             let shard = &mut job.shards[message.shard];
             if shard.status == ShardStatus::Done {
-                return Change::Keep(false);
+                return Change::Keep(AfterFailure::Nothing);
             }
             if shard.attempts < max_attempts {
                 shard.status = ShardStatus::Queued;
                 shard.heartbeat = Some(Utc::now());
-                return Change::Write(true);
+                return Change::Write(AfterFailure::Retry);
             }
             job.status = JobStatus::Failed;
             job.failure = Some(format!(
                 "shard {} ({}) failed {} times; last error: {error}",
                 message.shard, shard.resource_type, shard.attempts
             ));
-            Change::Write(false)
+            Change::Write(AfterFailure::JobFailed(job.output_folder.clone()))
         })
         .await?;
-    if retry == Some(true) {
-        app.queue
-            .enqueue_later(message.clone(), Duration::from_secs(1))
-            .await?;
+    match after {
+        Some(AfterFailure::Retry) => {
+            app.queue
+                .enqueue_later(message.clone(), Duration::from_secs(1))
+                .await?
+        }
+        Some(AfterFailure::JobFailed(folder)) => {
+            if let Err(error) = app.storage.delete_prefix(&folder).await {
+                tracing::warn!(%error, %folder, "could not remove the files of a failed export");
+            }
+        }
+        Some(AfterFailure::Nothing) | None => {}
     }
+    Ok(())
+}
+
+/// The storage is too full even to record a shard's failure, most likely with the export's own
+/// files: they go, which makes room, and the job fails saying why. (Its other shards, finding it
+/// failed, stop.) An error: not even that could be written; the message is run again later.
+async fn fail_for_want_of_space(
+    app: &App,
+    message: &ShardMessage,
+    full: &ExportError,
+) -> Result<(), ExportError> {
+    let Some((job, _)) = app.jobs.load(&message.job_id).await? else {
+        return Ok(());
+    };
+    if job.status != JobStatus::Running {
+        return Ok(());
+    }
+    app.storage.delete_prefix(&job.output_folder).await?;
+    app.jobs
+        .update(&message.job_id, |job| {
+            if job.status != JobStatus::Running {
+                return Change::Keep(());
+            }
+            job.status = JobStatus::Failed;
+            job.failure = Some(format!(
+                "{full}; the export's files were removed to make room"
+            ));
+            Change::Write(())
+        })
+        .await?;
+    tracing::error!(%full, "export failed: storage full");
     Ok(())
 }
 

@@ -10,6 +10,9 @@ use crate::storage::StorageError;
 /// `Retry-After` of a kickoff refused because too many exports are running.
 pub const RETRY_BUSY_SECS: u32 = 10;
 
+/// `Retry-After` while the export storage is full: space comes back on an operator's time.
+pub const RETRY_FULL_SECS: u32 = 60;
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -74,6 +77,16 @@ impl From<ExportError> for ApiError {
                     IssueType::Transient,
                     e.to_string(),
                 )
+            }
+            ExportError::Storage(e @ StorageError::Full { .. })
+            | ExportError::Jobs(JobError::Storage(e @ StorageError::Full { .. })) => {
+                tracing::error!(error = %e, "export storage full");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    IssueType::Transient,
+                    e.to_string(),
+                )
+                .with_header(header::RETRY_AFTER, &RETRY_FULL_SECS.to_string())
             }
             ExportError::Cancelled(id) => ApiError::not_found(format!("export {id} was cancelled")),
             e @ ExportError::TooManyRunning { .. } => ApiError::new(

@@ -411,9 +411,8 @@ async fn cancel(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response
     if !is_job_id(id) {
         return Err(unknown());
     }
-    let cancelled = app
-        .jobs
-        .update(id, |job| match job.status {
+    let mark_cancelled = || {
+        app.jobs.update(id, |job| match job.status {
             _ if !visible(job, caller) => Change::Keep(None),
             JobStatus::Cancelled => Change::Keep(None),
             _ => {
@@ -422,8 +421,33 @@ async fn cancel(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response
                 Change::Write(Some(job.output_folder.clone()))
             }
         })
-        .await;
-    let folder = match cancelled {
+    };
+    let folder = match mark_cancelled().await {
+        Err(crate::jobs::JobError::Storage(full)) if full.is_full() => {
+            // No room to record the cancel: the export's files go first, which makes room, then
+            // the record; should even that fail, the job's state goes too (a cancelled export is
+            // gone either way).
+            let job = match app.jobs.load(id).await? {
+                Some((job, _)) if visible(&job, caller) && job.status != JobStatus::Cancelled => {
+                    job
+                }
+                _ => return Err(unknown()),
+            };
+            app.storage.delete_prefix(&job.output_folder).await?;
+            match mark_cancelled().await {
+                Err(crate::jobs::JobError::Storage(still)) if still.is_full() => {
+                    tracing::warn!(
+                        job_id = id,
+                        "storage full: the cancelled export's state removed"
+                    );
+                    app.jobs.delete(id).await?;
+                }
+                other => {
+                    other?;
+                }
+            }
+            job.output_folder
+        }
         Err(crate::jobs::JobError::Corrupt { .. }) => {
             // Its folder and owner cannot be read: its state goes, so it stops troubling anyone.
             app.jobs.delete(id).await?;

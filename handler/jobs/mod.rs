@@ -181,9 +181,16 @@ impl JobStore {
         let body = Bytes::from(serde_json::to_vec_pretty(job).expect("a job serialises"));
         // Not `Create`: a fresh random id has no document to collide with, and asking the local
         // folder whether one exists searches a directory the export's writeback may hold locked.
-        self.store
+        let recorded = self
+            .store
             .put(&Self::job_path(&job.id), body, PutMode::Overwrite)
-            .await?;
+            .await;
+        if let Err(error) = recorded {
+            // Not counted against the limit while the kickoff is refused (storage full, say).
+            let _ = self.store.delete_prefix(&Self::running_path(&job.id)).await;
+            self.note_running(&job.id, false).await;
+            return Err(error.into());
+        }
         Ok(())
     }
 
@@ -203,10 +210,12 @@ impl JobStore {
     /// The ids of the jobs with a running marker in storage.
     async fn running_ids(&self) -> Result<Vec<String>, StorageError> {
         let prefix = Self::running_path("");
-        let paths = self.store.list(&prefix[..prefix.len() - 1]).await?;
+        let paths = self.store.list(prefix.trim_end_matches('/')).await?;
         Ok(paths
-            .into_iter()
-            .map(|path| path[prefix.len()..].to_string())
+            .iter()
+            .filter_map(|path| path.strip_prefix(&prefix))
+            .filter(|id| is_job_id(id))
+            .map(str::to_string)
             .collect())
     }
 
@@ -320,11 +329,13 @@ impl JobStore {
             .map(|(bytes, _)| bytes))
     }
 
-    /// Removes the job's documents (its export files are removed separately).
+    /// Removes the job's documents and running marker (its export files are removed separately).
     pub async fn delete(&self, id: &str) -> Result<(), JobError> {
         self.store
             .delete_prefix(&format!("{JOBS_CONTAINER}/{id}"))
             .await?;
+        self.store.delete_prefix(&Self::running_path(id)).await?;
+        self.note_running(id, false).await;
         Ok(())
     }
 }

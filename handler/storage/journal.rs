@@ -119,9 +119,16 @@ impl Journal {
         ))
     }
 
+    /// Appends `record`, or leaves the file as it was: a record cut short (the disk full midway)
+    /// is cut off again, so that records appended after it are read back.
     pub fn append(&mut self, seq: u64, record: &Record) -> std::io::Result<()> {
         let encoded = record.encode(seq);
-        (&self.files[self.current]).write_all(&encoded)?;
+        let mut file = &self.files[self.current];
+        let before = file.metadata()?.len();
+        if let Err(error) = file.write_all(&encoded) {
+            let _ = file.set_len(before);
+            return Err(error);
+        }
         self.appended += encoded.len() as u64;
         Ok(())
     }

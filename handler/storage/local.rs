@@ -137,8 +137,13 @@ fn staging_file(root: &Path) -> PathBuf {
 /// Writes a whole file: a staged copy renamed into place.
 fn write_file(root: &Path, path: &str, data: &[u8]) -> Result<(), StorageError> {
     let staged = staging_file(root);
-    std::fs::write(&staged, data).map_err(|e| StorageError::io(path, e))?;
-    publish_now(path, &staged, &root.join(path))
+    let written = std::fs::write(&staged, data)
+        .map_err(|e| StorageError::io(path, e))
+        .and_then(|()| publish_now(path, &staged, &root.join(path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    written
 }
 
 /// Moves a finished staged file into place.
@@ -380,22 +385,35 @@ impl ObjectStore for LocalFolder {
         let (prefix, behind) = (prefix.to_string(), self.behind.clone());
         tokio::task::spawn_blocking(move || {
             let _publishing = behind.publishing.lock().expect("publishing lock");
-            behind.record(
-                &prefix,
-                Record::Cancel {
-                    path: prefix.clone(),
-                },
-            )?;
-            let result = match std::fs::metadata(&target) {
-                Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&target),
-                Ok(_) => std::fs::remove_file(&target),
-                Err(e) => Err(e),
+            let cancel = || {
+                behind.record(
+                    &prefix,
+                    Record::Cancel {
+                        path: prefix.clone(),
+                    },
+                )
             };
-            match result {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(StorageError::io(&prefix, e))
+            let remove = || {
+                let result = match std::fs::metadata(&target) {
+                    Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&target),
+                    Ok(_) => std::fs::remove_file(&target),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(StorageError::io(&prefix, e))
+                    }
+                    _ => Ok(()),
                 }
-                _ => Ok(()),
+            };
+            match cancel() {
+                Ok(()) => remove(),
+                // On a full disk the files go first, which makes room for the journal record.
+                Err(full) if full.is_full() => {
+                    remove()?;
+                    cancel()
+                }
+                Err(other) => Err(other),
             }
         })
         .await
@@ -464,14 +482,22 @@ impl ObjectWriter for LocalWriter {
             file,
             behind,
         } = *self;
-        file.finish().map_err(|e| StorageError::io(&path, e))?;
+        if let Err(error) = file.finish() {
+            let _ = std::fs::remove_file(&staged);
+            return Err(StorageError::io(&path, error));
+        }
         // The rename on a pool thread at normal priority: a file system lock must not wait on
         // this idle-priority thread getting the core back.
         // A whole object journaled earlier at this path must not be published over the file.
         tokio::task::spawn_blocking(move || {
             let _publishing = behind.publishing.lock().expect("publishing lock");
-            behind.record(&path, Record::Cancel { path: path.clone() })?;
-            publish_now(&path, &staged, &target)
+            let published = behind
+                .record(&path, Record::Cancel { path: path.clone() })
+                .and_then(|()| publish_now(&path, &staged, &target));
+            if published.is_err() {
+                let _ = std::fs::remove_file(&staged);
+            }
+            published
         })
         .await
         .expect("a rename does not panic")

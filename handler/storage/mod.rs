@@ -42,6 +42,13 @@ pub enum StorageError {
     Denied { path: String, detail: String },
     #[error("{path}: the storage request failed ({detail})")]
     Service { path: String, detail: String },
+    /// No space left (or the quota reached): writes fail until space returns.
+    #[error("{path}: the export storage is full ({source}); free space or raise its quota, then try again")]
+    Full {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -51,15 +58,21 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    fn io(path: &str, source: std::io::Error) -> Self {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            StorageError::NotFound(path.to_string())
-        } else {
-            StorageError::Io {
-                path: path.to_string(),
-                source,
+    pub(crate) fn io(path: &str, source: std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        let path = path.to_string();
+        match source.kind() {
+            ErrorKind::NotFound => StorageError::NotFound(path),
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+                StorageError::Full { path, source }
             }
+            _ => StorageError::Io { path, source },
         }
+    }
+
+    /// Writes are refused for want of space: they may succeed once space returns.
+    pub fn is_full(&self) -> bool {
+        matches!(self, StorageError::Full { .. })
     }
 }
 

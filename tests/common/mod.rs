@@ -160,6 +160,40 @@ pub async fn start_at(
     }
 }
 
+/// Starts the local service on `store` with `storage` in place of the exports folder.
+pub async fn start_with_storage(
+    store: &Path,
+    storage: std::sync::Arc<dyn fhir_export::storage::ObjectStore>,
+    tune: impl FnOnce(&mut Settings),
+) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let exports = dir.path().join("unused");
+    let mut settings = Settings {
+        source: SourceSetting::Sqlite(store.to_path_buf()),
+        storage: StorageSetting::Folder(exports.clone()),
+        ..Settings::default()
+    };
+    tune(&mut settings);
+    let (mut app, receiver) = App::open_local(settings).unwrap();
+    app.jobs = fhir_export::jobs::JobStore::new(storage.clone());
+    app.storage = storage;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_local(app, receiver, listener, async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        base,
+        exports,
+        store: store.to_path_buf(),
+        _dir: dir,
+        shutdown: Some(shutdown),
+    }
+}
+
 /// A loopback port free right now (for a server process started on it, and restarted on it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -319,11 +319,13 @@ pub async fn serve_local(
             }
         })
     };
-    warp::serve(crate::http::routes(app))
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    crate::http::server::serve(
+        crate::http::routes(app),
+        listener,
+        Default::default(),
+        shutdown,
+    )
+    .await;
     workers.iter().for_each(|w| w.abort());
     cleaner.abort();
 }

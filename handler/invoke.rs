@@ -134,19 +134,14 @@ pub async fn serve_custom_handler(
         .and(warp::get().or(warp::head()).unify())
         .map(|| warp::reply::json(&json!({ "status": "ready" })).into_response());
     let forwarded = crate::http::routes(app);
-    warp::serve(
-        invocations
-            .or(ready)
-            .unify()
-            .or(raw_kickoff)
-            .unify()
-            .or(forwarded)
-            .unify(),
-    )
-    .incoming(listener)
-    .graceful(shutdown)
-    .run()
-    .await;
+    let routes = invocations
+        .or(ready)
+        .unify()
+        .or(raw_kickoff)
+        .unify()
+        .or(forwarded)
+        .unify();
+    crate::http::server::serve(routes, listener, Default::default(), shutdown).await;
 }
 
 fn is_invocation(function: &str) -> bool {

@@ -515,3 +515,128 @@ async fn every_bad_request_gets_a_4xx_operation_outcome_naming_the_problem() {
 fn parsers_hold_their_properties_over_generated_input() {
     properties::run_all(2_000);
 }
+
+/// Reads until the status line of an answer has arrived; the status, or `None` when the server
+/// closed the connection first.
+async fn status_line(stream: &mut tokio::net::TcpStream) -> Option<u16> {
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !seen.windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+        }
+    }
+    std::str::from_utf8(&seen)
+        .ok()?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Unauthenticated, silent, idle and slow clients are bounded: a bad token is answered before a
+/// byte of the body is read; connections past the cap wait their turn, and one that sends no
+/// headers (or nothing after its answer) is closed after the header deadline; a body that does not
+/// arrive in time is a 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_slow_and_unauthenticated_clients_are_bounded() {
+    use fhir_export::app::App;
+    use fhir_export::auth::AuthSetting;
+    use fhir_export::config::{Settings, SourceSetting, StorageSetting};
+    use fhir_export::http::server::{serve, Limits};
+    use std::time::{Duration, Instant};
+
+    let (issuer, _) = common::tokens::issuer().await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        source: SourceSetting::Sqlite(sample_store()),
+        storage: StorageSetting::Folder(dir.path().join("exports")),
+        auth: Some(AuthSetting {
+            issuer,
+            audience: common::tokens::AUDIENCE.into(),
+            jwks_url: None,
+            token_endpoint: None,
+        }),
+        ..Settings::default()
+    };
+    let (app, _queue) = App::open_local(settings).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let limits = Limits {
+        max_connections: 8,
+        header_timeout: Duration::from_secs(1),
+    };
+    tokio::spawn(serve(
+        fhir_export::http::routes(app),
+        listener,
+        limits,
+        std::future::pending(),
+    ));
+    let connect = || tokio::net::TcpStream::connect(address.clone());
+
+    // A 1 MiB body without a token: the 401 comes after the headers, the body never sent.
+    let mut unauthenticated = Vec::new();
+    for _ in 0..4 {
+        let mut stream = connect().await.unwrap();
+        let head = format!(
+            "POST /$export HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/fhir+json\r\nContent-Length: 1048576\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        unauthenticated.push(stream);
+    }
+    for stream in &mut unauthenticated {
+        let answered = tokio::time::timeout(Duration::from_secs(5), status_line(stream)).await;
+        assert_eq!(answered.ok().flatten(), Some(401));
+    }
+    drop(unauthenticated);
+
+    // Twice the cap of silent connections: each is closed after the header deadline, and a client
+    // arriving behind them is served once they are.
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(connect().await.unwrap());
+    }
+    let client = common::client();
+    let metadata = client
+        .get(format!("http://{address}/metadata"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("served once the silent connections are closed");
+    assert_eq!(metadata.status(), 200);
+    for stream in &mut silent {
+        let closed = tokio::time::timeout(Duration::from_secs(5), status_line(stream)).await;
+        assert!(matches!(closed, Ok(None) | Ok(Some(408))), "{closed:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Idle after an answer: closed after the header deadline too.
+    let mut idle = connect().await.unwrap();
+    let request = format!("GET /metadata HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    idle.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(status_line(&mut idle).await, Some(200));
+    let mut rest = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(drained.is_ok(), "an idle connection is closed");
+}
+
+/// A body that stops halfway is answered 408 after the body deadline, and its slot freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_halfway_is_a_408() {
+    let server = start(&sample_store(), |_| {}).await;
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /$export HTTP/1.1\r\nHost: {address}\r\nPrefer: respond-async\r\nContent-Type: application/fhir+json\r\nContent-Length: 1000\r\n\r\n{{\"resourceType\""
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let deadline = fhir_export::http::BODY_TIMEOUT + std::time::Duration::from_secs(5);
+    let answered = tokio::time::timeout(deadline, status_line(&mut stream)).await;
+    assert_eq!(answered.ok().flatten(), Some(408));
+}

@@ -11,6 +11,7 @@ pub mod error;
 mod metadata;
 pub mod parameters;
 mod search;
+pub mod server;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -53,7 +54,25 @@ pub fn routes(app: App) -> impl Filter<Extract = (Response,), Error = warp::Reje
             move |method, path: warp::path::FullPath, query, headers, body| {
                 let app = app.clone();
                 async move {
-                    let body = match read_body(body).await {
+                    // The token first: an unauthenticated client gets its 401 without a byte
+                    // of its body read.
+                    let caller = match authorize(&app, path.as_str(), &headers).await {
+                        Ok(caller) => caller,
+                        Err(error) => return outcome_response(&error),
+                    };
+                    // A body is read in one of a few slots, held until the answer: what bodies
+                    // hold at once stays bounded however many clients send them. The deadline
+                    // counts the wait for a slot.
+                    let (_slot, body) = match has_body(&headers) {
+                        false => (None, Ok(Bytes::new())),
+                        true => tokio::time::timeout(BODY_TIMEOUT, async {
+                            let slot = BODY_SLOTS.acquire().await.expect("never closed");
+                            (Some(slot), read_body(body).await)
+                        })
+                        .await
+                        .unwrap_or_else(|_| (None, Err(body_too_slow()))),
+                    };
+                    let body = match body {
                         Ok(body) => body,
                         Err(error) => return outcome_response(&error),
                     };
@@ -64,12 +83,39 @@ pub fn routes(app: App) -> impl Filter<Extract = (Response,), Error = warp::Reje
                         headers,
                         body,
                     };
-                    dispatch(&app, request)
+                    route(&app, request, caller)
                         .await
                         .unwrap_or_else(|error| outcome_response(&error))
                 }
             },
         )
+}
+
+/// A request body must arrive within this (its wait for a slot included).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Bodies read (and answered) at once: with `MAX_BODY_BYTES` each, they hold at most 64 MiB.
+const BODIES_AT_ONCE: usize = 64;
+static BODY_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BODIES_AT_ONCE);
+
+/// The request says a body follows (a length above 0, or chunks).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
+
+fn body_too_slow() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        IssueType::Timeout,
+        format!(
+            "the request body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ),
+    )
+    .with_header(header::CONNECTION, "close")
 }
 
 async fn read_body<S, B>(body: S) -> Result<Bytes, ApiError>
@@ -114,37 +160,49 @@ where
 
 /// Routes one request.
 pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError> {
-    let segments: Vec<String> = request
-        .path
-        .trim_start_matches('/')
+    let caller = authorize(app, &request.path, &request.headers).await?;
+    route(app, request, caller).await
+}
+
+/// The path's segments, percent-decoded, empty ones dropped.
+fn segments_of(path: &str) -> Vec<String> {
+    path.trim_start_matches('/')
         .split('/')
+        .filter(|s| !s.is_empty())
         .map(|s| {
             percent_encoding::percent_decode_str(s)
                 .decode_utf8_lossy()
                 .into_owned()
         })
-        .collect();
-    let segments: Vec<&str> = segments
-        .iter()
-        .map(String::as_str)
         .filter(|s| !s.is_empty())
-        .collect();
-    let method = &request.method;
-    // Discovery stays open: a client reads it to learn how to get a token.
-    let open = matches!(
+        .collect()
+}
+
+/// The caller named by the bearer token, when access control is on (discovery stays open: a
+/// client reads it to learn how to get a token). Checked before a body is read.
+async fn authorize(app: &App, path: &str, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    let Some(auth) = &app.auth else {
+        return Ok(None);
+    };
+    let segments = segments_of(path);
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if matches!(
         segments.as_slice(),
         ["metadata"] | [".well-known", "smart-configuration"]
-    );
-    let caller = match &app.auth {
-        Some(auth) if !open => {
-            let authorization = request
-                .headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            Some(auth.verify(authorization).await?)
-        }
-        _ => None,
-    };
+    ) {
+        return Ok(None);
+    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    Ok(Some(auth.verify(authorization).await?))
+}
+
+/// Routes a request whose caller is known.
+async fn route(app: &App, request: Request, caller: Option<Caller>) -> Result<Response, ApiError> {
+    let segments = segments_of(&request.path);
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let method = &request.method;
     let caller = caller.as_ref();
     match segments.as_slice() {
         ["metadata"] => {

@@ -1,5 +1,6 @@
 //! The shard queue: the `WorkQueue` trait and the in-process queue with its worker pool.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +33,54 @@ pub struct InProcessQueue {
     sender: mpsc::UnboundedSender<ShardMessage>,
 }
 
-pub type QueueReceiver = mpsc::UnboundedReceiver<ShardMessage>;
-
 impl InProcessQueue {
     pub fn new() -> (Self, QueueReceiver) {
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, channel) = mpsc::unbounded_channel();
+        let receiver = QueueReceiver {
+            channel,
+            waiting: VecDeque::new(),
+        };
         (Self { sender }, receiver)
+    }
+}
+
+/// The worker side of the in-process queue: jobs take turns, one shard each, so an export of 500
+/// shards queued first does not hold back one of 3 queued after it.
+pub struct QueueReceiver {
+    channel: mpsc::UnboundedReceiver<ShardMessage>,
+    /// Jobs with shards waiting, in turn order, each with its shards in the order queued.
+    waiting: VecDeque<(String, VecDeque<ShardMessage>)>,
+}
+
+impl QueueReceiver {
+    /// The next shard: of the job whose turn it is. `None` once the queue is closed and drained.
+    pub async fn recv(&mut self) -> Option<ShardMessage> {
+        if self.waiting.is_empty() {
+            let message = self.channel.recv().await?;
+            self.add(message);
+        }
+        while let Ok(message) = self.channel.try_recv() {
+            self.add(message);
+        }
+        let (job, mut shards) = self.waiting.pop_front()?;
+        let next = shards.pop_front();
+        if !shards.is_empty() {
+            self.waiting.push_back((job, shards));
+        }
+        next
+    }
+
+    fn add(&mut self, message: ShardMessage) {
+        match self
+            .waiting
+            .iter_mut()
+            .find(|(job, _)| *job == message.job_id)
+        {
+            Some((_, shards)) => shards.push_back(message),
+            None => self
+                .waiting
+                .push_back((message.job_id.clone(), VecDeque::from([message]))),
+        }
     }
 }
 
@@ -88,4 +131,51 @@ pub fn spawn_workers(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(job: &str, shard: usize) -> ShardMessage {
+        ShardMessage {
+            job_id: job.into(),
+            shard,
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_take_turns_whatever_order_their_shards_were_queued_in() {
+        let (queue, mut receiver) = InProcessQueue::new();
+        queue
+            .enqueue((0..4).map(|n| shard("big", n)).collect())
+            .await
+            .unwrap();
+        queue
+            .enqueue(vec![shard("small", 0), shard("small", 1)])
+            .await
+            .unwrap();
+        let first = receiver.recv().await.unwrap();
+        queue.enqueue(vec![shard("late", 0)]).await.unwrap();
+        let mut order = vec![first];
+        for _ in 0..6 {
+            order.push(receiver.recv().await.unwrap());
+        }
+        let order: Vec<(&str, usize)> =
+            order.iter().map(|m| (m.job_id.as_str(), m.shard)).collect();
+        assert_eq!(
+            order,
+            [
+                ("big", 0),
+                ("small", 0),
+                ("big", 1),
+                ("late", 0),
+                ("small", 1),
+                ("big", 2),
+                ("big", 3)
+            ]
+        );
+        drop(queue);
+        assert_eq!(receiver.recv().await, None);
+    }
 }

@@ -161,6 +161,7 @@ impl Window<'_> {
         Ok(source.count(&ScanRequest {
             resource_type: self.resource_type,
             since,
+            stored_since: None,
             until,
             snapshot: self.snapshot,
             scope: self.scope,

@@ -166,6 +166,12 @@ async fn write_files(
         .flatten()
         .fold(job.transaction_time, DateTime::min);
     let since = job.request.since.max(spec.since);
+    // A window of a split type is cut on lastUpdated alone: only a whole type reads what was
+    // stored after `_since`.
+    let stored_since = job
+        .request
+        .since
+        .filter(|_| spec.since.is_none() && spec.until.is_none());
     let snapshot = job.transaction_time;
     let source = app.source.clone();
     let mut writer = RollingNdjsonWriter::new(
@@ -192,6 +198,7 @@ async fn write_files(
         let request = ScanRequest {
             resource_type: &spec.resource_type,
             since,
+            stored_since,
             until,
             snapshot,
             scope: &scope,

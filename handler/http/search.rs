@@ -182,8 +182,9 @@ pub async fn search(
             let request = ScanRequest {
                 resource_type: &resource_type_owned,
                 since,
+                stored_since: None,
                 until,
-                snapshot: until,
+                snapshot: Utc::now(),
                 scope: &scope,
                 after_id: cursor.as_deref(),
                 rows: Default::default(),

@@ -339,7 +339,7 @@ impl ResourceSource for EmbeddedStore {
         let queries = self.queries(&conn, request, "r.json")?;
         let runs = Runs {
             snapshot: run_committed_by(&conn, request.snapshot).map_err(|e| self.error(e))?,
-            since: match request.since {
+            since: match request.stored_since {
                 Some(since) => match run_committed_by(&conn, since).map_err(|e| self.error(e))? {
                     0 => i64::MAX,
                     run => run,

@@ -33,6 +33,11 @@ pub struct ScanRequest<'a> {
     pub resource_type: &'a str,
     /// Exclusive lower bound (`_since`).
     pub since: Option<DateTime<Utc>>,
+    /// An export's `_since`: a source that knows when it stored each resource (the embedded store)
+    /// also reads those stored after this, whatever `lastUpdated` they claim, so that exports
+    /// chained on each other's `transactionTime` miss nothing loaded in between. `None` in a
+    /// search or a window of a split type, where `since` alone must decide.
+    pub stored_since: Option<DateTime<Utc>>,
     /// Inclusive upper bound: the export's `transactionTime`, `_until` or the shard's range end,
     /// whichever is earliest.
     pub until: DateTime<Utc>,

@@ -14,6 +14,7 @@ use azure_core::error::ErrorKind;
 use azure_core::http::{NoFormat, RequestContent, StatusCode, Url};
 use azure_storage_blob::models::{
     BlobContainerClientListBlobsOptions, BlockBlobClientUploadOptions, BlockLookupList,
+    ListBlobsIncludeItem,
 };
 use azure_storage_blob::{BlobClient, BlobContainerClient};
 use bytes::Bytes;
@@ -144,21 +145,24 @@ impl AzureBlob {
         Ok((container.to_string(), client))
     }
 
-    /// Names (without the container) of the blobs equal to `name` or under `name/`; all with `None`.
-    async fn blob_names(
+    /// The entries (names without the container) equal to `name` or under `name/`; all with
+    /// `None`. On a hierarchical-namespace account (ADLS Gen2) a flat listing also returns each
+    /// directory, marked by the metadata `hdi_isfolder=true`: those are told apart.
+    async fn entries(
         &self,
         container: &BlobContainerClient,
         path: &str,
         name: Option<&str>,
-    ) -> Result<Vec<String>, StorageError> {
+    ) -> Result<Vec<Entry>, StorageError> {
         let options = BlobContainerClientListBlobsOptions {
             prefix: name.map(str::to_string),
+            include: Some(vec![ListBlobsIncludeItem::Metadata]),
             ..Default::default()
         };
         let mut pager = container
             .list_blobs(Some(options))
             .map_err(|e| to_storage_error(path, e))?;
-        let mut names = Vec::new();
+        let mut entries = Vec::new();
         loop {
             match pager.try_next().await {
                 Ok(Some(item)) => {
@@ -172,16 +176,35 @@ impl AzureBlob {
                                     .is_some_and(|rest| rest.starts_with('/'))
                         }
                     };
+                    let is_directory = item
+                        .metadata
+                        .and_then(|m| m.values)
+                        .and_then(|values| {
+                            values
+                                .iter()
+                                .find(|(key, _)| key.eq_ignore_ascii_case("hdi_isfolder"))
+                                .map(|(_, value)| value.eq_ignore_ascii_case("true"))
+                        })
+                        .unwrap_or(false);
                     if wanted {
-                        names.push(found);
+                        entries.push(Entry {
+                            name: found,
+                            is_directory,
+                        });
                     }
                 }
-                Ok(None) => return Ok(names),
+                Ok(None) => return Ok(entries),
                 Err(e) if is_container_missing(&e) => return Ok(Vec::new()),
                 Err(e) => return Err(to_storage_error(path, e)),
             }
         }
     }
+}
+
+/// A name a listing returned: a blob, or a directory of a hierarchical namespace.
+struct Entry {
+    name: String,
+    is_directory: bool,
 }
 
 fn split(path: &str) -> Result<(&str, Option<&str>), StorageError> {
@@ -350,16 +373,34 @@ impl ObjectStore for AzureBlob {
                 Err(e) => Err(to_storage_error(prefix, e)),
             };
         }
-        let names = bounded(
+        let entries = bounded(
             prefix,
             LISTING_LIMIT,
-            self.blob_names(&container, prefix, name),
+            self.entries(&container, prefix, name),
         );
-        for blob_name in names.await?? {
-            let blob = container.blob_client(&blob_name);
+        let (mut directories, blobs): (Vec<Entry>, Vec<Entry>) =
+            entries.await??.into_iter().partition(|e| e.is_directory);
+        for blob in blobs {
+            let blob = container.blob_client(&blob.name);
             match bounded(prefix, REQUEST_LIMIT, blob.delete(None)).await? {
                 Ok(_) => {}
                 Err(e) if e.http_status() == Some(StatusCode::NotFound) => {}
+                Err(e) => return Err(to_storage_error(prefix, e)),
+            }
+        }
+        // A directory after everything in it, the deepest first. One still holding something
+        // (written meanwhile) answers 409 DirectoryIsNotEmpty: left, like a blob written after
+        // the listing.
+        directories.sort_by_key(|d| std::cmp::Reverse(d.name.matches('/').count()));
+        for directory in directories {
+            let directory = container.blob_client(&directory.name);
+            match bounded(prefix, REQUEST_LIMIT, directory.delete(None)).await? {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.http_status(),
+                        Some(StatusCode::NotFound) | Some(StatusCode::Conflict)
+                    ) => {}
                 Err(e) => return Err(to_storage_error(prefix, e)),
             }
         }
@@ -369,15 +410,16 @@ impl ObjectStore for AzureBlob {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let (container_name, name) = split(prefix)?;
         let container = self.container(container_name)?.client;
-        let names = bounded(
+        let entries = bounded(
             prefix,
             LISTING_LIMIT,
-            self.blob_names(&container, prefix, name),
+            self.entries(&container, prefix, name),
         );
-        let mut paths: Vec<String> = names
+        let mut paths: Vec<String> = entries
             .await??
             .into_iter()
-            .map(|blob| format!("{container_name}/{blob}"))
+            .filter(|entry| !entry.is_directory)
+            .map(|blob| format!("{container_name}/{}", blob.name))
             .collect();
         paths.sort();
         Ok(paths)

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::azurite;
 use fhir_export::jobs::{Change, JobStore, ShardStatus};
-use fhir_export::storage::{AzureBlob, ObjectStore};
+use fhir_export::storage::{AzureBlob, ObjectStore, PutMode};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -839,4 +839,85 @@ async fn tokens_are_checked_in_payload_and_forwarded_requests() {
     assert_eq!(anonymous.status(), 401);
     let outcome: Value = anonymous.json().await.unwrap();
     assert_eq!(outcome["resourceType"], "OperationOutcome");
+}
+
+/// On a hierarchical-namespace account (ADLS Gen2, the deployment's default), whose flat listings
+/// hold directories and which refuses to delete a directory before its contents: kickoffs in a
+/// row, a whole export, cancel with `_container`, and retention all work, and leave no directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_hierarchical_namespace_kickoffs_exports_cancel_and_retention_work() {
+    let url = common::hns::start(&azurite::sas_url()).await;
+    let handler = start_handler(&url, &[("EXPORT_RETENTION_HOURS", "1")]).await;
+    let store = Arc::new(AzureBlob::new(&url, None).unwrap());
+    let (kept, cancelled) = (
+        azurite::unique_container("hns-kept"),
+        azurite::unique_container("hns-cancelled"),
+    );
+
+    let (first, first_shards) = kickoff(
+        &handler,
+        "SystemExport",
+        &format!("/$export?_type=Patient&_container={kept}"),
+    )
+    .await;
+    let (second, second_shards) =
+        kickoff(&handler, "SystemExport", "/$export?_type=Organization").await;
+    let (third, _) = kickoff(
+        &handler,
+        "PatientExport",
+        &format!("/Patient/$export?_type=Patient&_container={cancelled}"),
+    )
+    .await;
+
+    run_shards(&handler, &first_shards).await;
+    let done = forwarded_status(&handler, &first).await;
+    assert_eq!(done.status(), 200);
+    let manifest: Value = done.json().await.unwrap();
+    assert_eq!(manifest["output"][0]["count"], 100);
+    assert_eq!(store.list(&kept).await.unwrap().len(), 1);
+
+    let cancel = reqwest::Client::new()
+        .delete(format!("{}/_operations/export/{third}", handler.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 202);
+    assert_eq!(forwarded_status(&handler, &third).await.status(), 404);
+
+    run_shards(&handler, &second_shards).await;
+    assert_eq!(forwarded_status(&handler, &second).await.status(), 200);
+
+    // Retention: both finished exports, made two hours old, go, their directories with them.
+    for id in [&first, &second] {
+        let path = format!("fhir-export-jobs/{id}/job.json");
+        let (bytes, _) = store.get(&path).await.unwrap().unwrap();
+        let mut job: Value = serde_json::from_slice(&bytes).unwrap();
+        let two_hours_ago = chrono::Utc::now() - chrono::Duration::hours(2);
+        job["completedAt"] = json!(two_hours_ago.to_rfc3339());
+        let body = bytes::Bytes::from(job.to_string());
+        store.put(&path, body, PutMode::Overwrite).await.unwrap();
+    }
+    let (status, body) = invoke(&handler, "StaleSweeper", &timer_payload()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["Logs"].to_string().contains("removed 2 expired"),
+        "{body}"
+    );
+    assert_eq!(forwarded_status(&handler, &first).await.status(), 404);
+    let (account, sas) = url.split_once('?').unwrap();
+    for container in [&kept, &cancelled] {
+        let listing = reqwest::get(format!(
+            "{account}/{container}?restype=container&comp=list&include=metadata&{sas}"
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+        assert!(!listing.contains("<Name>"), "{container}: {listing}");
+    }
+    for id in [&first, &second] {
+        let documents = store.list(&format!("fhir-export-jobs/{id}")).await.unwrap();
+        assert!(documents.is_empty(), "{documents:?}");
+    }
 }

@@ -211,6 +211,82 @@ async fn azure_blob_conforms_on_azurite() {
     conformance(store, &azurite::unique_container("conformance")).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_blob_conforms_on_a_hierarchical_namespace() {
+    let url = common::hns::start(&azurite::sas_url()).await;
+    let store = Arc::new(AzureBlob::new(&url, None).unwrap());
+    let c = azurite::unique_container("hns");
+    conformance(store.clone(), &c).await;
+
+    // The layer behaves as ADLS Gen2 does: directories are entries of a flat listing and stay
+    // when emptied; a non-empty one cannot be deleted on its own.
+    let put = |path: String| {
+        let store = store.clone();
+        async move {
+            store
+                .put(&path, Bytes::from_static(b"{}"), PutMode::Overwrite)
+                .await
+                .unwrap()
+        }
+    };
+    put(format!("{c}/running/0123")).await;
+    put(format!("{c}/job/a/b.json")).await;
+    let raw = reqwest::get(list_url(&url, &c))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for directory in [
+        "<Name>running</Name>",
+        "<Name>job</Name>",
+        "<Name>job/a</Name>",
+    ] {
+        assert!(raw.contains(directory), "{directory} in {raw}");
+    }
+    assert!(raw.contains("<hdi_isfolder>true</hdi_isfolder>"));
+    let delete_directory = reqwest::Client::new()
+        .delete(blob_url(&url, &c, "job"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete_directory.status(), 409);
+
+    // Through the store: directories are not objects, and deleting a prefix removes them too.
+    assert_eq!(
+        store.list(&format!("{c}/running")).await.unwrap(),
+        [format!("{c}/running/0123")]
+    );
+    store
+        .delete_prefix(&format!("{c}/running/0123"))
+        .await
+        .unwrap();
+    assert!(store
+        .list(&format!("{c}/running"))
+        .await
+        .unwrap()
+        .is_empty());
+    store.delete_prefix(&format!("{c}/job")).await.unwrap();
+    let raw = reqwest::get(list_url(&url, &c))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!raw.contains("<Name>job"), "{raw}");
+    assert_eq!(store.list(&c).await.unwrap(), Vec::<String>::new());
+}
+
+fn list_url(account_url: &str, container: &str) -> String {
+    let (account, sas) = account_url.split_once('?').unwrap();
+    format!("{account}/{container}?restype=container&comp=list&include=metadata&{sas}")
+}
+
+fn blob_url(account_url: &str, container: &str, blob: &str) -> String {
+    let (account, sas) = account_url.split_once('?').unwrap();
+    format!("{account}/{container}/{blob}?{sas}")
+}
+
 #[tokio::test]
 async fn azure_blob_refusal_is_a_clear_error() {
     // No SAS: Azurite answers 403, as Azure does without a role assignment or past the firewall.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod azurite;
+pub mod hns;
 pub mod tokens;
 
 use std::collections::HashMap;

@@ -254,15 +254,12 @@ impl std::fmt::Display for SweepReport {
 }
 
 /// The managed identity in Azure (user-assigned with `AZURE_CLIENT_ID`), the developer's sign-in
-/// (Azure CLI, azd) elsewhere.
+/// (Azure CLI, azd) elsewhere, `func start` on a laptop included: only the endpoints App Service
+/// sets for a managed identity mean one is there.
 pub fn azure_credential() -> anyhow::Result<Arc<dyn TokenCredential>> {
-    let in_azure = [
-        "IDENTITY_ENDPOINT",
-        "MSI_ENDPOINT",
-        "FUNCTIONS_CUSTOMHANDLER_PORT",
-    ]
-    .iter()
-    .any(|name| std::env::var_os(name).is_some());
+    let in_azure = ["IDENTITY_ENDPOINT", "MSI_ENDPOINT"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some());
     if !in_azure {
         return Ok(DeveloperToolsCredential::new(None)?);
     }

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use fhir_export::app::{serve_local, App};
 use fhir_export::config::{self, Settings, SourceSetting};
 use fhir_export::source::{import, EmbeddedStore};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[derive(Parser)]
 #[command(name = "handler", version, about = "FHIR Bulk Data $export service")]
@@ -184,15 +185,27 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    let cli = Cli::parse();
+    // The Functions host logs every line a custom handler writes to stderr as an error: under
+    // it, logs go to stdout.
+    let under_host =
+        cli.command.is_none() && std::env::var_os("FUNCTIONS_CUSTOMHANDLER_PORT").is_some();
+    let (writer, ansi) = match under_host {
+        true => (BoxMakeWriter::new(std::io::stdout), false),
+        false => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,warp=warn,hyper=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer)
+        .with_ansi(ansi)
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -335,6 +348,11 @@ fn custom_handler(port: &str) -> anyhow::Result<ExitCode> {
     })?;
     let args = FromEnvironment::try_parse_from(["handler"])?.serve;
     let mut settings = settings_from(&args)?;
+    check_source_under_host(
+        &settings.source,
+        std::env::var_os("FHIR_SOURCE").is_some(),
+        std::env::var_os("WEBSITE_INSTANCE_ID").is_some(),
+    )?;
     if settings.base_url.is_none() {
         // App Service names the app's own host; a client's Host header never decides the URLs.
         settings.base_url =
@@ -355,6 +373,26 @@ fn custom_handler(port: &str) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Under the Functions host the source is named, never defaulted: in Azure (`WEBSITE_INSTANCE_ID`
+/// set) the app's folder is the read-only deployment package and every instance would hold a store
+/// of its own, so an embedded store is refused there; `func start` on a laptop may use one.
+fn check_source_under_host(
+    source: &SourceSetting,
+    named: bool,
+    in_azure: bool,
+) -> anyhow::Result<()> {
+    match source {
+        _ if !named => anyhow::bail!(
+            "setting FHIR_SOURCE: required under the Functions host; set it to the FHIR service's base URL (https://...)"
+        ),
+        SourceSetting::Sqlite(path) if in_azure => anyhow::bail!(
+            "setting FHIR_SOURCE: sqlite:{} cannot serve in Azure (the app's folder is read-only, and each instance would hold its own store); set it to the FHIR service's base URL (https://...)",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {

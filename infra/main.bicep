@@ -15,14 +15,14 @@ param location string = resourceGroup().location
 @description('Create the export account as ADLS Gen2 (hierarchical namespace).')
 param exportIsDataLake bool = true
 
-@description('Optional FHIR source: the base URL of an Azure Health Data Services FHIR service (empty: the embedded store).')
+@description('The FHIR source: the base URL of an existing FHIR service. Empty: an Azure Health Data Services workspace and FHIR service are created here, and the app reads that one.')
 param fhirServiceUrl string = ''
 
-@description('Optional: name of that FHIR service as `{workspace}/{service}` in this resource group; the app gets FHIR Data Reader on it.')
+@description('With fhirServiceUrl: the name of that FHIR service as `{workspace}/{service}` in this resource group, so the app gets FHIR Data Reader on it (empty: grant the role yourself).')
 param fhirServiceName string = ''
 
-@description('Optional client id of a user-assigned identity for the handler (empty: the system-assigned one).')
-param userAssignedClientId string = ''
+@description('Public base URL of the API when a custom domain or gateway fronts it (EXPORT_BASE_URL); empty: the app\'s default host name.')
+param baseUrl string = ''
 
 @description('Roll to a new file past this size (EXPORT_FILE_MAX_BYTES).')
 param fileMaxBytes int = 67108864
@@ -77,6 +77,19 @@ module network 'modules/network.bicep' = {
   }
 }
 
+module fhir 'modules/fhir.bicep' = if (empty(fhirServiceUrl)) {
+  name: 'fhir'
+  params: {
+    name: take(toLower('${name}${suffix}'), 24)
+    location: location
+  }
+}
+
+// The app always reads a FHIR service: never an embedded store, which the read-only package folder
+// of a Flex instance could not hold (and which each instance would hold alone).
+var fhirSourceUrl = empty(fhirServiceUrl) ? fhir.outputs.url : fhirServiceUrl
+var fhirReaderOn = empty(fhirServiceUrl) ? fhir.outputs.serviceName : fhirServiceName
+
 module storage 'modules/storage.bicep' = {
   name: 'storage'
   params: {
@@ -110,19 +123,18 @@ module app 'modules/functionapp.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     handlerSettings: concat(
       [
-        { name: 'FHIR_SOURCE', value: empty(fhirServiceUrl) ? 'sqlite:./.fhir/store.db' : fhirServiceUrl }
-        { name: 'FHIR_SOURCE_AUTH', value: empty(fhirServiceUrl) ? 'none' : 'azure' }
+        { name: 'FHIR_SOURCE', value: fhirSourceUrl }
+        { name: 'FHIR_SOURCE_AUTH', value: 'azure' }
         { name: 'EXPORT_STORAGE', value: storage.outputs.exportBlobEndpoint }
         { name: 'EXPORT_FILE_MAX_BYTES', value: string(fileMaxBytes) }
         { name: 'EXPORT_STALE_AFTER_SECS', value: string(staleAfterSecs) }
         { name: 'EXPORT_MAX_ATTEMPTS', value: string(maxAttempts) }
         { name: 'EXPORT_RETENTION_HOURS', value: string(retentionHours) }
-        { name: 'EXPORT_BASE_URL', value: 'https://${appName}.azurewebsites.net' }
         { name: 'EXPORT_SHARD_MAX_RESOURCES', value: string(shardMaxResources) }
         { name: 'EXPORT_MAX_RUNNING_EXPORTS', value: string(maxRunningExports) }
       ],
-      empty(userAssignedClientId) ? [] : [
-        { name: 'AZURE_CLIENT_ID', value: userAssignedClientId }
+      empty(baseUrl) ? [] : [
+        { name: 'EXPORT_BASE_URL', value: baseUrl }
       ],
       empty(authIssuer) ? [] : [
         { name: 'EXPORT_AUTH_ISSUER', value: authIssuer }
@@ -148,8 +160,9 @@ module roles 'modules/roles.bicep' = {
     hostAccountName: storage.outputs.hostAccountName
     exportAccountName: storage.outputs.exportAccountName
     serviceBusName: serviceBus.outputs.namespaceName
+    shardQueueName: serviceBus.outputs.queueName
     applicationInsightsName: monitoring.outputs.applicationInsightsName
-    fhirServiceName: fhirServiceName
+    fhirServiceName: fhirReaderOn
   }
 }
 
@@ -158,3 +171,5 @@ output APP_URL string = 'https://${app.outputs.defaultHostName}'
 output FUNCTION_APP_NAME string = appName
 output EXPORT_ACCOUNT_NAME string = storage.outputs.exportAccountName
 output EXPORT_BLOB_ENDPOINT string = storage.outputs.exportBlobEndpoint
+output FHIR_SOURCE string = fhirSourceUrl
+output SCM_HOST_NAME string = app.outputs.scmHostName

@@ -921,3 +921,51 @@ async fn on_a_hierarchical_namespace_kickoffs_exports_cancel_and_retention_work(
         assert!(documents.is_empty(), "{documents:?}");
     }
 }
+
+/// Under the host the source is named, never defaulted, and in Azure never an embedded store (the
+/// app's folder is the read-only package); logs go to stdout, which the host does not take for
+/// errors.
+#[test]
+fn under_the_host_the_source_must_be_named_and_logs_go_to_stdout() {
+    let run = |extra: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "FUNCTIONS_CUSTOMHANDLER_PORT",
+                common::free_port().to_string(),
+            )
+            .env(
+                "EXPORT_STORAGE",
+                "http://127.0.0.1:9/devstoreaccount1?sv=x&sig=y",
+            )
+            .env("RUST_LOG", "info");
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        let _ = child.kill();
+        let output = child.wait_with_output().unwrap();
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (_, unnamed) = run(&[]);
+    assert!(
+        unnamed.contains("FHIR_SOURCE") && unnamed.contains("required"),
+        "{unnamed}"
+    );
+    let store = format!("sqlite:{}", common::sample_store().display());
+    let (_, in_azure) = run(&[("FHIR_SOURCE", &store), ("WEBSITE_INSTANCE_ID", "abc")]);
+    assert!(in_azure.contains("cannot serve in Azure"), "{in_azure}");
+    let (stdout, stderr) = run(&[("FHIR_SOURCE", &store)]);
+    assert!(
+        stdout.contains("custom handler listening"),
+        "stdout: {stdout}"
+    );
+    assert!(stderr.is_empty(), "stderr: {stderr}");
+}

@@ -32,8 +32,9 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
     httpsOnly: true
     virtualNetworkSubnetId: appSubnetId
     siteConfig: {
+      // No ftpsState and no other property Flex Consumption refuses (ARM error 51021): FTP and
+      // basic publishing are off through basicPublishingCredentialsPolicies below.
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
       appSettings: concat(hostSettings, handlerSettings, [
         { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: applicationInsightsConnectionString }
@@ -70,3 +71,4 @@ resource basicPublishingScm 'Microsoft.Web/sites/basicPublishingCredentialsPolic
 
 output principalId string = app.identity.principalId
 output defaultHostName string = app.properties.defaultHostName
+output scmHostName string = filter(app.properties.hostNameSslStates, state => state.hostType == 'Repository')[0].name

@@ -1,11 +1,13 @@
-// Least privilege for the app's identity: read and write blobs of the export account, own the host
-// account's blobs (runtime leases, the deployment package), send and receive on the shard queue's
-// namespace, publish telemetry, and optionally read the FHIR service.
+// Least privilege for the app's identity: read and write blobs of the export account; on the host
+// account own the blobs (runtime leases, the deployment package) and use queues and tables (the host
+// keeps diagnostics events in tables); own the shard queue (that queue only); publish telemetry;
+// read the FHIR service.
 
 param principalId string
 param hostAccountName string
 param exportAccountName string
 param serviceBusName string
+param shardQueueName string
 param applicationInsightsName string
 @description('`{workspace}/{service}` of an Azure Health Data Services FHIR service, or empty.')
 param fhirServiceName string = ''
@@ -13,8 +15,9 @@ param fhirServiceName string = ''
 var roleIds = {
   storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
   storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
-  serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39'
-  serviceBusDataReceiver: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'
+  storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+  storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
+  serviceBusDataOwner: '090c5cfd-751d-490a-894a-3ce6f1109419'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
   fhirDataReader: '4c8d0bbc-75d3-4935-991f-5f3c56d81508'
 }
@@ -29,6 +32,11 @@ resource host 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
 
 resource serviceBus 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' existing = {
   name: serviceBusName
+}
+
+resource shardQueue 'Microsoft.ServiceBus/namespaces/queues@2022-10-01-preview' existing = {
+  parent: serviceBus
+  name: shardQueueName
 }
 
 resource insights 'Microsoft.Insights/components@2020-02-02' existing = {
@@ -55,23 +63,36 @@ resource hostOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-resource queueSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(serviceBus.id, principalId, roleIds.serviceBusDataSender)
-  scope: serviceBus
+resource hostQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(host.id, principalId, roleIds.storageQueueDataContributor)
+  scope: host
   properties: {
     principalId: principalId
     principalType: 'ServicePrincipal'
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataSender)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageQueueDataContributor)
   }
 }
 
-resource queueReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(serviceBus.id, principalId, roleIds.serviceBusDataReceiver)
-  scope: serviceBus
+resource hostTables 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(host.id, principalId, roleIds.storageTableDataContributor)
+  scope: host
   properties: {
     principalId: principalId
     principalType: 'ServicePrincipal'
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataReceiver)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageTableDataContributor)
+  }
+}
+
+// Data Owner, not Sender and Receiver: the Service Bus trigger's scaler reads the queue's length,
+// which takes the Manage claim; without it Flex scales the shard workers out slowly. Scoped to
+// the shard queue alone.
+resource shardQueueOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(shardQueue.id, principalId, roleIds.serviceBusDataOwner)
+  scope: shardQueue
+  properties: {
+    principalId: principalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataOwner)
   }
 }
 

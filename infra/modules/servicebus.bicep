@@ -31,5 +31,7 @@ resource queue 'Microsoft.ServiceBus/namespaces/queues@2022-10-01-preview' = {
 }
 
 output namespaceName string = namespace.name
-output fullyQualifiedNamespace string = '${namespace.name}.servicebus.windows.net'
+// The host name from the endpoint the namespace states (`https://{host}:443/`): the cloud's own
+// suffix, not an assumed one.
+output fullyQualifiedNamespace string = split(split(replace(namespace.properties.serviceBusEndpoint, 'https://', ''), ':')[0], '/')[0]
 output queueName string = queue.name

@@ -19,16 +19,19 @@ BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
 ROLE = {
     "storageBlobDataContributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
     "storageBlobDataOwner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
-    "serviceBusDataSender": "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39",
-    "serviceBusDataReceiver": "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0",
+    "storageQueueDataContributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
+    "storageTableDataContributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
+    "serviceBusDataOwner": "090c5cfd-751d-490a-894a-3ce6f1109419",
     "fhirDataReader": "4c8d0bbc-75d3-4935-991f-5f3c56d81508",
 }
 BROAD_ROLES = {
     "8e3af657-a8ff-443c-a75c-2fe8c4bcb635",  # Owner
     "b24988ac-6180-42a0-ab88-20f7382dd24c",  # Contributor
     "17d1049b-9a84-46fb-8f53-869881c3d3ab",  # Storage Account Contributor
-    "090c5cfd-751d-490a-894a-3ce6f1109419",  # Azure Service Bus Data Owner
 }
+# Site config properties Flex Consumption refuses (ARM error 51021 and its kin).
+FLEX_REFUSES = {"ftpsState", "use32BitWorkerProcess", "netFrameworkVersion", "linuxFxVersion", "alwaysOn",
+                "functionAppScaleLimit", "preWarmedInstanceCount"}
 
 
 def parsed(name: str) -> dict:
@@ -205,8 +208,13 @@ def test_roles_are_the_least_the_app_needs():
 
     assert scope_of("storageBlobDataContributor") == "exports"
     assert scope_of("storageBlobDataOwner") == "host"
-    assert scope_of("serviceBusDataSender") == "serviceBus"
-    assert scope_of("serviceBusDataReceiver") == "serviceBus"
+    # The host keeps its diagnostics events in tables and may use queues of its account.
+    assert scope_of("storageQueueDataContributor") == "host"
+    assert scope_of("storageTableDataContributor") == "host"
+    # The trigger's scaler reads the queue length (the Manage claim): Data Owner, on the queue alone.
+    assert scope_of("serviceBusDataOwner") == "shardQueue"
+    queue = resources("modules/roles.bicep")["shardQueue"]["config"]
+    assert queue["parent"] == "serviceBus" and queue["name"] == "shardQueueName"
     assert scope_of("fhirDataReader") == "fhirService"
     assert all(a["principalType"] == "ServicePrincipal" for a in by_role.values())
     # The FHIR reader role only when a FHIR service is named; the others always.
@@ -227,19 +235,40 @@ def test_function_app_runs_the_custom_handler_on_flex_consumption_with_its_ident
     config = properties["functionAppConfig"]
     assert config["runtime"]["name"] == "custom"
     assert config["deployment"]["storage"]["authentication"] == {"type": "SystemAssignedIdentity"}
-    assert properties["siteConfig"]["ftpsState"] == "Disabled"
+    refused = FLEX_REFUSES & set(properties["siteConfig"])
+    assert not refused, f"Flex Consumption refuses {refused}"
     for policy in ("basicPublishingFtp", "basicPublishingScm"):
         assert app_module[policy]["config"]["properties"]["allow"] is False
     outputs = parsed("main.bicep")["outputs"]
     assert {"APP_URL", "EXPORT_ACCOUNT_NAME", "FUNCTION_APP_NAME"} <= set(outputs)
 
 
-def test_fhir_source_is_an_optional_parameter():
-    parameters = parsed("main.bicep")["parameters"]
+def test_the_app_always_reads_a_fhir_service_created_here_unless_one_is_given():
+    main = parsed("main.bicep")
+    parameters = main["parameters"]
     assert parameters["fhirServiceUrl"]["default"] == ""
     assert parameters["fhirServiceName"]["default"] == ""
     handler, _, _ = app_settings()
-    assert "fhirServiceUrl" in json.dumps(handler["FHIR_SOURCE"])
+    assert json.dumps(handler["FHIR_SOURCE"]) == '"fhirSourceUrl"'
+    assert handler["FHIR_SOURCE_AUTH"] == "azure"
+    text = (INFRA / "main.bicep").read_text()
+    assert "sqlite" not in text, "never an embedded store in Azure"
+    assert re.search(r"var fhirSourceUrl = empty\(fhirServiceUrl\) \? fhir\.outputs\.url : fhirServiceUrl", text)
+    assert re.search(r"var fhirReaderOn = empty\(fhirServiceUrl\) \? fhir\.outputs\.serviceName : fhirServiceName", text)
+    fhir_module = main["modules"]["fhir"]
+    assert "fhirServiceUrl" in json.dumps(fhir_module["config"]["condition"])
+    created = resources("modules/fhir.bicep")
+    assert created["fhir"]["config"]["kind"] == "fhir-R4"
+    assert created["fhir"]["type"] == "Microsoft.HealthcareApis/workspaces/fhirservices"
+
+
+def test_no_identity_the_app_lacks_and_no_suffix_assumed():
+    main_text = (INFRA / "main.bicep").read_text()
+    assert "userAssignedClientId" not in main_text and "AZURE_CLIENT_ID" not in main_text
+    for path in BICEP_FILES:
+        text = path.read_text()
+        for suffix in ("servicebus.windows.net", "azurewebsites.net", "core.windows.net"):
+            assert suffix not in text, f"{path.name} assumes {suffix}"
 
 
 def test_bicep_and_readme_name_the_same_settings():
@@ -251,11 +280,13 @@ def test_bicep_and_readme_name_the_same_settings():
 def test_every_setting_the_handler_reads_is_in_the_readme():
     main_rs = (ROOT / "handler" / "main.rs").read_text()
     app_rs = (ROOT / "handler" / "app.rs").read_text()
-    read = set(re.findall(r'env = "([A-Z_]+)"', main_rs)) | set(re.findall(r'std::env::var\("([A-Z_]+)"\)', main_rs + app_rs))
+    read = set(re.findall(r'env = "([A-Z_]+)"', main_rs)) | set(re.findall(r'std::env::var(?:_os)?\("([A-Z_]+)"\)', main_rs + app_rs))
     documented = (set(readme_table("### Handler settings")) | set(readme_table("### Local service only"))
                   | set(readme_table("### Remote source with OAuth client credentials")))
     documented.add("FUNCTIONS_CUSTOMHANDLER_PORT")  # set by the host
     documented.add("WEBSITE_HOSTNAME")  # set by App Service: the app's default host name
+    documented.add("WEBSITE_INSTANCE_ID")  # set by App Service: running in Azure
+    documented.add("AZURE_CLIENT_ID")  # the Azure SDKs' convention for a user-assigned identity
     documented.add("FHIR_BEARER_TOKEN")  # the `export` client's token, not a service setting
     assert read, "no settings found in the source"
     assert read <= documented, read - documented
@@ -269,7 +300,14 @@ def test_azure_yaml_provisions_main_bicep_and_deploys_with_the_package_command()
     text = (ROOT / "azure.yaml").read_text()
     assert re.search(r"^\s+path: infra$", text, re.M)
     assert re.search(r"^\s+module: main$", text, re.M)
-    assert "infra/deploy.sh" in text
-    deploy = (INFRA / "deploy.sh").read_text()
-    assert "handler package --out" in deploy
-    assert "FUNCTION_APP_NAME" in deploy and "config-zip" in deploy
+    assert re.search(r"posix:\s+shell: sh\s+run: python3 infra/deploy.py", text)
+    assert re.search(r"windows:\s+shell: pwsh\s+run: python infra/deploy.py", text)
+    deploy = (INFRA / "deploy.py").read_text()
+    assert '"package", "--binary"' in deploy
+    # Only azd, Rust and Python: no Azure CLI, no pip into the system Python, the cross-compiled
+    # binary never run here, the app from azd's environment, the upload retried.
+    assert not re.search(r'\baz\b"|"az"', deploy)
+    assert "venv.create" in deploy and "azd\", \"env\", \"get-values" in deploy.replace("'", '"')
+    assert "ATTEMPTS" in deploy
+    compile(deploy, "deploy.py", "exec")
+    assert "SCM_HOST_NAME" in parsed("main.bicep")["outputs"]

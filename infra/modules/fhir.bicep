@@ -1,0 +1,30 @@
+// A FHIR service of its own when none is given: an Azure Health Data Services workspace and an R4
+// FHIR service that takes Entra ID tokens of this tenant. The app gets FHIR Data Reader on it (in
+// roles.bicep); whoever loads data needs FHIR Data Contributor.
+
+param name string
+param location string
+
+resource workspace 'Microsoft.HealthcareApis/workspaces@2023-11-01' = {
+  name: name
+  location: location
+  properties: {}
+}
+
+resource fhir 'Microsoft.HealthcareApis/workspaces/fhirservices@2023-11-01' = {
+  parent: workspace
+  name: 'fhir'
+  location: location
+  kind: 'fhir-R4'
+  properties: {
+    authenticationConfiguration: {
+      authority: '${environment().authentication.loginEndpoint}${tenant().tenantId}'
+      // The service's own URL, the audience its tokens must name (Microsoft's documented form).
+      audience: 'https://${workspace.name}-fhir.fhir.azurehealthcareapis.com'
+      smartProxyEnabled: false
+    }
+  }
+}
+
+output serviceName string = '${workspace.name}/${fhir.name}'
+output url string = fhir.properties.authenticationConfiguration.audience

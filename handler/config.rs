@@ -63,6 +63,38 @@ pub struct Settings {
     pub max_running_exports: usize,
     /// Bearer-token checks; `None` leaves every endpoint open.
     pub auth: Option<crate::auth::AuthSetting>,
+    /// What the manifest's file URLs point at (`EXPORT_FILE_URLS`).
+    pub file_urls: FileUrls,
+}
+
+/// `EXPORT_FILE_URLS`: the manifest's URLs lead to this service, which checks the token and
+/// streams the file (`proxy`), or straight to the blob, with a short-lived read-only SAS signed by
+/// the managed identity (`sas`: no token needed, nothing passes through the app).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileUrls {
+    #[default]
+    Proxy,
+    Sas,
+}
+
+/// How long a download URL signed for `EXPORT_FILE_URLS=sas` is valid.
+pub const SAS_URL_LIFETIME: chrono::Duration = chrono::Duration::hours(1);
+
+pub fn parse_file_urls(value: &str, storage: &StorageSetting) -> Result<FileUrls, SettingError> {
+    match value.trim() {
+        "proxy" | "" => Ok(FileUrls::Proxy),
+        "sas" => match storage {
+            StorageSetting::AzureBlob { sas: false, .. } => Ok(FileUrls::Sas),
+            _ => Err(bad(
+                "EXPORT_FILE_URLS",
+                "sas needs EXPORT_STORAGE to be an Azure Blob account reached by managed identity (it signs with a user delegation key)",
+            )),
+        },
+        other => Err(bad(
+            "EXPORT_FILE_URLS",
+            format!("{other:?} is not proxy or sas"),
+        )),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +124,7 @@ impl Default for Settings {
             base_url: None,
             shard_max_resources: DEFAULT_SHARD_MAX_RESOURCES,
             max_running_exports: DEFAULT_MAX_RUNNING_EXPORTS,
+            file_urls: FileUrls::Proxy,
             auth: None,
         }
     }
@@ -301,6 +334,28 @@ pub fn check_base_url(value: &str) -> Result<String, SettingError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn sas_file_urls_need_azure_blob_under_an_identity() {
+        let identity = StorageSetting::AzureBlob {
+            url: "https://a.blob.core.windows.net".into(),
+            sas: false,
+        };
+        let by_sas = StorageSetting::AzureBlob {
+            url: "https://a.blob.core.windows.net?sv=x&sig=y".into(),
+            sas: true,
+        };
+        let folder = StorageSetting::Folder("exports".into());
+        assert_eq!(parse_file_urls("sas", &identity).unwrap(), FileUrls::Sas);
+        assert_eq!(parse_file_urls("proxy", &folder).unwrap(), FileUrls::Proxy);
+        for storage in [by_sas, folder] {
+            let refused = parse_file_urls("sas", &storage).unwrap_err();
+            assert_eq!(refused.name, "EXPORT_FILE_URLS");
+        }
+        assert!(parse_file_urls("direct", &identity).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -164,6 +164,10 @@ struct ServeArgs {
     /// Public base URL of the service (default: from each request's Host header).
     #[arg(long, env = "EXPORT_BASE_URL")]
     base_url: Option<String>,
+    /// The manifest's file URLs: proxy (this service streams each file, checking the token) or
+    /// sas (short-lived read-only SAS URLs straight to Azure Blob, signed by the managed identity).
+    #[arg(long, env = "EXPORT_FILE_URLS", default_value = "proxy")]
+    file_urls: String,
     /// Exports running at once; a kickoff beyond this answers 429 with Retry-After.
     #[arg(long, env = "EXPORT_MAX_RUNNING_EXPORTS", default_value_t = config::DEFAULT_MAX_RUNNING_EXPORTS)]
     max_running_exports: usize,
@@ -409,9 +413,11 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
         },
         sqlite => sqlite,
     };
+    let storage = config::parse_storage(&args.exports)?;
     Ok(Settings {
         source,
-        storage: config::parse_storage(&args.exports)?,
+        file_urls: config::parse_file_urls(&args.file_urls, &storage)?,
+        storage,
         file_max_bytes: config::check_file_max_bytes(args.file_max_bytes)?,
         stale_after: std::time::Duration::from_secs(args.stale_after_secs.max(1)),
         max_attempts: args.max_attempts.max(1),

@@ -54,6 +54,13 @@ param authJwksUrl string = ''
 @description('The token endpoint advertised to clients in SMART discovery; empty reads token_endpoint from the issuer\'s OpenID configuration (EXPORT_AUTH_TOKEN_ENDPOINT).')
 param authTokenEndpoint string = ''
 
+@description('The manifest\'s file URLs (EXPORT_FILE_URLS): proxy (the app streams each file and checks the token; the Functions host buffers each download whole, up to fileMaxBytes) or sas (short-lived read-only URLs straight to the export account, signed by the app\'s identity; list the clients\' address ranges in downloadClientIpRanges).')
+@allowed(['proxy', 'sas'])
+param fileUrls string = 'proxy'
+
+@description('With fileUrls sas: client address ranges (CIDR) the export account\'s firewall lets in.')
+param downloadClientIpRanges array = []
+
 @description('Largest number of instances the app scales out to.')
 param maximumInstanceCount int = 40
 
@@ -98,6 +105,7 @@ module storage 'modules/storage.bicep' = {
     location: location
     exportIsDataLake: exportIsDataLake
     appSubnetId: network.outputs.appSubnetId
+    downloadClientIpRanges: downloadClientIpRanges
   }
 }
 
@@ -132,6 +140,7 @@ module app 'modules/functionapp.bicep' = {
         { name: 'EXPORT_RETENTION_HOURS', value: string(retentionHours) }
         { name: 'EXPORT_SHARD_MAX_RESOURCES', value: string(shardMaxResources) }
         { name: 'EXPORT_MAX_RUNNING_EXPORTS', value: string(maxRunningExports) }
+        { name: 'EXPORT_FILE_URLS', value: fileUrls }
       ],
       empty(baseUrl) ? [] : [
         { name: 'EXPORT_BASE_URL', value: baseUrl }

@@ -611,3 +611,91 @@ async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_or_one_cut_into_p
         assert_eq!(sorted(together), sorted(cut));
     }
 }
+
+/// `EXPORT_FILE_URLS=sas`: the manifest's URLs are the store's signed read URLs, made at each poll,
+/// and need no token. (The store here is the local folder with a stand-in signer: Azure Blob signs
+/// with a user delegation key, whose string-to-sign `storage::sas::tests` checks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sas_file_urls_the_manifest_leads_straight_to_the_storage() {
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use fhir_export::storage::{
+        ByteStream, ETag, LocalFolder, ObjectStore, ObjectWriter, PutMode, StorageError,
+    };
+
+    struct Signing(LocalFolder);
+
+    #[async_trait]
+    impl ObjectStore for Signing {
+        async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError> {
+            self.0.get(path).await
+        }
+        async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError> {
+            self.0.put(path, data, mode).await
+        }
+        async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+            self.0.writer(path).await
+        }
+        async fn read_stream(&self, path: &str) -> Result<Option<(u64, ByteStream)>, StorageError> {
+            self.0.read_stream(path).await
+        }
+        async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+            self.0.delete_prefix(prefix).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+            self.0.list(prefix).await
+        }
+        fn owned_by_this_process(&self) -> bool {
+            true
+        }
+        async fn signed_read_url(
+            &self,
+            path: &str,
+            expiry: chrono::DateTime<chrono::Utc>,
+        ) -> Result<Option<String>, StorageError> {
+            Ok(Some(format!(
+                "https://account.example/{path}?se={}&sig=x",
+                expiry.timestamp()
+            )))
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let storage = std::sync::Arc::new(Signing(LocalFolder::open(dir.path()).unwrap()));
+    let server = start_with_storage(&sample_store(), storage, |s| {
+        s.file_urls = fhir_export::config::FileUrls::Sas
+    })
+    .await;
+    let client = client();
+    let manifest = export(
+        &client,
+        &format!("{}/$export?_type=Patient,Organization", server.base),
+    )
+    .await;
+    assert_eq!(manifest["requiresAccessToken"], false);
+    let outputs = manifest["output"].as_array().unwrap();
+    assert_eq!(outputs.len(), 2);
+    for output in outputs {
+        let url = output["url"].as_str().unwrap();
+        assert!(url.starts_with("https://account.example/"), "{url}");
+        let path = url["https://account.example/".len()..]
+            .split('?')
+            .next()
+            .unwrap();
+        assert!(dir.path().join(path).is_file(), "{path} is the stored file");
+        let expiry: i64 = url
+            .split("se=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let lifetime = expiry - chrono::Utc::now().timestamp();
+        assert!(
+            (3500..=3600).contains(&lifetime),
+            "valid about an hour: {lifetime} s"
+        );
+    }
+}

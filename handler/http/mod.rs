@@ -23,6 +23,7 @@ pub use error::ApiError;
 
 use crate::app::App;
 use crate::auth::{AuthError, Caller};
+use crate::config::FileUrls;
 use crate::export::request::{check_headers, is_lenient, KickoffHeaders};
 use crate::export::{kickoff, ExportRequest, Level};
 use crate::fhir::IssueType;
@@ -440,7 +441,11 @@ async fn status(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response
         )),
         JobStatus::Completed => {
             let manifest = app.jobs.manifest(id).await?.ok_or_else(unknown)?;
-            let mut response = json_response(StatusCode::OK, "application/json", manifest.to_vec());
+            let manifest = match app.settings.file_urls {
+                FileUrls::Proxy => manifest.to_vec(),
+                FileUrls::Sas => with_signed_urls(app, &job.base_url, &manifest).await?,
+            };
+            let mut response = json_response(StatusCode::OK, "application/json", manifest);
             if let Some(expires) = job.expires_at(app.settings.retention) {
                 let date = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
                 response
@@ -462,6 +467,48 @@ async fn status(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response
             Ok(response)
         }
     }
+}
+
+/// The manifest with each file's URL replaced by a short-lived read-only URL straight to the
+/// storage (signed at each poll, so a client that polls again gets fresh ones); no token needed.
+async fn with_signed_urls(app: &App, base_url: &str, manifest: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let mut manifest: serde_json::Value = serde_json::from_slice(manifest).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            IssueType::Exception,
+            format!("the stored manifest is unreadable: {e}"),
+        )
+    })?;
+    let served_at = format!("{}/_exports/", base_url.trim_end_matches('/'));
+    let expiry = chrono::Utc::now() + crate::config::SAS_URL_LIFETIME;
+    let mut all_signed = true;
+    for list in ["output", "error"] {
+        let Some(files) = manifest.get_mut(list).and_then(|l| l.as_array_mut()) else {
+            continue;
+        };
+        for file in files {
+            let Some(path) = file["url"]
+                .as_str()
+                .and_then(|url| url.strip_prefix(&served_at))
+                .map(|path| {
+                    percent_encoding::percent_decode_str(path)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+            else {
+                all_signed = false;
+                continue;
+            };
+            match app.storage.signed_read_url(&path, expiry).await? {
+                Some(url) => file["url"] = url.into(),
+                None => all_signed = false,
+            }
+        }
+    }
+    if all_signed {
+        manifest["requiresAccessToken"] = false.into();
+    }
+    Ok(serde_json::to_vec_pretty(&manifest).expect("JSON"))
 }
 
 async fn cancel(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {

@@ -13,14 +13,16 @@ use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
 use azure_core::http::{NoFormat, RequestContent, StatusCode, Url};
 use azure_storage_blob::models::{
-    BlobContainerClientListBlobsOptions, BlockBlobClientUploadOptions, BlockLookupList,
+    BlobContainerClientListBlobsOptions, BlockBlobClientUploadOptions, BlockLookupList, KeyInfo,
     ListBlobsIncludeItem,
 };
-use azure_storage_blob::{BlobClient, BlobContainerClient};
+use azure_storage_blob::{BlobClient, BlobContainerClient, BlobServiceClient};
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt, TryStreamExt};
 
+use super::sas::{self, DelegationKey};
 use super::{validate_path, ByteStream, ETag, ObjectStore, ObjectWriter, PutMode, StorageError};
 
 /// Blocks being staged at once by one writer.
@@ -52,7 +54,15 @@ pub struct AzureBlob {
     account_url: Url,
     credential: Option<Arc<dyn TokenCredential>>,
     containers: Mutex<HashMap<String, ContainerState>>,
+    /// The user delegation key that signs download URLs, fetched when first needed and again a
+    /// while before it expires.
+    delegation: tokio::sync::Mutex<Option<DelegationKey>>,
 }
+
+/// How long a user delegation key is asked for, and how long before its end a new one is fetched
+/// (a download URL never outlives the key that signed it).
+const DELEGATION_KEY_LIFETIME: chrono::Duration = chrono::Duration::hours(24);
+const DELEGATION_KEY_RENEWAL: chrono::Duration = chrono::Duration::hours(2);
 
 #[derive(Clone)]
 struct ContainerState {
@@ -75,6 +85,7 @@ impl AzureBlob {
             account_url,
             credential,
             containers: Mutex::new(HashMap::new()),
+            delegation: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -96,6 +107,62 @@ impl AzureBlob {
         };
         containers.insert(name.to_string(), state.clone());
         Ok(state)
+    }
+
+    /// A user delegation key valid past `until`: the one held, or a new one from the account.
+    async fn delegation_key(
+        &self,
+        credential: &Arc<dyn TokenCredential>,
+        until: DateTime<Utc>,
+    ) -> Result<DelegationKey, StorageError> {
+        let mut held = self.delegation.lock().await;
+        if let Some(key) = held.as_ref().filter(|key| key.expiry > until) {
+            return Ok(key.clone());
+        }
+        let failed = |detail: String| StorageError::Service {
+            path: "user delegation key".into(),
+            detail,
+        };
+        let now = Utc::now();
+        let offset = |at: DateTime<Utc>| {
+            time::OffsetDateTime::from_unix_timestamp(at.timestamp()).expect("a time in range")
+        };
+        let key_info = KeyInfo {
+            start: Some(offset(now - chrono::Duration::minutes(5))),
+            expiry: Some(offset(now + DELEGATION_KEY_LIFETIME)),
+            ..Default::default()
+        };
+        let client =
+            BlobServiceClient::new(self.account_url.clone(), Some(credential.clone()), None)
+                .map_err(|e| failed(e.to_string()))?;
+        let content = key_info
+            .try_into()
+            .map_err(|e: azure_core::Error| failed(e.to_string()))?;
+        let answer = bounded(
+            "user delegation key",
+            REQUEST_LIMIT,
+            client.get_user_delegation_key(content, None),
+        )
+        .await?
+        .map_err(|e| to_storage_error("user delegation key", e))?;
+        let key = answer.into_model().map_err(|e| failed(e.to_string()))?;
+        let instant = |at: Option<time::OffsetDateTime>| {
+            at.and_then(|at| DateTime::from_timestamp(at.unix_timestamp(), 0))
+                .ok_or_else(|| failed("the key came without its validity".into()))
+        };
+        let key = DelegationKey {
+            object_id: key.signed_oid.unwrap_or_default(),
+            tenant_id: key.signed_tid.unwrap_or_default(),
+            start: instant(key.signed_start)?,
+            expiry: instant(key.signed_expiry)?,
+            service: key.signed_service.unwrap_or_else(|| "b".into()),
+            version: key.signed_version.unwrap_or_default(),
+            value: key
+                .value
+                .ok_or_else(|| failed("the key came without its value".into()))?,
+        };
+        *held = Some(key.clone());
+        Ok(key)
     }
 
     /// Creates the container unless this process has seen it already.
@@ -358,6 +425,38 @@ impl ObjectStore for AzureBlob {
             size,
             Box::pin(tokio_stream_from(receiver)) as ByteStream,
         )))
+    }
+
+    /// A read-only user-delegation SAS URL for the blob, signed with a key the account gives the
+    /// managed identity; `None` for an account reached by SAS (no identity to ask for a key).
+    async fn signed_read_url(
+        &self,
+        path: &str,
+        expiry: DateTime<Utc>,
+    ) -> Result<Option<String>, StorageError> {
+        let Some(credential) = &self.credential else {
+            return Ok(None);
+        };
+        let (container, name) = split(path)?;
+        let name = name.ok_or_else(|| StorageError::InvalidPath(path.to_string()))?;
+        let key = self
+            .delegation_key(credential, expiry + DELEGATION_KEY_RENEWAL)
+            .await?;
+        let account = self
+            .account_url
+            .host_str()
+            .and_then(|host| host.split('.').next())
+            .unwrap_or_default();
+        let start = Utc::now() - chrono::Duration::minutes(5);
+        let query = sas::read_sas(account, container, name, &key, start, expiry);
+        let mut url = self.account_url.clone();
+        url.path_segments_mut()
+            .map_err(|_| StorageError::InvalidPath(path.to_string()))?
+            .pop_if_empty()
+            .push(container)
+            .extend(name.split('/'));
+        url.set_query(Some(&query));
+        Ok(Some(url.to_string()))
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {

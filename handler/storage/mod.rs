@@ -8,6 +8,7 @@ mod direct;
 mod journal;
 pub mod local;
 pub mod rolling;
+pub mod sas;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -98,6 +99,16 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// The paths of the objects under `prefix/`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
+
+    /// A URL by which anyone holding it reads the object until `expiry`, signed without a stored
+    /// secret; `None` where the store cannot sign one (a local folder, an account reached by SAS).
+    async fn signed_read_url(
+        &self,
+        _path: &str,
+        _expiry: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
 
     /// No other process writes here while this one runs (a local folder): what this process
     /// listed once and changed since is all there is.

@@ -8,6 +8,8 @@ param exportAccountName string
 param location string
 param exportIsDataLake bool
 param appSubnetId string
+@description('Client address ranges (CIDR) let through the export account\'s firewall: the clients of EXPORT_FILE_URLS=sas download from it directly.')
+param downloadClientIpRanges array = []
 
 var deploymentContainerName = 'app-package'
 
@@ -55,7 +57,7 @@ resource exports 'Microsoft.Storage/storageAccounts@2023-05-01' = {
       virtualNetworkRules: [
         { id: appSubnetId, action: 'Allow' }
       ]
-      ipRules: []
+      ipRules: [for range in downloadClientIpRanges: { value: range, action: 'Allow' }]
     }
   }
 }

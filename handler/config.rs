@@ -356,8 +356,6 @@ mod tests {
         assert!(parse_file_urls("direct", &identity).is_err());
     }
 
-    use super::*;
-
     #[test]
     fn settings_parse_and_name_themselves_when_wrong() {
         assert_eq!(

@@ -29,7 +29,7 @@ struct FromEnvironment {
 #[derive(Subcommand)]
 enum Command {
     /// Run the local service: HTTP API, worker pool, embedded store, exports on local disk.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load NDJSON / Bundle files (or folders, or .gz of either) into the embedded store.
     Import {
         #[arg(required = true)]
@@ -290,7 +290,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Export(args) => export(args),
     }
 }

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python3 -c 'import pytest, tree_sitter_bicep, pycep' 2>/dev/null ||
+python3 -c 'import pytest, tree_sitter_bicep, pycep, pyflakes' 2>/dev/null ||
     python3 -m pip install --quiet --disable-pip-version-check -r tests/infra/requirements.txt
 python3 -m pytest tests/infra -q
 

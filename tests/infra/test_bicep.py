@@ -311,3 +311,15 @@ def test_azure_yaml_provisions_main_bicep_and_deploys_with_the_package_command()
     assert "ATTEMPTS" in deploy
     compile(deploy, "deploy.py", "exec")
     assert "SCM_HOST_NAME" in parsed("main.bicep")["outputs"]
+
+
+def test_the_deploy_script_is_clean_python_for_3_9_and_later():
+    import ast
+    from pyflakes.api import check
+    from pyflakes.reporter import Reporter
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    source = (INFRA / "deploy.py").read_text()
+    warnings = check(source, "infra/deploy.py", Reporter(out, err))
+    assert warnings == 0, out.getvalue() + err.getvalue()
+    ast.parse(source, feature_version=(3, 9))

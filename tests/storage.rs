@@ -348,3 +348,102 @@ async fn an_account_that_never_answers_is_an_error_within_seconds() {
     );
     drop(held);
 }
+
+/// The download URLs of `EXPORT_FILE_URLS=sas`, checked by another implementation: Azurite
+/// validates a user-delegation SAS with the key it would have issued (derived from the SAS's own
+/// key fields and its public seed). A URL signed by `storage::sas` reads its blob; the same query on
+/// another blob, or with the expiry moved, is refused.
+#[tokio::test]
+async fn a_user_delegation_sas_is_accepted_by_azurite_for_its_blob_only() {
+    use fhir_export::storage::sas::{read_sas, DelegationKey};
+    use hmac::{Hmac, Mac};
+
+    let store = Arc::new(AzureBlob::new(&azurite::sas_url(), None).unwrap());
+    let c = azurite::unique_container("sas");
+    store
+        .put(
+            &format!("{c}/f/Patient-1.ndjson"),
+            Bytes::from_static(b"{\"id\":\"a\"}\n"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    store
+        .put(
+            &format!("{c}/f/Other-1.ndjson"),
+            Bytes::from_static(b"{}\n"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+
+    let now = chrono::Utc::now();
+    let at = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let (key_start, key_expiry) = (
+        now - chrono::Duration::minutes(10),
+        now + chrono::Duration::hours(2),
+    );
+    let (oid, tid, version) = (
+        "0f0e0d0c-1111-2222-3333-444455556666",
+        "7a7a7a7a-8888-9999-aaaa-bbbbccccdddd",
+        "2022-11-02",
+    );
+    // Azurite's getUserDelegationKeyValue: HMAC-SHA256 under its seed of the key's fields.
+    let mut mac =
+        Hmac::<sha2::Sha256>::new_from_slice(b"azurite-user-delegation-signing-seed-v1").unwrap();
+    mac.update(
+        format!(
+            "{oid}\n{tid}\n{}\n{}\nb\n{version}",
+            at(key_start),
+            at(key_expiry)
+        )
+        .as_bytes(),
+    );
+    let key = DelegationKey {
+        object_id: oid.into(),
+        tenant_id: tid.into(),
+        start: key_start,
+        expiry: key_expiry,
+        service: "b".into(),
+        version: version.into(),
+        value: mac.finalize().into_bytes().to_vec(),
+    };
+    let account_url = azurite::account_url();
+    let account = account_url.rsplit('/').next().unwrap();
+    let (start, expiry) = (
+        now - chrono::Duration::minutes(5),
+        now + chrono::Duration::hours(1),
+    );
+    let query = read_sas(
+        account,
+        &c,
+        "f/Patient-1.ndjson",
+        &key,
+        start,
+        expiry,
+        "https,http",
+    );
+
+    let read = reqwest::get(format!("{account_url}/{c}/f/Patient-1.ndjson?{query}"))
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(read.text().await.unwrap(), "{\"id\":\"a\"}\n");
+    let other = reqwest::get(format!("{account_url}/{c}/f/Other-1.ndjson?{query}"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 403, "the signature covers one blob");
+    let later = query.replace(
+        &format!("se={}", at(expiry).replace(':', "%3A")),
+        &format!(
+            "se={}",
+            at(expiry + chrono::Duration::hours(1)).replace(':', "%3A")
+        ),
+    );
+    assert_ne!(later, query);
+    let stretched = reqwest::get(format!("{account_url}/{c}/f/Patient-1.ndjson?{later}"))
+        .await
+        .unwrap();
+    assert_eq!(stretched.status(), 403, "the signature covers the expiry");
+    store.delete_prefix(&c).await.unwrap();
+}

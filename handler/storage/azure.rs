@@ -448,7 +448,8 @@ impl ObjectStore for AzureBlob {
             .and_then(|host| host.split('.').next())
             .unwrap_or_default();
         let start = Utc::now() - chrono::Duration::minutes(5);
-        let query = sas::read_sas(account, container, name, &key, start, expiry);
+        let protocols = sas::protocols_for(self.account_url.scheme());
+        let query = sas::read_sas(account, container, name, &key, start, expiry, protocols);
         let mut url = self.account_url.clone();
         url.path_segments_mut()
             .map_err(|_| StorageError::InvalidPath(path.to_string()))?

@@ -30,6 +30,15 @@ fn instant(at: DateTime<Utc>) -> String {
     at.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// What a SAS lets a URL be used over: `https` for an account on the internet, `https,http` for
+/// an emulator on loopback.
+pub fn protocols_for(account_url_scheme: &str) -> &'static str {
+    match account_url_scheme {
+        "https" => "https",
+        _ => "https,http",
+    }
+}
+
 /// The string a read-only user-delegation SAS for one blob signs, field by field in the documented
 /// order (empty fields stay as empty lines).
 pub fn string_to_sign(
@@ -39,6 +48,7 @@ pub fn string_to_sign(
     key: &DelegationKey,
     start: DateTime<Utc>,
     expiry: DateTime<Utc>,
+    protocols: &str,
 ) -> String {
     [
         "r".to_string(),                               // signedPermissions
@@ -55,7 +65,7 @@ pub fn string_to_sign(
         String::new(),                                 // signedUnauthorizedUserObjectId
         String::new(),                                 // signedCorrelationId
         String::new(),                                 // signedIP
-        "https".to_string(),                           // signedProtocol
+        protocols.to_string(),                         // signedProtocol
         SAS_VERSION.to_string(),                       // signedVersion
         "b".to_string(),                               // signedResource
         String::new(),                                 // signedSnapshotTime
@@ -69,7 +79,7 @@ pub fn string_to_sign(
     .join("\n")
 }
 
-/// The query of a read-only SAS for one blob, valid from `start` to `expiry`.
+/// The query of a read-only SAS for one blob, valid from `start` to `expiry` over `protocols`.
 pub fn read_sas(
     account: &str,
     container: &str,
@@ -77,8 +87,9 @@ pub fn read_sas(
     key: &DelegationKey,
     start: DateTime<Utc>,
     expiry: DateTime<Utc>,
+    protocols: &str,
 ) -> String {
-    let to_sign = string_to_sign(account, container, blob, key, start, expiry);
+    let to_sign = string_to_sign(account, container, blob, key, start, expiry, protocols);
     let mut mac = Hmac::<Sha256>::new_from_slice(&key.value).expect("HMAC takes any key length");
     mac.update(to_sign.as_bytes());
     let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
@@ -92,7 +103,7 @@ pub fn read_sas(
         .append_pair("ske", &instant(key.expiry))
         .append_pair("sks", &key.service)
         .append_pair("skv", &key.version)
-        .append_pair("spr", "https")
+        .append_pair("spr", protocols)
         .append_pair("sv", SAS_VERSION)
         .append_pair("sr", "b")
         .append_pair("sig", &signature)
@@ -128,6 +139,7 @@ mod tests {
             &key(),
             start,
             expiry,
+            "https",
         );
         let expected = "r\n2026-12-01T10:05:00Z\n2026-12-01T11:05:00Z\n\
             /blob/acct/exports/20261201t100000-ab/Patient-1.ndjson\n\
@@ -148,6 +160,7 @@ mod tests {
             &key(),
             start,
             expiry,
+            "https",
         );
         let pairs: std::collections::HashMap<String, String> =
             form_urlencoded::parse(query.as_bytes())
@@ -162,6 +175,7 @@ mod tests {
                 &key(),
                 start,
                 expiry,
+                "https",
             )
             .as_bytes(),
         );

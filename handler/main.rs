@@ -98,11 +98,29 @@ struct ExportArgs {
 struct StoreArgs {
     /// The source: the embedded store (`sqlite:PATH` or a path), or a FHIR server (`https://...`).
     #[arg(
-        long = "store",
+        long = "source",
+        visible_alias = "store",
         env = "FHIR_SOURCE",
         default_value = "sqlite:./.fhir/store.db"
     )]
     source: String,
+}
+
+impl StoreArgs {
+    /// The source, refused when the flag and `FHIR_SOURCE` both name one and they differ (which
+    /// would serve, say, an empty store while the environment names a FHIR server).
+    fn source(&self) -> anyhow::Result<SourceSetting> {
+        let named = std::env::var("FHIR_SOURCE")
+            .ok()
+            .filter(|s| !s.trim().is_empty());
+        if let Some(named) = named.filter(|named| named.trim() != self.source.trim()) {
+            anyhow::bail!(
+                "--source {} and FHIR_SOURCE={named} name different sources; give one of them",
+                self.source
+            );
+        }
+        Ok(config::parse_source(&self.source)?)
+    }
 }
 
 #[derive(Args)]
@@ -253,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Import { paths, store } => {
-            let SourceSetting::Sqlite(path) = config::parse_source(&store.source)? else {
+            let SourceSetting::Sqlite(path) = store.source()? else {
                 anyhow::bail!("import loads the embedded store; --store must be sqlite:PATH, not a FHIR server");
             };
             let store = EmbeddedStore::open(path)?;
@@ -400,7 +418,7 @@ fn check_source_under_host(
 }
 
 fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
-    let source = match config::parse_source(&args.store.source)? {
+    let source = match args.store.source()? {
         SourceSetting::Remote { url, .. } => SourceSetting::Remote {
             url,
             auth: config::parse_source_auth(

@@ -586,3 +586,26 @@ fn type_statistics_follow_the_rows_through_imports_and_failures() {
         counted.iter().map(|s| s.1 as u64).sum::<u64>()
     );
 }
+
+/// `--source` (or `--store`) and `FHIR_SOURCE` naming different sources are refused, rather than
+/// serving an empty store while the environment names a FHIR server.
+#[test]
+fn a_flag_and_fhir_source_naming_different_sources_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for flag in ["--source", "--store"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_handler"))
+            .args(["serve", "--port", "0", flag, "s.db"])
+            .env("FHIR_SOURCE", "https://fhir.example.org/r4")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("FHIR_SOURCE=https://fhir.example.org/r4")
+                && stderr.contains("different sources"),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("s.db").exists(), "no store was created");
+    }
+}

@@ -270,6 +270,7 @@ impl Inner {
                             diagnostics(&body)
                         )));
                     }
+                    tracing::warn!(url, %status, attempt = attempt + 1, "FHIR source answered {status}; retrying");
                     retry_after
                 }
                 Ok((status, _, body)) if status == 401 || status == 403 => {
@@ -284,10 +285,15 @@ impl Inner {
                         diagnostics(&body)
                     )))
                 }
+                Err(error) if error.is_builder() => {
+                    // A request that cannot be made will not be made by trying again.
+                    return Err(SourceError::Remote(format!("{url}: {error}")));
+                }
                 Err(error) => {
                     if attempt >= MAX_RETRIES {
                         return Err(SourceError::Remote(format!("{url}: {error}")));
                     }
+                    tracing::warn!(url, %error, attempt = attempt + 1, "FHIR source request failed; retrying");
                     None
                 }
             };
@@ -347,7 +353,7 @@ impl Inner {
                     ids.push(id);
                 }
             }
-            next = next_link(&page);
+            next = next_link(&url, &page)?;
         }
         Ok(ids)
     }
@@ -371,10 +377,7 @@ impl Inner {
             Some(patients) => patients
                 .iter()
                 .map(|p| {
-                    let p = percent_encoding::utf8_percent_encode(
-                        p,
-                        percent_encoding::NON_ALPHANUMERIC,
-                    );
+                    let p = percent_encoding::utf8_percent_encode(p, COMPONENT);
                     format!("{}/Patient/{p}/{}", self.base, request.resource_type)
                 })
                 .collect(),
@@ -400,12 +403,30 @@ fn parse_page<'a>(url: &str, body: &'a [u8]) -> Result<Page<'a>, SourceError> {
         .map_err(|e| SourceError::Remote(format!("{url}: the answer is not a search Bundle: {e}")))
 }
 
-fn next_link(page: &Page<'_>) -> Option<String> {
-    page.link
-        .iter()
-        .find(|l| l.relation == "next")
-        .map(|l| l.url.clone())
+/// The page's `next` link, resolved against the page's own URL (a server may give a relative one).
+fn next_link(page_url: &str, page: &Page<'_>) -> Result<Option<String>, SourceError> {
+    let Some(link) = page.link.iter().find(|l| l.relation == "next") else {
+        return Ok(None);
+    };
+    let base = reqwest::Url::parse(page_url)
+        .map_err(|e| SourceError::Remote(format!("{page_url}: not a URL: {e}")))?;
+    base.join(&link.url)
+        .map(|url| Some(url.to_string()))
+        .map_err(|e| {
+            SourceError::Remote(format!(
+                "{page_url}: the next link {:?} is not a URL: {e}",
+                link.url
+            ))
+        })
 }
+
+/// What a path segment or query value must escape (RFC 3986): everything but the unreserved
+/// characters. (`NON_ALPHANUMERIC` also escaped `-`, which some servers do not decode in an id.)
+const COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// The diagnostics of an OperationOutcome body, or the start of whatever came back.
 fn diagnostics(body: &[u8]) -> String {
@@ -476,7 +497,7 @@ impl ResourceSource for RemoteServer {
     }
 
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
-        let id = percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC);
+        let id = percent_encoding::utf8_percent_encode(id, COMPONENT);
         let url = format!("{}/{resource_type}/{id}", self.0.base);
         self.0.runtime.block_on(async {
             Ok(match self.0.get(&url).await? {
@@ -501,8 +522,10 @@ impl ResourceSource for RemoteServer {
             PatientScope::Only(ids) => Some(ids.clone()),
         };
         let searches = inner.searches(request, patients.as_deref());
-        // One search returns each resource once; several may overlap (compartments, ORed filters).
-        let mut seen = (searches.len() > 1).then(HashSet::new);
+        // Ids seen in this shard: several searches may overlap (compartments, ORed filters), and a
+        // server without a stable order can show one resource on two pages. (Bounded by the
+        // shard's size, `EXPORT_SHARD_MAX_RESOURCES`.)
+        let mut seen = HashSet::new();
         let mut count = 0;
         for first in searches {
             let mut pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first)));
@@ -512,7 +535,7 @@ impl ResourceSource for RemoteServer {
                     .block_on(fetching)
                     .map_err(|e| SourceError::Remote(format!("page fetch stopped: {e}")))??;
                 let page = parse_page(&url, &body)?;
-                if let Some(next) = next_link(&page) {
+                if let Some(next) = next_link(&url, &page)? {
                     pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), next)));
                 }
                 for entry in &page.entry {
@@ -533,7 +556,7 @@ impl ResourceSource for RemoteServer {
                     if identity.resource_type != request.resource_type {
                         continue;
                     }
-                    if let (Some(seen), Some(id)) = (seen.as_mut(), identity.id) {
+                    if let Some(id) = identity.id {
                         if !seen.insert(id) {
                             continue;
                         }
@@ -550,6 +573,27 @@ impl ResourceSource for RemoteServer {
                 }
             }
         }
+        self.check_complete(request, count)?;
         Ok(count)
+    }
+}
+
+impl RemoteServer {
+    /// A whole-type read without filters is checked against a count of the same window taken after
+    /// it: fewer distinct resources than the server still holds there means pages were lost (a
+    /// last page without `next`, rows shifted between pages), and the shard fails to be read
+    /// again, never reported whole. (Resources changed since the kickoff leave the window, so the
+    /// count after the read is the floor.)
+    fn check_complete(&self, request: &ScanRequest<'_>, read: u64) -> Result<(), SourceError> {
+        if !request.type_filters.is_empty() {
+            return Ok(());
+        }
+        match ResourceSource::count(self, request)? {
+            Some(expected) if read < expected => Err(SourceError::Remote(format!(
+                "{}: read {read} resources where the server counts {expected} in the same window; the pages were incomplete (a last page without a next link, or an unstable order)",
+                request.resource_type
+            ))),
+            _ => Ok(()),
+        }
     }
 }

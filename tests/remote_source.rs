@@ -726,3 +726,31 @@ async fn paging_quirks_of_other_servers_never_lose_or_duplicate_silently() {
         "{diagnostics}"
     );
 }
+
+/// `_typeFilter` criteria that servers evaluate differently (string parameters, modifiers such as
+/// `:text`) are not sent to the server but checked here alone: a server that finds nothing for
+/// `code:text` still gives the export every match (before: 0 of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_filters_a_server_may_read_differently_are_checked_here_alone() {
+    let a = start(&common::sample_store(), |_| {}).await;
+    let (differs, _) = rewriting_proxy(
+        a.base.clone(),
+        |_, _, _| None,
+        |_, query, body| match query.contains("%3Atext") || query.contains(":text") {
+            true => {
+                br#"{"resourceType":"Bundle","type":"searchset","total":0,"entry":[]}"#.to_vec()
+            }
+            false => body,
+        },
+    )
+    .await;
+    let b = start_remote(&differs).await;
+    let client = client();
+    let filter = "_type=Observation,Patient&_typeFilter=Observation%3Fcode%3Atext%3Dglucose,Observation%3Fstatus%3Dcancelled,Patient%3Fgender%3Dfemale";
+    let direct = exported(&client, &format!("{}/$export?{filter}", a.base)).await;
+    let through = exported(&client, &format!("{}/$export?{filter}", b.base)).await;
+    let observations = direct.get("Observation").map_or(0, Vec::len);
+    assert!(observations > 0, "the filter matches something");
+    assert_eq!(through.get("Observation").map_or(0, Vec::len), observations);
+    assert!(through == direct);
+}

@@ -273,6 +273,25 @@ fn definition(resource_type: &str, name: &str) -> Option<(Kind, &'static [&'stat
     }
 }
 
+/// The criteria of a `_typeFilter` query (the part after `?`) that every FHIR server evaluates as
+/// this module does, which a source may send to the server as a pre-filter: token, reference and
+/// date parameters (`_id` and `_lastUpdated` among them) without a modifier. String parameters
+/// and modifiers (`:text`, `:contains`, `:exact`, ...) differ between servers and are left to the
+/// local check. Empty: nothing can be sent, the whole type must be read.
+pub fn server_exact_criteria(resource_type: &str, query: &str) -> String {
+    let mut exact = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        let sendable = !name.contains(':')
+            && definition(resource_type, &name).is_some_and(|(kind, _)| {
+                matches!(kind, Kind::Token | Kind::Reference | Kind::Date)
+            });
+        if sendable {
+            exact.append_pair(&name, &value);
+        }
+    }
+    exact.finish()
+}
+
 #[derive(Debug, Clone)]
 struct Criterion {
     kind: Kind,

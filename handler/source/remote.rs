@@ -22,7 +22,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::{PatientScope, ResourceSource, ScanError, ScanRequest, SinkError, SourceError};
-use crate::fhir::is_resource_type;
+use crate::fhir::{is_resource_type, search};
 
 /// Requests to the server in flight at once, per process.
 const MAX_IN_FLIGHT: usize = 8;
@@ -358,20 +358,24 @@ impl Inner {
         Ok(ids)
     }
 
-    /// The first page URL of each search the scan runs.
+    /// The first page URL of each search the scan runs. `_typeFilter` queries go to the server
+    /// only in the criteria it evaluates exactly as the exporter does (a superset of the match,
+    /// which the exporter then filters); a query with none makes the read whole.
     fn searches(&self, request: &ScanRequest<'_>, patients: Option<&[String]>) -> Vec<String> {
         let mut bounds = window(request);
         bounds.append_pair("_count", &self.page_size.to_string());
         let bounds = bounds.finish();
-        let queries: Vec<&str> = if request.type_filters.is_empty() {
-            vec![""]
-        } else {
-            request
-                .type_filters
-                .iter()
-                .filter_map(|q| q.split_once('?').map(|(_, query)| query))
-                .collect()
-        };
+        let mut queries: Vec<String> = request
+            .type_filters
+            .iter()
+            .filter_map(|q| q.split_once('?'))
+            .map(|(resource_type, query)| search::server_exact_criteria(resource_type, query))
+            .collect();
+        if queries.is_empty() || queries.iter().any(String::is_empty) {
+            queries = vec![String::new()];
+        }
+        queries.sort();
+        queries.dedup();
         let targets: Vec<String> = match patients {
             None => vec![format!("{}/{}", self.base, request.resource_type)],
             Some(patients) => patients
@@ -586,6 +590,7 @@ impl RemoteServer {
     /// count after the read is the floor.)
     fn check_complete(&self, request: &ScanRequest<'_>, read: u64) -> Result<(), SourceError> {
         if !request.type_filters.is_empty() {
+            // What the filters let through is known only after the local check.
             return Ok(());
         }
         match ResourceSource::count(self, request)? {

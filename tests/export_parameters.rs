@@ -304,16 +304,23 @@ async fn type_filters_and_elements_shape_the_output() {
         .contains("value-quantity"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_export_is_a_snapshot_at_transaction_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = small_store(dir.path());
-    let exports = dir.path().join("exports");
-    let client = client();
-    let api_only = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |s| {
+/// The small store, its exports folder, and a service on them without workers: kickoffs are
+/// recorded and wait, so that the store can change before they run.
+async fn api_only_on_small_store(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Server) {
+    let store = small_store(dir);
+    let exports = dir.join("exports");
+    let server = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |s| {
         s.workers = 0
     })
     .await;
+    (store, exports, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_is_a_snapshot_at_transaction_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, exports, api_only) = api_only_on_small_store(dir.path()).await;
+    let client = client();
     // At each level: a replaced version is read from history, in its resource's compartments.
     let mut status_urls = Vec::new();
     for level in ["", "/Patient", "/Group/ga"] {
@@ -392,13 +399,8 @@ async fn the_export_is_a_snapshot_at_transaction_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_moved_or_backdated_after_kickoff_stays_where_it_was_at_kickoff() {
     let dir = tempfile::tempdir().unwrap();
-    let store = small_store(dir.path());
-    let exports = dir.path().join("exports");
+    let (store, exports, api_only) = api_only_on_small_store(dir.path()).await;
     let client = client();
-    let api_only = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |s| {
-        s.workers = 0
-    })
-    .await;
     let observations_of = |patient: &str| {
         serde_json::json!({"resourceType": "Parameters", "parameter": [
             {"name": "_type", "valueString": "Observation"},

@@ -9,6 +9,14 @@ use common::azurite;
 use fhir_export::storage::{AzureBlob, LocalFolder, ObjectStore, PutMode, StorageError};
 use futures_util::StreamExt;
 
+/// Writes `data` at `path`, replacing what is there.
+async fn put(store: &dyn ObjectStore, path: &str, data: &'static [u8]) {
+    store
+        .put(path, Bytes::from_static(data), PutMode::Overwrite)
+        .await
+        .unwrap();
+}
+
 async fn read_all(store: &dyn ObjectStore, path: &str) -> Option<Vec<u8>> {
     let (size, mut stream) = store.read_stream(path).await.unwrap()?;
     let mut data = Vec::new();
@@ -151,14 +159,7 @@ async fn conformance(store: Arc<dyn ObjectStore>, c: &str) {
         "export-1/sub/Patient-1.ndjson",
         "export-10/Patient-1.ndjson",
     ] {
-        store
-            .put(
-                &format!("{c}/{name}"),
-                Bytes::from_static(b"{}\n"),
-                PutMode::Overwrite,
-            )
-            .await
-            .unwrap();
+        put(&*store, &format!("{c}/{name}"), b"{}\n").await;
     }
     assert_eq!(
         store.list(&format!("{c}/export-1")).await.unwrap(),
@@ -220,23 +221,9 @@ async fn azure_blob_conforms_on_a_hierarchical_namespace() {
 
     // The layer behaves as ADLS Gen2 does: directories are entries of a flat listing and stay
     // when emptied; a non-empty one cannot be deleted on its own.
-    let put = |path: String| {
-        let store = store.clone();
-        async move {
-            store
-                .put(&path, Bytes::from_static(b"{}"), PutMode::Overwrite)
-                .await
-                .unwrap()
-        }
-    };
-    put(format!("{c}/running/0123")).await;
-    put(format!("{c}/job/a/b.json")).await;
-    let raw = reqwest::get(list_url(&url, &c))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    put(&*store, &format!("{c}/running/0123"), b"{}").await;
+    put(&*store, &format!("{c}/job/a/b.json"), b"{}").await;
+    let raw = raw_listing(&url, &c).await;
     for directory in [
         "<Name>running</Name>",
         "<Name>job</Name>",
@@ -267,19 +254,16 @@ async fn azure_blob_conforms_on_a_hierarchical_namespace() {
         .unwrap()
         .is_empty());
     store.delete_prefix(&format!("{c}/job")).await.unwrap();
-    let raw = reqwest::get(list_url(&url, &c))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let raw = raw_listing(&url, &c).await;
     assert!(!raw.contains("<Name>job"), "{raw}");
     assert_eq!(store.list(&c).await.unwrap(), Vec::<String>::new());
 }
 
-fn list_url(account_url: &str, container: &str) -> String {
+/// The container's flat listing with metadata, as the account answers it.
+async fn raw_listing(account_url: &str, container: &str) -> String {
     let (account, sas) = account_url.split_once('?').unwrap();
-    format!("{account}/{container}?restype=container&comp=list&include=metadata&{sas}")
+    let url = format!("{account}/{container}?restype=container&comp=list&include=metadata&{sas}");
+    reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 
 fn blob_url(account_url: &str, container: &str, blob: &str) -> String {
@@ -355,27 +339,18 @@ async fn an_account_that_never_answers_is_an_error_within_seconds() {
 /// another blob, or with the expiry moved, is refused.
 #[tokio::test]
 async fn a_user_delegation_sas_is_accepted_by_azurite_for_its_blob_only() {
-    use fhir_export::storage::sas::{read_sas, DelegationKey};
+    use fhir_export::storage::sas::{read_sas, DelegationKey, ReadGrant};
     use hmac::{Hmac, Mac};
 
     let store = Arc::new(AzureBlob::new(&azurite::sas_url(), None).unwrap());
     let c = azurite::unique_container("sas");
-    store
-        .put(
-            &format!("{c}/f/Patient-1.ndjson"),
-            Bytes::from_static(b"{\"id\":\"a\"}\n"),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
-    store
-        .put(
-            &format!("{c}/f/Other-1.ndjson"),
-            Bytes::from_static(b"{}\n"),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
+    put(
+        &*store,
+        &format!("{c}/f/Patient-1.ndjson"),
+        b"{\"id\":\"a\"}\n",
+    )
+    .await;
+    put(&*store, &format!("{c}/f/Other-1.ndjson"), b"{}\n").await;
 
     let now = chrono::Utc::now();
     let at = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
@@ -414,15 +389,15 @@ async fn a_user_delegation_sas_is_accepted_by_azurite_for_its_blob_only() {
         now - chrono::Duration::minutes(5),
         now + chrono::Duration::hours(1),
     );
-    let query = read_sas(
+    let grant = ReadGrant {
         account,
-        &c,
-        "f/Patient-1.ndjson",
-        &key,
+        container: &c,
+        blob: "f/Patient-1.ndjson",
         start,
         expiry,
-        "https,http",
-    );
+        protocols: "https,http",
+    };
+    let query = read_sas(&grant, &key);
 
     let read = reqwest::get(format!("{account_url}/{c}/f/Patient-1.ndjson?{query}"))
         .await

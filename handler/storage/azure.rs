@@ -448,8 +448,15 @@ impl ObjectStore for AzureBlob {
             .and_then(|host| host.split('.').next())
             .unwrap_or_default();
         let start = Utc::now() - chrono::Duration::minutes(5);
-        let protocols = sas::protocols_for(self.account_url.scheme());
-        let query = sas::read_sas(account, container, name, &key, start, expiry, protocols);
+        let grant = sas::ReadGrant {
+            account,
+            container,
+            blob: name,
+            start,
+            expiry,
+            protocols: sas::protocols_for(self.account_url.scheme()),
+        };
+        let query = sas::read_sas(&grant, &key);
         let mut url = self.account_url.clone();
         url.path_segments_mut()
             .map_err(|_| StorageError::InvalidPath(path.to_string()))?

@@ -39,17 +39,29 @@ pub fn protocols_for(account_url_scheme: &str) -> &'static str {
     }
 }
 
+/// What a read-only SAS for one blob grants: the blob, when, over what.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadGrant<'a> {
+    pub account: &'a str,
+    pub container: &'a str,
+    pub blob: &'a str,
+    pub start: DateTime<Utc>,
+    pub expiry: DateTime<Utc>,
+    /// `protocols_for` the account URL's scheme.
+    pub protocols: &'a str,
+}
+
 /// The string a read-only user-delegation SAS for one blob signs, field by field in the documented
 /// order (empty fields stay as empty lines).
-pub fn string_to_sign(
-    account: &str,
-    container: &str,
-    blob: &str,
-    key: &DelegationKey,
-    start: DateTime<Utc>,
-    expiry: DateTime<Utc>,
-    protocols: &str,
-) -> String {
+pub fn string_to_sign(grant: &ReadGrant<'_>, key: &DelegationKey) -> String {
+    let ReadGrant {
+        account,
+        container,
+        blob,
+        start,
+        expiry,
+        protocols,
+    } = *grant;
     [
         "r".to_string(),                               // signedPermissions
         instant(start),                                // signedStart
@@ -79,31 +91,23 @@ pub fn string_to_sign(
     .join("\n")
 }
 
-/// The query of a read-only SAS for one blob, valid from `start` to `expiry` over `protocols`.
-pub fn read_sas(
-    account: &str,
-    container: &str,
-    blob: &str,
-    key: &DelegationKey,
-    start: DateTime<Utc>,
-    expiry: DateTime<Utc>,
-    protocols: &str,
-) -> String {
-    let to_sign = string_to_sign(account, container, blob, key, start, expiry, protocols);
+/// The query of a read-only SAS for one blob.
+pub fn read_sas(grant: &ReadGrant<'_>, key: &DelegationKey) -> String {
+    let to_sign = string_to_sign(grant, key);
     let mut mac = Hmac::<Sha256>::new_from_slice(&key.value).expect("HMAC takes any key length");
     mac.update(to_sign.as_bytes());
     let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
     form_urlencoded::Serializer::new(String::new())
         .append_pair("sp", "r")
-        .append_pair("st", &instant(start))
-        .append_pair("se", &instant(expiry))
+        .append_pair("st", &instant(grant.start))
+        .append_pair("se", &instant(grant.expiry))
         .append_pair("skoid", &key.object_id)
         .append_pair("sktid", &key.tenant_id)
         .append_pair("skt", &instant(key.start))
         .append_pair("ske", &instant(key.expiry))
         .append_pair("sks", &key.service)
         .append_pair("skv", &key.version)
-        .append_pair("spr", protocols)
+        .append_pair("spr", grant.protocols)
         .append_pair("sv", SAS_VERSION)
         .append_pair("sr", "b")
         .append_pair("sig", &signature)
@@ -126,21 +130,22 @@ mod tests {
         }
     }
 
+    fn grant(blob: &str) -> ReadGrant<'_> {
+        ReadGrant {
+            account: "acct",
+            container: "exports",
+            blob,
+            start: "2026-12-01T10:05:00Z".parse().unwrap(),
+            expiry: "2026-12-01T11:05:00Z".parse().unwrap(),
+            protocols: "https",
+        }
+    }
+
     /// Microsoft's documented layout for versions 2020-12-06 and later: 24 lines, the canonical
     /// resource `/blob/{account}/{container}/{blob}`, the key's fields in order.
     #[test]
     fn the_string_to_sign_follows_the_documented_layout() {
-        let start = "2026-12-01T10:05:00Z".parse().unwrap();
-        let expiry = "2026-12-01T11:05:00Z".parse().unwrap();
-        let text = string_to_sign(
-            "acct",
-            "exports",
-            "20261201t100000-ab/Patient-1.ndjson",
-            &key(),
-            start,
-            expiry,
-            "https",
-        );
+        let text = string_to_sign(&grant("20261201t100000-ab/Patient-1.ndjson"), &key());
         let expected = "r\n2026-12-01T10:05:00Z\n2026-12-01T11:05:00Z\n\
             /blob/acct/exports/20261201t100000-ab/Patient-1.ndjson\n\
             11111111-2222-3333-4444-555555555555\n66666666-7777-8888-9999-000000000000\n\
@@ -151,34 +156,14 @@ mod tests {
 
     #[test]
     fn the_signature_is_the_hmac_of_that_string_with_the_delegation_key() {
-        let start = "2026-12-01T10:05:00Z".parse().unwrap();
-        let expiry = "2026-12-01T11:05:00Z".parse().unwrap();
-        let query = read_sas(
-            "acct",
-            "exports",
-            "f/Patient-1.ndjson",
-            &key(),
-            start,
-            expiry,
-            "https",
-        );
+        let grant = grant("f/Patient-1.ndjson");
+        let query = read_sas(&grant, &key());
         let pairs: std::collections::HashMap<String, String> =
             form_urlencoded::parse(query.as_bytes())
                 .into_owned()
                 .collect();
         let mut mac = Hmac::<Sha256>::new_from_slice(&key().value).unwrap();
-        mac.update(
-            string_to_sign(
-                "acct",
-                "exports",
-                "f/Patient-1.ndjson",
-                &key(),
-                start,
-                expiry,
-                "https",
-            )
-            .as_bytes(),
-        );
+        mac.update(string_to_sign(&grant, &key()).as_bytes());
         let expected =
             base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
         assert_eq!(pairs["sig"], expected);

@@ -136,29 +136,7 @@ pub async fn start_at(
     port: u16,
     tune: impl FnOnce(&mut Settings),
 ) -> Server {
-    let exports = exports.to_path_buf();
-    let mut settings = Settings {
-        source: SourceSetting::Sqlite(store.to_path_buf()),
-        storage: StorageSetting::Folder(exports.clone()),
-        ..Settings::default()
-    };
-    tune(&mut settings);
-    let (app, receiver) = App::open_local(settings).unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve_local(app, receiver, listener, async move {
-        let _ = stopped.await;
-    }));
-    Server {
-        base,
-        exports,
-        store: store.to_path_buf(),
-        _dir: dir,
-        shutdown: Some(shutdown),
-    }
+    start_app(store, exports, dir, port, None, tune).await
 }
 
 /// Starts the local service on `store` with `storage` in place of the exports folder.
@@ -168,7 +146,19 @@ pub async fn start_with_storage(
     tune: impl FnOnce(&mut Settings),
 ) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let exports = dir.path().join("unused");
+    let unused = dir.path().join("unused");
+    start_app(store, &unused, dir, 0, Some(storage), tune).await
+}
+
+async fn start_app(
+    store: &Path,
+    exports: &Path,
+    dir: TempDir,
+    port: u16,
+    storage: Option<std::sync::Arc<dyn fhir_export::storage::ObjectStore>>,
+    tune: impl FnOnce(&mut Settings),
+) -> Server {
+    let exports = exports.to_path_buf();
     let mut settings = Settings {
         source: SourceSetting::Sqlite(store.to_path_buf()),
         storage: StorageSetting::Folder(exports.clone()),
@@ -176,9 +166,11 @@ pub async fn start_with_storage(
     };
     tune(&mut settings);
     let (mut app, receiver) = App::open_local(settings).unwrap();
-    app.jobs = fhir_export::jobs::JobStore::new(storage.clone());
-    app.storage = storage;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+    if let Some(storage) = storage {
+        app.jobs = fhir_export::jobs::JobStore::new(storage.clone());
+        app.storage = storage;
+    }
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

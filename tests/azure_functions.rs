@@ -200,8 +200,8 @@ async fn run_shards(handler: &Handler, shards: &[Value]) {
     }
 }
 
-fn store() -> Arc<AzureBlob> {
-    Arc::new(AzureBlob::new(&azurite::sas_url(), None).unwrap())
+fn store(account_url: &str) -> Arc<AzureBlob> {
+    Arc::new(AzureBlob::new(account_url, None).unwrap())
 }
 
 async fn blob_text(store: &AzureBlob, path: &str) -> String {
@@ -215,7 +215,15 @@ async fn blob_text(store: &AzureBlob, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_export_through_the_host_protocol_lands_in_blob_storage() {
-    let sas = azurite::sas_url();
+    whole_export_through_the_host_protocol(azurite::sas_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_export_lands_in_a_hierarchical_namespace_too() {
+    whole_export_through_the_host_protocol(common::hns::start(&azurite::sas_url()).await).await;
+}
+
+async fn whole_export_through_the_host_protocol(sas: String) {
     let max_bytes = 2_000_000u64;
     let handler = start_handler(&sas, &[("EXPORT_FILE_MAX_BYTES", "2000000")]).await;
     let container = azurite::unique_container("contract");
@@ -249,7 +257,7 @@ async fn a_whole_export_through_the_host_protocol_lands_in_blob_storage() {
     let manifest: Value = done.json().await.unwrap();
 
     // Every manifest URL names a blob of the export's own folder in the container.
-    let store = store();
+    let store = store(&sas);
     let blobs = store.list(&container).await.unwrap();
     let folder_prefix = format!("{container}/");
     let mut seen = HashSet::new();
@@ -365,7 +373,16 @@ async fn a_whole_export_through_the_host_protocol_lands_in_blob_storage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_shards_are_swept_redelivered_once_and_capped() {
-    let sas = azurite::sas_url();
+    stale_shards_swept_redelivered_once_and_capped(azurite::sas_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_shards_are_swept_on_a_hierarchical_namespace_too() {
+    stale_shards_swept_redelivered_once_and_capped(common::hns::start(&azurite::sas_url()).await)
+        .await;
+}
+
+async fn stale_shards_swept_redelivered_once_and_capped(sas: String) {
     let handler = start_handler(
         &sas,
         &[
@@ -374,7 +391,7 @@ async fn stale_shards_are_swept_redelivered_once_and_capped() {
         ],
     )
     .await;
-    let jobs = JobStore::new(store());
+    let jobs = JobStore::new(store(&sas));
     let container = azurite::unique_container("stale");
 
     // Shard 1's worker "dies": its message was taken, the shard marked running, then silence.
@@ -417,7 +434,7 @@ async fn stale_shards_are_swept_redelivered_once_and_capped() {
     );
     assert_eq!((a.0, b.0), (200, 200));
     let manifest: Value = forwarded_status(&handler, &id).await.json().await.unwrap();
-    let store = store();
+    let store = store(&sas);
     let mut ids = HashSet::new();
     let mut lines = 0;
     for output in manifest["output"].as_array().unwrap() {

@@ -160,15 +160,7 @@ async fn a_full_storage_fails_the_export_frees_its_files_and_the_service_recover
         .to_str()
         .unwrap()
         .to_string();
-    let started = std::time::Instant::now();
-    let failed = loop {
-        let response = client.get(&status_url).send().await.unwrap();
-        if response.status() != 202 {
-            break response;
-        }
-        assert!(started.elapsed().as_secs() < 60, "still running after 60 s");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let failed = wait_for_end(&client, &status_url, std::time::Duration::from_secs(60)).await;
     assert_eq!(failed.status(), 500);
     let outcome: Value = failed.json().await.unwrap();
     let diagnostics = outcome["issue"][0]["diagnostics"].as_str().unwrap();

@@ -397,20 +397,10 @@ async fn a_poison_shard_fails_its_export_at_the_restart_cap_and_the_queue_drains
         .to_str()
         .unwrap()
         .to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let outcome: Value = loop {
-        let response = client.get(&status_url).send().await.unwrap();
-        match response.status().as_u16() {
-            202 => {}
-            500 => break response.json().await.unwrap(),
-            other => panic!("status {other}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the export never failed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let failed =
+        common::wait_for_end(&client, &status_url, std::time::Duration::from_secs(120)).await;
+    assert_eq!(failed.status(), 500, "the export fails");
+    let outcome: Value = failed.json().await.unwrap();
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     let text = outcome["issue"][0]["diagnostics"].as_str().unwrap();
     assert!(text.contains("(Condition) failed 3 times"), "{text}");
@@ -696,24 +686,13 @@ async fn paging_quirks_of_other_servers_never_lose_or_duplicate_silently() {
     )
     .await;
     let c = start_remote(&cut).await;
-    let response = client
-        .get(format!("{}/$export?_type=Observation", c.base))
-        .header("Accept", "application/fhir+json")
-        .header("Prefer", "respond-async")
-        .send()
-        .await
-        .unwrap();
+    let response = common::kickoff(&client, &format!("{}/$export?_type=Observation", c.base)).await;
     let status_url = response.headers()["content-location"]
         .to_str()
         .unwrap()
         .to_string();
-    let answer = loop {
-        let answer = client.get(&status_url).send().await.unwrap();
-        if answer.status() != 202 {
-            break answer;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let answer =
+        common::wait_for_end(&client, &status_url, std::time::Duration::from_secs(120)).await;
     assert_eq!(
         answer.status(),
         500,

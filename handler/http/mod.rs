@@ -57,7 +57,8 @@ pub fn routes(app: App) -> impl Filter<Extract = (Response,), Error = warp::Reje
                 async move {
                     // The token first: an unauthenticated client gets its 401 without a byte
                     // of its body read.
-                    let caller = match authorize(&app, path.as_str(), &headers).await {
+                    let segments = segments_of(path.as_str());
+                    let caller = match authorize(&app, &segments, &headers).await {
                         Ok(caller) => caller,
                         Err(error) => return outcome_response(&error),
                     };
@@ -84,7 +85,7 @@ pub fn routes(app: App) -> impl Filter<Extract = (Response,), Error = warp::Reje
                         headers,
                         body,
                     };
-                    route(&app, request, caller)
+                    route(&app, request, &segments, caller)
                         .await
                         .unwrap_or_else(|error| outcome_response(&error))
                 }
@@ -161,15 +162,15 @@ where
 
 /// Routes one request.
 pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError> {
-    let caller = authorize(app, &request.path, &request.headers).await?;
-    route(app, request, caller).await
+    let segments = segments_of(&request.path);
+    let caller = authorize(app, &segments, &request.headers).await?;
+    route(app, request, &segments, caller).await
 }
 
 /// The path's segments, percent-decoded, empty ones dropped.
 fn segments_of(path: &str) -> Vec<String> {
     path.trim_start_matches('/')
         .split('/')
-        .filter(|s| !s.is_empty())
         .map(|s| {
             percent_encoding::percent_decode_str(s)
                 .decode_utf8_lossy()
@@ -181,11 +182,14 @@ fn segments_of(path: &str) -> Vec<String> {
 
 /// The caller named by the bearer token, when access control is on (discovery stays open: a
 /// client reads it to learn how to get a token). Checked before a body is read.
-async fn authorize(app: &App, path: &str, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+async fn authorize(
+    app: &App,
+    segments: &[String],
+    headers: &HeaderMap,
+) -> Result<Option<Caller>, ApiError> {
     let Some(auth) = &app.auth else {
         return Ok(None);
     };
-    let segments = segments_of(path);
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     if matches!(
         segments.as_slice(),
@@ -200,8 +204,12 @@ async fn authorize(app: &App, path: &str, headers: &HeaderMap) -> Result<Option<
 }
 
 /// Routes a request whose caller is known.
-async fn route(app: &App, request: Request, caller: Option<Caller>) -> Result<Response, ApiError> {
-    let segments = segments_of(&request.path);
+async fn route(
+    app: &App,
+    request: Request,
+    segments: &[String],
+    caller: Option<Caller>,
+) -> Result<Response, ApiError> {
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = &request.method;
     let caller = caller.as_ref();

@@ -263,13 +263,34 @@ pub async fn wait_for_manifest(client: &reqwest::Client, status_url: &str) -> Va
     }
 }
 
-/// Kicks off `url` and waits for the manifest.
+/// Polls a status URL while the export runs (202), at most `within`; returns the first other
+/// answer (the manifest, or the failure's OperationOutcome).
+pub async fn wait_for_end(
+    client: &reqwest::Client,
+    status_url: &str,
+    within: Duration,
+) -> reqwest::Response {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let response = client.get(status_url).send().await.unwrap();
+        if response.status() != 202 {
+            return response;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{status_url} still running after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The text of a manifest's first `error` file (the request's notes).
 pub async fn notes_text(client: &reqwest::Client, manifest: &Value) -> String {
     let url = manifest["error"][0]["url"].as_str().unwrap();
     client.get(url).send().await.unwrap().text().await.unwrap()
 }
 
+/// Kicks off `url` and waits for the manifest.
 pub async fn export(client: &reqwest::Client, url: &str) -> Value {
     let response = kickoff(client, url).await;
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());

@@ -81,6 +81,97 @@ const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
     ("VisionPrescription", &["patient"]),
 ];
 
+/// The search parameters of the R4 Patient CompartmentDefinition per type (`Patient` adds `_id`,
+/// its own compartment): a server that supports them finds a compartment's members with a type
+/// search, many patients per request.
+const PATIENT_COMPARTMENT_PARAMS: &[(&str, &[&str])] = &[
+    ("Account", &["subject"]),
+    ("AdverseEvent", &["subject"]),
+    ("AllergyIntolerance", &["patient", "recorder", "asserter"]),
+    ("Appointment", &["actor"]),
+    ("AppointmentResponse", &["actor"]),
+    ("AuditEvent", &["patient"]),
+    ("Basic", &["patient", "author"]),
+    ("BodyStructure", &["patient"]),
+    ("CarePlan", &["patient", "performer"]),
+    ("CareTeam", &["patient", "participant"]),
+    ("ChargeItem", &["subject"]),
+    ("Claim", &["patient", "payee"]),
+    ("ClaimResponse", &["patient"]),
+    ("ClinicalImpression", &["subject"]),
+    ("Communication", &["subject", "sender", "recipient"]),
+    (
+        "CommunicationRequest",
+        &["subject", "sender", "recipient", "requester"],
+    ),
+    ("Composition", &["subject", "author", "attester"]),
+    ("Condition", &["patient", "asserter"]),
+    ("Consent", &["patient"]),
+    (
+        "Coverage",
+        &["policy-holder", "subscriber", "beneficiary", "payor"],
+    ),
+    ("CoverageEligibilityRequest", &["patient"]),
+    ("CoverageEligibilityResponse", &["patient"]),
+    ("DetectedIssue", &["patient"]),
+    ("DeviceRequest", &["subject", "performer"]),
+    ("DeviceUseStatement", &["subject"]),
+    ("DiagnosticReport", &["subject"]),
+    ("DocumentManifest", &["subject", "author", "recipient"]),
+    ("DocumentReference", &["subject", "author"]),
+    ("Encounter", &["subject"]),
+    ("EnrollmentRequest", &["subject"]),
+    ("EpisodeOfCare", &["patient"]),
+    ("ExplanationOfBenefit", &["patient", "payee"]),
+    ("FamilyMemberHistory", &["patient"]),
+    ("Flag", &["patient"]),
+    ("Goal", &["patient"]),
+    ("Group", &["member"]),
+    ("ImagingStudy", &["patient"]),
+    ("Immunization", &["patient"]),
+    ("ImmunizationEvaluation", &["patient"]),
+    ("ImmunizationRecommendation", &["patient"]),
+    ("Invoice", &["subject", "patient", "recipient"]),
+    ("List", &["subject", "source"]),
+    ("MeasureReport", &["patient"]),
+    ("Media", &["subject"]),
+    (
+        "MedicationAdministration",
+        &["patient", "performer", "subject"],
+    ),
+    ("MedicationDispense", &["subject", "patient", "receiver"]),
+    ("MedicationRequest", &["subject"]),
+    ("MedicationStatement", &["subject"]),
+    ("MolecularSequence", &["patient"]),
+    ("NutritionOrder", &["patient"]),
+    ("Observation", &["subject", "performer"]),
+    ("Patient", &["_id", "link"]),
+    ("Person", &["patient"]),
+    ("Procedure", &["patient", "performer"]),
+    ("Provenance", &["patient"]),
+    ("QuestionnaireResponse", &["subject", "author"]),
+    ("RelatedPerson", &["patient"]),
+    ("RequestGroup", &["subject", "participant"]),
+    ("ResearchSubject", &["individual"]),
+    ("RiskAssessment", &["subject"]),
+    ("Schedule", &["actor"]),
+    ("ServiceRequest", &["subject", "performer"]),
+    ("Specimen", &["subject"]),
+    ("SupplyDelivery", &["patient"]),
+    ("SupplyRequest", &["subject"]),
+    ("VisionPrescription", &["patient"]),
+];
+
+/// The search parameters that find a type's members of a patient compartment (`_id` takes a bare
+/// id, the others a `Patient/{id}` reference); empty for a type outside the compartment.
+pub fn compartment_search_params(resource_type: &str) -> &'static [&'static str] {
+    PATIENT_COMPARTMENT_PARAMS
+        .iter()
+        .find(|(name, _)| *name == resource_type)
+        .map(|(_, params)| *params)
+        .unwrap_or_default()
+}
+
 pub fn in_patient_compartment_definition(resource_type: &str) -> bool {
     paths_for(resource_type).is_some()
 }
@@ -202,6 +293,16 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn every_compartment_type_has_search_params() {
+        for (resource_type, _) in PATIENT_COMPARTMENT {
+            assert!(
+                !compartment_search_params(resource_type).is_empty(),
+                "{resource_type}"
+            );
+        }
+    }
+
+    #[test]
     fn every_element_read_may_name_a_patient() {
         for (resource_type, _) in PATIENT_COMPARTMENT {
             for element in elements_read(resource_type) {
@@ -222,6 +323,8 @@ mod tests {
         let patient =
             json!({"link": [{"other": {"reference": "http://x/fhir/Patient/old/_history/2"}}]});
         assert_eq!(patient_ids("Patient", "p", &patient), vec!["p", "old"]);
+        assert_eq!(compartment_search_params("Patient"), ["_id", "link"]);
+        assert!(compartment_search_params("Medication").is_empty());
     }
 
     #[test]

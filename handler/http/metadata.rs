@@ -76,6 +76,7 @@ pub fn capability_statement(base_url: &str, token_endpoint: Option<&str>) -> Vec
             "mode": "server",
             "documentation": "_typeFilter supports, on every type, _id and _lastUpdated, and per type the searchParam entries listed; modifiers :missing, :not, :text (token), :exact, :contains (string); date prefixes eq ne gt lt ge le sa eb ap.",
             "resource": resources,
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             "operation": [{"name": "export", "definition": EXPORT}]
         }]
     });

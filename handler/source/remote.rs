@@ -1,7 +1,15 @@
 //! A FHIR server as the source, over REST search: type searches paged by `Bundle.link[next]`,
 //! `_lastUpdated` bounds for `_since` and the snapshot's `transactionTime`, `_typeFilter` queries
-//! passed on (ORed queries merged without duplicates), Patient and Group levels through the
-//! compartment search `Patient/{id}/{type}`.
+//! passed on where the server evaluates them exactly (ORed queries merged without duplicates).
+//! Patient and Group levels search by the compartment's search parameters, many patients per
+//! request, where the CapabilityStatement declares them; else `Patient/{id}/{type}` where it
+//! declares the patient compartment; else the whole type. Whatever comes back is checked against
+//! the compartment locally.
+//!
+//! Every search is verified: counted (`_summary=count`) before and after it is read, and read
+//! again until the count held still and every counted resource came back, so that pages shifted by
+//! concurrent changes or an unstable order never lose a resource unnoticed. A server that refuses
+//! to page further (an offset limit) has the window halved by `_lastUpdated` and read in parts.
 //!
 //! Requests retry with backoff and jitter on 429, 5xx and connection errors, honouring
 //! `Retry-After`; a semaphore bounds the requests in flight. Refusals (401, 403, 400, 404) become
@@ -14,7 +22,7 @@ use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, DurationRound, SecondsFormat, Utc};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -22,12 +30,18 @@ use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::{PatientScope, ResourceSource, ScanError, ScanRequest, SinkError, SourceError};
+use crate::fhir::compartment::{compartment_search_params, patient_ids};
 use crate::fhir::{is_resource_type, search};
 
 /// Requests to the server in flight at once, per process.
 const MAX_IN_FLIGHT: usize = 8;
 const MAX_RETRIES: u32 = 8;
 const PAGE_SIZE: usize = 1000;
+/// Reads of one search before its count is trusted to have held still.
+const MAX_PASSES: u32 = 5;
+/// The longest patient list one search request carries (bytes of its URL's values).
+const MAX_IDS_BYTES: usize = 3000;
+const PATIENT_COMPARTMENT: &str = "http://hl7.org/fhir/CompartmentDefinition/patient";
 
 /// How the source authenticates to the FHIR server.
 pub enum RemoteAuth {
@@ -60,6 +74,155 @@ struct Inner {
     page_size: usize,
     requests: AtomicU64,
     retries: AtomicU64,
+    capabilities: tokio::sync::OnceCell<Capabilities>,
+}
+
+/// What the server's CapabilityStatement declares.
+#[derive(Default)]
+struct Capabilities {
+    /// Resource types, with the search parameters declared for each.
+    types: std::collections::BTreeMap<String, HashSet<String>>,
+    /// `rest.compartment` names the patient compartment (`Patient/{id}/{type}` works).
+    patient_compartment: bool,
+}
+
+/// How a scan reaches the members of some patients' compartments.
+#[derive(Debug, PartialEq, Eq)]
+enum CompartmentAccess {
+    /// `{type}?{param}=Patient/a,Patient/b`, for each compartment search parameter.
+    TypeSearch,
+    /// `Patient/{id}/{type}`, one search per patient.
+    CompartmentRoute,
+    /// The whole type, filtered here.
+    WholeType,
+}
+
+impl Capabilities {
+    fn parse(statement: &serde_json::Value) -> Self {
+        let mut capabilities = Capabilities::default();
+        let rest = statement.pointer("/rest/0");
+        for resource in rest
+            .and_then(|r| r.get("resource"))
+            .and_then(|r| r.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let Some(resource_type) = resource.get("type").and_then(|t| t.as_str()) else {
+                continue;
+            };
+            if !is_resource_type(resource_type) {
+                continue;
+            }
+            let params = resource
+                .get("searchParam")
+                .and_then(|p| p.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.get("name")?.as_str())
+                .map(str::to_string);
+            capabilities
+                .types
+                .entry(resource_type.to_string())
+                .or_default()
+                .extend(params);
+        }
+        capabilities.patient_compartment = rest
+            .and_then(|r| r.get("compartment"))
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+            .any(|c| c.as_str() == Some(PATIENT_COMPARTMENT));
+        capabilities
+    }
+
+    fn compartment_access(&self, resource_type: &str) -> CompartmentAccess {
+        let params = compartment_search_params(resource_type);
+        let declared = self.types.get(resource_type);
+        let supports = |p: &&str| *p == "_id" || declared.is_some_and(|d| d.contains(*p));
+        if !params.is_empty() && params.iter().all(supports) {
+            CompartmentAccess::TypeSearch
+        } else if self.patient_compartment {
+            CompartmentAccess::CompartmentRoute
+        } else {
+            CompartmentAccess::WholeType
+        }
+    }
+}
+
+/// One search of a scan: where, and the criteria besides the `_lastUpdated` window.
+struct Search {
+    /// `{base}/{type}` or `{base}/Patient/{id}/{type}`.
+    target: String,
+    criteria: String,
+}
+
+/// A `meta.lastUpdated` window: after `after` (exclusive), up to `upto` (inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    after: Option<DateTime<Utc>>,
+    upto: DateTime<Utc>,
+}
+
+impl Window {
+    fn params(&self) -> String {
+        let mut bounds = form_urlencoded::Serializer::new(String::new());
+        if let Some(after) = self.after {
+            bounds.append_pair("_lastUpdated", &format!("gt{}", instant(after)));
+        }
+        bounds.append_pair("_lastUpdated", &format!("le{}", instant(self.upto)));
+        bounds.finish()
+    }
+
+    /// The window cut in two at its middle (a whole millisecond where it is wider than 2 ms, as
+    /// many servers keep no finer instants); `None` when it is one microsecond wide.
+    fn halves(&self) -> Option<[Window; 2]> {
+        // Without a lower bound, from the Unix epoch: nothing a server stores is older.
+        let from = self.after.unwrap_or(DateTime::UNIX_EPOCH);
+        let width = (self.upto - from).num_microseconds()?;
+        if width < 2 {
+            return None;
+        }
+        let mut middle = from + chrono::Duration::microseconds(width / 2);
+        if width > 2000 {
+            middle = middle
+                .duration_trunc(chrono::Duration::milliseconds(1))
+                .unwrap_or(middle);
+        }
+        Some([
+            Window {
+                after: self.after,
+                upto: middle,
+            },
+            Window {
+                after: Some(middle),
+                upto: self.upto,
+            },
+        ])
+    }
+}
+
+impl Search {
+    fn url(&self, window: &Window, page_size: usize) -> String {
+        format!("{}&_count={page_size}", self.count_url(window)).replacen("&_summary=count", "", 1)
+    }
+
+    fn count_url(&self, window: &Window) -> String {
+        let separator = if self.criteria.is_empty() { "" } else { "&" };
+        format!(
+            "{}?{}{separator}{}&_summary=count",
+            self.target,
+            self.criteria,
+            window.params()
+        )
+    }
+}
+
+/// How a read of one search ended.
+enum Read {
+    /// Every page; the distinct resources seen.
+    Whole(u64),
+    /// The server refused a later page (an offset or page limit) after this many resources.
+    Refused { after: u64, reason: SourceError },
 }
 
 /// What one GET brought back.
@@ -118,17 +281,12 @@ fn instant(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// The scan's `meta.lastUpdated` window as search parameters.
-fn window(request: &ScanRequest<'_>) -> form_urlencoded::Serializer<'static, String> {
-    let mut bounds = form_urlencoded::Serializer::new(String::new());
-    if let Some(since) = request.since {
-        bounds.append_pair("_lastUpdated", &format!("gt{}", instant(since)));
+/// The scan's `meta.lastUpdated` window.
+fn window(request: &ScanRequest<'_>) -> Window {
+    Window {
+        after: request.since,
+        upto: request.until.min(request.snapshot),
     }
-    bounds.append_pair(
-        "_lastUpdated",
-        &format!("le{}", instant(request.until.min(request.snapshot))),
-    );
-    bounds
 }
 
 impl RemoteServer {
@@ -174,6 +332,7 @@ impl Inner {
             page_size: PAGE_SIZE,
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            capabilities: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -334,48 +493,22 @@ impl Inner {
         }
     }
 
-    async fn declared_types(&self) -> Result<Vec<String>, SourceError> {
-        let body = self.get_body(&format!("{}/metadata", self.base)).await?;
-        let statement: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| SourceError::Remote(format!("{}/metadata is not JSON: {e}", self.base)))?;
-        let mut types: Vec<String> = statement
-            .pointer("/rest/0/resource")
-            .and_then(|r| r.as_array())
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r.get("type")?.as_str())
-            .filter(|t| is_resource_type(t))
-            .map(str::to_string)
-            .collect();
-        types.sort();
-        types.dedup();
-        Ok(types)
+    async fn capabilities(&self) -> Result<&Capabilities, SourceError> {
+        self.capabilities
+            .get_or_try_init(|| async {
+                let body = self.get_body(&format!("{}/metadata", self.base)).await?;
+                let statement: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                    SourceError::Remote(format!("{}/metadata is not JSON: {e}", self.base))
+                })?;
+                Ok(Capabilities::parse(&statement))
+            })
+            .await
     }
 
-    /// The ids of every Patient on the server.
-    async fn all_patients(&self) -> Result<Vec<String>, SourceError> {
-        let mut ids = Vec::new();
-        let mut next = Some(format!("{}/Patient?_count={}", self.base, self.page_size));
-        while let Some(url) = next.take() {
-            let body = self.get_body(&url).await?;
-            let page = parse_page(&url, &body)?;
-            for resource in page.entry.iter().filter_map(|e| e.resource) {
-                if let Ok(Identity { id: Some(id), .. }) = serde_json::from_str(resource.get()) {
-                    ids.push(id);
-                }
-            }
-            next = next_link(&url, &page)?;
-        }
-        Ok(ids)
-    }
-
-    /// The first page URL of each search the scan runs. `_typeFilter` queries go to the server
-    /// only in the criteria it evaluates exactly as the exporter does (a superset of the match,
-    /// which the exporter then filters); a query with none makes the read whole.
-    fn searches(&self, request: &ScanRequest<'_>, patients: Option<&[String]>) -> Vec<String> {
-        let mut bounds = window(request);
-        bounds.append_pair("_count", &self.page_size.to_string());
-        let bounds = bounds.finish();
+    /// The searches of a scan. `_typeFilter` queries go to the server only in the criteria it
+    /// evaluates exactly as the exporter does (a superset of the match, which the exporter then
+    /// filters); a query with none makes the read whole.
+    fn searches(&self, request: &ScanRequest<'_>, access: &CompartmentAccess) -> Vec<Search> {
         let mut queries: Vec<String> = request
             .type_filters
             .iter()
@@ -387,24 +520,60 @@ impl Inner {
         }
         queries.sort();
         queries.dedup();
-        let targets: Vec<String> = match patients {
-            None => vec![format!("{}/{}", self.base, request.resource_type)],
-            Some(patients) => patients
+        let resource_type = request.resource_type;
+        let whole = format!("{}/{resource_type}", self.base);
+        let encode = |id: &str| percent_encoding::utf8_percent_encode(id, COMPONENT).to_string();
+        // (target, compartment criterion) pairs.
+        let targets: Vec<(String, String)> = match (request.scope, access) {
+            (PatientScope::Only(patients), CompartmentAccess::TypeSearch) => {
+                let mut targets = Vec::new();
+                for param in compartment_search_params(resource_type) {
+                    let value = |id: &str| match *param {
+                        "_id" => encode(id),
+                        _ => format!("Patient/{}", encode(id)),
+                    };
+                    let mut batch: Vec<String> = Vec::new();
+                    let mut bytes = 0;
+                    for id in patients {
+                        let value = value(id);
+                        if bytes + value.len() > MAX_IDS_BYTES && !batch.is_empty() {
+                            targets.push((whole.clone(), format!("{param}={}", batch.join(","))));
+                            batch.clear();
+                            bytes = 0;
+                        }
+                        bytes += value.len() + 1;
+                        batch.push(value);
+                    }
+                    if !batch.is_empty() {
+                        targets.push((whole.clone(), format!("{param}={}", batch.join(","))));
+                    }
+                }
+                targets
+            }
+            (PatientScope::Only(patients), CompartmentAccess::CompartmentRoute) => patients
                 .iter()
                 .map(|p| {
-                    let p = percent_encoding::utf8_percent_encode(p, COMPONENT);
-                    format!("{}/Patient/{p}/{}", self.base, request.resource_type)
+                    let target = format!("{}/Patient/{}/{resource_type}", self.base, encode(p));
+                    (target, String::new())
                 })
                 .collect(),
+            _ => vec![(whole, String::new())],
         };
-        let mut urls = Vec::new();
-        for target in &targets {
+        let mut searches = Vec::new();
+        for (target, compartment) in &targets {
             for query in &queries {
-                let separator = if query.is_empty() { "" } else { "&" };
-                urls.push(format!("{target}?{query}{separator}{bounds}"));
+                let criteria = [compartment.as_str(), query.as_str()]
+                    .into_iter()
+                    .filter(|c| !c.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("&");
+                searches.push(Search {
+                    target: target.clone(),
+                    criteria,
+                });
             }
         }
-        urls
+        searches
     }
 }
 
@@ -443,7 +612,8 @@ const COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMER
     .remove(b'_')
     .remove(b'~');
 
-/// The diagnostics of an OperationOutcome body, or the start of whatever came back.
+/// The texts of an OperationOutcome body (each issue's `diagnostics`, else `details.text`), or
+/// the start of whatever came back.
 fn diagnostics(body: &[u8]) -> String {
     let outcome: Option<String> = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -453,6 +623,7 @@ fn diagnostics(body: &[u8]) -> String {
                 .iter()
                 .filter_map(|i| {
                     i.get("diagnostics")
+                        .or_else(|| i.pointer("/details/text"))
                         .and_then(|d| d.as_str())
                         .map(str::to_string)
                 })
@@ -474,7 +645,7 @@ impl ResourceSource for RemoteServer {
     fn resource_types(&self) -> Result<Vec<String>, SourceError> {
         let this = &self.0;
         this.runtime.block_on(async {
-            let declared = this.declared_types().await?;
+            let declared: Vec<String> = this.capabilities().await?.types.keys().cloned().collect();
             let counted: Vec<(String, Result<Option<u64>, SourceError>)> =
                 futures_util::stream::iter(declared)
                     .map(|t| async move {
@@ -505,9 +676,11 @@ impl ResourceSource for RemoteServer {
         if !whole_type {
             return Ok(None);
         }
-        let mut url = format!("{}/{}?_summary=count", self.0.base, request.resource_type);
-        url.push('&');
-        url.push_str(&window(request).finish());
+        let search = Search {
+            target: format!("{}/{}", self.0.base, request.resource_type),
+            criteria: String::new(),
+        };
+        let url = search.count_url(&window(request));
         self.0.runtime.block_on(self.0.total(&url))
     }
 
@@ -530,87 +703,216 @@ impl ResourceSource for RemoteServer {
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<u64, ScanError> {
         let inner = &self.0;
-        let patients = match request.scope {
-            PatientScope::All => None,
-            PatientScope::AnyPatient if request.resource_type == "Patient" => None,
-            PatientScope::AnyPatient => Some(inner.runtime.block_on(inner.all_patients())?),
-            PatientScope::Only(ids) => Some(ids.clone()),
+        let access = match request.scope {
+            PatientScope::Only(_) => inner
+                .runtime
+                .block_on(inner.capabilities())?
+                .compartment_access(request.resource_type),
+            _ => CompartmentAccess::WholeType,
         };
-        let searches = inner.searches(request, patients.as_deref());
-        // Ids seen in this shard: several searches may overlap (compartments, ORed filters), and a
-        // server without a stable order can show one resource on two pages. (Bounded by the
-        // shard's size, `EXPORT_SHARD_MAX_RESOURCES`.)
+        // Ids seen in this shard: searches may overlap (compartment parameters, ORed filters,
+        // reads again), and a server without a stable order can show one resource on two pages.
+        // (Bounded by the shard's size, `EXPORT_SHARD_MAX_RESOURCES`.)
         let mut seen = HashSet::new();
         let mut count = 0;
-        for first in searches {
-            let mut pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first)));
-            while let Some(fetching) = pending.take() {
-                let (url, body) = inner
-                    .runtime
-                    .block_on(fetching)
-                    .map_err(|e| SourceError::Remote(format!("page fetch stopped: {e}")))??;
-                let page = parse_page(&url, &body)?;
-                if let Some(next) = next_link(&url, &page)? {
-                    pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), next)));
-                }
-                for entry in &page.entry {
-                    if entry
-                        .search
-                        .as_ref()
-                        .and_then(|s| s.mode.as_deref())
-                        .is_some_and(|m| m != "match")
-                    {
-                        continue;
-                    }
-                    let Some(resource) = entry.resource else {
-                        continue;
-                    };
-                    let identity: Identity = serde_json::from_str(resource.get()).map_err(|e| {
-                        SourceError::Remote(format!("{url}: an entry is not a resource: {e}"))
-                    })?;
-                    if identity.resource_type != request.resource_type {
-                        continue;
-                    }
-                    if let Some(id) = identity.id {
-                        if !seen.insert(id) {
-                            continue;
-                        }
-                    }
-                    let raw = resource.get().as_bytes();
-                    if raw.contains(&b'\n') {
-                        let value: serde_json::Value =
-                            serde_json::from_slice(raw).expect("valid JSON");
-                        sink(&serde_json::to_vec(&value).expect("JSON serialises"))?;
-                    } else {
-                        sink(raw)?;
-                    }
-                    count += 1;
-                }
+        let mut accept = |id: &str, raw: &RawValue| -> Result<(), ScanError> {
+            if !seen.insert(id.to_string()) {
+                return Ok(());
             }
+            let raw = raw.get().as_bytes();
+            let parsed = || serde_json::from_slice::<serde_json::Value>(raw).expect("valid JSON");
+            let in_scope = match request.scope {
+                PatientScope::All => true,
+                PatientScope::AnyPatient => {
+                    !patient_ids(request.resource_type, id, &parsed()).is_empty()
+                }
+                PatientScope::Only(patients) => patient_ids(request.resource_type, id, &parsed())
+                    .iter()
+                    .any(|p| patients.contains(p)),
+            };
+            if !in_scope {
+                return Ok(());
+            }
+            if raw.contains(&b'\n') {
+                sink(&serde_json::to_vec(&parsed()).expect("JSON serialises"))?;
+            } else {
+                sink(raw)?;
+            }
+            count += 1;
+            Ok(())
+        };
+        for search in inner.searches(request, &access) {
+            self.read_verified(request, &search, window(request), None, &mut accept)?;
         }
-        self.check_complete(request, count)?;
         Ok(count)
     }
 }
 
+type Accept<'a> = dyn FnMut(&str, &RawValue) -> Result<(), ScanError> + 'a;
+
 impl RemoteServer {
-    /// A whole-type read without filters is checked against a count of the same window taken after
-    /// it: fewer distinct resources than the server still holds there means pages were lost (a
-    /// last page without `next`, rows shifted between pages), and the shard fails to be read
-    /// again, never reported whole. (Resources changed since the kickoff leave the window, so the
-    /// count after the read is the floor.)
-    fn check_complete(&self, request: &ScanRequest<'_>, read: u64) -> Result<(), SourceError> {
-        if !request.type_filters.is_empty() {
-            // What the filters let through is known only after the local check.
-            return Ok(());
+    /// Reads one search in `window` until a read is known whole: counted the same before and
+    /// after, with every counted resource seen. Fewer seen means lost pages (a last page without
+    /// `next`, rows shifted by an unstable order); a count that moved means resources left the
+    /// window while it was paged (an update moves a resource past the snapshot, which shifts
+    /// every offset behind it). Either way the search is read again (what was already passed on
+    /// is not passed twice), and after `MAX_PASSES` the shard fails. `limit`: what the server
+    /// pages at most in one search (known after it refused more); a wider window is halved first.
+    fn read_verified(
+        &self,
+        request: &ScanRequest<'_>,
+        search: &Search,
+        window: Window,
+        limit: Option<u64>,
+        accept: &mut Accept<'_>,
+    ) -> Result<(), ScanError> {
+        let inner = &self.0;
+        let count = |window: &Window| {
+            inner
+                .runtime
+                .block_on(inner.total(&search.count_url(window)))
+        };
+        let mut last = None;
+        for pass in 1..=MAX_PASSES {
+            let before = count(&window)?;
+            if before == Some(0) {
+                // A window's matches only shrink while it is read: nothing to read.
+                return Ok(());
+            }
+            if let (Some(limit), Some(before)) = (limit, before) {
+                if before > limit {
+                    return self.read_halves(request, search, window, limit, None, accept);
+                }
+            }
+            let seen =
+                match self.read_pages(request, &search.url(&window, inner.page_size), accept)? {
+                    Read::Whole(seen) => seen,
+                    Read::Refused { after, reason } => {
+                        let limit = after.max(1);
+                        return self.read_halves(
+                            request,
+                            search,
+                            window,
+                            limit,
+                            Some(reason),
+                            accept,
+                        );
+                    }
+                };
+            let after = count(&window)?;
+            match (before, after) {
+                (Some(before), Some(after)) if before == after && seen >= after => return Ok(()),
+                (Some(before), Some(after)) => {
+                    tracing::warn!(
+                        search = %search.url(&window, inner.page_size),
+                        before, after, seen, pass,
+                        "FHIR source: the search changed or skipped resources while paged; reading it again"
+                    );
+                    last = Some((before, after, seen));
+                }
+                // A server that counts nothing cannot be checked.
+                _ => return Ok(()),
+            }
         }
-        match ResourceSource::count(self, request)? {
-            Some(expected) if read < expected => Err(SourceError::Remote(format!(
-                "{}: read {read} resources where the server counts {expected} in the same window; the pages were incomplete (a last page without a next link, or an unstable order)",
-                request.resource_type
-            ))),
-            _ => Ok(()),
+        let (before, after, seen) = last.expect("a pass ran");
+        Err(SourceError::Remote(format!(
+            "{}: the pages were incomplete in each of {MAX_PASSES} reads (last: {before} counted before, {after} after, {seen} seen); the server's results keep changing, or its pages skip resources (a last page without a next link, an unstable order)",
+            search.url(&window, inner.page_size)
+        ))
+        .into())
+    }
+
+    /// The window read as two halves, each at most `limit` resources per search.
+    fn read_halves(
+        &self,
+        request: &ScanRequest<'_>,
+        search: &Search,
+        window: Window,
+        limit: u64,
+        refusal: Option<SourceError>,
+        accept: &mut Accept<'_>,
+    ) -> Result<(), ScanError> {
+        let Some(halves) = window.halves() else {
+            let why = refusal.map(|e| format!(": {e}")).unwrap_or_default();
+            return Err(SourceError::Remote(format!(
+                "{}: more resources share one lastUpdated instant than the server pages in one search ({limit}){why}",
+                search.url(&window, self.0.page_size)
+            ))
+            .into());
+        };
+        if let Some(refusal) = refusal {
+            tracing::warn!(%refusal, limit, "FHIR source refused to page further; reading the window in parts");
         }
+        for half in halves {
+            self.read_verified(request, search, half, Some(limit), accept)?;
+        }
+        Ok(())
+    }
+
+    /// One read of a search, every page, each resource of the type to `accept`.
+    fn read_pages(
+        &self,
+        request: &ScanRequest<'_>,
+        first: &str,
+        accept: &mut Accept<'_>,
+    ) -> Result<Read, ScanError> {
+        let inner = &self.0;
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut pending = Some(
+            inner
+                .runtime
+                .spawn(fetch_page(inner.clone(), first.to_string())),
+        );
+        let mut first_page = true;
+        while let Some(fetching) = pending.take() {
+            let fetched = inner
+                .runtime
+                .block_on(fetching)
+                .map_err(|e| SourceError::Remote(format!("page fetch stopped: {e}")))?;
+            let (url, body) = match fetched {
+                Err(reason @ SourceError::Unsupported(_)) if !first_page => {
+                    return Ok(Read::Refused {
+                        after: seen.len() as u64,
+                        reason,
+                    })
+                }
+                other => other?,
+            };
+            first_page = false;
+            let page = parse_page(&url, &body)?;
+            if let Some(next) = next_link(&url, &page)? {
+                pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), next)));
+            }
+            for entry in &page.entry {
+                if entry
+                    .search
+                    .as_ref()
+                    .and_then(|s| s.mode.as_deref())
+                    .is_some_and(|m| m != "match")
+                {
+                    continue;
+                }
+                let Some(resource) = entry.resource else {
+                    continue;
+                };
+                let identity: Identity = serde_json::from_str(resource.get()).map_err(|e| {
+                    SourceError::Remote(format!("{url}: an entry is not a resource: {e}"))
+                })?;
+                if identity.resource_type != request.resource_type {
+                    continue;
+                }
+                let Some(id) = identity.id else {
+                    return Err(SourceError::Remote(format!(
+                        "{url}: a {} without an id",
+                        request.resource_type
+                    ))
+                    .into());
+                };
+                accept(&id, resource)?;
+                seen.insert(id);
+            }
+        }
+        Ok(Read::Whole(seen.len() as u64))
     }
 }
 

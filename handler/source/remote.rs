@@ -42,6 +42,9 @@ const MAX_PASSES: u32 = 5;
 /// The longest patient list one search request carries (bytes of its URL's values).
 const MAX_IDS_BYTES: usize = 3000;
 const PATIENT_COMPARTMENT: &str = "http://hl7.org/fhir/CompartmentDefinition/patient";
+/// The orders asked for, best first: a stable order keeps a search's pages from overlapping or
+/// skipping. A server that refuses one is asked the next from then on.
+const SORTS: [&str; 3] = ["_lastUpdated,_id", "_lastUpdated", ""];
 
 /// How the source authenticates to the FHIR server.
 pub enum RemoteAuth {
@@ -75,6 +78,8 @@ struct Inner {
     requests: AtomicU64,
     retries: AtomicU64,
     capabilities: tokio::sync::OnceCell<Capabilities>,
+    /// The first of `SORTS` the server has not refused.
+    sort: std::sync::atomic::AtomicUsize,
 }
 
 /// What the server's CapabilityStatement declares.
@@ -202,8 +207,18 @@ impl Window {
 }
 
 impl Search {
-    fn url(&self, window: &Window, page_size: usize) -> String {
-        format!("{}&_count={page_size}", self.count_url(window)).replacen("&_summary=count", "", 1)
+    /// The first page's URL; `sort`: a `_sort` value, or empty for none.
+    fn url(&self, window: &Window, page_size: usize, sort: &str) -> String {
+        let mut url = format!("{}&_count={page_size}", self.count_url(window)).replacen(
+            "&_summary=count",
+            "",
+            1,
+        );
+        if !sort.is_empty() {
+            url.push_str("&_sort=");
+            url.push_str(sort);
+        }
+        url
     }
 
     fn count_url(&self, window: &Window) -> String {
@@ -219,8 +234,8 @@ impl Search {
 
 /// How a read of one search ended.
 enum Read {
-    /// Every page; the distinct resources seen.
-    Whole(u64),
+    /// Every page; the ids seen.
+    Whole(HashSet<String>),
     /// The server refused a later page (an offset or page limit) after this many resources.
     Refused { after: u64, reason: SourceError },
 }
@@ -333,6 +348,7 @@ impl Inner {
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             capabilities: tokio::sync::OnceCell::new(),
+            sort: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -772,7 +788,10 @@ impl RemoteServer {
                 .runtime
                 .block_on(inner.total(&search.count_url(window)))
         };
-        let mut last = None;
+        // Passes whose counts all held still saw one unchanging set: what they saw together
+        // counts (an unstable order shows a different part on each pass).
+        let mut streak: Option<(u64, HashSet<String>)> = None;
+        let mut last = (0, 0, 0);
         for pass in 1..=MAX_PASSES {
             let before = count(&window)?;
             if before == Some(0) {
@@ -784,40 +803,45 @@ impl RemoteServer {
                     return self.read_halves(request, search, window, limit, None, accept);
                 }
             }
-            let seen =
-                match self.read_pages(request, &search.url(&window, inner.page_size), accept)? {
-                    Read::Whole(seen) => seen,
-                    Read::Refused { after, reason } => {
-                        let limit = after.max(1);
-                        return self.read_halves(
-                            request,
-                            search,
-                            window,
-                            limit,
-                            Some(reason),
-                            accept,
-                        );
-                    }
-                };
-            let after = count(&window)?;
-            match (before, after) {
-                (Some(before), Some(after)) if before == after && seen >= after => return Ok(()),
-                (Some(before), Some(after)) => {
-                    tracing::warn!(
-                        search = %search.url(&window, inner.page_size),
-                        before, after, seen, pass,
-                        "FHIR source: the search changed or skipped resources while paged; reading it again"
-                    );
-                    last = Some((before, after, seen));
+            let seen = match self.read_pages(request, search, &window, accept)? {
+                Read::Whole(seen) => seen,
+                Read::Refused { after, reason } => {
+                    let limit = after.max(1);
+                    return self.read_halves(request, search, window, limit, Some(reason), accept);
                 }
+            };
+            let after = count(&window)?;
+            let (Some(before), Some(after)) = (before, after) else {
                 // A server that counts nothing cannot be checked.
-                _ => return Ok(()),
+                return Ok(());
+            };
+            let seen_in_pass = seen.len() as u64;
+            if before == after {
+                let union = match streak.take() {
+                    Some((count, mut union)) if count == after => {
+                        union.extend(seen);
+                        union
+                    }
+                    _ => seen,
+                };
+                if union.len() as u64 >= after {
+                    return Ok(());
+                }
+                streak = Some((after, union));
+            } else {
+                streak = None;
             }
+            tracing::warn!(
+                search = %search.url(&window, inner.page_size, ""),
+                before, after, seen = seen_in_pass, pass,
+                "FHIR source: the search changed or skipped resources while paged; reading it again"
+            );
+            last = (before, after, seen_in_pass);
         }
-        let (before, after, seen) = last.expect("a pass ran");
+        let (before, after, seen) = last;
         Err(SourceError::Remote(format!(
             "{}: the pages were incomplete in each of {MAX_PASSES} reads (last: {before} counted before, {after} after, {seen} seen); the server's results keep changing, or its pages skip resources (a last page without a next link, an unstable order)",
-            search.url(&window, inner.page_size)
+            search.url(&window, inner.page_size, "")
         ))
         .into())
     }
@@ -836,7 +860,7 @@ impl RemoteServer {
             let why = refusal.map(|e| format!(": {e}")).unwrap_or_default();
             return Err(SourceError::Remote(format!(
                 "{}: more resources share one lastUpdated instant than the server pages in one search ({limit}){why}",
-                search.url(&window, self.0.page_size)
+                search.url(&window, self.0.page_size, "")
             ))
             .into());
         };
@@ -853,16 +877,15 @@ impl RemoteServer {
     fn read_pages(
         &self,
         request: &ScanRequest<'_>,
-        first: &str,
+        search: &Search,
+        window: &Window,
         accept: &mut Accept<'_>,
     ) -> Result<Read, ScanError> {
         let inner = &self.0;
         let mut seen: HashSet<String> = HashSet::new();
-        let mut pending = Some(
-            inner
-                .runtime
-                .spawn(fetch_page(inner.clone(), first.to_string())),
-        );
+        let first = |sort: usize| search.url(window, inner.page_size, SORTS[sort]);
+        let mut sort = inner.sort.load(Ordering::Relaxed);
+        let mut pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first(sort))));
         let mut first_page = true;
         while let Some(fetching) = pending.take() {
             let fetched = inner
@@ -870,6 +893,14 @@ impl RemoteServer {
                 .block_on(fetching)
                 .map_err(|e| SourceError::Remote(format!("page fetch stopped: {e}")))?;
             let (url, body) = match fetched {
+                Err(SourceError::Unsupported(reason)) if first_page && sort + 1 < SORTS.len() => {
+                    // The server refuses this order: ask for a simpler one from now on.
+                    tracing::info!(%reason, "FHIR source: no _sort={}; asking {:?}", SORTS[sort], SORTS[sort + 1]);
+                    sort += 1;
+                    inner.sort.fetch_max(sort, Ordering::Relaxed);
+                    pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first(sort))));
+                    continue;
+                }
                 Err(reason @ SourceError::Unsupported(_)) if !first_page => {
                     return Ok(Read::Refused {
                         after: seen.len() as u64,
@@ -912,7 +943,7 @@ impl RemoteServer {
                 seen.insert(id);
             }
         }
-        Ok(Read::Whole(seen.len() as u64))
+        Ok(Read::Whole(seen))
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod azurite;
 pub mod hns;
+pub mod medplum;
 pub mod tokens;
 
 use std::collections::HashMap;

@@ -10,6 +10,10 @@
 //   --relative-links  `next` relative to the base
 //   --unstable-order  the matches in a new order on every request (as a database without ORDER BY)
 //   --max-offset N    `_offset` above N is refused with 400 (Medplum's maxSearchOffset)
+//   --update-while-paging N
+//                     at the first request for a later page, the first N matches are updated (their
+//                     `meta.lastUpdated` set to now), as if other clients wrote during the export
+// With `_sort`, the order is the sort's and only ties are unstable.
 // `GET /$requests` answers how many requests came in; `PUT [type]/[id]` updates (concurrent changes;
 // a body without `meta.lastUpdated` is stamped now).
 import { createServer } from 'node:http';
@@ -41,6 +45,7 @@ indexSearchParameterBundle(searchParameters);
 const router = new FhirRouter();
 const repo = new MemoryRepository();
 const cache = new Map();
+let updatesLeft = Number(option('--update-while-paging') ?? 0);
 let requests = 0;
 
 const dir = option('--load');
@@ -82,6 +87,17 @@ function capabilityStatement() {
   };
 }
 
+// The order of `_sort` rules on `_lastUpdated` and `_id` (what an exporter asks for; others keep
+// the repository's order).
+function compare(a, b, rules) {
+  for (const { code, descending } of rules) {
+    const key = (r) => (code === '_lastUpdated' ? r.meta?.lastUpdated : code === '_id' ? r.id : undefined) ?? '';
+    const order = key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0;
+    if (order) return descending ? -order : order;
+  }
+  return 0;
+}
+
 function shuffle(entries) {
   for (let i = entries.length - 1; i > 0; i--) {
     const j = Math.floor(Math.random() * (i + 1));
@@ -89,12 +105,32 @@ function shuffle(entries) {
   }
 }
 
+// `_lastUpdated` criteria as a test on an instant (prefixes eq ne gt ge lt le; milliseconds).
+function lastUpdatedTest(values) {
+  const tests = [].concat(values ?? []).map((value) => {
+    const [, prefix = 'eq', instant] = /^(eq|ne|gt|ge|lt|le)?(.*)$/.exec(value);
+    const bound = Date.parse(instant);
+    return (t) =>
+      ({ eq: t === bound, ne: t !== bound, gt: t > bound, ge: t >= bound, lt: t < bound, le: t <= bound })[prefix];
+  });
+  return (resource) => {
+    const t = Date.parse(resource.meta?.lastUpdated);
+    return tests.every((test) => test(t));
+  };
+}
+
 async function search(base, resourceType, url) {
+  // `_lastUpdated` and `_sort` are applied here, the other criteria by Medplum's repository
+  // (which evaluates `_lastUpdated` and sorts resource by resource, where its server has indexes).
   const query = {};
+  const own = {};
   for (const [name, value] of url.searchParams) {
-    query[name] = name in query ? [].concat(query[name], value) : value;
+    const into = name === '_lastUpdated' || name === '_sort' ? own : query;
+    into[name] = name in into ? [].concat(into[name], value) : value;
   }
   const request = parseSearchRequest(resourceType, query);
+  const sortRules = own._sort ? parseSearchRequest(resourceType, { _sort: own._sort }).sortRules : [];
+  const inWindow = lastUpdatedTest(own._lastUpdated);
   const offset = request.offset ?? 0;
   const count = request.count ?? 20;
   if (offset > maxOffset) {
@@ -102,18 +138,30 @@ async function search(base, resourceType, url) {
   }
   // The matches of a query without its paging, kept until the next write (as a database index
   // would make the next page cheap).
-  const key = JSON.stringify({ ...request, offset: undefined, count: undefined, summary: undefined, total: undefined });
-  let all = cache.get(key);
-  if (!all) {
-    all = await repo.search({ ...request, offset: undefined, count: undefined, total: undefined });
-    cache.set(key, all);
+  const matchesOf = async () => {
+    const key = JSON.stringify({ ...request, offset: undefined, count: undefined, summary: undefined, total: undefined });
+    let all = cache.get(key);
+    if (!all) {
+      all = await repo.search({ ...request, offset: undefined, count: undefined, total: undefined });
+      cache.set(key, all);
+    }
+    const matches = (all.entry ?? []).filter((e) => inWindow(e.resource));
+    if (flag('--unstable-order')) shuffle(matches);
+    return matches.sort((a, b) => compare(a.resource, b.resource, sortRules));
+  };
+  let matches = await matchesOf();
+  if (offset > 0 && updatesLeft > 0 && query._summary !== 'count') {
+    for (const { resource } of matches.slice(0, updatesLeft)) {
+      await repo.updateResource({ ...resource, meta: {} });
+    }
+    updatesLeft = 0;
+    cache.clear();
+    matches = await matchesOf();
   }
-  const total = all.total;
+  const total = matches.length;
   if (query._summary === 'count') {
     return [200, { resourceType: 'Bundle', type: 'searchset', total }];
   }
-  const matches = [...(all.entry ?? [])];
-  if (flag('--unstable-order')) shuffle(matches);
   const entry = matches.slice(offset, offset + count);
   const link = [{ relation: 'self', url: url.href }];
   if (offset + count < total && !flag('--no-next')) {

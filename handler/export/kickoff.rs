@@ -53,7 +53,12 @@ pub async fn start(
                 let until = request
                     .until
                     .map_or(transaction_time, |u| u.min(transaction_time));
-                let ranges = window.split(source.as_ref(), request.since, until)?;
+                // A source that knows where it stores a type cuts it there; others are
+                // counted and cut by `lastUpdated`.
+                let ranges = match stored.contains_key(&resource_type) {
+                    true => vec![(None, None)],
+                    false => window.split(source.as_ref(), request.since, until)?,
+                };
                 let parts: Vec<(Range, RowRange, Option<ShardSize>)> =
                     match (ranges.as_slice(), stored.get(&resource_type)) {
                         ([whole], Some(stored)) => {

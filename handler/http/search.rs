@@ -190,6 +190,15 @@ pub async fn search(
                 rows: Default::default(),
                 type_filters: &[],
             };
+            if limit == usize::MAX && query.is_none() {
+                // A count the source keeps in its indexes reads no resource.
+                let counted = source
+                    .count(&request)
+                    .map_err(|e| ApiError::from(crate::export::ExportError::from(e)))?;
+                if let Some(total) = counted {
+                    return Ok((Vec::new(), total));
+                }
+            }
             let scanned = source.scan(&request, &mut |resource| {
                 if let Some(query) = &query {
                     let matched =

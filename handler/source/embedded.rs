@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS resources (
     json BLOB NOT NULL,
     PRIMARY KEY (type, id)
 );
+CREATE INDEX IF NOT EXISTS resources_by_last_updated ON resources (type, last_updated, import_run);
 CREATE TABLE IF NOT EXISTS replaced (
     type TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -329,6 +330,21 @@ impl ResourceSource for EmbeddedStore {
         })
     }
 
+    /// What a scan would read, counted in the indexes (no resource is read): a search's
+    /// `_summary=count`. Exports plan by `storage_parts` instead.
+    fn count(&self, request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
+        let conn = self.connect()?;
+        let runs = self.runs(&conn, request)?;
+        let mut count = 0;
+        for query in self.queries(&conn, request, "count(*)")? {
+            let counted: i64 = conn
+                .query_row(&query, bind(request, runs), |row| row.get(0))
+                .map_err(|e| self.error(e))?;
+            count += counted as u64;
+        }
+        Ok(Some(count))
+    }
+
     /// Current versions in the window, then earlier versions that were current at the snapshot.
     fn scan(
         &self,
@@ -337,16 +353,7 @@ impl ResourceSource for EmbeddedStore {
     ) -> Result<u64, ScanError> {
         let conn = self.connect()?;
         let queries = self.queries(&conn, request, "r.json")?;
-        let runs = Runs {
-            snapshot: run_committed_by(&conn, request.snapshot).map_err(|e| self.error(e))?,
-            since: match request.stored_since {
-                Some(since) => match run_committed_by(&conn, since).map_err(|e| self.error(e))? {
-                    0 => i64::MAX,
-                    run => run,
-                },
-                None => i64::MAX,
-            },
-        };
+        let runs = self.runs(&conn, request)?;
         let mut count = 0;
         for query in queries {
             let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
@@ -367,6 +374,19 @@ impl ResourceSource for EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    fn runs(&self, conn: &Connection, request: &ScanRequest<'_>) -> Result<Runs, SourceError> {
+        Ok(Runs {
+            snapshot: run_committed_by(conn, request.snapshot).map_err(|e| self.error(e))?,
+            since: match request.stored_since {
+                Some(since) => match run_committed_by(conn, since).map_err(|e| self.error(e))? {
+                    0 => i64::MAX,
+                    run => run,
+                },
+                None => i64::MAX,
+            },
+        })
+    }
+
     fn types_on(&self, conn: &Connection) -> Result<Vec<String>, SourceError> {
         if let Some(stats) = type_stats(conn).map_err(|e| self.error(e))? {
             let mut present: Vec<String> = stats
@@ -559,11 +579,16 @@ impl EmbeddedStore {
                 )
             }
         };
+        // Without paging, no id term: a count then reads the `lastUpdated` index alone.
+        let after_id = match request.after_id {
+            Some(_) => "AND r.id > ?5",
+            None => "",
+        };
         let current = format!(
             "SELECT {what} FROM resources r
              WHERE {type_term} = ?1 AND r.import_run <= ?4
                AND (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3
-               AND r.id > ?5 {scope}
+               {after_id} {scope}
              {current_order}"
         );
         if rows.from.is_some() {
@@ -575,7 +600,7 @@ impl EmbeddedStore {
                 "SELECT {what} FROM replaced r
                  WHERE r.type = ?1 AND r.stored_run <= ?4 AND r.superseded_run > ?4
                    AND (r.last_updated > ?2 OR r.stored_run > ?6) AND r.last_updated <= ?3
-                   AND r.id > ?5 {replaced_scope}
+                   {after_id} {replaced_scope}
                  {order}"
             ),
         ])

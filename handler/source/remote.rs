@@ -77,9 +77,17 @@ struct Inner {
     page_size: usize,
     requests: AtomicU64,
     retries: AtomicU64,
+    waiting_micros: AtomicU64,
     capabilities: tokio::sync::OnceCell<Capabilities>,
     /// The first of `SORTS` the server has not refused.
     sort: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestStats {
+    pub requests: u64,
+    pub retries: u64,
+    pub waiting: Duration,
 }
 
 /// What the server's CapabilityStatement declares.
@@ -318,12 +326,14 @@ impl RemoteServer {
         self
     }
 
-    /// (requests sent, of which retries) so far.
-    pub fn request_counts(&self) -> (u64, u64) {
-        (
-            self.0.requests.load(Ordering::Relaxed),
-            self.0.retries.load(Ordering::Relaxed),
-        )
+    /// The requests sent so far: how many, of which retries, and the time spent waiting for their
+    /// answers (summed over requests, so above the wall time when they overlap).
+    pub fn request_stats(&self) -> RequestStats {
+        RequestStats {
+            requests: self.0.requests.load(Ordering::Relaxed),
+            retries: self.0.retries.load(Ordering::Relaxed),
+            waiting: Duration::from_micros(self.0.waiting_micros.load(Ordering::Relaxed)),
+        }
     }
 }
 
@@ -347,6 +357,7 @@ impl Inner {
             page_size: PAGE_SIZE,
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            waiting_micros: AtomicU64::new(0),
             capabilities: tokio::sync::OnceCell::new(),
             sort: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -429,7 +440,8 @@ impl Inner {
                 if let Some(token) = self.bearer().await? {
                     request = request.bearer_auth(token);
                 }
-                match request.send().await {
+                let sent = std::time::Instant::now();
+                let answer = match request.send().await {
                     Ok(response) => {
                         let status = response.status();
                         let retry_after = response
@@ -443,7 +455,10 @@ impl Inner {
                         }
                     }
                     Err(e) => Err(e),
-                }
+                };
+                let waited = sent.elapsed().as_micros() as u64;
+                self.waiting_micros.fetch_add(waited, Ordering::Relaxed);
+                answer
             };
             let retry_after = match outcome {
                 Ok((status, _, body)) if status.is_success() => return Ok(Fetched::Body(body)),
@@ -950,6 +965,69 @@ impl RemoteServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operation_outcome_is_read_as_its_texts_not_raw_json() {
+        let medplum = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","details":{"text":"Unknown search parameter"}}]}"#;
+        assert_eq!(diagnostics(medplum), "Unknown search parameter");
+        let two = br#"{"resourceType":"OperationOutcome","issue":[{"diagnostics":"a"},{"diagnostics":"b"}]}"#;
+        assert_eq!(diagnostics(two), "a; b");
+        assert_eq!(diagnostics(b"  "), "no details");
+    }
+
+    #[test]
+    fn a_window_halves_at_whole_milliseconds_down_to_microseconds() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let wide = Window {
+            after: Some(at("2026-01-01T00:00:00Z")),
+            upto: at("2026-01-01T00:00:01.000001Z"),
+        };
+        let [low, high] = wide.halves().unwrap();
+        assert_eq!(low.upto, at("2026-01-01T00:00:00.500Z"));
+        assert_eq!(
+            (low.after, high.after, high.upto),
+            (wide.after, Some(low.upto), wide.upto)
+        );
+        let narrow = Window {
+            after: Some(at("2026-01-01T00:00:00Z")),
+            upto: at("2026-01-01T00:00:00.000001Z"),
+        };
+        assert!(narrow.halves().is_none());
+    }
+
+    #[test]
+    fn compartment_access_follows_the_capability_statement() {
+        let statement = serde_json::json!({"rest": [{
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
+            "resource": [
+                {"type": "Observation", "searchParam": [{"name": "subject"}, {"name": "performer"}]},
+                {"type": "Encounter", "searchParam": [{"name": "date"}]},
+            ]
+        }]});
+        let declared = Capabilities::parse(&statement);
+        assert_eq!(
+            declared.compartment_access("Observation"),
+            CompartmentAccess::TypeSearch
+        );
+        assert_eq!(
+            declared.compartment_access("Encounter"),
+            CompartmentAccess::CompartmentRoute
+        );
+        let mut bare = statement.clone();
+        bare["rest"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("compartment");
+        let bare = Capabilities::parse(&bare);
+        assert_eq!(
+            bare.compartment_access("Encounter"),
+            CompartmentAccess::WholeType
+        );
+        assert_eq!(
+            bare.types.keys().collect::<Vec<_>>(),
+            ["Encounter", "Observation"]
+        );
+    }
 
     #[test]
     fn retry_after_is_seconds_or_an_http_date() {

@@ -2,6 +2,9 @@
 //! remote source) next to the same export read from the embedded store, with the requests it took.
 //!
 //! The data: the Synthea sample (`../shared`), or generated data when it is absent.
+//! Then the same export read from Medplum's FHIR router (tests/medplum, when installed), with the
+//! same split of its time.
+//!
 //! `BENCH_SHARD_MAX` sets `EXPORT_SHARD_MAX_RESOURCES` for the remote export (default 5000, so the
 //! big types are split and read in parallel).
 
@@ -43,8 +46,8 @@ fn app(
     (app, receiver)
 }
 
-/// Kickoff to manifest: (seconds, resources).
-async fn time_export(client: &reqwest::Client, base: &str) -> (f64, u64) {
+/// Kickoff to manifest: (seconds, resources, seconds the kickoff took to answer).
+async fn time_export(client: &reqwest::Client, base: &str) -> (f64, u64, f64) {
     let started = Instant::now();
     let response = client
         .get(format!("{base}/$export"))
@@ -54,6 +57,7 @@ async fn time_export(client: &reqwest::Client, base: &str) -> (f64, u64) {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
+    let kickoff = started.elapsed().as_secs_f64();
     let status = response.headers()["content-location"]
         .to_str()
         .unwrap()
@@ -68,10 +72,61 @@ async fn time_export(client: &reqwest::Client, base: &str) -> (f64, u64) {
                 .iter()
                 .map(|o| o["count"].as_u64().unwrap())
                 .sum();
-            return (started.elapsed().as_secs_f64(), resources);
+            return (started.elapsed().as_secs_f64(), resources, kickoff);
         }
         assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The Medplum adapter of the tests, loaded with every NDJSON file under `exports`.
+struct Medplum {
+    base: String,
+    child: std::process::Child,
+}
+
+impl Medplum {
+    fn start(exports: &Path, data: &Path) -> Option<Medplum> {
+        use std::io::BufRead;
+        let adapter = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/medplum");
+        if !adapter.join("node_modules/@medplum/fhir-router").is_dir() {
+            return None;
+        }
+        std::fs::create_dir_all(data).unwrap();
+        let mut folders = vec![exports.to_path_buf()];
+        while let Some(folder) = folders.pop() {
+            for entry in std::fs::read_dir(&folder).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    folders.push(path);
+                } else if path.extension().is_some_and(|e| e == "ndjson") {
+                    std::fs::copy(&path, data.join(entry.file_name())).unwrap();
+                }
+            }
+        }
+        let mut child = std::process::Command::new("node")
+            .arg(adapter.join("server.mjs"))
+            .arg("--load")
+            .arg(data)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().strip_prefix("listening on ")?.to_string();
+        Some(Medplum {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+        })
+    }
+}
+
+impl Drop for Medplum {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -113,17 +168,53 @@ fn main() {
         let b_base = serve(b, receiver).await;
 
         let client = reqwest::Client::new();
-        let (local_s, local_n) = time_export(&client, &a_base).await;
-        let (before, _) = remote.request_counts();
-        let (remote_s, remote_n) = time_export(&client, &b_base).await;
-        let (after, retries) = remote.request_counts();
+        let (local_s, local_n, _) = time_export(&client, &a_base).await;
+        let before = remote.request_stats();
+        let (remote_s, remote_n, remote_kickoff) = time_export(&client, &b_base).await;
+        let after = remote.request_stats();
         assert_eq!(local_n, remote_n, "the remote export must hold the same resources");
+        let requests = after.requests - before.requests;
+        let waiting = (after.waiting - before.waiting).as_secs_f64();
         println!("source        resources  seconds  resources/s  requests");
         println!("embedded     {local_n:>10}  {local_s:>7.2}  {:>11.0}         -", local_n as f64 / local_s);
         println!(
-            "remote REST  {remote_n:>10}  {remote_s:>7.2}  {:>11.0}  {:>8} ({retries} retries; shards of at most {shard_max})",
+            "remote REST  {remote_n:>10}  {remote_s:>7.2}  {:>11.0}  {requests:>8} ({} retries; shards of at most {shard_max})",
             remote_n as f64 / remote_s,
-            after - before
+            after.retries - before.retries,
+        );
+        println!(
+            "  its time: kickoff (planning) {remote_kickoff:.2} s; {waiting:.2} s waiting on the source server (summed over requests, {:.1} ms each)",
+            waiting * 1000.0 / requests.max(1) as f64,
+        );
+
+        // The same export read from Medplum's FHIR router (tests/medplum), loaded with A's export.
+        let Some(medplum) = Medplum::start(&scratch.path().join("a"), &scratch.path().join("medplum-data")) else {
+            println!("Medplum: not installed (npm ci --prefix tests/medplum); skipped");
+            return;
+        };
+        let from_medplum = Arc::new(RemoteServer::new(&medplum.base, RemoteAuth::None).unwrap());
+        let medplum_settings = Settings {
+            source: SourceSetting::Remote { url: medplum.base.clone(), auth: fhir_export::config::SourceAuth::None },
+            shard_max_resources: shard_max,
+            storage: StorageSetting::Folder(scratch.path().join("c")),
+            ..Settings::default()
+        };
+        let (c, receiver) = app(medplum_settings, from_medplum.clone(), &scratch.path().join("c"));
+        let c_base = serve(c, receiver).await;
+        let before = from_medplum.request_stats();
+        let (medplum_s, medplum_n, medplum_kickoff) = time_export(&client, &c_base).await;
+        let after = from_medplum.request_stats();
+        assert_eq!(local_n, medplum_n, "the export from Medplum must hold the same resources");
+        let requests = after.requests - before.requests;
+        let waiting = (after.waiting - before.waiting).as_secs_f64();
+        println!(
+            "Medplum      {medplum_n:>10}  {medplum_s:>7.2}  {:>11.0}  {requests:>8} ({} retries)",
+            medplum_n as f64 / medplum_s,
+            after.retries - before.retries,
+        );
+        println!(
+            "  its time: kickoff (planning) {medplum_kickoff:.2} s; {waiting:.2} s waiting on Medplum (summed over requests, {:.1} ms each)",
+            waiting * 1000.0 / requests.max(1) as f64,
         );
     });
 }

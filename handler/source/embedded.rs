@@ -28,7 +28,6 @@ CREATE TABLE IF NOT EXISTS resources (
     json BLOB NOT NULL,
     PRIMARY KEY (type, id)
 );
-CREATE INDEX IF NOT EXISTS resources_by_last_updated ON resources (type, last_updated, import_run);
 CREATE TABLE IF NOT EXISTS replaced (
     type TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -111,7 +110,16 @@ pub struct EmbeddedStore {
     /// Kept open for small questions (types, sizes, one resource), which would otherwise spend
     /// most of their time opening a connection.
     planning: Arc<Mutex<Option<Connection>>>,
+    /// Whether this process has made sure of `WINDOW_INDEX`.
+    window_index: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// What a count of a `lastUpdated` window reads instead of every row of the type. Made by the first
+/// count (a search's `_summary=count`, as when this server is another one's source), not by
+/// import: exports plan by rowid and never need it, and each import into a store that has it
+/// updates it too.
+const WINDOW_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS resources_by_last_updated ON resources (type, last_updated, import_run)";
 
 impl EmbeddedStore {
     /// Opens (creating if needed) the store at `path`.
@@ -119,6 +127,7 @@ impl EmbeddedStore {
         let store = Self {
             path: path.into(),
             planning: Arc::default(),
+            window_index: Arc::default(),
         };
         if let Some(parent) = store.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| SourceError::Io {
@@ -334,6 +343,15 @@ impl ResourceSource for EmbeddedStore {
     /// `_summary=count`. Exports plan by `storage_parts` instead.
     fn count(&self, request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
         let conn = self.connect()?;
+        if !self
+            .window_index
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Err(e) = conn.execute_batch(WINDOW_INDEX) {
+                // Counting still works, reading the rows.
+                tracing::warn!(store = %self.path.display(), error = %e, "cannot add the lastUpdated index");
+            }
+        }
         let runs = self.runs(&conn, request)?;
         let mut count = 0;
         for query in self.queries(&conn, request, "count(*)")? {

@@ -74,7 +74,6 @@ struct Inner {
     token: Mutex<Option<CachedToken>>,
     in_flight: Semaphore,
     runtime: Handle,
-    page_size: usize,
     requests: AtomicU64,
     retries: AtomicU64,
     waiting_micros: AtomicU64,
@@ -318,14 +317,6 @@ impl RemoteServer {
         Ok(Self(Arc::new(Inner::new(base, auth)?)))
     }
 
-    /// A smaller page size (tests and benchmarks that want many pages).
-    pub fn with_page_size(mut self, page_size: usize) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.0) {
-            inner.page_size = page_size.clamp(1, PAGE_SIZE);
-        }
-        self
-    }
-
     /// The requests sent so far: how many, of which retries, and the time spent waiting for their
     /// answers (summed over requests, so above the wall time when they overlap).
     pub fn request_stats(&self) -> RequestStats {
@@ -354,7 +345,6 @@ impl Inner {
             token: Mutex::new(None),
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
             runtime,
-            page_size: PAGE_SIZE,
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             waiting_micros: AtomicU64::new(0),
@@ -847,7 +837,7 @@ impl RemoteServer {
                 streak = None;
             }
             tracing::warn!(
-                search = %search.url(&window, inner.page_size, ""),
+                search = %search.url(&window, PAGE_SIZE, ""),
                 before, after, seen = seen_in_pass, pass,
                 "FHIR source: the search changed or skipped resources while paged; reading it again"
             );
@@ -856,7 +846,7 @@ impl RemoteServer {
         let (before, after, seen) = last;
         Err(SourceError::Remote(format!(
             "{}: the pages were incomplete in each of {MAX_PASSES} reads (last: {before} counted before, {after} after, {seen} seen); the server's results keep changing, or its pages skip resources (a last page without a next link, an unstable order)",
-            search.url(&window, inner.page_size, "")
+            search.url(&window, PAGE_SIZE, "")
         ))
         .into())
     }
@@ -875,7 +865,7 @@ impl RemoteServer {
             let why = refusal.map(|e| format!(": {e}")).unwrap_or_default();
             return Err(SourceError::Remote(format!(
                 "{}: more resources share one lastUpdated instant than the server pages in one search ({limit}){why}",
-                search.url(&window, self.0.page_size, "")
+                search.url(&window, PAGE_SIZE, "")
             ))
             .into());
         };
@@ -898,7 +888,7 @@ impl RemoteServer {
     ) -> Result<Read, ScanError> {
         let inner = &self.0;
         let mut seen: HashSet<String> = HashSet::new();
-        let first = |sort: usize| search.url(window, inner.page_size, SORTS[sort]);
+        let first = |sort: usize| search.url(window, PAGE_SIZE, SORTS[sort]);
         let mut sort = inner.sort.load(Ordering::Relaxed);
         let mut pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first(sort))));
         let mut first_page = true;

@@ -77,10 +77,6 @@ impl LocalFolder {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn file(&self, path: &str) -> Result<PathBuf, StorageError> {
         validate_path(path)?;
         if matches!(path.split('/').next(), Some(STAGING | JOURNAL)) {

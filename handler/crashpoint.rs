@@ -28,18 +28,5 @@ pub fn reached(name: &str) {
         return;
     }
     eprintln!("crash point {name}@{nth}: killing the process");
-    kill_self();
-}
-
-#[cfg(unix)]
-fn kill_self() {
-    // SAFETY: kill(2) on our own pid has no memory effects; SIGKILL does not return.
-    unsafe {
-        libc::kill(libc::getpid(), libc::SIGKILL);
-    }
-}
-
-#[cfg(not(unix))]
-fn kill_self() {
-    std::process::abort();
+    crate::os::kill_self();
 }

@@ -20,6 +20,9 @@
 //! - [`queue`]: the `WorkQueue` trait; the in-process queue and worker pool.
 //! - [`fhir`]: resource types, the Patient compartment, lossless JSON edits, OperationOutcome.
 //! - [`generate`]: synthetic demo data; [`synth`]: N rewritten copies of a dataset.
+//! - [`os`]: the operating-system tricks (page-cache hints, direct I/O, thread scheduling class,
+//!   malloc arenas, the crash points' kill) behind a safe API; everything else denies `unsafe`.
+#![deny(unsafe_code)]
 
 pub mod app;
 pub mod auth;
@@ -33,6 +36,7 @@ pub mod generate;
 pub mod http;
 pub mod invoke;
 pub mod jobs;
+pub mod os;
 pub mod package;
 pub mod queue;
 pub mod source;

@@ -1,4 +1,5 @@
 //! `handler`: the command line of fhir-export (see `handler --help`).
+#![deny(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -206,7 +207,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    fhir_export::os::limit_malloc_arenas();
     let cli = Cli::parse();
     // The Functions host logs every line a custom handler writes to stderr as an error: under
     // it, logs go to stdout.
@@ -233,17 +234,6 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// glibc gives each thread that allocates its own arena, up to 8 per core; the blocking threads
-/// that stream shards then keep their high-water marks, and the process's memory grows with the
-/// export. Two arenas keep it flat at no measurable cost in speed.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; called once, before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

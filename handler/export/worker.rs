@@ -279,7 +279,7 @@ async fn on_background_thread<T: Send + 'static>(
     std::thread::Builder::new()
         .name("shard-writer".into())
         .spawn(move || {
-            lower_this_threads_priority();
+            crate::os::lower_this_threads_priority();
             let _ = done.send(caught(work));
         })
         .map_err(|e| format!("no thread for the shard: {e}"))?;
@@ -301,23 +301,6 @@ fn caught<T>(work: impl FnOnce() -> T) -> Result<T, String> {
         message
     })
 }
-
-#[cfg(target_os = "linux")]
-fn lower_this_threads_priority() {
-    // SCHED_IDLE rather than a nice value: under EEVDF a waking request thread preempts an idle-class
-    // thread at once, while a nice one may finish its slice first (milliseconds).
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain syscalls on the calling thread (pid 0); the policy and nice value are per thread.
-    unsafe {
-        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-            let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, thread, 10);
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lower_this_threads_priority() {}
 
 /// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
 /// shard was given to another worker. A failed refresh is tried again at the next beat.

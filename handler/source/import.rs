@@ -391,21 +391,9 @@ fn start_writeback_until(path: &Path, load_ended: std::sync::mpsc::Receiver<()>)
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
         load_ended.recv_timeout(WRITEBACK_EVERY)
     {
-        start_writeback(&file);
+        crate::os::start_writeback(&file);
     }
 }
-
-#[cfg(target_os = "linux")]
-fn start_writeback(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a hint on an open descriptor (0, 0: the whole file); failure only loses the head start.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File) {}
 
 /// The `urn:` aliases earlier imports recorded.
 fn known_urns(conn: &Connection) -> rusqlite::Result<HashMap<String, String>> {

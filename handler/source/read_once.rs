@@ -27,7 +27,7 @@ impl ReadOnce {
     }
 
     fn release_read_pages(&mut self) {
-        release_pages(&self.file, self.released, self.read - self.released);
+        crate::os::release_pages(&self.file, self.released, self.read - self.released);
         self.released = self.read;
     }
 }
@@ -43,51 +43,12 @@ impl Read for ReadOnce {
     }
 }
 
-#[cfg(target_os = "linux")]
-fn release_pages(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: advice on an open descriptor. Dirty pages are only written, never dropped, and
-    // refusal (a pipe, say) only keeps the pages cached.
-    unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            offset as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_DONTNEED,
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn release_pages(_file: &File, _offset: u64, _len: u64) {}
-
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::os::fd::AsRawFd;
 
-    /// Pages of `file` in the page cache, by `mincore` on a mapping of it.
-    fn cached_pages(file: &File, len: usize) -> usize {
-        let page = 4096;
-        let pages = len.div_ceil(page);
-        let mut residency = vec![0u8; pages];
-        // SAFETY: a read-only shared mapping of an open file of `len` bytes, unmapped below.
-        unsafe {
-            let map = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            );
-            assert_ne!(map, libc::MAP_FAILED);
-            assert_eq!(libc::mincore(map, len, residency.as_mut_ptr()), 0);
-            libc::munmap(map, len);
-        }
-        residency.iter().filter(|r| **r & 1 == 1).count()
-    }
+    use crate::os::cached_pages;
 
     #[test]
     fn pages_read_leave_the_cache_and_every_byte_arrives() {

@@ -6,10 +6,11 @@
 //! hands the disk the writer's own (reused) buffer and sleeps until it is written. Where a file
 //! system refuses direct I/O, the file is written through the page cache as before.
 
-use std::alloc::Layout;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
+
+use crate::os::{buffer_from_now, open_direct, refuses_direct_io, AlignedBuffer};
 
 /// Direct I/O wants the buffer, the file offset and the length aligned to the logical block size;
 /// 4096 covers every common one.
@@ -30,32 +31,16 @@ const MAX_SPARE_CHUNKS: usize = 4;
 static SPARE_CHUNKS: std::sync::Mutex<Vec<Chunk>> = std::sync::Mutex::new(Vec::new());
 
 /// `CHUNK_BYTES` of memory aligned for direct I/O, and how much of it is filled.
-struct Chunk {
-    memory: std::ptr::NonNull<u8>,
-    filled: usize,
-}
-
-// SAFETY: the chunk owns its memory; nothing else points into it.
-unsafe impl Send for Chunk {}
+struct Chunk(AlignedBuffer);
 
 impl Chunk {
-    fn layout() -> Layout {
-        Layout::from_size_align(CHUNK_BYTES, ALIGNMENT).expect("a valid layout")
-    }
-
     fn take() -> Self {
         let spare = SPARE_CHUNKS.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        spare.unwrap_or_else(|| {
-            // SAFETY: the layout has a non-zero size.
-            let memory = unsafe { std::alloc::alloc(Self::layout()) };
-            let memory = std::ptr::NonNull::new(memory)
-                .unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout()));
-            Self { memory, filled: 0 }
-        })
+        spare.unwrap_or_else(|| Chunk(AlignedBuffer::new(CHUNK_BYTES, ALIGNMENT)))
     }
 
     fn give_back(mut self) {
-        self.filled = 0;
+        self.0.clear();
         let mut spare = SPARE_CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
         if spare.len() < MAX_SPARE_CHUNKS {
             spare.push(self);
@@ -63,34 +48,16 @@ impl Chunk {
     }
 
     fn filled(&self) -> &[u8] {
-        // SAFETY: the first `filled` bytes were written by `fill`.
-        unsafe { std::slice::from_raw_parts(self.memory.as_ptr(), self.filled) }
+        self.0.filled()
     }
 
     /// Copies as much of `data` as fits; returns how much that was.
     fn fill(&mut self, data: &[u8]) -> usize {
-        let taken = data.len().min(CHUNK_BYTES - self.filled);
-        // SAFETY: `taken` bytes fit after `filled` in the allocation, and `data` is not in it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.memory.as_ptr().add(self.filled),
-                taken,
-            );
-        }
-        self.filled += taken;
-        taken
+        self.0.fill(data)
     }
 
     fn is_full(&self) -> bool {
-        self.filled == CHUNK_BYTES
-    }
-}
-
-impl Drop for Chunk {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `take` with this layout.
-        unsafe { std::alloc::dealloc(self.memory.as_ptr(), Self::layout()) }
+        self.0.is_full()
     }
 }
 
@@ -132,7 +99,7 @@ impl DirectFile {
     /// Writes what is left and waits until the file's data is on disk.
     pub(super) fn finish(mut self) -> std::io::Result<()> {
         if let Some(chunk) = self.chunk.take() {
-            let aligned = chunk.filled - chunk.filled % ALIGNMENT;
+            let aligned = chunk.filled().len() - chunk.filled().len() % ALIGNMENT;
             let (head, tail) = chunk.filled().split_at(aligned);
             let written = self.write_aligned(head).and_then(|direct| {
                 // Turned off already where the direct write was turned down.
@@ -151,7 +118,7 @@ impl DirectFile {
         let mut chunk = self.chunk.take().expect("called with a full chunk");
         match self.write_aligned(chunk.filled()) {
             Ok(true) => {
-                chunk.filled = 0;
+                chunk.0.clear();
                 self.chunk = Some(chunk);
                 Ok(())
             }
@@ -170,7 +137,7 @@ impl DirectFile {
                 self.written += aligned.len() as u64;
                 Ok(true)
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e) if refuses_direct_io(&e) => {
                 self.file.seek(SeekFrom::Start(self.written))?;
                 buffer_from_now(&self.file)?;
                 self.write_buffered(aligned)?;
@@ -195,42 +162,6 @@ impl Drop for DirectFile {
             chunk.give_back();
         }
     }
-}
-
-#[cfg(target_os = "linux")]
-fn open_direct(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_direct(_path: &Path) -> std::io::Result<File> {
-    Err(std::io::ErrorKind::Unsupported.into())
-}
-
-/// Turns direct I/O off for the rest of the file (its unaligned tail, or all of it).
-#[cfg(target_os = "linux")]
-fn buffer_from_now(file: &File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flag changes on a descriptor this file owns.
-    let changed = unsafe {
-        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_DIRECT) == 0
-    };
-    match changed {
-        true => Ok(()),
-        false => Err(std::io::Error::last_os_error()),
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn buffer_from_now(_file: &File) -> std::io::Result<()> {
-    Ok(())
 }
 
 #[cfg(test)]

@@ -387,16 +387,11 @@ async fn a_poison_shard_fails_its_export_at_the_restart_cap_and_the_queue_drains
     })
     .await;
     let client = client();
-    let response = common::kickoff(
+    let status_url = common::started(
         &client,
         &format!("{}/$export?_type=Patient,Condition", b.base),
     )
     .await;
-    assert_eq!(response.status(), 202);
-    let status_url = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
     let failed =
         common::wait_for_end(&client, &status_url, std::time::Duration::from_secs(120)).await;
     assert_eq!(failed.status(), 500, "the export fails");
@@ -686,11 +681,8 @@ async fn paging_quirks_of_other_servers_never_lose_or_duplicate_silently() {
     )
     .await;
     let c = start_remote(&cut).await;
-    let response = common::kickoff(&client, &format!("{}/$export?_type=Observation", c.base)).await;
-    let status_url = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let status_url =
+        common::started(&client, &format!("{}/$export?_type=Observation", c.base)).await;
     let answer =
         common::wait_for_end(&client, &status_url, std::time::Duration::from_secs(120)).await;
     assert_eq!(

@@ -232,16 +232,11 @@ async fn observations_through(switches: &[&str]) -> Result<BTreeSet<String>, Str
     let medplum = Medplum::start(&dataset().ndjson, switches);
     let remote = start_on(&medplum.base).await;
     let client = client();
-    let response = common::kickoff(
+    let status_url = common::started(
         &client,
         &format!("{}/$export?_type=Observation", remote.base),
     )
     .await;
-    assert_eq!(response.status(), 202);
-    let status_url = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
     let answer = common::wait_for_end(&client, &status_url, Duration::from_secs(240)).await;
     let body: Value = answer.json().await.unwrap();
     match body.get("output") {

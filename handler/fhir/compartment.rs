@@ -1,174 +1,171 @@
 //! Patient compartment membership, from the R4 Patient CompartmentDefinition.
 //!
-//! Each entry names the element paths behind the definition's search parameters; a resource is in
-//! the compartment of every patient that one of those paths references.
+//! Each entry names the element paths behind the definition's search parameters, and the
+//! parameters; a resource is in the compartment of every patient that one of those paths
+//! references.
 
 use serde_json::Value;
 
-/// (resource type, element paths) for every type in the R4 Patient compartment.
-const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
-    ("Account", &["subject"]),
-    ("AdverseEvent", &["subject"]),
-    ("AllergyIntolerance", &["patient", "recorder", "asserter"]),
-    ("Appointment", &["participant.actor"]),
-    ("AppointmentResponse", &["actor"]),
-    ("AuditEvent", &["agent.who", "entity.what"]),
-    ("Basic", &["subject", "author"]),
-    ("BodyStructure", &["patient"]),
-    ("CarePlan", &["subject", "activity.detail.performer"]),
-    ("CareTeam", &["subject", "participant.member"]),
-    ("ChargeItem", &["subject"]),
-    ("Claim", &["patient", "payee.party"]),
-    ("ClaimResponse", &["patient"]),
-    ("ClinicalImpression", &["subject"]),
-    ("Communication", &["subject", "sender", "recipient"]),
+/// (resource type, element paths, search parameters) for every type in the R4 Patient compartment.
+/// The paths decide membership here; the parameters (`Patient` adds `_id`, its own compartment) let a
+/// server that supports them find a compartment's members with a type search, many patients per
+/// request.
+const PATIENT_COMPARTMENT: &[(&str, &[&str], &[&str])] = &[
+    ("Account", &["subject"], &["subject"]),
+    ("AdverseEvent", &["subject"], &["subject"]),
+    (
+        "AllergyIntolerance",
+        &["patient", "recorder", "asserter"],
+        &["patient", "recorder", "asserter"],
+    ),
+    ("Appointment", &["participant.actor"], &["actor"]),
+    ("AppointmentResponse", &["actor"], &["actor"]),
+    ("AuditEvent", &["agent.who", "entity.what"], &["patient"]),
+    ("Basic", &["subject", "author"], &["patient", "author"]),
+    ("BodyStructure", &["patient"], &["patient"]),
+    (
+        "CarePlan",
+        &["subject", "activity.detail.performer"],
+        &["patient", "performer"],
+    ),
+    (
+        "CareTeam",
+        &["subject", "participant.member"],
+        &["patient", "participant"],
+    ),
+    ("ChargeItem", &["subject"], &["subject"]),
+    ("Claim", &["patient", "payee.party"], &["patient", "payee"]),
+    ("ClaimResponse", &["patient"], &["patient"]),
+    ("ClinicalImpression", &["subject"], &["subject"]),
+    (
+        "Communication",
+        &["subject", "sender", "recipient"],
+        &["subject", "sender", "recipient"],
+    ),
     (
         "CommunicationRequest",
         &["subject", "sender", "recipient", "requester"],
+        &["subject", "sender", "recipient", "requester"],
     ),
-    ("Composition", &["subject", "author", "attester.party"]),
-    ("Condition", &["subject", "asserter"]),
-    ("Consent", &["patient"]),
+    (
+        "Composition",
+        &["subject", "author", "attester.party"],
+        &["subject", "author", "attester"],
+    ),
+    (
+        "Condition",
+        &["subject", "asserter"],
+        &["patient", "asserter"],
+    ),
+    ("Consent", &["patient"], &["patient"]),
     (
         "Coverage",
         &["policyHolder", "subscriber", "beneficiary", "payor"],
-    ),
-    ("CoverageEligibilityRequest", &["patient"]),
-    ("CoverageEligibilityResponse", &["patient"]),
-    ("DetectedIssue", &["patient"]),
-    ("DeviceRequest", &["subject", "performer"]),
-    ("DeviceUseStatement", &["subject"]),
-    ("DiagnosticReport", &["subject"]),
-    ("DocumentManifest", &["subject", "author", "recipient"]),
-    ("DocumentReference", &["subject", "author"]),
-    ("Encounter", &["subject"]),
-    ("EnrollmentRequest", &["candidate"]),
-    ("EpisodeOfCare", &["patient"]),
-    ("ExplanationOfBenefit", &["patient", "payee.party"]),
-    ("FamilyMemberHistory", &["patient"]),
-    ("Flag", &["subject"]),
-    ("Goal", &["subject"]),
-    ("Group", &["member.entity"]),
-    ("ImagingStudy", &["subject"]),
-    ("Immunization", &["patient"]),
-    ("ImmunizationEvaluation", &["patient"]),
-    ("ImmunizationRecommendation", &["patient"]),
-    ("Invoice", &["subject", "recipient"]),
-    ("List", &["subject", "source"]),
-    ("MeasureReport", &["subject"]),
-    ("Media", &["subject"]),
-    ("MedicationAdministration", &["subject", "performer.actor"]),
-    ("MedicationDispense", &["subject", "receiver"]),
-    ("MedicationRequest", &["subject"]),
-    ("MedicationStatement", &["subject"]),
-    ("MolecularSequence", &["patient"]),
-    ("NutritionOrder", &["patient"]),
-    ("Observation", &["subject", "performer"]),
-    ("Patient", &["link.other"]),
-    ("Person", &["link.target"]),
-    ("Procedure", &["subject", "performer.actor"]),
-    ("Provenance", &["target"]),
-    ("QuestionnaireResponse", &["subject", "author"]),
-    ("RelatedPerson", &["patient"]),
-    ("RequestGroup", &["subject", "action.participant"]),
-    ("ResearchSubject", &["individual"]),
-    ("RiskAssessment", &["subject"]),
-    ("Schedule", &["actor"]),
-    ("ServiceRequest", &["subject", "performer"]),
-    ("Specimen", &["subject"]),
-    ("SupplyDelivery", &["patient"]),
-    ("SupplyRequest", &["requester"]),
-    ("VisionPrescription", &["patient"]),
-];
-
-/// The search parameters of the R4 Patient CompartmentDefinition per type (`Patient` adds `_id`,
-/// its own compartment): a server that supports them finds a compartment's members with a type
-/// search, many patients per request.
-const PATIENT_COMPARTMENT_PARAMS: &[(&str, &[&str])] = &[
-    ("Account", &["subject"]),
-    ("AdverseEvent", &["subject"]),
-    ("AllergyIntolerance", &["patient", "recorder", "asserter"]),
-    ("Appointment", &["actor"]),
-    ("AppointmentResponse", &["actor"]),
-    ("AuditEvent", &["patient"]),
-    ("Basic", &["patient", "author"]),
-    ("BodyStructure", &["patient"]),
-    ("CarePlan", &["patient", "performer"]),
-    ("CareTeam", &["patient", "participant"]),
-    ("ChargeItem", &["subject"]),
-    ("Claim", &["patient", "payee"]),
-    ("ClaimResponse", &["patient"]),
-    ("ClinicalImpression", &["subject"]),
-    ("Communication", &["subject", "sender", "recipient"]),
-    (
-        "CommunicationRequest",
-        &["subject", "sender", "recipient", "requester"],
-    ),
-    ("Composition", &["subject", "author", "attester"]),
-    ("Condition", &["patient", "asserter"]),
-    ("Consent", &["patient"]),
-    (
-        "Coverage",
         &["policy-holder", "subscriber", "beneficiary", "payor"],
     ),
-    ("CoverageEligibilityRequest", &["patient"]),
-    ("CoverageEligibilityResponse", &["patient"]),
-    ("DetectedIssue", &["patient"]),
-    ("DeviceRequest", &["subject", "performer"]),
-    ("DeviceUseStatement", &["subject"]),
-    ("DiagnosticReport", &["subject"]),
-    ("DocumentManifest", &["subject", "author", "recipient"]),
-    ("DocumentReference", &["subject", "author"]),
-    ("Encounter", &["subject"]),
-    ("EnrollmentRequest", &["subject"]),
-    ("EpisodeOfCare", &["patient"]),
-    ("ExplanationOfBenefit", &["patient", "payee"]),
-    ("FamilyMemberHistory", &["patient"]),
-    ("Flag", &["patient"]),
-    ("Goal", &["patient"]),
-    ("Group", &["member"]),
-    ("ImagingStudy", &["patient"]),
-    ("Immunization", &["patient"]),
-    ("ImmunizationEvaluation", &["patient"]),
-    ("ImmunizationRecommendation", &["patient"]),
-    ("Invoice", &["subject", "patient", "recipient"]),
-    ("List", &["subject", "source"]),
-    ("MeasureReport", &["patient"]),
-    ("Media", &["subject"]),
+    ("CoverageEligibilityRequest", &["patient"], &["patient"]),
+    ("CoverageEligibilityResponse", &["patient"], &["patient"]),
+    ("DetectedIssue", &["patient"], &["patient"]),
+    (
+        "DeviceRequest",
+        &["subject", "performer"],
+        &["subject", "performer"],
+    ),
+    ("DeviceUseStatement", &["subject"], &["subject"]),
+    ("DiagnosticReport", &["subject"], &["subject"]),
+    (
+        "DocumentManifest",
+        &["subject", "author", "recipient"],
+        &["subject", "author", "recipient"],
+    ),
+    (
+        "DocumentReference",
+        &["subject", "author"],
+        &["subject", "author"],
+    ),
+    ("Encounter", &["subject"], &["subject"]),
+    ("EnrollmentRequest", &["candidate"], &["subject"]),
+    ("EpisodeOfCare", &["patient"], &["patient"]),
+    (
+        "ExplanationOfBenefit",
+        &["patient", "payee.party"],
+        &["patient", "payee"],
+    ),
+    ("FamilyMemberHistory", &["patient"], &["patient"]),
+    ("Flag", &["subject"], &["patient"]),
+    ("Goal", &["subject"], &["patient"]),
+    ("Group", &["member.entity"], &["member"]),
+    ("ImagingStudy", &["subject"], &["patient"]),
+    ("Immunization", &["patient"], &["patient"]),
+    ("ImmunizationEvaluation", &["patient"], &["patient"]),
+    ("ImmunizationRecommendation", &["patient"], &["patient"]),
+    (
+        "Invoice",
+        &["subject", "recipient"],
+        &["subject", "patient", "recipient"],
+    ),
+    ("List", &["subject", "source"], &["subject", "source"]),
+    ("MeasureReport", &["subject"], &["patient"]),
+    ("Media", &["subject"], &["subject"]),
     (
         "MedicationAdministration",
+        &["subject", "performer.actor"],
         &["patient", "performer", "subject"],
     ),
-    ("MedicationDispense", &["subject", "patient", "receiver"]),
-    ("MedicationRequest", &["subject"]),
-    ("MedicationStatement", &["subject"]),
-    ("MolecularSequence", &["patient"]),
-    ("NutritionOrder", &["patient"]),
-    ("Observation", &["subject", "performer"]),
-    ("Patient", &["_id", "link"]),
-    ("Person", &["patient"]),
-    ("Procedure", &["patient", "performer"]),
-    ("Provenance", &["patient"]),
-    ("QuestionnaireResponse", &["subject", "author"]),
-    ("RelatedPerson", &["patient"]),
-    ("RequestGroup", &["subject", "participant"]),
-    ("ResearchSubject", &["individual"]),
-    ("RiskAssessment", &["subject"]),
-    ("Schedule", &["actor"]),
-    ("ServiceRequest", &["subject", "performer"]),
-    ("Specimen", &["subject"]),
-    ("SupplyDelivery", &["patient"]),
-    ("SupplyRequest", &["subject"]),
-    ("VisionPrescription", &["patient"]),
+    (
+        "MedicationDispense",
+        &["subject", "receiver"],
+        &["subject", "patient", "receiver"],
+    ),
+    ("MedicationRequest", &["subject"], &["subject"]),
+    ("MedicationStatement", &["subject"], &["subject"]),
+    ("MolecularSequence", &["patient"], &["patient"]),
+    ("NutritionOrder", &["patient"], &["patient"]),
+    (
+        "Observation",
+        &["subject", "performer"],
+        &["subject", "performer"],
+    ),
+    ("Patient", &["link.other"], &["_id", "link"]),
+    ("Person", &["link.target"], &["patient"]),
+    (
+        "Procedure",
+        &["subject", "performer.actor"],
+        &["patient", "performer"],
+    ),
+    ("Provenance", &["target"], &["patient"]),
+    (
+        "QuestionnaireResponse",
+        &["subject", "author"],
+        &["subject", "author"],
+    ),
+    ("RelatedPerson", &["patient"], &["patient"]),
+    (
+        "RequestGroup",
+        &["subject", "action.participant"],
+        &["subject", "participant"],
+    ),
+    ("ResearchSubject", &["individual"], &["individual"]),
+    ("RiskAssessment", &["subject"], &["subject"]),
+    ("Schedule", &["actor"], &["actor"]),
+    (
+        "ServiceRequest",
+        &["subject", "performer"],
+        &["subject", "performer"],
+    ),
+    ("Specimen", &["subject"], &["subject"]),
+    ("SupplyDelivery", &["patient"], &["patient"]),
+    ("SupplyRequest", &["requester"], &["subject"]),
+    ("VisionPrescription", &["patient"], &["patient"]),
 ];
 
 /// The search parameters that find a type's members of a patient compartment (`_id` takes a bare
 /// id, the others a `Patient/{id}` reference); empty for a type outside the compartment.
 pub fn compartment_search_params(resource_type: &str) -> &'static [&'static str] {
-    PATIENT_COMPARTMENT_PARAMS
+    PATIENT_COMPARTMENT
         .iter()
-        .find(|(name, _)| *name == resource_type)
-        .map(|(_, params)| *params)
+        .find(|(name, _, _)| *name == resource_type)
+        .map(|(_, _, params)| *params)
         .unwrap_or_default()
 }
 
@@ -179,8 +176,8 @@ pub fn in_patient_compartment_definition(resource_type: &str) -> bool {
 fn paths_for(resource_type: &str) -> Option<&'static [&'static str]> {
     PATIENT_COMPARTMENT
         .iter()
-        .find(|(name, _)| *name == resource_type)
-        .map(|(_, paths)| *paths)
+        .find(|(name, _, _)| *name == resource_type)
+        .map(|(_, paths, _)| *paths)
 }
 
 /// The top-level elements `patient_ids` reads for a type (the first step of each path).
@@ -294,7 +291,7 @@ mod tests {
 
     #[test]
     fn every_compartment_type_has_search_params() {
-        for (resource_type, _) in PATIENT_COMPARTMENT {
+        for (resource_type, _, _) in PATIENT_COMPARTMENT {
             assert!(
                 !compartment_search_params(resource_type).is_empty(),
                 "{resource_type}"
@@ -304,7 +301,7 @@ mod tests {
 
     #[test]
     fn every_element_read_may_name_a_patient() {
-        for (resource_type, _) in PATIENT_COMPARTMENT {
+        for (resource_type, _, _) in PATIENT_COMPARTMENT {
             for element in elements_read(resource_type) {
                 assert!(may_name_a_patient(element), "{resource_type}.{element}");
             }

@@ -16,7 +16,7 @@ use fhir_export::app::{serve_local, App};
 use fhir_export::config::{Settings, SourceSetting, StorageSetting};
 use fhir_export::jobs::JobStore;
 use fhir_export::queue::InProcessQueue;
-use fhir_export::source::remote::RemoteAuth;
+use fhir_export::source::remote::{RemoteAuth, RequestStats};
 use fhir_export::source::{import, EmbeddedStore, RemoteServer, ResourceSource};
 use fhir_export::storage::{LocalFolder, ObjectStore};
 use serde_json::Value;
@@ -130,6 +130,26 @@ impl Drop for Medplum {
     }
 }
 
+/// One source's row: resources, seconds, rate, requests; then where its time went.
+fn report(
+    name: &str,
+    (resources, seconds, kickoff): (u64, f64, f64),
+    before: RequestStats,
+    after: RequestStats,
+) {
+    let requests = after.requests - before.requests;
+    let waiting = (after.waiting - before.waiting).as_secs_f64();
+    println!(
+        "{name:<12} {resources:>10}  {seconds:>7.2}  {:>11.0}  {requests:>8} ({} retries)",
+        resources as f64 / seconds,
+        after.retries - before.retries,
+    );
+    println!(
+        "  its time: kickoff (planning) {kickoff:.2} s; {waiting:.2} s waiting on the source (summed over requests, {:.1} ms each)",
+        waiting * 1000.0 / requests.max(1) as f64,
+    );
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -173,19 +193,9 @@ fn main() {
         let (remote_s, remote_n, remote_kickoff) = time_export(&client, &b_base).await;
         let after = remote.request_stats();
         assert_eq!(local_n, remote_n, "the remote export must hold the same resources");
-        let requests = after.requests - before.requests;
-        let waiting = (after.waiting - before.waiting).as_secs_f64();
-        println!("source        resources  seconds  resources/s  requests");
+        println!("source        resources  seconds  resources/s  requests (shards of at most {shard_max})");
         println!("embedded     {local_n:>10}  {local_s:>7.2}  {:>11.0}         -", local_n as f64 / local_s);
-        println!(
-            "remote REST  {remote_n:>10}  {remote_s:>7.2}  {:>11.0}  {requests:>8} ({} retries; shards of at most {shard_max})",
-            remote_n as f64 / remote_s,
-            after.retries - before.retries,
-        );
-        println!(
-            "  its time: kickoff (planning) {remote_kickoff:.2} s; {waiting:.2} s waiting on the source server (summed over requests, {:.1} ms each)",
-            waiting * 1000.0 / requests.max(1) as f64,
-        );
+        report("remote REST", (remote_n, remote_s, remote_kickoff), before, after);
 
         // The same export read from Medplum's FHIR router (tests/medplum), loaded with A's export.
         let Some(medplum) = Medplum::start(&scratch.path().join("a"), &scratch.path().join("medplum-data")) else {
@@ -205,16 +215,6 @@ fn main() {
         let (medplum_s, medplum_n, medplum_kickoff) = time_export(&client, &c_base).await;
         let after = from_medplum.request_stats();
         assert_eq!(local_n, medplum_n, "the export from Medplum must hold the same resources");
-        let requests = after.requests - before.requests;
-        let waiting = (after.waiting - before.waiting).as_secs_f64();
-        println!(
-            "Medplum      {medplum_n:>10}  {medplum_s:>7.2}  {:>11.0}  {requests:>8} ({} retries)",
-            medplum_n as f64 / medplum_s,
-            after.retries - before.retries,
-        );
-        println!(
-            "  its time: kickoff (planning) {medplum_kickoff:.2} s; {waiting:.2} s waiting on Medplum (summed over requests, {:.1} ms each)",
-            waiting * 1000.0 / requests.max(1) as f64,
-        );
+        report("Medplum", (medplum_n, medplum_s, medplum_kickoff), before, after);
     });
 }

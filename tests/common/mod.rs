@@ -239,6 +239,16 @@ pub async fn kickoff(client: &reqwest::Client, url: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// Kicks off `url` and returns its status URL (the kickoff must be accepted).
+pub async fn started(client: &reqwest::Client, url: &str) -> String {
+    let response = kickoff(client, url).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Polls a status URL until the export completes; returns the manifest.
 pub async fn wait_for_manifest(client: &reqwest::Client, status_url: &str) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(300);

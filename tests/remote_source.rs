@@ -45,24 +45,6 @@ async fn exported(client: &reqwest::Client, url: &str) -> BTreeMap<String, Vec<S
     contents(client, &export(client, url).await).await
 }
 
-async fn post_export(client: &reqwest::Client, url: &str, parameters: Value) -> Value {
-    let response = client
-        .post(url)
-        .header("Accept", "application/fhir+json")
-        .header("Prefer", "respond-async")
-        .header("Content-Type", "application/fhir+json")
-        .body(parameters.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-    let location = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    common::wait_for_manifest(client, &location).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_through_the_remote_source_equal_exports_from_the_store() {
     let a = start(&common::sample_store(), |_| {}).await;
@@ -116,7 +98,7 @@ async fn exports_through_the_remote_source_equal_exports_from_the_store() {
     let body = json!({"resourceType": "Parameters", "parameter": parameter});
     let from_store = contents(
         &client,
-        &post_export(
+        &common::post_export(
             &client,
             &format!("{}/Patient/$export", a.base),
             body.clone(),
@@ -126,7 +108,7 @@ async fn exports_through_the_remote_source_equal_exports_from_the_store() {
     .await;
     let from_remote = contents(
         &client,
-        &post_export(&client, &format!("{}/Patient/$export", b.base), body).await,
+        &common::post_export(&client, &format!("{}/Patient/$export", b.base), body).await,
     )
     .await;
     assert_eq!(from_store["Patient"].len(), 2);

@@ -126,25 +126,10 @@ async fn ids(client: &reqwest::Client, manifest: &Value) -> BTreeMap<String, BTr
 
 /// Kicks off (GET, or POST with `parameters`) and waits for the manifest.
 async fn run(client: &reqwest::Client, url: &str, parameters: Option<&Value>) -> Value {
-    let request = match parameters {
-        None => client.get(url),
-        Some(parameters) => client
-            .post(url)
-            .header("Content-Type", "application/fhir+json")
-            .body(parameters.to_string()),
-    };
-    let response = request
-        .header("Accept", "application/fhir+json")
-        .header("Prefer", "respond-async")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-    let location = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    common::wait_for_manifest(client, &location).await
+    match parameters {
+        None => common::export(client, url).await,
+        Some(parameters) => common::post_export(client, url, parameters.clone()).await,
+    }
 }
 
 fn total(ids: &BTreeMap<String, BTreeSet<String>>) -> usize {

@@ -239,14 +239,33 @@ pub async fn kickoff(client: &reqwest::Client, url: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// Kicks off `url` by POST with a `Parameters` body and waits for the manifest.
+pub async fn post_export(client: &reqwest::Client, url: &str, parameters: Value) -> Value {
+    let response = client
+        .post(url)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .header("Content-Type", "application/fhir+json")
+        .body(parameters.to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_for_manifest(client, &accepted(response).await).await
+}
+
 /// Kicks off `url` and returns its status URL (the kickoff must be accepted).
 pub async fn started(client: &reqwest::Client, url: &str) -> String {
-    let response = kickoff(client, url).await;
+    accepted(kickoff(client, url).await).await
+}
+
+/// The status URL of a kickoff answer, which must be 202.
+async fn accepted(response: reqwest::Response) -> String {
+    let location = response
+        .headers()
+        .get("content-location")
+        .map(|l| l.to_str().unwrap().to_string());
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-    response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string()
+    location.unwrap()
 }
 
 /// Polls a status URL until the export completes; returns the manifest.
@@ -304,12 +323,7 @@ pub async fn notes_text(client: &reqwest::Client, manifest: &Value) -> String {
 /// Kicks off `url` and waits for the manifest.
 pub async fn export(client: &reqwest::Client, url: &str) -> Value {
     let response = kickoff(client, url).await;
-    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
-    let location = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    wait_for_manifest(client, &location).await
+    wait_for_manifest(client, &accepted(response).await).await
 }
 
 /// Downloads every output file: (type, url, lines).

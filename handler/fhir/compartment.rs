@@ -162,11 +162,21 @@ const PATIENT_COMPARTMENT: &[(&str, &[&str], &[&str])] = &[
 /// The search parameters that find a type's members of a patient compartment (`_id` takes a bare
 /// id, the others a `Patient/{id}` reference); empty for a type outside the compartment.
 pub fn compartment_search_params(resource_type: &str) -> &'static [&'static str] {
+    entry(resource_type)
+        .map(|(_, _, params)| *params)
+        .unwrap_or_default()
+}
+
+type Entry = (
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+fn entry(resource_type: &str) -> Option<&'static Entry> {
     PATIENT_COMPARTMENT
         .iter()
         .find(|(name, _, _)| *name == resource_type)
-        .map(|(_, _, params)| *params)
-        .unwrap_or_default()
 }
 
 pub fn in_patient_compartment_definition(resource_type: &str) -> bool {
@@ -174,10 +184,7 @@ pub fn in_patient_compartment_definition(resource_type: &str) -> bool {
 }
 
 fn paths_for(resource_type: &str) -> Option<&'static [&'static str]> {
-    PATIENT_COMPARTMENT
-        .iter()
-        .find(|(name, _, _)| *name == resource_type)
-        .map(|(_, paths, _)| *paths)
+    entry(resource_type).map(|(_, paths, _)| *paths)
 }
 
 /// The top-level elements `patient_ids` reads for a type (the first step of each path).

@@ -214,13 +214,20 @@ impl Window {
 }
 
 impl Search {
+    /// The search with its window, before the paging or counting parameters.
+    fn windowed(&self, window: &Window) -> String {
+        let separator = if self.criteria.is_empty() { "" } else { "&" };
+        format!(
+            "{}?{}{separator}{}",
+            self.target,
+            self.criteria,
+            window.params()
+        )
+    }
+
     /// The first page's URL; `sort`: a `_sort` value, or empty for none.
-    fn url(&self, window: &Window, page_size: usize, sort: &str) -> String {
-        let mut url = format!("{}&_count={page_size}", self.count_url(window)).replacen(
-            "&_summary=count",
-            "",
-            1,
-        );
+    fn url(&self, window: &Window, sort: &str) -> String {
+        let mut url = format!("{}&_count={PAGE_SIZE}", self.windowed(window));
         if !sort.is_empty() {
             url.push_str("&_sort=");
             url.push_str(sort);
@@ -229,13 +236,7 @@ impl Search {
     }
 
     fn count_url(&self, window: &Window) -> String {
-        let separator = if self.criteria.is_empty() { "" } else { "&" };
-        format!(
-            "{}?{}{separator}{}&_summary=count",
-            self.target,
-            self.criteria,
-            window.params()
-        )
+        format!("{}&_summary=count", self.windowed(window))
     }
 }
 
@@ -837,7 +838,7 @@ impl RemoteServer {
                 streak = None;
             }
             tracing::warn!(
-                search = %search.url(&window, PAGE_SIZE, ""),
+                search = %search.url(&window, ""),
                 before, after, seen = seen_in_pass, pass,
                 "FHIR source: the search changed or skipped resources while paged; reading it again"
             );
@@ -846,7 +847,7 @@ impl RemoteServer {
         let (before, after, seen) = last;
         Err(SourceError::Remote(format!(
             "{}: the pages were incomplete in each of {MAX_PASSES} reads (last: {before} counted before, {after} after, {seen} seen); the server's results keep changing, or its pages skip resources (a last page without a next link, an unstable order)",
-            search.url(&window, PAGE_SIZE, "")
+            search.url(&window, "")
         ))
         .into())
     }
@@ -865,7 +866,7 @@ impl RemoteServer {
             let why = refusal.map(|e| format!(": {e}")).unwrap_or_default();
             return Err(SourceError::Remote(format!(
                 "{}: more resources share one lastUpdated instant than the server pages in one search ({limit}){why}",
-                search.url(&window, PAGE_SIZE, "")
+                search.url(&window, "")
             ))
             .into());
         };
@@ -888,7 +889,7 @@ impl RemoteServer {
     ) -> Result<Read, ScanError> {
         let inner = &self.0;
         let mut seen: HashSet<String> = HashSet::new();
-        let first = |sort: usize| search.url(window, PAGE_SIZE, SORTS[sort]);
+        let first = |sort: usize| search.url(window, SORTS[sort]);
         let mut sort = inner.sort.load(Ordering::Relaxed);
         let mut pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first(sort))));
         let mut first_page = true;

@@ -136,13 +136,6 @@ pub fn default_workers() -> usize {
         .unwrap_or(2)
 }
 
-impl Settings {
-    /// How often a running shard refreshes its heartbeat: a tenth of the stale limit, 0.1 s to 60 s.
-    pub fn heartbeat_every(&self) -> Duration {
-        (self.stale_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
-    }
-}
-
 /// `FHIR_SOURCE`: `sqlite:PATH` (a bare path means the same), or a FHIR server's `http(s)://` base URL.
 pub fn parse_source(value: &str) -> Result<SourceSetting, SettingError> {
     let path = value.strip_prefix("sqlite:").unwrap_or(value);

@@ -172,13 +172,6 @@ pub fn write_ndjson(patients: usize, seed: u64, folder: &Path) -> std::io::Resul
         files: BTreeMap::new(),
         summary: Summary::default(),
     };
-    let epoch = Utc
-        .with_ymd_and_hms(2015, 1, 1, 0, 0, 0)
-        .single()
-        .expect("valid date");
-    let span_days = 365 * 10;
-    let updated = |rng: &mut StdRng| json!({"lastUpdated": instant(epoch + Duration::minutes(rng.random_range(0..span_days * 24 * 60)))});
-
     for n in 0..ORGANIZATIONS {
         let meta = updated(&mut rng);
         out.write(
@@ -197,104 +190,7 @@ pub fn write_ndjson(patients: usize, seed: u64, folder: &Path) -> std::io::Resul
         )?;
     }
     for p in 0..patients {
-        let patient_id = format!("pat-{seed}-{p}");
-        let patient_ref = json!({"reference": format!("Patient/{patient_id}")});
-        let birth = Utc
-            .with_ymd_and_hms(
-                rng.random_range(1930..2020),
-                rng.random_range(1..=12),
-                rng.random_range(1..=28),
-                0,
-                0,
-                0,
-            )
-            .single()
-            .expect("valid date");
-        let meta = updated(&mut rng);
-        let (given, family) = (*pick(&mut rng, GIVEN), *pick(&mut rng, FAMILY));
-        out.write("Patient", &json!({"resourceType": "Patient", "id": patient_id, "meta": meta,
-            "name": [{"use": "official", "family": family, "given": [given]}],
-            "gender": if rng.random_bool(0.5) { "female" } else { "male" },
-            "birthDate": birth.format("%Y-%m-%d").to_string(),
-            "managingOrganization": {"reference": format!("Organization/org-{}", rng.random_range(0..ORGANIZATIONS))}}))?;
-
-        if rng.random_bool(0.3) {
-            let (code, display) = *pick(&mut rng, ALLERGIES);
-            let meta = updated(&mut rng);
-            out.write("AllergyIntolerance", &json!({"resourceType": "AllergyIntolerance", "id": format!("{patient_id}-allergy"),
-                "meta": meta, "patient": patient_ref, "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]}}))?;
-        }
-        for e in 0..rng.random_range(2..8usize) {
-            let encounter_id = format!("{patient_id}-enc-{e}");
-            let encounter_ref = json!({"reference": format!("Encounter/{encounter_id}")});
-            let start =
-                birth + Duration::days(rng.random_range(0..(Utc::now() - birth).num_days().max(1)));
-            let practitioner = json!({"reference": format!("Practitioner/pract-{}", rng.random_range(0..PRACTITIONERS))});
-            let organization = json!({"reference": format!("Organization/org-{}", rng.random_range(0..ORGANIZATIONS))});
-            let meta = updated(&mut rng);
-            out.write("Encounter", &json!({"resourceType": "Encounter", "id": encounter_id, "meta": meta, "status": "finished",
-                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-                "subject": patient_ref, "participant": [{"individual": practitioner}], "serviceProvider": organization,
-                "period": {"start": instant(start), "end": instant(start + Duration::minutes(30))}}))?;
-            for o in 0..rng.random_range(2..6usize) {
-                let (code, display, unit, low, high, category) = *pick(&mut rng, OBSERVATIONS);
-                let value = (rng.random_range(low..high) * 10.0_f64).round() / 10.0;
-                let meta = updated(&mut rng);
-                out.write("Observation", &json!({"resourceType": "Observation", "id": format!("{encounter_id}-obs-{o}"), "meta": meta,
-                    "status": "final",
-                    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
-                    "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}]},
-                    "subject": patient_ref, "encounter": encounter_ref, "performer": [practitioner],
-                    "effectiveDateTime": instant(start), "issued": instant(start),
-                    "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}}))?;
-            }
-            if rng.random_bool(0.3) {
-                let (code, display) = *pick(&mut rng, CONDITIONS);
-                let meta = updated(&mut rng);
-                out.write("Condition", &json!({"resourceType": "Condition", "id": format!("{encounter_id}-cond"), "meta": meta,
-                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]},
-                    "subject": patient_ref, "encounter": encounter_ref, "onsetDateTime": instant(start)}))?;
-            }
-            if rng.random_bool(0.4) {
-                let (code, display) = *pick(&mut rng, MEDICATIONS);
-                let meta = updated(&mut rng);
-                out.write("MedicationRequest", &json!({"resourceType": "MedicationRequest", "id": format!("{encounter_id}-med"), "meta": meta,
-                    "status": "active", "intent": "order",
-                    "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": code, "display": display}]},
-                    "subject": patient_ref, "encounter": encounter_ref, "requester": practitioner, "authoredOn": instant(start)}))?;
-            }
-            if rng.random_bool(0.3) {
-                let (code, display) = *pick(&mut rng, PROCEDURES);
-                let meta = updated(&mut rng);
-                out.write("Procedure", &json!({"resourceType": "Procedure", "id": format!("{encounter_id}-proc"), "meta": meta,
-                    "status": "completed", "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]},
-                    "subject": patient_ref, "encounter": encounter_ref, "performedDateTime": instant(start)}))?;
-            }
-            if rng.random_bool(0.2) {
-                let (code, display) = *pick(&mut rng, VACCINES);
-                let meta = updated(&mut rng);
-                out.write("Immunization", &json!({"resourceType": "Immunization", "id": format!("{encounter_id}-imm"), "meta": meta,
-                    "status": "completed", "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": code, "display": display}]},
-                    "patient": patient_ref, "encounter": encounter_ref, "occurrenceDateTime": instant(start)}))?;
-            }
-            let total = (rng.random_range(50.0..900.0_f64) * 100.0).round() / 100.0;
-            let claim_id = format!("{encounter_id}-claim");
-            let meta = updated(&mut rng);
-            out.write("Claim", &json!({"resourceType": "Claim", "id": claim_id, "meta": meta, "status": "active",
-                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
-                "use": "claim", "patient": patient_ref, "created": instant(start), "provider": organization,
-                "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]},
-                "insurance": [{"sequence": 1, "focal": true, "coverage": {"display": "Self-pay"}}],
-                "item": [{"sequence": 1, "productOrService": {"text": "Encounter"}, "encounter": [encounter_ref]}],
-                "total": {"value": total, "currency": "USD"}}))?;
-            let meta = updated(&mut rng);
-            out.write("ExplanationOfBenefit", &json!({"resourceType": "ExplanationOfBenefit", "id": format!("{encounter_id}-eob"), "meta": meta,
-                "status": "active", "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
-                "use": "claim", "patient": patient_ref, "created": instant(start), "insurer": {"display": "Self-pay"},
-                "provider": organization, "claim": {"reference": format!("Claim/{claim_id}")}, "outcome": "complete",
-                "insurance": [{"focal": true, "coverage": {"display": "Self-pay"}}],
-                "total": [{"category": {"coding": [{"code": "submitted"}]}, "amount": {"value": total, "currency": "USD"}}]}))?;
-        }
+        write_patient(&mut rng, &mut out, seed, p)?;
     }
     for (g, members) in (0..patients)
         .collect::<Vec<_>>()
@@ -313,4 +209,137 @@ pub fn write_ndjson(patients: usize, seed: u64, folder: &Path) -> std::io::Resul
         file.flush()?;
     }
     Ok(out.summary)
+}
+
+/// `meta` with a `lastUpdated` somewhere in 2015-2024.
+fn updated(rng: &mut StdRng) -> Value {
+    let epoch = Utc
+        .with_ymd_and_hms(2015, 1, 1, 0, 0, 0)
+        .single()
+        .expect("valid date");
+    let span_minutes = 365 * 10 * 24 * 60;
+    json!({"lastUpdated": instant(epoch + Duration::minutes(rng.random_range(0..span_minutes)))})
+}
+
+/// One patient, perhaps an allergy, and 2-7 encounters with what happened in them.
+fn write_patient(
+    rng: &mut StdRng,
+    out: &mut Writers<'_>,
+    seed: u64,
+    p: usize,
+) -> std::io::Result<()> {
+    let patient_id = format!("pat-{seed}-{p}");
+    let patient_ref = json!({"reference": format!("Patient/{patient_id}")});
+    let birth = Utc
+        .with_ymd_and_hms(
+            rng.random_range(1930..2020),
+            rng.random_range(1..=12),
+            rng.random_range(1..=28),
+            0,
+            0,
+            0,
+        )
+        .single()
+        .expect("valid date");
+    let meta = updated(rng);
+    let (given, family) = (*pick(rng, GIVEN), *pick(rng, FAMILY));
+    out.write("Patient", &json!({"resourceType": "Patient", "id": patient_id, "meta": meta,
+        "name": [{"use": "official", "family": family, "given": [given]}],
+        "gender": if rng.random_bool(0.5) { "female" } else { "male" },
+        "birthDate": birth.format("%Y-%m-%d").to_string(),
+        "managingOrganization": {"reference": format!("Organization/org-{}", rng.random_range(0..ORGANIZATIONS))}}))?;
+
+    if rng.random_bool(0.3) {
+        let (code, display) = *pick(rng, ALLERGIES);
+        let meta = updated(rng);
+        out.write("AllergyIntolerance", &json!({"resourceType": "AllergyIntolerance", "id": format!("{patient_id}-allergy"),
+            "meta": meta, "patient": patient_ref, "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]}}))?;
+    }
+    for e in 0..rng.random_range(2..8usize) {
+        write_encounter(rng, out, &patient_id, &patient_ref, birth, e)?;
+    }
+    Ok(())
+}
+
+/// One encounter: observations, perhaps a condition, medication, procedure and immunization, a
+/// claim and its explanation of benefit.
+fn write_encounter(
+    rng: &mut StdRng,
+    out: &mut Writers<'_>,
+    patient_id: &str,
+    patient_ref: &Value,
+    birth: DateTime<Utc>,
+    e: usize,
+) -> std::io::Result<()> {
+    let encounter_id = format!("{patient_id}-enc-{e}");
+    let encounter_ref = json!({"reference": format!("Encounter/{encounter_id}")});
+    let start = birth + Duration::days(rng.random_range(0..(Utc::now() - birth).num_days().max(1)));
+    let practitioner =
+        json!({"reference": format!("Practitioner/pract-{}", rng.random_range(0..PRACTITIONERS))});
+    let organization =
+        json!({"reference": format!("Organization/org-{}", rng.random_range(0..ORGANIZATIONS))});
+    let meta = updated(rng);
+    out.write("Encounter", &json!({"resourceType": "Encounter", "id": encounter_id, "meta": meta, "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": patient_ref, "participant": [{"individual": practitioner}], "serviceProvider": organization,
+        "period": {"start": instant(start), "end": instant(start + Duration::minutes(30))}}))?;
+    for o in 0..rng.random_range(2..6usize) {
+        let (code, display, unit, low, high, category) = *pick(rng, OBSERVATIONS);
+        let value = (rng.random_range(low..high) * 10.0_f64).round() / 10.0;
+        let meta = updated(rng);
+        out.write("Observation", &json!({"resourceType": "Observation", "id": format!("{encounter_id}-obs-{o}"), "meta": meta,
+            "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}]},
+            "subject": patient_ref, "encounter": encounter_ref, "performer": [practitioner],
+            "effectiveDateTime": instant(start), "issued": instant(start),
+            "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}}))?;
+    }
+    if rng.random_bool(0.3) {
+        let (code, display) = *pick(rng, CONDITIONS);
+        let meta = updated(rng);
+        out.write("Condition", &json!({"resourceType": "Condition", "id": format!("{encounter_id}-cond"), "meta": meta,
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]},
+            "subject": patient_ref, "encounter": encounter_ref, "onsetDateTime": instant(start)}))?;
+    }
+    if rng.random_bool(0.4) {
+        let (code, display) = *pick(rng, MEDICATIONS);
+        let meta = updated(rng);
+        out.write("MedicationRequest", &json!({"resourceType": "MedicationRequest", "id": format!("{encounter_id}-med"), "meta": meta,
+            "status": "active", "intent": "order",
+            "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": code, "display": display}]},
+            "subject": patient_ref, "encounter": encounter_ref, "requester": practitioner, "authoredOn": instant(start)}))?;
+    }
+    if rng.random_bool(0.3) {
+        let (code, display) = *pick(rng, PROCEDURES);
+        let meta = updated(rng);
+        out.write("Procedure", &json!({"resourceType": "Procedure", "id": format!("{encounter_id}-proc"), "meta": meta,
+            "status": "completed", "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]},
+            "subject": patient_ref, "encounter": encounter_ref, "performedDateTime": instant(start)}))?;
+    }
+    if rng.random_bool(0.2) {
+        let (code, display) = *pick(rng, VACCINES);
+        let meta = updated(rng);
+        out.write("Immunization", &json!({"resourceType": "Immunization", "id": format!("{encounter_id}-imm"), "meta": meta,
+            "status": "completed", "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": code, "display": display}]},
+            "patient": patient_ref, "encounter": encounter_ref, "occurrenceDateTime": instant(start)}))?;
+    }
+    let total = (rng.random_range(50.0..900.0_f64) * 100.0).round() / 100.0;
+    let claim_id = format!("{encounter_id}-claim");
+    let meta = updated(rng);
+    out.write("Claim", &json!({"resourceType": "Claim", "id": claim_id, "meta": meta, "status": "active",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+        "use": "claim", "patient": patient_ref, "created": instant(start), "provider": organization,
+        "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]},
+        "insurance": [{"sequence": 1, "focal": true, "coverage": {"display": "Self-pay"}}],
+        "item": [{"sequence": 1, "productOrService": {"text": "Encounter"}, "encounter": [encounter_ref]}],
+        "total": {"value": total, "currency": "USD"}}))?;
+    let meta = updated(rng);
+    out.write("ExplanationOfBenefit", &json!({"resourceType": "ExplanationOfBenefit", "id": format!("{encounter_id}-eob"), "meta": meta,
+        "status": "active", "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+        "use": "claim", "patient": patient_ref, "created": instant(start), "insurer": {"display": "Self-pay"},
+        "provider": organization, "claim": {"reference": format!("Claim/{claim_id}")}, "outcome": "complete",
+        "insurance": [{"focal": true, "coverage": {"display": "Self-pay"}}],
+        "total": [{"category": {"coding": [{"code": "submitted"}]}, "amount": {"value": total, "currency": "USD"}}]}))?;
+    Ok(())
 }

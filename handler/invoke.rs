@@ -23,10 +23,9 @@ use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use crate::app::App;
-use crate::export::{worker, ShardMessage};
-use crate::http::{dispatch, outcome_response, ApiError, Request};
-use crate::queue::{QueueClosed, WorkQueue};
+use crate::export::{worker, Exports};
+use crate::http::{dispatch, outcome_response, Api, ApiError, Request};
+use crate::queue::{QueueClosed, ShardMessage, WorkQueue};
 
 /// The output binding (Service Bus) every function sends shard messages through.
 pub const SHARDS_OUTPUT: &str = "shards";
@@ -89,12 +88,12 @@ impl WorkQueue for NoQueue {
 
 /// Serves the host on `listener` (bound to `FUNCTIONS_CUSTOMHANDLER_PORT`) until `shutdown`.
 pub async fn serve_custom_handler(
-    app: App,
+    api: Api,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let invocations = {
-        let app = app.clone();
+        let api = api.clone();
         // The function name is checked before the body is read: any other POST goes on to the
         // forwarded routes with its body untouched.
         warp::post()
@@ -110,8 +109,8 @@ pub async fn serve_custom_handler(
             .and(warp::body::content_length_limit(MAX_PAYLOAD_BYTES))
             .and(warp::body::bytes())
             .then(move |function: String, body: Bytes| {
-                let app = app.clone();
-                async move { invoke(&app, &function, &body).await }
+                let api = api.clone();
+                async move { invoke(&api, &function, &body).await }
             })
     };
     // Kickoffs arrive as invocations of their functions (which carry the Service Bus output);
@@ -133,7 +132,7 @@ pub async fn serve_custom_handler(
     let ready = warp::path::end()
         .and(warp::get().or(warp::head()).unify())
         .map(|| warp::reply::json(&json!({ "status": "ready" })).into_response());
-    let forwarded = crate::http::routes(app);
+    let forwarded = crate::http::routes(api);
     let routes = invocations
         .or(ready)
         .unify()
@@ -151,7 +150,7 @@ fn is_invocation(function: &str) -> bool {
 }
 
 /// Runs one invocation; the answer is always an invocation response, its status says whether to retry.
-pub async fn invoke(app: &App, function: &str, payload: &[u8]) -> Response {
+pub async fn invoke(api: &Api, function: &str, payload: &[u8]) -> Response {
     let payload: Value = match serde_json::from_slice(payload) {
         Ok(value) => value,
         Err(error) => {
@@ -161,14 +160,17 @@ pub async fn invoke(app: &App, function: &str, payload: &[u8]) -> Response {
         }
     };
     let queue = Arc::new(CollectingQueue::default());
-    let scoped = app.with_queue(queue.clone());
+    let scoped = Api {
+        exports: api.exports.with_queue(queue.clone()),
+        ..api.clone()
+    };
     let mut outputs = Map::new();
     let mut logs = Vec::new();
     let mut status = StatusCode::OK;
     if function == SHARD_WORKER {
-        status = run_shard(&scoped, &payload, &mut logs).await;
+        status = run_shard(&scoped.exports, &payload, &mut logs).await;
     } else if function == STALE_SWEEPER {
-        status = sweep(&scoped, &mut logs).await;
+        status = sweep(&scoped.exports, &mut logs).await;
     } else {
         let request = http_request(&payload, function);
         let response = match request {
@@ -237,7 +239,7 @@ fn metadata_number(payload: &Value, name: &str) -> Option<u64> {
         .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
 }
 
-async fn run_shard(app: &App, payload: &Value, logs: &mut Vec<String>) -> StatusCode {
+async fn run_shard(exports: &Exports, payload: &Value, logs: &mut Vec<String>) -> StatusCode {
     let delivery = metadata_number(payload, "DeliveryCount").unwrap_or(1);
     let message = trigger_data(payload, "message")
         .map(unwrap_json)
@@ -252,7 +254,7 @@ async fn run_shard(app: &App, payload: &Value, logs: &mut Vec<String>) -> Status
         "ShardWorker: job {} shard {} (delivery {delivery})",
         message.job_id, message.shard
     ));
-    if !crate::jobs::is_job_id(&message.job_id) {
+    if !crate::export::jobs::is_job_id(&message.job_id) {
         logs.push(format!(
             "ShardWorker: {:?} is not a job id; message dropped",
             message.job_id
@@ -260,7 +262,7 @@ async fn run_shard(app: &App, payload: &Value, logs: &mut Vec<String>) -> Status
         tracing::error!(job_id = %message.job_id, "shard message for no possible job dropped");
         return StatusCode::OK;
     }
-    match worker::handle_message(app, &message).await {
+    match worker::handle_message(exports, &message).await {
         Ok(()) => StatusCode::OK,
         Err(error) => {
             logs.push(format!(
@@ -271,15 +273,15 @@ async fn run_shard(app: &App, payload: &Value, logs: &mut Vec<String>) -> Status
     }
 }
 
-async fn sweep(app: &App, logs: &mut Vec<String>) -> StatusCode {
-    match app.sweep_stale().await {
+async fn sweep(exports: &Exports, logs: &mut Vec<String>) -> StatusCode {
+    match exports.sweep_stale().await {
         Ok(report) => logs.push(format!("StaleSweeper: {report}")),
         Err(error) => {
             logs.push(format!("StaleSweeper: {error}"));
             return StatusCode::SERVICE_UNAVAILABLE;
         }
     }
-    match app.remove_expired().await {
+    match exports.remove_expired().await {
         Ok(removed) => logs.push(format!("StaleSweeper: removed {removed} expired export(s)")),
         Err(error) => logs.push(format!(
             "StaleSweeper: could not remove expired exports: {error}"
@@ -309,47 +311,14 @@ fn http_request(payload: &Value, function: &str) -> Result<Request, ApiError> {
         .and_then(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
         .ok_or_else(|| invalid("request method"))?;
 
-    let mut headers = HeaderMap::new();
-    if let Some(Value::Object(map)) = field("Headers").map(unwrap_json) {
-        for (name, values) in map {
-            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
-                continue;
-            };
-            let values = match values {
-                Value::Array(values) => values,
-                other => vec![other],
-            };
-            for value in values.iter().filter_map(Value::as_str) {
-                if let Ok(value) = HeaderValue::from_str(value) {
-                    headers.append(name.clone(), value);
-                }
-            }
-        }
-    }
-
+    let mut headers = headers_of(field("Headers").map(unwrap_json));
     let url = field("Url")
         .and_then(Value::as_str)
         .and_then(|u| azure_core::http::Url::parse(u).ok());
     let (path, query) = match &url {
         Some(url) => {
             // The public address the client used, for Content-Location and the manifest.
-            if let Some(host) = url.host_str() {
-                let host = match url.port() {
-                    Some(port) => format!("{host}:{port}"),
-                    None => host.to_string(),
-                };
-                if let Ok(value) = HeaderValue::from_str(&host) {
-                    headers.insert(warp::http::header::HOST, value);
-                }
-                headers.insert(
-                    HeaderName::from_static("x-forwarded-proto"),
-                    HeaderValue::from_static(if url.scheme() == "https" {
-                        "https"
-                    } else {
-                        "http"
-                    }),
-                );
-            }
+            set_public_host(&mut headers, url);
             (
                 url.path().to_string(),
                 url.query().unwrap_or_default().to_string(),
@@ -382,6 +351,52 @@ fn http_request(payload: &Value, function: &str) -> Result<Request, ApiError> {
         headers,
         body,
     })
+}
+
+/// The request headers the host sent (`{name: value}` or `{name: [values]}`); unreadable ones are
+/// left out.
+fn headers_of(sent: Option<Value>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let Some(Value::Object(map)) = sent else {
+        return headers;
+    };
+    for (name, values) in map {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        let values = match values {
+            Value::Array(values) => values,
+            other => vec![other],
+        };
+        for value in values.iter().filter_map(Value::as_str) {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.append(name.clone(), value);
+            }
+        }
+    }
+    headers
+}
+
+/// `Host` and `X-Forwarded-Proto` from the URL the client called.
+fn set_public_host(headers: &mut HeaderMap, url: &azure_core::http::Url) {
+    let Some(host) = url.host_str() else {
+        return;
+    };
+    let host = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&host) {
+        headers.insert(warp::http::header::HOST, value);
+    }
+    let scheme = match url.scheme() {
+        "https" => "https",
+        _ => "http",
+    };
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(scheme),
+    );
 }
 
 /// The kickoff path from the function's route and its parameters, when the host gave no URL.

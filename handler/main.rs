@@ -381,7 +381,7 @@ fn custom_handler(port: &str) -> anyhow::Result<ExitCode> {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        fhir_export::invoke::serve_custom_handler(app, listener, shutdown).await;
+        fhir_export::invoke::serve_custom_handler(app.api, listener, shutdown).await;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

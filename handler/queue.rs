@@ -1,15 +1,35 @@
-//! The shard queue: the `WorkQueue` trait and the in-process queue with its worker pool.
+//! The shard queue: its message, the `WorkQueue` trait and the in-process queue.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, Mutex};
-use tokio::task::JoinHandle;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
-use crate::app::App;
-use crate::export::{worker, ShardMessage};
+/// A queue message: run one shard of one job. Also the body of a Service Bus message in Azure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardMessage {
+    pub job_id: String,
+    pub shard: usize,
+}
+
+/// Queues the given shards of a job.
+pub async fn enqueue_shards(
+    queue: &dyn WorkQueue,
+    job_id: &str,
+    shards: impl IntoIterator<Item = usize>,
+) -> Result<(), QueueClosed> {
+    let messages = shards
+        .into_iter()
+        .map(|shard| ShardMessage {
+            job_id: job_id.to_string(),
+            shard,
+        })
+        .collect();
+    queue.enqueue(messages).await
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("the work queue is closed")]
@@ -104,33 +124,6 @@ impl WorkQueue for InProcessQueue {
         });
         Ok(())
     }
-}
-
-/// The pause before a message whose outcome could not be recorded is run again.
-const RETRY_UNRECORDED: Duration = Duration::from_secs(5);
-
-/// Starts `count` workers taking shards from `receiver` until the queue closes (0: an API-only node).
-pub fn spawn_workers(
-    app: App,
-    receiver: Arc<Mutex<QueueReceiver>>,
-    count: usize,
-) -> Vec<JoinHandle<()>> {
-    (0..count)
-        .map(|_| {
-            let (app, receiver) = (app.clone(), receiver.clone());
-            tokio::spawn(async move {
-                loop {
-                    let Some(message) = receiver.lock().await.recv().await else {
-                        return;
-                    };
-                    if worker::handle_message(&app, &message).await.is_err() {
-                        // The job store could not be reached; try again in a while.
-                        let _ = app.queue.enqueue_later(message, RETRY_UNRECORDED).await;
-                    }
-                }
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]

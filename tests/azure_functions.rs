@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::azurite;
-use fhir_export::jobs::{Change, JobStore, ShardStatus};
+use fhir_export::export::jobs::{Change, JobStore, ShardStatus};
 use fhir_export::storage::{AzureBlob, ObjectStore, PutMode};
 use futures_util::StreamExt;
 use serde_json::{json, Value};

@@ -8,8 +8,9 @@ use std::collections::{BTreeSet, HashMap};
 use common::{client, download_all, kickoff, sample_counts, sample_store, start};
 use fhir_export::app::App;
 use fhir_export::config::{Settings, SourceSetting, StorageSetting};
-use fhir_export::export::{kickoff as planner, worker, ExportRequest, Level, ShardMessage};
-use fhir_export::jobs::{Change, JobStatus, ShardStatus};
+use fhir_export::export::jobs::{Change, JobStatus, ShardStatus};
+use fhir_export::export::{kickoff as planner, worker, ExportRequest, Level};
+use fhir_export::queue::ShardMessage;
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,6 +169,7 @@ async fn a_shard_run_twice_at_once_redelivered_or_taken_over_writes_each_line_on
         ..Settings::default()
     };
     let (app, _queue) = App::open_local(settings).unwrap();
+    let app = app.exports;
     let request = ExportRequest::from_query(
         Level::System,
         "_type=Patient,Condition,Observation",
@@ -228,7 +230,7 @@ async fn a_shard_run_twice_at_once_redelivered_or_taken_over_writes_each_line_on
     worker::finalize(&app, &job.id).await.unwrap();
 
     let (done, _) = app.jobs.load(&job.id).await.unwrap().unwrap();
-    assert_eq!(done.status, fhir_export::jobs::JobStatus::Completed);
+    assert_eq!(done.status, fhir_export::export::jobs::JobStatus::Completed);
     let manifest: Value =
         serde_json::from_slice(&app.jobs.manifest(&job.id).await.unwrap().unwrap()).unwrap();
     let keys = exported_keys(&exports, &manifest);
@@ -274,6 +276,7 @@ async fn the_running_count_follows_kickoffs_endings_and_markers_left_behind() {
         App::open_local(settings).unwrap()
     };
     let (app, _queue) = open();
+    let app = app.exports;
     let start = |types: &str| {
         let request = ExportRequest::from_query(Level::System, types, false, false).unwrap();
         planner::start(
@@ -315,6 +318,7 @@ async fn the_running_count_follows_kickoffs_endings_and_markers_left_behind() {
     let third = start("_type=Patient").await.unwrap();
     drop(app);
     let (app, _queue) = open();
+    let app = app.exports;
     assert_eq!(app.jobs.running_count().await.unwrap(), 1);
     assert!(running.join(&third.id).exists());
 }

@@ -568,7 +568,7 @@ async fn silent_slow_and_unauthenticated_clients_are_bounded() {
         header_timeout: Duration::from_secs(1),
     };
     tokio::spawn(serve(
-        fhir_export::http::routes(app),
+        fhir_export::http::routes(app.api),
         listener,
         limits,
         std::future::pending(),

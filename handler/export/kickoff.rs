@@ -1,105 +1,31 @@
-//! Kickoff: resolve who and what to export, plan the shards, record the job, enqueue its shards.
+//! Kickoff: admit, resolve who and what to export, let the source plan each type's parts, record
+//! the job, enqueue its shards.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use super::jobs::{new_job_id, Job, JobStatus, Shard, ShardStatus};
 use super::request::is_patient_level_type;
-use super::{enqueue_shards, worker, ExportError, ExportRequest, Level, RequestError};
-use crate::app::App;
+use super::{worker, ExportError, ExportRequest, Exports, Level, RequestError};
 use crate::fhir::compartment::patient_id_of;
-use crate::jobs::{new_job_id, Job, JobStatus, Shard, ShardStatus};
+use crate::queue::enqueue_shards;
 use crate::source::import::is_valid_id;
-use crate::source::{PatientScope, ResourceSource, RowRange, ScanRequest};
+use crate::source::{Part, PatientScope, PlanRequest, ResourceSource};
 
 /// Starts an export for `owner` (the caller, when tokens are checked); returns the recorded job.
+/// Admit, resolve the scope, plan each type, record the job, then queue its shards.
 pub async fn start(
-    app: &App,
+    exports: &Exports,
     request: ExportRequest,
     request_url: String,
     base_url: String,
     owner: Option<String>,
 ) -> Result<Job, ExportError> {
-    let running = app.jobs.running_count().await?;
-    if running >= app.settings.max_running_exports {
-        return Err(ExportError::TooManyRunning { running });
-    }
+    admit(exports).await?;
     let transaction_time = Utc::now();
     let id = new_job_id();
-    let max_per_shard = app.settings.shard_max_resources;
-    let (scope, planned) = {
-        let (source, request) = (app.source.clone(), request.clone());
-        crate::blocking::run(move || -> Result<_, ExportError> {
-            let scope = resolve_scope(source.as_ref(), &request)?;
-            let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
-            let stored = source.storage_parts(max_per_shard)?;
-            let mut planned = Vec::new();
-            for resource_type in source.resource_types()? {
-                let wanted = !nobody
-                    && (!request.level.is_patient_scoped()
-                        || is_patient_level_type(&resource_type))
-                    && request
-                        .types
-                        .as_ref()
-                        .is_none_or(|wanted| wanted.contains(&resource_type));
-                if !wanted {
-                    continue;
-                }
-                let window = Window {
-                    resource_type: &resource_type,
-                    scope: &scope,
-                    snapshot: transaction_time,
-                    max_per_shard,
-                };
-                let until = request
-                    .until
-                    .map_or(transaction_time, |u| u.min(transaction_time));
-                // A source that knows where it stores a type cuts it there; others are
-                // counted and cut by `lastUpdated`.
-                let ranges = match stored.contains_key(&resource_type) {
-                    true => vec![(None, None)],
-                    false => window.split(source.as_ref(), request.since, until)?,
-                };
-                let parts: Vec<(Range, RowRange, Option<ShardSize>)> =
-                    match (ranges.as_slice(), stored.get(&resource_type)) {
-                        ([whole], Some(stored)) => {
-                            let rows = RowRange::between(&stored.cuts);
-                            let parts = rows.len() as u64;
-                            let size = Some((stored.bytes / parts, stored.resources / parts));
-                            rows.into_iter().map(|rows| (*whole, rows, size)).collect()
-                        }
-                        _ => ranges
-                            .into_iter()
-                            .map(|range| (range, RowRange::default(), None))
-                            .collect(),
-                    };
-                planned.push((resource_type, parts));
-            }
-            Ok((scope, planned))
-        })
-        .await?
-    };
-    let mut shards = Vec::new();
-    let mut sizes = Vec::new();
-    for (resource_type, parts) in planned {
-        let split = parts.len() > 1;
-        for (part, ((since, until), rows, size)) in parts.into_iter().enumerate() {
-            sizes.push(size);
-            shards.push(Shard {
-                stem: match split {
-                    true => format!("{resource_type}-{}", part + 1),
-                    false => resource_type.clone(),
-                },
-                resource_type: resource_type.clone(),
-                since,
-                until,
-                rows,
-                status: ShardStatus::Queued,
-                attempts: 0,
-                heartbeat: Some(transaction_time),
-                outputs: Vec::new(),
-            });
-        }
-    }
+    let (scope, planned) = plan(exports, &request, transaction_time).await?;
+    let (shards, largest_first) = shards_of(planned, transaction_time);
     let stamp = transaction_time.format("%Y%m%dT%H%M%S");
     let output_folder = match &request.container {
         Some(container) => format!("{container}/{stamp}-{id}"),
@@ -122,119 +48,99 @@ pub async fn start(
     crate::crashpoint::reached("kickoff-planned");
     {
         // Counted again and recorded under one lock: concurrent kickoffs cannot all pass the count.
-        let _admission = app.jobs.admission().await;
-        let running = app.jobs.running_count().await?;
-        if running >= app.settings.max_running_exports {
-            return Err(ExportError::TooManyRunning { running });
-        }
-        app.jobs.create(&job).await?;
+        let _admission = exports.jobs.admission().await;
+        admit(exports).await?;
+        exports.jobs.create(&job).await?;
     }
     crate::crashpoint::reached("kickoff-recorded");
     tracing::info!(job_id = %id, shards = job.shards.len(), "export started");
-    if job.shards.is_empty() {
-        worker::finalize(app, &id).await?;
-    } else {
-        // Largest first, so that the last shards to run are small ones and both cores finish
-        // together (a stable sort: shards of unknown size keep type order).
-        let mut order: Vec<usize> = (0..job.shards.len()).collect();
-        order.sort_by_key(|&shard| std::cmp::Reverse(sizes[shard]));
-        enqueue_shards(app.queue.as_ref(), &id, order).await?;
+    match job.shards.is_empty() {
+        true => worker::finalize(exports, &id).await?,
+        false => enqueue_shards(exports.queue.as_ref(), &id, largest_first).await?,
     }
     Ok(job)
 }
 
-/// One type's export window, to be cut into shards of at most `max_per_shard` resources.
-struct Window<'a> {
-    resource_type: &'a str,
-    scope: &'a PatientScope,
-    snapshot: chrono::DateTime<Utc>,
-    max_per_shard: u64,
+/// Refuses a kickoff while the most exports the service takes at once are running.
+async fn admit(exports: &Exports) -> Result<(), ExportError> {
+    let running = exports.jobs.running_count().await?;
+    match running >= exports.limits.max_running_exports {
+        true => Err(ExportError::TooManyRunning { running }),
+        false => Ok(()),
+    }
 }
 
-type Range = (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>);
-
-/// A planned shard's size as the source estimates it: (bytes, resources), compared in that order.
-type ShardSize = (u64, u64);
-
-impl Window<'_> {
-    fn count(
-        &self,
-        source: &dyn ResourceSource,
-        since: Option<chrono::DateTime<Utc>>,
-        until: chrono::DateTime<Utc>,
-    ) -> Result<Option<u64>, ExportError> {
-        Ok(source.count(&ScanRequest {
-            resource_type: self.resource_type,
-            since,
-            stored_since: None,
-            until,
-            snapshot: self.snapshot,
-            scope: self.scope,
-            after_id: None,
-            type_filters: &[],
-            rows: RowRange::default(),
-        })?)
-    }
-
-    /// `meta.lastUpdated` ranges `(since, until]` in order, found by halving the window while a
-    /// half holds more than `max_per_shard` (one second is the finest cut); one unbounded range when
-    /// the source cannot count or the type is small enough.
-    fn split(
-        &self,
-        source: &dyn ResourceSource,
-        since: Option<chrono::DateTime<Utc>>,
-        until: chrono::DateTime<Utc>,
-    ) -> Result<Vec<Range>, ExportError> {
-        let whole = vec![(None, None)];
-        let Some(total) = self.count(source, since, until)? else {
-            return Ok(whole);
-        };
-        if total <= self.max_per_shard {
-            return Ok(whole);
-        }
-        let floor =
-            since.unwrap_or(chrono::DateTime::UNIX_EPOCH - chrono::Duration::days(365 * 100));
-        let mut pieces = Vec::new();
-        self.bisect(source, floor, until, total, &mut pieces)?;
-        // Neighbours are merged while they fit together (halving leaves many small or empty pieces).
-        let mut ranges: Vec<(Range, u64)> = Vec::new();
-        for (low, high, count) in pieces {
-            match ranges.last_mut() {
-                Some(((_, end), sum)) if *sum + count <= self.max_per_shard => {
-                    *end = Some(high);
-                    *sum += count;
-                }
-                _ => ranges.push(((Some(low), Some(high)), count)),
+/// The patients the export covers, and each type it reads with the parts its source cut it into.
+async fn plan(
+    exports: &Exports,
+    request: &ExportRequest,
+    transaction_time: DateTime<Utc>,
+) -> Result<(PatientScope, Vec<(String, Vec<Part>)>), ExportError> {
+    let (source, request) = (exports.source.clone(), request.clone());
+    let max_per_part = exports.limits.shard_max_resources;
+    crate::blocking::run(move || -> Result<_, ExportError> {
+        let scope = resolve_scope(source.as_ref(), &request)?;
+        let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
+        let mut planned = Vec::new();
+        for resource_type in source.resource_types()? {
+            let wanted = !nobody
+                && (!request.level.is_patient_scoped() || is_patient_level_type(&resource_type))
+                && request
+                    .types
+                    .as_ref()
+                    .is_none_or(|wanted| wanted.contains(&resource_type));
+            if !wanted {
+                continue;
             }
+            let parts = source.plan(&PlanRequest {
+                resource_type: &resource_type,
+                scope: &scope,
+                since: request.since,
+                until: request
+                    .until
+                    .map_or(transaction_time, |u| u.min(transaction_time)),
+                snapshot: transaction_time,
+                max_per_part,
+            })?;
+            planned.push((resource_type, parts));
         }
-        let mut ranges: Vec<Range> = ranges.into_iter().map(|(range, _)| range).collect();
-        // The outer ends stay open: the request's own bounds still apply in the worker.
-        if let Some(first) = ranges.first_mut() {
-            first.0 = since;
-        }
-        Ok(ranges)
-    }
+        Ok((scope, planned))
+    })
+    .await
+}
 
-    fn bisect(
-        &self,
-        source: &dyn ResourceSource,
-        low: chrono::DateTime<Utc>,
-        high: chrono::DateTime<Utc>,
-        count: u64,
-        pieces: &mut Vec<(chrono::DateTime<Utc>, chrono::DateTime<Utc>, u64)>,
-    ) -> Result<(), ExportError> {
-        if count <= self.max_per_shard || high - low <= chrono::Duration::seconds(1) {
-            pieces.push((low, high, count));
-            return Ok(());
+/// The job's shards, one per part (files named `{type}-{part}` when a type has several), and the
+/// order to queue them in: largest first, so that the last to run are small ones and both cores
+/// finish together (a stable sort: shards of unknown size keep type order).
+fn shards_of(
+    planned: Vec<(String, Vec<Part>)>,
+    transaction_time: DateTime<Utc>,
+) -> (Vec<Shard>, Vec<usize>) {
+    let mut shards = Vec::new();
+    let mut sizes = Vec::new();
+    for (resource_type, parts) in planned {
+        let split = parts.len() > 1;
+        for (number, part) in parts.into_iter().enumerate() {
+            sizes.push(part.size);
+            shards.push(Shard {
+                stem: match split {
+                    true => format!("{resource_type}-{}", number + 1),
+                    false => resource_type.clone(),
+                },
+                resource_type: resource_type.clone(),
+                since: part.since,
+                until: part.until,
+                rows: part.rows,
+                status: ShardStatus::Queued,
+                attempts: 0,
+                heartbeat: Some(transaction_time),
+                outputs: Vec::new(),
+            });
         }
-        let middle = low + (high - low) / 2;
-        let first = self
-            .count(source, Some(low), middle)?
-            .unwrap_or(0)
-            .min(count);
-        self.bisect(source, low, middle, first, pieces)?;
-        self.bisect(source, middle, high, count - first, pieces)
     }
+    let mut order: Vec<usize> = (0..shards.len()).collect();
+    order.sort_by_key(|&shard| std::cmp::Reverse(sizes[shard]));
+    (shards, order)
 }
 
 fn patient_error(message: String) -> ExportError {
@@ -248,7 +154,7 @@ fn patient_error(message: String) -> ExportError {
 
 /// The patients whose compartments the export covers.
 fn resolve_scope(
-    source: &dyn crate::source::ResourceSource,
+    source: &dyn ResourceSource,
     request: &ExportRequest,
 ) -> Result<PatientScope, ExportError> {
     match &request.level {

@@ -4,7 +4,7 @@ use chrono::SecondsFormat;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
-use crate::jobs::Job;
+use crate::export::jobs::Job;
 use crate::storage::OutputFile;
 
 /// Characters escaped in a path segment of a file URL.

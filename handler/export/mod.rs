@@ -1,50 +1,107 @@
-//! The export itself: kickoff parameters, the plan of shards, the shard worker, the manifest.
+//! The export itself: kickoff parameters, the plan of shards, the job documents, the shard worker,
+//! the manifest, and the upkeep of unfinished and expired jobs. [`Exports`] is what all of it runs on.
 
+pub mod jobs;
 pub mod kickoff;
 pub mod manifest;
+pub mod recovery;
 pub mod request;
 pub mod worker;
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fault::Fault;
+use crate::queue::WorkQueue;
+use crate::source::ResourceSource;
+use crate::storage::ObjectStore;
+use jobs::JobStore;
 
 pub use request::{ExportRequest, Level, RequestError};
+
+/// What exports run on: the source read, the storage written, the job documents, the queue of
+/// shards, and the limits. Cheap to clone.
+#[derive(Clone)]
+pub struct Exports {
+    pub source: Arc<dyn ResourceSource>,
+    pub storage: Arc<dyn ObjectStore>,
+    pub jobs: JobStore,
+    pub queue: Arc<dyn WorkQueue>,
+    pub limits: Arc<Limits>,
+}
+
+impl Exports {
+    /// Jobs on `storage`, reading `source`, sending shards to `queue`.
+    pub fn new(
+        source: Arc<dyn ResourceSource>,
+        storage: Arc<dyn ObjectStore>,
+        queue: Arc<dyn WorkQueue>,
+        limits: Limits,
+    ) -> Exports {
+        Exports {
+            source,
+            jobs: JobStore::new(storage.clone()),
+            storage,
+            queue,
+            limits: Arc::new(limits),
+        }
+    }
+
+    /// The same exports sending their shards to another queue (one invocation's output binding).
+    pub fn with_queue(&self, queue: Arc<dyn WorkQueue>) -> Exports {
+        Exports {
+            queue,
+            ..self.clone()
+        }
+    }
+}
+
+/// The limits an export runs under (from the settings).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// An NDJSON file is rolled over past this size.
+    pub file_max_bytes: u64,
+    /// The most resources one shard reads.
+    pub shard_max_resources: u64,
+    /// The most exports running at once; a kickoff past it answers 429.
+    pub max_running_exports: usize,
+    /// A shard silent for this long is taken to have stopped.
+    pub stale_after: Duration,
+    /// The runs a shard gets before its export fails.
+    pub max_attempts: u32,
+    /// How long a finished export's files are kept.
+    pub retention: Duration,
+}
+
+impl Limits {
+    /// How often a running shard refreshes its heartbeat: a tenth of the stale limit, 0.1 s to 60 s.
+    pub fn heartbeat_every(&self) -> Duration {
+        (self.stale_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
+    }
+}
 
 /// The file of a job's lenient-handling notes, in its output folder (the manifest's `error`).
 pub const NOTES_FILE: &str = "OperationOutcome-1.ndjson";
 
-/// A queue message: run one shard of one job. Also the body of a Service Bus message in Azure.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ShardMessage {
-    pub job_id: String,
-    pub shard: usize,
-}
-
-/// Queues the given shards of a job.
-pub async fn enqueue_shards(
-    queue: &dyn crate::queue::WorkQueue,
-    job_id: &str,
-    shards: impl IntoIterator<Item = usize>,
-) -> Result<(), crate::queue::QueueClosed> {
-    let messages = shards
-        .into_iter()
-        .map(|shard| ShardMessage {
-            job_id: job_id.to_string(),
-            shard,
-        })
-        .collect();
-    queue.enqueue(messages).await
-}
-
 impl ExportError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            ExportError::Request(_) => Fault::Invalid,
+            ExportError::NotFound(_) | ExportError::Cancelled(_) => Fault::NotFound,
+            ExportError::TooManyRunning { .. } => Fault::Busy,
+            ExportError::Source(e) => e.fault(),
+            ExportError::Scan(e) => e.fault(),
+            ExportError::Storage(e) => e.fault(),
+            ExportError::Jobs(e) => e.fault(),
+            ExportError::Queue(_) | ExportError::Superseded(_) | ExportError::Panicked(_) => {
+                Fault::Internal
+            }
+        }
+    }
+
     /// The export storage refused a write for want of space.
     pub fn is_storage_full(&self) -> bool {
-        match self {
-            ExportError::Storage(e) | ExportError::Jobs(crate::jobs::JobError::Storage(e)) => {
-                e.is_full()
-            }
-            _ => false,
-        }
+        self.fault() == Fault::Full
     }
 }
 
@@ -60,7 +117,7 @@ pub enum ExportError {
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
     #[error(transparent)]
-    Jobs(#[from] crate::jobs::JobError),
+    Jobs(#[from] crate::export::jobs::JobError),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueClosed),
     #[error("{0}")]

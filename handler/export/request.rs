@@ -4,10 +4,10 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::export::jobs::JOBS_CONTAINER;
 use crate::fhir::compartment::in_patient_compartment_definition;
 use crate::fhir::search::SearchQuery;
 use crate::fhir::types::is_resource_type;
-use crate::jobs::JOBS_CONTAINER;
 
 const NDJSON_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
@@ -51,7 +51,7 @@ pub struct ExportRequest {
     pub until: Option<DateTime<Utc>>,
     pub container: Option<String>,
     /// `_typeFilter` queries (`Type?criteria`), checked at kickoff.
-    pub type_filters: Vec<String>,
+    pub type_filters: Vec<SearchQuery>,
     pub elements: Vec<ElementSpec>,
     /// `patient` ids (POST, Patient and Group level).
     pub patients: Option<Vec<String>>,
@@ -119,6 +119,30 @@ pub fn check_headers(headers: &KickoffHeaders<'_>) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// De-identified export is not built yet; its parameters are refused, never ignored.
+fn privacy_refused(name: &str) -> RequestError {
+    invalid(
+        name,
+        format!("{name}: de-identified export is not available on this server, and a parameter that protects what is exported is never ignored (not even with handling=lenient); start the export without it"),
+    )
+}
+
+fn check_output_format(value: &str) -> Result<(), RequestError> {
+    if NDJSON_FORMATS.contains(&value) {
+        return Ok(());
+    }
+    Err(RequestError {
+        not_supported: true,
+        ..invalid(
+            "_outputFormat",
+            format!(
+                "_outputFormat {value:?} is not supported; use one of {}",
+                NDJSON_FORMATS.join(", ")
+            ),
+        )
+    })
+}
+
 impl ExportRequest {
     /// Parses a kickoff's parameters (`raw_query`: a query string without the `?`; a POST's
     /// Parameters body arrives converted to one, with `via_post`).
@@ -141,16 +165,6 @@ impl ExportRequest {
         };
         let mut seen_until = None::<String>;
         let mut filter_bytes = 0;
-        let refuse = |request: &mut ExportRequest, error: RequestError| {
-            if lenient && error.not_supported {
-                request
-                    .notes
-                    .push(format!("{}; ignored (handling=lenient)", error.message));
-                Ok(())
-            } else {
-                Err(error)
-            }
-        };
         for (name, value) in form_urlencoded::parse(raw_query.as_bytes()) {
             let (name, value) = (name.as_ref(), value.trim());
             if name.is_empty() {
@@ -163,26 +177,8 @@ impl ExportRequest {
                 return Err(invalid(name, format!("parameter {name} has no value")));
             }
             match name {
-                _ if is_privacy_parameter(name) => {
-                    return Err(invalid(
-                        name,
-                        format!("{name}: de-identified export is not available on this server, and a parameter that protects what is exported is never ignored (not even with handling=lenient); start the export without it"),
-                    ));
-                }
-                "_outputFormat" => {
-                    if !NDJSON_FORMATS.contains(&value) {
-                        return Err(RequestError {
-                            not_supported: true,
-                            ..invalid(
-                                name,
-                                format!(
-                                    "_outputFormat {value:?} is not supported; use one of {}",
-                                    NDJSON_FORMATS.join(", ")
-                                ),
-                            )
-                        });
-                    }
-                }
+                _ if is_privacy_parameter(name) => return Err(privacy_refused(name)),
+                "_outputFormat" => check_output_format(value)?,
                 "_since" => {
                     if request.since.is_some() {
                         return Err(invalid(name, "give _since once"));
@@ -195,49 +191,8 @@ impl ExportRequest {
                     }
                     request.until = Some(parse_instant(name, value)?);
                 }
-                "_type" => {
-                    let types = request.types.get_or_insert_with(Vec::new);
-                    for resource_type in value.split(',').map(str::trim) {
-                        if !is_resource_type(resource_type) {
-                            return Err(invalid(
-                                name,
-                                format!("_type {resource_type:?} is not a FHIR R4 resource type"),
-                            ));
-                        }
-                        if !types.iter().any(|t| t == resource_type) {
-                            types.push(resource_type.to_string());
-                        }
-                    }
-                }
-                "_typeFilter" => {
-                    filter_bytes += value.len();
-                    if filter_bytes > MAX_TYPE_FILTER_BYTES {
-                        return Err(invalid(
-                            name,
-                            format!(
-                                "_typeFilter is longer than {MAX_TYPE_FILTER_BYTES} bytes in all"
-                            ),
-                        ));
-                    }
-                    for query in split_queries(value) {
-                        if request.type_filters.len() >= MAX_TYPE_FILTERS {
-                            return Err(invalid(
-                                name,
-                                format!("more than {MAX_TYPE_FILTERS} _typeFilter queries"),
-                            ));
-                        }
-                        match SearchQuery::parse(query) {
-                            Ok(_) => request.type_filters.push(query.to_string()),
-                            Err(message) => refuse(
-                                &mut request,
-                                RequestError {
-                                    not_supported: message.contains("not supported"),
-                                    ..invalid(name, format!("_typeFilter: {message}"))
-                                },
-                            )?,
-                        }
-                    }
-                }
+                "_type" => request.add_types(value)?,
+                "_typeFilter" => request.add_type_filters(value, &mut filter_bytes, lenient)?,
                 "_elements" => {
                     for element in value.split(',').map(str::trim) {
                         request.elements.push(parse_element(element)?);
@@ -250,79 +205,149 @@ impl ExportRequest {
                     check_container_name(value)?;
                     request.container = Some(value.to_string());
                 }
-                "patient" => {
-                    if !request.level.is_patient_scoped() {
-                        return Err(invalid(
-                            name,
-                            "parameter patient is only allowed on Patient and Group level exports",
-                        ));
-                    }
-                    if !via_post {
-                        return Err(invalid(name, "parameter patient is only accepted in a POST kickoff's Parameters body"));
-                    }
-                    let patients = request.patients.get_or_insert_with(Vec::new);
-                    for reference in value.split(',').map(str::trim) {
-                        let id = reference
-                            .strip_prefix("Patient/")
-                            .filter(|id| crate::source::import::is_valid_id(id))
-                            .ok_or_else(|| {
-                                invalid(
-                                    name,
-                                    format!(
-                                        "patient {reference:?} is not a Patient/{{id}} reference"
-                                    ),
-                                )
-                            })?;
-                        if !patients.iter().any(|p| p == id) {
-                            patients.push(id.to_string());
-                        }
-                    }
-                }
-                "includeAssociatedData" => {
-                    for item in value.split(',').map(str::trim) {
-                        let message = if ASSOCIATED_DATA.contains(&item) || item.starts_with('_') {
-                            format!(
-                                "includeAssociatedData {item:?} is not supported by this server"
-                            )
-                        } else {
-                            format!(
-                                "includeAssociatedData {item:?} is not a known value ({})",
-                                ASSOCIATED_DATA.join(", ")
-                            )
-                        };
-                        refuse(
-                            &mut request,
-                            RequestError {
-                                not_supported: true,
-                                ..invalid(name, message)
-                            },
-                        )?;
-                    }
-                }
+                "patient" => request.add_patients(value, via_post)?,
+                "includeAssociatedData" => request.refuse_associated_data(value, lenient)?,
                 other => {
                     let message = format!("parameter {other} is not a Bulk Data export parameter");
-                    refuse(
-                        &mut request,
-                        RequestError {
-                            not_supported: true,
-                            ..invalid(other, message)
-                        },
-                    )?;
+                    let error = RequestError {
+                        not_supported: true,
+                        ..invalid(other, message)
+                    };
+                    request.refuse(error, lenient)?;
                 }
             }
         }
-        if let (Some(since), Some(until)) = (request.since, request.until) {
-            if since >= until {
-                return Err(invalid("_until", "_until must be later than _since"));
-            }
-        }
-        if request.since.is_some_and(|since| since > Utc::now()) {
-            return Err(invalid("_since", "_since is in the future"));
-        }
+        request.check_window()?;
         if request.level.is_patient_scoped() {
             request.keep_patient_level_types(lenient)?;
         }
         Ok(request)
+    }
+
+    fn check_window(&self) -> Result<(), RequestError> {
+        if let (Some(since), Some(until)) = (self.since, self.until) {
+            if since >= until {
+                return Err(invalid("_until", "_until must be later than _since"));
+            }
+        }
+        if self.since.is_some_and(|since| since > Utc::now()) {
+            return Err(invalid("_since", "_since is in the future"));
+        }
+        Ok(())
+    }
+
+    /// A parameter this server does not support: an error, or under lenient handling a note.
+    fn refuse(&mut self, error: RequestError, lenient: bool) -> Result<(), RequestError> {
+        if !(lenient && error.not_supported) {
+            return Err(error);
+        }
+        self.notes
+            .push(format!("{}; ignored (handling=lenient)", error.message));
+        Ok(())
+    }
+
+    fn add_types(&mut self, value: &str) -> Result<(), RequestError> {
+        let types = self.types.get_or_insert_with(Vec::new);
+        for resource_type in value.split(',').map(str::trim) {
+            if !is_resource_type(resource_type) {
+                return Err(invalid(
+                    "_type",
+                    format!("_type {resource_type:?} is not a FHIR R4 resource type"),
+                ));
+            }
+            if !types.iter().any(|t| t == resource_type) {
+                types.push(resource_type.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Each query parsed and checked once, here; `filter_bytes` counts all `_typeFilter` values.
+    fn add_type_filters(
+        &mut self,
+        value: &str,
+        filter_bytes: &mut usize,
+        lenient: bool,
+    ) -> Result<(), RequestError> {
+        let name = "_typeFilter";
+        *filter_bytes += value.len();
+        if *filter_bytes > MAX_TYPE_FILTER_BYTES {
+            return Err(invalid(
+                name,
+                format!("_typeFilter is longer than {MAX_TYPE_FILTER_BYTES} bytes in all"),
+            ));
+        }
+        for query in split_queries(value) {
+            if self.type_filters.len() >= MAX_TYPE_FILTERS {
+                return Err(invalid(
+                    name,
+                    format!("more than {MAX_TYPE_FILTERS} _typeFilter queries"),
+                ));
+            }
+            match SearchQuery::parse(query) {
+                Ok(query) => self.type_filters.push(query),
+                Err(message) => {
+                    let error = RequestError {
+                        not_supported: message.contains("not supported"),
+                        ..invalid(name, format!("_typeFilter: {message}"))
+                    };
+                    self.refuse(error, lenient)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_patients(&mut self, value: &str, via_post: bool) -> Result<(), RequestError> {
+        let name = "patient";
+        if !self.level.is_patient_scoped() {
+            return Err(invalid(
+                name,
+                "parameter patient is only allowed on Patient and Group level exports",
+            ));
+        }
+        if !via_post {
+            return Err(invalid(
+                name,
+                "parameter patient is only accepted in a POST kickoff's Parameters body",
+            ));
+        }
+        let patients = self.patients.get_or_insert_with(Vec::new);
+        for reference in value.split(',').map(str::trim) {
+            let id = reference
+                .strip_prefix("Patient/")
+                .filter(|id| crate::source::import::is_valid_id(id))
+                .ok_or_else(|| {
+                    invalid(
+                        name,
+                        format!("patient {reference:?} is not a Patient/{{id}} reference"),
+                    )
+                })?;
+            if !patients.iter().any(|p| p == id) {
+                patients.push(id.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// No associated data is supported: every value is refused (lenient: noted).
+    fn refuse_associated_data(&mut self, value: &str, lenient: bool) -> Result<(), RequestError> {
+        for item in value.split(',').map(str::trim) {
+            let message = if ASSOCIATED_DATA.contains(&item) || item.starts_with('_') {
+                format!("includeAssociatedData {item:?} is not supported by this server")
+            } else {
+                format!(
+                    "includeAssociatedData {item:?} is not a known value ({})",
+                    ASSOCIATED_DATA.join(", ")
+                )
+            };
+            let error = RequestError {
+                not_supported: true,
+                ..invalid("includeAssociatedData", message)
+            };
+            self.refuse(error, lenient)?;
+        }
+        Ok(())
     }
 
     /// At Patient and Group level, `_type` keeps the Patient compartment's types and notes the others
@@ -356,8 +381,8 @@ impl ExportRequest {
     pub fn filters_for(&self, resource_type: &str) -> Vec<SearchQuery> {
         self.type_filters
             .iter()
-            .filter_map(|q| SearchQuery::parse(q).ok())
             .filter(|q| q.resource_type == resource_type)
+            .cloned()
             .collect()
     }
 
@@ -503,7 +528,7 @@ fn is_export_container_name(name: &str) -> bool {
         && digits(stamp.get(..8))
         && stamp.get(8..9) == Some("t")
         && digits(stamp.get(9..))
-        && crate::jobs::is_job_id(id)
+        && crate::export::jobs::is_job_id(id)
 }
 
 #[cfg(test)]
@@ -651,10 +676,8 @@ mod tests {
             "_typeFilter=Observation%3Fcode%3D1%2C2,Condition%3Fcode%3D3&_elements=id,Patient.name",
         )
         .unwrap();
-        assert_eq!(
-            request.type_filters,
-            ["Observation?code=1,2", "Condition?code=3"]
-        );
+        let filters: Vec<&str> = request.type_filters.iter().map(|q| q.as_str()).collect();
+        assert_eq!(filters, ["Observation?code=1,2", "Condition?code=3"]);
         assert_eq!(request.filters_for("Observation").len(), 1);
         assert_eq!(
             split_queries("Observation?code=a, Condition ?code=b,c,Unicorn?x=1"),

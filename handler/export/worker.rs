@@ -9,21 +9,21 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use super::{manifest, ExportError, ShardMessage};
-use crate::app::App;
+use super::jobs::{Change, Job, JobStatus, ShardStatus};
+use super::{manifest, ExportError, Exports};
 use crate::fhir::elements::subset;
 use crate::fhir::json::Json;
 use crate::fhir::OperationOutcome;
-use crate::jobs::{Change, Job, JobStatus, ShardStatus};
+use crate::queue::ShardMessage;
 use crate::source::{ScanError, ScanRequest, SinkError};
 use crate::storage::{OutputFile, RollingNdjsonWriter};
 
 /// Runs one queue message; failures are retried up to the restart cap, then fail the job.
 /// An error means not even the failure could be recorded: the message must be delivered again.
-pub async fn handle_message(app: &App, message: &ShardMessage) -> Result<(), ExportError> {
+pub async fn handle_message(exports: &Exports, message: &ShardMessage) -> Result<(), ExportError> {
     let span = tracing::info_span!("shard", job_id = %message.job_id, shard = message.shard);
     async {
-        match run_shard(app, message).await {
+        match run_shard(exports, message).await {
             Ok(()) => Ok(()),
             Err(ExportError::Cancelled(_)) => {
                 tracing::info!("shard stopped: export cancelled");
@@ -35,8 +35,8 @@ pub async fn handle_message(app: &App, message: &ShardMessage) -> Result<(), Exp
             }
             Err(error) => {
                 tracing::warn!(%error, "shard failed");
-                match record_failure(app, message, &error).await {
-                    Err(full) if full.is_storage_full() => fail_for_want_of_space(app, message, &full).await,
+                match record_failure(exports, message, &error).await {
+                    Err(full) if full.is_storage_full() => fail_for_want_of_space(exports, message, &full).await,
                     other => other,
                 }
                 .inspect_err(
@@ -55,10 +55,10 @@ enum Claim {
     Skip(&'static str),
 }
 
-pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportError> {
+pub async fn run_shard(exports: &Exports, message: &ShardMessage) -> Result<(), ExportError> {
     let stale_after =
-        chrono::Duration::from_std(app.settings.stale_after).unwrap_or(chrono::Duration::MAX);
-    let claim = app
+        chrono::Duration::from_std(exports.limits.stale_after).unwrap_or(chrono::Duration::MAX);
+    let claim = exports
         .jobs
         .update(&message.job_id, |job| {
             if job.status != JobStatus::Running {
@@ -97,20 +97,20 @@ pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportEr
     };
     crate::crashpoint::reached("shard-claimed");
 
-    let stop = Arc::new(AtomicU8::new(KEEP_GOING));
+    let stop = Arc::new(StopSignal::default());
     // The heartbeat lives exactly as long as the shard's work: a shard that ends in any way (an
     // error, a panic, a dropped future) stops beating, so the sweeper can take it back.
     let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(
-        app.clone(),
+        exports.clone(),
         message.clone(),
         attempt,
         stop.clone(),
     )));
-    let written = write_files(app, &job, message.shard, stop).await;
+    let written = write_files(exports, &job, message.shard, stop).await;
     drop(heartbeat);
     let outputs = written?;
 
-    let finished_last = app
+    let finished_last = exports
         .jobs
         .update(&job.id, |job| {
             if job.status != JobStatus::Running {
@@ -129,10 +129,10 @@ pub async fn run_shard(app: &App, message: &ShardMessage) -> Result<(), ExportEr
     crate::crashpoint::reached("shard-done");
     match finished_last {
         None => {
-            remove_files(app, &outputs).await;
+            remove_files(exports, &outputs).await;
             Err(ExportError::Cancelled(job.id.clone()))
         }
-        Some(true) => finalize(app, &job.id).await,
+        Some(true) => finalize(exports, &job.id).await,
         Some(false) => Ok(()),
     }
 }
@@ -146,53 +146,114 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Why a running shard stops early (set by its heartbeat).
-const KEEP_GOING: u8 = 0;
-/// The export was cancelled or failed: the shard's files go.
-const JOB_STOPPED: u8 = 1;
-/// The sweeper gave the shard to another worker, which writes the same files: they stay.
-const TAKEN_OVER: u8 = 2;
+/// Whether a running shard goes on, set by its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Stop {
+    KeepGoing,
+    /// The export was cancelled or failed: the shard's files go.
+    JobStopped,
+    /// The sweeper gave the shard to another worker, which writes the same files: they stay.
+    TakenOver,
+}
 
-/// Streams the shard's resources from the source into rolled files on a blocking thread.
-async fn write_files(
-    app: &App,
+/// A `Stop` shared between the heartbeat and the writing thread.
+#[derive(Default)]
+struct StopSignal(AtomicU8);
+
+impl StopSignal {
+    fn get(&self) -> Stop {
+        match self.0.load(Ordering::Relaxed) {
+            0 => Stop::KeepGoing,
+            1 => Stop::JobStopped,
+            _ => Stop::TakenOver,
+        }
+    }
+
+    fn set(&self, stop: Stop) {
+        self.0.store(stop as u8, Ordering::Relaxed);
+    }
+}
+
+/// What a shard writes of each resource: `_typeFilter` decides whether, `_elements` what. Only
+/// filtered or trimmed types pay for parsing, each for what it needs; the rest flow as stored bytes.
+struct Shaping {
+    resource_type: String,
+    filters: Vec<crate::fhir::search::SearchQuery>,
+    elements: Vec<String>,
+}
+
+impl Shaping {
+    /// The bytes to write, or `None` when the filters leave the resource out. A resource that
+    /// cannot be parsed is written as stored.
+    fn shape<'a>(&self, resource: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+        if !self.filters.is_empty() {
+            let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
+                return Some(resource.into());
+            };
+            if !self.filters.iter().any(|query| query.matches(&value)) {
+                return None;
+            }
+        }
+        if self.elements.is_empty() {
+            return Some(resource.into());
+        }
+        match Json::parse_slice(resource) {
+            Ok(parsed) => Some(
+                subset(parsed, &self.resource_type, &self.elements)
+                    .to_bytes()
+                    .into(),
+            ),
+            Err(_) => Some(resource.into()),
+        }
+    }
+}
+
+/// The `meta.lastUpdated` window a shard reads: `(since, stored_since, until)`. A window of a
+/// split type is cut on lastUpdated alone: only a whole type reads what was stored after `_since`.
+fn window_of(
     job: &Job,
     shard: usize,
-    stop: Arc<AtomicU8>,
-) -> Result<Vec<OutputFile>, ExportError> {
-    let spec = job.shards[shard].clone();
+) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>, DateTime<Utc>) {
+    let spec = &job.shards[shard];
     let until = [job.request.until, spec.until]
         .into_iter()
         .flatten()
         .fold(job.transaction_time, DateTime::min);
     let since = job.request.since.max(spec.since);
-    // A window of a split type is cut on lastUpdated alone: only a whole type reads what was
-    // stored after `_since`.
     let stored_since = job
         .request
         .since
         .filter(|_| spec.since.is_none() && spec.until.is_none());
+    (since, stored_since, until)
+}
+
+/// Streams the shard's resources from the source into rolled files on a blocking thread.
+async fn write_files(
+    exports: &Exports,
+    job: &Job,
+    shard: usize,
+    stop: Arc<StopSignal>,
+) -> Result<Vec<OutputFile>, ExportError> {
+    let spec = job.shards[shard].clone();
+    let (since, stored_since, until) = window_of(job, shard);
     let snapshot = job.transaction_time;
-    let source = app.source.clone();
+    let source = exports.source.clone();
     let mut writer = RollingNdjsonWriter::new(
-        app.storage.clone(),
+        exports.storage.clone(),
         tokio::runtime::Handle::current(),
         &job.output_folder,
         &spec.stem,
         &spec.resource_type,
-        app.settings.file_max_bytes,
+        exports.limits.file_max_bytes,
     );
     let job_id = job.id.clone();
     let scope = job.scope.clone();
-    let filters = job.request.filters_for(&spec.resource_type);
-    let raw_filters: Vec<String> = job
-        .request
-        .type_filters
-        .iter()
-        .filter(|q| q.split('?').next() == Some(spec.resource_type.as_str()))
-        .cloned()
-        .collect();
-    let elements = job.request.elements_for(&spec.resource_type);
+    let shaping = Shaping {
+        resource_type: spec.resource_type.clone(),
+        filters: job.request.filters_for(&spec.resource_type),
+        elements: job.request.elements_for(&spec.resource_type),
+    };
     let started = std::time::Instant::now();
     let result = on_background_thread(move || {
         let request = ScanRequest {
@@ -203,31 +264,18 @@ async fn write_files(
             snapshot,
             scope: &scope,
             after_id: None,
-            type_filters: &raw_filters,
+            type_filters: &shaping.filters,
             rows: spec.rows,
         };
         let scanned = caught(|| {
             source.scan(&request, &mut |resource| {
-                if stop.load(Ordering::Relaxed) != KEEP_GOING {
+                if stop.get() != Stop::KeepGoing {
                     return Err(SinkError::Stopped);
                 }
-                // Only filtered or trimmed types pay for parsing, each for what it needs; the rest
-                // flow as stored bytes.
-                if !filters.is_empty() {
-                    let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
-                        return Ok(writer.push(resource)?);
-                    };
-                    if !filters.iter().any(|query| query.matches(&value)) {
-                        return Ok(());
-                    }
+                match shaping.shape(resource) {
+                    Some(bytes) => Ok(writer.push(&bytes)?),
+                    None => Ok(()),
                 }
-                if elements.is_empty() {
-                    return Ok(writer.push(resource)?);
-                }
-                let Ok(parsed) = Json::parse_slice(resource) else {
-                    return Ok(writer.push(resource)?);
-                };
-                Ok(writer.push(&subset(parsed, &spec.resource_type, &elements).to_bytes())?)
             })
         });
         let scanned = match scanned {
@@ -244,8 +292,8 @@ async fn write_files(
                 .map_err(|e| (ExportError::from(e), Vec::new())),
             Err(ScanError::Sink(SinkError::Stopped)) => {
                 let committed = writer.abort();
-                match stop.load(Ordering::Relaxed) {
-                    TAKEN_OVER => Err((ExportError::Superseded(job_id), Vec::new())),
+                match stop.get() {
+                    Stop::TakenOver => Err((ExportError::Superseded(job_id), Vec::new())),
                     _ => Err((ExportError::Cancelled(job_id), committed)),
                 }
             }
@@ -260,7 +308,7 @@ async fn write_files(
     let (count, files) = match result {
         Ok(written) => written,
         Err((error, committed)) => {
-            remove_files(app, &committed).await;
+            remove_files(exports, &committed).await;
             return Err(error);
         }
     };
@@ -304,29 +352,29 @@ fn caught<T>(work: impl FnOnce() -> T) -> Result<T, String> {
 
 /// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
 /// shard was given to another worker. A failed refresh is tried again at the next beat.
-async fn keep_alive(app: App, message: ShardMessage, attempt: u32, stop: Arc<AtomicU8>) {
-    let mut ticks = tokio::time::interval(app.settings.heartbeat_every());
+async fn keep_alive(exports: Exports, message: ShardMessage, attempt: u32, stop: Arc<StopSignal>) {
+    let mut ticks = tokio::time::interval(exports.limits.heartbeat_every());
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        let beat = app
+        let beat = exports
             .jobs
             .update(&message.job_id, |job| {
                 if job.status != JobStatus::Running {
-                    return Change::Keep(JOB_STOPPED);
+                    return Change::Keep(Stop::JobStopped);
                 }
                 let shard = &mut job.shards[message.shard];
                 if shard.attempts != attempt || shard.status != ShardStatus::Running {
-                    return Change::Keep(TAKEN_OVER);
+                    return Change::Keep(Stop::TakenOver);
                 }
                 shard.heartbeat = Some(Utc::now());
-                Change::Write(KEEP_GOING)
+                Change::Write(Stop::KeepGoing)
             })
             .await;
         match beat {
-            Ok(Some(KEEP_GOING)) => {}
+            Ok(Some(Stop::KeepGoing)) => {}
             Ok(reason) => {
-                stop.store(reason.unwrap_or(JOB_STOPPED), Ordering::Relaxed);
+                stop.set(reason.unwrap_or(Stop::JobStopped));
                 return;
             }
             Err(error) => tracing::warn!(%error, "could not refresh the shard's heartbeat"),
@@ -335,23 +383,25 @@ async fn keep_alive(app: App, message: ShardMessage, attempt: u32, stop: Arc<Ato
 }
 
 /// Writes the manifest and marks the job completed; safe to run more than once.
-pub async fn finalize(app: &App, job_id: &str) -> Result<(), ExportError> {
-    let Some((job, _)) = app.jobs.load(job_id).await? else {
+pub async fn finalize(exports: &Exports, job_id: &str) -> Result<(), ExportError> {
+    let Some((job, _)) = exports.jobs.load(job_id).await? else {
         return Ok(());
     };
     if job.status != JobStatus::Running || !job.all_shards_done() {
         return Ok(());
     }
-    let notes = write_notes(app, &job).await?;
+    let notes = write_notes(exports, &job).await?;
     let manifest = manifest::build(&job, notes.as_ref());
-    app.jobs
+    exports
+        .jobs
         .put_manifest(
             job_id,
             Bytes::from(serde_json::to_vec_pretty(&manifest).expect("JSON")),
         )
         .await?;
     crate::crashpoint::reached("manifest-written");
-    app.jobs
+    exports
+        .jobs
         .update(job_id, |job| {
             if job.status != JobStatus::Running {
                 return Change::Keep(());
@@ -373,7 +423,7 @@ pub async fn finalize(app: &App, job_id: &str) -> Result<(), ExportError> {
 }
 
 /// The lenient-handling notes as an NDJSON file of OperationOutcomes, when there are any.
-async fn write_notes(app: &App, job: &Job) -> Result<Option<OutputFile>, ExportError> {
+async fn write_notes(exports: &Exports, job: &Job) -> Result<Option<OutputFile>, ExportError> {
     if job.request.notes.is_empty() {
         return Ok(None);
     }
@@ -384,7 +434,8 @@ async fn write_notes(app: &App, job: &Job) -> Result<Option<OutputFile>, ExportE
     }
     let path = format!("{}/{}", job.output_folder, super::NOTES_FILE);
     let bytes = body.len() as u64;
-    app.storage
+    exports
+        .storage
         .put(&path, Bytes::from(body), crate::storage::PutMode::Overwrite)
         .await?;
     Ok(Some(OutputFile {
@@ -406,12 +457,12 @@ enum AfterFailure {
 /// After a failed attempt: queue the shard again after a pause, or past the cap fail the job and
 /// remove its files.
 async fn record_failure(
-    app: &App,
+    exports: &Exports,
     message: &ShardMessage,
     error: &ExportError,
 ) -> Result<(), ExportError> {
-    let max_attempts = app.settings.max_attempts;
-    let after = app
+    let max_attempts = exports.limits.max_attempts;
+    let after = exports
         .jobs
         .update(&message.job_id, |job| {
             if job.status != JobStatus::Running {
@@ -436,12 +487,13 @@ async fn record_failure(
         .await?;
     match after {
         Some(AfterFailure::Retry) => {
-            app.queue
+            exports
+                .queue
                 .enqueue_later(message.clone(), Duration::from_secs(1))
                 .await?
         }
         Some(AfterFailure::JobFailed(folder)) => {
-            if let Err(error) = app.storage.delete_prefix(&folder).await {
+            if let Err(error) = exports.storage.delete_prefix(&folder).await {
                 tracing::warn!(%error, %folder, "could not remove the files of a failed export");
             }
         }
@@ -454,18 +506,19 @@ async fn record_failure(
 /// files: they go, which makes room, and the job fails saying why. (Its other shards, finding it
 /// failed, stop.) An error: not even that could be written; the message is run again later.
 async fn fail_for_want_of_space(
-    app: &App,
+    exports: &Exports,
     message: &ShardMessage,
     full: &ExportError,
 ) -> Result<(), ExportError> {
-    let Some((job, _)) = app.jobs.load(&message.job_id).await? else {
+    let Some((job, _)) = exports.jobs.load(&message.job_id).await? else {
         return Ok(());
     };
     if job.status != JobStatus::Running {
         return Ok(());
     }
-    app.storage.delete_prefix(&job.output_folder).await?;
-    app.jobs
+    exports.storage.delete_prefix(&job.output_folder).await?;
+    exports
+        .jobs
         .update(&message.job_id, |job| {
             if job.status != JobStatus::Running {
                 return Change::Keep(());
@@ -481,9 +534,9 @@ async fn fail_for_want_of_space(
     Ok(())
 }
 
-async fn remove_files(app: &App, files: &[OutputFile]) {
+async fn remove_files(exports: &Exports, files: &[OutputFile]) {
     for file in files {
-        if let Err(error) = app.storage.delete_prefix(&file.path).await {
+        if let Err(error) = exports.storage.delete_prefix(&file.path).await {
             tracing::warn!(%error, path = %file.path, "could not remove a file of a cancelled export");
         }
     }

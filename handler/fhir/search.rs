@@ -273,25 +273,6 @@ fn definition(resource_type: &str, name: &str) -> Option<(Kind, &'static [&'stat
     }
 }
 
-/// The criteria of a `_typeFilter` query (the part after `?`) that every FHIR server evaluates as
-/// this module does, which a source may send to the server as a pre-filter: token, reference and
-/// date parameters (`_id` and `_lastUpdated` among them) without a modifier. String parameters
-/// and modifiers (`:text`, `:contains`, `:exact`, ...) differ between servers and are left to the
-/// local check. Empty: nothing can be sent, the whole type must be read.
-pub fn server_exact_criteria(resource_type: &str, query: &str) -> String {
-    let mut exact = form_urlencoded::Serializer::new(String::new());
-    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-        let sendable = !name.contains(':')
-            && definition(resource_type, &name).is_some_and(|(kind, _)| {
-                matches!(kind, Kind::Token | Kind::Reference | Kind::Date)
-            });
-        if sendable {
-            exact.append_pair(&name, &value);
-        }
-    }
-    exact.finish()
-}
-
 #[derive(Debug, Clone)]
 struct Criterion {
     kind: Kind,
@@ -303,11 +284,32 @@ struct Criterion {
     target_type: Option<&'static str>,
 }
 
-/// One parsed `Type?criteria` query.
+/// One `Type?criteria` query (a `_typeFilter` query, or a search's own), parsed and checked once;
+/// kept in job documents as its text.
 #[derive(Debug, Clone)]
 pub struct SearchQuery {
     pub resource_type: String,
     criteria: Vec<Criterion>,
+    text: String,
+}
+
+impl PartialEq for SearchQuery {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl serde::Serialize for SearchQuery {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SearchQuery {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        SearchQuery::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl SearchQuery {
@@ -383,7 +385,33 @@ impl SearchQuery {
         Ok(Self {
             resource_type: resource_type.to_string(),
             criteria,
+            text: text.to_string(),
         })
+    }
+
+    /// The query as written: `Type?criteria`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The criteria of the query (the part after `?`) that every FHIR server evaluates as this
+    /// module does, which a source may send to the server as a pre-filter: token, reference and
+    /// date parameters (`_id` and `_lastUpdated` among them) without a modifier. String parameters
+    /// and modifiers (`:text`, `:contains`, `:exact`, ...) differ between servers and are left to the
+    /// local check. Empty: nothing can be sent, the whole type must be read.
+    pub fn server_exact_criteria(&self) -> String {
+        let (resource_type, query) = self.text.split_once('?').unwrap_or_default();
+        let mut exact = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let sendable = !name.contains(':')
+                && definition(resource_type, &name).is_some_and(|(kind, _)| {
+                    matches!(kind, Kind::Token | Kind::Reference | Kind::Date)
+                });
+            if sendable {
+                exact.append_pair(&name, &value);
+            }
+        }
+        exact.finish()
     }
 
     /// Whether the resource meets every criterion.

@@ -3,9 +3,8 @@
 use warp::http::{header, HeaderValue, StatusCode};
 
 use crate::export::ExportError;
+use crate::fault::Fault;
 use crate::fhir::{IssueType, OperationOutcome};
-use crate::jobs::JobError;
-use crate::storage::StorageError;
 
 /// `Retry-After` of a kickoff refused because too many exports are running.
 pub const RETRY_BUSY_SECS: u32 = 10;
@@ -44,63 +43,52 @@ impl ApiError {
 
 impl From<ExportError> for ApiError {
     fn from(error: ExportError) -> Self {
-        match error {
-            ExportError::Request(e) => {
-                let code = if e.not_supported {
-                    IssueType::NotSupported
-                } else {
-                    IssueType::Invalid
-                };
-                ApiError {
-                    status: StatusCode::BAD_REQUEST,
-                    outcome: OperationOutcome::parameter_error(code, &e.parameter, e.message),
-                    headers: Vec::new(),
-                }
+        if let ExportError::Request(e) = error {
+            let code = match e.not_supported {
+                true => IssueType::NotSupported,
+                false => IssueType::Invalid,
+            };
+            return ApiError {
+                status: StatusCode::BAD_REQUEST,
+                outcome: OperationOutcome::parameter_error(code, &e.parameter, e.message),
+                headers: Vec::new(),
+            };
+        }
+        let message = error.to_string();
+        match error.fault() {
+            Fault::Invalid => ApiError::new(StatusCode::BAD_REQUEST, IssueType::Invalid, message),
+            Fault::NotFound => ApiError::not_found(message),
+            Fault::Busy => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, IssueType::Throttled, message)
+                    .with_header(header::RETRY_AFTER, &RETRY_BUSY_SECS.to_string())
             }
-            ExportError::NotFound(message) => ApiError::not_found(message),
-            ExportError::Source(
-                e @ (crate::source::SourceError::Remote(_)
-                | crate::source::SourceError::Unsupported(_)),
-            ) => {
-                tracing::warn!(error = %e, "FHIR source failed");
-                ApiError::new(StatusCode::BAD_GATEWAY, IssueType::Exception, e.to_string())
+            Fault::Upstream => {
+                tracing::warn!(error = %message, "FHIR source failed");
+                ApiError::new(StatusCode::BAD_GATEWAY, IssueType::Exception, message)
             }
-            ExportError::Storage(
-                e @ (StorageError::Denied { .. } | StorageError::Service { .. }),
-            )
-            | ExportError::Jobs(JobError::Storage(
-                e @ (StorageError::Denied { .. } | StorageError::Service { .. }),
-            )) => {
-                tracing::error!(error = %e, "export storage unavailable");
+            Fault::Unavailable => {
+                tracing::error!(error = %message, "export storage unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     IssueType::Transient,
-                    e.to_string(),
+                    message,
                 )
             }
-            ExportError::Storage(e @ StorageError::Full { .. })
-            | ExportError::Jobs(JobError::Storage(e @ StorageError::Full { .. })) => {
-                tracing::error!(error = %e, "export storage full");
+            Fault::Full => {
+                tracing::error!(error = %message, "export storage full");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     IssueType::Transient,
-                    e.to_string(),
+                    message,
                 )
                 .with_header(header::RETRY_AFTER, &RETRY_FULL_SECS.to_string())
             }
-            ExportError::Cancelled(id) => ApiError::not_found(format!("export {id} was cancelled")),
-            e @ ExportError::TooManyRunning { .. } => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                IssueType::Throttled,
-                e.to_string(),
-            )
-            .with_header(header::RETRY_AFTER, &RETRY_BUSY_SECS.to_string()),
-            other => {
-                tracing::error!(error = %other, "request failed");
+            Fault::Internal => {
+                tracing::error!(error = %message, "request failed");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     IssueType::Exception,
-                    other.to_string(),
+                    message,
                 )
             }
         }
@@ -143,8 +131,8 @@ impl From<crate::auth::AuthError> for ApiError {
     }
 }
 
-impl From<crate::jobs::JobError> for ApiError {
-    fn from(error: crate::jobs::JobError) -> Self {
+impl From<crate::export::jobs::JobError> for ApiError {
+    fn from(error: crate::export::jobs::JobError) -> Self {
         ExportError::from(error).into()
     }
 }

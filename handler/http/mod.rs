@@ -8,10 +8,13 @@
 //! - `GET /{type}/{id}`, `GET /{type}?...`, `GET /Patient/{id}/{type}?...` (FHIR read and search)
 
 pub mod error;
+mod export;
 mod metadata;
 pub mod parameters;
 mod search;
 pub mod server;
+
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -21,13 +24,10 @@ use warp::{Buf, Filter, Reply};
 
 pub use error::ApiError;
 
-use crate::app::App;
-use crate::auth::{AuthError, Caller};
+use crate::auth::{AuthError, Authenticator, Caller};
 use crate::config::FileUrls;
-use crate::export::request::{check_headers, is_lenient, KickoffHeaders};
-use crate::export::{kickoff, ExportRequest, Level};
+use crate::export::{Exports, Level};
 use crate::fhir::IssueType;
-use crate::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
 
 /// Largest request body accepted (a kickoff `Parameters` resource).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -35,6 +35,18 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 const DRAIN_BYTES: usize = 16 << 20;
 const FHIR_JSON: &str = "application/fhir+json";
 const NDJSON: &str = "application/fhir+ndjson";
+
+/// What the HTTP layer serves from: the exports, the token checks, and how URLs are made.
+#[derive(Clone)]
+pub struct Api {
+    pub exports: Exports,
+    /// Bearer-token checks, when `EXPORT_AUTH_ISSUER` is set.
+    pub auth: Option<Arc<Authenticator>>,
+    /// The public base URL, when set; else each request's scheme and host.
+    pub base_url: Option<String>,
+    /// How the manifest points at the files.
+    pub file_urls: FileUrls,
+}
 
 /// A request as the router sees it.
 pub struct Request {
@@ -45,7 +57,7 @@ pub struct Request {
     pub body: Bytes,
 }
 
-pub fn routes(app: App) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -53,12 +65,13 @@ pub fn routes(app: App) -> impl Filter<Extract = (Response,), Error = warp::Reje
         .and(warp::body::stream())
         .then(
             move |method, path: warp::path::FullPath, query, headers, body| {
-                let app = app.clone();
+                let api = api.clone();
                 async move {
                     // The token first: an unauthenticated client gets its 401 without a byte
                     // of its body read.
                     let segments = segments_of(path.as_str());
-                    let caller = match authorize(&app, &segments, &headers).await {
+                    let endpoint = Route::parse(&segments);
+                    let caller = match authorize(&api, endpoint.as_ref(), &headers).await {
                         Ok(caller) => caller,
                         Err(error) => return outcome_response(&error),
                     };
@@ -85,7 +98,7 @@ pub fn routes(app: App) -> impl Filter<Extract = (Response,), Error = warp::Reje
                         headers,
                         body,
                     };
-                    route(&app, request, &segments, caller)
+                    route(&api, &request, endpoint, caller)
                         .await
                         .unwrap_or_else(|error| outcome_response(&error))
                 }
@@ -161,10 +174,11 @@ where
 }
 
 /// Routes one request.
-pub async fn dispatch(app: &App, request: Request) -> Result<Response, ApiError> {
+pub async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
     let segments = segments_of(&request.path);
-    let caller = authorize(app, &segments, &request.headers).await?;
-    route(app, request, &segments, caller).await
+    let endpoint = Route::parse(&segments);
+    let caller = authorize(api, endpoint.as_ref(), &request.headers).await?;
+    route(api, &request, endpoint, caller).await
 }
 
 /// The path's segments, percent-decoded, empty ones dropped.
@@ -180,21 +194,75 @@ fn segments_of(path: &str) -> Vec<String> {
         .collect()
 }
 
-/// The caller named by the bearer token, when access control is on (discovery stays open: a
-/// client reads it to learn how to get a token). Checked before a body is read.
+/// The endpoints, told apart once from the decoded path.
+enum Route<'a> {
+    Metadata,
+    SmartConfiguration,
+    Kickoff(Level),
+    /// `GET` polls the status, `DELETE` cancels.
+    Job(&'a str),
+    Download(String),
+    Read {
+        resource_type: &'a str,
+        id: &'a str,
+    },
+    Search {
+        resource_type: &'a str,
+        patient: Option<&'a str>,
+    },
+}
+
+impl<'a> Route<'a> {
+    fn parse(segments: &'a [String]) -> Option<Route<'a>> {
+        let segments: Vec<&'a str> = segments.iter().map(String::as_str).collect();
+        let is_type = |name: &str| crate::fhir::is_resource_type(name);
+        Some(match segments.as_slice() {
+            ["metadata"] => Route::Metadata,
+            [".well-known", "smart-configuration"] => Route::SmartConfiguration,
+            ["$export"] => Route::Kickoff(Level::System),
+            ["Patient", "$export"] => Route::Kickoff(Level::Patient),
+            ["Group", id, "$export"] => Route::Kickoff(Level::Group(id.to_string())),
+            ["_operations", "export", id] => Route::Job(id),
+            ["_exports", rest @ ..] if !rest.is_empty() => Route::Download(rest.join("/")),
+            [resource_type] if is_type(resource_type) => Route::Search {
+                resource_type,
+                patient: None,
+            },
+            [resource_type, id] if is_type(resource_type) && !id.starts_with('$') => {
+                Route::Read { resource_type, id }
+            }
+            ["Patient", patient, resource_type] if is_type(resource_type) => Route::Search {
+                resource_type,
+                patient: Some(patient),
+            },
+            _ => return None,
+        })
+    }
+
+    fn allows(&self, method: &Method) -> Result<(), ApiError> {
+        match self {
+            Route::Kickoff(_) => only(method, &[Method::GET, Method::POST]),
+            Route::Job(_) => only(method, &[Method::GET, Method::DELETE]),
+            _ => only(method, &[Method::GET]),
+        }
+    }
+
+    /// Discovery stays open with access control on: a client reads it to learn how to get a token.
+    fn is_open(&self) -> bool {
+        matches!(self, Route::Metadata | Route::SmartConfiguration)
+    }
+}
+
+/// The caller named by the bearer token, when access control is on. Checked before a body is read.
 async fn authorize(
-    app: &App,
-    segments: &[String],
+    api: &Api,
+    endpoint: Option<&Route<'_>>,
     headers: &HeaderMap,
 ) -> Result<Option<Caller>, ApiError> {
-    let Some(auth) = &app.auth else {
+    let Some(auth) = &api.auth else {
         return Ok(None);
     };
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    if matches!(
-        segments.as_slice(),
-        ["metadata"] | [".well-known", "smart-configuration"]
-    ) {
+    if endpoint.is_some_and(Route::is_open) {
         return Ok(None);
     }
     let authorization = headers
@@ -203,94 +271,68 @@ async fn authorize(
     Ok(Some(auth.verify(authorization).await?))
 }
 
-/// Routes a request whose caller is known.
+/// Answers a request whose caller is known.
 async fn route(
-    app: &App,
-    request: Request,
-    segments: &[String],
+    api: &Api,
+    request: &Request,
+    endpoint: Option<Route<'_>>,
     caller: Option<Caller>,
 ) -> Result<Response, ApiError> {
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let Some(endpoint) = endpoint else {
+        return Err(ApiError::not_found(format!(
+            "no such endpoint: {} {}",
+            request.method, request.path
+        )));
+    };
     let method = &request.method;
+    endpoint.allows(method)?;
     let caller = caller.as_ref();
-    match segments.as_slice() {
-        ["metadata"] => {
-            only(method, &[Method::GET])?;
-            let token_endpoint = token_endpoint(app).await?;
+    match endpoint {
+        Route::Metadata => {
+            let token_endpoint = token_endpoint(api).await?;
             Ok(json_response(
                 StatusCode::OK,
                 FHIR_JSON,
-                metadata::capability_statement(&base_url(app, &request), token_endpoint.as_deref()),
+                metadata::capability_statement(&base_url(api, request), token_endpoint.as_deref()),
             ))
         }
-        ["$export"] => {
-            only(method, &[Method::GET, Method::POST])?;
-            kickoff_export(app, &request, Level::System, caller).await
-        }
-        ["Patient", "$export"] => {
-            only(method, &[Method::GET, Method::POST])?;
-            kickoff_export(app, &request, Level::Patient, caller).await
-        }
-        ["Group", id, "$export"] => {
-            only(method, &[Method::GET, Method::POST])?;
-            kickoff_export(app, &request, Level::Group(id.to_string()), caller).await
-        }
-        [".well-known", "smart-configuration"] => {
-            only(method, &[Method::GET])?;
-            let token_endpoint = token_endpoint(app).await?;
+        Route::SmartConfiguration => {
+            let token_endpoint = token_endpoint(api).await?;
             Ok(json_response(
                 StatusCode::OK,
                 "application/json",
                 metadata::smart_configuration(token_endpoint.as_deref()),
             ))
         }
-        ["_operations", "export", id] => {
-            only(method, &[Method::GET, Method::DELETE])?;
-            if *method == Method::DELETE {
-                cancel(app, id, caller).await
-            } else {
-                status(app, id, caller).await
-            }
-        }
-        ["_exports", rest @ ..] if !rest.is_empty() => {
-            only(method, &[Method::GET])?;
-            download(app, &rest.join("/"), caller).await
-        }
-        [resource_type] if crate::fhir::is_resource_type(resource_type) => {
-            only(method, &[Method::GET])?;
+        Route::Kickoff(level) => export::kickoff(api, request, level, caller).await,
+        Route::Job(id) if *method == Method::DELETE => export::cancel(api, id, caller).await,
+        Route::Job(id) => export::status(api, id, caller).await,
+        Route::Download(path) => export::download(api, &path, caller).await,
+        Route::Read { resource_type, id } => {
             may_read(caller, resource_type)?;
+            search::read(&api.exports.source, resource_type, id).await
+        }
+        Route::Search {
+            resource_type,
+            patient,
+        } => {
+            may_read(caller, resource_type)?;
+            let base = base_url(api, request);
             search::search(
-                app,
-                &base_url(app, &request),
+                &api.exports.source,
+                &base,
                 resource_type,
-                None,
+                patient,
                 &request.query,
             )
             .await
         }
-        [resource_type, id]
-            if crate::fhir::is_resource_type(resource_type) && !id.starts_with('$') =>
-        {
-            only(method, &[Method::GET])?;
-            may_read(caller, resource_type)?;
-            search::read(app, resource_type, id).await
-        }
-        ["Patient", patient, resource_type] if crate::fhir::is_resource_type(resource_type) => {
-            only(method, &[Method::GET])?;
-            may_read(caller, resource_type)?;
-            let base = base_url(app, &request);
-            search::search(app, &base, resource_type, Some(patient), &request.query).await
-        }
-        _ => Err(ApiError::not_found(format!(
-            "no such endpoint: {} {}",
-            request.method, request.path
-        ))),
     }
 }
 
 /// With access control on, the token endpoint that discovery advertises.
-async fn token_endpoint(app: &App) -> Result<Option<String>, ApiError> {
-    match &app.auth {
+async fn token_endpoint(api: &Api) -> Result<Option<String>, ApiError> {
+    match &api.auth {
         Some(auth) => Ok(Some(auth.token_endpoint().await?)),
         None => Ok(None),
     }
@@ -303,39 +345,6 @@ fn may_read(caller: Option<&Caller>, resource_type: &str) -> Result<(), ApiError
         }
         _ => Ok(()),
     }
-}
-
-/// Narrows an export to the types the caller may read: `_type` naming another type is refused,
-/// no `_type` means every readable type.
-fn limit_to_readable(caller: Option<&Caller>, export: &mut ExportRequest) -> Result<(), ApiError> {
-    let Some(readable) = caller.and_then(Caller::readable_types) else {
-        return Ok(());
-    };
-    let filtered_types = export
-        .type_filters
-        .iter()
-        .filter_map(|query| query.split('?').next());
-    let requested = export.types.iter().flatten().map(String::as_str);
-    let refused: Vec<&str> = requested
-        .chain(filtered_types)
-        .filter(|t| !readable.iter().any(|r| r == t))
-        .collect();
-    if !refused.is_empty() {
-        return Err(AuthError::Forbidden(format!(
-            "read access to {} (asked for in _type or _typeFilter)",
-            refused.join(", ")
-        ))
-        .into());
-    }
-    if export.types.is_none() {
-        export.types = Some(readable.to_vec());
-    }
-    Ok(())
-}
-
-/// A job the caller may see: with tokens checked, only its owner's.
-fn visible(job: &crate::jobs::Job, caller: Option<&Caller>) -> bool {
-    caller.is_none_or(|caller| job.owner.as_deref() == Some(caller.owner.as_str()))
 }
 
 fn only(method: &Method, allowed: &[Method]) -> Result<(), ApiError> {
@@ -354,8 +363,8 @@ fn only(method: &Method, allowed: &[Method]) -> Result<(), ApiError> {
 }
 
 /// The public base URL: the setting, else scheme and host of the request.
-fn base_url(app: &App, request: &Request) -> String {
-    if let Some(base) = &app.settings.base_url {
+fn base_url(api: &Api, request: &Request) -> String {
+    if let Some(base) = &api.base_url {
         return base.clone();
     }
     let header = |name: &str| {
@@ -377,280 +386,6 @@ fn base_url(app: &App, request: &Request) -> String {
         })
         .unwrap_or("127.0.0.1");
     format!("{scheme}://{host}")
-}
-
-async fn kickoff_export(
-    app: &App,
-    request: &Request,
-    level: Level,
-    caller: Option<&Caller>,
-) -> Result<Response, ApiError> {
-    let header = |name: header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
-    let prefer = header(header::HeaderName::from_static("prefer"));
-    check_headers(&KickoffHeaders {
-        accept: header(header::ACCEPT),
-        prefer,
-    })?;
-    let query = if request.method == Method::POST {
-        if !request.query.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                IssueType::Invalid,
-                "a POST kickoff takes its parameters in a Parameters body, not in the query string",
-            ));
-        }
-        parameters::to_query(&request.body)?
-    } else {
-        request.query.clone()
-    };
-    let mut export = ExportRequest::from_query(
-        level,
-        &query,
-        is_lenient(prefer),
-        request.method == Method::POST,
-    )?;
-    limit_to_readable(caller, &mut export)?;
-    let base = base_url(app, request);
-    let request_url = match request.query.is_empty() {
-        true => format!("{base}{}", request.path),
-        false => format!("{base}{}?{}", request.path, request.query),
-    };
-    let owner = caller.map(|c| c.owner.clone());
-    let job = kickoff::start(app, export, request_url, base.clone(), owner).await?;
-    let mut response = empty_accepted();
-    let location = format!("{base}/_operations/export/{}", job.id);
-    response
-        .headers_mut()
-        .insert(header::CONTENT_LOCATION, header_value(&location));
-    Ok(response)
-}
-
-fn unknown_job(id: &str) -> ApiError {
-    ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"))
-}
-
-async fn status(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
-    let unknown = || unknown_job(id);
-    if !is_job_id(id) {
-        return Err(unknown());
-    }
-    let (job, _) = app
-        .jobs
-        .load(id)
-        .await?
-        .filter(|(job, _)| visible(job, caller))
-        .ok_or_else(unknown)?;
-    match job.status {
-        JobStatus::Cancelled => Err(unknown()),
-        JobStatus::Failed => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            IssueType::Exception,
-            job.failure.unwrap_or_else(|| "the export failed".into()),
-        )),
-        JobStatus::Completed => {
-            let manifest = app.jobs.manifest(id).await?.ok_or_else(unknown)?;
-            let manifest = match app.settings.file_urls {
-                FileUrls::Proxy => manifest.to_vec(),
-                FileUrls::Sas => with_signed_urls(app, &job.base_url, &manifest).await?,
-            };
-            let mut response = json_response(StatusCode::OK, "application/json", manifest);
-            if let Some(expires) = job.expires_at(app.settings.retention) {
-                let date = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
-                response
-                    .headers_mut()
-                    .insert(header::EXPIRES, header_value(&date));
-            }
-            Ok(response)
-        }
-        JobStatus::Running => {
-            let (done, total) = (job.shards_done(), job.shards.len());
-            let percent = (done * 100).checked_div(total).unwrap_or(100);
-            let mut response = empty_accepted();
-            let headers = response.headers_mut();
-            headers.insert(
-                "x-progress",
-                header_value(&format!("{percent}% ({done}/{total} shards)")),
-            );
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            Ok(response)
-        }
-    }
-}
-
-/// The manifest with each file's URL replaced by a short-lived read-only URL straight to the
-/// storage (signed at each poll, so a client that polls again gets fresh ones); no token needed.
-async fn with_signed_urls(app: &App, base_url: &str, manifest: &[u8]) -> Result<Vec<u8>, ApiError> {
-    let mut manifest: serde_json::Value = serde_json::from_slice(manifest).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            IssueType::Exception,
-            format!("the stored manifest is unreadable: {e}"),
-        )
-    })?;
-    let served_at = format!("{}/_exports/", base_url.trim_end_matches('/'));
-    let expiry = chrono::Utc::now() + crate::config::SAS_URL_LIFETIME;
-    let mut all_signed = true;
-    for list in ["output", "error"] {
-        let Some(files) = manifest.get_mut(list).and_then(|l| l.as_array_mut()) else {
-            continue;
-        };
-        for file in files {
-            let Some(path) = file["url"]
-                .as_str()
-                .and_then(|url| url.strip_prefix(&served_at))
-                .map(|path| {
-                    percent_encoding::percent_decode_str(path)
-                        .decode_utf8_lossy()
-                        .into_owned()
-                })
-            else {
-                all_signed = false;
-                continue;
-            };
-            match app.storage.signed_read_url(&path, expiry).await? {
-                Some(url) => file["url"] = url.into(),
-                None => all_signed = false,
-            }
-        }
-    }
-    if all_signed {
-        manifest["requiresAccessToken"] = false.into();
-    }
-    Ok(serde_json::to_vec_pretty(&manifest).expect("JSON"))
-}
-
-async fn cancel(app: &App, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
-    let unknown = || unknown_job(id);
-    if !is_job_id(id) {
-        return Err(unknown());
-    }
-    let mark_cancelled = || {
-        app.jobs.update(id, |job| match job.status {
-            _ if !visible(job, caller) => Change::Keep(None),
-            JobStatus::Cancelled => Change::Keep(None),
-            _ => {
-                job.status = JobStatus::Cancelled;
-                job.completed_at = Some(chrono::Utc::now());
-                Change::Write(Some(job.output_folder.clone()))
-            }
-        })
-    };
-    let folder = match mark_cancelled().await {
-        Err(crate::jobs::JobError::Storage(full)) if full.is_full() => {
-            // No room to record the cancel: the export's files go first, which makes room, then
-            // the record; should even that fail, the job's state goes too (a cancelled export is
-            // gone either way).
-            let job = match app.jobs.load(id).await? {
-                Some((job, _)) if visible(&job, caller) && job.status != JobStatus::Cancelled => {
-                    job
-                }
-                _ => return Err(unknown()),
-            };
-            app.storage.delete_prefix(&job.output_folder).await?;
-            match mark_cancelled().await {
-                Err(crate::jobs::JobError::Storage(still)) if still.is_full() => {
-                    tracing::warn!(
-                        job_id = id,
-                        "storage full: the cancelled export's state removed"
-                    );
-                    app.jobs.delete(id).await?;
-                }
-                other => {
-                    other?;
-                }
-            }
-            job.output_folder
-        }
-        Err(crate::jobs::JobError::Corrupt { .. }) => {
-            // Its folder and owner cannot be read: its state goes, so it stops troubling anyone.
-            app.jobs.delete(id).await?;
-            tracing::warn!(job_id = id, "unreadable job document deleted on cancel");
-            return Ok(json_response(
-                StatusCode::ACCEPTED,
-                FHIR_JSON,
-                crate::fhir::OperationOutcome::information(format!(
-                    "export {id} had an unreadable state document, now removed; its files could not be located"
-                ))
-                .to_json(),
-            ));
-        }
-        other => other?.flatten().ok_or_else(unknown)?,
-    };
-    app.storage.delete_prefix(&folder).await?;
-    app.storage
-        .delete_prefix(&crate::jobs::JobStore::manifest_path(id))
-        .await?;
-    tracing::info!(job_id = id, "export cancelled");
-    Ok(json_response(
-        StatusCode::ACCEPTED,
-        FHIR_JSON,
-        crate::fhir::OperationOutcome::information(format!(
-            "export {id} cancelled; its files are removed"
-        ))
-        .to_json(),
-    ))
-}
-
-async fn download(app: &App, path: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
-    let missing = || ApiError::not_found(format!("no export file {path:?}"));
-    let servable = path.ends_with(".ndjson")
-        && !path.starts_with(&format!("{JOBS_CONTAINER}/"))
-        && crate::storage::validate_path(path).is_ok();
-    if !servable {
-        return Err(missing());
-    }
-    if caller.is_some() {
-        // The folder names the job (`{yyyyMMddTHHmmss}-{jobId}`); only its owner reads the files.
-        let job_id = path
-            .rsplit('/')
-            .skip(1)
-            .find_map(|folder| folder.get(folder.len().checked_sub(32)?..))
-            .filter(|id| is_job_id(id))
-            .ok_or_else(missing)?;
-        let job = app
-            .jobs
-            .load(job_id)
-            .await?
-            .map(|(job, _)| job)
-            .filter(|job| visible(job, caller))
-            .ok_or_else(missing)?;
-        match file_type(&job, path).ok_or_else(missing)? {
-            FileType::Notes => {}
-            FileType::Resources(resource_type) => may_read(caller, resource_type)?,
-        }
-    }
-    let (size, stream) = match app.storage.read_stream(path).await {
-        Ok(found) => found.ok_or_else(missing)?,
-        Err(crate::storage::StorageError::InvalidPath(_)) => return Err(missing()),
-        Err(error) => return Err(error.into()),
-    };
-    let mut response = warp::reply::stream(stream).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    Ok(response)
-}
-
-enum FileType<'a> {
-    /// The request's notes (`OperationOutcome-1.ndjson`): the owner's whatever its scopes.
-    Notes,
-    Resources(&'a str),
-}
-
-/// What one of a job's files holds: `{stem}-{n}.ndjson` of one of its shards, or the notes.
-fn file_type<'a>(job: &'a crate::jobs::Job, path: &str) -> Option<FileType<'a>> {
-    let name = path.strip_prefix(&format!("{}/", job.output_folder))?;
-    if name == crate::export::NOTES_FILE {
-        return (!job.request.notes.is_empty()).then_some(FileType::Notes);
-    }
-    job.shards.iter().find_map(|shard| {
-        let number = name
-            .strip_prefix(shard.stem.as_str())?
-            .strip_prefix('-')?
-            .strip_suffix(".ndjson")?;
-        let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
-        numbered.then_some(FileType::Resources(shard.resource_type.as_str()))
-    })
 }
 
 /// `202 Accepted` with no body, and so no `Content-Type`.

@@ -6,15 +6,17 @@
 //! (1-1000, default 100), `_summary=count`, and `_cursor` (the paging position this server writes
 //! into its `next` links). `_lastUpdated` with `gt ge lt le` bounds the scan itself.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::{json_response, ApiError, FHIR_JSON};
-use crate::app::App;
+use crate::export::ExportError;
 use crate::fhir::search::SearchQuery;
 use crate::fhir::IssueType;
-use crate::source::{PatientScope, ScanError, ScanRequest, SinkError};
+use crate::source::{PatientScope, ResourceSource, ScanError, ScanRequest, SinkError};
 
 const DEFAULT_COUNT: usize = 100;
 const MAX_COUNT: usize = 1000;
@@ -31,17 +33,17 @@ fn invalid(parameter: &str, message: String) -> ApiError {
     }
 }
 
-pub async fn read(app: &App, resource_type: &str, id: &str) -> Result<Response, ApiError> {
+pub async fn read(
+    source: &Arc<dyn ResourceSource>,
+    resource_type: &str,
+    id: &str,
+) -> Result<Response, ApiError> {
     let missing =
         || ApiError::not_found(format!("{resource_type}/{id} is not known to this server"));
     if !crate::source::import::is_valid_id(id) {
         return Err(missing());
     }
-    let (source, t, i) = (
-        app.source.clone(),
-        resource_type.to_string(),
-        id.to_string(),
-    );
+    let (source, t, i) = (source.clone(), resource_type.to_string(), id.to_string());
     let found = tokio::task::spawn_blocking(move || source.read(&t, &i))
         .await
         .expect("a read does not panic")
@@ -51,6 +53,7 @@ pub async fn read(app: &App, resource_type: &str, id: &str) -> Result<Response, 
 }
 
 /// A search's bounds and filters, parsed from its query string.
+#[derive(Clone)]
 struct Search {
     count: usize,
     summary_count: bool,
@@ -148,7 +151,7 @@ fn bound(search: &mut Search, value: &str) -> bool {
 
 /// `GET [base]/{type}?...`, or with `compartment` the compartment search of one patient.
 pub async fn search(
-    app: &App,
+    source: &Arc<dyn ResourceSource>,
     base: &str,
     resource_type: &str,
     compartment: Option<&str>,
@@ -166,64 +169,11 @@ pub async fn search(
             )))
         }
     };
-    let source = app.source.clone();
-    let resource_type_owned = resource_type.to_string();
-    let limit = if search.summary_count {
-        usize::MAX
-    } else {
-        search.count + 1
-    };
     let (matches, total) = {
-        let query = search.query.clone();
-        let (since, until, cursor) = (search.since, search.until, search.cursor.clone());
-        tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u8>>, u64), ApiError> {
-            let mut matches = Vec::new();
-            let mut total = 0u64;
-            let request = ScanRequest {
-                resource_type: &resource_type_owned,
-                since,
-                stored_since: None,
-                until,
-                snapshot: Utc::now(),
-                scope: &scope,
-                after_id: cursor.as_deref(),
-                rows: Default::default(),
-                type_filters: &[],
-            };
-            if limit == usize::MAX && query.is_none() {
-                // A count the source keeps in its indexes reads no resource.
-                let counted = source
-                    .count(&request)
-                    .map_err(|e| ApiError::from(crate::export::ExportError::from(e)))?;
-                if let Some(total) = counted {
-                    return Ok((Vec::new(), total));
-                }
-            }
-            let scanned = source.scan(&request, &mut |resource| {
-                if let Some(query) = &query {
-                    let matched =
-                        serde_json::from_slice(resource).is_ok_and(|value| query.matches(&value));
-                    if !matched {
-                        return Ok(());
-                    }
-                }
-                total += 1;
-                if limit == usize::MAX {
-                    return Ok(());
-                }
-                matches.push(resource.to_vec());
-                if matches.len() >= limit {
-                    return Err(SinkError::Stopped);
-                }
-                Ok(())
-            });
-            match scanned {
-                Ok(_) | Err(ScanError::Sink(SinkError::Stopped)) => Ok((matches, total)),
-                Err(ScanError::Source(e)) => Err(crate::export::ExportError::from(e).into()),
-                Err(ScanError::Sink(e)) => {
-                    Err(crate::export::ExportError::from(ScanError::Sink(e)).into())
-                }
-            }
+        let (source, search, resource_type) =
+            (source.clone(), search.clone(), resource_type.to_string());
+        tokio::task::spawn_blocking(move || {
+            read_matches(source.as_ref(), &search, &resource_type, &scope)
         })
         .await
         .expect("a search does not panic")?
@@ -260,6 +210,61 @@ pub async fn search(
             search.summary_count.then_some(total),
         ),
     ))
+}
+
+/// The matches of one page (one more than the page holds, to tell whether a next page follows),
+/// or with `_summary=count` none, and how many matched in all.
+fn read_matches(
+    source: &dyn ResourceSource,
+    search: &Search,
+    resource_type: &str,
+    scope: &PatientScope,
+) -> Result<(Vec<Vec<u8>>, u64), ApiError> {
+    let limit = match search.summary_count {
+        true => usize::MAX,
+        false => search.count + 1,
+    };
+    let mut matches = Vec::new();
+    let mut total = 0u64;
+    let request = ScanRequest {
+        resource_type,
+        since: search.since,
+        stored_since: None,
+        until: search.until,
+        snapshot: Utc::now(),
+        scope,
+        after_id: search.cursor.as_deref(),
+        rows: Default::default(),
+        type_filters: &[],
+    };
+    if limit == usize::MAX && search.query.is_none() {
+        // A count the source keeps in its indexes reads no resource.
+        let counted = source.count(&request).map_err(ExportError::from)?;
+        if let Some(total) = counted {
+            return Ok((Vec::new(), total));
+        }
+    }
+    let scanned = source.scan(&request, &mut |resource| {
+        if let Some(query) = &search.query {
+            let matched = serde_json::from_slice(resource).is_ok_and(|value| query.matches(&value));
+            if !matched {
+                return Ok(());
+            }
+        }
+        total += 1;
+        if limit == usize::MAX {
+            return Ok(());
+        }
+        matches.push(resource.to_vec());
+        if matches.len() >= limit {
+            return Err(SinkError::Stopped);
+        }
+        Ok(())
+    });
+    match scanned {
+        Ok(_) | Err(ScanError::Sink(SinkError::Stopped)) => Ok((matches, total)),
+        Err(error) => Err(ExportError::from(error).into()),
+    }
 }
 
 fn id_of(resource: &[u8]) -> Option<String> {

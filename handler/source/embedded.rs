@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::{
-    PatientScope, ResourceSource, ScanError, ScanRequest, SinkError, SourceError, StoredType,
+    plan, tuning, Part, PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest,
+    SinkError, SourceError,
 };
 use crate::fhir::types::R4_RESOURCE_TYPES;
 
@@ -136,7 +137,7 @@ impl EmbeddedStore {
             })?;
         }
         let conn = store.connect()?;
-        conn.execute_batch("PRAGMA page_size = 16384; PRAGMA journal_mode = WAL;")
+        conn.execute_batch(tuning::CREATE)
             .and_then(|_| conn.execute_batch(SCHEMA))
             .and_then(|_| conn.execute_batch(PATIENT_LINK_TABLE))
             .and_then(|_| {
@@ -163,10 +164,8 @@ impl EmbeddedStore {
         let conn = Connection::open_with_flags(&self.path, flags).map_err(|e| self.error(e))?;
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(|e| self.error(e))?;
-        conn.execute_batch(
-            "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -16384; PRAGMA temp_store = MEMORY;",
-        )
-        .map_err(|e| self.error(e))?;
+        conn.execute_batch(tuning::CONNECTION)
+            .map_err(|e| self.error(e))?;
         Ok(conn)
     }
 
@@ -322,9 +321,12 @@ impl ResourceSource for EmbeddedStore {
     }
 
     /// From the kept statistics: a type stored together with more than `max_per_part` resources
-    /// is cut into rowid spans of equal length.
-    fn storage_parts(&self, max_per_part: u64) -> Result<HashMap<String, StoredType>, SourceError> {
-        self.planning(|conn| self.parts_on(conn, max_per_part))
+    /// is cut into rowid spans of equal length. Without them, by counting `lastUpdated` windows.
+    fn plan(&self, request: &PlanRequest<'_>) -> Result<Vec<Part>, SourceError> {
+        match self.planning(|conn| self.parts_on(conn, request))? {
+            Some(parts) => Ok(parts),
+            None => plan::by_last_updated(self, request),
+        }
     }
 
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
@@ -340,7 +342,7 @@ impl ResourceSource for EmbeddedStore {
     }
 
     /// What a scan would read, counted in the indexes (no resource is read): a search's
-    /// `_summary=count`. Exports plan by `storage_parts` instead.
+    /// `_summary=count`. Exports plan by rowid instead.
     fn count(&self, request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
         let conn = self.connect()?;
         if !self
@@ -354,7 +356,8 @@ impl ResourceSource for EmbeddedStore {
         }
         let runs = self.runs(&conn, request)?;
         let mut count = 0;
-        for query in self.queries(&conn, request, "count(*)")? {
+        let scope = self.scope_terms(&conn, request.scope)?;
+        for query in queries(request, "count(*)", &scope, None) {
             let counted: i64 = conn
                 .query_row(&query, bind(request, runs), |row| row.get(0))
                 .map_err(|e| self.error(e))?;
@@ -370,10 +373,20 @@ impl ResourceSource for EmbeddedStore {
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<u64, ScanError> {
         let conn = self.connect()?;
-        let queries = self.queries(&conn, request, "r.json")?;
+        let scope = self.scope_terms(&conn, request.scope)?;
+        // An export (no paging) reads a type stored together in storage order: each page once,
+        // where id order jumps about the table.
+        let span = match request.after_id {
+            None => self.dense_rowid_span(&conn, request.resource_type)?,
+            Some(_) => None,
+        };
+        if span.is_some() {
+            conn.execute_batch(tuning::STORAGE_ORDER_SCAN)
+                .map_err(|e| self.error(e))?;
+        }
         let runs = self.runs(&conn, request)?;
         let mut count = 0;
-        for query in queries {
+        for query in queries(request, "r.json", &scope, span) {
             let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
             let mut rows = statement
                 .query(bind(request, runs))
@@ -437,30 +450,23 @@ impl EmbeddedStore {
     fn parts_on(
         &self,
         conn: &Connection,
-        max_per_part: u64,
-    ) -> Result<HashMap<String, StoredType>, SourceError> {
+        request: &PlanRequest<'_>,
+    ) -> Result<Option<Vec<Part>>, SourceError> {
         let Some(stats) = type_stats(conn).map_err(|e| self.error(e))? else {
-            return Ok(HashMap::new());
+            return Ok(None);
         };
-        Ok(stats
-            .into_iter()
-            .map(|(resource_type, s)| {
-                let parts = match s.is_dense() {
-                    true => s.resources.div_ceil(max_per_part.max(1)).max(1),
-                    false => 1,
-                };
-                let span = i128::from(s.last_rowid - s.first_rowid + 1);
-                let cuts = (1..parts)
-                    .map(|k| s.first_rowid + (span * i128::from(k) / i128::from(parts)) as i64)
-                    .collect();
-                let stored = StoredType {
-                    resources: s.resources,
-                    bytes: s.bytes,
-                    cuts,
-                };
-                (resource_type, stored)
-            })
-            .collect())
+        let Some(s) = stats.get(request.resource_type) else {
+            return Ok(None);
+        };
+        let parts = match s.is_dense() {
+            true => s.resources.div_ceil(request.max_per_part.max(1)).max(1),
+            false => 1,
+        };
+        let span = i128::from(s.last_rowid - s.first_rowid + 1);
+        let cuts: Vec<i64> = (1..parts)
+            .map(|k| s.first_rowid + (span * i128::from(k) / i128::from(parts)) as i64)
+            .collect();
+        Ok(Some(Part::between_rows(&cuts, s.bytes, s.resources)))
     }
 }
 
@@ -523,16 +529,17 @@ impl EmbeddedStore {
 
     /// The queries of a scan (current rows, then, in a type's first part, replaced versions current
     /// at the snapshot), selecting `what`; the patient scope is set up in `conn`'s temp tables.
-    fn queries(
+    /// The terms that limit a scan to its patients' compartments: `(current rows, replaced rows)`.
+    /// For a list of patients, fills this connection's temporary table of them.
+    fn scope_terms(
         &self,
         conn: &Connection,
-        request: &ScanRequest<'_>,
-        what: &str,
-    ) -> Result<Vec<String>, SourceError> {
+        scope: &PatientScope,
+    ) -> Result<(String, String), SourceError> {
         // A current row's patients are its links; a replaced version keeps the patients its own
         // content named.
         let links = "patient_link c WHERE c.resource = r.rowid";
-        let (scope, replaced_scope) = match request.scope {
+        Ok(match scope {
             PatientScope::All => (String::new(), String::new()),
             PatientScope::AnyPatient => (
                 format!("AND EXISTS (SELECT 1 FROM {links})"),
@@ -556,71 +563,70 @@ impl EmbeddedStore {
                     format!("AND EXISTS (SELECT 1 FROM json_each(r.patients) p WHERE p.value {in_scope})"),
                 )
             }
-        };
-        let order = if what == "r.json" {
-            "ORDER BY r.id"
-        } else {
-            ""
-        };
-        // An export (no paging) reads a type stored together in storage order: each page once,
-        // where id order jumps about the table.
-        let span = match (what, request.after_id) {
-            ("r.json", None) => self.dense_rowid_span(conn, request.resource_type)?,
-            _ => None,
-        };
-        let rows = request.rows;
-        if span.is_some() {
-            // Storage order reads each page once: a small cache, so that a shard's connection
-            // does not fault in 16 MB of fresh memory for pages it never reads again.
-            conn.execute_batch("PRAGMA cache_size = -2048")
-                .map_err(|e| self.error(e))?;
+        })
+    }
+}
+
+/// The SQL of a scan (`what`: `r.json`) or count (`count(*)`): current versions, then (unless a
+/// storage range is read) replaced versions current at the snapshot. `span`: the type's rowids
+/// when it is stored together, to be read in storage order.
+fn queries(
+    request: &ScanRequest<'_>,
+    what: &str,
+    (scope, replaced_scope): &(String, String),
+    span: Option<(i64, i64)>,
+) -> Vec<String> {
+    let order = if what == "r.json" {
+        "ORDER BY r.id"
+    } else {
+        ""
+    };
+    let rows = request.rows;
+    let (type_term, current_order) = match span {
+        Some((first, last)) => {
+            let low = rows.from.map_or(first, |from| from.max(first));
+            let high = rows.to.map_or(last, |to| (to - 1).min(last));
+            (
+                "+r.type",
+                format!("AND r.rowid BETWEEN {low} AND {high} ORDER BY r.rowid"),
+            )
         }
-        let (type_term, current_order) = match span {
-            Some((first, last)) => {
-                let low = rows.from.map_or(first, |from| from.max(first));
-                let high = rows.to.map_or(last, |to| (to - 1).min(last));
-                (
-                    "+r.type",
-                    format!("AND r.rowid BETWEEN {low} AND {high} ORDER BY r.rowid"),
-                )
-            }
-            None => {
-                let from = rows.from.map(|from| format!("AND r.rowid >= {from} "));
-                let to = rows.to.map(|to| format!("AND r.rowid < {to} "));
-                (
-                    "r.type",
-                    format!(
-                        "{}{}{order}",
-                        from.unwrap_or_default(),
-                        to.unwrap_or_default()
-                    ),
-                )
-            }
-        };
-        // Without paging, no id term: a count then reads the `lastUpdated` index alone.
-        let after_id = match request.after_id {
-            Some(_) => "AND r.id > ?5",
-            None => "",
-        };
-        let current = format!(
-            "SELECT {what} FROM resources r
+        None => {
+            let from = rows.from.map(|from| format!("AND r.rowid >= {from} "));
+            let to = rows.to.map(|to| format!("AND r.rowid < {to} "));
+            (
+                "r.type",
+                format!(
+                    "{}{}{order}",
+                    from.unwrap_or_default(),
+                    to.unwrap_or_default()
+                ),
+            )
+        }
+    };
+    // Without paging, no id term: a count then reads the `lastUpdated` index alone.
+    let after_id = match request.after_id {
+        Some(_) => "AND r.id > ?5",
+        None => "",
+    };
+    let current = format!(
+        "SELECT {what} FROM resources r
              WHERE {type_term} = ?1 AND r.import_run <= ?4
                AND (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3
                {after_id} {scope}
              {current_order}"
-        );
-        if rows.from.is_some() {
-            return Ok(vec![current]);
-        }
-        Ok(vec![
-            current,
-            format!(
-                "SELECT {what} FROM replaced r
+    );
+    if rows.from.is_some() {
+        return vec![current];
+    }
+    vec![
+        current,
+        format!(
+            "SELECT {what} FROM replaced r
                  WHERE r.type = ?1 AND r.stored_run <= ?4 AND r.superseded_run > ?4
                    AND (r.last_updated > ?2 OR r.stored_run > ?6) AND r.last_updated <= ?3
                    {after_id} {replaced_scope}
                  {order}"
-            ),
-        ])
-    }
+        ),
+    ]
 }

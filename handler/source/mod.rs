@@ -2,17 +2,19 @@
 
 pub mod embedded;
 pub mod import;
+pub mod plan;
 mod read_once;
 pub mod remote;
-
-use std::collections::HashMap;
+mod tuning;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::fhir::search::SearchQuery;
 use crate::storage::StorageError;
 
 pub use embedded::EmbeddedStore;
+pub use plan::{Part, PartSize, PlanRequest};
 pub use remote::RemoteServer;
 
 /// Which patients' compartments a scan is limited to.
@@ -49,8 +51,8 @@ pub struct ScanRequest<'a> {
     pub after_id: Option<&'a str>,
     /// `_typeFilter` queries of this type (`Type?...`, ORed): a source may pass them on to a server;
     /// the exporter applies them to what comes back either way.
-    pub type_filters: &'a [String],
-    /// The part of the type to read, as cut by `ResourceSource::storage_parts` (whole by default).
+    pub type_filters: &'a [SearchQuery],
+    /// The part of the type to read, as planned by `ResourceSource::plan` (whole by default).
     pub rows: RowRange,
 }
 
@@ -86,16 +88,6 @@ impl RowRange {
     }
 }
 
-/// A type as a source stores it: how many resources, and where to cut it into parts of about the
-/// size asked (no cuts: one part).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredType {
-    pub resources: u64,
-    /// About how many bytes its resources take (to run the largest first).
-    pub bytes: u64,
-    pub cuts: Vec<i64>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("embedded store {path}: {source}")]
@@ -118,6 +110,15 @@ pub enum SourceError {
     Unsupported(String),
 }
 
+impl SourceError {
+    pub fn fault(&self) -> crate::fault::Fault {
+        match self {
+            SourceError::Remote(_) | SourceError::Unsupported(_) => crate::fault::Fault::Upstream,
+            SourceError::Sqlite { .. } | SourceError::Io { .. } => crate::fault::Fault::Internal,
+        }
+    }
+}
+
 /// Why the receiver of a scan stopped it.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -135,6 +136,16 @@ pub enum ScanError {
     Sink(#[from] SinkError),
 }
 
+impl ScanError {
+    pub fn fault(&self) -> crate::fault::Fault {
+        match self {
+            ScanError::Source(e) => e.fault(),
+            ScanError::Sink(SinkError::Storage(e)) => e.fault(),
+            ScanError::Sink(SinkError::Stopped) => crate::fault::Fault::Internal,
+        }
+    }
+}
+
 /// A FHIR resource source. Calls block: run them on a blocking thread.
 pub trait ResourceSource: Send + Sync {
     /// The resource types that hold at least one resource, sorted by name.
@@ -143,20 +154,16 @@ pub trait ResourceSource: Send + Sync {
     /// One resource's stored JSON.
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError>;
 
-    /// How many resources a scan would give, when the source can tell cheaply (`None`: it cannot;
-    /// then the type is not split). `type_filters` and `after_id` are not applied.
+    /// How many resources a scan would give, when the source can tell cheaply (`None`: it cannot).
+    /// `type_filters` and `after_id` are not applied.
     fn count(&self, _request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
         Ok(None)
     }
 
-    /// Each stored type's size and where to cut it into parts of about `max_per_part` resources,
-    /// when the source can tell without counting (empty: it cannot; then types are not cut this way
-    /// and shards run in type order).
-    fn storage_parts(
-        &self,
-        _max_per_part: u64,
-    ) -> Result<HashMap<String, StoredType>, SourceError> {
-        Ok(HashMap::new())
+    /// The parts one type's export is cut into, each of about `max_per_part` resources at most, in
+    /// an order that reads each resource once (by default one part: the whole type).
+    fn plan(&self, _request: &PlanRequest<'_>) -> Result<Vec<Part>, SourceError> {
+        Ok(Part::whole())
     }
 
     /// Streams each matching resource, as its stored JSON bytes, to `sink`; returns how many.

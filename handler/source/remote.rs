@@ -29,9 +29,12 @@ use serde_json::value::RawValue;
 use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore};
 
-use super::{PatientScope, ResourceSource, ScanError, ScanRequest, SinkError, SourceError};
+use super::{
+    Part, PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest, SinkError, SourceError,
+};
 use crate::fhir::compartment::{compartment_search_params, patient_ids};
-use crate::fhir::{is_resource_type, search};
+use crate::fhir::is_resource_type;
+use crate::fhir::search::SearchQuery;
 
 /// Requests to the server in flight at once, per process.
 const MAX_IN_FLIGHT: usize = 8;
@@ -534,8 +537,7 @@ impl Inner {
         let mut queries: Vec<String> = request
             .type_filters
             .iter()
-            .filter_map(|q| q.split_once('?'))
-            .map(|(resource_type, query)| search::server_exact_criteria(resource_type, query))
+            .map(SearchQuery::server_exact_criteria)
             .collect();
         if queries.is_empty() || queries.iter().any(String::is_empty) {
             queries = vec![String::new()];
@@ -691,6 +693,11 @@ impl ResourceSource for RemoteServer {
     }
 
     /// A `_summary=count` probe of the window, for whole-type scans only.
+    /// By `_summary=count` probes over `lastUpdated` windows.
+    fn plan(&self, request: &PlanRequest<'_>) -> Result<Vec<Part>, SourceError> {
+        super::plan::by_last_updated(self, request)
+    }
+
     fn count(&self, request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
         let whole_type = matches!(request.scope, PatientScope::All)
             || (matches!(request.scope, PatientScope::AnyPatient)

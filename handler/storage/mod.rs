@@ -71,6 +71,15 @@ impl StorageError {
         }
     }
 
+    pub fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::Fault;
+        match self {
+            StorageError::Denied { .. } | StorageError::Service { .. } => Fault::Unavailable,
+            StorageError::Full { .. } => Fault::Full,
+            _ => Fault::Internal,
+        }
+    }
+
     /// Writes are refused for want of space: they may succeed once space returns.
     pub fn is_full(&self) -> bool {
         matches!(self, StorageError::Full { .. })

@@ -12,9 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fhir_export::app::{serve_local, App};
+use fhir_export::app::{limits_of, serve_local, App};
 use fhir_export::config::{Settings, SourceSetting, StorageSetting};
-use fhir_export::jobs::JobStore;
+use fhir_export::export::Exports;
 use fhir_export::queue::InProcessQueue;
 use fhir_export::source::remote::{RemoteAuth, RequestStats};
 use fhir_export::source::{import, EmbeddedStore, RemoteServer, ResourceSource};
@@ -35,15 +35,8 @@ fn app(
 ) -> (App, fhir_export::queue::QueueReceiver) {
     let storage: Arc<dyn ObjectStore> = Arc::new(LocalFolder::open(exports).unwrap());
     let (queue, receiver) = InProcessQueue::new();
-    let app = App {
-        settings: Arc::new(settings),
-        source,
-        jobs: JobStore::new(storage.clone()),
-        storage,
-        queue: Arc::new(queue),
-        auth: None,
-    };
-    (app, receiver)
+    let exports = Exports::new(source, storage, Arc::new(queue), limits_of(&settings));
+    (App::assemble(settings, exports).unwrap(), receiver)
 }
 
 /// Kickoff to manifest: (seconds, resources, seconds the kickoff took to answer).

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use fhir_export::app::{serve_local, App};
 use fhir_export::config::{Settings, SourceSetting, StorageSetting};
+use fhir_export::export::Exports;
 use fhir_export::source::{import, EmbeddedStore};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -168,8 +169,15 @@ async fn start_app(
     tune(&mut settings);
     let (mut app, receiver) = App::open_local(settings).unwrap();
     if let Some(storage) = storage {
-        app.jobs = fhir_export::jobs::JobStore::new(storage.clone());
-        app.storage = storage;
+        let exports = &app.exports;
+        let exports = Exports::new(
+            exports.source.clone(),
+            storage,
+            exports.queue.clone(),
+            (*exports.limits).clone(),
+        );
+        let settings = (*app.settings).clone();
+        app = App::assemble(settings, exports).unwrap();
     }
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await

@@ -121,7 +121,7 @@ fn kickoff_parameters(runner: &mut TestRunner) {
                             .is_ok());
                         }
                         for filter in &request.type_filters {
-                            prop_assert!(SearchQuery::parse(filter).is_ok());
+                            prop_assert!(SearchQuery::parse(filter.as_str()).is_ok());
                         }
                     }
                 }

@@ -19,7 +19,7 @@ use rusqlite::Connection;
 
 use super::embedded::{micros, register_run, TypeStats};
 use super::read_once::ReadOnce;
-use super::{EmbeddedStore, SourceError};
+use super::{tuning, EmbeddedStore, SourceError};
 use crate::fhir::compartment;
 use crate::fhir::json::Json;
 use crate::fhir::types::is_resource_type;
@@ -92,28 +92,12 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     let files = discover(paths, &mut report.failed);
     report.files = files.len();
     let mut conn = store.connect()?;
-    // Temp files, not memory, for `before_run`: a reload of the whole store remembers every row.
-    // The connection's small page cache is kept: a load mostly appends, and a larger cache only
-    // holds more of it in fresh memory until the commit (128 MB made no load faster).
-    conn.execute_batch("PRAGMA temp_store = FILE")
-        .map_err(|e| store.error(e))?;
-    // Into a store already holding resources, a load looks each one up: those rows are read
-    // through a map of the file rather than copied a page at a time into that small cache. SQLite
-    // caps the map at its build's `SQLITE_MAX_MMAP_SIZE` (raised in `.cargo/config.toml`).
     let holds_resources: bool = conn
         .query_row("SELECT EXISTS (SELECT 1 FROM resources)", [], |row| {
             row.get(0)
         })
         .map_err(|e| store.error(e))?;
-    if holds_resources {
-        conn.execute_batch("PRAGMA mmap_size = 1099511627776")
-            .map_err(|e| store.error(e))?;
-    }
-    // A rollback journal while loading: new pages go straight into the file, rather than through
-    // the WAL and a checkpoint copying them again. Only while no one else has the store open.
-    let journal: String = conn
-        .query_row("PRAGMA journal_mode = TRUNCATE", [], |row| row.get(0))
-        .unwrap_or_else(|_| "wal".into());
+    let journal = tuning::for_load(&conn, holds_resources).map_err(|e| store.error(e))?;
     let mut urns = known_urns(&conn).map_err(|e| store.error(e))?;
     let new_urns = collect_urns(&files);
     urns.extend(new_urns.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -179,10 +163,7 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
         elapsed_ms = started.elapsed().as_millis() as u64,
         "committed"
     );
-    if journal != "wal" {
-        conn.execute_batch("PRAGMA journal_mode = WAL")
-            .map_err(|e| store.error(e))?;
-    }
+    tuning::after_load(&conn, &journal).map_err(|e| store.error(e))?;
     // Only now, its rows committed, do snapshots taken from here on read the run.
     register_run(&conn, run).map_err(|e| store.error(e))?;
     Ok(report)

@@ -120,6 +120,15 @@ pub enum JobError {
     },
 }
 
+impl JobError {
+    pub fn fault(&self) -> crate::fault::Fault {
+        match self {
+            JobError::Storage(e) => e.fault(),
+            JobError::Corrupt { .. } => crate::fault::Fault::Internal,
+        }
+    }
+}
+
 /// What an update closure decided.
 pub enum Change<T> {
     /// Write the changed job, then return `T`.

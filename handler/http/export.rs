@@ -1,0 +1,333 @@
+//! The export endpoints: kickoff, status (with the manifest), cancel, and the export files.
+
+use warp::http::{header, HeaderValue, Method, StatusCode};
+use warp::reply::Response;
+use warp::Reply;
+
+use super::{
+    base_url, empty_accepted, header_value, json_response, may_read, parameters, Api, ApiError,
+    Request, FHIR_JSON, NDJSON,
+};
+use crate::auth::{AuthError, Caller};
+use crate::config::FileUrls;
+use crate::export::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
+use crate::export::request::{check_headers, is_lenient, KickoffHeaders};
+use crate::export::{kickoff, ExportRequest, Level};
+use crate::fhir::IssueType;
+
+pub async fn kickoff(
+    api: &Api,
+    request: &Request,
+    level: Level,
+    caller: Option<&Caller>,
+) -> Result<Response, ApiError> {
+    let header = |name: header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
+    let prefer = header(header::HeaderName::from_static("prefer"));
+    check_headers(&KickoffHeaders {
+        accept: header(header::ACCEPT),
+        prefer,
+    })?;
+    let query = if request.method == Method::POST {
+        if !request.query.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                IssueType::Invalid,
+                "a POST kickoff takes its parameters in a Parameters body, not in the query string",
+            ));
+        }
+        parameters::to_query(&request.body)?
+    } else {
+        request.query.clone()
+    };
+    let mut export = ExportRequest::from_query(
+        level,
+        &query,
+        is_lenient(prefer),
+        request.method == Method::POST,
+    )?;
+    limit_to_readable(caller, &mut export)?;
+    let base = base_url(api, request);
+    let request_url = match request.query.is_empty() {
+        true => format!("{base}{}", request.path),
+        false => format!("{base}{}?{}", request.path, request.query),
+    };
+    let owner = caller.map(|c| c.owner.clone());
+    let job = kickoff::start(&api.exports, export, request_url, base.clone(), owner).await?;
+    let mut response = empty_accepted();
+    let location = format!("{base}/_operations/export/{}", job.id);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LOCATION, header_value(&location));
+    Ok(response)
+}
+
+fn unknown_job(id: &str) -> ApiError {
+    ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"))
+}
+
+pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
+    let unknown = || unknown_job(id);
+    if !is_job_id(id) {
+        return Err(unknown());
+    }
+    let (job, _) = api
+        .exports
+        .jobs
+        .load(id)
+        .await?
+        .filter(|(job, _)| visible(job, caller))
+        .ok_or_else(unknown)?;
+    match job.status {
+        JobStatus::Cancelled => Err(unknown()),
+        JobStatus::Failed => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            IssueType::Exception,
+            job.failure.unwrap_or_else(|| "the export failed".into()),
+        )),
+        JobStatus::Completed => {
+            let manifest = api.exports.jobs.manifest(id).await?.ok_or_else(unknown)?;
+            let manifest = match api.file_urls {
+                FileUrls::Proxy => manifest.to_vec(),
+                FileUrls::Sas => with_signed_urls(api, &job.base_url, &manifest).await?,
+            };
+            let mut response = json_response(StatusCode::OK, "application/json", manifest);
+            if let Some(expires) = job.expires_at(api.exports.limits.retention) {
+                let date = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+                response
+                    .headers_mut()
+                    .insert(header::EXPIRES, header_value(&date));
+            }
+            Ok(response)
+        }
+        JobStatus::Running => {
+            let (done, total) = (job.shards_done(), job.shards.len());
+            let percent = (done * 100).checked_div(total).unwrap_or(100);
+            let mut response = empty_accepted();
+            let headers = response.headers_mut();
+            headers.insert(
+                "x-progress",
+                header_value(&format!("{percent}% ({done}/{total} shards)")),
+            );
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Ok(response)
+        }
+    }
+}
+
+/// The manifest with each file's URL replaced by a short-lived read-only URL straight to the
+/// storage (signed at each poll, so a client that polls again gets fresh ones); no token needed.
+async fn with_signed_urls(api: &Api, base_url: &str, manifest: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let mut manifest: serde_json::Value = serde_json::from_slice(manifest).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            IssueType::Exception,
+            format!("the stored manifest is unreadable: {e}"),
+        )
+    })?;
+    let served_at = format!("{}/_exports/", base_url.trim_end_matches('/'));
+    let expiry = chrono::Utc::now() + crate::config::SAS_URL_LIFETIME;
+    let mut all_signed = true;
+    for list in ["output", "error"] {
+        let Some(files) = manifest.get_mut(list).and_then(|l| l.as_array_mut()) else {
+            continue;
+        };
+        for file in files {
+            let Some(path) = file["url"]
+                .as_str()
+                .and_then(|url| url.strip_prefix(&served_at))
+                .map(|path| {
+                    percent_encoding::percent_decode_str(path)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+            else {
+                all_signed = false;
+                continue;
+            };
+            match api.exports.storage.signed_read_url(&path, expiry).await? {
+                Some(url) => file["url"] = url.into(),
+                None => all_signed = false,
+            }
+        }
+    }
+    if all_signed {
+        manifest["requiresAccessToken"] = false.into();
+    }
+    Ok(serde_json::to_vec_pretty(&manifest).expect("JSON"))
+}
+
+pub async fn cancel(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
+    let unknown = || unknown_job(id);
+    if !is_job_id(id) {
+        return Err(unknown());
+    }
+    let mark_cancelled = || {
+        api.exports.jobs.update(id, |job| match job.status {
+            _ if !visible(job, caller) => Change::Keep(None),
+            JobStatus::Cancelled => Change::Keep(None),
+            _ => {
+                job.status = JobStatus::Cancelled;
+                job.completed_at = Some(chrono::Utc::now());
+                Change::Write(Some(job.output_folder.clone()))
+            }
+        })
+    };
+    let folder = match mark_cancelled().await {
+        Err(crate::export::jobs::JobError::Storage(full)) if full.is_full() => {
+            // No room to record the cancel: the export's files go first, which makes room, then
+            // the record; should even that fail, the job's state goes too (a cancelled export is
+            // gone either way).
+            let job = match api.exports.jobs.load(id).await? {
+                Some((job, _)) if visible(&job, caller) && job.status != JobStatus::Cancelled => {
+                    job
+                }
+                _ => return Err(unknown()),
+            };
+            api.exports
+                .storage
+                .delete_prefix(&job.output_folder)
+                .await?;
+            match mark_cancelled().await {
+                Err(crate::export::jobs::JobError::Storage(still)) if still.is_full() => {
+                    tracing::warn!(
+                        job_id = id,
+                        "storage full: the cancelled export's state removed"
+                    );
+                    api.exports.jobs.delete(id).await?;
+                }
+                other => {
+                    other?;
+                }
+            }
+            job.output_folder
+        }
+        Err(crate::export::jobs::JobError::Corrupt { .. }) => {
+            // Its folder and owner cannot be read: its state goes, so it stops troubling anyone.
+            api.exports.jobs.delete(id).await?;
+            tracing::warn!(job_id = id, "unreadable job document deleted on cancel");
+            return Ok(json_response(
+                StatusCode::ACCEPTED,
+                FHIR_JSON,
+                crate::fhir::OperationOutcome::information(format!(
+                    "export {id} had an unreadable state document, now removed; its files could not be located"
+                ))
+                .to_json(),
+            ));
+        }
+        other => other?.flatten().ok_or_else(unknown)?,
+    };
+    api.exports.storage.delete_prefix(&folder).await?;
+    api.exports
+        .storage
+        .delete_prefix(&crate::export::jobs::JobStore::manifest_path(id))
+        .await?;
+    tracing::info!(job_id = id, "export cancelled");
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        FHIR_JSON,
+        crate::fhir::OperationOutcome::information(format!(
+            "export {id} cancelled; its files are removed"
+        ))
+        .to_json(),
+    ))
+}
+
+pub async fn download(
+    api: &Api,
+    path: &str,
+    caller: Option<&Caller>,
+) -> Result<Response, ApiError> {
+    let missing = || ApiError::not_found(format!("no export file {path:?}"));
+    let servable = path.ends_with(".ndjson")
+        && !path.starts_with(&format!("{JOBS_CONTAINER}/"))
+        && crate::storage::validate_path(path).is_ok();
+    if !servable {
+        return Err(missing());
+    }
+    if caller.is_some() {
+        // The folder names the job (`{yyyyMMddTHHmmss}-{jobId}`); only its owner reads the files.
+        let job_id = path
+            .rsplit('/')
+            .skip(1)
+            .find_map(|folder| folder.get(folder.len().checked_sub(32)?..))
+            .filter(|id| is_job_id(id))
+            .ok_or_else(missing)?;
+        let job = api
+            .exports
+            .jobs
+            .load(job_id)
+            .await?
+            .map(|(job, _)| job)
+            .filter(|job| visible(job, caller))
+            .ok_or_else(missing)?;
+        match file_type(&job, path).ok_or_else(missing)? {
+            FileType::Notes => {}
+            FileType::Resources(resource_type) => may_read(caller, resource_type)?,
+        }
+    }
+    let (size, stream) = match api.exports.storage.read_stream(path).await {
+        Ok(found) => found.ok_or_else(missing)?,
+        Err(crate::storage::StorageError::InvalidPath(_)) => return Err(missing()),
+        Err(error) => return Err(error.into()),
+    };
+    let mut response = warp::reply::stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    Ok(response)
+}
+
+enum FileType<'a> {
+    /// The request's notes (`OperationOutcome-1.ndjson`): the owner's whatever its scopes.
+    Notes,
+    Resources(&'a str),
+}
+
+/// What one of a job's files holds: `{stem}-{n}.ndjson` of one of its shards, or the notes.
+fn file_type<'a>(job: &'a crate::export::jobs::Job, path: &str) -> Option<FileType<'a>> {
+    let name = path.strip_prefix(&format!("{}/", job.output_folder))?;
+    if name == crate::export::NOTES_FILE {
+        return (!job.request.notes.is_empty()).then_some(FileType::Notes);
+    }
+    job.shards.iter().find_map(|shard| {
+        let number = name
+            .strip_prefix(shard.stem.as_str())?
+            .strip_prefix('-')?
+            .strip_suffix(".ndjson")?;
+        let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
+        numbered.then_some(FileType::Resources(shard.resource_type.as_str()))
+    })
+}
+
+/// Narrows an export to the types the caller may read: `_type` naming another type is refused,
+/// no `_type` means every readable type.
+fn limit_to_readable(caller: Option<&Caller>, export: &mut ExportRequest) -> Result<(), ApiError> {
+    let Some(readable) = caller.and_then(Caller::readable_types) else {
+        return Ok(());
+    };
+    let filtered_types = export
+        .type_filters
+        .iter()
+        .map(|query| query.resource_type.as_str());
+    let requested = export.types.iter().flatten().map(String::as_str);
+    let refused: Vec<&str> = requested
+        .chain(filtered_types)
+        .filter(|t| !readable.iter().any(|r| r == t))
+        .collect();
+    if !refused.is_empty() {
+        return Err(AuthError::Forbidden(format!(
+            "read access to {} (asked for in _type or _typeFilter)",
+            refused.join(", ")
+        ))
+        .into());
+    }
+    if export.types.is_none() {
+        export.types = Some(readable.to_vec());
+    }
+    Ok(())
+}
+
+/// A job the caller may see: with tokens checked, only its owner's.
+fn visible(job: &crate::export::jobs::Job, caller: Option<&Caller>) -> bool {
+    caller.is_none_or(|caller| job.owner.as_deref() == Some(caller.owner.as_str()))
+}

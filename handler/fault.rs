@@ -1,7 +1,8 @@
 //! The kind of a failure, said by each error type of its own variants, so that the HTTP layer maps
 //! kinds to statuses in one small table without knowing any other module's variants.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum Fault {
     /// The request is wrong (400).
     Invalid,

@@ -3,8 +3,9 @@
 //! Functions with bindings other than plain HTTP arrive as `POST /{FunctionName}` carrying
 //! `{Data, Metadata}` and are answered with `{Outputs, Logs, ReturnValue}`:
 //! - `SystemExport`, `PatientExport`, `GroupExport`: HTTP kickoff; `Outputs.res` is the HTTP answer,
-//!   `Outputs.shards` the shard messages for the Service Bus output binding.
-//! - `ShardWorker`: one Service Bus message; retries and continuations go out as `Outputs.shards`.
+//!   `Outputs.shards` the job's planning message for the Service Bus output binding.
+//! - `ShardWorker`: one Service Bus message: a job's planning (its shards go out as
+//!   `Outputs.shards`) or one shard (retries and continuations go out the same way).
 //! - `StaleSweeper`: the timer; shards silent too long go out again as `Outputs.shards`.
 //!
 //! Everything else (status, cancel, downloads, metadata) is forwarded raw HTTP and handled by
@@ -25,7 +26,7 @@ use warp::{Filter, Reply};
 
 use crate::export::{worker, Exports};
 use crate::http::{dispatch, outcome_response, Api, ApiError, Request};
-use crate::queue::{QueueClosed, ShardMessage, WorkQueue};
+use crate::queue::{QueueClosed, WorkMessage, WorkQueue};
 
 /// The output binding (Service Bus) every function sends shard messages through.
 pub const SHARDS_OUTPUT: &str = "shards";
@@ -43,18 +44,18 @@ const MAX_PAYLOAD_BYTES: u64 = 8 << 20;
 /// Collects the shard messages one invocation sends, for its output binding.
 #[derive(Default)]
 pub struct CollectingQueue {
-    messages: Mutex<Vec<ShardMessage>>,
+    messages: Mutex<Vec<WorkMessage>>,
 }
 
 impl CollectingQueue {
-    pub fn take(&self) -> Vec<ShardMessage> {
+    pub fn take(&self) -> Vec<WorkMessage> {
         std::mem::take(&mut self.messages.lock().expect("collected messages"))
     }
 }
 
 #[async_trait]
 impl WorkQueue for CollectingQueue {
-    async fn enqueue(&self, messages: Vec<ShardMessage>) -> Result<(), QueueClosed> {
+    async fn enqueue(&self, messages: Vec<WorkMessage>) -> Result<(), QueueClosed> {
         self.messages
             .lock()
             .expect("collected messages")
@@ -65,7 +66,7 @@ impl WorkQueue for CollectingQueue {
     /// Service Bus delivers it again soon; the pause between attempts is the host's polling.
     async fn enqueue_later(
         &self,
-        message: ShardMessage,
+        message: WorkMessage,
         _delay: Duration,
     ) -> Result<(), QueueClosed> {
         self.enqueue(vec![message]).await
@@ -77,11 +78,11 @@ pub struct NoQueue;
 
 #[async_trait]
 impl WorkQueue for NoQueue {
-    async fn enqueue(&self, _messages: Vec<ShardMessage>) -> Result<(), QueueClosed> {
+    async fn enqueue(&self, _messages: Vec<WorkMessage>) -> Result<(), QueueClosed> {
         Err(QueueClosed)
     }
 
-    async fn enqueue_later(&self, _: ShardMessage, _: Duration) -> Result<(), QueueClosed> {
+    async fn enqueue_later(&self, _: WorkMessage, _: Duration) -> Result<(), QueueClosed> {
         Err(QueueClosed)
     }
 }
@@ -243,16 +244,20 @@ async fn run_shard(exports: &Exports, payload: &Value, logs: &mut Vec<String>) -
     let delivery = metadata_number(payload, "DeliveryCount").unwrap_or(1);
     let message = trigger_data(payload, "message")
         .map(unwrap_json)
-        .and_then(|value| serde_json::from_value::<ShardMessage>(value).ok());
+        .and_then(|value| serde_json::from_value::<WorkMessage>(value).ok());
     let Some(message) = message else {
         // Redelivering a message that cannot be read would never help.
         logs.push("ShardWorker: the message is not a shard message; dropped".into());
         tracing::error!(payload = %payload, "unreadable shard message dropped");
         return StatusCode::OK;
     };
+    let work = match message.shard {
+        Some(shard) => format!("shard {shard}"),
+        None => "planning".to_string(),
+    };
     logs.push(format!(
-        "ShardWorker: job {} shard {} (delivery {delivery})",
-        message.job_id, message.shard
+        "ShardWorker: job {} {work} (delivery {delivery})",
+        message.job_id
     ));
     if !crate::export::jobs::is_job_id(&message.job_id) {
         logs.push(format!(

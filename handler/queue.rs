@@ -7,12 +7,31 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-/// A queue message: run one shard of one job. Also the body of a Service Bus message in Azure.
+/// A queue message: plan one job (`{"jobId": ...}`), or run one of its shards
+/// (`{"jobId": ..., "shard": n}`). Also the body of a Service Bus message in Azure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ShardMessage {
+pub struct WorkMessage {
     pub job_id: String,
-    pub shard: usize,
+    /// `None`: plan the job (cut its types into shards, then queue them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<usize>,
+}
+
+impl WorkMessage {
+    pub fn plan(job_id: &str) -> WorkMessage {
+        WorkMessage {
+            job_id: job_id.to_string(),
+            shard: None,
+        }
+    }
+
+    pub fn shard(job_id: &str, shard: usize) -> WorkMessage {
+        WorkMessage {
+            job_id: job_id.to_string(),
+            shard: Some(shard),
+        }
+    }
 }
 
 /// Queues the given shards of a job.
@@ -23,10 +42,7 @@ pub async fn enqueue_shards(
 ) -> Result<(), QueueClosed> {
     let messages = shards
         .into_iter()
-        .map(|shard| ShardMessage {
-            job_id: job_id.to_string(),
-            shard,
-        })
+        .map(|shard| WorkMessage::shard(job_id, shard))
         .collect();
     queue.enqueue(messages).await
 }
@@ -37,20 +53,17 @@ pub struct QueueClosed;
 
 #[async_trait]
 pub trait WorkQueue: Send + Sync {
-    async fn enqueue(&self, messages: Vec<ShardMessage>) -> Result<(), QueueClosed>;
+    async fn enqueue(&self, messages: Vec<WorkMessage>) -> Result<(), QueueClosed>;
 
     /// Sends the message again after `delay` (a retry).
-    async fn enqueue_later(
-        &self,
-        message: ShardMessage,
-        delay: Duration,
-    ) -> Result<(), QueueClosed>;
+    async fn enqueue_later(&self, message: WorkMessage, delay: Duration)
+        -> Result<(), QueueClosed>;
 }
 
 /// An unbounded in-memory queue; job state on storage lets a restart rebuild it.
 #[derive(Clone)]
 pub struct InProcessQueue {
-    sender: mpsc::UnboundedSender<ShardMessage>,
+    sender: mpsc::UnboundedSender<WorkMessage>,
 }
 
 impl InProcessQueue {
@@ -67,14 +80,14 @@ impl InProcessQueue {
 /// The worker side of the in-process queue: jobs take turns, one shard each, so an export of 500
 /// shards queued first does not hold back one of 3 queued after it.
 pub struct QueueReceiver {
-    channel: mpsc::UnboundedReceiver<ShardMessage>,
+    channel: mpsc::UnboundedReceiver<WorkMessage>,
     /// Jobs with shards waiting, in turn order, each with its shards in the order queued.
-    waiting: VecDeque<(String, VecDeque<ShardMessage>)>,
+    waiting: VecDeque<(String, VecDeque<WorkMessage>)>,
 }
 
 impl QueueReceiver {
     /// The next shard: of the job whose turn it is. `None` once the queue is closed and drained.
-    pub async fn recv(&mut self) -> Option<ShardMessage> {
+    pub async fn recv(&mut self) -> Option<WorkMessage> {
         if self.waiting.is_empty() {
             let message = self.channel.recv().await?;
             self.add(message);
@@ -90,7 +103,7 @@ impl QueueReceiver {
         next
     }
 
-    fn add(&mut self, message: ShardMessage) {
+    fn add(&mut self, message: WorkMessage) {
         match self
             .waiting
             .iter_mut()
@@ -106,7 +119,7 @@ impl QueueReceiver {
 
 #[async_trait]
 impl WorkQueue for InProcessQueue {
-    async fn enqueue(&self, messages: Vec<ShardMessage>) -> Result<(), QueueClosed> {
+    async fn enqueue(&self, messages: Vec<WorkMessage>) -> Result<(), QueueClosed> {
         messages
             .into_iter()
             .try_for_each(|m| self.sender.send(m).map_err(|_| QueueClosed))
@@ -114,7 +127,7 @@ impl WorkQueue for InProcessQueue {
 
     async fn enqueue_later(
         &self,
-        message: ShardMessage,
+        message: WorkMessage,
         delay: Duration,
     ) -> Result<(), QueueClosed> {
         let sender = self.sender.clone();
@@ -130,11 +143,8 @@ impl WorkQueue for InProcessQueue {
 mod tests {
     use super::*;
 
-    fn shard(job: &str, shard: usize) -> ShardMessage {
-        ShardMessage {
-            job_id: job.into(),
-            shard,
-        }
+    fn shard(job: &str, shard: usize) -> WorkMessage {
+        WorkMessage::shard(job, shard)
     }
 
     #[tokio::test]
@@ -154,8 +164,10 @@ mod tests {
         for _ in 0..6 {
             order.push(receiver.recv().await.unwrap());
         }
-        let order: Vec<(&str, usize)> =
-            order.iter().map(|m| (m.job_id.as_str(), m.shard)).collect();
+        let order: Vec<(&str, usize)> = order
+            .iter()
+            .map(|m| (m.job_id.as_str(), m.shard.unwrap()))
+            .collect();
         assert_eq!(
             order,
             [

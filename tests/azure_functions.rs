@@ -148,7 +148,8 @@ async fn invoke(handler: &Handler, function: &str, payload: &Value) -> (u16, Val
     (status, body)
 }
 
-/// Kicks off through the payload protocol; returns the job id and the shard messages.
+/// Kicks off through the payload protocol, then runs the planning message the kickoff sent;
+/// returns the job id and the shard messages the planning sent.
 async fn kickoff(handler: &Handler, function: &str, path_and_query: &str) -> (String, Vec<Value>) {
     let (status, body) = invoke(
         handler,
@@ -164,7 +165,20 @@ async fn kickoff(handler: &Handler, function: &str, path_and_query: &str) -> (St
         .strip_prefix(&format!("{PUBLIC}/_operations/export/"))
         .unwrap_or_else(|| panic!("Content-Location {location}"))
         .to_string();
-    let shards = body["Outputs"]["shards"].as_array().unwrap().clone();
+    let sent = body["Outputs"]["shards"].as_array().unwrap().clone();
+    assert_eq!(
+        sent,
+        [json!({ "jobId": id })],
+        "one planning message: {body}"
+    );
+    let (status, planned) = invoke(
+        handler,
+        "ShardWorker",
+        &service_bus_payload(&Value::String(sent[0].to_string()), json!(1)),
+    )
+    .await;
+    assert_eq!(status, 200, "{planned}");
+    let shards = planned["Outputs"]["shards"].as_array().unwrap().clone();
     (id, shards)
 }
 
@@ -179,8 +193,13 @@ async fn forwarded_status(handler: &Handler, id: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// Runs the messages, and those a planning message sends, until none is left.
 async fn run_shards(handler: &Handler, shards: &[Value]) {
-    for (n, message) in shards.iter().enumerate() {
+    let mut queue: std::collections::VecDeque<Value> = shards.iter().cloned().collect();
+    let mut sent = 0;
+    while let Some(message) = queue.pop_front() {
+        let n = sent;
+        sent += 1;
         // The body as the host hands it over: a string, sometimes JSON-encoded twice.
         let text = message.to_string();
         let data = match n % 3 {
@@ -192,6 +211,16 @@ async fn run_shards(handler: &Handler, shards: &[Value]) {
         let (status, body) =
             invoke(handler, "ShardWorker", &service_bus_payload(&data, count)).await;
         assert_eq!(status, 200, "{body}");
+        if message.get("shard").is_none() {
+            queue.extend(
+                body["Outputs"]["shards"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .cloned(),
+            );
+            continue;
+        }
         assert_eq!(
             body["Outputs"]["shards"],
             json!([]),
@@ -489,6 +518,46 @@ async fn stale_shards_swept_redelivered_once_and_capped(sas: String) {
         diagnostics.contains("shard 0 (Device)") && diagnostics.contains("restart cap"),
         "{diagnostics}"
     );
+
+    // A planning message that never arrived: the job waits unplanned, and once it is stale the
+    // sweeper sends its planning again, which plans it once however often it comes.
+    let (status, body) = invoke(
+        &handler,
+        "SystemExport",
+        &http_payload(
+            "SystemExport",
+            "GET",
+            &format!("/$export?_type=Patient&_container={container}"),
+            kickoff_headers(),
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let location = body["Outputs"]["res"]["headers"]["content-location"]
+        .as_str()
+        .unwrap();
+    let lost = location.rsplit('/').next().unwrap().to_string();
+    let waiting = forwarded_status(&handler, &lost).await;
+    assert_eq!(waiting.headers()["x-progress"], "planning the shards");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let (status, body) = invoke(&handler, "StaleSweeper", &timer_payload()).await;
+    assert_eq!(status, 200, "{body}");
+    let planning = json!({ "jobId": lost });
+    assert!(
+        body["Outputs"]["shards"]
+            .as_array()
+            .unwrap()
+            .contains(&planning),
+        "{body}"
+    );
+    let twice = [planning.clone(), planning];
+    run_shards(&handler, &twice).await;
+    let done = forwarded_status(&handler, &lost).await;
+    assert_eq!(done.status(), 200);
+    let manifest: Value = done.json().await.unwrap();
+    assert_eq!(manifest["output"].as_array().unwrap().len(), 1);
+    assert_eq!(manifest["output"][0]["count"], 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

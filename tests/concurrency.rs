@@ -10,7 +10,7 @@ use fhir_export::app::App;
 use fhir_export::config::{Settings, SourceSetting, StorageSetting};
 use fhir_export::export::jobs::{Change, JobStatus, ShardStatus};
 use fhir_export::export::{kickoff as planner, worker, ExportRequest, Level};
-use fhir_export::queue::ShardMessage;
+use fhir_export::queue::WorkMessage;
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,11 +186,10 @@ async fn a_shard_run_twice_at_once_redelivered_or_taken_over_writes_each_line_on
     )
     .await
     .unwrap();
+    planner::plan_job(&app, &job.id).await.unwrap();
+    let (job, _) = app.jobs.load(&job.id).await.unwrap().unwrap();
     assert_eq!(job.shards[1].resource_type, "Observation");
-    let message = |shard| ShardMessage {
-        job_id: job.id.clone(),
-        shard,
-    };
+    let message = |shard| WorkMessage::shard(&job.id, shard);
     // Shard 0: delivered to two workers at the same moment.
     let shard_zero = message(0);
     let (first, second) = tokio::join!(

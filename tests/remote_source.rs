@@ -408,7 +408,10 @@ async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
     });
     tokio::spawn(warp::serve(refuse).incoming(listener).run());
     let b = start_remote(&format!("http://{address}")).await;
-    let response = common::kickoff(&client, &format!("{}/$export", b.base)).await;
+    // The kickoff answers at once; planning meets the refusal, and the status URL tells it.
+    let status_url = common::started(&client, &format!("{}/$export", b.base)).await;
+    let response =
+        common::wait_for_end(&client, &status_url, std::time::Duration::from_secs(30)).await;
     let status = response.status().as_u16();
     let outcome: Value = response.json().await.unwrap();
     assert_eq!(status, 502, "{outcome}");

@@ -44,7 +44,7 @@ pub struct Shard {
     pub since: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
-    /// The part of a type cut by storage position (`ResourceSource::storage_parts`).
+    /// The part of a type cut by storage position (as `ResourceSource::plan` cut it).
     #[serde(default, skip_serializing_if = "RowRange::is_whole")]
     pub rows: RowRange,
     pub status: ShardStatus,
@@ -69,13 +69,25 @@ pub struct Job {
     /// Whose compartments the export covers.
     pub scope: PatientScope,
     pub status: JobStatus,
+    /// Whether the shards are planned: a kickoff records the job unplanned and queues its
+    /// planning (documents of earlier versions were planned at kickoff).
+    #[serde(default = "planned_at_kickoff")]
+    pub planned: bool,
     pub shards: Vec<Shard>,
     pub failure: Option<String>,
+    /// What kind of failure stopped the job, when it was not one of this service's own (the
+    /// status URL answers with its class: a source that refused is 502, not 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_fault: Option<crate::fault::Fault>,
     pub completed_at: Option<DateTime<Utc>>,
     /// The client that started the export (`{issuer}#{client}`), when tokens are checked: only it
     /// sees the status and the files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+}
+
+fn planned_at_kickoff() -> bool {
+    true
 }
 
 impl Job {

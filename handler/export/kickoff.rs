@@ -1,19 +1,22 @@
-//! Kickoff: admit, resolve who and what to export, let the source plan each type's parts, record
-//! the job, enqueue its shards.
+//! Kickoff and planning. A kickoff admits, resolves whose data to export, records the job and
+//! queues its planning; planning (queue-triggered) lets the source cut each type into parts,
+//! records them as shards and queues those.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::jobs::{new_job_id, Job, JobStatus, Shard, ShardStatus};
+use super::jobs::{new_job_id, Change, Job, JobStatus, Shard, ShardStatus};
 use super::request::is_patient_level_type;
 use super::{worker, ExportError, ExportRequest, Exports, Level, RequestError};
+use crate::fault::Fault;
 use crate::fhir::compartment::patient_id_of;
-use crate::queue::enqueue_shards;
+use crate::queue::{enqueue_shards, WorkMessage};
 use crate::source::import::is_valid_id;
 use crate::source::{Part, PatientScope, PlanRequest, ResourceSource};
 
 /// Starts an export for `owner` (the caller, when tokens are checked); returns the recorded job.
-/// Admit, resolve the scope, plan each type, record the job, then queue its shards.
+/// Admit, resolve the scope, record the job, queue its planning: the source is asked for no more
+/// than the patients named, so a kickoff answers in milliseconds whatever the source.
 pub async fn start(
     exports: &Exports,
     request: ExportRequest,
@@ -24,8 +27,10 @@ pub async fn start(
     admit(exports).await?;
     let transaction_time = Utc::now();
     let id = new_job_id();
-    let (scope, planned) = plan(exports, &request, transaction_time).await?;
-    let (shards, largest_first) = shards_of(planned, transaction_time);
+    let scope = {
+        let (source, request) = (exports.source.clone(), request.clone());
+        crate::blocking::run(move || resolve_scope(source.as_ref(), &request)).await?
+    };
     let stamp = transaction_time.format("%Y%m%dT%H%M%S");
     let output_folder = match &request.container {
         Some(container) => format!("{container}/{stamp}-{id}"),
@@ -40,12 +45,13 @@ pub async fn start(
         output_folder,
         scope,
         status: JobStatus::Running,
-        shards,
+        planned: false,
+        shards: Vec::new(),
         failure: None,
+        failure_fault: None,
         completed_at: None,
         owner,
     };
-    crate::crashpoint::reached("kickoff-planned");
     {
         // Counted again and recorded under one lock: concurrent kickoffs cannot all pass the count.
         let _admission = exports.jobs.admission().await;
@@ -53,12 +59,79 @@ pub async fn start(
         exports.jobs.create(&job).await?;
     }
     crate::crashpoint::reached("kickoff-recorded");
-    tracing::info!(job_id = %id, shards = job.shards.len(), "export started");
-    match job.shards.is_empty() {
-        true => worker::finalize(exports, &id).await?,
-        false => enqueue_shards(exports.queue.as_ref(), &id, largest_first).await?,
-    }
+    tracing::info!(job_id = %id, "export started");
+    exports.queue.enqueue(vec![WorkMessage::plan(&id)]).await?;
     Ok(job)
+}
+
+/// Plans a recorded job: each type it reads, cut into parts by the source, becomes a shard; the
+/// shards are recorded and queued, largest first. Runs again harmlessly (a redelivery, the sweeper):
+/// a job planned already is left alone. A source that refuses fails the job, with its reason.
+pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError> {
+    let Some((job, _)) = exports.jobs.load(job_id).await? else {
+        return Ok(());
+    };
+    if job.status != JobStatus::Running || job.planned {
+        return Ok(());
+    }
+    let planned = match plan(exports, &job.request, &job.scope, job.transaction_time).await {
+        Ok(planned) => planned,
+        Err(error)
+            if matches!(
+                error.fault(),
+                Fault::Invalid | Fault::NotFound | Fault::Upstream
+            ) =>
+        {
+            tracing::warn!(job_id, %error, "export failed: it could not be planned");
+            return fail_planning(exports, job_id, &error).await;
+        }
+        Err(error) => return Err(error),
+    };
+    let (shards, largest_first) = shards_of(planned, job.transaction_time);
+    let recorded = exports
+        .jobs
+        .update(job_id, |job| {
+            if job.status != JobStatus::Running || job.planned {
+                return Change::Keep(None);
+            }
+            job.shards = shards.clone();
+            job.planned = true;
+            Change::Write(Some(job.shards.len()))
+        })
+        .await?
+        .flatten();
+    crate::crashpoint::reached("kickoff-planned");
+    match recorded {
+        None => Ok(()),
+        Some(0) => worker::finalize(exports, job_id).await,
+        Some(count) => {
+            tracing::info!(job_id, shards = count, "export planned");
+            Ok(enqueue_shards(exports.queue.as_ref(), job_id, largest_first).await?)
+        }
+    }
+}
+
+async fn fail_planning(
+    exports: &Exports,
+    job_id: &str,
+    error: &ExportError,
+) -> Result<(), ExportError> {
+    let failure = format!("the export could not be planned: {error}");
+    let fault = error.fault();
+    exports
+        .jobs
+        .update(job_id, |job| {
+            if job.status != JobStatus::Running || job.planned {
+                return Change::Keep(());
+            }
+            job.status = JobStatus::Failed;
+            job.failure = Some(failure.clone());
+            job.failure_fault = Some(fault);
+            job.completed_at = Some(Utc::now());
+            Change::Write(())
+        })
+        .await?;
+    Ok(())
 }
 
 /// Refuses a kickoff while the most exports the service takes at once are running.
@@ -70,16 +143,16 @@ async fn admit(exports: &Exports) -> Result<(), ExportError> {
     }
 }
 
-/// The patients the export covers, and each type it reads with the parts its source cut it into.
+/// Each type the export reads, with the parts its source cut it into.
 async fn plan(
     exports: &Exports,
     request: &ExportRequest,
+    scope: &PatientScope,
     transaction_time: DateTime<Utc>,
-) -> Result<(PatientScope, Vec<(String, Vec<Part>)>), ExportError> {
-    let (source, request) = (exports.source.clone(), request.clone());
+) -> Result<Vec<(String, Vec<Part>)>, ExportError> {
+    let (source, request, scope) = (exports.source.clone(), request.clone(), scope.clone());
     let max_per_part = exports.limits.shard_max_resources;
     crate::blocking::run(move || -> Result<_, ExportError> {
-        let scope = resolve_scope(source.as_ref(), &request)?;
         let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
         let mut planned = Vec::new();
         for resource_type in source.resource_types()? {
@@ -104,7 +177,7 @@ async fn plan(
             })?;
             planned.push((resource_type, parts));
         }
-        Ok((scope, planned))
+        Ok(planned)
     })
     .await
 }

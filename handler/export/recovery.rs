@@ -3,10 +3,11 @@
 
 use super::jobs::{Change, JobError, JobStatus, ShardStatus};
 use super::{worker, ExportError, Exports};
-use crate::queue::enqueue_shards;
+use crate::queue::{enqueue_shards, WorkMessage};
 
 impl Exports {
-    /// Picks up the jobs a previous process left running: their unfinished shards are queued again.
+    /// Picks up the jobs a previous process left running: their planning, or their unfinished
+    /// shards, are queued again.
     /// Only for a store this process owns alone (the local folder).
     pub async fn resume_unfinished(&self) -> Result<usize, ExportError> {
         let mut resumed = 0;
@@ -17,6 +18,9 @@ impl Exports {
                     if job.status != JobStatus::Running {
                         return Change::Keep(None);
                     }
+                    if !job.planned {
+                        return Change::Keep(Some(None));
+                    }
                     let mut unfinished = Vec::new();
                     for (index, shard) in job.shards.iter_mut().enumerate() {
                         if shard.status != ShardStatus::Done {
@@ -25,7 +29,7 @@ impl Exports {
                             unfinished.push(index);
                         }
                     }
-                    Change::Write(Some(unfinished))
+                    Change::Write(Some(Some(unfinished)))
                 })
                 .await;
             let unfinished = readable(&id, unfinished)?.flatten().flatten();
@@ -33,6 +37,10 @@ impl Exports {
                 continue;
             };
             resumed += 1;
+            let Some(unfinished) = unfinished else {
+                self.queue.enqueue(vec![WorkMessage::plan(&id)]).await?;
+                continue;
+            };
             if unfinished.is_empty() {
                 worker::finalize(self, &id).await?;
             } else {
@@ -44,7 +52,8 @@ impl Exports {
 
     /// Queues again the shards silent for longer than the stale limit: a worker that died while
     /// running one, or a message that never arrived. A running shard past the restart cap fails
-    /// its job with a message naming the shard.
+    /// its job with a message naming the shard. A job still unplanned that long is queued for
+    /// planning again (planning twice is harmless: the first plan recorded stands).
     pub async fn sweep_stale(&self) -> Result<SweepReport, ExportError> {
         let stale_after =
             chrono::Duration::from_std(self.limits.stale_after).unwrap_or(chrono::Duration::MAX);
@@ -56,7 +65,11 @@ impl Exports {
                 .jobs
                 .update(&id, |job| {
                     if job.status != JobStatus::Running {
-                        return Change::Keep((Vec::new(), false));
+                        return Change::Keep((Vec::new(), false, false));
+                    }
+                    if !job.planned {
+                        let stale = now - job.transaction_time >= stale_after;
+                        return Change::Keep((Vec::new(), false, stale));
                     }
                     let mut requeue = Vec::new();
                     let mut failure = None;
@@ -80,17 +93,22 @@ impl Exports {
                         job.status = JobStatus::Failed;
                         job.failure = Some(failure);
                         job.completed_at = Some(now);
-                        return Change::Write((Vec::new(), true));
+                        return Change::Write((Vec::new(), true, false));
                     }
                     if requeue.is_empty() {
-                        return Change::Keep((requeue, false));
+                        return Change::Keep((requeue, false, false));
                     }
-                    Change::Write((requeue, false))
+                    Change::Write((requeue, false, false))
                 })
                 .await;
-            let Some((requeue, failed)) = readable(&id, swept)?.flatten() else {
+            let Some((requeue, failed, replan)) = readable(&id, swept)?.flatten() else {
                 continue;
             };
+            if replan {
+                tracing::warn!(job_id = %id, "an export still unplanned queued for planning again");
+                report.replanned_jobs += 1;
+                self.queue.enqueue(vec![WorkMessage::plan(&id)]).await?;
+            }
             if failed {
                 tracing::warn!(job_id = %id, "export failed: a shard passed the restart cap");
                 report.failed_jobs += 1;
@@ -152,14 +170,15 @@ fn readable<T>(id: &str, result: Result<T, JobError>) -> Result<Option<T>, JobEr
 pub struct SweepReport {
     pub requeued_shards: usize,
     pub failed_jobs: usize,
+    pub replanned_jobs: usize,
 }
 
 impl std::fmt::Display for SweepReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} stale shard(s) queued again, {} export(s) failed at the restart cap",
-            self.requeued_shards, self.failed_jobs
+            "{} stale shard(s) queued again, {} export(s) failed at the restart cap, {} unplanned export(s) queued for planning again",
+            self.requeued_shards, self.failed_jobs, self.replanned_jobs
         )
     }
 }

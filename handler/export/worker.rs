@@ -14,39 +14,63 @@ use super::{manifest, ExportError, Exports};
 use crate::fhir::elements::subset;
 use crate::fhir::json::Json;
 use crate::fhir::OperationOutcome;
-use crate::queue::ShardMessage;
+use crate::queue::WorkMessage;
 use crate::source::{ScanError, ScanRequest, SinkError};
 use crate::storage::{OutputFile, RollingNdjsonWriter};
 
-/// Runs one queue message; failures are retried up to the restart cap, then fail the job.
-/// An error means not even the failure could be recorded: the message must be delivered again.
-pub async fn handle_message(exports: &Exports, message: &ShardMessage) -> Result<(), ExportError> {
-    let span = tracing::info_span!("shard", job_id = %message.job_id, shard = message.shard);
-    async {
-        match run_shard(exports, message).await {
-            Ok(()) => Ok(()),
-            Err(ExportError::Cancelled(_)) => {
-                tracing::info!("shard stopped: export cancelled");
-                Ok(())
-            }
-            Err(ExportError::Superseded(_)) => {
-                tracing::info!("shard stopped: another worker took it over");
-                Ok(())
-            }
-            Err(error) => {
-                tracing::warn!(%error, "shard failed");
-                match record_failure(exports, message, &error).await {
-                    Err(full) if full.is_storage_full() => fail_for_want_of_space(exports, message, &full).await,
-                    other => other,
-                }
-                .inspect_err(
-                    |record_error| tracing::error!(%record_error, "could not record the shard failure"),
-                )
-            }
+/// Runs one queue message: plans a job, or runs a shard. A shard's failures are retried up to the
+/// restart cap, then fail the job. An error means not even the failure could be recorded (or the
+/// plan stored): the message must be delivered again.
+pub async fn handle_message(exports: &Exports, message: &WorkMessage) -> Result<(), ExportError> {
+    match message.shard {
+        None => {
+            let span = tracing::info_span!("planning", job_id = %message.job_id);
+            super::kickoff::plan_job(exports, &message.job_id)
+                .instrument(span)
+                .await
+        }
+        Some(shard) => {
+            let task = ShardTask {
+                job_id: message.job_id.clone(),
+                shard,
+            };
+            let span = tracing::info_span!("shard", job_id = %message.job_id, shard);
+            handle_shard(exports, &task).instrument(span).await
         }
     }
-    .instrument(span)
-    .await
+}
+
+/// One shard of one job.
+#[derive(Debug, Clone)]
+struct ShardTask {
+    job_id: String,
+    shard: usize,
+}
+
+async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportError> {
+    match run_shard(exports, task).await {
+        Ok(()) => Ok(()),
+        Err(ExportError::Cancelled(_)) => {
+            tracing::info!("shard stopped: export cancelled");
+            Ok(())
+        }
+        Err(ExportError::Superseded(_)) => {
+            tracing::info!("shard stopped: another worker took it over");
+            Ok(())
+        }
+        Err(error) => {
+            tracing::warn!(%error, "shard failed");
+            match record_failure(exports, task, &error).await {
+                Err(full) if full.is_storage_full() => {
+                    fail_for_want_of_space(exports, task, &full).await
+                }
+                other => other,
+            }
+            .inspect_err(
+                |record_error| tracing::error!(%record_error, "could not record the shard failure"),
+            )
+        }
+    }
 }
 
 /// What claiming a shard found.
@@ -55,16 +79,16 @@ enum Claim {
     Skip(&'static str),
 }
 
-pub async fn run_shard(exports: &Exports, message: &ShardMessage) -> Result<(), ExportError> {
+async fn run_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportError> {
     let stale_after =
         chrono::Duration::from_std(exports.limits.stale_after).unwrap_or(chrono::Duration::MAX);
     let claim = exports
         .jobs
-        .update(&message.job_id, |job| {
+        .update(&task.job_id, |job| {
             if job.status != JobStatus::Running {
                 return Change::Keep(Claim::Skip("job is not running"));
             }
-            let Some(shard) = job.shards.get_mut(message.shard) else {
+            let Some(shard) = job.shards.get_mut(task.shard) else {
                 return Change::Keep(Claim::Skip("no such shard"));
             };
             let now = Utc::now();
@@ -102,11 +126,13 @@ pub async fn run_shard(exports: &Exports, message: &ShardMessage) -> Result<(), 
     // error, a panic, a dropped future) stops beating, so the sweeper can take it back.
     let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(
         exports.clone(),
-        message.clone(),
+        task.clone(),
         attempt,
         stop.clone(),
     )));
-    let written = write_files(exports, &job, message.shard, stop).await;
+    let running = RunningShard::register(&task.job_id, stop.clone());
+    let written = write_files(exports, &job, task.shard, stop).await;
+    drop(running);
     drop(heartbeat);
     let outputs = written?;
 
@@ -116,7 +142,7 @@ pub async fn run_shard(exports: &Exports, message: &ShardMessage) -> Result<(), 
             if job.status != JobStatus::Running {
                 return Change::Keep(None);
             }
-            let shard = &mut job.shards[message.shard];
+            let shard = &mut job.shards[task.shard];
             if shard.status == ShardStatus::Done {
                 return Change::Keep(Some(false));
             }
@@ -172,6 +198,50 @@ impl StopSignal {
 
     fn set(&self, stop: Stop) {
         self.0.store(stop as u8, Ordering::Relaxed);
+    }
+}
+
+/// The shards this process is running, by job.
+static RUNNING: std::sync::Mutex<Vec<(String, Arc<StopSignal>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A running shard's entry in `RUNNING`, removed when dropped.
+struct RunningShard(Arc<StopSignal>);
+
+impl RunningShard {
+    fn register(job_id: &str, stop: Arc<StopSignal>) -> RunningShard {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        running.push((job_id.to_string(), stop.clone()));
+        RunningShard(stop)
+    }
+}
+
+impl Drop for RunningShard {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|(_, stop)| !Arc::ptr_eq(stop, &self.0));
+    }
+}
+
+/// Stops this process's running shards of a job and waits (at most 10 s) until each has removed
+/// its unfinished file: a job fails with nothing of it left behind here. Shards on other instances
+/// notice at their next heartbeat; their unfinished blobs never become visible.
+async fn stop_local_shards(job_id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stopping = {
+            let running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+            let mut stopping = 0;
+            for (_, stop) in running.iter().filter(|(job, _)| job == job_id) {
+                stop.set(Stop::JobStopped);
+                stopping += 1;
+            }
+            stopping
+        };
+        if stopping == 0 || std::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -352,18 +422,18 @@ fn caught<T>(work: impl FnOnce() -> T) -> Result<T, String> {
 
 /// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
 /// shard was given to another worker. A failed refresh is tried again at the next beat.
-async fn keep_alive(exports: Exports, message: ShardMessage, attempt: u32, stop: Arc<StopSignal>) {
+async fn keep_alive(exports: Exports, task: ShardTask, attempt: u32, stop: Arc<StopSignal>) {
     let mut ticks = tokio::time::interval(exports.limits.heartbeat_every());
     ticks.tick().await;
     loop {
         ticks.tick().await;
         let beat = exports
             .jobs
-            .update(&message.job_id, |job| {
+            .update(&task.job_id, |job| {
                 if job.status != JobStatus::Running {
                     return Change::Keep(Stop::JobStopped);
                 }
-                let shard = &mut job.shards[message.shard];
+                let shard = &mut job.shards[task.shard];
                 if shard.attempts != attempt || shard.status != ShardStatus::Running {
                     return Change::Keep(Stop::TakenOver);
                 }
@@ -458,17 +528,30 @@ enum AfterFailure {
 /// remove its files.
 async fn record_failure(
     exports: &Exports,
-    message: &ShardMessage,
+    task: &ShardTask,
     error: &ExportError,
 ) -> Result<(), ExportError> {
     let max_attempts = exports.limits.max_attempts;
+    let fails_the_job = exports
+        .jobs
+        .load(&task.job_id)
+        .await?
+        .is_some_and(|(job, _)| {
+            job.shards
+                .get(task.shard)
+                .is_some_and(|shard| shard.attempts >= max_attempts)
+        });
+    if fails_the_job {
+        // Before the failure shows: this process's other shards of the job let go of their files.
+        stop_local_shards(&task.job_id).await;
+    }
     let after = exports
         .jobs
-        .update(&message.job_id, |job| {
+        .update(&task.job_id, |job| {
             if job.status != JobStatus::Running {
                 return Change::Keep(AfterFailure::Nothing);
             }
-            let shard = &mut job.shards[message.shard];
+            let shard = &mut job.shards[task.shard];
             if shard.status == ShardStatus::Done {
                 return Change::Keep(AfterFailure::Nothing);
             }
@@ -480,7 +563,7 @@ async fn record_failure(
             job.status = JobStatus::Failed;
             job.failure = Some(format!(
                 "shard {} ({}) failed {} times; last error: {error}",
-                message.shard, shard.resource_type, shard.attempts
+                task.shard, shard.resource_type, shard.attempts
             ));
             Change::Write(AfterFailure::JobFailed(job.output_folder.clone()))
         })
@@ -489,7 +572,10 @@ async fn record_failure(
         Some(AfterFailure::Retry) => {
             exports
                 .queue
-                .enqueue_later(message.clone(), Duration::from_secs(1))
+                .enqueue_later(
+                    WorkMessage::shard(&task.job_id, task.shard),
+                    Duration::from_secs(1),
+                )
                 .await?
         }
         Some(AfterFailure::JobFailed(folder)) => {
@@ -507,10 +593,10 @@ async fn record_failure(
 /// failed, stop.) An error: not even that could be written; the message is run again later.
 async fn fail_for_want_of_space(
     exports: &Exports,
-    message: &ShardMessage,
+    task: &ShardTask,
     full: &ExportError,
 ) -> Result<(), ExportError> {
-    let Some((job, _)) = exports.jobs.load(&message.job_id).await? else {
+    let Some((job, _)) = exports.jobs.load(&task.job_id).await? else {
         return Ok(());
     };
     if job.status != JobStatus::Running {
@@ -519,7 +605,7 @@ async fn fail_for_want_of_space(
     exports.storage.delete_prefix(&job.output_folder).await?;
     exports
         .jobs
-        .update(&message.job_id, |job| {
+        .update(&task.job_id, |job| {
             if job.status != JobStatus::Running {
                 return Change::Keep(());
             }

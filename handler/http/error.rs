@@ -54,8 +54,22 @@ impl From<ExportError> for ApiError {
                 headers: Vec::new(),
             };
         }
-        let message = error.to_string();
-        match error.fault() {
+        let (fault, message) = (error.fault(), error.to_string());
+        match fault {
+            Fault::Upstream => tracing::warn!(error = %message, "FHIR source failed"),
+            Fault::Unavailable => tracing::error!(error = %message, "export storage unavailable"),
+            Fault::Full => tracing::error!(error = %message, "export storage full"),
+            Fault::Internal => tracing::error!(error = %message, "request failed"),
+            Fault::Invalid | Fault::NotFound | Fault::Busy => {}
+        }
+        ApiError::of_fault(fault, message)
+    }
+}
+
+impl ApiError {
+    /// The answer to a failure of this kind: the one table from faults to statuses.
+    pub fn of_fault(fault: Fault, message: String) -> ApiError {
+        match fault {
             Fault::Invalid => ApiError::new(StatusCode::BAD_REQUEST, IssueType::Invalid, message),
             Fault::NotFound => ApiError::not_found(message),
             Fault::Busy => {
@@ -63,34 +77,24 @@ impl From<ExportError> for ApiError {
                     .with_header(header::RETRY_AFTER, &RETRY_BUSY_SECS.to_string())
             }
             Fault::Upstream => {
-                tracing::warn!(error = %message, "FHIR source failed");
                 ApiError::new(StatusCode::BAD_GATEWAY, IssueType::Exception, message)
             }
-            Fault::Unavailable => {
-                tracing::error!(error = %message, "export storage unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    IssueType::Transient,
-                    message,
-                )
-            }
-            Fault::Full => {
-                tracing::error!(error = %message, "export storage full");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    IssueType::Transient,
-                    message,
-                )
-                .with_header(header::RETRY_AFTER, &RETRY_FULL_SECS.to_string())
-            }
-            Fault::Internal => {
-                tracing::error!(error = %message, "request failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    IssueType::Exception,
-                    message,
-                )
-            }
+            Fault::Unavailable => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                IssueType::Transient,
+                message,
+            ),
+            Fault::Full => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                IssueType::Transient,
+                message,
+            )
+            .with_header(header::RETRY_AFTER, &RETRY_FULL_SECS.to_string()),
+            Fault::Internal => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                IssueType::Exception,
+                message,
+            ),
         }
     }
 }

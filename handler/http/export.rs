@@ -13,6 +13,7 @@ use crate::config::FileUrls;
 use crate::export::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
 use crate::export::request::{check_headers, is_lenient, KickoffHeaders};
 use crate::export::{kickoff, ExportRequest, Level};
+use crate::fault::Fault;
 use crate::fhir::IssueType;
 
 pub async fn kickoff(
@@ -79,9 +80,8 @@ pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
         .ok_or_else(unknown)?;
     match job.status {
         JobStatus::Cancelled => Err(unknown()),
-        JobStatus::Failed => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            IssueType::Exception,
+        JobStatus::Failed => Err(ApiError::of_fault(
+            job.failure_fault.unwrap_or(Fault::Internal),
             job.failure.unwrap_or_else(|| "the export failed".into()),
         )),
         JobStatus::Completed => {
@@ -101,13 +101,16 @@ pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
         }
         JobStatus::Running => {
             let (done, total) = (job.shards_done(), job.shards.len());
-            let percent = (done * 100).checked_div(total).unwrap_or(100);
+            let progress = match job.planned {
+                false => "planning the shards".to_string(),
+                true => {
+                    let percent = (done * 100).checked_div(total).unwrap_or(100);
+                    format!("{percent}% ({done}/{total} shards)")
+                }
+            };
             let mut response = empty_accepted();
             let headers = response.headers_mut();
-            headers.insert(
-                "x-progress",
-                header_value(&format!("{percent}% ({done}/{total} shards)")),
-            );
+            headers.insert("x-progress", header_value(&progress));
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             Ok(response)
         }

@@ -44,10 +44,9 @@ pub async fn read(
         return Err(missing());
     }
     let (source, t, i) = (source.clone(), resource_type.to_string(), id.to_string());
-    let found = tokio::task::spawn_blocking(move || source.read(&t, &i))
+    let found = crate::blocking::run(move || source.read(&t, &i))
         .await
-        .expect("a read does not panic")
-        .map_err(crate::export::ExportError::from)?;
+        .map_err(ExportError::from)?;
     let body = found.ok_or_else(missing)?;
     Ok(json_response(StatusCode::OK, FHIR_JSON, body))
 }
@@ -172,11 +171,8 @@ pub async fn search(
     let (matches, total) = {
         let (source, search, resource_type) =
             (source.clone(), search.clone(), resource_type.to_string());
-        tokio::task::spawn_blocking(move || {
-            read_matches(source.as_ref(), &search, &resource_type, &scope)
-        })
-        .await
-        .expect("a search does not panic")?
+        crate::blocking::run(move || read_matches(source.as_ref(), &search, &resource_type, &scope))
+            .await?
     };
     let path = match compartment {
         Some(patient) => format!("{base}/Patient/{patient}/{resource_type}"),

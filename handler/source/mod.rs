@@ -146,7 +146,9 @@ impl ScanError {
     }
 }
 
-/// A FHIR resource source. Calls block: run them on a blocking thread.
+/// A FHIR resource source. Every call blocks, and must not be made on a runtime worker (the remote
+/// source drives its own runtime, which panics there): a request calls through
+/// [`crate::blocking::run`], a shard from its own thread.
 pub trait ResourceSource: Send + Sync {
     /// The resource types that hold at least one resource, sorted by name.
     fn resource_types(&self) -> Result<Vec<String>, SourceError>;

@@ -4,6 +4,7 @@
 //! Objects written through an `ObjectWriter` become visible only when committed.
 
 pub mod azure;
+pub mod blocks;
 mod direct;
 mod journal;
 pub mod local;
@@ -126,6 +127,10 @@ pub trait ObjectStore: Send + Sync + 'static {
     }
 }
 
+/// One object being written. Driven from a shard's own thread: the rolling writer blocks on each
+/// call through a runtime handle, so an implementation may block inside its futures (the local
+/// folder writes and syncs the file inline) and its futures are never polled on a runtime worker.
+/// `write` takes the caller's pooled block as `Bytes` and lets go of it when done with it.
 #[async_trait]
 pub trait ObjectWriter: Send {
     async fn write(&mut self, data: Bytes) -> Result<(), StorageError>;

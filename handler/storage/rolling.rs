@@ -1,47 +1,16 @@
 //! The rolling NDJSON writer: one resource a line, a new file before a line would pass the size limit.
 //!
-//! It runs on a blocking thread (next to the source's reader) and drives the async store through a
-//! runtime handle, handing it large blocks.
+//! It runs on a shard's own thread (next to the source's reader) and drives the async store through
+//! a runtime handle, blocking on each call. Lines are gathered into pooled blocks of exactly
+//! `BLOCK_BYTES` (a line may span two) that the store takes as they are, without a copy.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
+use super::blocks::Block;
 use super::{ObjectStore, ObjectWriter, StorageError};
-
-/// Bytes gathered before they are handed to the store.
-const BLOCK_BYTES: usize = 4 << 20;
-
-/// Room for a block and the line that takes it past `BLOCK_BYTES`.
-const BUFFER_BYTES: usize = BLOCK_BYTES + (64 << 10);
-
-/// Block buffers of finished writers, for the next ones: a new buffer's pages are faulted in
-/// one by one as it fills (16k faults per 1x export, 18 shards, when each made its own).
-static SPARE_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-
-/// At most this many spare buffers are kept (16 MB).
-const MAX_SPARE_BUFFERS: usize = 4;
-
-fn spare_buffer() -> Vec<u8> {
-    let spare = SPARE_BUFFERS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .pop();
-    spare.unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
-}
-
-fn return_buffer(mut buffer: Vec<u8>) {
-    if buffer.capacity() < BUFFER_BYTES {
-        return;
-    }
-    buffer.clear();
-    let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
-    if spare.len() < MAX_SPARE_BUFFERS {
-        spare.push(buffer);
-    }
-}
 
 /// A committed export file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +34,8 @@ pub struct RollingNdjsonWriter {
     file_number: u32,
     file_bytes: u64,
     file_count: u64,
-    buffer: Vec<u8>,
+    /// The block being filled; taken from the pool at the first line after a hand-over.
+    block: Option<Block>,
     finished: Vec<OutputFile>,
 }
 
@@ -90,7 +60,7 @@ impl RollingNdjsonWriter {
             file_number: 0,
             file_bytes: 0,
             file_count: 0,
-            buffer: spare_buffer(),
+            block: None,
             finished: Vec::new(),
         }
     }
@@ -106,12 +76,21 @@ impl RollingNdjsonWriter {
             let path = self.current_path();
             self.current = Some(self.runtime.block_on(self.store.writer(&path))?);
         }
-        self.buffer.extend_from_slice(resource);
-        self.buffer.push(b'\n');
+        self.append(resource)?;
+        self.append(b"\n")?;
         self.file_bytes += line_bytes;
         self.file_count += 1;
-        if self.buffer.len() >= BLOCK_BYTES {
-            self.flush()?;
+        Ok(())
+    }
+
+    /// Copies `bytes` into blocks, handing each full one to the store.
+    fn append(&mut self, mut bytes: &[u8]) -> Result<(), StorageError> {
+        while !bytes.is_empty() {
+            let block = self.block.get_or_insert_with(Block::take);
+            bytes = &bytes[block.fill(bytes)..];
+            if block.is_full() {
+                self.flush()?;
+            }
         }
         Ok(())
     }
@@ -139,25 +118,14 @@ impl RollingNdjsonWriter {
     }
 
     fn flush(&mut self) -> Result<(), StorageError> {
-        if self.buffer.is_empty() {
+        let Some(block) = self.block.take().filter(|block| !block.is_empty()) else {
             return Ok(());
-        }
+        };
         let writer = self
             .current
             .as_mut()
             .expect("a file is open while bytes are buffered");
-        // The buffer itself is handed over, not a copy; once the store is done with it, it comes
-        // back to be filled again (the store keeps no reference after `write` returns).
-        let block = Bytes::from(std::mem::take(&mut self.buffer));
-        self.runtime.block_on(writer.write(block.clone()))?;
-        self.buffer = match block.try_into_mut() {
-            Ok(reclaimed) => {
-                let mut reclaimed = Vec::from(reclaimed);
-                reclaimed.clear();
-                reclaimed
-            }
-            Err(_) => spare_buffer(),
-        };
+        self.runtime.block_on(writer.write(block.into_bytes()))?;
         crate::crashpoint::reached("file-block-written");
         Ok(())
     }
@@ -179,11 +147,5 @@ impl RollingNdjsonWriter {
         self.file_bytes = 0;
         self.file_count = 0;
         Ok(())
-    }
-}
-
-impl Drop for RollingNdjsonWriter {
-    fn drop(&mut self) {
-        return_buffer(std::mem::take(&mut self.buffer));
     }
 }

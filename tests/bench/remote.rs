@@ -138,7 +138,8 @@ fn report(
         after.retries - before.retries,
     );
     println!(
-        "  its time: kickoff (planning) {kickoff:.2} s; {waiting:.2} s waiting on the source (summed over requests, {:.1} ms each)",
+        "  its time: kickoff answered in {:.1} ms (planning is queued); {waiting:.2} s waiting on the source (summed over requests, {:.1} ms each)",
+        kickoff * 1000.0,
         waiting * 1000.0 / requests.max(1) as f64,
     );
 }

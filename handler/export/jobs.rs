@@ -130,6 +130,9 @@ pub enum JobError {
         #[source]
         source: serde_json::Error,
     },
+    /// Every compare-and-swap met another writer's change, up to the bound.
+    #[error("job document {path}: changed by another writer at each of {attempts} attempts in a row; try again later")]
+    Contended { path: String, attempts: u32 },
 }
 
 impl JobError {
@@ -137,8 +140,20 @@ impl JobError {
         match self {
             JobError::Storage(e) => e.fault(),
             JobError::Corrupt { .. } => crate::fault::Fault::Internal,
+            JobError::Contended { .. } => crate::fault::Fault::Unavailable,
         }
     }
+}
+
+/// Compare-and-swap attempts on one job document before an update gives up.
+pub const CAS_ATTEMPTS: u32 = 12;
+
+/// The pause before compare-and-swap attempt `attempt` (from 1): "full jitter", a uniform share
+/// (`jitter` in 0..1) of a ceiling that doubles from 4 ms up to 1 s, so that writers that met
+/// once do not meet again in step. Twelve attempts wait about 2 s in all on average, 4 s at most.
+pub fn cas_backoff(attempt: u32, jitter: f64) -> std::time::Duration {
+    let ceiling = (4u64 << attempt.saturating_sub(1).min(8)).min(1_000);
+    std::time::Duration::from_micros((ceiling as f64 * 1_000.0 * jitter.clamp(0.0, 1.0)) as u64)
 }
 
 /// What an update closure decided.
@@ -287,14 +302,24 @@ impl JobStore {
         Ok(Some((job, etag)))
     }
 
-    /// Applies `change` to the stored job with compare-and-swap, again on every conflict.
+    /// Applies `change` to the stored job with compare-and-swap, again on a conflict after a
+    /// jittered pause that grows with each one, at most `CAS_ATTEMPTS` times in all.
     /// `None` when the job does not exist.
     pub async fn update<T>(
         &self,
         id: &str,
         mut change: impl FnMut(&mut Job) -> Change<T>,
     ) -> Result<Option<T>, JobError> {
-        loop {
+        for attempt in 0.. {
+            if attempt > 0 {
+                tokio::time::sleep(cas_backoff(attempt, rand::random())).await;
+            }
+            if attempt == CAS_ATTEMPTS {
+                return Err(JobError::Contended {
+                    path: Self::job_path(id),
+                    attempts: CAS_ATTEMPTS,
+                });
+            }
             let Some((mut job, etag)) = self.load(id).await? else {
                 return Ok(None);
             };
@@ -319,6 +344,7 @@ impl JobStore {
                 Err(e) => return Err(e.into()),
             }
         }
+        unreachable!("the loop returns by its bound")
     }
 
     /// Ids of every job on the storage.
@@ -358,5 +384,107 @@ impl JobStore {
         self.store.delete_prefix(&Self::running_path(id)).await?;
         self.note_running(id, false).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_jitter_spreads_it() {
+        let ms = |attempt, jitter| cas_backoff(attempt, jitter).as_secs_f64() * 1000.0;
+        for (attempt, ceiling) in [
+            (1, 4.0),
+            (2, 8.0),
+            (3, 16.0),
+            (8, 512.0),
+            (9, 1000.0),
+            (30, 1000.0),
+        ] {
+            assert_eq!(ms(attempt, 1.0), ceiling, "attempt {attempt}");
+            assert_eq!(ms(attempt, 0.0), 0.0);
+            assert_eq!(ms(attempt, 0.5), ceiling / 2.0);
+        }
+        let total: f64 = (1..CAS_ATTEMPTS).map(|a| ms(a, 1.0)).sum();
+        assert!(total <= 4_100.0, "{total} ms at most in all");
+    }
+
+    /// A store whose job document changes under every write.
+    struct AlwaysChanged(crate::storage::LocalFolder);
+
+    #[async_trait::async_trait]
+    impl ObjectStore for AlwaysChanged {
+        async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError> {
+            self.0.get(path).await
+        }
+        async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError> {
+            match mode {
+                PutMode::Update(_) => Err(StorageError::PreconditionFailed(path.into())),
+                mode => self.0.put(path, data, mode).await,
+            }
+        }
+        async fn writer(
+            &self,
+            path: &str,
+        ) -> Result<Box<dyn crate::storage::ObjectWriter>, StorageError> {
+            self.0.writer(path).await
+        }
+        async fn read_stream(
+            &self,
+            path: &str,
+        ) -> Result<Option<(u64, crate::storage::ByteStream)>, StorageError> {
+            self.0.read_stream(path).await
+        }
+        async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+            self.0.delete_prefix(prefix).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+            self.0.list(prefix).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_update_that_always_meets_a_change_gives_up_at_its_bound_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = crate::storage::LocalFolder::open(dir.path()).unwrap();
+        let jobs = JobStore::new(Arc::new(AlwaysChanged(folder)));
+        let request =
+            ExportRequest::from_query(crate::export::Level::System, "", false, false).unwrap();
+        let job = Job {
+            id: new_job_id(),
+            request,
+            request_url: "http://test/$export".into(),
+            base_url: "http://test".into(),
+            transaction_time: Utc::now(),
+            output_folder: "f".into(),
+            scope: PatientScope::All,
+            status: JobStatus::Running,
+            planned: true,
+            shards: Vec::new(),
+            failure: None,
+            failure_fault: None,
+            completed_at: None,
+            owner: None,
+        };
+        jobs.create(&job).await.unwrap();
+        let mut tries = 0;
+        let result = jobs
+            .update(&job.id, |_| {
+                tries += 1;
+                Change::Write(())
+            })
+            .await;
+        assert_eq!(tries, CAS_ATTEMPTS);
+        let error = result.unwrap_err();
+        assert!(matches!(
+            error,
+            JobError::Contended {
+                attempts: CAS_ATTEMPTS,
+                ..
+            }
+        ));
+        assert_eq!(error.fault(), crate::fault::Fault::Unavailable);
+        assert!(error.to_string().contains("12 attempts"), "{error}");
     }
 }

@@ -73,6 +73,37 @@ async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportE
     }
 }
 
+/// Claims shard `index` of `job` at `now`: unless the job stopped, the shard is done, or it runs
+/// elsewhere with a heartbeat fresher than `stale_after`, it is marked running, its attempt counted.
+fn claim(
+    job: &mut Job,
+    index: usize,
+    stale_after: chrono::Duration,
+    now: DateTime<Utc>,
+) -> Change<Claim> {
+    if job.status != JobStatus::Running {
+        return Change::Keep(Claim::Skip("job is not running"));
+    }
+    let Some(shard) = job.shards.get_mut(index) else {
+        return Change::Keep(Claim::Skip("no such shard"));
+    };
+    match shard.status {
+        ShardStatus::Done => return Change::Keep(Claim::Skip("shard already done")),
+        ShardStatus::Running if shard.heartbeat.is_some_and(|beat| now - beat < stale_after) => {
+            return Change::Keep(Claim::Skip("shard is running elsewhere"))
+        }
+        _ => {}
+    }
+    shard.status = ShardStatus::Running;
+    shard.attempts += 1;
+    shard.heartbeat = Some(now);
+    let attempt = shard.attempts;
+    Change::Write(Claim::Run {
+        job: Box::new(job.clone()),
+        attempt,
+    })
+}
+
 /// What claiming a shard found.
 enum Claim {
     Run { job: Box<Job>, attempt: u32 },
@@ -85,30 +116,7 @@ async fn run_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportErro
     let claim = exports
         .jobs
         .update(&task.job_id, |job| {
-            if job.status != JobStatus::Running {
-                return Change::Keep(Claim::Skip("job is not running"));
-            }
-            let Some(shard) = job.shards.get_mut(task.shard) else {
-                return Change::Keep(Claim::Skip("no such shard"));
-            };
-            let now = Utc::now();
-            match shard.status {
-                ShardStatus::Done => return Change::Keep(Claim::Skip("shard already done")),
-                ShardStatus::Running
-                    if shard.heartbeat.is_some_and(|beat| now - beat < stale_after) =>
-                {
-                    return Change::Keep(Claim::Skip("shard is running elsewhere"))
-                }
-                _ => {}
-            }
-            shard.status = ShardStatus::Running;
-            shard.attempts += 1;
-            shard.heartbeat = Some(now);
-            let attempt = shard.attempts;
-            Change::Write(Claim::Run {
-                job: Box::new(job.clone()),
-                attempt,
-            })
+            claim(job, task.shard, stale_after, Utc::now())
         })
         .await?;
     let (job, attempt) = match claim {
@@ -348,30 +356,7 @@ async fn write_files(
                 }
             })
         });
-        let scanned = match scanned {
-            Ok(scanned) => scanned,
-            Err(panic) => {
-                writer.abort();
-                return Err((ExportError::Panicked(panic), Vec::new()));
-            }
-        };
-        match scanned {
-            Ok(count) => writer
-                .finish()
-                .map(|files| (count, files))
-                .map_err(|e| (ExportError::from(e), Vec::new())),
-            Err(ScanError::Sink(SinkError::Stopped)) => {
-                let committed = writer.abort();
-                match stop.get() {
-                    Stop::TakenOver => Err((ExportError::Superseded(job_id), Vec::new())),
-                    _ => Err((ExportError::Cancelled(job_id), committed)),
-                }
-            }
-            Err(error) => {
-                writer.abort();
-                Err((error.into(), Vec::new()))
-            }
-        }
+        ended(writer, scanned, &stop, job_id)
     })
     .await
     .unwrap_or_else(|panic| Err((ExportError::Panicked(panic), Vec::new())));
@@ -384,6 +369,41 @@ async fn write_files(
     };
     tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = files.len(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
     Ok(files)
+}
+
+/// How a shard's scan ended, for its files: finished and committed, or their writer aborted. A
+/// cancelled export's files committed so far come back to be removed; a shard taken over leaves
+/// them to the worker that now writes the same names.
+fn ended(
+    writer: RollingNdjsonWriter,
+    scanned: Result<Result<u64, ScanError>, String>,
+    stop: &StopSignal,
+    job_id: String,
+) -> Result<(u64, Vec<OutputFile>), (ExportError, Vec<OutputFile>)> {
+    let scanned = match scanned {
+        Ok(scanned) => scanned,
+        Err(panic) => {
+            writer.abort();
+            return Err((ExportError::Panicked(panic), Vec::new()));
+        }
+    };
+    match scanned {
+        Ok(count) => writer
+            .finish()
+            .map(|files| (count, files))
+            .map_err(|e| (ExportError::from(e), Vec::new())),
+        Err(ScanError::Sink(SinkError::Stopped)) => {
+            let committed = writer.abort();
+            match stop.get() {
+                Stop::TakenOver => Err((ExportError::Superseded(job_id), Vec::new())),
+                _ => Err((ExportError::Cancelled(job_id), committed)),
+            }
+        }
+        Err(error) => {
+            writer.abort();
+            Err((error.into(), Vec::new()))
+        }
+    }
 }
 
 /// Runs a shard's scan-and-write loop on a thread of its own at a lower CPU priority, so that
@@ -423,8 +443,11 @@ fn caught<T>(work: impl FnOnce() -> T) -> Result<T, String> {
 /// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
 /// shard was given to another worker. A failed refresh is tried again at the next beat.
 async fn keep_alive(exports: Exports, task: ShardTask, attempt: u32, stop: Arc<StopSignal>) {
-    let mut ticks = tokio::time::interval(exports.limits.heartbeat_every());
-    ticks.tick().await;
+    let every = exports.limits.heartbeat_every();
+    // The first beat at a random point of the first period: shards started together (a job's
+    // first wave) do not write their beats in step from then on.
+    let first = every.mul_f64(1.0 + rand::random::<f64>());
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
     loop {
         ticks.tick().await;
         let beat = exports

@@ -411,7 +411,13 @@ async fn stale_shards_are_swept_on_a_hierarchical_namespace_too() {
         .await;
 }
 
+/// The two sweeper tests sweep every job of the one Azurite account with a 1 s stale limit: run
+/// together, one's sweeper took the other's stale shard first (seen as a flaky failure).
+static SWEEPING: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::Mutex::new(()));
+
 async fn stale_shards_swept_redelivered_once_and_capped(sas: String) {
+    let _alone = SWEEPING.lock().await;
     let handler = start_handler(
         &sas,
         &[

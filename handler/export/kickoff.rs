@@ -87,7 +87,8 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
         }
         Err(error) => return Err(error),
     };
-    let (shards, largest_first) = shards_of(planned, job.transaction_time);
+    // Queued now, not at kickoff: a slow planning must not make its shards look stale already.
+    let (shards, largest_first) = shards_of(planned, Utc::now());
     let recorded = exports
         .jobs
         .update(job_id, |job| {
@@ -187,7 +188,7 @@ async fn plan(
 /// finish together (a stable sort: shards of unknown size keep type order).
 fn shards_of(
     planned: Vec<(String, Vec<Part>)>,
-    transaction_time: DateTime<Utc>,
+    queued_at: DateTime<Utc>,
 ) -> (Vec<Shard>, Vec<usize>) {
     let mut shards = Vec::new();
     let mut sizes = Vec::new();
@@ -206,7 +207,7 @@ fn shards_of(
                 rows: part.rows,
                 status: ShardStatus::Queued,
                 attempts: 0,
-                heartbeat: Some(transaction_time),
+                heartbeat: Some(queued_at),
                 outputs: Vec::new(),
             });
         }

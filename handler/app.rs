@@ -105,6 +105,7 @@ pub fn limits_of(settings: &Settings) -> Limits {
         max_running_exports: settings.max_running_exports,
         stale_after: settings.stale_after,
         max_attempts: settings.max_attempts,
+        retry_delay: settings.retry_delay,
         retention: settings.retention,
     }
 }

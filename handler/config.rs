@@ -6,6 +6,7 @@ use std::time::Duration;
 pub const DEFAULT_FILE_MAX_BYTES: u64 = 64 << 20;
 pub const DEFAULT_STALE_AFTER_SECS: u64 = 600;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_RETRY_DELAY_SECS: f64 = 30.0;
 pub const DEFAULT_RETENTION_HOURS: u64 = 168;
 pub const DEFAULT_SHARD_MAX_RESOURCES: u64 = 250_000;
 pub const DEFAULT_MAX_RUNNING_EXPORTS: usize = 32;
@@ -51,6 +52,8 @@ pub struct Settings {
     pub file_max_bytes: u64,
     pub stale_after: Duration,
     pub max_attempts: u32,
+    /// The most a failed shard waits before its first retry (doubled for each later one).
+    pub retry_delay: Duration,
     pub workers: usize,
     /// How long a finished export's files are kept (the status answer's `Expires`).
     pub retention: Duration,
@@ -119,6 +122,7 @@ impl Default for Settings {
             file_max_bytes: DEFAULT_FILE_MAX_BYTES,
             stale_after: Duration::from_secs(DEFAULT_STALE_AFTER_SECS),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_delay: Duration::from_secs_f64(DEFAULT_RETRY_DELAY_SECS),
             workers: default_workers(),
             retention: Duration::from_secs(DEFAULT_RETENTION_HOURS * 3600),
             base_url: None,
@@ -292,6 +296,17 @@ pub fn check_file_max_bytes(value: u64) -> Result<u64, SettingError> {
         ));
     }
     Ok(value)
+}
+
+/// Seconds from 0.01 to a day.
+pub fn check_retry_delay(seconds: f64) -> Result<Duration, SettingError> {
+    if !(0.01..=86_400.0).contains(&seconds) {
+        return Err(bad(
+            "EXPORT_RETRY_DELAY_SECS",
+            format!("{seconds} is out of range (0.01 to 86400 seconds)"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Under the Functions host without `EXPORT_BASE_URL`: `https://` and the app's default host name,

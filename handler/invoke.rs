@@ -5,8 +5,9 @@
 //! - `SystemExport`, `PatientExport`, `GroupExport`: HTTP kickoff; `Outputs.res` is the HTTP answer,
 //!   `Outputs.shards` the job's planning message for the Service Bus output binding.
 //! - `ShardWorker`: one Service Bus message: a job's planning (its shards go out as
-//!   `Outputs.shards`) or one shard (retries and continuations go out the same way).
-//! - `StaleSweeper`: the timer; shards silent too long go out again as `Outputs.shards`.
+//!   `Outputs.shards`) or one shard. A failed shard's retry waits in its state, not in the queue.
+//! - `StaleSweeper`: the timer; shards silent too long, and retries come due, go out as
+//!   `Outputs.shards`.
 //!
 //! Everything else (status, cancel, downloads, metadata) is forwarded raw HTTP and handled by
 //! [`crate::http::dispatch`], the same code as the local server. A non-2xx answer to the host means
@@ -63,13 +64,10 @@ impl WorkQueue for CollectingQueue {
         Ok(())
     }
 
-    /// Service Bus delivers it again soon; the pause between attempts is the host's polling.
-    async fn enqueue_later(
-        &self,
-        message: WorkMessage,
-        _delay: Duration,
-    ) -> Result<(), QueueClosed> {
-        self.enqueue(vec![message]).await
+    /// An output binding cannot hold a message back: the retry is left to the sweeper, which
+    /// sends the shard once its state says the retry is due.
+    async fn enqueue_later(&self, _: WorkMessage, _: Duration) -> Result<(), QueueClosed> {
+        Ok(())
     }
 }
 

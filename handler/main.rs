@@ -171,6 +171,9 @@ struct ServeArgs {
     stale_after_secs: u64,
     #[arg(long, env = "EXPORT_MAX_ATTEMPTS", default_value_t = config::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
+    /// Seconds a failed shard waits, at most, before its first retry (doubled for each later one).
+    #[arg(long, env = "EXPORT_RETRY_DELAY_SECS", default_value_t = config::DEFAULT_RETRY_DELAY_SECS)]
+    retry_delay_secs: f64,
     /// Hours a finished export's files are kept.
     #[arg(long, env = "EXPORT_RETENTION_HOURS", default_value_t = config::DEFAULT_RETENTION_HOURS)]
     retention_hours: u64,
@@ -429,6 +432,7 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
         file_max_bytes: config::check_file_max_bytes(args.file_max_bytes)?,
         stale_after: std::time::Duration::from_secs(args.stale_after_secs.max(1)),
         max_attempts: args.max_attempts.max(1),
+        retry_delay: config::check_retry_delay(args.retry_delay_secs)?,
         workers: args.workers.unwrap_or_else(config::default_workers).max(1),
         retention: std::time::Duration::from_secs(args.retention_hours.max(1) * 3600),
         shard_max_resources: args.shard_max_resources.max(1),

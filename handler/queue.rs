@@ -55,7 +55,8 @@ pub struct QueueClosed;
 pub trait WorkQueue: Send + Sync {
     async fn enqueue(&self, messages: Vec<WorkMessage>) -> Result<(), QueueClosed>;
 
-    /// Sends the message again after `delay` (a retry).
+    /// Sends the message after `delay` (a retry), if this queue can hold a message back; one that
+    /// cannot drops it, and the sweeper sends the shard when its retry is due.
     async fn enqueue_later(&self, message: WorkMessage, delay: Duration)
         -> Result<(), QueueClosed>;
 }

@@ -33,6 +33,9 @@ param staleAfterSecs int = 600
 @description('Runs of one shard before its export fails (EXPORT_MAX_ATTEMPTS).')
 param maxAttempts int = 3
 
+@description('Seconds a failed shard waits, at most, before its first retry; doubled for each later one (EXPORT_RETRY_DELAY_SECS).')
+param retryDelaySecs int = 30
+
 @description('Hours a finished export is kept (EXPORT_RETENTION_HOURS).')
 param retentionHours int = 168
 
@@ -137,6 +140,7 @@ module app 'modules/functionapp.bicep' = {
         { name: 'EXPORT_FILE_MAX_BYTES', value: string(fileMaxBytes) }
         { name: 'EXPORT_STALE_AFTER_SECS', value: string(staleAfterSecs) }
         { name: 'EXPORT_MAX_ATTEMPTS', value: string(maxAttempts) }
+        { name: 'EXPORT_RETRY_DELAY_SECS', value: string(retryDelaySecs) }
         { name: 'EXPORT_RETENTION_HOURS', value: string(retentionHours) }
         { name: 'EXPORT_SHARD_MAX_RESOURCES', value: string(shardMaxResources) }
         { name: 'EXPORT_MAX_RUNNING_EXPORTS', value: string(maxRunningExports) }

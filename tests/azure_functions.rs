@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::azurite;
-use fhir_export::export::jobs::{Change, JobStore, ShardStatus};
+use fhir_export::export::jobs::{Change, JobStore};
+use fhir_export::export::state::{ShardState, ShardStatus};
 use fhir_export::storage::{AzureBlob, ObjectStore, PutMode};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -374,12 +375,19 @@ async fn whole_export_through_the_host_protocol(sas: String) {
     for (blob, text) in &before {
         assert_eq!(&blob_text(&store, blob).await, text, "{blob} changed");
     }
+    // The job's state: its document, the manifest, and per shard its state and done marker.
+    let mut expected = vec![
+        format!("fhir-export-jobs/{id}/job.json"),
+        format!("fhir-export-jobs/{id}/manifest.json"),
+    ];
+    for n in 0..shards.len() {
+        expected.push(format!("fhir-export-jobs/{id}/done/{n}"));
+        expected.push(format!("fhir-export-jobs/{id}/shards/{n}.json"));
+    }
+    expected.sort();
     assert_eq!(
         store.list(&format!("fhir-export-jobs/{id}")).await.unwrap(),
-        [
-            format!("fhir-export-jobs/{id}/job.json"),
-            format!("fhir-export-jobs/{id}/manifest.json")
-        ]
+        expected
     );
     let again: Value = forwarded_status(&handler, &id).await.json().await.unwrap();
     assert_eq!(again, manifest);
@@ -438,11 +446,11 @@ async fn stale_shards_swept_redelivered_once_and_capped(sas: String) {
     .await;
     assert_eq!(shards.len(), 2);
     run_shards(&handler, &shards[..1]).await;
-    jobs.update(&id, |job| {
-        let shard = &mut job.shards[1];
+    let silent = chrono::Utc::now() - chrono::Duration::seconds(30);
+    jobs.update_shard(&id, 1, &ShardState::queued_at(silent), |shard| {
         shard.status = ShardStatus::Running;
         shard.attempts = 1;
-        shard.heartbeat = Some(chrono::Utc::now() - chrono::Duration::seconds(30));
+        shard.heartbeat = silent;
         Change::Write(())
     })
     .await
@@ -499,11 +507,11 @@ async fn stale_shards_swept_redelivered_once_and_capped(sas: String) {
     )
     .await;
     assert_eq!(shards.len(), 1);
-    jobs.update(&id, |job| {
-        let shard = &mut job.shards[0];
+    let silent = chrono::Utc::now() - chrono::Duration::seconds(30);
+    jobs.update_shard(&id, 0, &ShardState::queued_at(silent), |shard| {
         shard.status = ShardStatus::Running;
         shard.attempts = 2;
-        shard.heartbeat = Some(chrono::Utc::now() - chrono::Duration::seconds(30));
+        shard.heartbeat = silent;
         Change::Write(())
     })
     .await

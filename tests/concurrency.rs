@@ -8,7 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use common::{client, download_all, kickoff, sample_counts, sample_store, start};
 use fhir_export::app::App;
 use fhir_export::config::{Settings, SourceSetting, StorageSetting};
-use fhir_export::export::jobs::{Change, JobStatus, ShardStatus};
+use fhir_export::export::jobs::{Change, JobStatus};
+use fhir_export::export::state::ShardStatus;
 use fhir_export::export::{kickoff as planner, worker, ExportRequest, Level};
 use fhir_export::queue::WorkMessage;
 use serde_json::Value;
@@ -204,15 +205,19 @@ async fn a_shard_run_twice_at_once_redelivered_or_taken_over_writes_each_line_on
         let message = message(1);
         tokio::spawn(async move { worker::handle_message(&app, &message).await })
     };
-    while app.jobs.load(&job.id).await.unwrap().unwrap().0.shards[1].status != ShardStatus::Running
+    while app
+        .jobs
+        .shard(&job.id, 1)
+        .await
+        .unwrap()
+        .is_none_or(|shard| shard.status != ShardStatus::Running)
     {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     app.jobs
-        .update(&job.id, |job| {
-            let shard = &mut job.shards[1];
+        .update_shard(&job.id, 1, &job.unclaimed_shard(), |shard| {
             shard.status = ShardStatus::Queued;
-            shard.heartbeat = Some(chrono::Utc::now() - chrono::Duration::hours(1));
+            shard.heartbeat = chrono::Utc::now() - chrono::Duration::hours(1);
             Change::Write(())
         })
         .await
@@ -248,7 +253,19 @@ async fn a_shard_run_twice_at_once_redelivered_or_taken_over_writes_each_line_on
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    assert_eq!(documents, ["job.json", "manifest.json"]);
+    // The job's document, the manifest, one state per shard, and one done marker per shard.
+    assert_eq!(documents, ["done", "job.json", "manifest.json", "shards"]);
+    for (folder, names) in [
+        ("shards", ["0.json", "1.json", "2.json"]),
+        ("done", ["0", "1", "2"]),
+    ] {
+        let mut found: Vec<String> = std::fs::read_dir(job_folder.join(folder))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        found.sort();
+        assert_eq!(found, names);
+    }
     assert_eq!(app.jobs.running_count().await.unwrap(), 0);
 }
 

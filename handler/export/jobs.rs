@@ -1,4 +1,7 @@
-//! Job state: one JSON document per job on the export storage, changed only by compare-and-swap.
+//! Job state on the export storage, changed only by compare-and-swap: per job, `job.json` (the
+//! request and plan; written at kickoff, planning and end), `shards/{n}.json` (each shard's own
+//! state, written by its worker and the sweeper), `done/{n}` (a marker per finished shard, its time:
+//! so that one listing tells a job's progress) and `manifest.json` (written once, create-only).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -7,9 +10,12 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use serde::de::DeserializeOwned;
+
+use super::state::ShardState;
 use crate::export::ExportRequest;
 use crate::source::{PatientScope, RowRange};
-use crate::storage::{ETag, ObjectStore, OutputFile, PutMode, StorageError};
+use crate::storage::{ETag, ObjectStore, PutMode, StorageError};
 
 /// The reserved container (or folder) holding job documents and manifests.
 pub const JOBS_CONTAINER: &str = "fhir-export-jobs";
@@ -25,14 +31,7 @@ pub enum JobStatus {
     Cancelled,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShardStatus {
-    Queued,
-    Running,
-    Done,
-}
-
+/// One planned part of a job (fixed once planned); its progress is a [`ShardState`] of its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Shard {
@@ -47,11 +46,6 @@ pub struct Shard {
     /// The part of a type cut by storage position (as `ResourceSource::plan` cut it).
     #[serde(default, skip_serializing_if = "RowRange::is_whole")]
     pub rows: RowRange,
-    pub status: ShardStatus,
-    pub attempts: u32,
-    /// The last sign of life: when the shard was queued, or the running worker's last beat.
-    pub heartbeat: Option<DateTime<Utc>>,
-    pub outputs: Vec<OutputFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +67,9 @@ pub struct Job {
     /// planning (documents of earlier versions were planned at kickoff).
     #[serde(default = "planned_at_kickoff")]
     pub planned: bool,
+    /// When the shards were planned and queued: the first sign of life of a shard not yet claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_at: Option<DateTime<Utc>>,
     pub shards: Vec<Shard>,
     pub failure: Option<String>,
     /// What kind of failure stopped the job, when it was not one of this service's own (the
@@ -91,20 +88,14 @@ fn planned_at_kickoff() -> bool {
 }
 
 impl Job {
-    pub fn shards_done(&self) -> usize {
-        self.shards
-            .iter()
-            .filter(|s| s.status == ShardStatus::Done)
-            .count()
+    /// The state of a shard that has no document yet.
+    pub fn unclaimed_shard(&self) -> ShardState {
+        ShardState::queued_at(self.planned_at.unwrap_or(self.transaction_time))
     }
 
     /// When a finished job's files and state are removed.
     pub fn expires_at(&self, retention: std::time::Duration) -> Option<DateTime<Utc>> {
         Some(self.completed_at? + chrono::Duration::from_std(retention).ok()?)
-    }
-
-    pub fn all_shards_done(&self) -> bool {
-        self.shards_done() == self.shards.len()
     }
 }
 
@@ -293,13 +284,18 @@ impl JobStore {
     }
 
     pub async fn load(&self, id: &str) -> Result<Option<(Job, ETag)>, JobError> {
-        let path = Self::job_path(id);
-        let Some((bytes, etag)) = self.store.get(&path).await? else {
+        self.read(&Self::job_path(id)).await
+    }
+
+    async fn read<D: DeserializeOwned>(&self, path: &str) -> Result<Option<(D, ETag)>, JobError> {
+        let Some((bytes, etag)) = self.store.get(path).await? else {
             return Ok(None);
         };
-        let job =
-            serde_json::from_slice(&bytes).map_err(|source| JobError::Corrupt { path, source })?;
-        Ok(Some((job, etag)))
+        let document = serde_json::from_slice(&bytes).map_err(|source| JobError::Corrupt {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok(Some((document, etag)))
     }
 
     /// Applies `change` to the stored job with compare-and-swap, again on a conflict after a
@@ -310,36 +306,107 @@ impl JobStore {
         id: &str,
         mut change: impl FnMut(&mut Job) -> Change<T>,
     ) -> Result<Option<T>, JobError> {
+        let mut wrote = false;
+        let out = self
+            .swap(&Self::job_path(id), None, |job| {
+                let changed = change(job);
+                wrote = matches!(changed, Change::Write(_));
+                changed
+            })
+            .await?;
+        if let Some((_, job)) = &out {
+            if wrote && job.status != JobStatus::Running {
+                self.store.delete_prefix(&Self::running_path(id)).await?;
+                self.note_running(id, false).await;
+            }
+        }
+        Ok(out.map(|(out, _)| out))
+    }
+
+    fn shard_path(id: &str, index: usize) -> String {
+        format!("{JOBS_CONTAINER}/{id}/shards/{index}.json")
+    }
+
+    fn done_folder(id: &str) -> String {
+        format!("{JOBS_CONTAINER}/{id}/done")
+    }
+
+    /// A shard's state; `None` while no worker or sweeper has written it.
+    pub async fn shard(&self, id: &str, index: usize) -> Result<Option<ShardState>, JobError> {
+        Ok(self
+            .read(&Self::shard_path(id, index))
+            .await?
+            .map(|(state, _)| state))
+    }
+
+    /// Applies `change` to a shard's state as `update` does to a job; a shard without a document
+    /// starts from `unclaimed` (and is created only if no one created it meanwhile).
+    pub async fn update_shard<T>(
+        &self,
+        id: &str,
+        index: usize,
+        unclaimed: &ShardState,
+        change: impl FnMut(&mut ShardState) -> Change<T>,
+    ) -> Result<T, JobError> {
+        let path = Self::shard_path(id, index);
+        let out = self.swap(&path, Some(unclaimed), change).await?;
+        Ok(out.expect("a shard state always exists").0)
+    }
+
+    /// Marks a shard done for the listing (after its state says so), with the time; marking twice
+    /// is harmless.
+    pub async fn mark_done(&self, id: &str, index: usize) -> Result<(), JobError> {
+        let path = format!("{}/{index}", Self::done_folder(id));
+        let now = Bytes::from(Utc::now().to_rfc3339());
+        match self.store.put(&path, now, PutMode::Create).await {
+            Ok(_) | Err(StorageError::PreconditionFailed(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The shards marked done, by one listing.
+    pub async fn done_shards(&self, id: &str) -> Result<BTreeSet<usize>, JobError> {
+        let folder = Self::done_folder(id);
+        let paths = self.store.list(&folder).await?;
+        Ok(paths
+            .iter()
+            .filter_map(|path| path.strip_prefix(&folder)?.strip_prefix('/')?.parse().ok())
+            .collect())
+    }
+
+    /// The compare-and-swap loop over one document: `None` when it does not exist and there is
+    /// no `initial` state to create it from; else what `change` returned, and the document.
+    async fn swap<D, T>(
+        &self,
+        path: &str,
+        initial: Option<&D>,
+        mut change: impl FnMut(&mut D) -> Change<T>,
+    ) -> Result<Option<(T, D)>, JobError>
+    where
+        D: Serialize + DeserializeOwned + Clone,
+    {
         for attempt in 0.. {
             if attempt > 0 {
                 tokio::time::sleep(cas_backoff(attempt, rand::random())).await;
             }
             if attempt == CAS_ATTEMPTS {
                 return Err(JobError::Contended {
-                    path: Self::job_path(id),
+                    path: path.to_string(),
                     attempts: CAS_ATTEMPTS,
                 });
             }
-            let Some((mut job, etag)) = self.load(id).await? else {
-                return Ok(None);
+            let (mut document, mode) = match (self.read::<D>(path).await?, initial) {
+                (Some((document, etag)), _) => (document, PutMode::Update(etag)),
+                (None, Some(initial)) => (initial.clone(), PutMode::Create),
+                (None, None) => return Ok(None),
             };
-            let out = match change(&mut job) {
-                Change::Keep(out) => return Ok(Some(out)),
+            let out = match change(&mut document) {
+                Change::Keep(out) => return Ok(Some((out, document))),
                 Change::Write(out) => out,
             };
-            let body = Bytes::from(serde_json::to_vec_pretty(&job).expect("a job serialises"));
-            match self
-                .store
-                .put(&Self::job_path(id), body, PutMode::Update(etag))
-                .await
-            {
-                Ok(_) => {
-                    if job.status != JobStatus::Running {
-                        self.store.delete_prefix(&Self::running_path(id)).await?;
-                        self.note_running(id, false).await;
-                    }
-                    return Ok(Some(out));
-                }
+            let body = Bytes::from(serde_json::to_vec_pretty(&document).expect("state serialises"));
+            match self.store.put(path, body, mode).await {
+                Ok(_) => return Ok(Some((out, document))),
                 Err(StorageError::PreconditionFailed(_)) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -361,11 +428,17 @@ impl JobStore {
             .collect())
     }
 
+    /// Writes the manifest unless one is written already (two workers that both found the last
+    /// shard done build the same one).
     pub async fn put_manifest(&self, id: &str, manifest: Bytes) -> Result<(), JobError> {
-        self.store
-            .put(&Self::manifest_path(id), manifest, PutMode::Overwrite)
-            .await?;
-        Ok(())
+        match self
+            .store
+            .put(&Self::manifest_path(id), manifest, PutMode::Create)
+            .await
+        {
+            Ok(_) | Err(StorageError::PreconditionFailed(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     pub async fn manifest(&self, id: &str) -> Result<Option<Bytes>, JobError> {
@@ -461,6 +534,7 @@ mod tests {
             scope: PatientScope::All,
             status: JobStatus::Running,
             planned: true,
+            planned_at: None,
             shards: Vec::new(),
             failure: None,
             failure_fault: None,

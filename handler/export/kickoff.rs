@@ -5,8 +5,9 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::jobs::{new_job_id, Change, Job, JobStatus, Shard, ShardStatus};
+use super::jobs::{new_job_id, Change, Job, JobStatus, Shard};
 use super::request::is_patient_level_type;
+use super::state;
 use super::{worker, ExportError, ExportRequest, Exports, Level, RequestError};
 use crate::fault::Fault;
 use crate::fhir::compartment::patient_id_of;
@@ -46,6 +47,7 @@ pub async fn start(
         scope,
         status: JobStatus::Running,
         planned: false,
+        planned_at: None,
         shards: Vec::new(),
         failure: None,
         failure_fault: None,
@@ -87,8 +89,9 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
         }
         Err(error) => return Err(error),
     };
+    let (shards, largest_first) = shards_of(planned);
     // Queued now, not at kickoff: a slow planning must not make its shards look stale already.
-    let (shards, largest_first) = shards_of(planned, Utc::now());
+    let planned_at = Utc::now();
     let recorded = exports
         .jobs
         .update(job_id, |job| {
@@ -97,6 +100,7 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
             }
             job.shards = shards.clone();
             job.planned = true;
+            job.planned_at = Some(planned_at);
             Change::Write(Some(job.shards.len()))
         })
         .await?
@@ -122,14 +126,15 @@ async fn fail_planning(
     exports
         .jobs
         .update(job_id, |job| {
-            if job.status != JobStatus::Running || job.planned {
-                return Change::Keep(());
+            if job.planned {
+                return Change::Keep(false);
             }
-            job.status = JobStatus::Failed;
-            job.failure = Some(failure.clone());
-            job.failure_fault = Some(fault);
-            job.completed_at = Some(Utc::now());
-            Change::Write(())
+            state::end(
+                job,
+                JobStatus::Failed,
+                Some((failure.clone(), Some(fault))),
+                Utc::now(),
+            )
         })
         .await?;
     Ok(())
@@ -186,10 +191,7 @@ async fn plan(
 /// The job's shards, one per part (files named `{type}-{part}` when a type has several), and the
 /// order to queue them in: largest first, so that the last to run are small ones and both cores
 /// finish together (a stable sort: shards of unknown size keep type order).
-fn shards_of(
-    planned: Vec<(String, Vec<Part>)>,
-    queued_at: DateTime<Utc>,
-) -> (Vec<Shard>, Vec<usize>) {
+fn shards_of(planned: Vec<(String, Vec<Part>)>) -> (Vec<Shard>, Vec<usize>) {
     let mut shards = Vec::new();
     let mut sizes = Vec::new();
     for (resource_type, parts) in planned {
@@ -205,10 +207,6 @@ fn shards_of(
                 since: part.since,
                 until: part.until,
                 rows: part.rows,
-                status: ShardStatus::Queued,
-                attempts: 0,
-                heartbeat: Some(queued_at),
-                outputs: Vec::new(),
             });
         }
     }

@@ -33,12 +33,11 @@ pub fn file_url(base_url: &str, path: &str) -> String {
     )
 }
 
-/// The manifest of a job whose shards are all done; `notes` is the written notes file, if any.
-pub fn build(job: &Job, notes: Option<&OutputFile>) -> Value {
-    let output: Vec<Value> = job
-        .shards
+/// The manifest of a job whose shards are all done, with their `outputs` in shard order; `notes`
+/// is the written notes file, if any.
+pub fn build(job: &Job, outputs: &[OutputFile], notes: Option<&OutputFile>) -> Value {
+    let output: Vec<Value> = outputs
         .iter()
-        .flat_map(|shard| &shard.outputs)
         .map(|file| json!({"type": file.resource_type, "url": file_url(&job.base_url, &file.path), "count": file.count}))
         .collect();
     let error: Vec<Value> = notes

@@ -6,6 +6,7 @@ pub mod kickoff;
 pub mod manifest;
 pub mod recovery;
 pub mod request;
+pub mod state;
 pub mod worker;
 
 use std::sync::Arc;
@@ -69,11 +70,23 @@ pub struct Limits {
     pub stale_after: Duration,
     /// The runs a shard gets before its export fails.
     pub max_attempts: u32,
+    /// The most a failed shard waits before its first retry.
+    pub retry_delay: Duration,
     /// How long a finished export's files are kept.
     pub retention: Duration,
 }
 
 impl Limits {
+    /// What the state machine's transitions go by.
+    pub fn timing(&self) -> state::Timing {
+        let duration = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        state::Timing {
+            stale_after: duration(self.stale_after),
+            max_attempts: self.max_attempts,
+            retry_delay: duration(self.retry_delay),
+        }
+    }
+
     /// How often a running shard refreshes its heartbeat: a tenth of the stale limit, 0.1 s to 60 s.
     pub fn heartbeat_every(&self) -> Duration {
         (self.stale_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))

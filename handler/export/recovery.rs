@@ -1,46 +1,46 @@
 //! Upkeep of jobs: resuming what a previous process left running, sweeping shards that went
 //! silent, and removing finished exports past their retention.
 
-use super::jobs::{Change, JobError, JobStatus, ShardStatus};
+use super::jobs::{Job, JobError, JobStatus};
+use super::state::{self, Sweep};
 use super::{worker, ExportError, Exports};
 use crate::queue::{enqueue_shards, WorkMessage};
 
 impl Exports {
     /// Picks up the jobs a previous process left running: their planning, or their unfinished
-    /// shards, are queued again.
+    /// shards, are queued again (waiting ones too: this process owns the queue, and it is empty).
     /// Only for a store this process owns alone (the local folder).
     pub async fn resume_unfinished(&self) -> Result<usize, ExportError> {
         let mut resumed = 0;
         for id in self.jobs.ids().await? {
-            let unfinished = self
-                .jobs
-                .update(&id, |job| {
-                    if job.status != JobStatus::Running {
-                        return Change::Keep(None);
-                    }
-                    if !job.planned {
-                        return Change::Keep(Some(None));
-                    }
-                    let mut unfinished = Vec::new();
-                    for (index, shard) in job.shards.iter_mut().enumerate() {
-                        if shard.status != ShardStatus::Done {
-                            shard.status = ShardStatus::Queued;
-                            shard.heartbeat = Some(chrono::Utc::now());
-                            unfinished.push(index);
-                        }
-                    }
-                    Change::Write(Some(Some(unfinished)))
-                })
-                .await;
-            let unfinished = readable(&id, unfinished)?.flatten().flatten();
-            let Some(unfinished) = unfinished else {
+            let Some((job, _)) = readable(&id, self.jobs.load(&id).await)?.flatten() else {
                 continue;
             };
+            if job.status != JobStatus::Running {
+                continue;
+            }
             resumed += 1;
-            let Some(unfinished) = unfinished else {
+            if !job.planned {
                 self.queue.enqueue(vec![WorkMessage::plan(&id)]).await?;
                 continue;
-            };
+            }
+            let done = self.jobs.done_shards(&id).await?;
+            let mut unfinished = Vec::new();
+            for index in (0..job.shards.len()).filter(|index| !done.contains(index)) {
+                let now = chrono::Utc::now();
+                let resume = self
+                    .jobs
+                    .update_shard(&id, index, &job.unclaimed_shard(), |shard| {
+                        state::resume(shard, now)
+                    })
+                    .await;
+                match readable(&id, resume)? {
+                    Some(true) => unfinished.push(index),
+                    // Done, its marker missing: the worker stopped between the two writes.
+                    Some(false) => self.jobs.mark_done(&id, index).await?,
+                    None => {}
+                }
+            }
             if unfinished.is_empty() {
                 worker::finalize(self, &id).await?;
             } else {
@@ -50,73 +50,41 @@ impl Exports {
         Ok(resumed)
     }
 
-    /// Queues again the shards silent for longer than the stale limit: a worker that died while
-    /// running one, or a message that never arrived. A running shard past the restart cap fails
-    /// its job with a message naming the shard. A job still unplanned that long is queued for
-    /// planning again (planning twice is harmless: the first plan recorded stands).
+    /// Sends again what has no message out: shards silent for longer than the stale limit (a
+    /// worker that died while running one), failed shards whose retry is due, and queued shards
+    /// whose message expired. A running shard past the restart cap fails its job with a message
+    /// naming the shard. A job still unplanned that long is queued for planning again (planning
+    /// twice is harmless: the first plan recorded stands). Costs per running job: its document,
+    /// one listing, and the state of each shard not yet done.
     pub async fn sweep_stale(&self) -> Result<SweepReport, ExportError> {
-        let stale_after =
-            chrono::Duration::from_std(self.limits.stale_after).unwrap_or(chrono::Duration::MAX);
-        let max_attempts = self.limits.max_attempts;
+        let timing = self.limits.timing();
         let mut report = SweepReport::default();
         for id in self.jobs.ids().await? {
-            let now = chrono::Utc::now();
-            let swept = self
-                .jobs
-                .update(&id, |job| {
-                    if job.status != JobStatus::Running {
-                        return Change::Keep((Vec::new(), false, false));
-                    }
-                    if !job.planned {
-                        let stale = now - job.transaction_time >= stale_after;
-                        return Change::Keep((Vec::new(), false, stale));
-                    }
-                    let mut requeue = Vec::new();
-                    let mut failure = None;
-                    for (index, shard) in job.shards.iter_mut().enumerate() {
-                        let silent = shard.heartbeat.is_none_or(|beat| now - beat >= stale_after);
-                        if shard.status == ShardStatus::Done || !silent {
-                            continue;
-                        }
-                        if shard.status == ShardStatus::Running && shard.attempts >= max_attempts {
-                            failure = Some(format!(
-                                "shard {index} ({}) stopped without a heartbeat {} times (the restart cap); the export is abandoned",
-                                shard.resource_type, shard.attempts
-                            ));
-                            break;
-                        }
-                        shard.status = ShardStatus::Queued;
-                        shard.heartbeat = Some(now);
-                        requeue.push(index);
-                    }
-                    if let Some(failure) = failure {
-                        job.status = JobStatus::Failed;
-                        job.failure = Some(failure);
-                        job.completed_at = Some(now);
-                        return Change::Write((Vec::new(), true, false));
-                    }
-                    if requeue.is_empty() {
-                        return Change::Keep((requeue, false, false));
-                    }
-                    Change::Write((requeue, false, false))
-                })
-                .await;
-            let Some((requeue, failed, replan)) = readable(&id, swept)?.flatten() else {
+            let Some((job, _)) = readable(&id, self.jobs.load(&id).await)?.flatten() else {
                 continue;
             };
-            if replan {
-                tracing::warn!(job_id = %id, "an export still unplanned queued for planning again");
-                report.replanned_jobs += 1;
-                self.queue.enqueue(vec![WorkMessage::plan(&id)]).await?;
+            if job.status != JobStatus::Running {
+                continue;
             }
-            if failed {
-                tracing::warn!(job_id = %id, "export failed: a shard passed the restart cap");
+            if !job.planned {
+                if chrono::Utc::now() - job.transaction_time >= timing.stale_after {
+                    tracing::warn!(job_id = %id, "an export still unplanned queued for planning again");
+                    report.replanned_jobs += 1;
+                    self.queue.enqueue(vec![WorkMessage::plan(&id)]).await?;
+                }
+                continue;
+            }
+            let swept = self.sweep_job(&job, &timing).await?;
+            if swept.failed {
                 report.failed_jobs += 1;
             }
-            if !requeue.is_empty() {
-                tracing::warn!(job_id = %id, shards = ?requeue, "stale shards queued again");
-                report.requeued_shards += requeue.len();
-                enqueue_shards(self.queue.as_ref(), &id, requeue).await?;
+            if !swept.send.is_empty() {
+                tracing::warn!(job_id = %id, shards = ?swept.send, "shards without a message out sent again");
+                report.requeued_shards += swept.send.len();
+                enqueue_shards(self.queue.as_ref(), &id, swept.send).await?;
+            }
+            if swept.all_done {
+                worker::finalize(self, &id).await?;
             }
         }
         let removed = self
@@ -127,6 +95,54 @@ impl Exports {
             tracing::info!(removed, "running markers of finished exports removed");
         }
         Ok(report)
+    }
+
+    /// Sweeps the unfinished shards of one planned, running job.
+    async fn sweep_job(&self, job: &Job, timing: &state::Timing) -> Result<SweptJob, ExportError> {
+        let id = &job.id;
+        let done = self.jobs.done_shards(id).await?;
+        let mut swept = SweptJob {
+            send: Vec::new(),
+            failed: false,
+            all_done: true,
+        };
+        for index in (0..job.shards.len()).filter(|index| !done.contains(index)) {
+            let label = state::label(index, &job.shards[index].resource_type);
+            let now = chrono::Utc::now();
+            let sweep = self
+                .jobs
+                .update_shard(id, index, &job.unclaimed_shard(), |shard| {
+                    state::sweep(shard, &label, now, timing)
+                })
+                .await;
+            match readable(id, sweep)? {
+                Some(Sweep::Done) => {
+                    self.jobs.mark_done(id, index).await?;
+                    continue;
+                }
+                Some(Sweep::Send) => swept.send.push(index),
+                Some(Sweep::FailsJob(failure)) => {
+                    let failed = self
+                        .jobs
+                        .update(id, |job| {
+                            state::end(job, JobStatus::Failed, Some((failure.clone(), None)), now)
+                        })
+                        .await?;
+                    if failed == Some(true) {
+                        tracing::warn!(job_id = %id, %failure, "export failed: a shard passed the restart cap");
+                        swept.failed = true;
+                    }
+                    return Ok(SweptJob {
+                        send: Vec::new(),
+                        failed: swept.failed,
+                        all_done: false,
+                    });
+                }
+                Some(Sweep::Leave) | None => {}
+            }
+            swept.all_done = false;
+        }
+        Ok(swept)
     }
 
     /// Removes finished jobs past their retention: files first, then the job's state.
@@ -163,6 +179,16 @@ fn readable<T>(id: &str, result: Result<T, JobError>) -> Result<Option<T>, JobEr
         }
         Err(error) => Err(error),
     }
+}
+
+/// What sweeping one job found.
+struct SweptJob {
+    /// Shards to send.
+    send: Vec<usize>,
+    /// The job failed at the restart cap.
+    failed: bool,
+    /// Every shard is done (the job is to be completed).
+    all_done: bool,
 }
 
 /// What one sweep did.

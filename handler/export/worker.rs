@@ -1,5 +1,6 @@
-//! The shard worker: claim a shard, stream its resources into rolled files, record the outputs;
-//! the worker that finishes the last shard writes the manifest.
+//! The shard worker: claim a shard in its own state, stream its resources into rolled files,
+//! record the outputs and mark it done; a worker that then finds every shard done writes the
+//! manifest (create-only, so two that both find it write one).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use super::jobs::{Change, Job, JobStatus, ShardStatus};
+use super::jobs::{Job, JobError, JobStatus};
+use super::state::{self, Beat, Claim, Failure, ShardState, ShardStatus};
 use super::{manifest, ExportError, Exports};
 use crate::fhir::elements::subset;
 use crate::fhir::json::Json;
@@ -47,8 +49,13 @@ struct ShardTask {
     shard: usize,
 }
 
+/// Claims the shard, runs it, and records how it ended. An error means the message must come
+/// again: the claim, or the record of a failure, could not be written.
 async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportError> {
-    match run_shard(exports, task).await {
+    let Some((job, attempt)) = claim_shard(exports, task).await? else {
+        return Ok(());
+    };
+    match run_claimed(exports, &job, task, attempt).await {
         Ok(()) => Ok(()),
         Err(ExportError::Cancelled(_)) => {
             tracing::info!("shard stopped: export cancelled");
@@ -59,8 +66,8 @@ async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportE
             Ok(())
         }
         Err(error) => {
-            tracing::warn!(%error, "shard failed");
-            match record_failure(exports, task, &error).await {
+            tracing::warn!(%error, attempt, "shard failed");
+            match record_failure(exports, &job, task, attempt, &error).await {
                 Err(full) if full.is_storage_full() => {
                     fail_for_want_of_space(exports, task, &full).await
                 }
@@ -73,102 +80,80 @@ async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportE
     }
 }
 
-/// Claims shard `index` of `job` at `now`: unless the job stopped, the shard is done, or it runs
-/// elsewhere with a heartbeat fresher than `stale_after`, it is marked running, its attempt counted.
-fn claim(
-    job: &mut Job,
-    index: usize,
-    stale_after: chrono::Duration,
-    now: DateTime<Utc>,
-) -> Change<Claim> {
-    if job.status != JobStatus::Running {
-        return Change::Keep(Claim::Skip("job is not running"));
-    }
-    let Some(shard) = job.shards.get_mut(index) else {
-        return Change::Keep(Claim::Skip("no such shard"));
+/// Loads the job and claims the shard in its own state: the job and the attempt to run, or
+/// `None` when there is nothing to run (the job ended, the shard is done or runs elsewhere).
+async fn claim_shard(
+    exports: &Exports,
+    task: &ShardTask,
+) -> Result<Option<(Job, u32)>, ExportError> {
+    let Some((job, _)) = exports.jobs.load(&task.job_id).await? else {
+        return Ok(None);
     };
-    match shard.status {
-        ShardStatus::Done => return Change::Keep(Claim::Skip("shard already done")),
-        ShardStatus::Running if shard.heartbeat.is_some_and(|beat| now - beat < stale_after) => {
-            return Change::Keep(Claim::Skip("shard is running elsewhere"))
-        }
-        _ => {}
+    if job.status != JobStatus::Running || task.shard >= job.shards.len() {
+        tracing::debug!("shard message skipped: the job is not running, or has no such shard");
+        return Ok(None);
     }
-    shard.status = ShardStatus::Running;
-    shard.attempts += 1;
-    shard.heartbeat = Some(now);
-    let attempt = shard.attempts;
-    Change::Write(Claim::Run {
-        job: Box::new(job.clone()),
-        attempt,
-    })
-}
-
-/// What claiming a shard found.
-enum Claim {
-    Run { job: Box<Job>, attempt: u32 },
-    Skip(&'static str),
-}
-
-async fn run_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportError> {
-    let stale_after =
-        chrono::Duration::from_std(exports.limits.stale_after).unwrap_or(chrono::Duration::MAX);
+    let timing = exports.limits.timing();
     let claim = exports
         .jobs
-        .update(&task.job_id, |job| {
-            claim(job, task.shard, stale_after, Utc::now())
+        .update_shard(&job.id, task.shard, &job.unclaimed_shard(), |shard| {
+            state::claim(shard, Utc::now(), &timing)
         })
         .await?;
-    let (job, attempt) = match claim {
-        None => return Ok(()),
-        Some(Claim::Skip(reason)) => {
+    match claim {
+        Claim::Skip(reason) => {
             tracing::debug!(reason, "shard message skipped");
-            return Ok(());
+            Ok(None)
         }
-        Some(Claim::Run { job, attempt }) => (job, attempt),
-    };
-    crate::crashpoint::reached("shard-claimed");
+        Claim::Run(attempt) => {
+            crate::crashpoint::reached("shard-claimed");
+            Ok(Some((job, attempt)))
+        }
+    }
+}
 
+/// Writes a claimed shard's files under its heartbeat, then records it done (and completes the
+/// job when it was the last).
+async fn run_claimed(
+    exports: &Exports,
+    job: &Job,
+    task: &ShardTask,
+    attempt: u32,
+) -> Result<(), ExportError> {
     let stop = Arc::new(StopSignal::default());
     // The heartbeat lives exactly as long as the shard's work: a shard that ends in any way (an
     // error, a panic, a dropped future) stops beating, so the sweeper can take it back.
     let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(
         exports.clone(),
+        job.unclaimed_shard(),
         task.clone(),
         attempt,
         stop.clone(),
     )));
     let running = RunningShard::register(&task.job_id, stop.clone());
-    let written = write_files(exports, &job, task.shard, stop).await;
+    let written = write_files(exports, job, task.shard, stop).await;
     drop(running);
     drop(heartbeat);
     let outputs = written?;
 
-    let finished_last = exports
+    let still_running = exports
         .jobs
-        .update(&job.id, |job| {
-            if job.status != JobStatus::Running {
-                return Change::Keep(None);
-            }
-            let shard = &mut job.shards[task.shard];
-            if shard.status == ShardStatus::Done {
-                return Change::Keep(Some(false));
-            }
-            shard.status = ShardStatus::Done;
-            shard.outputs = outputs.clone();
-            Change::Write(Some(job.all_shards_done()))
-        })
+        .load(&job.id)
         .await?
-        .flatten();
-    crate::crashpoint::reached("shard-done");
-    match finished_last {
-        None => {
-            remove_files(exports, &outputs).await;
-            Err(ExportError::Cancelled(job.id.clone()))
-        }
-        Some(true) => finalize(exports, &job.id).await,
-        Some(false) => Ok(()),
+        .is_some_and(|(job, _)| job.status == JobStatus::Running);
+    if !still_running {
+        remove_files(exports, &outputs).await;
+        return Err(ExportError::Cancelled(job.id.clone()));
     }
+    exports
+        .jobs
+        .update_shard(&job.id, task.shard, &job.unclaimed_shard(), |shard| {
+            state::finish(shard, &outputs)
+        })
+        .await?;
+    crate::crashpoint::reached("shard-done");
+    exports.jobs.mark_done(&job.id, task.shard).await?;
+    finalize(exports, &job.id).await
 }
 
 /// Aborts the task when dropped.
@@ -442,7 +427,13 @@ fn caught<T>(work: impl FnOnce() -> T) -> Result<T, String> {
 
 /// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
 /// shard was given to another worker. A failed refresh is tried again at the next beat.
-async fn keep_alive(exports: Exports, task: ShardTask, attempt: u32, stop: Arc<StopSignal>) {
+async fn keep_alive(
+    exports: Exports,
+    unclaimed: ShardState,
+    task: ShardTask,
+    attempt: u32,
+    stop: Arc<StopSignal>,
+) {
     let every = exports.limits.heartbeat_every();
     // The first beat at a random point of the first period: shards started together (a job's
     // first wave) do not write their beats in step from then on.
@@ -450,24 +441,30 @@ async fn keep_alive(exports: Exports, task: ShardTask, attempt: u32, stop: Arc<S
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
     loop {
         ticks.tick().await;
-        let beat = exports
-            .jobs
-            .update(&task.job_id, |job| {
-                if job.status != JobStatus::Running {
-                    return Change::Keep(Stop::JobStopped);
-                }
-                let shard = &mut job.shards[task.shard];
-                if shard.attempts != attempt || shard.status != ShardStatus::Running {
-                    return Change::Keep(Stop::TakenOver);
-                }
-                shard.heartbeat = Some(Utc::now());
-                Change::Write(Stop::KeepGoing)
+        let beat = async {
+            let running = exports
+                .jobs
+                .load(&task.job_id)
+                .await?
+                .is_some_and(|(job, _)| job.status == JobStatus::Running);
+            if !running {
+                return Ok(Stop::JobStopped);
+            }
+            let beat = exports
+                .jobs
+                .update_shard(&task.job_id, task.shard, &unclaimed, |shard| {
+                    state::beat(shard, attempt, Utc::now())
+                })
+                .await?;
+            Ok::<_, JobError>(match beat {
+                Beat::Alive => Stop::KeepGoing,
+                Beat::TakenOver => Stop::TakenOver,
             })
-            .await;
-        match beat {
-            Ok(Some(Stop::KeepGoing)) => {}
+        };
+        match beat.await {
+            Ok(Stop::KeepGoing) => {}
             Ok(reason) => {
-                stop.set(reason.unwrap_or(Stop::JobStopped));
+                stop.set(reason);
                 return;
             }
             Err(error) => tracing::warn!(%error, "could not refresh the shard's heartbeat"),
@@ -475,16 +472,38 @@ async fn keep_alive(exports: Exports, task: ShardTask, attempt: u32, stop: Arc<S
     }
 }
 
-/// Writes the manifest and marks the job completed; safe to run more than once.
+/// Completes the job when every shard is marked done: builds the manifest from the shards' states,
+/// writes it (once), and marks the job completed. Safe to run more than once, and by several
+/// workers at the same time.
 pub async fn finalize(exports: &Exports, job_id: &str) -> Result<(), ExportError> {
     let Some((job, _)) = exports.jobs.load(job_id).await? else {
         return Ok(());
     };
-    if job.status != JobStatus::Running || !job.all_shards_done() {
+    if job.status != JobStatus::Running || !job.planned {
         return Ok(());
     }
+    let done = exports.jobs.done_shards(job_id).await?;
+    if (0..job.shards.len()).any(|index| !done.contains(&index)) {
+        return Ok(());
+    }
+    let mut outputs = Vec::new();
+    for index in 0..job.shards.len() {
+        let state = exports.jobs.shard(job_id, index).await?;
+        match state {
+            Some(state) if state.status == ShardStatus::Done => outputs.extend(state.outputs),
+            _ => {
+                // A marker is written after its state: this cannot be, unless a hand got in.
+                tracing::error!(
+                    job_id,
+                    index,
+                    "shard marked done, but its state is not done"
+                );
+                return Ok(());
+            }
+        }
+    }
     let notes = write_notes(exports, &job).await?;
-    let manifest = manifest::build(&job, notes.as_ref());
+    let manifest = manifest::build(&job, &outputs, notes.as_ref());
     exports
         .jobs
         .put_manifest(
@@ -496,22 +515,11 @@ pub async fn finalize(exports: &Exports, job_id: &str) -> Result<(), ExportError
     exports
         .jobs
         .update(job_id, |job| {
-            if job.status != JobStatus::Running {
-                return Change::Keep(());
-            }
-            job.status = JobStatus::Completed;
-            job.completed_at = Some(Utc::now());
-            Change::Write(())
+            state::end(job, JobStatus::Completed, None, Utc::now())
         })
         .await?;
-    let files: usize = job.shards.iter().map(|s| s.outputs.len()).sum();
-    let resources: u64 = job
-        .shards
-        .iter()
-        .flat_map(|s| &s.outputs)
-        .map(|f| f.count)
-        .sum();
-    tracing::info!(job_id, files, resources, "export completed");
+    let resources: u64 = outputs.iter().map(|f| f.count).sum();
+    tracing::info!(job_id, files = outputs.len(), resources, "export completed");
     Ok(())
 }
 
@@ -539,77 +547,68 @@ async fn write_notes(exports: &Exports, job: &Job) -> Result<Option<OutputFile>,
     }))
 }
 
-/// What a shard's failure leads to.
-enum AfterFailure {
-    Retry,
-    /// The job failed: its files (in this folder) serve no one, and may be what filled the disk.
-    JobFailed(String),
-    Nothing,
-}
-
-/// After a failed attempt: queue the shard again after a pause, or past the cap fail the job and
-/// remove its files.
+/// After a failed attempt: the shard waits for its retry, or at the restart cap its job fails
+/// and the job's files go.
 async fn record_failure(
     exports: &Exports,
+    job: &Job,
     task: &ShardTask,
+    attempt: u32,
     error: &ExportError,
 ) -> Result<(), ExportError> {
-    let max_attempts = exports.limits.max_attempts;
-    let fails_the_job = exports
+    let timing = exports.limits.timing();
+    let label = state::label(task.shard, &job.shards[task.shard].resource_type);
+    let message = error.to_string();
+    let failure = exports
         .jobs
-        .load(&task.job_id)
-        .await?
-        .is_some_and(|(job, _)| {
-            job.shards
-                .get(task.shard)
-                .is_some_and(|shard| shard.attempts >= max_attempts)
-        });
-    if fails_the_job {
-        // Before the failure shows: this process's other shards of the job let go of their files.
-        stop_local_shards(&task.job_id).await;
-    }
-    let after = exports
-        .jobs
-        .update(&task.job_id, |job| {
-            if job.status != JobStatus::Running {
-                return Change::Keep(AfterFailure::Nothing);
-            }
-            let shard = &mut job.shards[task.shard];
-            if shard.status == ShardStatus::Done {
-                return Change::Keep(AfterFailure::Nothing);
-            }
-            if shard.attempts < max_attempts {
-                shard.status = ShardStatus::Queued;
-                shard.heartbeat = Some(Utc::now());
-                return Change::Write(AfterFailure::Retry);
-            }
-            job.status = JobStatus::Failed;
-            job.failure = Some(format!(
-                "shard {} ({}) failed {} times; last error: {error}",
-                task.shard, shard.resource_type, shard.attempts
-            ));
-            Change::Write(AfterFailure::JobFailed(job.output_folder.clone()))
+        .update_shard(&job.id, task.shard, &job.unclaimed_shard(), |shard| {
+            let (now, jitter) = (Utc::now(), rand::random());
+            state::fail(shard, &label, attempt, &message, now, &timing, jitter)
         })
         .await?;
-    match after {
-        Some(AfterFailure::Retry) => {
+    match failure {
+        Failure::RetryAt(at) => {
+            let wait = (at - Utc::now()).to_std().unwrap_or_default();
+            tracing::info!(retry_in_ms = wait.as_millis() as u64, "shard retried later");
+            // A queue that cannot hold a message back (Service Bus through the bindings) drops
+            // it: the sweeper sends the shard once its retry is due.
             exports
                 .queue
                 .enqueue_later(
                     WorkMessage::shard(&task.job_id, task.shard),
-                    Duration::from_secs(1),
+                    wait + CLOCK_MARGIN,
                 )
-                .await?
+                .await?;
         }
-        Some(AfterFailure::JobFailed(folder)) => {
-            if let Err(error) = exports.storage.delete_prefix(&folder).await {
-                tracing::warn!(%error, %folder, "could not remove the files of a failed export");
+        Failure::FailsJob(failure) => {
+            // Before the failure shows: this process's other shards of the job let go of their files.
+            stop_local_shards(&task.job_id).await;
+            let failed = exports
+                .jobs
+                .update(&job.id, |job| {
+                    state::end(
+                        job,
+                        JobStatus::Failed,
+                        Some((failure.clone(), None)),
+                        Utc::now(),
+                    )
+                })
+                .await?;
+            if failed == Some(true) {
+                let folder = &job.output_folder;
+                if let Err(error) = exports.storage.delete_prefix(folder).await {
+                    tracing::warn!(%error, %folder, "could not remove the files of a failed export");
+                }
             }
         }
-        Some(AfterFailure::Nothing) | None => {}
+        Failure::Ignored => {}
     }
     Ok(())
 }
+
+/// Added to a retry's wait on the in-process queue, so that it comes after `retry_at` by the
+/// wall clock too.
+const CLOCK_MARGIN: Duration = Duration::from_millis(5);
 
 /// The storage is too full even to record a shard's failure, most likely with the export's own
 /// files: they go, which makes room, and the job fails saying why. (Its other shards, finding it
@@ -626,17 +625,16 @@ async fn fail_for_want_of_space(
         return Ok(());
     }
     exports.storage.delete_prefix(&job.output_folder).await?;
+    let failure = format!("{full}; the export's files were removed to make room");
     exports
         .jobs
         .update(&task.job_id, |job| {
-            if job.status != JobStatus::Running {
-                return Change::Keep(());
-            }
-            job.status = JobStatus::Failed;
-            job.failure = Some(format!(
-                "{full}; the export's files were removed to make room"
-            ));
-            Change::Write(())
+            state::end(
+                job,
+                JobStatus::Failed,
+                Some((failure.clone(), None)),
+                Utc::now(),
+            )
         })
         .await?;
     tracing::error!(%full, "export failed: storage full");

@@ -100,10 +100,13 @@ pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
             Ok(response)
         }
         JobStatus::Running => {
-            let (done, total) = (job.shards_done(), job.shards.len());
             let progress = match job.planned {
                 false => "planning the shards".to_string(),
                 true => {
+                    // One listing of the done markers, however many shards.
+                    let done = api.exports.jobs.done_shards(id).await?.len();
+                    let total = job.shards.len();
+                    let done = done.min(total);
                     let percent = (done * 100).checked_div(total).unwrap_or(100);
                     format!("{percent}% ({done}/{total} shards)")
                 }

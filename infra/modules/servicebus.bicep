@@ -24,7 +24,9 @@ resource queue 'Microsoft.ServiceBus/namespaces/queues@2022-10-01-preview' = {
     lockDuration: lockDuration
     maxDeliveryCount: 10
     deadLetteringOnMessageExpiration: true
-    defaultMessageTimeToLive: 'P7D'
+    // The handler's QUEUED_MESSAGE_TTL (export/state.rs): a shard queued longer has no message
+    // left, and only then does the sweeper send it again.
+    defaultMessageTimeToLive: 'P1D'
     requiresDuplicateDetection: false
     enablePartitioning: false
   }

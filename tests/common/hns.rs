@@ -167,7 +167,12 @@ impl Layer {
             true => format!("{}{path}", self.origin),
             false => format!("{}{path}?{query}", self.origin),
         };
+        let empty = body.is_empty();
         let mut request = self.client.request(method.clone(), url).body(body);
+        if empty && method == Method::PUT {
+            // Put Blob needs a length, even of nothing (reqwest sends none for an empty body).
+            request = request.header("content-length", "0");
+        }
         for (name, value) in headers {
             if name != "host" && name != "content-length" {
                 request = request.header(name, value);

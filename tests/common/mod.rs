@@ -164,6 +164,8 @@ async fn start_app(
     let mut settings = Settings {
         source: SourceSetting::Sqlite(store.to_path_buf()),
         storage: StorageSetting::Folder(exports.clone()),
+        // Retries wait a tenth of a second, not half a minute.
+        retry_delay: std::time::Duration::from_millis(100),
         ..Settings::default()
     };
     tune(&mut settings);

@@ -148,6 +148,10 @@ def test_service_bus_takes_entra_tokens_only_and_dead_letters():
     assert 1 < queue["maxDeliveryCount"] <= 10
     lock = parsed("main.bicep")["modules"]["serviceBus"]["config"]["params"]["lockDuration"]
     assert lock == "PT5M", "the longest lock Service Bus allows; the host renews it"
+    # A message expires when the sweeper takes it for lost and sends the shard again: not before.
+    state_rs = (ROOT / "handler" / "export" / "state.rs").read_text()
+    days = re.search(r"QUEUED_MESSAGE_TTL: Duration = Duration::days\((\d+)\)", state_rs).group(1)
+    assert queue["defaultMessageTimeToLive"] == f"P{days}D"
     # The queue the functions bind to is the queue Bicep creates.
     queue_name = parsed("main.bicep")["variables"]["shardQueueName"]["value"]
     for function_json in (ROOT / "functions").glob("*/function.json"):

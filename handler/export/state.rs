@@ -1,0 +1,479 @@
+//! The export's state machine in one place: each transition of a shard (claim, heartbeat, finish,
+//! fail, resume, sweep) and the end of a job, as pure functions of the state found and the time.
+//! `jobs.rs` stores the states; the worker and the upkeep load, apply, and compare-and-swap.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::jobs::{Change, Job, JobStatus};
+use crate::storage::OutputFile;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardStatus {
+    /// A message for it is (or should be) in the queue.
+    Queued,
+    /// A worker claimed it and beats.
+    Running,
+    /// It failed and waits for `retry_at`; no message is out for it until then.
+    Waiting,
+    Done,
+}
+
+/// One shard's state: its own document, written by the worker running it and the sweeper alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardState {
+    pub status: ShardStatus,
+    /// Runs begun (claims).
+    pub attempts: u32,
+    /// The last sign of life: when the shard was queued, or the running worker's last beat.
+    pub heartbeat: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub outputs: Vec<OutputFile>,
+}
+
+impl ShardState {
+    /// A shard without a document yet: queued when its job was planned.
+    pub fn queued_at(at: DateTime<Utc>) -> ShardState {
+        ShardState {
+            status: ShardStatus::Queued,
+            attempts: 0,
+            heartbeat: at,
+            retry_at: None,
+            last_error: None,
+            outputs: Vec::new(),
+        }
+    }
+}
+
+/// The times and counts the transitions go by (from the settings).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// A running shard silent this long is taken to have stopped.
+    pub stale_after: Duration,
+    /// Runs a shard gets before its export fails.
+    pub max_attempts: u32,
+    /// The first retry's wait (at most; doubled for each later one).
+    pub retry_delay: Duration,
+}
+
+/// How long a message may wait in the queue before it expires: the Service Bus queue's
+/// `defaultMessageTimeToLive` (infra). A shard queued longer than this has no message left,
+/// and only then is its message sent again.
+pub const QUEUED_MESSAGE_TTL: Duration = Duration::days(1);
+
+/// The wait before the retry after failed attempt `attempt` (from 1): `retry_delay` doubled for
+/// each attempt (up to 64 times), of which a random share (`jitter`, 0..1) of the upper half,
+/// so that the shards of a throttled dependency do not all come back at once.
+pub fn retry_wait(retry_delay: Duration, attempt: u32, jitter: f64) -> Duration {
+    let ceiling = retry_delay * (1 << attempt.saturating_sub(1).min(6));
+    let half = ceiling / 2;
+    half + Duration::milliseconds((half.num_milliseconds() as f64 * jitter.clamp(0.0, 1.0)) as i64)
+}
+
+/// What claiming a shard found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Run it: this is its attempt number.
+    Run(u32),
+    Skip(&'static str),
+}
+
+/// A worker claims a shard: unless it is done, running elsewhere with a fresh heartbeat, waiting
+/// for its retry, or silent at the restart cap (the sweeper fails those), it is marked running
+/// and its attempt counted.
+pub fn claim(state: &mut ShardState, now: DateTime<Utc>, timing: &Timing) -> Change<Claim> {
+    let skip = |reason| Change::Keep(Claim::Skip(reason));
+    match state.status {
+        ShardStatus::Done => return skip("shard already done"),
+        ShardStatus::Running if now - state.heartbeat < timing.stale_after => {
+            return skip("shard is running elsewhere")
+        }
+        ShardStatus::Running if state.attempts >= timing.max_attempts => {
+            return skip("shard went silent at the restart cap")
+        }
+        ShardStatus::Waiting if state.retry_at.is_some_and(|at| at > now) => {
+            return skip("shard waits for its retry")
+        }
+        _ => {}
+    }
+    state.status = ShardStatus::Running;
+    state.attempts += 1;
+    state.heartbeat = now;
+    state.retry_at = None;
+    Change::Write(Claim::Run(state.attempts))
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    Alive,
+    /// The shard was given to another worker (or finished by one).
+    TakenOver,
+}
+
+/// The worker running attempt `attempt` beats.
+pub fn beat(state: &mut ShardState, attempt: u32, now: DateTime<Utc>) -> Change<Beat> {
+    if state.status != ShardStatus::Running || state.attempts != attempt {
+        return Change::Keep(Beat::TakenOver);
+    }
+    state.heartbeat = now;
+    Change::Write(Beat::Alive)
+}
+
+/// A worker finished writing the shard's files: `true` when this made it done. A shard finished
+/// already keeps its first outputs (a second worker wrote the same names, with the same content).
+pub fn finish(state: &mut ShardState, outputs: &[OutputFile]) -> Change<bool> {
+    if state.status == ShardStatus::Done {
+        return Change::Keep(false);
+    }
+    state.status = ShardStatus::Done;
+    state.outputs = outputs.to_vec();
+    state.retry_at = None;
+    Change::Write(true)
+}
+
+/// What a failed attempt leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Send the shard again at this time.
+    RetryAt(DateTime<Utc>),
+    /// The restart cap is reached: the job fails, with this message.
+    FailsJob(String),
+    /// Not this attempt's to decide (taken over, or finished by another worker).
+    Ignored,
+}
+
+/// Attempt `attempt` of a shard (`label`: "shard 4 (Observation)") failed with `error`: it waits
+/// for a retry, or at the cap its job fails.
+pub fn fail(
+    state: &mut ShardState,
+    label: &str,
+    attempt: u32,
+    error: &str,
+    now: DateTime<Utc>,
+    timing: &Timing,
+    jitter: f64,
+) -> Change<Failure> {
+    if state.status != ShardStatus::Running || state.attempts != attempt {
+        return Change::Keep(Failure::Ignored);
+    }
+    state.last_error = Some(error.to_string());
+    if state.attempts >= timing.max_attempts {
+        return Change::Write(Failure::FailsJob(format!(
+            "{label} failed {} times; last error: {error}",
+            state.attempts
+        )));
+    }
+    let at = now + retry_wait(timing.retry_delay, state.attempts, jitter);
+    state.status = ShardStatus::Waiting;
+    state.retry_at = Some(at);
+    state.heartbeat = now;
+    Change::Write(Failure::RetryAt(at))
+}
+
+/// A restarted service (which owns its storage alone) takes back a shard it left unfinished:
+/// `true` when it is to be sent again now.
+pub fn resume(state: &mut ShardState, now: DateTime<Utc>) -> Change<bool> {
+    if state.status == ShardStatus::Done {
+        return Change::Keep(false);
+    }
+    state.status = ShardStatus::Queued;
+    state.heartbeat = now;
+    state.retry_at = None;
+    Change::Write(true)
+}
+
+/// How a shard is named in a failure: `shard 4 (Observation)`.
+pub fn label(index: usize, resource_type: &str) -> String {
+    format!("shard {index} ({resource_type})")
+}
+
+/// What the sweeper does about one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sweep {
+    Leave,
+    /// Send its message (again).
+    Send,
+    /// Done: its done marker may be missing (a worker stopped between the two writes).
+    Done,
+    /// Silent at the restart cap: the job fails with this message.
+    FailsJob(String),
+}
+
+/// The sweeper looks at one unfinished shard. It sends again only what has no message out: a
+/// running shard gone silent, a waiting one whose retry is due, a queued one whose message
+/// expired. A message waiting in the queue is never doubled.
+pub fn sweep(
+    state: &mut ShardState,
+    label: &str,
+    now: DateTime<Utc>,
+    timing: &Timing,
+) -> Change<Sweep> {
+    let send = |state: &mut ShardState| {
+        state.status = ShardStatus::Queued;
+        state.heartbeat = now;
+        state.retry_at = None;
+        Change::Write(Sweep::Send)
+    };
+    match state.status {
+        ShardStatus::Done => Change::Keep(Sweep::Done),
+        ShardStatus::Running if now - state.heartbeat < timing.stale_after => {
+            Change::Keep(Sweep::Leave)
+        }
+        ShardStatus::Running if state.attempts >= timing.max_attempts => {
+            Change::Keep(Sweep::FailsJob(format!(
+                "{label} stopped without a heartbeat {} times (the restart cap); the export is abandoned",
+                state.attempts
+            )))
+        }
+        ShardStatus::Running => send(state),
+        ShardStatus::Waiting if state.retry_at.is_none_or(|at| at <= now) => send(state),
+        ShardStatus::Queued if now - state.heartbeat >= QUEUED_MESSAGE_TTL => send(state),
+        ShardStatus::Waiting | ShardStatus::Queued => Change::Keep(Sweep::Leave),
+    }
+}
+
+/// A running job ends (completed, failed or cancelled); `false` when it had ended already.
+pub fn end(
+    job: &mut Job,
+    status: JobStatus,
+    failure: Option<(String, Option<crate::fault::Fault>)>,
+    now: DateTime<Utc>,
+) -> Change<bool> {
+    if job.status != JobStatus::Running {
+        return Change::Keep(false);
+    }
+    job.status = status;
+    job.completed_at = Some(now);
+    if let Some((message, fault)) = failure {
+        job.failure = Some(message);
+        job.failure_fault = fault;
+    }
+    Change::Write(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    const TIMING: Timing = Timing {
+        stale_after: Duration::seconds(60),
+        max_attempts: 3,
+        retry_delay: Duration::seconds(10),
+    };
+
+    fn state(status: ShardStatus, attempts: u32, heartbeat: i64) -> ShardState {
+        ShardState {
+            status,
+            attempts,
+            heartbeat: at(heartbeat),
+            retry_at: (status == ShardStatus::Waiting).then(|| at(heartbeat + 10)),
+            ..ShardState::queued_at(at(0))
+        }
+    }
+
+    fn written<T>(change: Change<T>) -> (bool, T) {
+        match change {
+            Change::Write(out) => (true, out),
+            Change::Keep(out) => (false, out),
+        }
+    }
+
+    use ShardStatus::*;
+
+    #[test]
+    fn claim_table() {
+        let now = 100;
+        let cases = [
+            (state(Queued, 0, 0), Claim::Run(1), true),
+            (state(Queued, 1, 0), Claim::Run(2), true),
+            (state(Done, 1, 0), Claim::Skip("shard already done"), false),
+            (
+                state(Running, 1, now - 59),
+                Claim::Skip("shard is running elsewhere"),
+                false,
+            ),
+            (state(Running, 1, now - 60), Claim::Run(2), true),
+            (
+                state(Running, 3, now - 60),
+                Claim::Skip("shard went silent at the restart cap"),
+                false,
+            ),
+            // Waiting: retry_at is 10 s after the heartbeat.
+            (
+                state(Waiting, 1, now - 9),
+                Claim::Skip("shard waits for its retry"),
+                false,
+            ),
+            (state(Waiting, 1, now - 10), Claim::Run(2), true),
+        ];
+        for (mut found, expected, writes) in cases {
+            let before = found.clone();
+            let (wrote, claim) = written(claim(&mut found, at(now), &TIMING));
+            assert_eq!((wrote, &claim), (writes, &expected), "{before:?}");
+            if wrote {
+                assert_eq!(found.status, Running);
+                assert_eq!(found.attempts, before.attempts + 1);
+                assert_eq!((found.heartbeat, found.retry_at), (at(now), None));
+            } else {
+                assert_eq!(found, before);
+            }
+        }
+    }
+
+    #[test]
+    fn beat_table() {
+        let cases = [
+            (state(Running, 2, 0), 2, Beat::Alive, true),
+            (state(Running, 3, 0), 2, Beat::TakenOver, false),
+            (state(Queued, 2, 0), 2, Beat::TakenOver, false),
+            (state(Done, 2, 0), 2, Beat::TakenOver, false),
+            (state(Waiting, 2, 0), 2, Beat::TakenOver, false),
+        ];
+        for (mut found, attempt, expected, writes) in cases {
+            let before = found.clone();
+            assert_eq!(
+                written(beat(&mut found, attempt, at(5))),
+                (writes, expected),
+                "{before:?}"
+            );
+            assert_eq!(found.heartbeat, if writes { at(5) } else { at(0) });
+        }
+    }
+
+    #[test]
+    fn finish_keeps_the_first_outputs() {
+        let file = |n: u64| OutputFile {
+            resource_type: "Patient".into(),
+            path: format!("f/Patient-{n}.ndjson"),
+            count: n,
+            bytes: n,
+        };
+        let mut found = state(Running, 1, 0);
+        assert_eq!(written(finish(&mut found, &[file(1)])), (true, true));
+        assert_eq!((found.status, found.outputs.clone()), (Done, vec![file(1)]));
+        assert_eq!(written(finish(&mut found, &[file(2)])), (false, false));
+        assert_eq!(found.outputs, vec![file(1)]);
+    }
+
+    #[test]
+    fn fail_table() {
+        let now = 100;
+        let cases = [
+            // attempt 1 of 3: waits 5-10 s (half to all of the first delay).
+            (state(Running, 1, 90), 1, Some(Waiting), "retry"),
+            (state(Running, 2, 90), 2, Some(Waiting), "retry"),
+            (state(Running, 3, 90), 3, Some(Running), "fails"),
+            (state(Running, 2, 90), 1, None, "ignored"),
+            (state(Done, 1, 90), 1, None, "ignored"),
+            (state(Queued, 1, 90), 1, None, "ignored"),
+        ];
+        for (mut found, attempt, status, outcome) in cases {
+            let before = found.clone();
+            let (wrote, failure) = written(fail(
+                &mut found,
+                "shard 4 (Observation)",
+                attempt,
+                "boom",
+                at(now),
+                &TIMING,
+                1.0,
+            ));
+            match outcome {
+                "retry" => {
+                    let wait = TIMING.retry_delay * (1 << (attempt - 1));
+                    assert_eq!(failure, Failure::RetryAt(at(now) + wait));
+                    assert_eq!(found.retry_at, Some(at(now) + wait));
+                }
+                "fails" => assert_eq!(
+                    failure,
+                    Failure::FailsJob(
+                        "shard 4 (Observation) failed 3 times; last error: boom".into()
+                    )
+                ),
+                _ => assert_eq!(failure, Failure::Ignored),
+            }
+            assert_eq!(wrote, status.is_some(), "{before:?}");
+            match status {
+                Some(status) => {
+                    assert_eq!(found.status, status);
+                    assert_eq!(found.last_error.as_deref(), Some("boom"));
+                }
+                None => assert_eq!(found, before),
+            }
+        }
+    }
+
+    #[test]
+    fn retry_waits_double_and_spread_over_the_upper_half() {
+        let base = Duration::seconds(30);
+        assert_eq!(retry_wait(base, 1, 0.0), Duration::seconds(15));
+        assert_eq!(retry_wait(base, 1, 1.0), Duration::seconds(30));
+        assert_eq!(retry_wait(base, 2, 0.5), Duration::seconds(45));
+        assert_eq!(retry_wait(base, 3, 1.0), Duration::seconds(120));
+        assert_eq!(retry_wait(base, 40, 1.0), Duration::seconds(30 * 64));
+    }
+
+    #[test]
+    fn sweep_table() {
+        let day = QUEUED_MESSAGE_TTL.num_seconds();
+        let now = day + 1_000;
+        let cases = [
+            (state(Done, 1, 0), Sweep::Done, None),
+            (state(Running, 1, now - 59), Sweep::Leave, None),
+            (state(Running, 1, now - 60), Sweep::Send, Some(Queued)),
+            (
+                state(Running, 3, now - 60),
+                Sweep::FailsJob("shard 2 (Device) stopped without a heartbeat 3 times (the restart cap); the export is abandoned".into()),
+                None,
+            ),
+            (state(Waiting, 1, now - 9), Sweep::Leave, None),
+            (state(Waiting, 1, now - 10), Sweep::Send, Some(Queued)),
+            // A queued shard's message waits in the queue: never doubled until it expired.
+            (state(Queued, 0, now - 3_600), Sweep::Leave, None),
+            (state(Queued, 0, now - day + 1), Sweep::Leave, None),
+            (state(Queued, 0, now - day), Sweep::Send, Some(Queued)),
+        ];
+        for (mut found, expected, status) in cases {
+            let before = found.clone();
+            let (wrote, swept) = written(sweep(&mut found, "shard 2 (Device)", at(now), &TIMING));
+            assert_eq!((wrote, &swept), (status.is_some(), &expected), "{before:?}");
+            match status {
+                Some(status) => {
+                    assert_eq!((found.status, found.heartbeat), (status, at(now)));
+                    assert_eq!(found.attempts, before.attempts);
+                }
+                None => assert_eq!(found, before),
+            }
+        }
+    }
+
+    #[test]
+    fn resume_table() {
+        for (status, resumed) in [
+            (Queued, true),
+            (Running, true),
+            (Waiting, true),
+            (Done, false),
+        ] {
+            let mut found = state(status, 1, 0);
+            assert_eq!(written(resume(&mut found, at(9))), (resumed, resumed));
+            if resumed {
+                assert_eq!(
+                    (found.status, found.heartbeat, found.retry_at),
+                    (Queued, at(9), None)
+                );
+            }
+        }
+    }
+}

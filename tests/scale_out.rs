@@ -1,0 +1,376 @@
+//! Scale-out on shared storage: no document is written by every shard (each shard keeps its own
+//! state), a status poll costs a fixed number of storage requests however many shards, and a
+//! failed shard waits for its retry in its state instead of coming straight back through the queue.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fhir_export::app::{limits_of, App};
+use fhir_export::config::{Settings, SourceSetting, StorageSetting};
+use fhir_export::export::jobs::{Job, JobStatus};
+use fhir_export::export::state::ShardStatus;
+use fhir_export::export::{kickoff as planner, worker, ExportRequest, Exports, Level};
+use fhir_export::http::{dispatch, Request};
+use fhir_export::queue::{QueueClosed, WorkMessage, WorkQueue};
+use fhir_export::source::{ResourceSource, ScanError, ScanRequest, SinkError, SourceError};
+use fhir_export::storage::StorageError;
+use fhir_export::storage::{ByteStream, ETag, LocalFolder, ObjectStore, ObjectWriter, PutMode};
+use serde_json::Value;
+
+/// The local folder, counting the requests made of it and the writes to each object.
+struct Counting {
+    inner: LocalFolder,
+    requests: AtomicUsize,
+    writes: Mutex<HashMap<String, usize>>,
+}
+
+impl Counting {
+    fn wrote(&self, path: &str) {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        *self.writes.lock().unwrap().entry(path.into()).or_default() += 1;
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// The most writes any one object received, and which.
+    fn most_written(&self) -> (usize, String) {
+        let writes = self.writes.lock().unwrap();
+        let (path, count) = writes.iter().max_by_key(|(_, count)| **count).unwrap();
+        (*count, path.clone())
+    }
+
+    fn writes_to(&self, path: &str) -> usize {
+        self.writes.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Counting {
+    async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.inner.get(path).await
+    }
+    async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError> {
+        self.wrote(path);
+        self.inner.put(path, data, mode).await
+    }
+    async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        self.wrote(path);
+        self.inner.writer(path).await
+    }
+    async fn read_stream(&self, path: &str) -> Result<Option<(u64, ByteStream)>, StorageError> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_stream(path).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.inner.list(prefix).await
+    }
+}
+
+/// A queue like a Functions output binding: it sends at once, and cannot hold a message back.
+#[derive(Default)]
+struct Binding(Mutex<Vec<WorkMessage>>);
+
+impl Binding {
+    fn take(&self) -> Vec<WorkMessage> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+#[async_trait]
+impl WorkQueue for Binding {
+    async fn enqueue(&self, messages: Vec<WorkMessage>) -> Result<(), QueueClosed> {
+        self.0.lock().unwrap().extend(messages);
+        Ok(())
+    }
+    async fn enqueue_later(&self, _: WorkMessage, _: Duration) -> Result<(), QueueClosed> {
+        Ok(())
+    }
+}
+
+/// Exports of `store` on `storage`, sending to `queue`, without workers of their own.
+fn exports_on(
+    store: &Path,
+    storage: Arc<dyn ObjectStore>,
+    queue: Arc<dyn WorkQueue>,
+    source: Option<Arc<dyn ResourceSource>>,
+    tune: impl FnOnce(&mut Settings),
+) -> App {
+    let mut settings = Settings {
+        source: SourceSetting::Sqlite(store.to_path_buf()),
+        storage: StorageSetting::Folder(std::env::temp_dir().join("unused-scale-out")),
+        workers: 0,
+        ..Settings::default()
+    };
+    tune(&mut settings);
+    let (app, _local_queue) = App::open_local(settings.clone()).unwrap();
+    let source = source.unwrap_or_else(|| app.exports.source.clone());
+    let exports = Exports::new(source, storage, queue, limits_of(&settings));
+    App::assemble(settings, exports).unwrap()
+}
+
+async fn start(exports: &Exports, query: &str) -> Job {
+    let request = ExportRequest::from_query(Level::System, query, false, false).unwrap();
+    planner::start(
+        exports,
+        request,
+        "http://test/$export".into(),
+        "http://test".into(),
+        None,
+    )
+    .await
+    .unwrap()
+}
+
+/// Runs every message the binding holds, and those they send, until none is left.
+async fn drain(exports: &Exports, binding: &Binding) {
+    loop {
+        let messages = binding.take();
+        if messages.is_empty() {
+            return;
+        }
+        for message in messages {
+            worker::handle_message(exports, &message).await.unwrap();
+        }
+    }
+}
+
+async fn status(app: &App, id: &str) -> (u16, String) {
+    let request = Request {
+        method: warp::http::Method::GET,
+        path: format!("/_operations/export/{id}"),
+        query: String::new(),
+        headers: Default::default(),
+        body: Bytes::new(),
+    };
+    let response = match dispatch(&app.api, request).await {
+        Ok(response) => response,
+        Err(error) => return (error.status.as_u16(), String::new()),
+    };
+    let progress = response
+        .headers()
+        .get("x-progress")
+        .map(|p| p.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (response.status().as_u16(), progress)
+}
+
+/// A store of generated data loaded type by type, which the embedded store cuts into parts of
+/// any size; and how many resources it holds.
+fn dense_store(dir: &Path) -> (PathBuf, usize) {
+    use fhir_export::source::{import, EmbeddedStore};
+    let generated = dir.join("generated");
+    fhir_export::generate::write_ndjson(20, 7, &generated).unwrap();
+    let path = dir.join("dense.db");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let report = import::import(&store, &[generated]).unwrap();
+    assert!(report.failed.is_empty());
+    let count = store.count().unwrap() as usize;
+    (path, count)
+}
+
+/// One export cut into shards of at most `per_shard` resources: the counted storage, the number
+/// of shards, and what a status poll cost with half of them done, and once completed.
+async fn export_counted(per_shard: u64) -> (Arc<Counting>, usize, usize, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, total) = dense_store(dir.path());
+    let storage = Arc::new(Counting {
+        inner: LocalFolder::open(dir.path().join("exports")).unwrap(),
+        requests: AtomicUsize::new(0),
+        writes: Mutex::default(),
+    });
+    let binding = Arc::new(Binding::default());
+    let app = exports_on(&store, storage.clone(), binding.clone(), None, |s| {
+        s.shard_max_resources = per_shard
+    });
+    let exports = &app.exports;
+    let job = start(exports, "").await;
+    for message in binding.take() {
+        worker::handle_message(exports, &message).await.unwrap();
+    }
+    let shards = binding.take();
+    let half = shards.len() / 2;
+    for message in &shards[..half] {
+        worker::handle_message(exports, message).await.unwrap();
+    }
+    let before = storage.requests();
+    let (code, progress) = status(&app, &job.id).await;
+    let running_poll = storage.requests() - before;
+    assert_eq!(code, 202);
+    assert!(
+        progress.contains(&format!("({half}/{} shards)", shards.len())),
+        "{progress}"
+    );
+    for message in &shards[half..] {
+        worker::handle_message(exports, message).await.unwrap();
+    }
+    drain(exports, &binding).await;
+    let before = storage.requests();
+    assert_eq!(status(&app, &job.id).await.0, 200);
+    let completed_poll = storage.requests() - before;
+
+    // Every resource exactly once.
+    let manifest: Value =
+        serde_json::from_slice(&exports.jobs.manifest(&job.id).await.unwrap().unwrap()).unwrap();
+    let mut ids = std::collections::HashSet::new();
+    let mut lines = 0;
+    for file in manifest["output"].as_array().unwrap() {
+        let path = file["url"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("http://test/_exports/")
+            .unwrap();
+        let (body, _) = storage.inner.get(path).await.unwrap().unwrap();
+        for line in std::str::from_utf8(&body).unwrap().lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            ids.insert(format!("{}/{}", resource["resourceType"], resource["id"]));
+            lines += 1;
+        }
+    }
+    assert_eq!((lines, ids.len()), (total, total), "every resource once");
+    let job_document = format!("fhir-export-jobs/{}/job.json", job.id);
+    assert_eq!(
+        storage.writes_to(&job_document),
+        3,
+        "the job's document: kickoff, plan, end"
+    );
+    (storage, shards.len(), running_poll, completed_poll)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_object_is_written_by_every_shard_and_a_status_poll_costs_the_same_at_any_size() {
+    let (few, few_shards, few_running, few_completed) = export_counted(250_000).await;
+    let (many, many_shards, many_running, many_completed) = export_counted(6).await;
+    println!(
+        "{few_shards} shards: {few:?}; {many_shards} shards: {many:?}",
+        few = few.most_written(),
+        many = many.most_written()
+    );
+    assert!(many_shards >= 100, "{many_shards} shards");
+    assert_eq!(
+        few.most_written().0,
+        many.most_written().0,
+        "the most writes any object received"
+    );
+    assert!(many.most_written().0 <= 3);
+    // A running job: its document and one listing of the done markers. A completed one: its
+    // document and the manifest.
+    assert_eq!((few_running, many_running), (2, 2));
+    assert_eq!((few_completed, many_completed), (2, 2));
+}
+
+/// A source whose `Condition` scans fail.
+struct ConditionDown(Arc<dyn ResourceSource>);
+
+impl ResourceSource for ConditionDown {
+    fn resource_types(&self) -> Result<Vec<String>, SourceError> {
+        self.0.resource_types()
+    }
+    fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        self.0.read(resource_type, id)
+    }
+    fn scan(
+        &self,
+        request: &ScanRequest<'_>,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
+    ) -> Result<u64, ScanError> {
+        match request.resource_type {
+            "Condition" => Err(SourceError::Remote("503 from the server".into()).into()),
+            _ => self.0.scan(request, sink),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_shard_waits_for_its_retry_and_the_sweeper_sends_it_once_when_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(LocalFolder::open(dir.path()).unwrap());
+    let binding = Arc::new(Binding::default());
+    let sample = common::sample_store();
+    let plain = exports_on(&sample, storage.clone(), binding.clone(), None, |_| {});
+    let app = exports_on(
+        &sample,
+        storage,
+        binding.clone(),
+        Some(Arc::new(ConditionDown(plain.exports.source.clone()))),
+        |s| {
+            s.retry_delay = Duration::from_secs(2);
+            s.max_attempts = 2;
+        },
+    );
+    let exports = &app.exports;
+    let job = start(exports, "_type=Patient,Condition").await;
+    for message in binding.take() {
+        worker::handle_message(exports, &message).await.unwrap();
+    }
+    let (job, _) = exports.jobs.load(&job.id).await.unwrap().unwrap();
+    let condition = job
+        .shards
+        .iter()
+        .position(|shard| shard.resource_type == "Condition")
+        .unwrap();
+    assert_eq!(binding.take().len(), 2, "the two shards sent");
+
+    // It fails: no message goes out, its state waits for the retry, 1 to 2 s from now.
+    let failed_at = chrono::Utc::now();
+    let message = WorkMessage::shard(&job.id, condition);
+    worker::handle_message(exports, &message).await.unwrap();
+    assert!(binding.take().is_empty(), "a retry is not sent at once");
+    let state = exports
+        .jobs
+        .shard(&job.id, condition)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((state.status, state.attempts), (ShardStatus::Waiting, 1));
+    let retry_at = state.retry_at.unwrap();
+    let wait = (retry_at - failed_at).num_milliseconds();
+    assert!((900..=2_100).contains(&wait), "waits {wait} ms");
+    assert!(state.last_error.unwrap().contains("503 from the server"));
+
+    // A message that arrives early (a redelivery) is skipped; the sweeper leaves it until due.
+    worker::handle_message(exports, &message).await.unwrap();
+    assert_eq!(exports.sweep_stale().await.unwrap().requeued_shards, 0);
+    assert!(binding.take().is_empty());
+    let state = exports
+        .jobs
+        .shard(&job.id, condition)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((state.status, state.attempts), (ShardStatus::Waiting, 1));
+
+    // Due: the sweeper sends it once, and not again while it waits in the queue.
+    let due = (retry_at - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(due + Duration::from_millis(20)).await;
+    assert_eq!(exports.sweep_stale().await.unwrap().requeued_shards, 1);
+    assert_eq!(binding.take(), std::slice::from_ref(&message));
+    assert_eq!(exports.sweep_stale().await.unwrap().requeued_shards, 0);
+    assert!(binding.take().is_empty());
+
+    // The second attempt fails too: at the cap, the job fails naming the shard.
+    worker::handle_message(exports, &message).await.unwrap();
+    let (code, _) = status(&app, &job.id).await;
+    assert_eq!(code, 500);
+    let (job, _) = exports.jobs.load(&job.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    let failure = job.failure.unwrap();
+    assert!(
+        failure.contains(&format!("shard {condition} (Condition) failed 2 times")),
+        "{failure}"
+    );
+}

@@ -1069,3 +1069,141 @@ fn under_the_host_the_source_must_be_named_and_logs_go_to_stdout() {
     );
     assert!(stderr.is_empty(), "stderr: {stderr}");
 }
+
+/// One invocation that may find the handler dead (killed at a crash point): `None` then.
+async fn try_invoke(handler: &Handler, function: &str, payload: &Value) -> Option<(u16, Value)> {
+    let response = reqwest::Client::new()
+        .post(format!("{}/{function}", handler.base))
+        .json(payload)
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
+
+/// The crash points an invocation passes, each killing the handler the Nth time it is reached.
+const CRASH_POINTS: [&str; 5] = [
+    "kickoff-planned@1",
+    "shard-claimed@2",
+    "file-committed@3",
+    "shard-done@2",
+    "manifest-written@1",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_each_crash_point_an_export_on_blob_storage_ends_with_every_resource_once() {
+    // It sweeps with a 1 s stale limit, as the sweeper tests do: one at a time.
+    let _alone = SWEEPING.lock().await;
+    let sas = azurite::sas_url();
+    let blobs = store(&sas);
+    let settings = [
+        ("EXPORT_STALE_AFTER_SECS", "1"),
+        ("EXPORT_RETRY_DELAY_SECS", "0.2"),
+        ("EXPORT_FILE_MAX_BYTES", "65536"),
+    ];
+    for point in CRASH_POINTS {
+        let container = azurite::unique_container("crash");
+        let mut crashing = settings.to_vec();
+        crashing.push(("EXPORT_CRASH_AT", point));
+        let mut handler = start_handler(&sas, &crashing).await;
+        let (status, body) = invoke(
+            &handler,
+            "SystemExport",
+            &http_payload(
+                "SystemExport",
+                "GET",
+                &format!("/$export?_type=Patient,Condition,Encounter&_container={container}"),
+                kickoff_headers(),
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let location = body["Outputs"]["res"]["headers"]["content-location"]
+            .as_str()
+            .unwrap();
+        let id = location.rsplit('/').next().unwrap().to_string();
+        // The queue as Service Bus keeps it: a message whose invocation failed or died is
+        // delivered again; what an invocation sent goes out only when it ended well.
+        let mut queue: std::collections::VecDeque<Value> = body["Outputs"]["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect();
+        let mut killed = false;
+        let mut rounds = 0;
+        let manifest: Value = loop {
+            while let Some(message) = queue.pop_front() {
+                let payload = service_bus_payload(&Value::String(message.to_string()), json!(1));
+                match try_invoke(&handler, "ShardWorker", &payload).await {
+                    Some((200, body)) => queue.extend(
+                        body["Outputs"]["shards"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .cloned(),
+                    ),
+                    Some(_) => queue.push_back(message),
+                    None => {
+                        killed = true;
+                        handler = start_handler(&sas, &settings).await;
+                        queue.push_back(message);
+                    }
+                }
+            }
+            let status = forwarded_status(&handler, &id).await;
+            match status.status().as_u16() {
+                200 => break status.json().await.unwrap(),
+                202 => {}
+                other => panic!("{point}: status {other}: {}", status.text().await.unwrap()),
+            }
+            rounds += 1;
+            assert!(rounds < 20, "{point}: the export never ended");
+            // What went silent, or has its retry due, or never completed: the sweeper's.
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+            let (status, body) = invoke(&handler, "StaleSweeper", &timer_payload()).await;
+            assert_eq!(status, 200, "{body}");
+            queue.extend(
+                body["Outputs"]["shards"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["jobId"] == id.as_str())
+                    .cloned(),
+            );
+        };
+        assert!(killed, "{point} was never reached");
+
+        // Every resource once, and no blob beside the manifest's.
+        let mut listed = blobs.list(&container).await.unwrap();
+        listed.sort();
+        let mut named = Vec::new();
+        let mut seen = HashSet::new();
+        let mut lines = 0;
+        for output in manifest["output"].as_array().unwrap() {
+            let path = output["url"]
+                .as_str()
+                .unwrap()
+                .strip_prefix(&format!("{PUBLIC}/_exports/"))
+                .unwrap()
+                .to_string();
+            for line in blob_text(&blobs, &path).await.lines() {
+                lines += 1;
+                let resource: Value = serde_json::from_str(line).unwrap();
+                seen.insert(format!("{}/{}", resource["resourceType"], resource["id"]));
+            }
+            named.push(path);
+        }
+        named.sort();
+        assert_eq!(listed, named, "{point}: files beside the manifest's");
+        let counts = common::sample_counts();
+        let expected = counts["Patient"] + counts["Condition"] + counts["Encounter"];
+        assert_eq!(
+            (lines, seen.len()),
+            (expected, expected),
+            "{point}: every resource once"
+        );
+    }
+}

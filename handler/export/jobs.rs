@@ -323,6 +323,23 @@ impl JobStore {
         Ok(out.map(|(out, _)| out))
     }
 
+    /// Fails a running job with `message` (and the kind of failure, when it is not this service's
+    /// own); `false` when the job had ended already.
+    pub async fn fail(
+        &self,
+        id: &str,
+        message: &str,
+        fault: Option<crate::fault::Fault>,
+    ) -> Result<bool, JobError> {
+        let failure = Some((message.to_string(), fault));
+        let failed = self
+            .update(id, |job| {
+                super::state::end(job, JobStatus::Failed, failure.clone(), Utc::now())
+            })
+            .await?;
+        Ok(failed == Some(true))
+    }
+
     fn shard_path(id: &str, index: usize) -> String {
         format!("{JOBS_CONTAINER}/{id}/shards/{index}.json")
     }

@@ -68,13 +68,16 @@ pub async fn start(
 
 /// Plans a recorded job: each type it reads, cut into parts by the source, becomes a shard; the
 /// shards are recorded and queued, largest first. Runs again harmlessly (a redelivery, the sweeper):
-/// a job planned already is left alone. A source that refuses fails the job, with its reason.
+/// the first plan recorded stands. A source that refuses fails the job, with its reason.
 pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError> {
     let Some((job, _)) = exports.jobs.load(job_id).await? else {
         return Ok(());
     };
-    if job.status != JobStatus::Running || job.planned {
+    if job.status != JobStatus::Running {
         return Ok(());
+    }
+    if job.planned {
+        return send_unclaimed(exports, &job).await;
     }
     let planned = match plan(exports, &job.request, &job.scope, job.transaction_time).await {
         Ok(planned) => planned,
@@ -114,6 +117,25 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
             Ok(enqueue_shards(exports.queue.as_ref(), job_id, largest_first).await?)
         }
     }
+}
+
+/// A planning message delivered again after the plan was recorded: the planning that recorded it
+/// may have stopped before its shards went out (the host sends an invocation's messages only when
+/// it ends well). The shards no worker has claimed go out (again: a second message for one is
+/// skipped by the claim).
+async fn send_unclaimed(exports: &Exports, job: &Job) -> Result<(), ExportError> {
+    let done = exports.jobs.done_shards(&job.id).await?;
+    let mut unclaimed = Vec::new();
+    for index in (0..job.shards.len()).filter(|index| !done.contains(index)) {
+        if exports.jobs.shard(&job.id, index).await?.is_none() {
+            unclaimed.push(index);
+        }
+    }
+    if !unclaimed.is_empty() {
+        tracing::warn!(job_id = %job.id, shards = unclaimed.len(), "planning delivered again: unclaimed shards sent again");
+        enqueue_shards(exports.queue.as_ref(), &job.id, unclaimed).await?;
+    }
+    Ok(())
 }
 
 async fn fail_planning(

@@ -122,13 +122,7 @@ impl Exports {
                 }
                 Some(Sweep::Send) => swept.send.push(index),
                 Some(Sweep::FailsJob(failure)) => {
-                    let failed = self
-                        .jobs
-                        .update(id, |job| {
-                            state::end(job, JobStatus::Failed, Some((failure.clone(), None)), now)
-                        })
-                        .await?;
-                    if failed == Some(true) {
+                    if self.jobs.fail(id, &failure, None).await? {
                         tracing::warn!(job_id = %id, %failure, "export failed: a shard passed the restart cap");
                         swept.failed = true;
                     }

@@ -459,6 +459,53 @@ mod tests {
     }
 
     #[test]
+    fn a_job_ends_once() {
+        let request = crate::export::ExportRequest::from_query(
+            crate::export::Level::System,
+            "",
+            false,
+            false,
+        )
+        .unwrap();
+        let mut job = Job {
+            id: "j".into(),
+            request,
+            request_url: "u".into(),
+            base_url: "b".into(),
+            transaction_time: at(0),
+            output_folder: "f".into(),
+            scope: crate::source::PatientScope::All,
+            status: JobStatus::Running,
+            planned: true,
+            planned_at: Some(at(1)),
+            shards: Vec::new(),
+            failure: None,
+            failure_fault: None,
+            completed_at: None,
+            owner: None,
+        };
+        let failure = Some(("shard 1 failed".to_string(), None));
+        assert_eq!(
+            written(end(&mut job, JobStatus::Failed, failure, at(5))),
+            (true, true)
+        );
+        assert_eq!(
+            (job.status, job.completed_at),
+            (JobStatus::Failed, Some(at(5)))
+        );
+        assert_eq!(job.failure.as_deref(), Some("shard 1 failed"));
+        // Ended already: a later completion or cancel changes nothing.
+        for status in [JobStatus::Completed, JobStatus::Cancelled] {
+            assert_eq!(written(end(&mut job, status, None, at(9))), (false, false));
+            assert_eq!(
+                (job.status, job.completed_at),
+                (JobStatus::Failed, Some(at(5)))
+            );
+        }
+        assert_eq!(job.unclaimed_shard(), ShardState::queued_at(at(1)));
+    }
+
+    #[test]
     fn resume_table() {
         for (status, resumed) in [
             (Queued, true),

@@ -583,18 +583,7 @@ async fn record_failure(
         Failure::FailsJob(failure) => {
             // Before the failure shows: this process's other shards of the job let go of their files.
             stop_local_shards(&task.job_id).await;
-            let failed = exports
-                .jobs
-                .update(&job.id, |job| {
-                    state::end(
-                        job,
-                        JobStatus::Failed,
-                        Some((failure.clone(), None)),
-                        Utc::now(),
-                    )
-                })
-                .await?;
-            if failed == Some(true) {
+            if exports.jobs.fail(&job.id, &failure, None).await? {
                 let folder = &job.output_folder;
                 if let Err(error) = exports.storage.delete_prefix(folder).await {
                     tracing::warn!(%error, %folder, "could not remove the files of a failed export");
@@ -626,17 +615,7 @@ async fn fail_for_want_of_space(
     }
     exports.storage.delete_prefix(&job.output_folder).await?;
     let failure = format!("{full}; the export's files were removed to make room");
-    exports
-        .jobs
-        .update(&task.job_id, |job| {
-            state::end(
-                job,
-                JobStatus::Failed,
-                Some((failure.clone(), None)),
-                Utc::now(),
-            )
-        })
-        .await?;
+    exports.jobs.fail(&task.job_id, &failure, None).await?;
     tracing::error!(%full, "export failed: storage full");
     Ok(())
 }

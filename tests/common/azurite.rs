@@ -42,10 +42,16 @@ pub fn require_azurite() {
 /// The account URL with an account SAS allowing everything on blobs, valid for a day.
 pub fn sas_url() -> String {
     require_azurite();
+    format!("{}?{}", account_url(), account_sas("b"))
+}
+
+/// An account SAS (the query) allowing everything on `services` (`b` blobs, `q` queues), valid
+/// for a day.
+pub fn account_sas(services: &str) -> String {
     let expiry = (chrono::Utc::now() + chrono::Duration::days(1))
         .format("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
-    let (permissions, services, resource_types, protocol) = ("rwdlacup", "b", "sco", "https,http");
+    let (permissions, resource_types, protocol) = ("rwdlacup", "sco", "https,http");
     let to_sign = format!(
         "{ACCOUNT}\n{permissions}\n{services}\n{resource_types}\n\n{expiry}\n\n{protocol}\n{SAS_VERSION}\n\n"
     );
@@ -55,7 +61,7 @@ pub fn sas_url() -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
     mac.update(to_sign.as_bytes());
     let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    let query = form_urlencoded::Serializer::new(String::new())
+    form_urlencoded::Serializer::new(String::new())
         .append_pair("sv", SAS_VERSION)
         .append_pair("ss", services)
         .append_pair("srt", resource_types)
@@ -63,8 +69,7 @@ pub fn sas_url() -> String {
         .append_pair("se", &expiry)
         .append_pair("spr", protocol)
         .append_pair("sig", &signature)
-        .finish();
-    format!("{}?{query}", account_url())
+        .finish()
 }
 
 /// A container name no other test uses.

@@ -234,8 +234,9 @@ impl JobStore {
         Ok(known.as_ref().map_or(0, BTreeSet::len))
     }
 
-    /// The ids of the jobs with a running marker in storage.
-    async fn running_ids(&self) -> Result<Vec<String>, StorageError> {
+    /// The ids of the jobs with a running marker in storage: every running job has one (written
+    /// before its document, removed once it ends), so one short listing finds them.
+    pub async fn running_ids(&self) -> Result<Vec<String>, StorageError> {
         let prefix = Self::running_path("");
         let paths = self.store.list(prefix.trim_end_matches('/')).await?;
         Ok(paths

@@ -12,7 +12,7 @@ impl Exports {
     /// Only for a store this process owns alone (the local folder).
     pub async fn resume_unfinished(&self) -> Result<usize, ExportError> {
         let mut resumed = 0;
-        for id in self.jobs.ids().await? {
+        for id in self.jobs.running_ids().await? {
             let Some((job, _)) = readable(&id, self.jobs.load(&id).await)?.flatten() else {
                 continue;
             };
@@ -54,12 +54,13 @@ impl Exports {
     /// worker that died while running one), failed shards whose retry is due, and queued shards
     /// whose message expired. A running shard past the restart cap fails its job with a message
     /// naming the shard. A job still unplanned that long is queued for planning again (planning
-    /// twice is harmless: the first plan recorded stands). Costs per running job: its document,
-    /// one listing, and the state of each shard not yet done.
+    /// twice is harmless: the first plan recorded stands). Costs one listing of the running
+    /// markers, then per running job its document, one listing of its done markers, and the state
+    /// of each shard not yet done: finished jobs, however many are kept, cost nothing.
     pub async fn sweep_stale(&self) -> Result<SweepReport, ExportError> {
         let timing = self.limits.timing();
         let mut report = SweepReport::default();
-        for id in self.jobs.ids().await? {
+        for id in self.jobs.running_ids().await? {
             let Some((job, _)) = readable(&id, self.jobs.load(&id).await)?.flatten() else {
                 continue;
             };

@@ -147,6 +147,30 @@ pub fn cas_backoff(attempt: u32, jitter: f64) -> std::time::Duration {
     std::time::Duration::from_micros((ceiling as f64 * 1_000.0 * jitter.clamp(0.0, 1.0)) as u64)
 }
 
+/// A document with the version it is stored as (`None`: not stored yet).
+#[derive(Debug, Clone)]
+pub struct Versioned<D> {
+    pub document: D,
+    version: Option<ETag>,
+}
+
+impl<D> Versioned<D> {
+    /// A document believed not stored yet: its first write creates it.
+    pub fn absent(document: D) -> Versioned<D> {
+        Versioned {
+            document,
+            version: None,
+        }
+    }
+
+    fn stored(document: D, version: ETag) -> Versioned<D> {
+        Versioned {
+            document,
+            version: Some(version),
+        }
+    }
+}
+
 /// What an update closure decided.
 pub enum Change<T> {
     /// Write the changed job, then return `T`.
@@ -309,14 +333,14 @@ impl JobStore {
     ) -> Result<Option<T>, JobError> {
         let mut wrote = false;
         let out = self
-            .swap(&Self::job_path(id), None, |job| {
+            .swap(&Self::job_path(id), None, None, |job| {
                 let changed = change(job);
                 wrote = matches!(changed, Change::Write(_));
                 changed
             })
             .await?;
-        if let Some((_, job)) = &out {
-            if wrote && job.status != JobStatus::Running {
+        if let Some((_, stored)) = &out {
+            if wrote && stored.document.status != JobStatus::Running {
                 self.store.delete_prefix(&Self::running_path(id)).await?;
                 self.note_running(id, false).await;
             }
@@ -366,9 +390,26 @@ impl JobStore {
         unclaimed: &ShardState,
         change: impl FnMut(&mut ShardState) -> Change<T>,
     ) -> Result<T, JobError> {
+        Ok(self
+            .update_shard_from(id, index, None, unclaimed, change)
+            .await?
+            .0)
+    }
+
+    /// As `update_shard`, trying `known` first (the state its worker last wrote, or an unclaimed
+    /// one believed absent) without reading it: a worker's claim, beats and finish cost one
+    /// request each while no one else writes its state. Returns the state as now stored.
+    pub async fn update_shard_from<T>(
+        &self,
+        id: &str,
+        index: usize,
+        known: Option<Versioned<ShardState>>,
+        unclaimed: &ShardState,
+        change: impl FnMut(&mut ShardState) -> Change<T>,
+    ) -> Result<(T, Versioned<ShardState>), JobError> {
         let path = Self::shard_path(id, index);
-        let out = self.swap(&path, Some(unclaimed), change).await?;
-        Ok(out.expect("a shard state always exists").0)
+        let out = self.swap(&path, known, Some(unclaimed), change).await?;
+        Ok(out.expect("a shard state always exists"))
     }
 
     /// Marks a shard done for the listing (after its state says so), with the time; marking twice
@@ -392,44 +433,60 @@ impl JobStore {
             .collect())
     }
 
-    /// The compare-and-swap loop over one document: `None` when it does not exist and there is
-    /// no `initial` state to create it from; else what `change` returned, and the document.
+    /// The compare-and-swap loop over one document, from `guess` (a version believed current,
+    /// tried without reading) or else from what is stored: `None` when it does not exist and there
+    /// is no `initial` state to create it from; else what `change` returned, the document, and
+    /// the version stored.
     async fn swap<D, T>(
         &self,
         path: &str,
+        mut guess: Option<Versioned<D>>,
         initial: Option<&D>,
         mut change: impl FnMut(&mut D) -> Change<T>,
-    ) -> Result<Option<(T, D)>, JobError>
+    ) -> Result<Option<(T, Versioned<D>)>, JobError>
     where
         D: Serialize + DeserializeOwned + Clone,
     {
-        for attempt in 0.. {
-            if attempt > 0 {
-                tokio::time::sleep(cas_backoff(attempt, rand::random())).await;
+        let mut conflicts = 0;
+        loop {
+            if conflicts > 0 {
+                tokio::time::sleep(cas_backoff(conflicts, rand::random())).await;
             }
-            if attempt == CAS_ATTEMPTS {
+            if conflicts == CAS_ATTEMPTS {
                 return Err(JobError::Contended {
                     path: path.to_string(),
                     attempts: CAS_ATTEMPTS,
                 });
             }
-            let (mut document, mode) = match (self.read::<D>(path).await?, initial) {
-                (Some((document, etag)), _) => (document, PutMode::Update(etag)),
-                (None, Some(initial)) => (initial.clone(), PutMode::Create),
-                (None, None) => return Ok(None),
+            let guessed = guess.is_some();
+            let Versioned {
+                mut document,
+                version,
+            } = match guess.take() {
+                Some(guessed) => guessed,
+                None => match (self.read::<D>(path).await?, initial) {
+                    (Some((document, etag)), _) => Versioned::stored(document, etag),
+                    (None, Some(initial)) => Versioned::absent(initial.clone()),
+                    (None, None) => return Ok(None),
+                },
             };
             let out = match change(&mut document) {
-                Change::Keep(out) => return Ok(Some((out, document))),
+                // A guess decides nothing unless it is written: read what is stored.
+                Change::Keep(_) if guessed => continue,
+                Change::Keep(out) => return Ok(Some((out, Versioned { document, version }))),
                 Change::Write(out) => out,
             };
             let body = Bytes::from(serde_json::to_vec_pretty(&document).expect("state serialises"));
+            let mode = match version {
+                Some(etag) => PutMode::Update(etag),
+                None => PutMode::Create,
+            };
             match self.store.put(path, body, mode).await {
-                Ok(_) => return Ok(Some((out, document))),
-                Err(StorageError::PreconditionFailed(_)) => continue,
+                Ok(etag) => return Ok(Some((out, Versioned::stored(document, etag)))),
+                Err(StorageError::PreconditionFailed(_)) => conflicts += 1,
                 Err(e) => return Err(e.into()),
             }
         }
-        unreachable!("the loop returns by its bound")
     }
 
     /// Ids of every job on the storage.

@@ -111,7 +111,10 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
     crate::crashpoint::reached("kickoff-planned");
     match recorded {
         None => Ok(()),
-        Some(0) => worker::finalize(exports, job_id).await,
+        Some(0) => match exports.jobs.load(job_id).await? {
+            Some((job, _)) => worker::finalize(exports, &job).await,
+            None => Ok(()),
+        },
         Some(count) => {
             tracing::info!(job_id, shards = count, "export planned");
             Ok(enqueue_shards(exports.queue.as_ref(), job_id, largest_first).await?)

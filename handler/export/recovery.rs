@@ -42,7 +42,7 @@ impl Exports {
                 }
             }
             if unfinished.is_empty() {
-                worker::finalize(self, &id).await?;
+                worker::finalize(self, &job).await?;
             } else {
                 enqueue_shards(self.queue.as_ref(), &id, unfinished).await?;
             }
@@ -85,7 +85,7 @@ impl Exports {
                 enqueue_shards(self.queue.as_ref(), &id, swept.send).await?;
             }
             if swept.all_done {
-                worker::finalize(self, &id).await?;
+                worker::finalize(self, &job).await?;
             }
         }
         let removed = self

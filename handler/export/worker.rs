@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use super::jobs::{Job, JobError, JobStatus};
+use super::jobs::{Job, JobError, JobStatus, Versioned};
 use super::state::{self, Beat, Claim, Failure, ShardState, ShardStatus};
 use super::{manifest, ExportError, Exports};
 use crate::fhir::elements::subset;
@@ -52,10 +52,10 @@ struct ShardTask {
 /// Claims the shard, runs it, and records how it ended. An error means the message must come
 /// again: the claim, or the record of a failure, could not be written.
 async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportError> {
-    let Some((job, attempt)) = claim_shard(exports, task).await? else {
+    let Some((job, attempt, claimed)) = claim_shard(exports, task).await? else {
         return Ok(());
     };
-    match run_claimed(exports, &job, task, attempt).await {
+    match run_claimed(exports, &job, task, attempt, claimed).await {
         Ok(()) => Ok(()),
         Err(ExportError::Cancelled(_)) => {
             tracing::info!("shard stopped: export cancelled");
@@ -80,12 +80,13 @@ async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportE
     }
 }
 
-/// Loads the job and claims the shard in its own state: the job and the attempt to run, or
-/// `None` when there is nothing to run (the job ended, the shard is done or runs elsewhere).
+/// Loads the job and claims the shard in its own state: the job, the attempt to run and the state
+/// as claimed, or `None` when there is nothing to run (the job ended, the shard is done or runs
+/// elsewhere). A shard never claimed is claimed by one create-only write, without a read.
 async fn claim_shard(
     exports: &Exports,
     task: &ShardTask,
-) -> Result<Option<(Job, u32)>, ExportError> {
+) -> Result<Option<(Job, u32, Versioned<ShardState>)>, ExportError> {
     let Some((job, _)) = exports.jobs.load(&task.job_id).await? else {
         return Ok(None);
     };
@@ -94,9 +95,11 @@ async fn claim_shard(
         return Ok(None);
     }
     let timing = exports.limits.timing();
-    let claim = exports
+    let unclaimed = job.unclaimed_shard();
+    let guess = Some(Versioned::absent(unclaimed.clone()));
+    let (claim, claimed) = exports
         .jobs
-        .update_shard(&job.id, task.shard, &job.unclaimed_shard(), |shard| {
+        .update_shard_from(&job.id, task.shard, guess, &unclaimed, |shard| {
             state::claim(shard, Utc::now(), &timing)
         })
         .await?;
@@ -107,7 +110,7 @@ async fn claim_shard(
         }
         Claim::Run(attempt) => {
             crate::crashpoint::reached("shard-claimed");
-            Ok(Some((job, attempt)))
+            Ok(Some((job, attempt, claimed)))
         }
     }
 }
@@ -119,8 +122,11 @@ async fn run_claimed(
     job: &Job,
     task: &ShardTask,
     attempt: u32,
+    claimed: Versioned<ShardState>,
 ) -> Result<(), ExportError> {
     let stop = Arc::new(StopSignal::default());
+    // The state as this worker last wrote it, kept by the heartbeat.
+    let latest = Arc::new(std::sync::Mutex::new(claimed));
     // The heartbeat lives exactly as long as the shard's work: a shard that ends in any way (an
     // error, a panic, a dropped future) stops beating, so the sweeper can take it back.
     let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(
@@ -128,6 +134,7 @@ async fn run_claimed(
         job.unclaimed_shard(),
         task.clone(),
         attempt,
+        latest.clone(),
         stop.clone(),
     )));
     let running = RunningShard::register(&task.job_id, stop.clone());
@@ -136,24 +143,27 @@ async fn run_claimed(
     drop(heartbeat);
     let outputs = written?;
 
-    let still_running = exports
-        .jobs
-        .load(&job.id)
-        .await?
-        .is_some_and(|(job, _)| job.status == JobStatus::Running);
-    if !still_running {
-        remove_files(exports, &outputs).await;
-        return Err(ExportError::Cancelled(job.id.clone()));
-    }
+    let job = match exports.jobs.load(&job.id).await? {
+        Some((job, _)) if job.status == JobStatus::Running => job,
+        _ => {
+            remove_files(exports, &outputs).await;
+            return Err(ExportError::Cancelled(job.id.clone()));
+        }
+    };
+    let latest = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
     exports
         .jobs
-        .update_shard(&job.id, task.shard, &job.unclaimed_shard(), |shard| {
-            state::finish(shard, &outputs)
-        })
+        .update_shard_from(
+            &job.id,
+            task.shard,
+            Some(latest),
+            &job.unclaimed_shard(),
+            |shard| state::finish(shard, &outputs),
+        )
         .await?;
     crate::crashpoint::reached("shard-done");
     exports.jobs.mark_done(&job.id, task.shard).await?;
-    finalize(exports, &job.id).await
+    finalize(exports, &job).await
 }
 
 /// Aborts the task when dropped.
@@ -432,6 +442,7 @@ async fn keep_alive(
     unclaimed: ShardState,
     task: ShardTask,
     attempt: u32,
+    latest: Arc<std::sync::Mutex<Versioned<ShardState>>>,
     stop: Arc<StopSignal>,
 ) {
     let every = exports.limits.heartbeat_every();
@@ -450,12 +461,14 @@ async fn keep_alive(
             if !running {
                 return Ok(Stop::JobStopped);
             }
-            let beat = exports
+            let known = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let (beat, stored) = exports
                 .jobs
-                .update_shard(&task.job_id, task.shard, &unclaimed, |shard| {
+                .update_shard_from(&task.job_id, task.shard, Some(known), &unclaimed, |shard| {
                     state::beat(shard, attempt, Utc::now())
                 })
                 .await?;
+            *latest.lock().unwrap_or_else(|e| e.into_inner()) = stored;
             Ok::<_, JobError>(match beat {
                 Beat::Alive => Stop::KeepGoing,
                 Beat::TakenOver => Stop::TakenOver,
@@ -475,10 +488,8 @@ async fn keep_alive(
 /// Completes the job when every shard is marked done: builds the manifest from the shards' states,
 /// writes it (once), and marks the job completed. Safe to run more than once, and by several
 /// workers at the same time.
-pub async fn finalize(exports: &Exports, job_id: &str) -> Result<(), ExportError> {
-    let Some((job, _)) = exports.jobs.load(job_id).await? else {
-        return Ok(());
-    };
+pub async fn finalize(exports: &Exports, job: &Job) -> Result<(), ExportError> {
+    let job_id = job.id.as_str();
     if job.status != JobStatus::Running || !job.planned {
         return Ok(());
     }
@@ -502,8 +513,8 @@ pub async fn finalize(exports: &Exports, job_id: &str) -> Result<(), ExportError
             }
         }
     }
-    let notes = write_notes(exports, &job).await?;
-    let manifest = manifest::build(&job, &outputs, notes.as_ref());
+    let notes = write_notes(exports, job).await?;
+    let manifest = manifest::build(job, &outputs, notes.as_ref());
     exports
         .jobs
         .put_manifest(

@@ -483,6 +483,8 @@ impl JobStore {
             };
             match self.store.put(path, body, mode).await {
                 Ok(etag) => return Ok(Some((out, Versioned::stored(document, etag)))),
+                // A wrong guess is no conflict: read, and try at once.
+                Err(StorageError::PreconditionFailed(_)) if guessed => {}
                 Err(StorageError::PreconditionFailed(_)) => conflicts += 1,
                 Err(e) => return Err(e.into()),
             }

@@ -227,9 +227,9 @@ impl Drop for RunningShard {
 }
 
 /// Stops this process's running shards of a job and waits (at most 10 s) until each has removed
-/// its unfinished file: a job fails with nothing of it left behind here. Shards on other instances
-/// notice at their next heartbeat; their unfinished blobs never become visible.
-async fn stop_local_shards(job_id: &str) {
+/// its files: a job cancelled or failed has nothing of it left behind here. Shards on other
+/// instances notice at their next heartbeat; their unfinished blobs never become visible.
+pub async fn stop_local_shards(job_id: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let stopping = {
@@ -624,6 +624,7 @@ async fn fail_for_want_of_space(
     if job.status != JobStatus::Running {
         return Ok(());
     }
+    stop_local_shards(&task.job_id).await;
     exports.storage.delete_prefix(&job.output_folder).await?;
     let failure = format!("{full}; the export's files were removed to make room");
     exports.jobs.fail(&task.job_id, &failure, None).await?;

@@ -222,6 +222,8 @@ pub async fn cancel(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
         }
         other => other?.flatten().ok_or_else(unknown)?,
     };
+    // This process's shards of the export stop now, not at their next heartbeat.
+    crate::export::worker::stop_local_shards(id).await;
     api.exports.storage.delete_prefix(&folder).await?;
     api.exports
         .storage

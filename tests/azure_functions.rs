@@ -152,6 +152,24 @@ async fn invoke(handler: &Handler, function: &str, payload: &Value) -> (u16, Val
 /// Kicks off through the payload protocol, then runs the planning message the kickoff sent;
 /// returns the job id and the shard messages the planning sent.
 async fn kickoff(handler: &Handler, function: &str, path_and_query: &str) -> (String, Vec<Value>) {
+    let (id, sent) = kickoff_unplanned(handler, function, path_and_query).await;
+    let (status, planned) = invoke(
+        handler,
+        "ShardWorker",
+        &service_bus_payload(&Value::String(sent[0].to_string()), json!(1)),
+    )
+    .await;
+    assert_eq!(status, 200, "{planned}");
+    let shards = planned["Outputs"]["shards"].as_array().unwrap().clone();
+    (id, shards)
+}
+
+/// Kicks off through the payload protocol: the job id, and the one planning message it sent.
+async fn kickoff_unplanned(
+    handler: &Handler,
+    function: &str,
+    path_and_query: &str,
+) -> (String, Vec<Value>) {
     let (status, body) = invoke(
         handler,
         function,
@@ -172,15 +190,7 @@ async fn kickoff(handler: &Handler, function: &str, path_and_query: &str) -> (St
         [json!({ "jobId": id })],
         "one planning message: {body}"
     );
-    let (status, planned) = invoke(
-        handler,
-        "ShardWorker",
-        &service_bus_payload(&Value::String(sent[0].to_string()), json!(1)),
-    )
-    .await;
-    assert_eq!(status, 200, "{planned}");
-    let shards = planned["Outputs"]["shards"].as_array().unwrap().clone();
-    (id, shards)
+    (id, sent)
 }
 
 /// Forwarded HTTP: the host passes the request through as it came.
@@ -535,23 +545,12 @@ async fn stale_shards_swept_redelivered_once_and_capped(sas: String) {
 
     // A planning message that never arrived: the job waits unplanned, and once it is stale the
     // sweeper sends its planning again, which plans it once however often it comes.
-    let (status, body) = invoke(
+    let (lost, _) = kickoff_unplanned(
         &handler,
         "SystemExport",
-        &http_payload(
-            "SystemExport",
-            "GET",
-            &format!("/$export?_type=Patient&_container={container}"),
-            kickoff_headers(),
-            "",
-        ),
+        &format!("/$export?_type=Patient&_container={container}"),
     )
     .await;
-    assert_eq!(status, 200, "{body}");
-    let location = body["Outputs"]["res"]["headers"]["content-location"]
-        .as_str()
-        .unwrap();
-    let lost = location.rsplit('/').next().unwrap().to_string();
     let waiting = forwarded_status(&handler, &lost).await;
     assert_eq!(waiting.headers()["x-progress"], "planning the shards");
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
@@ -1107,31 +1106,15 @@ async fn killed_at_each_crash_point_an_export_on_blob_storage_ends_with_every_re
         let mut crashing = settings.to_vec();
         crashing.push(("EXPORT_CRASH_AT", point));
         let mut handler = start_handler(&sas, &crashing).await;
-        let (status, body) = invoke(
+        let (id, planning) = kickoff_unplanned(
             &handler,
             "SystemExport",
-            &http_payload(
-                "SystemExport",
-                "GET",
-                &format!("/$export?_type=Patient,Condition,Encounter&_container={container}"),
-                kickoff_headers(),
-                "",
-            ),
+            &format!("/$export?_type=Patient,Condition,Encounter&_container={container}"),
         )
         .await;
-        assert_eq!(status, 200, "{body}");
-        let location = body["Outputs"]["res"]["headers"]["content-location"]
-            .as_str()
-            .unwrap();
-        let id = location.rsplit('/').next().unwrap().to_string();
         // The queue as Service Bus keeps it: a message whose invocation failed or died is
         // delivered again; what an invocation sent goes out only when it ended well.
-        let mut queue: std::collections::VecDeque<Value> = body["Outputs"]["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .cloned()
-            .collect();
+        let mut queue: std::collections::VecDeque<Value> = planning.into();
         let mut killed = false;
         let mut rounds = 0;
         let manifest: Value = loop {

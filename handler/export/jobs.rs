@@ -423,6 +423,14 @@ impl JobStore {
         }
     }
 
+    /// The shards of `job` not marked done, in order, by one listing.
+    pub async fn unfinished_shards(&self, job: &Job) -> Result<Vec<usize>, JobError> {
+        let done = self.done_shards(&job.id).await?;
+        Ok((0..job.shards.len())
+            .filter(|index| !done.contains(index))
+            .collect())
+    }
+
     /// The shards marked done, by one listing.
     pub async fn done_shards(&self, id: &str) -> Result<BTreeSet<usize>, JobError> {
         let folder = Self::done_folder(id);

@@ -104,19 +104,16 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
             job.shards = shards.clone();
             job.planned = true;
             job.planned_at = Some(planned_at);
-            Change::Write(Some(job.shards.len()))
+            Change::Write(Some(job.clone()))
         })
         .await?
         .flatten();
     crate::crashpoint::reached("kickoff-planned");
     match recorded {
         None => Ok(()),
-        Some(0) => match exports.jobs.load(job_id).await? {
-            Some((job, _)) => worker::finalize(exports, &job).await,
-            None => Ok(()),
-        },
-        Some(count) => {
-            tracing::info!(job_id, shards = count, "export planned");
+        Some(job) if job.shards.is_empty() => worker::finalize(exports, &job).await,
+        Some(job) => {
+            tracing::info!(job_id, shards = job.shards.len(), "export planned");
             Ok(enqueue_shards(exports.queue.as_ref(), job_id, largest_first).await?)
         }
     }
@@ -127,9 +124,8 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
 /// it ends well). The shards no worker has claimed go out (again: a second message for one is
 /// skipped by the claim).
 async fn send_unclaimed(exports: &Exports, job: &Job) -> Result<(), ExportError> {
-    let done = exports.jobs.done_shards(&job.id).await?;
     let mut unclaimed = Vec::new();
-    for index in (0..job.shards.len()).filter(|index| !done.contains(index)) {
+    for index in exports.jobs.unfinished_shards(job).await? {
         if exports.jobs.shard(&job.id, index).await?.is_none() {
             unclaimed.push(index);
         }

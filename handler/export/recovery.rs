@@ -24,9 +24,8 @@ impl Exports {
                 self.queue.enqueue(vec![WorkMessage::plan(&id)]).await?;
                 continue;
             }
-            let done = self.jobs.done_shards(&id).await?;
             let mut unfinished = Vec::new();
-            for index in (0..job.shards.len()).filter(|index| !done.contains(index)) {
+            for index in self.jobs.unfinished_shards(&job).await? {
                 let now = chrono::Utc::now();
                 let resume = self
                     .jobs
@@ -101,13 +100,12 @@ impl Exports {
     /// Sweeps the unfinished shards of one planned, running job.
     async fn sweep_job(&self, job: &Job, timing: &state::Timing) -> Result<SweptJob, ExportError> {
         let id = &job.id;
-        let done = self.jobs.done_shards(id).await?;
         let mut swept = SweptJob {
             send: Vec::new(),
             failed: false,
             all_done: true,
         };
-        for index in (0..job.shards.len()).filter(|index| !done.contains(index)) {
+        for index in self.jobs.unfinished_shards(job).await? {
             let label = state::label(index, &job.shards[index].resource_type);
             let now = chrono::Utc::now();
             let sweep = self

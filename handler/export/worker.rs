@@ -493,8 +493,7 @@ pub async fn finalize(exports: &Exports, job: &Job) -> Result<(), ExportError> {
     if job.status != JobStatus::Running || !job.planned {
         return Ok(());
     }
-    let done = exports.jobs.done_shards(job_id).await?;
-    if (0..job.shards.len()).any(|index| !done.contains(&index)) {
+    if !exports.jobs.unfinished_shards(job).await?.is_empty() {
         return Ok(());
     }
     let mut outputs = Vec::new();

@@ -4,14 +4,15 @@
 //! `BENCH_COPIES=1,10` picks the sizes (default `1,10,100`); `BENCH_DIR` the scratch folder
 //! (default a temp folder; 100x needs about 15 GB). Without `../shared` the source is generated data.
 
+#[path = "support.rs"]
+mod support;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn handler() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_handler"))
-}
+use support::{free_port, handler, Serve};
 
 /// Peak resident memory (VmHWM) of a running process, in MB.
 fn peak_rss_mb(pid: u32) -> f64 {
@@ -54,23 +55,6 @@ fn run_measured(mut command: Command) -> (f64, f64, String) {
         usage.ru_maxrss as f64 / 1024.0,
         reader.join().unwrap(),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

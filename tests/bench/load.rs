@@ -7,21 +7,16 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "support.rs"]
+mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::Serve;
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)

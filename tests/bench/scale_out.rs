@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,31 +29,13 @@ use warp::Filter;
 mod azurite;
 
 use azurite::account_sas;
+#[path = "support.rs"]
+mod support;
+
+use support::{free_port, handler, Serve};
 
 const ACCOUNT: &str = "devstoreaccount1";
 const PUBLIC: &str = "https://fhir-export.example.net";
-
-fn handler() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_handler"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -80,7 +62,7 @@ fn run(mut command: Command) {
 }
 
 /// Starts one of Azurite's services; returns it and its port.
-fn azurite(service: &str, location: &Path) -> (Killed, u16) {
+fn azurite(service: &str, location: &Path) -> (Serve, u16) {
     let port = free_port();
     let bin = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/azurite/node_modules/.bin")
@@ -90,7 +72,7 @@ fn azurite(service: &str, location: &Path) -> (Killed, u16) {
         "{} is missing: npm ci --prefix tests/azurite",
         bin.display()
     );
-    let child = Killed(
+    let child = Serve(
         Command::new(bin)
             .args([
                 &format!("--{service}Host"),
@@ -298,7 +280,7 @@ async fn invoke(client: &reqwest::Client, base: &str, function: &str, payload: &
 }
 
 /// Starts K handlers in custom-handler mode on the store and the proxied blob account.
-async fn handlers(k: usize, store: &Path, storage: &str, shard_max: u64) -> Vec<(Killed, String)> {
+async fn handlers(k: usize, store: &Path, storage: &str, shard_max: u64) -> Vec<(Serve, String)> {
     let mut started = Vec::new();
     for _ in 0..k {
         let port = free_port();
@@ -312,7 +294,7 @@ async fn handlers(k: usize, store: &Path, storage: &str, shard_max: u64) -> Vec<
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        started.push((Killed(child), format!("http://127.0.0.1:{port}")));
+        started.push((Serve(child), format!("http://127.0.0.1:{port}")));
     }
     let client = reqwest::Client::new();
     for (_, base) in &started {

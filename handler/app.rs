@@ -107,6 +107,7 @@ pub fn limits_of(settings: &Settings) -> Limits {
         max_attempts: settings.max_attempts,
         retry_delay: settings.retry_delay,
         retention: settings.retention,
+        shard_max_time: settings.shard_max_time,
     }
 }
 

@@ -64,6 +64,9 @@ pub struct Settings {
     pub shard_max_resources: u64,
     /// Exports running at once; a kickoff beyond this answers 429.
     pub max_running_exports: usize,
+    /// How long one run of a shard reads before it pauses and queues its continuation
+    /// (`EXPORT_SHARD_MAX_SECS`; under the Functions host 80% of `functionTimeout` by default).
+    pub shard_max_time: Option<Duration>,
     /// Bearer-token checks; `None` leaves every endpoint open.
     pub auth: Option<crate::auth::AuthSetting>,
     /// What the manifest's file URLs point at (`EXPORT_FILE_URLS`).
@@ -128,6 +131,7 @@ impl Default for Settings {
             base_url: None,
             shard_max_resources: DEFAULT_SHARD_MAX_RESOURCES,
             max_running_exports: DEFAULT_MAX_RUNNING_EXPORTS,
+            shard_max_time: None,
             file_urls: FileUrls::Proxy,
             auth: None,
         }
@@ -309,6 +313,60 @@ pub fn check_retry_delay(seconds: f64) -> Result<Duration, SettingError> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// `EXPORT_SHARD_MAX_SECS`: seconds up to a day; 0 for no time box.
+pub fn check_shard_max_secs(seconds: f64) -> Result<Option<Duration>, SettingError> {
+    if !(0.0..=86_400.0).contains(&seconds) {
+        return Err(bad(
+            "EXPORT_SHARD_MAX_SECS",
+            format!("{seconds} is out of range (0 for none, up to 86400 seconds)"),
+        ));
+    }
+    Ok((seconds > 0.0).then(|| Duration::from_secs_f64(seconds)))
+}
+
+/// The function timeout when host.json sets none: Flex Consumption's default, 30 minutes.
+pub const DEFAULT_FUNCTION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The time box of a shard's run under the Functions host when `EXPORT_SHARD_MAX_SECS` is not set:
+/// 80% of host.json's `functionTimeout` (`hh:mm:ss`, or `d.hh:mm:ss`), so that a run stops well
+/// before the host kills the whole process (and every other invocation on it). `None` for an
+/// unbounded timeout (`-1`).
+pub fn shard_time_box(host_json: &str) -> Result<Option<Duration>, SettingError> {
+    let invalid = |why: String| bad("EXPORT_SHARD_MAX_SECS", format!("host.json: {why}"));
+    let host: serde_json::Value =
+        serde_json::from_str(host_json).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    let timeout = match host.get("functionTimeout") {
+        None | Some(serde_json::Value::Null) => DEFAULT_FUNCTION_TIMEOUT,
+        Some(serde_json::Value::String(text)) if text.trim() == "-1" => return Ok(None),
+        Some(serde_json::Value::String(text)) => parse_timespan(text.trim())
+            .ok_or_else(|| invalid(format!("functionTimeout {text:?} is not hh:mm:ss")))?,
+        Some(other) => return Err(invalid(format!("functionTimeout {other} is not a string"))),
+    };
+    Ok(Some(timeout.mul_f64(0.8)))
+}
+
+/// A .NET TimeSpan as host.json writes it: `[d.]hh:mm:ss[.fff]`.
+fn parse_timespan(text: &str) -> Option<Duration> {
+    let (days, clock) = match text.split_once('.') {
+        Some((days, clock)) if clock.contains(':') => (days.parse::<u64>().ok()?, clock),
+        _ => (0, text),
+    };
+    let parts: Vec<&str> = clock.split(':').collect();
+    let [hours, minutes, seconds] = parts[..] else {
+        return None;
+    };
+    let hours: u64 = hours.parse().ok()?;
+    let minutes: u64 = minutes.parse().ok()?;
+    let seconds: f64 = seconds.parse().ok()?;
+    if minutes >= 60 || !(0.0..60.0).contains(&seconds) {
+        return None;
+    }
+    Some(
+        Duration::from_secs((days * 24 + hours) * 3600 + minutes * 60)
+            + Duration::from_secs_f64(seconds),
+    )
+}
+
 /// Under the Functions host without `EXPORT_BASE_URL`: `https://` and the app's default host name,
 /// which App Service sets as `WEBSITE_HOSTNAME`.
 pub fn base_url_from_site_host(host: Option<&str>) -> Result<Option<String>, SettingError> {
@@ -343,6 +401,31 @@ pub fn check_base_url(value: &str) -> Result<String, SettingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_box_is_four_fifths_of_the_function_timeout() {
+        let of = |host: &str| shard_time_box(host).map_err(|e| e.to_string());
+        let secs = |s: u64| Ok(Some(Duration::from_secs(s)));
+        assert_eq!(of(crate::package::HOST_JSON), secs(480));
+        assert_eq!(of(r#"{"functionTimeout": "00:30:00"}"#), secs(1440));
+        assert_eq!(of(r#"{"functionTimeout": "1.02:00:00"}"#), secs(26 * 2880));
+        assert_eq!(of(r#"{"version": "2.0"}"#), secs(1440));
+        assert_eq!(of(r#"{"functionTimeout": "-1"}"#), Ok(None));
+        for bad in [
+            r#"{"functionTimeout": "10 minutes"}"#,
+            r#"{"functionTimeout": 600}"#,
+            "{",
+        ] {
+            let error = of(bad).unwrap_err();
+            assert!(error.contains("EXPORT_SHARD_MAX_SECS"), "{error}");
+        }
+        assert_eq!(check_shard_max_secs(0.0).unwrap(), None);
+        assert_eq!(
+            check_shard_max_secs(1.5).unwrap(),
+            Some(Duration::from_millis(1500))
+        );
+        assert!(check_shard_max_secs(-1.0).is_err());
+    }
 
     #[test]
     fn sas_file_urls_need_azure_blob_under_an_identity() {

@@ -180,6 +180,10 @@ struct ServeArgs {
     /// Split a type with more resources than this into lastUpdated ranges (FHIR server sources).
     #[arg(long, env = "EXPORT_SHARD_MAX_RESOURCES", default_value_t = config::DEFAULT_SHARD_MAX_RESOURCES)]
     shard_max_resources: u64,
+    /// Seconds one run of a shard reads before it pauses and queues its continuation (0: no time
+    /// box; under the Functions host 80% of host.json's functionTimeout by default).
+    #[arg(long, env = "EXPORT_SHARD_MAX_SECS")]
+    shard_max_secs: Option<f64>,
     /// Shard workers (default: one per core).
     #[arg(long, env = "EXPORT_WORKERS")]
     workers: Option<usize>,
@@ -368,6 +372,12 @@ fn custom_handler(port: &str) -> anyhow::Result<ExitCode> {
         std::env::var_os("FHIR_SOURCE").is_some(),
         std::env::var_os("WEBSITE_INSTANCE_ID").is_some(),
     )?;
+    if args.shard_max_secs.is_none() {
+        // The host's working directory is the app's root, which holds the deployed host.json.
+        let host_json = std::fs::read_to_string("host.json")
+            .unwrap_or_else(|_| fhir_export::package::HOST_JSON.to_string());
+        settings.shard_max_time = config::shard_time_box(&host_json)?;
+    }
     if settings.base_url.is_none() {
         // App Service names the app's own host; a client's Host header never decides the URLs.
         settings.base_url =
@@ -436,6 +446,11 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
         workers: args.workers.unwrap_or_else(config::default_workers).max(1),
         retention: std::time::Duration::from_secs(args.retention_hours.max(1) * 3600),
         shard_max_resources: args.shard_max_resources.max(1),
+        shard_max_time: args
+            .shard_max_secs
+            .map(config::check_shard_max_secs)
+            .transpose()?
+            .flatten(),
         max_running_exports: args.max_running_exports.max(1),
         auth: config::parse_auth(
             args.auth_issuer.as_deref(),

@@ -39,8 +39,11 @@ param retryDelaySecs int = 30
 @description('Hours a finished export is kept (EXPORT_RETENTION_HOURS).')
 param retentionHours int = 168
 
-@description('A type with more resources is split into shards by lastUpdated ranges (EXPORT_SHARD_MAX_RESOURCES); small enough for a shard to finish within the 10-minute function timeout.')
+@description('A type with more resources is split into shards by lastUpdated ranges (EXPORT_SHARD_MAX_RESOURCES); a shard that reads longer than shardMaxSecs goes on in a continuation.')
 param shardMaxResources int = 250000
+
+@description('Seconds one run of a shard reads before it pauses and queues its continuation (EXPORT_SHARD_MAX_SECS): 80% of host.json functionTimeout (10 minutes), so that no run reaches the timeout, at which the host restarts the whole handler.')
+param shardMaxSecs int = 480
 
 @description('Exports running at once; a kickoff beyond this answers 429 (EXPORT_MAX_RUNNING_EXPORTS).')
 param maxRunningExports int = 32
@@ -143,6 +146,7 @@ module app 'modules/functionapp.bicep' = {
         { name: 'EXPORT_RETRY_DELAY_SECS', value: string(retryDelaySecs) }
         { name: 'EXPORT_RETENTION_HOURS', value: string(retentionHours) }
         { name: 'EXPORT_SHARD_MAX_RESOURCES', value: string(shardMaxResources) }
+        { name: 'EXPORT_SHARD_MAX_SECS', value: string(shardMaxSecs) }
         { name: 'EXPORT_MAX_RUNNING_EXPORTS', value: string(maxRunningExports) }
         { name: 'EXPORT_FILE_URLS', value: fileUrls }
       ],

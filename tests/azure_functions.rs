@@ -1082,10 +1082,11 @@ async fn try_invoke(handler: &Handler, function: &str, payload: &Value) -> Optio
 }
 
 /// The crash points an invocation passes, each killing the handler the Nth time it is reached.
-const CRASH_POINTS: [&str; 5] = [
+const CRASH_POINTS: [&str; 6] = [
     "kickoff-planned@1",
     "shard-claimed@2",
     "file-committed@3",
+    "shard-paused@2",
     "shard-done@2",
     "manifest-written@1",
 ];
@@ -1100,6 +1101,8 @@ async fn killed_at_each_crash_point_an_export_on_blob_storage_ends_with_every_re
         ("EXPORT_STALE_AFTER_SECS", "1"),
         ("EXPORT_RETRY_DELAY_SECS", "0.2"),
         ("EXPORT_FILE_MAX_BYTES", "65536"),
+        // Shards pause and go on in continuations: a crash meets them mid-way too.
+        ("EXPORT_SHARD_MAX_SECS", "0.1"),
     ];
     for point in CRASH_POINTS {
         let container = azurite::unique_container("crash");

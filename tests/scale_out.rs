@@ -19,7 +19,9 @@ use fhir_export::export::state::ShardStatus;
 use fhir_export::export::{kickoff as planner, worker, ExportRequest, Exports, Level};
 use fhir_export::http::{dispatch, Request};
 use fhir_export::queue::{QueueClosed, WorkMessage, WorkQueue};
-use fhir_export::source::{ResourceSource, ScanError, ScanRequest, SinkError, SourceError};
+use fhir_export::source::{
+    ResourceSource, ScanError, ScanRequest, Scanned, SinkError, SourceError,
+};
 use fhir_export::storage::StorageError;
 use fhir_export::storage::{ByteStream, ETag, LocalFolder, ObjectStore, ObjectWriter, PutMode};
 use serde_json::Value;
@@ -287,7 +289,7 @@ impl ResourceSource for ConditionDown {
         &self,
         request: &ScanRequest<'_>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
-    ) -> Result<u64, ScanError> {
+    ) -> Result<Scanned, ScanError> {
         match request.resource_type {
             "Condition" => Err(SourceError::Remote("503 from the server".into()).into()),
             _ => self.0.scan(request, sink),

@@ -97,12 +97,18 @@ fn spread_instant(resource_type: &str, id: &str) -> String {
 }
 
 async fn start_on(source: &str) -> Server {
+    start_time_boxed(source, None).await
+}
+
+/// A service on `source` whose shards pause after `time_box` and go on in a continuation.
+async fn start_time_boxed(source: &str, time_box: Option<Duration>) -> Server {
     let url = source.to_string();
     start(&dataset().store, move |settings| {
         settings.source = SourceSetting::Remote {
             url,
             auth: SourceAuth::None,
         };
+        settings.shard_max_time = time_box;
     })
     .await
 }
@@ -214,8 +220,18 @@ async fn exports_from_medplum_equal_exports_from_the_embedded_store() {
 /// Exports `_type=Observation` through Medplum started with `switches`; the ids, or the failure's
 /// OperationOutcome text.
 async fn observations_through(switches: &[&str]) -> Result<BTreeSet<String>, String> {
+    observations_time_boxed(switches, None)
+        .await
+        .map(|(ids, _)| ids)
+}
+
+/// As `observations_through`, with shards time-boxed: the ids and the number of files.
+async fn observations_time_boxed(
+    switches: &[&str],
+    time_box: Option<Duration>,
+) -> Result<(BTreeSet<String>, usize), String> {
     let medplum = Medplum::start(&dataset().ndjson, switches);
-    let remote = start_on(&medplum.base).await;
+    let remote = start_time_boxed(&medplum.base, time_box).await;
     let client = client();
     let status_url = common::started(
         &client,
@@ -225,10 +241,13 @@ async fn observations_through(switches: &[&str]) -> Result<BTreeSet<String>, Str
     let answer = common::wait_for_end(&client, &status_url, Duration::from_secs(240)).await;
     let body: Value = answer.json().await.unwrap();
     match body.get("output") {
-        Some(_) => Ok(ids(&client, &body)
-            .await
-            .remove("Observation")
-            .unwrap_or_default()),
+        Some(output) => Ok((
+            ids(&client, &body)
+                .await
+                .remove("Observation")
+                .unwrap_or_default(),
+            output.as_array().map_or(0, Vec::len),
+        )),
         None => Err(body["issue"][0]["diagnostics"]
             .as_str()
             .unwrap_or_default()
@@ -242,6 +261,30 @@ fn stored_observations() -> BTreeSet<String> {
         .filter(|(resource_type, _)| resource_type == "Observation")
         .map(|(_, id)| id)
         .collect()
+}
+
+/// A shard time-boxed at 300 ms pauses at a `lastUpdated` the server counts whole up to, and its
+/// continuation reads on from there: every Observation once, in more than one file; also when the
+/// server shuffles the ties of its order. When resources change while paged, a pause would come
+/// after resources an earlier read already passed on: the shard reads on to its end instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_boxed_shards_pause_where_the_server_counts_them_whole_and_lose_nothing() {
+    let time_box = Some(Duration::from_millis(300));
+    let cases: [(&[&str], bool); 3] = [
+        (&[], true),
+        (&["--unstable-order"], true),
+        (&["--update-while-paging", "50"], false),
+    ];
+    for (switches, pauses) in cases {
+        let (got, files) = observations_time_boxed(switches, time_box).await.unwrap();
+        assert!(
+            got == stored_observations(),
+            "{switches:?}: {} exported",
+            got.len()
+        );
+        eprintln!("{switches:?}: {} Observations in {files} files", got.len());
+        assert_eq!(files > 1, pauses, "{switches:?}: {files} files");
+    }
 }
 
 /// Before: pages without a `next` link ended the read at the first page, and the export answered

@@ -74,6 +74,9 @@ pub struct Limits {
     pub retry_delay: Duration,
     /// How long a finished export's files are kept.
     pub retention: Duration,
+    /// How long one run of a shard reads before it pauses and queues its continuation (the time
+    /// box, under the host's function timeout); `None`: to the end.
+    pub shard_max_time: Option<Duration>,
 }
 
 impl Limits {

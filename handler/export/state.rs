@@ -6,6 +6,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::jobs::{Change, Job, JobStatus};
+use crate::source::Cursor;
 use crate::storage::OutputFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,8 +34,20 @@ pub struct ShardState {
     pub retry_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The files written: all of them once done; those of the runs paused so far before.
     #[serde(default)]
     pub outputs: Vec<OutputFile>,
+    /// Where the last paused run stopped: the next run reads on from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<Cursor>,
+    /// `attempts` when the shard last paused: the runs since count toward the restart cap, those
+    /// before made progress.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub paused_at_attempt: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl ShardState {
@@ -47,7 +60,14 @@ impl ShardState {
             retry_at: None,
             last_error: None,
             outputs: Vec::new(),
+            cursor: None,
+            paused_at_attempt: 0,
         }
+    }
+
+    /// Runs begun since the shard last made progress (paused): what the restart cap counts.
+    pub fn runs_since_progress(&self) -> u32 {
+        self.attempts.saturating_sub(self.paused_at_attempt)
     }
 }
 
@@ -94,7 +114,7 @@ pub fn claim(state: &mut ShardState, now: DateTime<Utc>, timing: &Timing) -> Cha
         ShardStatus::Running if now - state.heartbeat < timing.stale_after => {
             return skip("shard is running elsewhere")
         }
-        ShardStatus::Running if state.attempts >= timing.max_attempts => {
+        ShardStatus::Running if state.runs_since_progress() >= timing.max_attempts => {
             return skip("shard went silent at the restart cap")
         }
         ShardStatus::Waiting if state.retry_at.is_some_and(|at| at > now) => {
@@ -126,15 +146,39 @@ pub fn beat(state: &mut ShardState, attempt: u32, now: DateTime<Utc>) -> Change<
     Change::Write(Beat::Alive)
 }
 
-/// A worker finished writing the shard's files: `true` when this made it done. A shard finished
-/// already keeps its first outputs (a second worker wrote the same names, with the same content).
+/// A worker finished writing the shard's files (`outputs`: this run's, after those of the runs
+/// that paused): `true` when this made it done. A shard finished already keeps its first outputs
+/// (a second worker wrote the same names, with the same content).
 pub fn finish(state: &mut ShardState, outputs: &[OutputFile]) -> Change<bool> {
     if state.status == ShardStatus::Done {
         return Change::Keep(false);
     }
     state.status = ShardStatus::Done;
-    state.outputs = outputs.to_vec();
+    state.outputs.extend_from_slice(outputs);
+    state.cursor = None;
     state.retry_at = None;
+    Change::Write(true)
+}
+
+/// Attempt `attempt` stopped at its time box, at `cursor`, having committed `outputs`: the shard
+/// is queued again to go on from there (its continuation). `false`: the attempt is no longer the
+/// shard's, and its files are left to the worker that now has it.
+pub fn pause(
+    state: &mut ShardState,
+    attempt: u32,
+    cursor: &Cursor,
+    outputs: &[OutputFile],
+    now: DateTime<Utc>,
+) -> Change<bool> {
+    if state.status != ShardStatus::Running || state.attempts != attempt {
+        return Change::Keep(false);
+    }
+    state.status = ShardStatus::Queued;
+    state.outputs.extend_from_slice(outputs);
+    state.cursor = Some(cursor.clone());
+    state.paused_at_attempt = attempt;
+    state.heartbeat = now;
+    state.last_error = None;
     Change::Write(true)
 }
 
@@ -164,13 +208,13 @@ pub fn fail(
         return Change::Keep(Failure::Ignored);
     }
     state.last_error = Some(error.to_string());
-    if state.attempts >= timing.max_attempts {
+    let runs = state.runs_since_progress();
+    if runs >= timing.max_attempts {
         return Change::Write(Failure::FailsJob(format!(
-            "{label} failed {} times; last error: {error}",
-            state.attempts
+            "{label} failed {runs} times; last error: {error}"
         )));
     }
-    let at = now + retry_wait(timing.retry_delay, state.attempts, jitter);
+    let at = now + retry_wait(timing.retry_delay, runs, jitter);
     state.status = ShardStatus::Waiting;
     state.retry_at = Some(at);
     state.heartbeat = now;
@@ -226,10 +270,10 @@ pub fn sweep(
         ShardStatus::Running if now - state.heartbeat < timing.stale_after => {
             Change::Keep(Sweep::Leave)
         }
-        ShardStatus::Running if state.attempts >= timing.max_attempts => {
+        ShardStatus::Running if state.runs_since_progress() >= timing.max_attempts => {
             Change::Keep(Sweep::FailsJob(format!(
                 "{label} stopped without a heartbeat {} times (the restart cap); the export is abandoned",
-                state.attempts
+                state.runs_since_progress()
             )))
         }
         ShardStatus::Running => send(state),

@@ -17,7 +17,7 @@ use crate::fhir::elements::subset;
 use crate::fhir::json::Json;
 use crate::fhir::OperationOutcome;
 use crate::queue::WorkMessage;
-use crate::source::{ScanError, ScanRequest, SinkError};
+use crate::source::{Cursor, ScanError, ScanRequest, Scanned, SinkError};
 use crate::storage::{OutputFile, RollingNdjsonWriter};
 
 /// Runs one queue message: plans a job, or runs a shard. A shard's failures are retried up to the
@@ -115,8 +115,9 @@ async fn claim_shard(
     }
 }
 
-/// Writes a claimed shard's files under its heartbeat, then records it done (and completes the
-/// job when it was the last).
+/// Writes a claimed shard's files under its heartbeat (from where its last run paused), then
+/// records it done (and completes the job when it was the last), or, stopped at its time box,
+/// queues its continuation.
 async fn run_claimed(
     exports: &Exports,
     job: &Job,
@@ -125,45 +126,119 @@ async fn run_claimed(
     claimed: Versioned<ShardState>,
 ) -> Result<(), ExportError> {
     let stop = Arc::new(StopSignal::default());
+    let resume = ResumeAt {
+        cursor: claimed.document.cursor.clone(),
+        files_before: claimed.document.outputs.len(),
+    };
     // The state as this worker last wrote it, kept by the heartbeat.
     let latest = Arc::new(std::sync::Mutex::new(claimed));
+    let owner = Owner {
+        exports: exports.clone(),
+        unclaimed: job.unclaimed_shard(),
+        task: task.clone(),
+        attempt,
+        latest: latest.clone(),
+    };
     // The heartbeat lives exactly as long as the shard's work: a shard that ends in any way (an
     // error, a panic, a dropped future) stops beating, so the sweeper can take it back.
-    let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(
-        exports.clone(),
-        job.unclaimed_shard(),
-        task.clone(),
-        attempt,
-        latest.clone(),
-        stop.clone(),
-    )));
+    let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(owner.clone(), stop.clone())));
     let running = RunningShard::register(&task.job_id, stop.clone());
-    let written = write_files(exports, job, task.shard, stop).await;
+    let written = write_files(exports, job, task.shard, &resume, owner, stop).await;
     drop(running);
     drop(heartbeat);
-    let outputs = written?;
+    let written = written?;
 
     let job = match exports.jobs.load(&job.id).await? {
         Some((job, _)) if job.status == JobStatus::Running => job,
         _ => {
-            remove_files(exports, &outputs).await;
+            remove_files(exports, &written.files).await;
             return Err(ExportError::Cancelled(job.id.clone()));
         }
     };
     let latest = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    exports
+    if let Some(cursor) = &written.paused {
+        let (paused, _) = exports
+            .jobs
+            .update_shard_from(
+                &job.id,
+                task.shard,
+                Some(latest),
+                &job.unclaimed_shard(),
+                |shard| state::pause(shard, attempt, cursor, &written.files, Utc::now()),
+            )
+            .await?;
+        if !paused {
+            return Err(ExportError::Superseded(job.id.clone()));
+        }
+        crate::crashpoint::reached("shard-paused");
+        // Should this fail or the process stop first, the message that started this run comes
+        // again (it is not completed), and is the continuation.
+        exports
+            .queue
+            .enqueue(vec![WorkMessage::shard(&job.id, task.shard)])
+            .await?;
+        tracing::info!(
+            files = written.files.len(),
+            "shard paused at its time box; its continuation is queued"
+        );
+        return Ok(());
+    }
+    let (_, done) = exports
         .jobs
         .update_shard_from(
             &job.id,
             task.shard,
             Some(latest),
             &job.unclaimed_shard(),
-            |shard| state::finish(shard, &outputs),
+            |shard| state::finish(shard, &written.files),
         )
         .await?;
+    if attempt > 1 {
+        remove_stale_files(exports, &job, task.shard, &done.document.outputs).await?;
+    }
     crate::crashpoint::reached("shard-done");
     exports.jobs.mark_done(&job.id, task.shard).await?;
     finalize(exports, &job).await
+}
+
+/// Where a shard's run starts: after the cursor its last paused run left, numbering its files
+/// after those runs' files.
+struct ResumeAt {
+    cursor: Option<Cursor>,
+    files_before: usize,
+}
+
+/// What one run of a shard wrote: its files, and where it paused (`None`: it read to the end).
+struct Written {
+    files: Vec<OutputFile>,
+    paused: Option<Cursor>,
+}
+
+/// The files named like a shard's (`{stem}-{n}.ndjson`) beyond its last one: written by an
+/// earlier run that stopped (a crash, a failure, a worker taken over) at another point than the
+/// run that then went on, they hold resources the shard's recorded files hold too.
+async fn remove_stale_files(
+    exports: &Exports,
+    job: &Job,
+    shard: usize,
+    outputs: &[OutputFile],
+) -> Result<(), ExportError> {
+    let stem = &job.shards[shard].stem;
+    let kept = outputs.len() as u64;
+    let folder = format!("{}/", job.output_folder);
+    for path in exports.storage.list(&job.output_folder).await? {
+        let number = path
+            .strip_prefix(&folder)
+            .and_then(|name| name.strip_prefix(stem.as_str()))
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.strip_suffix(".ndjson"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if number.is_some_and(|n| n > kept) {
+            tracing::info!(%path, "removing a file an earlier run of the shard left");
+            exports.storage.delete_prefix(&path).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Aborts the task when dropped.
@@ -301,25 +376,30 @@ fn window_of(
     (since, stored_since, until)
 }
 
-/// Streams the shard's resources from the source into rolled files on a blocking thread.
+/// Streams the shard's resources from the source into rolled files on a blocking thread: all of
+/// them, or, past the time box, those up to where the source can resume.
 async fn write_files(
     exports: &Exports,
     job: &Job,
     shard: usize,
+    resume: &ResumeAt,
+    owner: Owner,
     stop: Arc<StopSignal>,
-) -> Result<Vec<OutputFile>, ExportError> {
+) -> Result<Written, ExportError> {
     let spec = job.shards[shard].clone();
     let (since, stored_since, until) = window_of(job, shard);
     let snapshot = job.transaction_time;
     let source = exports.source.clone();
+    let runtime = tokio::runtime::Handle::current();
     let mut writer = RollingNdjsonWriter::new(
         exports.storage.clone(),
-        tokio::runtime::Handle::current(),
+        runtime.clone(),
         &job.output_folder,
         &spec.stem,
         &spec.resource_type,
         exports.limits.file_max_bytes,
-    );
+    )
+    .numbered_after(resume.files_before);
     let job_id = job.id.clone();
     let scope = job.scope.clone();
     let shaping = Shaping {
@@ -328,6 +408,8 @@ async fn write_files(
         elements: job.request.elements_for(&spec.resource_type),
     };
     let started = std::time::Instant::now();
+    let pause_after = exports.limits.shard_max_time.map(|box_| started + box_);
+    let cursor = resume.cursor.clone();
     let result = on_background_thread(move || {
         let request = ScanRequest {
             resource_type: &spec.resource_type,
@@ -339,6 +421,8 @@ async fn write_files(
             after_id: None,
             type_filters: &shaping.filters,
             rows: spec.rows,
+            resume: cursor.as_ref(),
+            pause_after,
         };
         let scanned = caught(|| {
             source.scan(&request, &mut |resource| {
@@ -351,30 +435,36 @@ async fn write_files(
                 }
             })
         });
-        ended(writer, scanned, &stop, job_id)
+        // A paused run's last file is cut at a point another run would not choose: it is
+        // committed only while the shard is still this run's, so that it never replaces the
+        // file of a worker that took the shard over.
+        let still_ours = || runtime.block_on(owner.beat());
+        ended(writer, scanned, still_ours, &stop, job_id)
     })
     .await
     .unwrap_or_else(|panic| Err((ExportError::Panicked(panic), Vec::new())));
-    let (count, files) = match result {
+    let (count, written) = match result {
         Ok(written) => written,
         Err((error, committed)) => {
             remove_files(exports, &committed).await;
             return Err(error);
         }
     };
-    tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = files.len(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
-    Ok(files)
+    tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = written.files.len(), paused = written.paused.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
+    Ok(written)
 }
 
-/// How a shard's scan ended, for its files: finished and committed, or their writer aborted. A
-/// cancelled export's files committed so far come back to be removed; a shard taken over leaves
-/// them to the worker that now writes the same names.
+/// How a shard's scan ended, for its files: committed (at the end, or at a pause while the shard
+/// is still this run's), or their writer aborted. A cancelled export's files committed so far
+/// come back to be removed; a shard taken over leaves them to the worker that now writes the
+/// same names.
 fn ended(
     writer: RollingNdjsonWriter,
-    scanned: Result<Result<u64, ScanError>, String>,
+    scanned: Result<Result<Scanned, ScanError>, String>,
+    still_ours: impl FnOnce() -> Result<Stop, JobError>,
     stop: &StopSignal,
     job_id: String,
-) -> Result<(u64, Vec<OutputFile>), (ExportError, Vec<OutputFile>)> {
+) -> Result<(u64, Written), (ExportError, Vec<OutputFile>)> {
     let scanned = match scanned {
         Ok(scanned) => scanned,
         Err(panic) => {
@@ -382,18 +472,31 @@ fn ended(
             return Err((ExportError::Panicked(panic), Vec::new()));
         }
     };
-    match scanned {
-        Ok(count) => writer
-            .finish()
-            .map(|files| (count, files))
-            .map_err(|e| (ExportError::from(e), Vec::new())),
-        Err(ScanError::Sink(SinkError::Stopped)) => {
-            let committed = writer.abort();
-            match stop.get() {
-                Stop::TakenOver => Err((ExportError::Superseded(job_id), Vec::new())),
-                _ => Err((ExportError::Cancelled(job_id), committed)),
-            }
+    let stopped = |writer: RollingNdjsonWriter, stop: Stop| {
+        let committed = writer.abort();
+        match stop {
+            Stop::TakenOver => Err((ExportError::Superseded(job_id.clone()), Vec::new())),
+            _ => Err((ExportError::Cancelled(job_id.clone()), committed)),
         }
+    };
+    match scanned {
+        Ok(Scanned { count, paused }) => {
+            if paused.is_some() {
+                match still_ours() {
+                    Ok(Stop::KeepGoing) => {}
+                    Ok(stop) => return stopped(writer, stop),
+                    Err(error) => {
+                        writer.abort();
+                        return Err((error.into(), Vec::new()));
+                    }
+                }
+            }
+            writer
+                .finish()
+                .map(|files| (count, Written { files, paused }))
+                .map_err(|e| (ExportError::from(e), Vec::new()))
+        }
+        Err(ScanError::Sink(SinkError::Stopped)) => stopped(writer, stop.get()),
         Err(error) => {
             writer.abort();
             Err((error.into(), Vec::new()))
@@ -435,46 +538,61 @@ fn caught<T>(work: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
-/// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
-/// shard was given to another worker. A failed refresh is tried again at the next beat.
-async fn keep_alive(
+/// A run of a shard, as its worker holds it: what its heartbeats write.
+#[derive(Clone)]
+struct Owner {
     exports: Exports,
     unclaimed: ShardState,
     task: ShardTask,
     attempt: u32,
+    /// The state as this worker last wrote it.
     latest: Arc<std::sync::Mutex<Versioned<ShardState>>>,
-    stop: Arc<StopSignal>,
-) {
-    let every = exports.limits.heartbeat_every();
+}
+
+impl Owner {
+    /// One heartbeat: whether the run goes on (its job runs, and the shard is still its own).
+    async fn beat(&self) -> Result<Stop, JobError> {
+        let (jobs, task) = (&self.exports.jobs, &self.task);
+        let running = jobs
+            .load(&task.job_id)
+            .await?
+            .is_some_and(|(job, _)| job.status == JobStatus::Running);
+        if !running {
+            return Ok(Stop::JobStopped);
+        }
+        let known = self
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (beat, stored) = jobs
+            .update_shard_from(
+                &task.job_id,
+                task.shard,
+                Some(known),
+                &self.unclaimed,
+                |shard| state::beat(shard, self.attempt, Utc::now()),
+            )
+            .await?;
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = stored;
+        Ok(match beat {
+            Beat::Alive => Stop::KeepGoing,
+            Beat::TakenOver => Stop::TakenOver,
+        })
+    }
+}
+
+/// Refreshes the shard's heartbeat until aborted; sets `stop` when the job stops running or the
+/// shard was given to another worker. A failed refresh is tried again at the next beat.
+async fn keep_alive(owner: Owner, stop: Arc<StopSignal>) {
+    let every = owner.exports.limits.heartbeat_every();
     // The first beat at a random point of the first period: shards started together (a job's
     // first wave) do not write their beats in step from then on.
     let first = every.mul_f64(1.0 + rand::random::<f64>());
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
     loop {
         ticks.tick().await;
-        let beat = async {
-            let running = exports
-                .jobs
-                .load(&task.job_id)
-                .await?
-                .is_some_and(|(job, _)| job.status == JobStatus::Running);
-            if !running {
-                return Ok(Stop::JobStopped);
-            }
-            let known = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let (beat, stored) = exports
-                .jobs
-                .update_shard_from(&task.job_id, task.shard, Some(known), &unclaimed, |shard| {
-                    state::beat(shard, attempt, Utc::now())
-                })
-                .await?;
-            *latest.lock().unwrap_or_else(|e| e.into_inner()) = stored;
-            Ok::<_, JobError>(match beat {
-                Beat::Alive => Stop::KeepGoing,
-                Beat::TakenOver => Stop::TakenOver,
-            })
-        };
-        match beat.await {
+        match owner.beat().await {
             Ok(Stop::KeepGoing) => {}
             Ok(reason) => {
                 stop.set(reason);

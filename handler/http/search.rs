@@ -232,6 +232,8 @@ fn read_matches(
         after_id: search.cursor.as_deref(),
         rows: Default::default(),
         type_filters: &[],
+        resume: None,
+        pause_after: None,
     };
     if limit == usize::MAX && search.query.is_none() {
         // A count the source keeps in its indexes reads no resource.

@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::{
-    plan, tuning, Part, PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest,
-    SinkError, SourceError,
+    plan, tuning, Cursor, Part, PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest,
+    Scanned, SinkError, SourceError,
 };
 use crate::fhir::types::R4_RESOURCE_TYPES;
 
@@ -357,7 +357,7 @@ impl ResourceSource for EmbeddedStore {
         let runs = self.runs(&conn, request)?;
         let mut count = 0;
         let scope = self.scope_terms(&conn, request.scope)?;
-        for query in queries(request, "count(*)", &scope, None) {
+        for query in count_queries(request, &scope) {
             let counted: i64 = conn
                 .query_row(&query, bind(request, runs), |row| row.get(0))
                 .map_err(|e| self.error(e))?;
@@ -366,42 +366,104 @@ impl ResourceSource for EmbeddedStore {
         Ok(Some(count))
     }
 
-    /// Current versions in the window, then earlier versions that were current at the snapshot.
+    /// Each resource's version at the snapshot, at its current row's place: in storage order when
+    /// the type is stored together, else in id order. A version replaced since the snapshot is read
+    /// from `replaced` where its row stands, so that a scan paused and resumed (or a type cut into
+    /// parts) reads it once however the store changes meanwhile.
     fn scan(
         &self,
         request: &ScanRequest<'_>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
-    ) -> Result<u64, ScanError> {
+    ) -> Result<Scanned, ScanError> {
         let conn = self.connect()?;
         let scope = self.scope_terms(&conn, request.scope)?;
-        // An export (no paging) reads a type stored together in storage order: each page once,
-        // where id order jumps about the table.
-        let span = match request.after_id {
-            None => self.dense_rowid_span(&conn, request.resource_type)?,
-            Some(_) => None,
+        let order = match (request.resume, request.after_id) {
+            (Some(Cursor::Rowid { rowid }), _) => ScanOrder::Storage {
+                span: self.dense_rowid_span(&conn, request.resource_type)?,
+                after: Some(*rowid),
+            },
+            (Some(Cursor::Id { id }), _) => ScanOrder::Id {
+                after: Some(id.as_str()),
+            },
+            (Some(Cursor::LastUpdated { .. }), _) => {
+                return Err(SourceError::Unsupported(
+                    "the embedded store cannot resume a scan paused by a FHIR server".into(),
+                )
+                .into())
+            }
+            // An export (no paging) reads a type stored together in storage order: each page
+            // once, where id order jumps about the table.
+            (None, None) => match self.dense_rowid_span(&conn, request.resource_type)? {
+                Some(span) => ScanOrder::Storage {
+                    span: Some(span),
+                    after: None,
+                },
+                None => ScanOrder::Id { after: None },
+            },
+            (None, Some(_)) => ScanOrder::Id { after: None },
         };
-        if span.is_some() {
+        if matches!(order, ScanOrder::Storage { span: Some(_), .. }) {
             conn.execute_batch(tuning::STORAGE_ORDER_SCAN)
                 .map_err(|e| self.error(e))?;
         }
         let runs = self.runs(&conn, request)?;
+        let query = scan_query(request, &scope, &order);
+        let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
+        let (resource_type, since, until, snapshot, after_id, since_run) = bind(request, runs);
+        let mut values: Vec<&dyn rusqlite::ToSql> = vec![
+            &resource_type,
+            &since,
+            &until,
+            &snapshot,
+            &after_id,
+            &since_run,
+        ];
+        if let ScanOrder::Id { after: Some(id) } = &order {
+            values.push(id);
+        }
+        let mut rows = statement
+            .query(values.as_slice())
+            .map_err(|e| self.error(e))?;
         let mut count = 0;
-        for query in queries(request, "r.json", &scope, span) {
-            let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
-            let mut rows = statement
-                .query(bind(request, runs))
+        while let Some(row) = rows.next().map_err(|e| self.error(e))? {
+            let json = row
+                .get_ref(0)
+                .and_then(|v| Ok(v.as_blob()?))
                 .map_err(|e| self.error(e))?;
-            while let Some(row) = rows.next().map_err(|e| self.error(e))? {
-                let json = row
-                    .get_ref(0)
-                    .and_then(|v| Ok(v.as_blob()?))
-                    .map_err(|e| self.error(e))?;
-                sink(json)?;
-                count += 1;
+            sink(json)?;
+            count += 1;
+            if request
+                .pause_after
+                .is_some_and(|at| std::time::Instant::now() >= at)
+            {
+                let cursor = match order {
+                    ScanOrder::Storage { .. } => Cursor::Rowid {
+                        rowid: row.get(1).map_err(|e| self.error(e))?,
+                    },
+                    ScanOrder::Id { .. } => Cursor::Id {
+                        id: row.get(2).map_err(|e| self.error(e))?,
+                    },
+                };
+                return Ok(Scanned {
+                    count,
+                    paused: Some(cursor),
+                });
             }
         }
-        Ok(count)
+        Ok(Scanned::whole(count))
     }
+}
+
+/// The order a scan reads a type's current rows in, and where it starts.
+#[derive(Debug, Clone, Copy)]
+enum ScanOrder<'a> {
+    /// By rowid, after `after`; `span`: the type's rowids when it is stored together.
+    Storage {
+        span: Option<(i64, i64)>,
+        after: Option<i64>,
+    },
+    /// By id, after `after`.
+    Id { after: Option<&'a str> },
 }
 
 impl EmbeddedStore {
@@ -527,9 +589,7 @@ impl EmbeddedStore {
             .map(|s| (s.first_rowid, s.last_rowid)))
     }
 
-    /// The queries of a scan (current rows, then, in a type's first part, replaced versions current
-    /// at the snapshot), selecting `what`; the patient scope is set up in `conn`'s temp tables.
-    /// The terms that limit a scan to its patients' compartments: `(current rows, replaced rows)`.
+    /// The terms that limit a scan to its patients' compartments: `(current rows r, replaced rows h)`.
     /// For a list of patients, fills this connection's temporary table of them.
     fn scope_terms(
         &self,
@@ -543,7 +603,7 @@ impl EmbeddedStore {
             PatientScope::All => (String::new(), String::new()),
             PatientScope::AnyPatient => (
                 format!("AND EXISTS (SELECT 1 FROM {links})"),
-                "AND r.patients != '[]'".to_string(),
+                "AND h.patients != '[]'".to_string(),
             ),
             PatientScope::Only(patients) => {
                 conn.execute_batch(
@@ -560,73 +620,114 @@ impl EmbeddedStore {
                 let in_scope = "IN (SELECT id FROM temp.scope_patients)";
                 (
                     format!("AND EXISTS (SELECT 1 FROM {links} AND c.patient_id {in_scope})"),
-                    format!("AND EXISTS (SELECT 1 FROM json_each(r.patients) p WHERE p.value {in_scope})"),
+                    format!("AND EXISTS (SELECT 1 FROM json_each(h.patients) p WHERE p.value {in_scope})"),
                 )
             }
         })
     }
 }
 
-/// The SQL of a scan (`what`: `r.json`) or count (`count(*)`): current versions, then (unless a
-/// storage range is read) replaced versions current at the snapshot. `span`: the type's rowids
-/// when it is stored together, to be read in storage order.
-fn queries(
+/// The SQL of a count: current versions in the window, then replaced versions current at the
+/// snapshot (in a type's first part only, where a scan reads them too).
+fn count_queries(
     request: &ScanRequest<'_>,
-    what: &str,
     (scope, replaced_scope): &(String, String),
-    span: Option<(i64, i64)>,
 ) -> Vec<String> {
-    let order = if what == "r.json" {
-        "ORDER BY r.id"
-    } else {
-        ""
-    };
     let rows = request.rows;
-    let (type_term, current_order) = match span {
-        Some((first, last)) => {
-            let low = rows.from.map_or(first, |from| from.max(first));
-            let high = rows.to.map_or(last, |to| (to - 1).min(last));
-            (
-                "+r.type",
-                format!("AND r.rowid BETWEEN {low} AND {high} ORDER BY r.rowid"),
-            )
-        }
-        None => {
-            let from = rows.from.map(|from| format!("AND r.rowid >= {from} "));
-            let to = rows.to.map(|to| format!("AND r.rowid < {to} "));
-            (
-                "r.type",
-                format!(
-                    "{}{}{order}",
-                    from.unwrap_or_default(),
-                    to.unwrap_or_default()
-                ),
-            )
-        }
-    };
+    let from = rows.from.map(|from| format!("AND r.rowid >= {from} "));
+    let to = rows.to.map(|to| format!("AND r.rowid < {to} "));
+    let range = format!("{}{}", from.unwrap_or_default(), to.unwrap_or_default());
     // Without paging, no id term: a count then reads the `lastUpdated` index alone.
     let after_id = match request.after_id {
         Some(_) => "AND r.id > ?5",
         None => "",
     };
     let current = format!(
-        "SELECT {what} FROM resources r
-             WHERE {type_term} = ?1 AND r.import_run <= ?4
+        "SELECT count(*) FROM resources r
+             WHERE r.type = ?1 AND r.import_run <= ?4
                AND (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3
-               {after_id} {scope}
-             {current_order}"
+               {range} {after_id} {scope}"
     );
     if rows.from.is_some() {
         return vec![current];
     }
+    let after_id = after_id.replace("r.id", "h.id");
     vec![
         current,
         format!(
-            "SELECT {what} FROM replaced r
-                 WHERE r.type = ?1 AND r.stored_run <= ?4 AND r.superseded_run > ?4
-                   AND (r.last_updated > ?2 OR r.stored_run > ?6) AND r.last_updated <= ?3
-                   {after_id} {replaced_scope}
-                 {order}"
+            "SELECT count(*) FROM replaced h
+                 WHERE h.type = ?1 AND h.stored_run <= ?4 AND h.superseded_run > ?4
+                   AND (h.last_updated > ?2 OR h.stored_run > ?6) AND h.last_updated <= ?3
+                   {after_id} {replaced_scope}"
         ),
     ]
+}
+
+/// The SQL of a scan: one row per resource whose version at the snapshot lies in the window, at
+/// its current row's place: `(json, rowid, id)`. A current row stored by the snapshot is that
+/// version; a row stored later stands for its replaced version current at the snapshot, if any.
+/// Parameters: ?1 type, ?2 since, ?3 until, ?4 snapshot run, ?5 after id (paging), ?6 since run,
+/// ?7 resume id.
+fn scan_query(
+    request: &ScanRequest<'_>,
+    (scope, replaced_scope): &(String, String),
+    order: &ScanOrder<'_>,
+) -> String {
+    let rows = request.rows;
+    let (type_term, position) = match *order {
+        ScanOrder::Storage { span, after } => {
+            let mut low = rows.from;
+            let mut high = rows.to.map(|to| to - 1);
+            if let Some((first, last)) = span {
+                low = Some(low.map_or(first, |low| low.max(first)));
+                high = Some(high.map_or(last, |high| high.min(last)));
+            }
+            if let Some(after) = after {
+                low = Some(low.map_or(after + 1, |low| low.max(after + 1)));
+            }
+            let low = low.map(|low| format!("AND r.rowid >= {low} "));
+            let high = high.map(|high| format!("AND r.rowid <= {high} "));
+            (
+                // Where the type lies together, its rowid span alone finds its rows.
+                if span.is_some() { "+r.type" } else { "r.type" },
+                format!(
+                    "{}{}ORDER BY r.rowid",
+                    low.unwrap_or_default(),
+                    high.unwrap_or_default()
+                ),
+            )
+        }
+        ScanOrder::Id { after } => {
+            let from = rows.from.map(|from| format!("AND r.rowid >= {from} "));
+            let to = rows.to.map(|to| format!("AND r.rowid < {to} "));
+            let after = after.map(|_| "AND r.id > ?7 ");
+            (
+                "r.type",
+                format!(
+                    "{}{}{}ORDER BY r.id",
+                    from.unwrap_or_default(),
+                    to.unwrap_or_default(),
+                    after.unwrap_or_default()
+                ),
+            )
+        }
+    };
+    let after_id = match request.after_id {
+        Some(_) => "AND r.id > ?5",
+        None => "",
+    };
+    let version_at_snapshot = "SELECT h.json FROM replaced h
+             WHERE h.type = r.type AND h.id = r.id AND h.stored_run <= ?4 AND h.superseded_run > ?4";
+    format!(
+        "SELECT CASE WHEN r.import_run <= ?4 THEN r.json ELSE ({version_at_snapshot}) END, r.rowid, r.id
+         FROM resources r
+         WHERE {type_term} = ?1 {after_id}
+           AND CASE WHEN r.import_run <= ?4
+               THEN (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3 {scope}
+               ELSE EXISTS ({version_at_snapshot}
+                   AND (h.last_updated > ?2 OR h.stored_run > ?6) AND h.last_updated <= ?3
+                   {replaced_scope})
+               END
+         {position}"
+    )
 }

@@ -54,6 +54,41 @@ pub struct ScanRequest<'a> {
     pub type_filters: &'a [SearchQuery],
     /// The part of the type to read, as planned by `ResourceSource::plan` (whole by default).
     pub rows: RowRange,
+    /// Where an earlier run of this scan paused: read only what comes after it.
+    pub resume: Option<&'a Cursor>,
+    /// Past this instant, pause at the first point a scan can resume from (a time-boxed shard);
+    /// `None`: read to the end.
+    pub pause_after: Option<std::time::Instant>,
+}
+
+/// Where a paused scan stopped, kept in the shard's state for its continuation. Everything before
+/// it was passed to the sink, nothing after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "after")]
+pub enum Cursor {
+    /// The embedded store read in storage order: rows after this rowid.
+    Rowid { rowid: i64 },
+    /// The embedded store read in id order: rows after this id.
+    Id { id: String },
+    /// A FHIR server read in `_lastUpdated` order: resources last updated after this instant. Every
+    /// resource up to it was read, checked by a `_summary=count` of that part of the window.
+    LastUpdated { instant: DateTime<Utc> },
+}
+
+/// How a scan ended: how many resources it passed on, and where it paused (`None`: at the end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scanned {
+    pub count: u64,
+    pub paused: Option<Cursor>,
+}
+
+impl Scanned {
+    pub fn whole(count: u64) -> Scanned {
+        Scanned {
+            count,
+            paused: None,
+        }
+    }
 }
 
 /// A part of a type cut by storage position (the embedded store's rowids): `from` inclusive, `to`
@@ -168,10 +203,11 @@ pub trait ResourceSource: Send + Sync {
         Ok(Part::whole())
     }
 
-    /// Streams each matching resource, as its stored JSON bytes, to `sink`; returns how many.
+    /// Streams each matching resource, as its stored JSON bytes, to `sink`: every one, or (past
+    /// `pause_after`) those up to a point a later scan resumes from.
     fn scan(
         &self,
         request: &ScanRequest<'_>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
-    ) -> Result<u64, ScanError>;
+    ) -> Result<Scanned, ScanError>;
 }

@@ -121,6 +121,8 @@ fn count(
         after_id: None,
         type_filters: &[],
         rows: RowRange::default(),
+        resume: None,
+        pause_after: None,
     })
 }
 

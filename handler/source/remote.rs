@@ -30,7 +30,8 @@ use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::{
-    Part, PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest, SinkError, SourceError,
+    Cursor, Part, PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest, Scanned,
+    SinkError, SourceError,
 };
 use crate::fhir::compartment::{compartment_search_params, patient_ids};
 use crate::fhir::is_resource_type;
@@ -247,6 +248,9 @@ impl Search {
 enum Read {
     /// Every page; the ids seen.
     Whole(HashSet<String>),
+    /// Paused (a time-boxed shard): every resource last updated up to this instant was passed on,
+    /// none after it.
+    Paused(DateTime<Utc>),
     /// The server refused a later page (an offset or page limit) after this many resources.
     Refused { after: u64, reason: SourceError },
 }
@@ -289,6 +293,22 @@ struct Identity {
     #[serde(rename = "resourceType")]
     resource_type: String,
     id: Option<String>,
+    meta: Option<Meta>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(rename = "lastUpdated")]
+    last_updated: Option<String>,
+}
+
+impl Identity {
+    fn last_updated(&self) -> Option<DateTime<Utc>> {
+        let text = self.meta.as_ref()?.last_updated.as_deref()?;
+        DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|at| at.with_timezone(&Utc))
+    }
 }
 
 /// A `Retry-After` value: seconds, or an HTTP date (the wait until then, none if it has passed).
@@ -307,10 +327,14 @@ fn instant(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// The scan's `meta.lastUpdated` window.
+/// The scan's `meta.lastUpdated` window (after where a paused scan stopped).
 fn window(request: &ScanRequest<'_>) -> Window {
+    let resumed = match request.resume {
+        Some(Cursor::LastUpdated { instant }) => Some(*instant),
+        _ => None,
+    };
     Window {
-        after: request.since,
+        after: request.since.max(resumed),
         upto: request.until.min(request.snapshot),
     }
 }
@@ -726,11 +750,24 @@ impl ResourceSource for RemoteServer {
 
     /// Pages are fetched on the runtime (the next one while this one is written); the sink runs
     /// here, on the calling blocking thread.
+    /// A time-boxed scan pauses where the resources read so far are known whole: at a change of
+    /// `lastUpdated` in a read sorted by it, when the server counts as many up to there as were
+    /// read. Only a scan of one search pauses (several overlap, and what one passed on would come
+    /// again from another after the pause); else, or where no such point is found, it reads on.
     fn scan(
         &self,
         request: &ScanRequest<'_>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
-    ) -> Result<u64, ScanError> {
+    ) -> Result<Scanned, ScanError> {
+        if matches!(
+            request.resume,
+            Some(Cursor::Rowid { .. } | Cursor::Id { .. })
+        ) {
+            return Err(SourceError::Unsupported(
+                "a FHIR server cannot resume a scan paused by the embedded store".into(),
+            )
+            .into());
+        }
         let inner = &self.0;
         let access = match request.scope {
             PatientScope::Only(_) => inner
@@ -770,14 +807,39 @@ impl ResourceSource for RemoteServer {
             count += 1;
             Ok(())
         };
-        for search in inner.searches(request, &access) {
-            self.read_verified(request, &search, window(request), None, &mut accept)?;
+        let searches = inner.searches(request, &access);
+        let pause_after = request.pause_after.filter(|_| searches.len() == 1);
+        for search in searches {
+            let read = Reading {
+                request,
+                search: &search,
+                pause_after,
+                furthest: Default::default(),
+            };
+            if let Some(instant) = self.read_verified(&read, window(request), None, &mut accept)? {
+                return Ok(Scanned {
+                    count,
+                    paused: Some(Cursor::LastUpdated { instant }),
+                });
+            }
         }
-        Ok(count)
+        Ok(Scanned::whole(count))
     }
 }
 
 type Accept<'a> = dyn FnMut(&str, &RawValue) -> Result<(), ScanError> + 'a;
+
+/// One search of a scan being read.
+struct Reading<'a> {
+    request: &'a ScanRequest<'a>,
+    search: &'a Search,
+    /// Past this instant, pause where the read can resume (see `scan`).
+    pause_after: Option<std::time::Instant>,
+    /// The latest `lastUpdated` passed on by any read of the search so far: a pause comes no
+    /// earlier (an earlier read that went further passed on resources a continuation would read
+    /// again).
+    furthest: std::cell::Cell<Option<DateTime<Utc>>>,
+}
 
 impl RemoteServer {
     /// Reads one search in `window` until a read is known whole: counted the same before and
@@ -787,15 +849,16 @@ impl RemoteServer {
     /// every offset behind it). Either way the search is read again (what was already passed on
     /// is not passed twice), and after `MAX_PASSES` the shard fails. `limit`: what the server
     /// pages at most in one search (known after it refused more); a wider window is halved first.
+    /// `Some(instant)`: the read paused there.
     fn read_verified(
         &self,
-        request: &ScanRequest<'_>,
-        search: &Search,
+        read: &Reading<'_>,
         window: Window,
         limit: Option<u64>,
         accept: &mut Accept<'_>,
-    ) -> Result<(), ScanError> {
+    ) -> Result<Option<DateTime<Utc>>, ScanError> {
         let inner = &self.0;
+        let search = read.search;
         let count = |window: &Window| {
             inner
                 .runtime
@@ -809,24 +872,25 @@ impl RemoteServer {
             let before = count(&window)?;
             if before == Some(0) {
                 // A window's matches only shrink while it is read: nothing to read.
-                return Ok(());
+                return Ok(None);
             }
             if let (Some(limit), Some(before)) = (limit, before) {
                 if before > limit {
-                    return self.read_halves(request, search, window, limit, None, accept);
+                    return self.read_halves(read, window, limit, None, accept);
                 }
             }
-            let seen = match self.read_pages(request, search, &window, accept)? {
+            let seen = match self.read_pages(read, &window, before, accept)? {
                 Read::Whole(seen) => seen,
+                Read::Paused(instant) => return Ok(Some(instant)),
                 Read::Refused { after, reason } => {
                     let limit = after.max(1);
-                    return self.read_halves(request, search, window, limit, Some(reason), accept);
+                    return self.read_halves(read, window, limit, Some(reason), accept);
                 }
             };
             let after = count(&window)?;
             let (Some(before), Some(after)) = (before, after) else {
                 // A server that counts nothing cannot be checked.
-                return Ok(());
+                return Ok(None);
             };
             let seen_in_pass = seen.len() as u64;
             if before == after {
@@ -838,7 +902,7 @@ impl RemoteServer {
                     _ => seen,
                 };
                 if union.len() as u64 >= after {
-                    return Ok(());
+                    return Ok(None);
                 }
                 streak = Some((after, union));
             } else {
@@ -862,13 +926,13 @@ impl RemoteServer {
     /// The window read as two halves, each at most `limit` resources per search.
     fn read_halves(
         &self,
-        request: &ScanRequest<'_>,
-        search: &Search,
+        read: &Reading<'_>,
         window: Window,
         limit: u64,
         refusal: Option<SourceError>,
         accept: &mut Accept<'_>,
-    ) -> Result<(), ScanError> {
+    ) -> Result<Option<DateTime<Utc>>, ScanError> {
+        let search = read.search;
         let Some(halves) = window.halves() else {
             let why = refusal.map(|e| format!(": {e}")).unwrap_or_default();
             return Err(SourceError::Remote(format!(
@@ -881,21 +945,28 @@ impl RemoteServer {
             tracing::warn!(%refusal, limit, "FHIR source refused to page further; reading the window in parts");
         }
         for half in halves {
-            self.read_verified(request, search, half, Some(limit), accept)?;
+            if let Some(paused) = self.read_verified(read, half, Some(limit), accept)? {
+                return Ok(Some(paused));
+            }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// One read of a search, every page, each resource of the type to `accept`.
+    /// `counted`: the window's count before this read (`None`: unknown, and the read cannot
+    /// pause).
     fn read_pages(
         &self,
-        request: &ScanRequest<'_>,
-        search: &Search,
+        read: &Reading<'_>,
         window: &Window,
+        counted: Option<u64>,
         accept: &mut Accept<'_>,
     ) -> Result<Read, ScanError> {
         let inner = &self.0;
+        let (request, search) = (read.request, read.search);
         let mut seen: HashSet<String> = HashSet::new();
+        let mut pause = PausePoint::default();
+        let mut pages = 0;
         let first = |sort: usize| search.url(window, SORTS[sort]);
         let mut sort = inner.sort.load(Ordering::Relaxed);
         let mut pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first(sort))));
@@ -923,6 +994,8 @@ impl RemoteServer {
                 other => other?,
             };
             first_page = false;
+            pages += 1;
+            pause.checked_on_page = false;
             let page = parse_page(&url, &body)?;
             if let Some(next) = next_link(&url, &page)? {
                 pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), next)));
@@ -945,6 +1018,7 @@ impl RemoteServer {
                 if identity.resource_type != request.resource_type {
                     continue;
                 }
+                let last_updated = identity.last_updated();
                 let Some(id) = identity.id else {
                     return Err(SourceError::Remote(format!(
                         "{url}: a {} without an id",
@@ -952,11 +1026,103 @@ impl RemoteServer {
                     ))
                     .into());
                 };
+                // Not on a read's first page: a run reads at least a page, however short its box.
+                if read
+                    .pause_after
+                    .is_some_and(|at| std::time::Instant::now() >= at)
+                    && SORTS[sort].starts_with("_lastUpdated")
+                    && pages > 1
+                    && counted.is_some()
+                {
+                    // A window's matches only leave it (an update moves a resource past the
+                    // snapshot): the same count as before the read means none left, so the
+                    // resources up to the pause are those read when the server counts as many.
+                    let count_up_to = |upto| {
+                        let whole = inner
+                            .runtime
+                            .block_on(inner.total(&search.count_url(window)))?;
+                        if whole != counted {
+                            return Ok(None);
+                        }
+                        let part = Window {
+                            after: window.after,
+                            upto,
+                        };
+                        inner
+                            .runtime
+                            .block_on(inner.total(&search.count_url(&part)))
+                    };
+                    if pause.last >= read.furthest.get() {
+                        if let Some(instant) =
+                            pause.before(last_updated, count_up_to, seen.len() as u64)?
+                        {
+                            return Ok(Read::Paused(instant));
+                        }
+                    }
+                }
+                pause.read(last_updated);
+                read.furthest.set(read.furthest.get().max(last_updated));
                 accept(&id, resource)?;
                 seen.insert(id);
             }
         }
         Ok(Read::Whole(seen))
+    }
+}
+
+/// Where a read sorted by `_lastUpdated` may pause.
+#[derive(Default)]
+struct PausePoint {
+    /// The instant of the last resource read; `None` before the first.
+    last: Option<DateTime<Utc>>,
+    /// The order broke (or a resource had no `lastUpdated`): this read cannot pause.
+    unordered: bool,
+    /// The server's count of the read part was asked on this page (once a page at most).
+    checked_on_page: bool,
+}
+
+impl PausePoint {
+    fn read(&mut self, last_updated: Option<DateTime<Utc>>) {
+        match (self.last, last_updated) {
+            (_, None) => self.unordered = true,
+            (Some(last), Some(next)) if next < last => {
+                if !self.unordered {
+                    tracing::info!("FHIR source: the pages are not in lastUpdated order; this shard cannot pause");
+                }
+                self.unordered = true;
+            }
+            _ => {}
+        }
+        self.last = last_updated.or(self.last);
+    }
+
+    /// Before a resource last updated at `next`: the instant to pause at, when everything read so
+    /// far (`read` resources) was last updated before `next` and the server counts exactly `read`
+    /// up to then (`count_read_part` of the window up to an instant).
+    fn before(
+        &mut self,
+        next: Option<DateTime<Utc>>,
+        count_read_part: impl FnOnce(DateTime<Utc>) -> Result<Option<u64>, SourceError>,
+        read: u64,
+    ) -> Result<Option<DateTime<Utc>>, SourceError> {
+        let (Some(last), Some(next)) = (self.last, next) else {
+            return Ok(None);
+        };
+        if self.unordered || self.checked_on_page || next <= last {
+            return Ok(None);
+        }
+        self.checked_on_page = true;
+        match count_read_part(last)? {
+            Some(counted) if counted == read => Ok(Some(last)),
+            counted => {
+                tracing::info!(
+                    ?counted,
+                    read,
+                    "FHIR source: the part read is not yet known whole; reading on before pausing"
+                );
+                Ok(None)
+            }
+        }
     }
 }
 

@@ -65,6 +65,12 @@ impl RollingNdjsonWriter {
         }
     }
 
+    /// Numbers the files after `files` already written (by the runs of a shard that paused).
+    pub fn numbered_after(mut self, files: usize) -> Self {
+        self.file_number = files as u32;
+        self
+    }
+
     /// Appends one resource (compact JSON, no newline) as a line.
     pub fn push(&mut self, resource: &[u8]) -> Result<(), StorageError> {
         let line_bytes = resource.len() as u64 + 1;

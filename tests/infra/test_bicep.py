@@ -161,6 +161,22 @@ def test_service_bus_takes_entra_tokens_only_and_dead_letters():
                 assert binding["connection"] == "ServiceBusConnection", function_json
 
 
+def test_a_shard_run_stops_well_before_the_function_timeout_and_before_it_is_taken_for_stale():
+    """The host restarts the whole handler at functionTimeout: each run of a shard pauses at
+    EXPORT_SHARD_MAX_SECS, 80% of it, and a run is not taken for silent (stale) before then."""
+    host = json.loads((ROOT / "host.json").read_text())
+    hours, minutes, seconds = (int(part) for part in host["functionTimeout"].split(":"))
+    timeout = hours * 3600 + minutes * 60 + seconds
+    params = parsed("main.bicep")["parameters"]
+    assert params["shardMaxSecs"]["default"] == timeout * 8 // 10
+    handler, _, _ = app_settings()
+    assert "EXPORT_SHARD_MAX_SECS" in handler
+    assert params["staleAfterSecs"]["default"] > params["shardMaxSecs"]["default"]
+    lock_renewal = host["extensions"]["serviceBus"]["maxAutoLockRenewalDuration"]
+    hours, minutes, seconds = (int(part) for part in lock_renewal.split(":"))
+    assert hours * 3600 + minutes * 60 + seconds >= timeout, "a message's lock outlives its run"
+
+
 def test_app_settings_hold_no_connection_string_key_or_sas():
     handler, host, module = app_settings()
     everything = {**handler, **host, **module}

@@ -335,36 +335,6 @@ fn gzipped(
     tokio_util::io::ReaderStream::with_capacity(encoder, 256 << 10)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gzip_is_taken_when_the_client_lists_it_or_any_coding_with_a_weight() {
-        let accepts = |values: &[&str]| {
-            let mut headers = warp::http::HeaderMap::new();
-            for value in values {
-                headers.append(header::ACCEPT_ENCODING, value.parse().unwrap());
-            }
-            accepts_gzip(&headers)
-        };
-        assert!(accepts(&["gzip"]));
-        assert!(accepts(&["br, GZIP;q=0.5"]));
-        assert!(accepts(&["deflate", "gzip"]));
-        assert!(accepts(&["*"]));
-        assert!(accepts(&["x-gzip"]));
-        assert!(!accepts(&[]));
-        assert!(!accepts(&["identity"]));
-        assert!(!accepts(&["gzip;q=0"]));
-        assert!(
-            !accepts(&["gzip;q=0.0, *"]),
-            "gzip refused by name, whatever * says"
-        );
-        assert!(!accepts(&["*;q=0"]));
-        assert!(!accepts(&["gzip;q=nonsense"]));
-    }
-}
-
 enum FileType<'a> {
     /// The request's notes (`OperationOutcome-1.ndjson`): the owner's whatever its scopes.
     Notes,
@@ -418,4 +388,34 @@ fn limit_to_readable(caller: Option<&Caller>, export: &mut ExportRequest) -> Res
 /// A job the caller may see: with tokens checked, only its owner's.
 fn visible(job: &crate::export::jobs::Job, caller: Option<&Caller>) -> bool {
     caller.is_none_or(|caller| job.owner.as_deref() == Some(caller.owner.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_is_taken_when_the_client_lists_it_or_any_coding_with_a_weight() {
+        let accepts = |values: &[&str]| {
+            let mut headers = warp::http::HeaderMap::new();
+            for value in values {
+                headers.append(header::ACCEPT_ENCODING, value.parse().unwrap());
+            }
+            accepts_gzip(&headers)
+        };
+        assert!(accepts(&["gzip"]));
+        assert!(accepts(&["br, GZIP;q=0.5"]));
+        assert!(accepts(&["deflate", "gzip"]));
+        assert!(accepts(&["*"]));
+        assert!(accepts(&["x-gzip"]));
+        assert!(!accepts(&[]));
+        assert!(!accepts(&["identity"]));
+        assert!(!accepts(&["gzip;q=0"]));
+        assert!(
+            !accepts(&["gzip;q=0.0, *"]),
+            "gzip refused by name, whatever * says"
+        );
+        assert!(!accepts(&["*;q=0"]));
+        assert!(!accepts(&["gzip;q=nonsense"]));
+    }
 }

@@ -765,3 +765,91 @@ async fn a_file_asked_for_gzip_comes_compressed_and_decompresses_to_the_same_byt
         "{wire_bytes} of {plain_bytes}"
     );
 }
+
+/// Bulk Data STU3 `Prefer: separate-export-status`: the kickoff says it applied it, and each poll
+/// that reaches the export answers 200 with the export's own status in `X-Export-Status` (202 while
+/// it runs, then 200 with the manifest); without it, polls answer as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_export_status_puts_the_exports_status_in_a_header() {
+    let store = sample_store();
+    let exports = tempfile::tempdir().unwrap();
+    let client = client();
+    let kickoff_with = |base: String, prefer: &'static str| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .get(format!("{base}/$export?_type=Patient"))
+                .header("Accept", "application/fhir+json")
+                .header("Prefer", prefer)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+            let applied = response.headers()["preference-applied"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let location = response.headers()["content-location"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (location, applied)
+        }
+    };
+    // No workers: the exports wait, running.
+    let waiting = start_with_exports(&store, exports.path(), tempfile::tempdir().unwrap(), |s| {
+        s.workers = 0
+    })
+    .await;
+    let (separate, applied) = kickoff_with(
+        waiting.base.clone(),
+        "respond-async, separate-export-status",
+    )
+    .await;
+    assert_eq!(applied, "respond-async, separate-export-status");
+    let (plain, applied) = kickoff_with(waiting.base.clone(), "respond-async").await;
+    assert_eq!(applied, "respond-async");
+    let (_, applied) = kickoff_with(
+        waiting.base.clone(),
+        "handling=lenient, respond-async, separate-export-status",
+    )
+    .await;
+    assert_eq!(
+        applied,
+        "respond-async, handling=lenient, separate-export-status"
+    );
+
+    let running = client.get(&separate).send().await.unwrap();
+    assert_eq!(running.status(), 200);
+    assert_eq!(running.headers()["x-export-status"], "202");
+    assert!(running.headers().contains_key("x-progress"));
+    assert!(running.headers().contains_key("retry-after"));
+    assert!(running.bytes().await.unwrap().is_empty());
+    let running = client.get(&plain).send().await.unwrap();
+    assert_eq!(running.status(), 202);
+    assert!(!running.headers().contains_key("x-export-status"));
+    let unknown = separate.replace(&separate[separate.len() - 32..], &"0".repeat(32));
+    assert_eq!(client.get(&unknown).send().await.unwrap().status(), 404);
+    let old_base = waiting.base.clone();
+    drop(waiting);
+
+    // A service with workers on the same storage finishes them.
+    let working =
+        start_with_exports(&store, exports.path(), tempfile::tempdir().unwrap(), |_| {}).await;
+    let separate = separate.replace(&old_base, &working.base);
+    let manifest = loop {
+        let answer = client.get(&separate).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        if answer.headers()["x-export-status"] == "200" {
+            break answer.json::<Value>().await.unwrap();
+        }
+        assert_eq!(answer.headers()["x-export-status"], "202");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(manifest["output"][0]["type"], "Patient");
+    let plain = plain.replace(&old_base, &working.base);
+    assert_eq!(
+        wait_for_manifest(&client, &plain).await["output"][0]["type"],
+        "Patient"
+    );
+}

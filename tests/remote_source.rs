@@ -420,6 +420,32 @@ async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
         text.contains("refused access (401") && text.contains("token missing"),
         "{text}"
     );
+
+    // With `Prefer: separate-export-status` the poll itself succeeds: 200, and the export's 502
+    // in `X-Export-Status`, with the same OperationOutcome.
+    let response = client
+        .get(format!("{}/$export", b.base))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async, separate-export-status")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let answer = loop {
+        let answer = client.get(&status_url).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        if answer.headers()["x-export-status"] != "202" {
+            break answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(answer.headers()["x-export-status"], "502");
+    let outcome: Value = answer.json().await.unwrap();
+    assert!(outcome.to_string().contains("token missing"), "{outcome}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

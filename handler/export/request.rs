@@ -57,6 +57,10 @@ pub struct ExportRequest {
     pub patients: Option<Vec<String>>,
     /// Unsupported parameters turned into manifest notes by `Prefer: handling=lenient`.
     pub notes: Vec<String>,
+    /// `Prefer: separate-export-status` (Bulk Data 3.0.0): a status poll answers 200 when the
+    /// poll itself succeeds, and the export's own status in `X-Export-Status`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub separate_export_status: bool,
 }
 
 /// A rejected kickoff: HTTP 400 with a message naming the parameter or header.
@@ -81,6 +85,11 @@ fn invalid(parameter: &str, message: impl Into<String>) -> RequestError {
 pub struct KickoffHeaders<'a> {
     pub accept: Option<&'a str>,
     pub prefer: Option<&'a str>,
+}
+
+/// Whether `Prefer` asks for `separate-export-status` (Bulk Data 3.0.0).
+pub fn wants_separate_status(prefer: Option<&str>) -> bool {
+    prefer_tokens(prefer).any(|token| token.eq_ignore_ascii_case("separate-export-status"))
 }
 
 /// Whether `Prefer` asks for `handling=lenient`.
@@ -162,6 +171,7 @@ impl ExportRequest {
             elements: Vec::new(),
             patients: None,
             notes: Vec::new(),
+            separate_export_status: false,
         };
         let mut seen_until = None::<String>;
         let mut filter_bytes = 0;

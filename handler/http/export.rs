@@ -11,7 +11,7 @@ use super::{
 use crate::auth::{AuthError, Caller};
 use crate::config::FileUrls;
 use crate::export::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
-use crate::export::request::{check_headers, is_lenient, KickoffHeaders};
+use crate::export::request::{check_headers, is_lenient, wants_separate_status, KickoffHeaders};
 use crate::export::{kickoff, ExportRequest, Level};
 use crate::fault::Fault;
 use crate::fhir::IssueType;
@@ -46,6 +46,7 @@ pub async fn kickoff(
         is_lenient(prefer),
         request.method == Method::POST,
     )?;
+    export.separate_export_status = wants_separate_status(prefer);
     limit_to_readable(caller, &mut export)?;
     let base = base_url(api, request);
     let request_url = match request.query.is_empty() {
@@ -53,19 +54,35 @@ pub async fn kickoff(
         false => format!("{base}{}?{}", request.path, request.query),
     };
     let owner = caller.map(|c| c.owner.clone());
+    let applied = preferences_applied(&export, is_lenient(prefer));
     let job = kickoff::start(&api.exports, export, request_url, base.clone(), owner).await?;
     let mut response = empty_accepted();
     let location = format!("{base}/_operations/export/{}", job.id);
-    response
-        .headers_mut()
-        .insert(header::CONTENT_LOCATION, header_value(&location));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LOCATION, header_value(&location));
+    headers.insert("preference-applied", header_value(&applied));
     Ok(response)
+}
+
+/// The `Prefer` tokens this kickoff honours (RFC 7240 `Preference-Applied`).
+fn preferences_applied(export: &ExportRequest, lenient: bool) -> String {
+    let mut applied = vec!["respond-async"];
+    if lenient {
+        applied.push("handling=lenient");
+    }
+    if export.separate_export_status {
+        applied.push("separate-export-status");
+    }
+    applied.join(", ")
 }
 
 fn unknown_job(id: &str) -> ApiError {
     ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"))
 }
 
+/// A status poll. With `Prefer: separate-export-status` at kickoff, a poll that reaches the export
+/// answers 200, and the export's own status (202 running, 200 complete, 4xx/5xx failed) goes in
+/// `X-Export-Status`; an unknown export is still a 404, the poll's own failure.
 pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
     let unknown = || unknown_job(id);
     if !is_job_id(id) {
@@ -78,6 +95,27 @@ pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
         .await?
         .filter(|(job, _)| visible(job, caller))
         .ok_or_else(unknown)?;
+    if !job.request.separate_export_status || job.status == JobStatus::Cancelled {
+        return export_status(api, job).await;
+    }
+    let mut response = match export_status(api, job).await {
+        Ok(response) => response,
+        Err(error) if error.status == StatusCode::NOT_FOUND => return Err(error),
+        Err(error) => super::outcome_response(&error),
+    };
+    let export_status = response.status();
+    *response.status_mut() = StatusCode::OK;
+    response
+        .headers_mut()
+        .insert("x-export-status", HeaderValue::from(export_status.as_u16()));
+    Ok(response)
+}
+
+/// The export's own status, as a Bulk Data status answer.
+async fn export_status(api: &Api, job: crate::export::jobs::Job) -> Result<Response, ApiError> {
+    let id = job.id.clone();
+    let id = id.as_str();
+    let unknown = || unknown_job(id);
     match job.status {
         JobStatus::Cancelled => Err(unknown()),
         JobStatus::Failed => Err(ApiError::of_fault(

@@ -285,6 +285,32 @@ async fn time_boxed_shards_pause_where_the_server_counts_them_whole_and_lose_not
         eprintln!("{switches:?}: {} Observations in {files} files", got.len());
         assert_eq!(files > 1, pauses, "{switches:?}: {files} files");
     }
+
+    // A Group's compartment takes several searches, which overlap: such a shard reads on to its
+    // end, and gives what the embedded store gives.
+    let data = dataset();
+    let medplum = Medplum::start(&data.ndjson, &[]);
+    let remote = start_time_boxed(&medplum.base, time_box).await;
+    let embedded = start(&data.store, |_| {}).await;
+    let client = client();
+    let path = format!("/Group/{}/$export", data.group_id);
+    let expected = ids(
+        &client,
+        &run(&client, &format!("{}{path}", embedded.base), None).await,
+    )
+    .await;
+    let got = ids(
+        &client,
+        &run(&client, &format!("{}{path}", remote.base), None).await,
+    )
+    .await;
+    assert!(total(&expected) > 1000, "{}", total(&expected));
+    assert!(
+        got == expected,
+        "Group: {} from Medplum, {} from the store",
+        total(&got),
+        total(&expected)
+    );
 }
 
 /// Before: pages without a `next` link ended the read at the first page, and the export answered

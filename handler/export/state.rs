@@ -411,6 +411,59 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_queues_the_shard_at_its_cursor_and_restarts_the_cap() {
+        let file = |n: u64| OutputFile {
+            resource_type: "Patient".into(),
+            path: format!("f/Patient-{n}.ndjson"),
+            count: n,
+            bytes: n,
+        };
+        let cursor = Cursor::Rowid { rowid: 41 };
+        // Only the attempt that holds the shard pauses it.
+        for (status, attempts, attempt) in [(Running, 2, 1), (Queued, 2, 2), (Done, 2, 2)] {
+            let mut found = state(status, attempts, 0);
+            let before = found.clone();
+            assert_eq!(
+                written(pause(&mut found, attempt, &cursor, &[file(1)], at(5))),
+                (false, false)
+            );
+            assert_eq!(found, before);
+        }
+        let mut found = state(Running, 3, 0);
+        found.outputs = vec![file(1)];
+        assert_eq!(
+            written(pause(&mut found, 3, &cursor, &[file(2)], at(5))),
+            (true, true)
+        );
+        assert_eq!(found.status, Queued);
+        assert_eq!(found.outputs, vec![file(1), file(2)]);
+        assert_eq!(found.cursor, Some(cursor.clone()));
+        assert_eq!((found.paused_at_attempt, found.heartbeat), (3, at(5)));
+        // Three runs begun, the cap, yet the next is claimed: the paused run made progress.
+        assert_eq!(found.runs_since_progress(), 0);
+        assert_eq!(
+            written(claim(&mut found, at(6), &TIMING)),
+            (true, Claim::Run(4))
+        );
+        // Its failures count from the pause: a first failure waits the first retry's delay.
+        let failure = fail(
+            &mut found,
+            "shard 0 (Patient)",
+            4,
+            "boom",
+            at(7),
+            &TIMING,
+            1.0,
+        );
+        assert_eq!(written(failure), (true, Failure::RetryAt(at(17))));
+        // Finishing appends its files to those of the paused runs, and forgets the cursor.
+        found.status = Running;
+        assert_eq!(written(finish(&mut found, &[file(3)])), (true, true));
+        assert_eq!(found.outputs, vec![file(1), file(2), file(3)]);
+        assert_eq!(found.cursor, None);
+    }
+
+    #[test]
     fn fail_table() {
         let now = 100;
         let cases = [

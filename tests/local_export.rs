@@ -852,4 +852,19 @@ async fn separate_export_status_puts_the_exports_status_in_a_header() {
         wait_for_manifest(&client, &plain).await["output"][0]["type"],
         "Patient"
     );
+
+    // The CapabilityStatement names what of each IG version the server does.
+    let statement = get_json(&client, &format!("{}/metadata", working.base)).await;
+    let documentation = statement["rest"][0]["documentation"].as_str().unwrap();
+    for feature in [
+        "STU3 (3.0.0)",
+        "separate-export-status",
+        "Accept-Encoding: gzip",
+        "_typeFilter",
+    ] {
+        assert!(
+            documentation.contains(feature),
+            "{feature}: {documentation}"
+        );
+    }
 }

@@ -11,6 +11,12 @@ const EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export
 const PATIENT_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
 const GROUP_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 
+const TYPE_FILTER_NOTE: &str = "_typeFilter supports, on every type, _id and _lastUpdated, and per type the searchParam entries listed; modifiers :missing, :not, :text (token), :exact, :contains (string); date prefixes eq ne gt lt ge le sa eb ap.";
+
+/// What of each Bulk Data IG version the server does (clients of STU1 and STU2 never send what
+/// STU3 added, and see no change).
+const IG_FEATURES_NOTE: &str = "Bulk Data IG: STU1/STU2 (1.0, 2.0) $export at system, Patient and Group level with _type, _since, _typeFilter, _elements, patient, includeAssociatedData refused; STU3 (3.0.0) _until, Prefer: separate-export-status (X-Export-Status), gzip-compressed downloads (Accept-Encoding: gzip); not yet: allowPartialManifests, organizeOutputBy.";
+
 /// Scopes a client may ask for: SMART v1 and v2 read scopes, for all types or one (`Patient` shown).
 const SCOPES: &[&str] = &[
     "system/*.read",
@@ -74,7 +80,7 @@ pub fn capability_statement(base_url: &str, token_endpoint: Option<&str>) -> Vec
         "format": ["application/fhir+json"],
         "rest": [{
             "mode": "server",
-            "documentation": "_typeFilter supports, on every type, _id and _lastUpdated, and per type the searchParam entries listed; modifiers :missing, :not, :text (token), :exact, :contains (string); date prefixes eq ne gt lt ge le sa eb ap.",
+            "documentation": format!("{TYPE_FILTER_NOTE} {IG_FEATURES_NOTE}"),
             "resource": resources,
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             "operation": [{"name": "export", "definition": EXPORT}]

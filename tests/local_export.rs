@@ -777,13 +777,8 @@ async fn separate_export_status_puts_the_exports_status_in_a_header() {
     let kickoff_with = |base: String, prefer: &'static str| {
         let client = client.clone();
         async move {
-            let response = client
-                .get(format!("{base}/$export?_type=Patient"))
-                .header("Accept", "application/fhir+json")
-                .header("Prefer", prefer)
-                .send()
-                .await
-                .unwrap();
+            let url = format!("{base}/$export?_type=Patient");
+            let response = kickoff_preferring(&client, &url, prefer).await;
             assert_eq!(response.status(), 202);
             let applied = response.headers()["preference-applied"]
                 .to_str()

@@ -423,13 +423,9 @@ async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
 
     // With `Prefer: separate-export-status` the poll itself succeeds: 200, and the export's 502
     // in `X-Export-Status`, with the same OperationOutcome.
-    let response = client
-        .get(format!("{}/$export", b.base))
-        .header("Accept", "application/fhir+json")
-        .header("Prefer", "respond-async, separate-export-status")
-        .send()
-        .await
-        .unwrap();
+    let url = format!("{}/$export", b.base);
+    let response =
+        common::kickoff_preferring(&client, &url, "respond-async, separate-export-status").await;
     assert_eq!(response.status(), 202);
     let status_url = response.headers()["content-location"]
         .to_str()

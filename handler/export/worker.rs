@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use super::jobs::{Job, JobError, JobStatus, Versioned};
+use super::jobs::{Change, Job, JobError, JobStatus, Versioned};
 use super::state::{self, Beat, Claim, Failure, ShardState, ShardStatus};
 use super::{manifest, ExportError, Exports};
 use crate::fhir::elements::subset;
@@ -157,16 +157,10 @@ async fn run_claimed(
     };
     let latest = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(cursor) = &written.paused {
-        let (paused, _) = exports
-            .jobs
-            .update_shard_from(
-                &job.id,
-                task.shard,
-                Some(latest),
-                &job.unclaimed_shard(),
-                |shard| state::pause(shard, attempt, cursor, &written.files, Utc::now()),
-            )
-            .await?;
+        let (paused, _) = record_run_end(exports, &job, task.shard, latest, |shard| {
+            state::pause(shard, attempt, cursor, &written.files, Utc::now())
+        })
+        .await?;
         if !paused {
             return Err(ExportError::Superseded(job.id.clone()));
         }
@@ -183,22 +177,32 @@ async fn run_claimed(
         );
         return Ok(());
     }
-    let (_, done) = exports
-        .jobs
-        .update_shard_from(
-            &job.id,
-            task.shard,
-            Some(latest),
-            &job.unclaimed_shard(),
-            |shard| state::finish(shard, &written.files),
-        )
-        .await?;
+    let (_, done) = record_run_end(exports, &job, task.shard, latest, |shard| {
+        state::finish(shard, &written.files)
+    })
+    .await?;
     if attempt > 1 {
         remove_stale_files(exports, &job, task.shard, &done.document.outputs).await?;
     }
     crate::crashpoint::reached("shard-done");
     exports.jobs.mark_done(&job.id, task.shard).await?;
     finalize(exports, &job).await
+}
+
+/// Writes how a run ended (paused or finished) into the shard's state, from the version this
+/// worker last wrote.
+async fn record_run_end(
+    exports: &Exports,
+    job: &Job,
+    shard: usize,
+    latest: Versioned<ShardState>,
+    end: impl FnMut(&mut ShardState) -> Change<bool>,
+) -> Result<(bool, Versioned<ShardState>), JobError> {
+    let unclaimed = job.unclaimed_shard();
+    exports
+        .jobs
+        .update_shard_from(&job.id, shard, Some(latest), &unclaimed, end)
+        .await
 }
 
 /// Where a shard's run starts: after the cursor its last paused run left, numbering its files

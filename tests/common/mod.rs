@@ -240,10 +240,19 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> Value {
 }
 
 pub async fn kickoff(client: &reqwest::Client, url: &str) -> reqwest::Response {
+    kickoff_preferring(client, url, "respond-async").await
+}
+
+/// A GET kickoff with this `Prefer` header.
+pub async fn kickoff_preferring(
+    client: &reqwest::Client,
+    url: &str,
+    prefer: &str,
+) -> reqwest::Response {
     client
         .get(url)
         .header("Accept", "application/fhir+json")
-        .header("Prefer", "respond-async")
+        .header("Prefer", prefer)
         .send()
         .await
         .unwrap()

@@ -1,5 +1,6 @@
 //! `cargo bench`: import and export figures at 1x, 10x and 100x the Synthea sample (made with
-//! `handler synth`), next to the time `cat` takes to copy the exported bytes on the same disk.
+//! `handler synth`), next to the time `cat` takes to copy the exported bytes on the same disk; then
+//! every file downloaded over HTTP, plain and gzip-compressed.
 //!
 //! `BENCH_COPIES=1,10` picks the sizes (default `1,10,100`); `BENCH_DIR` the scratch folder
 //! (default a temp folder; 100x needs about 15 GB). Without `../shared` the source is generated data.
@@ -75,6 +76,7 @@ struct Figures {
     busy_kickoff_p99_ms: f64,
     busy_kickoffs: usize,
     files: Vec<PathBuf>,
+    urls: Vec<String>,
 }
 
 async fn export(base: &str, exports: &Path) -> Figures {
@@ -124,10 +126,12 @@ async fn export(base: &str, exports: &Path) -> Figures {
     latencies.sort_by(f64::total_cmp);
     kickoffs.sort_by(f64::total_cmp);
     let mut files = Vec::new();
+    let mut urls = Vec::new();
     let (mut resources, mut bytes) = (0, 0);
     for output in manifest["output"].as_array().unwrap() {
         resources += output["count"].as_u64().unwrap();
         let url = output["url"].as_str().unwrap();
+        urls.push(url.to_string());
         let path = exports.join(url.split("/_exports/").nth(1).unwrap());
         bytes += std::fs::metadata(&path).unwrap().len();
         files.push(path);
@@ -142,7 +146,29 @@ async fn export(base: &str, exports: &Path) -> Figures {
         busy_kickoff_p99_ms: percentile(&kickoffs, 0.99),
         busy_kickoffs: kickoffs.len(),
         files,
+        urls,
     }
+}
+
+/// Downloads every file of the export over HTTP, one after another, plain or asking for gzip:
+/// the bytes on the wire and the seconds.
+async fn download_all(urls: &[String], gzip: bool) -> (u64, f64) {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut bytes = 0;
+    for url in urls {
+        let mut request = client.get(url);
+        if gzip {
+            request = request.header("accept-encoding", "gzip");
+        }
+        let mut response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers().contains_key("content-encoding"), gzip);
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            bytes += chunk.len() as u64;
+        }
+    }
+    (bytes, started.elapsed().as_secs_f64())
 }
 
 /// Writes every dirty page to disk, so that a measured step does not pay for the writeback of the
@@ -227,6 +253,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let mut downloads = Vec::new();
     for n in copies {
         let dir = scratch.path().join(format!("x{n}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -292,6 +319,9 @@ fn main() {
         }
         let figures = runtime.block_on(export(&base, &exports));
         let serve_rss = peak_rss_mb(serve.0.id());
+        let plain = runtime.block_on(download_all(&figures.urls, false));
+        let gzip = runtime.block_on(download_all(&figures.urls, true));
+        downloads.push((n, plain, gzip));
         drop(serve);
         settle();
         let cat_s = cat_seconds(&figures.files, &dir);
@@ -323,4 +353,25 @@ fn main() {
     println!("reload/s: the same files imported again into the store they filled (all unchanged);");
     println!("RSS in MB (peak); ratio = export time / cat time of the same bytes; status p99 in ms over (n) polls during the export;");
     println!("kick p99 in ms over (n) kickoffs of a small export (Patient, _since the start) made during it, one after every other poll");
+    println!();
+    println!("every file downloaded over loopback HTTP, one after another, plain and with Accept-Encoding: gzip:");
+    println!(
+        "{:>6} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>6}",
+        "copies", "plain MB", "plain s", "MB/s", "gzip MB", "gzip s", "MB/s", "ratio"
+    );
+    for (n, (plain_bytes, plain_s), (gzip_bytes, gzip_s)) in downloads {
+        let (plain_mb, gzip_mb) = (plain_bytes as f64 / 1e6, gzip_bytes as f64 / 1e6);
+        println!(
+            "{:>6} | {:>9.1} {:>8.2} {:>8.0} | {:>9.1} {:>8.2} {:>8.0} | {:>6.1}",
+            n,
+            plain_mb,
+            plain_s,
+            plain_mb / plain_s,
+            gzip_mb,
+            gzip_s,
+            gzip_mb / gzip_s,
+            plain_mb / gzip_mb
+        );
+    }
+    println!("MB/s: bytes on the wire per second (gzip: compressed bytes; the files' own bytes per second are plain MB / gzip s)");
 }

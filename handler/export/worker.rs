@@ -233,10 +233,7 @@ async fn remove_stale_files(
     for path in exports.storage.list(&job.output_folder).await? {
         let number = path
             .strip_prefix(&folder)
-            .and_then(|name| name.strip_prefix(stem.as_str()))
-            .and_then(|rest| rest.strip_prefix('-'))
-            .and_then(|rest| rest.strip_suffix(".ndjson"))
-            .and_then(|n| n.parse::<u64>().ok());
+            .and_then(|name| RollingNdjsonWriter::file_number(stem, name));
         if number.is_some_and(|n| n > kept) {
             tracing::info!(%path, "removing a file an earlier run of the shard left");
             exports.storage.delete_prefix(&path).await?;

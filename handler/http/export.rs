@@ -386,12 +386,8 @@ fn file_type<'a>(job: &'a crate::export::jobs::Job, path: &str) -> Option<FileTy
         return (!job.request.notes.is_empty()).then_some(FileType::Notes);
     }
     job.shards.iter().find_map(|shard| {
-        let number = name
-            .strip_prefix(shard.stem.as_str())?
-            .strip_prefix('-')?
-            .strip_suffix(".ndjson")?;
-        let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
-        numbered.then_some(FileType::Resources(shard.resource_type.as_str()))
+        crate::storage::RollingNdjsonWriter::file_number(&shard.stem, name)?;
+        Some(FileType::Resources(shard.resource_type.as_str()))
     })
 }
 

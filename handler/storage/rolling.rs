@@ -119,6 +119,17 @@ impl RollingNdjsonWriter {
         std::mem::take(&mut self.finished)
     }
 
+    /// The number of the file `name` (`{stem}-{n}.ndjson`, as this writer names it) when it is one
+    /// of `stem`'s.
+    pub fn file_number(stem: &str, name: &str) -> Option<u64> {
+        let number = name
+            .strip_prefix(stem)?
+            .strip_prefix('-')?
+            .strip_suffix(".ndjson")?;
+        let digits = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
+        digits.then(|| number.parse().ok()).flatten()
+    }
+
     fn current_path(&self) -> String {
         format!("{}/{}-{}.ndjson", self.folder, self.stem, self.file_number)
     }

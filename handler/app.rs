@@ -108,6 +108,7 @@ pub fn limits_of(settings: &Settings) -> Limits {
         retry_delay: settings.retry_delay,
         retention: settings.retention,
         shard_max_time: settings.shard_max_time,
+        manifest_page_size: settings.manifest_page_size,
     }
 }
 

@@ -9,6 +9,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_RETRY_DELAY_SECS: f64 = 30.0;
 pub const DEFAULT_RETENTION_HOURS: u64 = 168;
 pub const DEFAULT_SHARD_MAX_RESOURCES: u64 = 250_000;
+/// Outputs per manifest page (`allowPartialManifests`).
+pub const DEFAULT_MANIFEST_PAGE_SIZE: usize = 1_000;
 pub const DEFAULT_MAX_RUNNING_EXPORTS: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +69,8 @@ pub struct Settings {
     /// How long one run of a shard reads before it pauses and queues its continuation
     /// (`EXPORT_SHARD_MAX_SECS`; under the Functions host 80% of `functionTimeout` by default).
     pub shard_max_time: Option<Duration>,
+    /// Outputs per manifest page, for clients that allow partial manifests.
+    pub manifest_page_size: usize,
     /// Bearer-token checks; `None` leaves every endpoint open.
     pub auth: Option<crate::auth::AuthSetting>,
     /// What the manifest's file URLs point at (`EXPORT_FILE_URLS`).
@@ -132,6 +136,7 @@ impl Default for Settings {
             shard_max_resources: DEFAULT_SHARD_MAX_RESOURCES,
             max_running_exports: DEFAULT_MAX_RUNNING_EXPORTS,
             shard_max_time: None,
+            manifest_page_size: DEFAULT_MANIFEST_PAGE_SIZE,
             file_urls: FileUrls::Proxy,
             auth: None,
         }

@@ -184,6 +184,9 @@ struct ServeArgs {
     /// box; under the Functions host 80% of host.json's functionTimeout by default).
     #[arg(long, env = "EXPORT_SHARD_MAX_SECS")]
     shard_max_secs: Option<f64>,
+    /// Outputs per manifest page for clients that send allowPartialManifests=true.
+    #[arg(long, env = "EXPORT_MANIFEST_PAGE_SIZE", default_value_t = config::DEFAULT_MANIFEST_PAGE_SIZE)]
+    manifest_page_size: usize,
     /// Shard workers (default: one per core).
     #[arg(long, env = "EXPORT_WORKERS")]
     workers: Option<usize>,
@@ -452,6 +455,7 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
             .transpose()?
             .flatten(),
         max_running_exports: args.max_running_exports.max(1),
+        manifest_page_size: args.manifest_page_size.max(1),
         auth: config::parse_auth(
             args.auth_issuer.as_deref(),
             args.auth_audience.as_deref(),

@@ -45,6 +45,10 @@ param shardMaxResources int = 250000
 @description('Seconds one run of a shard reads before it pauses and queues its continuation (EXPORT_SHARD_MAX_SECS): 80% of host.json functionTimeout (10 minutes), so that no run reaches the timeout, at which the host restarts the whole handler.')
 param shardMaxSecs int = 480
 
+@description('Outputs per manifest page for clients that allow partial manifests (EXPORT_MANIFEST_PAGE_SIZE).')
+@minValue(1)
+param manifestPageSize int = 1000
+
 @description('Exports running at once; a kickoff beyond this answers 429 (EXPORT_MAX_RUNNING_EXPORTS).')
 param maxRunningExports int = 32
 
@@ -147,6 +151,7 @@ module app 'modules/functionapp.bicep' = {
         { name: 'EXPORT_RETENTION_HOURS', value: string(retentionHours) }
         { name: 'EXPORT_SHARD_MAX_RESOURCES', value: string(shardMaxResources) }
         { name: 'EXPORT_SHARD_MAX_SECS', value: string(shardMaxSecs) }
+        { name: 'EXPORT_MANIFEST_PAGE_SIZE', value: string(manifestPageSize) }
         { name: 'EXPORT_MAX_RUNNING_EXPORTS', value: string(maxRunningExports) }
         { name: 'EXPORT_FILE_URLS', value: fileUrls }
       ],

@@ -376,3 +376,157 @@ async fn a_failed_shard_waits_for_its_retry_and_the_sweeper_sends_it_once_when_d
         "{failure}"
     );
 }
+
+/// A GET through the API: status, `Content-Type`, and the body (the OperationOutcome's text for
+/// an error).
+async fn get(app: &App, path_and_query: &str) -> (u16, String, String) {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let request = Request {
+        method: warp::http::Method::GET,
+        path: path.to_string(),
+        query: query.to_string(),
+        headers: Default::default(),
+        body: Bytes::new(),
+    };
+    match dispatch(&app.api, request).await {
+        Ok(response) => {
+            let code = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (
+                code,
+                content_type,
+                String::from_utf8(body.to_vec()).unwrap(),
+            )
+        }
+        Err(error) => (
+            error.status.as_u16(),
+            String::new(),
+            String::from_utf8(error.outcome.to_json()).unwrap(),
+        ),
+    }
+}
+
+/// Follows a manifest's `next` links from page 1: each page served, by its URL.
+async fn pages_from(app: &App, id: &str) -> Vec<(String, u16, Value)> {
+    let mut pages = Vec::new();
+    let mut url = format!("http://test/_operations/export/{id}");
+    loop {
+        let (code, content_type, body) = get(app, url.strip_prefix("http://test").unwrap()).await;
+        if body.is_empty() {
+            assert_eq!(code, 202, "no body: only while nothing is finished");
+            return pages;
+        }
+        assert_eq!(content_type, "application/json", "{body}");
+        let page: Value = serde_json::from_str(&body).unwrap();
+        let next = page["link"][0]["url"].as_str().map(str::to_string);
+        pages.push((url, code, page));
+        match next {
+            Some(next) => url = next,
+            None => return pages,
+        }
+    }
+}
+
+/// `allowPartialManifests=true`: while the export runs, a poll answers 202 with the files of the
+/// shards finished so far; every page holds at most `EXPORT_MANIFEST_PAGE_SIZE` files and never
+/// changes once served (only a `next` link is added); the complete manifest's pages list every
+/// file once, as the unpaged manifest does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_manifests_list_finished_files_in_pages_that_never_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = dense_store(dir.path());
+    let storage = Arc::new(LocalFolder::open(dir.path().join("exports")).unwrap());
+    let binding = Arc::new(Binding::default());
+    let app = exports_on(&store, storage, binding.clone(), None, |s| {
+        s.shard_max_resources = 40;
+        s.manifest_page_size = 3;
+        s.file_max_bytes = 8_192;
+    });
+    let exports = &app.exports;
+    let job = start(
+        exports,
+        "allowPartialManifests=true&_type=Patient,Observation",
+    )
+    .await;
+    let status_path = format!("/_operations/export/{}", job.id);
+    assert_eq!(get(&app, &status_path).await.0, 202);
+    for message in binding.take() {
+        worker::handle_message(exports, &message).await.unwrap();
+    }
+    let shards = binding.take();
+    assert!(shards.len() >= 4, "{} shards", shards.len());
+    let (code, _, body) = get(&app, &status_path).await;
+    assert_eq!((code, body.as_str()), (202, ""), "nothing finished yet");
+
+    let mut served: HashMap<String, Value> = HashMap::new();
+    let mut listed_while_running = 0;
+    for message in &shards {
+        worker::handle_message(exports, message).await.unwrap();
+        let pages = pages_from(&app, &job.id).await;
+        for (url, code, page) in &pages {
+            let outputs = page["output"].as_array().unwrap();
+            assert!(outputs.len() <= 3, "{url}: {} files", outputs.len());
+            if let Some(before) = served.get(url) {
+                assert_eq!(before["output"], page["output"], "{url} changed");
+                if before.get("link").is_some() {
+                    assert_eq!(before["link"], page["link"], "{url}'s link changed");
+                }
+            }
+            served.insert(url.clone(), page.clone());
+            if *code == 202 {
+                listed_while_running += outputs.len();
+            }
+        }
+    }
+    assert!(listed_while_running > 0, "files listed while running");
+    drain(exports, &binding).await;
+
+    let pages = pages_from(&app, &job.id).await;
+    assert!(pages.len() > 1, "{} pages", pages.len());
+    let mut urls = Vec::new();
+    for (url, code, page) in &pages {
+        assert_eq!(*code, 200, "{url}");
+        assert_eq!(page["transactionTime"], pages[0].2["transactionTime"]);
+        assert_eq!(page["request"], pages[0].2["request"]);
+        assert_eq!(page["error"], pages[0].2["error"]);
+        if let Some(before) = served.get(url) {
+            assert_eq!(before["output"], page["output"], "{url} changed at the end");
+        }
+        for output in page["output"].as_array().unwrap() {
+            urls.push(output["url"].as_str().unwrap().to_string());
+        }
+    }
+    let manifest: Value =
+        serde_json::from_slice(&exports.jobs.manifest(&job.id).await.unwrap().unwrap()).unwrap();
+    let mut whole: Vec<String> = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["url"].as_str().unwrap().to_string())
+        .collect();
+    let listed = urls.len();
+    urls.sort();
+    urls.dedup();
+    whole.sort();
+    assert_eq!(urls.len(), listed, "no file listed twice");
+    assert_eq!(urls, whole, "the pages list every file");
+    assert!(whole.len() > 6, "{} files", whole.len());
+
+    // Pages are numbered from 1; one not (yet) linked is not found.
+    let (code, _, body) = get(&app, &format!("{status_path}?page=0")).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("page"), "{body}");
+    let beyond = pages.len() + 1;
+    let (code, _, _) = get(&app, &format!("{status_path}?page={beyond}")).await;
+    assert_eq!(code, 404);
+}

@@ -526,6 +526,42 @@ impl JobStore {
         }
     }
 
+    fn page_path(id: &str, number: usize) -> String {
+        format!("{JOBS_CONTAINER}/{id}/pages/{number}.json")
+    }
+
+    /// A stored manifest page (`allowPartialManifests`).
+    pub async fn page(
+        &self,
+        id: &str,
+        number: usize,
+    ) -> Result<Option<super::pages::Page>, JobError> {
+        Ok(self
+            .read(&Self::page_path(id, number))
+            .await?
+            .map(|(page, _)| page))
+    }
+
+    /// Stores a page unless one is stored already; returns the page that stands.
+    pub async fn create_page(
+        &self,
+        id: &str,
+        number: usize,
+        page: super::pages::Page,
+    ) -> Result<super::pages::Page, JobError> {
+        let path = Self::page_path(id, number);
+        let body = Bytes::from(serde_json::to_vec(&page).expect("a page serialises"));
+        match self.store.put(&path, body, PutMode::Create).await {
+            Ok(_) => Ok(page),
+            Err(StorageError::PreconditionFailed(_)) => Ok(self
+                .read(&path)
+                .await?
+                .map(|(page, _)| page)
+                .unwrap_or(page)),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     pub async fn manifest(&self, id: &str) -> Result<Option<Bytes>, JobError> {
         Ok(self
             .store

@@ -93,6 +93,7 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
         Err(error) => return Err(error),
     };
     let (shards, largest_first) = shards_of(planned);
+    write_notes(exports, &job).await?;
     // Queued now, not at kickoff: a slow planning must not make its shards look stale already.
     let planned_at = Utc::now();
     let recorded = exports
@@ -117,6 +118,18 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
             Ok(enqueue_shards(exports.queue.as_ref(), job_id, largest_first).await?)
         }
     }
+}
+
+/// Writes the lenient-handling notes file (the manifest's `error`) before any shard runs, so that
+/// a partial manifest lists it as the complete one does.
+async fn write_notes(exports: &Exports, job: &Job) -> Result<(), ExportError> {
+    if let Some((file, body)) = super::manifest::notes_file(job) {
+        exports
+            .storage
+            .put(&file.path, body.into(), crate::storage::PutMode::Overwrite)
+            .await?;
+    }
+    Ok(())
 }
 
 /// A planning message delivered again after the plan was recorded: the planning that recorded it

@@ -5,6 +5,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
 use crate::export::jobs::Job;
+use crate::fhir::OperationOutcome;
 use crate::storage::OutputFile;
 
 /// Characters escaped in a path segment of a file URL.
@@ -33,23 +34,61 @@ pub fn file_url(base_url: &str, path: &str) -> String {
     )
 }
 
-/// The manifest of a job whose shards are all done, with their `outputs` in shard order; `notes`
-/// is the written notes file, if any.
-pub fn build(job: &Job, outputs: &[OutputFile], notes: Option<&OutputFile>) -> Value {
+/// The manifest of a job listing `outputs` (all of them once its shards are done, in shard order;
+/// a page's share for a client that allows partial manifests), and the job's notes file.
+pub fn build(job: &Job, outputs: &[OutputFile]) -> Value {
+    let organized_by = job.request.organize_output_by.as_deref();
     let output: Vec<Value> = outputs
         .iter()
-        .map(|file| json!({"type": file.resource_type, "url": file_url(&job.base_url, &file.path), "count": file.count}))
+        .map(|file| {
+            let mut entry =
+                json!({"url": file_url(&job.base_url, &file.path), "count": file.count});
+            if organized_by.is_none() {
+                entry["type"] = file.resource_type.clone().into();
+            }
+            if let Some(next) = &file.continues_in {
+                entry["continuesInFile"] = file_url(&job.base_url, next).into();
+            }
+            entry
+        })
         .collect();
-    let error: Vec<Value> = notes
-        .map(|file| json!({"type": "OperationOutcome", "url": file_url(&job.base_url, &file.path), "count": file.count}))
+    let error: Vec<Value> = notes_file(job)
+        .map(|(file, _)| json!({"type": "OperationOutcome", "url": file_url(&job.base_url, &file.path), "count": file.count}))
         .into_iter()
         .collect();
-    json!({
+    let mut manifest = json!({
         "transactionTime": job.transaction_time.to_rfc3339_opts(SecondsFormat::Millis, true),
         "request": job.request_url,
         "requiresAccessToken": job.owner.is_some(),
         "output": output,
         "deleted": [],
         "error": error,
-    })
+    });
+    if let Some(organized_by) = organized_by {
+        manifest["outputOrganizedBy"] = organized_by.into();
+    }
+    manifest
+}
+
+/// The job's lenient-handling notes as an NDJSON file of OperationOutcomes, when it has any: the
+/// file and its bytes (the same at every call, so that it is written once, at planning, and
+/// every manifest page lists the same file).
+pub fn notes_file(job: &Job) -> Option<(OutputFile, Vec<u8>)> {
+    let notes = &job.request.notes;
+    if notes.is_empty() {
+        return None;
+    }
+    let mut body = Vec::new();
+    for note in notes {
+        body.extend_from_slice(&OperationOutcome::information(note.clone()).to_json());
+        body.push(b'\n');
+    }
+    let file = OutputFile {
+        resource_type: "OperationOutcome".into(),
+        path: format!("{}/{}", job.output_folder, super::NOTES_FILE),
+        count: notes.len() as u64,
+        bytes: body.len() as u64,
+        continues_in: None,
+    };
+    Some((file, body))
 }

@@ -4,6 +4,7 @@
 pub mod jobs;
 pub mod kickoff;
 pub mod manifest;
+pub mod pages;
 pub mod recovery;
 pub mod request;
 pub mod state;
@@ -77,6 +78,8 @@ pub struct Limits {
     /// How long one run of a shard reads before it pauses and queues its continuation (the time
     /// box, under the host's function timeout); `None`: to the end.
     pub shard_max_time: Option<Duration>,
+    /// Outputs per manifest page (`allowPartialManifests`).
+    pub manifest_page_size: usize,
 }
 
 impl Limits {

@@ -61,6 +61,14 @@ pub struct ExportRequest {
     /// poll itself succeeds, and the export's own status in `X-Export-Status`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub separate_export_status: bool,
+    /// `allowPartialManifests=true` (Bulk Data 3.0.0): status polls answer with the files done so
+    /// far, and manifests come in pages linked by `next`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_partial_manifests: bool,
+    /// `organizeOutputBy` (Bulk Data 3.0.0; `Patient` only): files of resource blocks, one per
+    /// patient, instead of files of one type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organize_output_by: Option<String>,
 }
 
 /// A rejected kickoff: HTTP 400 with a message naming the parameter or header.
@@ -172,8 +180,11 @@ impl ExportRequest {
             patients: None,
             notes: Vec::new(),
             separate_export_status: false,
+            allow_partial_manifests: false,
+            organize_output_by: None,
         };
         let mut seen_until = None::<String>;
+        let mut seen_once = Vec::<&'static str>::new();
         let mut filter_bytes = 0;
         for (name, value) in form_urlencoded::parse(raw_query.as_bytes()) {
             let (name, value) = (name.as_ref(), value.trim());
@@ -217,6 +228,23 @@ impl ExportRequest {
                 }
                 "patient" => request.add_patients(value, via_post)?,
                 "includeAssociatedData" => request.refuse_associated_data(value, lenient)?,
+                "allowPartialManifests" => {
+                    once(&mut seen_once, "allowPartialManifests")?;
+                    request.allow_partial_manifests = match value {
+                        "true" => true,
+                        "false" => false,
+                        other => {
+                            return Err(invalid(
+                                name,
+                                format!("allowPartialManifests {other:?} is not true or false"),
+                            ))
+                        }
+                    };
+                }
+                "organizeOutputBy" => {
+                    once(&mut seen_once, "organizeOutputBy")?;
+                    request.organize_output_by(value, lenient)?;
+                }
                 other => {
                     let message = format!("parameter {other} is not a Bulk Data export parameter");
                     let error = RequestError {
@@ -228,10 +256,35 @@ impl ExportRequest {
             }
         }
         request.check_window()?;
-        if request.level.is_patient_scoped() {
+        if request.level.is_patient_scoped() || request.organize_output_by.is_some() {
             request.keep_patient_level_types(lenient)?;
         }
+        if request.organize_output_by.is_some() && request.level == Level::System {
+            request.notes.push(ORGANIZED_SYSTEM_NOTE.to_string());
+        }
         Ok(request)
+    }
+
+    /// `organizeOutputBy`: `Patient`, or (lenient) a note that the value was ignored.
+    fn organize_output_by(&mut self, value: &str, lenient: bool) -> Result<(), RequestError> {
+        if value == "Patient" {
+            self.organize_output_by = Some(value.to_string());
+            return Ok(());
+        }
+        let message = match is_resource_type(value) {
+            true => format!("organizeOutputBy {value:?} is not supported: this server organizes output by Patient only"),
+            false => format!("organizeOutputBy {value:?} is not a FHIR R4 resource type; this server organizes output by Patient only"),
+        };
+        let error = RequestError {
+            not_supported: true,
+            ..invalid("organizeOutputBy", message)
+        };
+        self.refuse(error, lenient)
+    }
+
+    /// Whether the output is organized in resource blocks by patient.
+    pub fn organized_by_patient(&self) -> bool {
+        self.organize_output_by.as_deref() == Some("Patient")
     }
 
     fn check_window(&self) -> Result<(), RequestError> {
@@ -374,7 +427,7 @@ impl ExportRequest {
             return Ok(());
         }
         let message = format!(
-            "_type {} not in the Patient compartment, so not part of a Patient or Group level export",
+            "_type {} not in the Patient compartment, so not part of an export of patients' compartments (Patient or Group level, or organizeOutputBy=Patient)",
             match out_of_scope.as_slice() {
                 [one] => format!("{one} is"),
                 many => format!("{} are", many.join(", ")),
@@ -408,6 +461,18 @@ impl ExportRequest {
             .map(|e| e.name.clone())
             .collect()
     }
+}
+
+/// The note a system-level export organized by patient carries.
+const ORGANIZED_SYSTEM_NOTE: &str = "organizeOutputBy=Patient: the output is made of resource blocks, one per patient, so resources in no patient's compartment (Organization, Practitioner, Medication, ...) are not exported; export them without organizeOutputBy";
+
+/// Refuses a parameter given a second time.
+fn once(seen: &mut Vec<&'static str>, name: &'static str) -> Result<(), RequestError> {
+    if seen.contains(&name) {
+        return Err(invalid(name, format!("give {name} once")));
+    }
+    seen.push(name);
+    Ok(())
 }
 
 /// Parameters that protect what is exported (de-identification): refused until supported, and never

@@ -402,6 +402,7 @@ mod tests {
             path: format!("f/Patient-{n}.ndjson"),
             count: n,
             bytes: n,
+            continues_in: None,
         };
         let mut found = state(Running, 1, 0);
         assert_eq!(written(finish(&mut found, &[file(1)])), (true, true));
@@ -417,6 +418,7 @@ mod tests {
             path: format!("f/Patient-{n}.ndjson"),
             count: n,
             bytes: n,
+            continues_in: None,
         };
         let cursor = Cursor::Rowid { rowid: 41 };
         // Only the attempt that holds the shard pauses it.

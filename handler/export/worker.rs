@@ -15,7 +15,6 @@ use super::state::{self, Beat, Claim, Failure, ShardState, ShardStatus};
 use super::{manifest, ExportError, Exports};
 use crate::fhir::elements::subset;
 use crate::fhir::json::Json;
-use crate::fhir::OperationOutcome;
 use crate::queue::WorkMessage;
 use crate::source::{Cursor, ScanError, ScanRequest, Scanned, SinkError};
 use crate::storage::{OutputFile, RollingNdjsonWriter};
@@ -631,8 +630,7 @@ pub async fn finalize(exports: &Exports, job: &Job) -> Result<(), ExportError> {
             }
         }
     }
-    let notes = write_notes(exports, job).await?;
-    let manifest = manifest::build(job, &outputs, notes.as_ref());
+    let manifest = manifest::build(job, &outputs);
     exports
         .jobs
         .put_manifest(
@@ -650,30 +648,6 @@ pub async fn finalize(exports: &Exports, job: &Job) -> Result<(), ExportError> {
     let resources: u64 = outputs.iter().map(|f| f.count).sum();
     tracing::info!(job_id, files = outputs.len(), resources, "export completed");
     Ok(())
-}
-
-/// The lenient-handling notes as an NDJSON file of OperationOutcomes, when there are any.
-async fn write_notes(exports: &Exports, job: &Job) -> Result<Option<OutputFile>, ExportError> {
-    if job.request.notes.is_empty() {
-        return Ok(None);
-    }
-    let mut body = Vec::new();
-    for note in &job.request.notes {
-        body.extend_from_slice(&OperationOutcome::information(note.clone()).to_json());
-        body.push(b'\n');
-    }
-    let path = format!("{}/{}", job.output_folder, super::NOTES_FILE);
-    let bytes = body.len() as u64;
-    exports
-        .storage
-        .put(&path, Bytes::from(body), crate::storage::PutMode::Overwrite)
-        .await?;
-    Ok(Some(OutputFile {
-        resource_type: "OperationOutcome".into(),
-        path,
-        count: job.request.notes.len() as u64,
-        bytes,
-    }))
 }
 
 /// After a failed attempt: the shard waits for its retry, or at the restart cap its job fails

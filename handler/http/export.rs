@@ -12,7 +12,7 @@ use crate::auth::{AuthError, Caller};
 use crate::config::FileUrls;
 use crate::export::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
 use crate::export::request::{check_headers, is_lenient, wants_separate_status, KickoffHeaders};
-use crate::export::{kickoff, ExportRequest, Level};
+use crate::export::{kickoff, pages, ExportRequest, Level};
 use crate::fault::Fault;
 use crate::fhir::IssueType;
 
@@ -80,14 +80,21 @@ fn unknown_job(id: &str) -> ApiError {
     ApiError::not_found(format!("no export {id:?} (unknown, expired or cancelled)"))
 }
 
-/// A status poll. With `Prefer: separate-export-status` at kickoff, a poll that reaches the export
-/// answers 200, and the export's own status (202 running, 200 complete, 4xx/5xx failed) goes in
+/// A status poll (`?page=n`: page n of the manifest, for a client that allows partial manifests).
+/// With `Prefer: separate-export-status` at kickoff, a poll that reaches the export answers 200,
+/// and the export's own status (202 running, 200 complete, 4xx/5xx failed) goes in
 /// `X-Export-Status`; an unknown export is still a 404, the poll's own failure.
-pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
+pub async fn status(
+    api: &Api,
+    id: &str,
+    query: &str,
+    caller: Option<&Caller>,
+) -> Result<Response, ApiError> {
     let unknown = || unknown_job(id);
     if !is_job_id(id) {
         return Err(unknown());
     }
+    let page = manifest_page(query)?;
     let (job, _) = api
         .exports
         .jobs
@@ -95,10 +102,15 @@ pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
         .await?
         .filter(|(job, _)| visible(job, caller))
         .ok_or_else(unknown)?;
-    if !job.request.separate_export_status || job.status == JobStatus::Cancelled {
-        return export_status(api, job).await;
+    if page > 1 && !job.request.allow_partial_manifests {
+        return Err(ApiError::not_found(format!(
+            "export {id} has a manifest of one page (it did not ask for allowPartialManifests)"
+        )));
     }
-    let mut response = match export_status(api, job).await {
+    if !job.request.separate_export_status || job.status == JobStatus::Cancelled {
+        return export_status(api, job, page).await;
+    }
+    let mut response = match export_status(api, job, page).await {
         Ok(response) => response,
         Err(error) if error.status == StatusCode::NOT_FOUND => return Err(error),
         Err(error) => super::outcome_response(&error),
@@ -111,11 +123,37 @@ pub async fn status(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
     Ok(response)
 }
 
-/// The export's own status, as a Bulk Data status answer.
-async fn export_status(api: &Api, job: crate::export::jobs::Job) -> Result<Response, ApiError> {
+/// The `page` a status poll asks for: 1 unless given.
+fn manifest_page(query: &str) -> Result<usize, ApiError> {
+    let Some((_, value)) =
+        form_urlencoded::parse(query.as_bytes()).find(|(name, _)| name == "page")
+    else {
+        return Ok(1);
+    };
+    value.parse().ok().filter(|&page| page >= 1).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            IssueType::Invalid,
+            format!("page {value:?} is not a manifest page number (1, 2, ...)"),
+        )
+    })
+}
+
+/// The export's own status, as a Bulk Data status answer: for a client that allows partial
+/// manifests, page `page` of the manifest (also while the export runs).
+async fn export_status(
+    api: &Api,
+    job: crate::export::jobs::Job,
+    page: usize,
+) -> Result<Response, ApiError> {
     let id = job.id.clone();
     let id = id.as_str();
     let unknown = || unknown_job(id);
+    let paged = job.request.allow_partial_manifests
+        && matches!(job.status, JobStatus::Running | JobStatus::Completed);
+    if paged {
+        return paged_status(api, &job, page).await;
+    }
     match job.status {
         JobStatus::Cancelled => Err(unknown()),
         JobStatus::Failed => Err(ApiError::of_fault(
@@ -124,38 +162,86 @@ async fn export_status(api: &Api, job: crate::export::jobs::Job) -> Result<Respo
         )),
         JobStatus::Completed => {
             let manifest = api.exports.jobs.manifest(id).await?.ok_or_else(unknown)?;
-            let manifest = match api.file_urls {
-                FileUrls::Proxy => manifest.to_vec(),
-                FileUrls::Sas => with_signed_urls(api, &job.base_url, &manifest).await?,
-            };
-            let mut response = json_response(StatusCode::OK, "application/json", manifest);
-            if let Some(expires) = job.expires_at(api.exports.limits.retention) {
-                let date = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
-                response
-                    .headers_mut()
-                    .insert(header::EXPIRES, header_value(&date));
-            }
-            Ok(response)
+            completed(api, &job, manifest.to_vec()).await
         }
-        JobStatus::Running => {
-            let progress = match job.planned {
-                false => "planning the shards".to_string(),
-                true => {
-                    // One listing of the done markers, however many shards.
-                    let done = api.exports.jobs.done_shards(id).await?.len();
-                    let total = job.shards.len();
-                    let done = done.min(total);
-                    let percent = (done * 100).checked_div(total).unwrap_or(100);
-                    format!("{percent}% ({done}/{total} shards)")
-                }
-            };
-            let mut response = empty_accepted();
-            let headers = response.headers_mut();
-            headers.insert("x-progress", header_value(&progress));
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            Ok(response)
-        }
+        JobStatus::Running => running(api, &job).await,
     }
+}
+
+/// A completed export's manifest (or page of it): 200, with `Expires`.
+async fn completed(
+    api: &Api,
+    job: &crate::export::jobs::Job,
+    manifest: Vec<u8>,
+) -> Result<Response, ApiError> {
+    let manifest = match api.file_urls {
+        FileUrls::Proxy => manifest,
+        FileUrls::Sas => with_signed_urls(api, &job.base_url, &manifest).await?,
+    };
+    let mut response = json_response(StatusCode::OK, "application/json", manifest);
+    if let Some(expires) = job.expires_at(api.exports.limits.retention) {
+        let date = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        response
+            .headers_mut()
+            .insert(header::EXPIRES, header_value(&date));
+    }
+    Ok(response)
+}
+
+/// A page of the manifest of an export that allows partial manifests: while it runs, 202 with the
+/// files finished so far (none yet: no body); once complete, 200.
+async fn paged_status(
+    api: &Api,
+    job: &crate::export::jobs::Job,
+    page: usize,
+) -> Result<Response, ApiError> {
+    let status_url = format!("{}/_operations/export/{}", job.base_url, job.id);
+    let served = pages::serve(&api.exports, job, page, |n| {
+        format!("{status_url}?page={n}")
+    })
+    .await?;
+    let manifest = match served {
+        pages::Served::Page(manifest) => serde_json::to_vec_pretty(&manifest).expect("JSON"),
+        pages::Served::NothingYet => return running(api, job).await,
+        pages::Served::Missing => return Err(ApiError::not_found(format!(
+            "export {} has no manifest page {page} (yet): follow the link of the page before it",
+            job.id
+        ))),
+    };
+    if job.status == JobStatus::Completed {
+        return completed(api, job, manifest).await;
+    }
+    let manifest = match api.file_urls {
+        FileUrls::Proxy => manifest,
+        FileUrls::Sas => with_signed_urls(api, &job.base_url, &manifest).await?,
+    };
+    let mut response = running(api, job).await?;
+    *response.body_mut() = manifest.into();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
+
+/// A running export's answer: 202 with its progress.
+async fn running(api: &Api, job: &crate::export::jobs::Job) -> Result<Response, ApiError> {
+    let progress = match job.planned {
+        false => "planning the shards".to_string(),
+        true => {
+            // One listing of the done markers, however many shards.
+            let done = api.exports.jobs.done_shards(&job.id).await?.len();
+            let total = job.shards.len();
+            let done = done.min(total);
+            let percent = (done * 100).checked_div(total).unwrap_or(100);
+            format!("{percent}% ({done}/{total} shards)")
+        }
+    };
+    let mut response = empty_accepted();
+    let headers = response.headers_mut();
+    headers.insert("x-progress", header_value(&progress));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    Ok(response)
 }
 
 /// The manifest with each file's URL replaced by a short-lived read-only URL straight to the
@@ -171,26 +257,37 @@ async fn with_signed_urls(api: &Api, base_url: &str, manifest: &[u8]) -> Result<
     let served_at = format!("{}/_exports/", base_url.trim_end_matches('/'));
     let expiry = chrono::Utc::now() + crate::config::SAS_URL_LIFETIME;
     let mut all_signed = true;
+    // A file named twice (a `continuesInFile` and the next file's `url`) gets one URL.
+    let mut signed = std::collections::HashMap::<String, Option<String>>::new();
     for list in ["output", "error"] {
         let Some(files) = manifest.get_mut(list).and_then(|l| l.as_array_mut()) else {
             continue;
         };
         for file in files {
-            let Some(path) = file["url"]
-                .as_str()
-                .and_then(|url| url.strip_prefix(&served_at))
-                .map(|path| {
+            for field in ["url", "continuesInFile"] {
+                let Some(url) = file.get(field).and_then(|u| u.as_str()) else {
+                    continue;
+                };
+                let Some(path) = url.strip_prefix(&served_at).map(|path| {
                     percent_encoding::percent_decode_str(path)
                         .decode_utf8_lossy()
                         .into_owned()
-                })
-            else {
-                all_signed = false;
-                continue;
-            };
-            match api.exports.storage.signed_read_url(&path, expiry).await? {
-                Some(url) => file["url"] = url.into(),
-                None => all_signed = false,
+                }) else {
+                    all_signed = false;
+                    continue;
+                };
+                let url = match signed.get(&path) {
+                    Some(url) => url.clone(),
+                    None => {
+                        let url = api.exports.storage.signed_read_url(&path, expiry).await?;
+                        signed.insert(path, url.clone());
+                        url
+                    }
+                };
+                match url {
+                    Some(url) => file[field] = url.into(),
+                    None => all_signed = false,
+                }
             }
         }
     }

@@ -306,7 +306,7 @@ async fn route(
         }
         Route::Kickoff(level) => export::kickoff(api, request, level, caller).await,
         Route::Job(id) if *method == Method::DELETE => export::cancel(api, id, caller).await,
-        Route::Job(id) => export::status(api, id, caller).await,
+        Route::Job(id) => export::status(api, id, &request.query, caller).await,
         Route::Download(path) => export::download(api, &path, &request.headers, caller).await,
         Route::Read { resource_type, id } => {
             may_read(caller, resource_type)?;

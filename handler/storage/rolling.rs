@@ -21,6 +21,9 @@ pub struct OutputFile {
     pub path: String,
     pub count: u64,
     pub bytes: u64,
+    /// The file a resource block cut at this file's end goes on in (`organizeOutputBy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues_in: Option<String>,
 }
 
 pub struct RollingNdjsonWriter {
@@ -160,6 +163,7 @@ impl RollingNdjsonWriter {
             path: self.current_path(),
             count: self.file_count,
             bytes: self.file_bytes,
+            continues_in: None,
         });
         self.file_bytes = 0;
         self.file_count = 0;

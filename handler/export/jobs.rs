@@ -46,6 +46,19 @@ pub struct Shard {
     /// The part of a type cut by storage position (as `ResourceSource::plan` cut it).
     #[serde(default, skip_serializing_if = "RowRange::is_whole")]
     pub rows: RowRange,
+    /// The patients whose resource blocks the shard writes (`organizeOutputBy=Patient`); their
+    /// ids are the job's document `patients/{shard}.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patients: Option<PatientRange>,
+}
+
+/// A range of patients in id order, first and last included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PatientRange {
+    pub first: String,
+    pub last: String,
+    pub count: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -524,6 +537,32 @@ impl JobStore {
             Ok(_) | Err(StorageError::PreconditionFailed(_)) => Ok(()),
             Err(error) => Err(error.into()),
         }
+    }
+
+    fn patients_path(id: &str, shard: usize) -> String {
+        format!("{JOBS_CONTAINER}/{id}/patients/{shard}.json")
+    }
+
+    /// Records the ids of a shard's patients (`organizeOutputBy=Patient`), at planning.
+    pub async fn put_patients(
+        &self,
+        id: &str,
+        shard: usize,
+        patients: &[String],
+    ) -> Result<(), JobError> {
+        let body = Bytes::from(serde_json::to_vec(patients).expect("ids serialise"));
+        self.store
+            .put(&Self::patients_path(id, shard), body, PutMode::Overwrite)
+            .await?;
+        Ok(())
+    }
+
+    /// The ids of a shard's patients, in order (`None`: not recorded).
+    pub async fn patients(&self, id: &str, shard: usize) -> Result<Option<Vec<String>>, JobError> {
+        Ok(self
+            .read(&Self::patients_path(id, shard))
+            .await?
+            .map(|(ids, _)| ids))
     }
 
     fn page_path(id: &str, number: usize) -> String {

@@ -79,7 +79,13 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
     if job.planned {
         return send_unclaimed(exports, &job).await;
     }
-    let planned = match plan(exports, &job.request, &job.scope, job.transaction_time).await {
+    let planned = match job.request.organized_by_patient() {
+        true => super::blocks::plan(exports, &job).await,
+        false => plan(exports, &job.request, &job.scope, job.transaction_time)
+            .await
+            .map(shards_of),
+    };
+    let (shards, largest_first) = match planned {
         Ok(planned) => planned,
         Err(error)
             if matches!(
@@ -92,7 +98,6 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
         }
         Err(error) => return Err(error),
     };
-    let (shards, largest_first) = shards_of(planned);
     write_notes(exports, &job).await?;
     // Queued now, not at kickoff: a slow planning must not make its shards look stale already.
     let planned_at = Utc::now();
@@ -184,7 +189,7 @@ async fn admit(exports: &Exports) -> Result<(), ExportError> {
 }
 
 /// Each type the export reads, with the parts its source cut it into.
-async fn plan(
+pub(super) async fn plan(
     exports: &Exports,
     request: &ExportRequest,
     scope: &PatientScope,
@@ -241,6 +246,7 @@ fn shards_of(planned: Vec<(String, Vec<Part>)>) -> (Vec<Shard>, Vec<usize>) {
                 since: part.since,
                 until: part.until,
                 rows: part.rows,
+                patients: None,
             });
         }
     }

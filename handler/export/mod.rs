@@ -1,6 +1,7 @@
 //! The export itself: kickoff parameters, the plan of shards, the job documents, the shard worker,
 //! the manifest, and the upkeep of unfinished and expired jobs. [`Exports`] is what all of it runs on.
 
+pub mod blocks;
 pub mod jobs;
 pub mod kickoff;
 pub mod manifest;

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
+use super::blocks::BlockShard;
 use super::jobs::{Change, Job, JobError, JobStatus, Versioned};
 use super::state::{self, Beat, Claim, Failure, ShardState, ShardStatus};
 use super::{manifest, ExportError, Exports};
@@ -325,16 +326,25 @@ pub async fn stop_local_shards(job_id: &str) {
 
 /// What a shard writes of each resource: `_typeFilter` decides whether, `_elements` what. Only
 /// filtered or trimmed types pay for parsing, each for what it needs; the rest flow as stored bytes.
-struct Shaping {
+pub(super) struct Shaping {
     resource_type: String,
-    filters: Vec<crate::fhir::search::SearchQuery>,
+    pub(super) filters: Vec<crate::fhir::search::SearchQuery>,
     elements: Vec<String>,
 }
 
 impl Shaping {
+    /// How the export shapes resources of one type.
+    pub(super) fn of(request: &super::ExportRequest, resource_type: &str) -> Shaping {
+        Shaping {
+            resource_type: resource_type.to_string(),
+            filters: request.filters_for(resource_type),
+            elements: request.elements_for(resource_type),
+        }
+    }
+
     /// The bytes to write, or `None` when the filters leave the resource out. A resource that
     /// cannot be parsed is written as stored.
-    fn shape<'a>(&self, resource: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+    pub(super) fn shape<'a>(&self, resource: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
         if !self.filters.is_empty() {
             let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
                 return Some(resource.into());
@@ -402,11 +412,11 @@ async fn write_files(
     .numbered_after(resume.files_before);
     let job_id = job.id.clone();
     let scope = job.scope.clone();
-    let shaping = Shaping {
-        resource_type: spec.resource_type.clone(),
-        filters: job.request.filters_for(&spec.resource_type),
-        elements: job.request.elements_for(&spec.resource_type),
-    };
+    let shaping = Shaping::of(&job.request, &spec.resource_type);
+    let blocks = spec
+        .patients
+        .is_some()
+        .then(|| (exports.clone(), job.clone()));
     let started = std::time::Instant::now();
     let pause_after = exports.limits.shard_max_time.map(|box_| started + box_);
     let cursor = resume.cursor.clone();
@@ -424,8 +434,21 @@ async fn write_files(
             resume: cursor.as_ref(),
             pause_after,
         };
-        let scanned = caught(|| {
-            source.scan(&request, &mut |resource| {
+        let scanned = caught(|| match &blocks {
+            Some((exports, job)) => {
+                let window = (since, stored_since, until);
+                let shard = BlockShard::load(
+                    exports,
+                    runtime.clone(),
+                    job,
+                    shard,
+                    cursor.as_ref(),
+                    window,
+                )?;
+                let go_on = || stop.get() == Stop::KeepGoing;
+                shard.write(source.as_ref(), &mut writer, &go_on, pause_after)
+            }
+            None => source.scan(&request, &mut |resource| {
                 if stop.get() != Stop::KeepGoing {
                     return Err(SinkError::Stopped);
                 }
@@ -433,7 +456,7 @@ async fn write_files(
                     Some(bytes) => Ok(writer.push(&bytes)?),
                     None => Ok(()),
                 }
-            })
+            }),
         });
         // A paused run's last file is cut at a point another run would not choose: it is
         // committed only while the shard is still this run's, so that it never replaces the

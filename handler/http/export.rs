@@ -203,10 +203,12 @@ async fn paged_status(
     let manifest = match served {
         pages::Served::Page(manifest) => serde_json::to_vec_pretty(&manifest).expect("JSON"),
         pages::Served::NothingYet => return running(api, job).await,
-        pages::Served::Missing => return Err(ApiError::not_found(format!(
+        pages::Served::Missing => {
+            return Err(ApiError::not_found(format!(
             "export {} has no manifest page {page} (yet): follow the link of the page before it",
             job.id
-        ))),
+        )))
+        }
     };
     if job.status == JobStatus::Completed {
         return completed(api, job, manifest).await;

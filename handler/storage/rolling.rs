@@ -40,6 +40,9 @@ pub struct RollingNdjsonWriter {
     /// The block being filled; taken from the pool at the first line after a hand-over.
     block: Option<Block>,
     finished: Vec<OutputFile>,
+    /// The header line of the resource block being written (`organizeOutputBy`), repeated at the
+    /// start of a file the block goes on in.
+    block_header: Option<Vec<u8>>,
 }
 
 impl RollingNdjsonWriter {
@@ -65,6 +68,7 @@ impl RollingNdjsonWriter {
             file_count: 0,
             block: None,
             finished: Vec::new(),
+            block_header: None,
         }
     }
 
@@ -74,12 +78,47 @@ impl RollingNdjsonWriter {
         self
     }
 
-    /// Appends one resource (compact JSON, no newline) as a line.
+    /// Appends one resource (compact JSON, no newline) as a line. Within a resource block, a file
+    /// that would pass the size limit is closed as continuing in the next, which starts with the
+    /// block's header again.
     pub fn push(&mut self, resource: &[u8]) -> Result<(), StorageError> {
         let line_bytes = resource.len() as u64 + 1;
-        if self.file_count > 0 && self.file_bytes + line_bytes > self.max_bytes {
+        // In a block, a file holds more than the header before it is closed.
+        let floor = u64::from(self.block_header.is_some());
+        if self.file_count > floor && self.file_bytes + line_bytes > self.max_bytes {
+            self.close_file()?;
+            if let Some(header) = self.block_header.take() {
+                let next = self.path_of(self.file_number + 1);
+                if let Some(closed) = self.finished.last_mut() {
+                    closed.continues_in = Some(next);
+                }
+                self.line(&header)?;
+                self.block_header = Some(header);
+            }
+        }
+        self.line(resource)
+    }
+
+    /// Starts a resource block of `block_bytes` (its lines with their newlines, the `header` line
+    /// first): in a new file unless it fits in the room this one has left. A block larger than a
+    /// file goes on in the next file (see [`Self::push`]).
+    pub fn begin_block(&mut self, header: &[u8], block_bytes: u64) -> Result<(), StorageError> {
+        if self.file_count > 0 && self.file_bytes + block_bytes > self.max_bytes {
             self.close_file()?;
         }
+        self.line(header)?;
+        self.block_header = Some(header.to_vec());
+        Ok(())
+    }
+
+    /// Ends the resource block begun last.
+    pub fn end_block(&mut self) {
+        self.block_header = None;
+    }
+
+    /// Writes one line to the open file, opening the next file first when none is.
+    fn line(&mut self, resource: &[u8]) -> Result<(), StorageError> {
+        let line_bytes = resource.len() as u64 + 1;
         if self.current.is_none() {
             self.file_number += 1;
             let path = self.current_path();
@@ -134,7 +173,11 @@ impl RollingNdjsonWriter {
     }
 
     fn current_path(&self) -> String {
-        format!("{}/{}-{}.ndjson", self.folder, self.stem, self.file_number)
+        self.path_of(self.file_number)
+    }
+
+    fn path_of(&self, number: u32) -> String {
+        format!("{}/{}-{}.ndjson", self.folder, self.stem, number)
     }
 
     fn flush(&mut self) -> Result<(), StorageError> {

@@ -1,0 +1,491 @@
+//! Output organized by patient (`organizeOutputBy=Patient`, Bulk Data 3.0.0): files of resource
+//! blocks, each a `Parameters` header naming a patient, then the patient, then the other resources
+//! of its compartment. A resource in several exported patients' compartments is written once, in
+//! the block of the first of them by id. Planning lists the exported patients in id order and cuts
+//! them into shards; a shard reads its patients in batches (each type one scan per batch) into a
+//! spill file, and writes the batch's blocks from it in patient order.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use tokio::runtime::Handle;
+
+use super::jobs::{Job, JobError, JobStore, PatientRange, Shard};
+use super::request::is_patient_level_type;
+use super::worker::Shaping;
+use super::{ExportError, Exports};
+use crate::fhir::compartment::patient_ids;
+use crate::source::{
+    Cursor, PatientScope, ResourceSource, RowRange, ScanError, ScanRequest, Scanned, SinkError,
+};
+use crate::storage::{RollingNdjsonWriter, StorageError};
+
+/// Patients a shard reads at once: every type is one scan per batch.
+const BATCH: usize = 100;
+
+/// Patients per shard when the source cannot count its resources.
+const PATIENTS_PER_SHARD_UNCOUNTED: usize = 1_000;
+
+/// The types of an organized export in block order: Patient first, then the rest of the Patient
+/// compartment by name (those of `_type` only, when given).
+pub fn block_types(
+    source: &dyn ResourceSource,
+    request: &super::ExportRequest,
+) -> Result<Vec<String>, crate::source::SourceError> {
+    let mut types: Vec<String> = source
+        .resource_types()?
+        .into_iter()
+        .filter(|t| is_patient_level_type(t))
+        .filter(|t| {
+            request
+                .types
+                .as_ref()
+                .is_none_or(|wanted| wanted.contains(t))
+        })
+        .collect();
+    types.sort_by(|a, b| (a != "Patient", a).cmp(&(b != "Patient", b)));
+    Ok(types)
+}
+
+/// Plans an organized export: its patients (those of its scope as at `transactionTime`, whatever
+/// the window) in id order, cut into shards of about `EXPORT_SHARD_MAX_RESOURCES` resources, each
+/// shard's ids recorded beside the job. Returns the shards and the order to queue them in.
+pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
+    let (source, planned) = (exports.source.clone(), job.clone());
+    let max_resources = exports.limits.shard_max_resources;
+    let (patients, per_shard) = crate::blocking::run(move || -> Result<_, ExportError> {
+        let patients = exported_patients(source.as_ref(), &planned)?;
+        let per_shard =
+            patients_per_shard(source.as_ref(), &planned, patients.len(), max_resources)?;
+        Ok((patients, per_shard))
+    })
+    .await?;
+    let chunks: Vec<&[String]> = patients.chunks(per_shard.max(1)).collect();
+    let split = chunks.len() > 1;
+    let mut shards = Vec::new();
+    for (index, chunk) in chunks.into_iter().enumerate() {
+        exports.jobs.put_patients(&job.id, index, chunk).await?;
+        shards.push(Shard {
+            resource_type: "Patient".into(),
+            stem: match split {
+                true => format!("patients-{}", index + 1),
+                false => "patients".into(),
+            },
+            since: None,
+            until: None,
+            rows: RowRange::default(),
+            patients: Some(PatientRange {
+                first: chunk[0].clone(),
+                last: chunk[chunk.len() - 1].clone(),
+                count: chunk.len(),
+            }),
+        });
+    }
+    let order = (0..shards.len()).collect();
+    Ok((shards, order))
+}
+
+/// The ids of the patients an organized export covers, sorted: every Patient of its scope as at
+/// its `transactionTime`. (Held in memory at planning: about 40 bytes a patient.)
+fn exported_patients(source: &dyn ResourceSource, job: &Job) -> Result<Vec<String>, ExportError> {
+    #[derive(Deserialize)]
+    struct Id {
+        id: Option<String>,
+    }
+    let mut ids = Vec::new();
+    source.scan(
+        &ScanRequest {
+            resource_type: "Patient",
+            since: None,
+            stored_since: None,
+            until: job.transaction_time,
+            snapshot: job.transaction_time,
+            scope: &job.scope,
+            after_id: None,
+            type_filters: &[],
+            rows: RowRange::default(),
+            resume: None,
+            pause_after: None,
+        },
+        &mut |resource| {
+            if let Ok(Id { id: Some(id) }) = serde_json::from_slice::<Id>(resource) {
+                ids.push(id);
+            }
+            Ok(())
+        },
+    )?;
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Patients per shard: as many as hold about `max_resources` resources, by the source's counts.
+fn patients_per_shard(
+    source: &dyn ResourceSource,
+    job: &Job,
+    patients: usize,
+    max_resources: u64,
+) -> Result<usize, ExportError> {
+    let until = job
+        .request
+        .until
+        .map_or(job.transaction_time, |u| u.min(job.transaction_time));
+    let mut total = 0;
+    for resource_type in block_types(source, &job.request)? {
+        let counted = source.count(&ScanRequest {
+            resource_type: &resource_type,
+            since: job.request.since,
+            stored_since: job.request.since,
+            until,
+            snapshot: job.transaction_time,
+            scope: &job.scope,
+            after_id: None,
+            type_filters: &[],
+            rows: RowRange::default(),
+            resume: None,
+            pause_after: None,
+        })?;
+        match counted {
+            Some(count) => total += count,
+            None => return Ok(PATIENTS_PER_SHARD_UNCOUNTED),
+        }
+    }
+    let per_patient = (total / patients.max(1) as u64).max(1);
+    Ok((max_resources / per_patient).clamp(1, patients.max(1) as u64) as usize)
+}
+
+/// The header line of a patient's resource block.
+fn header(patient: &str) -> Vec<u8> {
+    let reference = serde_json::to_string(&format!("Patient/{patient}")).expect("a string");
+    format!(r#"{{"resourceType":"Parameters","parameter":[{{"name":"header","valueReference":{{"reference":{reference}}}}}]}}"#).into_bytes()
+}
+
+/// Whether a patient id is among the export's patients (planned, in shards' documents).
+struct Universe {
+    jobs: JobStore,
+    runtime: Handle,
+    job_id: String,
+    /// Each shard's first and last patient, by shard.
+    ranges: Vec<(usize, String, String)>,
+    loaded: HashMap<usize, HashSet<String>>,
+}
+
+impl Universe {
+    fn contains(&mut self, id: &str) -> Result<bool, SinkError> {
+        let Some(&(shard, _, _)) = self
+            .ranges
+            .iter()
+            .find(|(_, first, last)| first.as_str() <= id && id <= last.as_str())
+        else {
+            return Ok(false);
+        };
+        if !self.loaded.contains_key(&shard) {
+            let ids = load_patients(&self.jobs, &self.runtime, &self.job_id, shard)?;
+            self.loaded.insert(shard, ids.into_iter().collect());
+        }
+        Ok(self.loaded[&shard].contains(id))
+    }
+}
+
+fn load_patients(
+    jobs: &JobStore,
+    runtime: &Handle,
+    job_id: &str,
+    shard: usize,
+) -> Result<Vec<String>, SinkError> {
+    let path = format!("patients of shard {shard}");
+    match runtime.block_on(jobs.patients(job_id, shard)) {
+        Ok(Some(ids)) => Ok(ids),
+        Ok(None) => Err(StorageError::NotFound(path).into()),
+        Err(JobError::Storage(error)) => Err(error.into()),
+        Err(other) => Err(StorageError::Service {
+            path,
+            detail: other.to_string(),
+        }
+        .into()),
+    }
+}
+
+/// What one shard of an organized export reads and writes.
+pub struct BlockShard {
+    /// This shard's patients still to write, in order.
+    patients: Vec<String>,
+    types: Vec<String>,
+    shapings: Vec<Shaping>,
+    since: Option<DateTime<Utc>>,
+    stored_since: Option<DateTime<Utc>>,
+    until: DateTime<Utc>,
+    snapshot: DateTime<Utc>,
+    universe: Universe,
+}
+
+impl BlockShard {
+    /// Prepares shard `shard` of `job`, after `resume` (the last patient a paused run wrote).
+    /// Runs on the shard's own thread: it blocks on `runtime`.
+    pub fn load(
+        exports: &Exports,
+        runtime: Handle,
+        job: &Job,
+        shard: usize,
+        resume: Option<&Cursor>,
+        window: (Option<DateTime<Utc>>, Option<DateTime<Utc>>, DateTime<Utc>),
+    ) -> Result<BlockShard, ScanError> {
+        let mut patients = load_patients(&exports.jobs, &runtime, &job.id, shard)?;
+        match resume {
+            None => {}
+            Some(Cursor::Id { id }) => patients.retain(|patient| patient > id),
+            Some(other) => {
+                return Err(crate::source::SourceError::Unsupported(format!(
+                    "a shard of resource blocks cannot resume at {other:?}"
+                ))
+                .into())
+            }
+        }
+        let types = block_types(exports.source.as_ref(), &job.request)?;
+        let shapings = types.iter().map(|t| Shaping::of(&job.request, t)).collect();
+        let ranges = job
+            .shards
+            .iter()
+            .enumerate()
+            .filter_map(|(index, s)| {
+                let range = s.patients.as_ref()?;
+                Some((index, range.first.clone(), range.last.clone()))
+            })
+            .collect();
+        let (since, stored_since, until) = window;
+        Ok(BlockShard {
+            patients,
+            types,
+            shapings,
+            since,
+            stored_since,
+            until,
+            snapshot: job.transaction_time,
+            universe: Universe {
+                jobs: exports.jobs.clone(),
+                runtime,
+                job_id: job.id.clone(),
+                ranges,
+                loaded: HashMap::new(),
+            },
+        })
+    }
+
+    /// Writes the blocks of the shard's patients, batch by batch; past `pause_after`, pauses after
+    /// a batch (the cursor: its last patient). `go_on` says whether to keep going.
+    pub fn write(
+        mut self,
+        source: &dyn ResourceSource,
+        writer: &mut RollingNdjsonWriter,
+        go_on: &dyn Fn() -> bool,
+        pause_after: Option<std::time::Instant>,
+    ) -> Result<Scanned, ScanError> {
+        let mut count = 0;
+        let patients = std::mem::take(&mut self.patients);
+        let batches: Vec<&[String]> = patients.chunks(BATCH).collect();
+        for (number, batch) in batches.iter().enumerate() {
+            if !go_on() {
+                return Err(SinkError::Stopped.into());
+            }
+            count += self.write_batch(source, batch, writer, go_on)?;
+            let more = number + 1 < batches.len();
+            if more && pause_after.is_some_and(|at| std::time::Instant::now() >= at) {
+                let last = batch[batch.len() - 1].clone();
+                return Ok(Scanned {
+                    count,
+                    paused: Some(Cursor::Id { id: last }),
+                });
+            }
+        }
+        Ok(Scanned::whole(count))
+    }
+
+    /// Reads every type of a batch of patients into a spill file, then writes their blocks.
+    fn write_batch(
+        &mut self,
+        source: &dyn ResourceSource,
+        batch: &[String],
+        writer: &mut RollingNdjsonWriter,
+        go_on: &dyn Fn() -> bool,
+    ) -> Result<u64, ScanError> {
+        let spill_error = |e: std::io::Error| SinkError::from(StorageError::io("spill file", e));
+        let positions: HashMap<&str, u32> = batch
+            .iter()
+            .enumerate()
+            .map(|(at, id)| (id.as_str(), at as u32))
+            .collect();
+        let mut spill = BufWriter::new(tempfile::tempfile().map_err(spill_error)?);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut offset = 0u64;
+        let scope = PatientScope::Only(batch.to_vec());
+        for (rank, resource_type) in self.types.iter().enumerate() {
+            let shaping = &self.shapings[rank];
+            let request = ScanRequest {
+                resource_type,
+                since: self.since,
+                stored_since: self.stored_since,
+                until: self.until,
+                snapshot: self.snapshot,
+                scope: &scope,
+                after_id: None,
+                type_filters: &shaping.filters,
+                rows: RowRange::default(),
+                resume: None,
+                pause_after: None,
+            };
+            let universe = &mut self.universe;
+            source.scan(&request, &mut |resource| {
+                if !go_on() {
+                    return Err(SinkError::Stopped);
+                }
+                let Some(owner) = owner_of(resource_type, resource, &positions, universe)? else {
+                    return Ok(());
+                };
+                let Some(bytes) = shaping.shape(resource) else {
+                    return Ok(());
+                };
+                spill.write_all(&bytes).map_err(spill_error)?;
+                entries.push(Entry {
+                    owner,
+                    rank: rank as u16,
+                    offset,
+                    length: bytes.len() as u32,
+                });
+                offset += bytes.len() as u64;
+                Ok(())
+            })?;
+        }
+        let mut spill = spill
+            .into_inner()
+            .map_err(|e| spill_error(e.into_error()))?;
+        spill.seek(SeekFrom::Start(0)).map_err(spill_error)?;
+        // Stable: within a block, each type's resources stay in the order they were read.
+        entries.sort_by_key(|entry| (entry.owner, entry.rank));
+        let mut line = Vec::new();
+        for block in entries.chunk_by(|a, b| a.owner == b.owner) {
+            let header = header(&batch[block[0].owner as usize]);
+            let bytes: u64 = block.iter().map(|e| u64::from(e.length) + 1).sum();
+            writer
+                .begin_block(&header, header.len() as u64 + 1 + bytes)
+                .map_err(SinkError::from)?;
+            for entry in block {
+                line.resize(entry.length as usize, 0);
+                spill
+                    .seek(SeekFrom::Start(entry.offset))
+                    .map_err(spill_error)?;
+                spill.read_exact(&mut line).map_err(spill_error)?;
+                writer.push(&line).map_err(SinkError::from)?;
+            }
+            writer.end_block();
+        }
+        Ok(entries.len() as u64)
+    }
+}
+
+/// One resource in the spill file: whose block (its patient's place in the batch), its type's
+/// place in block order, and where its bytes are.
+struct Entry {
+    owner: u32,
+    rank: u16,
+    offset: u64,
+    length: u32,
+}
+
+/// The patient of the batch whose block holds `resource`, if any: a Patient is its own; any other
+/// resource goes to the first, by id, of the exported patients whose compartment holds it (so
+/// that each resource has one block, whichever batch or shard reads it).
+fn owner_of(
+    resource_type: &str,
+    resource: &[u8],
+    batch: &HashMap<&str, u32>,
+    universe: &mut Universe,
+) -> Result<Option<u32>, SinkError> {
+    if resource_type != "Patient" {
+        if let Some([only]) = patients_named(resource).as_deref() {
+            return Ok(batch.get(only).copied());
+        }
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
+        return Ok(None);
+    };
+    let id = value
+        .get("id")
+        .and_then(|id| id.as_str())
+        .unwrap_or_default();
+    if resource_type == "Patient" {
+        return Ok(batch.get(id).copied());
+    }
+    let mut candidates = patient_ids(resource_type, id, &value);
+    candidates.sort_unstable();
+    for candidate in candidates {
+        if let Some(&at) = batch.get(candidate.as_str()) {
+            return Ok(Some(at));
+        }
+        if universe.contains(&candidate)? {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// The distinct ids of every `Patient/{id}` written in a resource's JSON, when the text can be
+/// trusted to show them (no `\/` or `\u` escapes): a compartment's patients are among them, so a
+/// resource naming one patient belongs to that patient's block, without parsing it.
+fn patients_named(resource: &[u8]) -> Option<Vec<&str>> {
+    if memchr::memmem::find(resource, b"\\/").is_some()
+        || memchr::memmem::find(resource, b"\\u").is_some()
+    {
+        return None;
+    }
+    let mut ids: Vec<&str> = Vec::new();
+    for at in memchr::memmem::find_iter(resource, b"Patient/") {
+        let rest = &resource[at + "Patient/".len()..];
+        let length = rest
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || **b == b'-' || **b == b'.')
+            .count();
+        let ends_well = matches!(rest.get(length), Some(b'"' | b'/'));
+        if length == 0 || !ends_well {
+            // Not a reference this scan reads: the careful way decides.
+            return None;
+        }
+        let id = std::str::from_utf8(&rest[..length]).ok()?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    Some(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_patients_a_resource_names_are_read_from_its_text_when_it_can_be_trusted() {
+        let one = br#"{"subject":{"reference":"Patient/p-1"},"encounter":{"reference":"Encounter/e"},"x":{"reference":"http://h/fhir/Patient/p-1/_history/2"}}"#;
+        assert_eq!(patients_named(one), Some(vec!["p-1"]));
+        let two =
+            br#"{"subject":{"reference":"Patient/a"},"performer":[{"reference":"Patient/b"}]}"#;
+        assert_eq!(patients_named(two), Some(vec!["a", "b"]));
+        assert_eq!(
+            patients_named(br#"{"subject":{"reference":"Patient\/a"}}"#),
+            None
+        );
+        assert_eq!(patients_named(br#"{"note":"Patient/ a"}"#), None);
+        assert_eq!(patients_named(br#"{"id":"x"}"#), Some(vec![]));
+    }
+
+    #[test]
+    fn a_header_names_its_patient() {
+        let header: serde_json::Value = serde_json::from_slice(&header("p.1-x")).unwrap();
+        assert_eq!(header["resourceType"], "Parameters");
+        assert_eq!(header["parameter"][0]["name"], "header");
+        assert_eq!(
+            header["parameter"][0]["valueReference"]["reference"],
+            "Patient/p.1-x"
+        );
+    }
+}

@@ -863,3 +863,80 @@ async fn separate_export_status_puts_the_exports_status_in_a_header() {
         );
     }
 }
+
+/// Bulk Data STU3 `allowPartialManifests=true` over HTTP: polls answer 202 with a (partial)
+/// manifest once files are finished, then 200; the manifest comes in pages of at most
+/// `EXPORT_MANIFEST_PAGE_SIZE` files linked by `next`, each the same when fetched again, listing
+/// every file once; with `separate-export-status` a page answers 200 and its status in a header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_manifests_come_in_linked_pages_that_list_every_file_once() {
+    let store = sample_store();
+    let client = client();
+    let server = start(&store, |s| {
+        s.manifest_page_size = 2;
+        s.file_max_bytes = 2 << 20;
+    })
+    .await;
+    let url = format!(
+        "{}/$export?allowPartialManifests=true&organizeOutputBy=Patient",
+        server.base
+    );
+    let response = kickoff_preferring(&client, &url, "respond-async, separate-export-status").await;
+    assert_eq!(response.status(), 202);
+    let status = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let first = loop {
+        let answer = client.get(&status).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let export_status = answer.headers()["x-export-status"].clone();
+        let body = answer.bytes().await.unwrap();
+        if export_status == "200" {
+            break serde_json::from_slice::<Value>(&body).unwrap();
+        }
+        assert_eq!(export_status, "202");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let mut pages = vec![first];
+    let mut page_urls = vec![status.clone()];
+    while let Some(next) = pages.last().unwrap()["link"][0]["url"].as_str() {
+        assert!(next.starts_with(&status), "{next}");
+        let answer = client.get(next).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.headers()["x-export-status"], "200");
+        page_urls.push(next.to_string());
+        pages.push(answer.json().await.unwrap());
+    }
+    let mut listed = Vec::new();
+    for (url, page) in page_urls.iter().zip(&pages) {
+        let outputs = page["output"].as_array().unwrap();
+        assert!(!outputs.is_empty() && outputs.len() <= 2, "{url}: {page}");
+        assert_eq!(page["outputOrganizedBy"], "Patient");
+        assert_eq!(page["transactionTime"], pages[0]["transactionTime"]);
+        listed.extend(
+            outputs
+                .iter()
+                .map(|o| o["url"].as_str().unwrap().to_string()),
+        );
+        let again: Value = get_json(&client, url).await;
+        assert_eq!(&again, page, "{url} changed");
+    }
+    let mut unique = listed.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), listed.len(), "a file listed twice");
+    let folder = server.exports.read_dir().unwrap().flatten().find(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .ends_with(&status[status.len() - 32..])
+    });
+    let on_disk = std::fs::read_dir(folder.unwrap().path()).unwrap().count();
+    let notes = pages[0]["error"].as_array().unwrap().len();
+    assert_eq!(
+        notes, 1,
+        "the note that organized output leaves some types out"
+    );
+    assert_eq!(listed.len() + notes, on_disk, "every file listed");
+    assert!(pages.len() >= 10, "{} pages", pages.len());
+}

@@ -350,3 +350,86 @@ async fn an_offset_limit_narrows_the_window_and_loses_nothing() {
         .unwrap();
     assert!(got == stored_observations(), "{} exported", got.len());
 }
+
+/// An organized export's resources by the patient whose block holds them (`organizeOutputBy`).
+async fn blocks(
+    client: &reqwest::Client,
+    manifest: &Value,
+) -> BTreeMap<String, BTreeSet<(String, String)>> {
+    assert_eq!(manifest["outputOrganizedBy"], "Patient");
+    let mut blocks: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+    for output in manifest["output"].as_array().unwrap() {
+        let body = client
+            .get(output["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut patient = String::new();
+        for line in body.lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            let resource_type = resource["resourceType"].as_str().unwrap().to_string();
+            if resource_type == "Parameters" {
+                let reference = &resource["parameter"][0]["valueReference"]["reference"];
+                patient = reference.as_str().unwrap().replace("Patient/", "");
+                continue;
+            }
+            let key = (resource_type, resource["id"].as_str().unwrap().to_string());
+            let first = blocks
+                .entry(patient.clone())
+                .or_default()
+                .insert(key.clone());
+            assert!(first, "{key:?} twice");
+        }
+    }
+    blocks
+}
+
+/// `organizeOutputBy=Patient` from a FHIR server: the same blocks as from the embedded store, at
+/// system and Group level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organized_exports_from_medplum_equal_those_from_the_embedded_store() {
+    let data = dataset();
+    let medplum = Medplum::start(&data.ndjson, &[]);
+    let embedded = start(&data.store, |_| {}).await;
+    let remote = start_on(&medplum.base).await;
+    let client = client();
+    for path in [
+        "/$export?organizeOutputBy=Patient".to_string(),
+        format!(
+            "/Group/{}/$export?organizeOutputBy=Patient&_type=Patient,Encounter",
+            data.group_id
+        ),
+    ] {
+        let expected = blocks(
+            &client,
+            &run(&client, &format!("{}{path}", embedded.base), None).await,
+        )
+        .await;
+        let got = blocks(
+            &client,
+            &run(&client, &format!("{}{path}", remote.base), None).await,
+        )
+        .await;
+        assert!(
+            expected.len() >= GROUP_SIZE,
+            "{path}: {} blocks",
+            expected.len()
+        );
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "{path}: the same patients"
+        );
+        for (patient, keys) in &expected {
+            assert!(
+                got[patient] == *keys,
+                "{path}: {patient}: {} from Medplum, {} from the store",
+                got[patient].len(),
+                keys.len()
+            );
+        }
+    }
+}

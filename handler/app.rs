@@ -109,6 +109,7 @@ pub fn limits_of(settings: &Settings) -> Limits {
         retention: settings.retention,
         shard_max_time: settings.shard_max_time,
         manifest_page_size: settings.manifest_page_size,
+        gzip_files: settings.gzip_files,
     }
 }
 

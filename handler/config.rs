@@ -71,6 +71,8 @@ pub struct Settings {
     pub shard_max_time: Option<Duration>,
     /// Outputs per manifest page, for clients that allow partial manifests.
     pub manifest_page_size: usize,
+    /// Export files are stored gzip-compressed (`EXPORT_COMPRESSION=gzip`).
+    pub gzip_files: bool,
     /// Bearer-token checks; `None` leaves every endpoint open.
     pub auth: Option<crate::auth::AuthSetting>,
     /// What the manifest's file URLs point at (`EXPORT_FILE_URLS`).
@@ -107,6 +109,19 @@ pub fn parse_file_urls(value: &str, storage: &StorageSetting) -> Result<FileUrls
     }
 }
 
+/// `EXPORT_COMPRESSION`: `none` (files stored as NDJSON) or `gzip` (stored compressed); whether
+/// files are stored compressed.
+pub fn parse_compression(value: &str) -> Result<bool, SettingError> {
+    match value.trim() {
+        "none" | "" => Ok(false),
+        "gzip" => Ok(true),
+        other => Err(bad(
+            "EXPORT_COMPRESSION",
+            format!("{other:?} is not none or gzip"),
+        )),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("setting {name}: {message}")]
 pub struct SettingError {
@@ -137,6 +152,7 @@ impl Default for Settings {
             max_running_exports: DEFAULT_MAX_RUNNING_EXPORTS,
             shard_max_time: None,
             manifest_page_size: DEFAULT_MANIFEST_PAGE_SIZE,
+            gzip_files: false,
             file_urls: FileUrls::Proxy,
             auth: None,
         }

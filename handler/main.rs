@@ -187,6 +187,10 @@ struct ServeArgs {
     /// Outputs per manifest page for clients that send allowPartialManifests=true.
     #[arg(long, env = "EXPORT_MANIFEST_PAGE_SIZE", default_value_t = config::DEFAULT_MANIFEST_PAGE_SIZE)]
     manifest_page_size: usize,
+    /// How export files are stored: none (NDJSON) or gzip (compressed; served compressed to
+    /// clients that accept gzip, and decompressed for the others).
+    #[arg(long, env = "EXPORT_COMPRESSION", default_value = "none")]
+    compression: String,
     /// Shard workers (default: one per core).
     #[arg(long, env = "EXPORT_WORKERS")]
     workers: Option<usize>,
@@ -456,6 +460,7 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
             .flatten(),
         max_running_exports: args.max_running_exports.max(1),
         manifest_page_size: args.manifest_page_size.max(1),
+        gzip_files: config::parse_compression(&args.compression)?,
         auth: config::parse_auth(
             args.auth_issuer.as_deref(),
             args.auth_audience.as_deref(),

@@ -49,6 +49,13 @@ param shardMaxSecs int = 480
 @minValue(1)
 param manifestPageSize int = 1000
 
+@description('How export files are stored (EXPORT_COMPRESSION): none (NDJSON) or gzip (compressed blobs with Content-Encoding: gzip).')
+@allowed([
+  'none'
+  'gzip'
+])
+param compression string = 'none'
+
 @description('Exports running at once; a kickoff beyond this answers 429 (EXPORT_MAX_RUNNING_EXPORTS).')
 param maxRunningExports int = 32
 
@@ -152,6 +159,7 @@ module app 'modules/functionapp.bicep' = {
         { name: 'EXPORT_SHARD_MAX_RESOURCES', value: string(shardMaxResources) }
         { name: 'EXPORT_SHARD_MAX_SECS', value: string(shardMaxSecs) }
         { name: 'EXPORT_MANIFEST_PAGE_SIZE', value: string(manifestPageSize) }
+        { name: 'EXPORT_COMPRESSION', value: compression }
         { name: 'EXPORT_MAX_RUNNING_EXPORTS', value: string(maxRunningExports) }
         { name: 'EXPORT_FILE_URLS', value: fileUrls }
       ],

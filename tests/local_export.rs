@@ -701,68 +701,98 @@ async fn with_sas_file_urls_the_manifest_leads_straight_to_the_storage() {
 
 /// Bulk Data STU3: a client that sends `Accept-Encoding: gzip` gets each file gzip-compressed, which
 /// decompresses to the very bytes a client without it gets; `q=0` and other codings get plain bytes.
+/// The same whether files are stored as NDJSON or compressed (`EXPORT_COMPRESSION=gzip`, where
+/// the gzip answer is the stored file itself and the plain one is decompressed on the way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_asked_for_gzip_comes_compressed_and_decompresses_to_the_same_bytes() {
-    let server = start(&sample_store(), |_| {}).await;
     let client = client();
-    let manifest = export(
-        &client,
-        &format!("{}/$export?_type=Observation,Patient", server.base),
-    )
-    .await;
-    let (mut plain_bytes, mut wire_bytes) = (0, 0);
-    for output in manifest["output"].as_array().unwrap() {
-        let url = output["url"].as_str().unwrap();
-        let plain = client.get(url).send().await.unwrap();
-        assert_eq!(plain.headers().get("content-encoding"), None);
-        assert_eq!(plain.headers()["vary"], "accept-encoding");
-        let plain = plain.bytes().await.unwrap();
-
-        let compressed = client
-            .get(url)
-            .header("accept-encoding", "br;q=1, gzip;q=0.8")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(compressed.status(), 200);
-        assert_eq!(compressed.headers()["content-encoding"], "gzip");
-        assert_eq!(
-            compressed.headers()["content-type"],
-            "application/fhir+ndjson"
-        );
-        assert_eq!(compressed.headers()["vary"], "accept-encoding");
-        let compressed = compressed.bytes().await.unwrap();
-        let mut decompressed = Vec::new();
-        std::io::Read::read_to_end(
-            &mut flate2::read::GzDecoder::new(&compressed[..]),
-            &mut decompressed,
+    let mut plain_by_name: Vec<std::collections::BTreeMap<String, bytes::Bytes>> = Vec::new();
+    for stored_gzip in [false, true] {
+        let server = start(&sample_store(), |s| s.gzip_files = stored_gzip).await;
+        let manifest = export(
+            &client,
+            &format!("{}/$export?_type=Observation,Patient", server.base),
         )
-        .unwrap();
-        assert!(
-            decompressed == plain,
-            "{url}: the decompressed bytes differ"
-        );
-        plain_bytes += plain.len();
-        wire_bytes += compressed.len();
+        .await;
+        let (mut plain_bytes, mut wire_bytes) = (0, 0);
+        let mut plain_files = std::collections::BTreeMap::new();
+        for output in manifest["output"].as_array().unwrap() {
+            let url = output["url"].as_str().unwrap();
+            let plain = client.get(url).send().await.unwrap();
+            assert_eq!(plain.headers().get("content-encoding"), None);
+            assert_eq!(plain.headers()["vary"], "accept-encoding");
+            let plain = plain.bytes().await.unwrap();
+            assert_eq!(
+                plain.iter().filter(|&&b| b == b'\n').count() as u64,
+                output["count"].as_u64().unwrap()
+            );
 
-        for refused in ["gzip;q=0", "identity", "br"] {
-            let answer = client
+            let compressed = client
                 .get(url)
-                .header("accept-encoding", refused)
+                .header("accept-encoding", "br;q=1, gzip;q=0.8")
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(answer.headers().get("content-encoding"), None, "{refused}");
-            assert!(answer.bytes().await.unwrap() == plain, "{refused}");
+            assert_eq!(compressed.status(), 200);
+            assert_eq!(compressed.headers()["content-encoding"], "gzip");
+            assert_eq!(
+                compressed.headers()["content-type"],
+                "application/fhir+ndjson"
+            );
+            assert_eq!(compressed.headers()["vary"], "accept-encoding");
+            let compressed = compressed.bytes().await.unwrap();
+            let mut decompressed = Vec::new();
+            std::io::Read::read_to_end(
+                &mut flate2::read::GzDecoder::new(&compressed[..]),
+                &mut decompressed,
+            )
+            .unwrap();
+            assert!(
+                decompressed == plain,
+                "{url}: the decompressed bytes differ"
+            );
+            let stored =
+                std::fs::read(server.exports.join(url.split("/_exports/").nth(1).unwrap()))
+                    .unwrap();
+            assert_eq!(
+                stored.starts_with(&[0x1f, 0x8b]),
+                stored_gzip,
+                "{url}: stored compressed"
+            );
+            if stored_gzip {
+                assert!(
+                    stored == compressed,
+                    "{url}: the stored file is what goes out"
+                );
+            }
+            plain_bytes += plain.len();
+            wire_bytes += compressed.len();
+
+            for refused in ["gzip;q=0", "identity", "br"] {
+                let answer = client
+                    .get(url)
+                    .header("accept-encoding", refused)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.headers().get("content-encoding"), None, "{refused}");
+                assert!(answer.bytes().await.unwrap() == plain, "{refused}");
+            }
+            plain_files.insert(url.rsplit('/').next().unwrap().to_string(), plain);
         }
+        eprintln!(
+            "stored gzip {stored_gzip}: Observation and Patient: {plain_bytes} bytes plain, {wire_bytes} gzip ({:.1}x)",
+            plain_bytes as f64 / wire_bytes as f64
+        );
+        assert!(
+            wire_bytes * 4 < plain_bytes,
+            "{wire_bytes} of {plain_bytes}"
+        );
+        plain_by_name.push(plain_files);
     }
-    eprintln!(
-        "Observation and Patient: {plain_bytes} bytes plain, {wire_bytes} gzip ({:.1}x)",
-        plain_bytes as f64 / wire_bytes as f64
-    );
     assert!(
-        wire_bytes * 4 < plain_bytes,
-        "{wire_bytes} of {plain_bytes}"
+        plain_by_name[0] == plain_by_name[1],
+        "the same NDJSON either way"
     );
 }
 

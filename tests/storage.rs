@@ -422,3 +422,50 @@ async fn a_user_delegation_sas_is_accepted_by_azurite_for_its_blob_only() {
     assert_eq!(stretched.status(), 403, "the signature covers the expiry");
     store.delete_prefix(&c).await.unwrap();
 }
+
+/// An export file stored compressed (`EXPORT_COMPRESSION=gzip`) is a blob labelled
+/// `Content-Type: application/fhir+ndjson` and `Content-Encoding: gzip`, so that a download
+/// straight from the storage (a SAS URL) says what it carries; a plain one has the type alone.
+#[tokio::test]
+async fn export_files_are_blobs_labelled_with_their_type_and_encoding() {
+    use std::io::Write;
+    let store = Arc::new(AzureBlob::new(&azurite::sas_url(), None).unwrap());
+    let c = azurite::unique_container("labels");
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(b"{\"id\":\"a\"}\n").unwrap();
+    let compressed = encoder.finish().unwrap();
+    for (name, gzip, body) in [
+        ("Patient-1.ndjson", true, compressed.clone()),
+        ("Patient-2.ndjson", false, b"{\"id\":\"b\"}\n".to_vec()),
+    ] {
+        let path = format!("{c}/f/{name}");
+        let mut writer = store.export_writer(&path, gzip).await.unwrap();
+        writer
+            .write(bytes::Bytes::from(body.clone()))
+            .await
+            .unwrap();
+        writer.commit().await.unwrap();
+        let (account, sas) = azurite::sas_url()
+            .split_once('?')
+            .map(|(a, s)| (a.to_string(), s.to_string()))
+            .unwrap();
+        let read = reqwest::get(format!("{account}/{c}/f/{name}?{sas}"))
+            .await
+            .unwrap();
+        assert_eq!(read.status(), 200);
+        assert_eq!(read.headers()["content-type"], "application/fhir+ndjson");
+        assert_eq!(
+            read.headers()
+                .get("content-encoding")
+                .is_some_and(|e| e == "gzip"),
+            gzip,
+            "{name}"
+        );
+        assert_eq!(
+            read.bytes().await.unwrap().to_vec(),
+            body,
+            "{name}: stored as written"
+        );
+    }
+    store.delete_prefix(&c).await.unwrap();
+}

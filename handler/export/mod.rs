@@ -81,6 +81,8 @@ pub struct Limits {
     pub shard_max_time: Option<Duration>,
     /// Outputs per manifest page (`allowPartialManifests`).
     pub manifest_page_size: usize,
+    /// Files are stored gzip-compressed (`EXPORT_COMPRESSION=gzip`).
+    pub gzip_files: bool,
 }
 
 impl Limits {

@@ -409,7 +409,8 @@ async fn write_files(
         &spec.resource_type,
         exports.limits.file_max_bytes,
     )
-    .numbered_after(resume.files_before);
+    .numbered_after(resume.files_before)
+    .gzip(exports.limits.gzip_files);
     let job_id = job.id.clone();
     let scope = job.scope.clone();
     let shaping = Shaping::of(&job.request, &spec.resource_type);

@@ -410,6 +410,11 @@ pub async fn download(
         match file_type(&job, path).ok_or_else(missing)? {
             FileType::Notes => {}
             FileType::Resources(resource_type) => may_read(caller, resource_type)?,
+            FileType::Blocks => {
+                for resource_type in job.request.types.iter().flatten() {
+                    may_read(caller, resource_type)?;
+                }
+            }
         }
     }
     let (size, stream) = match api.exports.storage.read_stream(path).await {
@@ -417,23 +422,58 @@ pub async fn download(
         Err(crate::storage::StorageError::InvalidPath(_)) => return Err(missing()),
         Err(error) => return Err(error.into()),
     };
+    let (stored_gzip, stream) = sniff_gzip(stream).await;
     let gzip = accepts_gzip(request_headers);
-    let mut response = match gzip {
-        true => warp::reply::stream(gzipped(stream)).into_response(),
-        false => warp::reply::stream(stream).into_response(),
+    let mut response = match (stored_gzip, gzip) {
+        (false, true) => warp::reply::stream(gzipped(stream)).into_response(),
+        (true, false) => warp::reply::stream(gunzipped(stream)).into_response(),
+        _ => warp::reply::stream(stream).into_response(),
     };
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
     headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-    match gzip {
-        true => {
-            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        }
-        false => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-        }
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    if stored_gzip == gzip {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     }
     Ok(response)
+}
+
+/// Whether a stored file is gzip-compressed (`EXPORT_COMPRESSION=gzip`): NDJSON starts with `{`,
+/// gzip with its magic bytes. Returns the stream whole, first chunk included.
+async fn sniff_gzip(mut stream: crate::storage::ByteStream) -> (bool, crate::storage::ByteStream) {
+    use futures_util::StreamExt;
+    let mut head: Vec<std::io::Result<bytes::Bytes>> = Vec::new();
+    let mut start: Vec<u8> = Vec::new();
+    while start.len() < 2 {
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                start.extend(chunk.iter().copied().take(2 - start.len()));
+                head.push(Ok(chunk));
+            }
+            Some(Err(error)) => {
+                head.push(Err(error));
+                break;
+            }
+            None => break,
+        }
+    }
+    let gzip = start == [0x1f_u8, 0x8b];
+    (
+        gzip,
+        Box::pin(futures_util::stream::iter(head).chain(stream)),
+    )
+}
+
+/// A stored gzip file's NDJSON, for a client that does not take gzip.
+fn gunzipped(
+    stream: crate::storage::ByteStream,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Sync + 'static {
+    let compressed = tokio_util::io::StreamReader::new(stream);
+    let decoder = async_compression::tokio::bufread::GzipDecoder::new(compressed);
+    tokio_util::io::ReaderStream::with_capacity(decoder, 256 << 10)
 }
 
 /// Whether the client takes gzip (Bulk Data STU3 downloads): `gzip` (or `x-gzip`), else `*`, listed
@@ -476,6 +516,8 @@ enum FileType<'a> {
     /// The request's notes (`OperationOutcome-1.ndjson`): the owner's whatever its scopes.
     Notes,
     Resources(&'a str),
+    /// Resource blocks (`organizeOutputBy`): every type the export holds.
+    Blocks,
 }
 
 /// What one of a job's files holds: `{stem}-{n}.ndjson` of one of its shards, or the notes.
@@ -486,7 +528,10 @@ fn file_type<'a>(job: &'a crate::export::jobs::Job, path: &str) -> Option<FileTy
     }
     job.shards.iter().find_map(|shard| {
         crate::storage::RollingNdjsonWriter::file_number(&shard.stem, name)?;
-        Some(FileType::Resources(shard.resource_type.as_str()))
+        Some(match shard.patients {
+            Some(_) => FileType::Blocks,
+            None => FileType::Resources(shard.resource_type.as_str()),
+        })
     })
 }
 

@@ -13,8 +13,8 @@ use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
 use azure_core::http::{NoFormat, RequestContent, StatusCode, Url};
 use azure_storage_blob::models::{
-    BlobContainerClientListBlobsOptions, BlockBlobClientUploadOptions, BlockLookupList, KeyInfo,
-    ListBlobsIncludeItem,
+    BlobContainerClientListBlobsOptions, BlockBlobClientCommitBlockListOptions,
+    BlockBlobClientUploadOptions, BlockLookupList, KeyInfo, ListBlobsIncludeItem,
 };
 use azure_storage_blob::{BlobClient, BlobContainerClient, BlobServiceClient};
 use bytes::Bytes;
@@ -70,7 +70,28 @@ struct ContainerState {
     exists: bool,
 }
 
+/// The `Content-Type` of an export file's blob.
+const EXPORT_CONTENT_TYPE: &str = "application/fhir+ndjson";
+
 impl AzureBlob {
+    /// A block writer for `path`; `labels`: the `Content-Type` and `Content-Encoding` to commit.
+    async fn blob_writer(
+        &self,
+        path: &str,
+        labels: Option<(String, Option<String>)>,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let (container, _) = split(path)?;
+        self.ensure_container(container).await?;
+        let (_, blob) = self.blob(path)?;
+        Ok(Box::new(BlobWriter {
+            path: path.to_string(),
+            blob: Arc::new(blob),
+            block_ids: Vec::new(),
+            in_flight: FuturesUnordered::new(),
+            labels,
+        }))
+    }
+
     /// `account_url`: `https://{account}.blob.core.windows.net` with a credential, or any URL carrying
     /// a SAS in its query (then `credential` is `None`).
     pub fn new(
@@ -385,15 +406,17 @@ impl ObjectStore for AzureBlob {
     }
 
     async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
-        let (container, _) = split(path)?;
-        self.ensure_container(container).await?;
-        let (_, blob) = self.blob(path)?;
-        Ok(Box::new(BlobWriter {
-            path: path.to_string(),
-            blob: Arc::new(blob),
-            block_ids: Vec::new(),
-            in_flight: FuturesUnordered::new(),
-        }))
+        self.blob_writer(path, None).await
+    }
+
+    async fn export_writer(
+        &self,
+        path: &str,
+        gzip: bool,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        let encoding = gzip.then(|| "gzip".to_string());
+        let labels = (EXPORT_CONTENT_TYPE.to_string(), encoding);
+        self.blob_writer(path, Some(labels)).await
     }
 
     async fn read_stream(&self, path: &str) -> Result<Option<(u64, ByteStream)>, StorageError> {
@@ -546,6 +569,8 @@ struct BlobWriter {
     blob: Arc<BlobClient>,
     block_ids: Vec<Vec<u8>>,
     in_flight: FuturesUnordered<StageFuture>,
+    /// The blob's `Content-Type` and `Content-Encoding`, set when committed.
+    labels: Option<(String, Option<String>)>,
 }
 
 impl BlobWriter {
@@ -597,7 +622,14 @@ impl ObjectWriter for BlobWriter {
         };
         let content = RequestContent::try_from(blocks).map_err(|e| service_error(&self.path, e))?;
         let block_client = self.blob.block_blob_client();
-        let commit = block_client.commit_block_list(content, None);
+        let options = self.labels.take().map(|(content_type, encoding)| {
+            BlockBlobClientCommitBlockListOptions {
+                blob_content_type: Some(content_type),
+                blob_content_encoding: encoding,
+                ..Default::default()
+            }
+        });
+        let commit = block_client.commit_block_list(content, options);
         bounded(&self.path, REQUEST_LIMIT, commit)
             .await?
             .map_err(|e| to_storage_error(&self.path, e))?;

@@ -101,6 +101,17 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// A streaming writer whose object appears, whole, on `commit` (replacing any earlier one).
     async fn writer(&self, path: &str) -> Result<Box<dyn ObjectWriter>, StorageError>;
 
+    /// A writer for an export file (NDJSON; `gzip`: its bytes are gzip-compressed), which a store
+    /// serving files straight to clients labels as such (Azure Blob: the blob's `Content-Type` and
+    /// `Content-Encoding`, which a SAS download carries).
+    async fn export_writer(
+        &self,
+        path: &str,
+        _gzip: bool,
+    ) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        self.writer(path).await
+    }
+
     /// The object's size and a stream of its bytes, or `None` when absent.
     async fn read_stream(&self, path: &str) -> Result<Option<(u64, ByteStream)>, StorageError>;
 

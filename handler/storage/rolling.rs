@@ -43,7 +43,14 @@ pub struct RollingNdjsonWriter {
     /// The header line of the resource block being written (`organizeOutputBy`), repeated at the
     /// start of a file the block goes on in.
     block_header: Option<Vec<u8>>,
+    /// Files are stored gzip-compressed (`EXPORT_COMPRESSION=gzip`).
+    gzip: bool,
+    /// The open file's compressor, when files are compressed.
+    encoder: Option<flate2::write::GzEncoder<Vec<u8>>>,
 }
+
+/// Compressed bytes gathered before they go into a block.
+const COMPRESSED_CHUNK: usize = 256 << 10;
 
 impl RollingNdjsonWriter {
     /// Files are named `{folder}/{stem}-{n}.ndjson`, n from 1.
@@ -69,7 +76,15 @@ impl RollingNdjsonWriter {
             block: None,
             finished: Vec::new(),
             block_header: None,
+            gzip: false,
+            encoder: None,
         }
+    }
+
+    /// Stores the files gzip-compressed (the limit still counts the NDJSON bytes).
+    pub fn gzip(mut self, gzip: bool) -> Self {
+        self.gzip = gzip;
+        self
     }
 
     /// Numbers the files after `files` already written (by the runs of a shard that paused).
@@ -122,7 +137,12 @@ impl RollingNdjsonWriter {
         if self.current.is_none() {
             self.file_number += 1;
             let path = self.current_path();
-            self.current = Some(self.runtime.block_on(self.store.writer(&path))?);
+            let writer = self.store.export_writer(&path, self.gzip);
+            self.current = Some(self.runtime.block_on(writer)?);
+            if self.gzip {
+                let level = flate2::Compression::fast();
+                self.encoder = Some(flate2::write::GzEncoder::new(Vec::new(), level));
+            }
         }
         self.append(resource)?;
         self.append(b"\n")?;
@@ -131,8 +151,22 @@ impl RollingNdjsonWriter {
         Ok(())
     }
 
+    /// Adds `bytes` to the open file: into blocks, through the compressor when files are
+    /// compressed.
+    fn append(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return self.fill_blocks(bytes);
+        };
+        std::io::Write::write_all(encoder, bytes).map_err(|e| StorageError::io("gzip", e))?;
+        if encoder.get_ref().len() >= COMPRESSED_CHUNK {
+            let compressed = std::mem::take(encoder.get_mut());
+            self.fill_blocks(&compressed)?;
+        }
+        Ok(())
+    }
+
     /// Copies `bytes` into blocks, handing each full one to the store.
-    fn append(&mut self, mut bytes: &[u8]) -> Result<(), StorageError> {
+    fn fill_blocks(&mut self, mut bytes: &[u8]) -> Result<(), StorageError> {
         while !bytes.is_empty() {
             let block = self.block.get_or_insert_with(Block::take);
             bytes = &bytes[block.fill(bytes)..];
@@ -155,6 +189,7 @@ impl RollingNdjsonWriter {
     /// Drops the open file unseen; returns the files already committed (a rerun overwrites them
     /// by name; a cancelled export removes them).
     pub fn abort(mut self) -> Vec<OutputFile> {
+        self.encoder = None;
         if let Some(writer) = self.current.take() {
             let _ = self.runtime.block_on(writer.abort());
         }
@@ -196,6 +231,10 @@ impl RollingNdjsonWriter {
     fn close_file(&mut self) -> Result<(), StorageError> {
         if self.current.is_none() {
             return Ok(());
+        }
+        if let Some(encoder) = self.encoder.take() {
+            let rest = encoder.finish().map_err(|e| StorageError::io("gzip", e))?;
+            self.fill_blocks(&rest)?;
         }
         self.flush()?;
         let writer = self.current.take().expect("checked above");

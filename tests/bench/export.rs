@@ -1,6 +1,7 @@
 //! `cargo bench`: import and export figures at 1x, 10x and 100x the Synthea sample (made with
 //! `handler synth`), next to the time `cat` takes to copy the exported bytes on the same disk; then
-//! every file downloaded over HTTP, plain and gzip-compressed.
+//! every file downloaded over HTTP, plain and gzip-compressed; then the export organized by patient
+//! (`organizeOutputBy=Patient`, resource blocks).
 //!
 //! `BENCH_COPIES=1,10` picks the sizes (default `1,10,100`); `BENCH_DIR` the scratch folder
 //! (default a temp folder; 100x needs about 15 GB). Without `../shared` the source is generated data.
@@ -79,11 +80,11 @@ struct Figures {
     urls: Vec<String>,
 }
 
-async fn export(base: &str, exports: &Path) -> Figures {
+async fn export(base: &str, exports: &Path, query: &str) -> Figures {
     let client = reqwest::Client::new();
     let started = Instant::now();
     let response = client
-        .get(format!("{base}/$export"))
+        .get(format!("{base}/$export{query}"))
         .header("Accept", "application/fhir+json")
         .header("Prefer", "respond-async")
         .send()
@@ -254,6 +255,8 @@ fn main() {
         .build()
         .unwrap();
     let mut downloads = Vec::new();
+    let mut organized = Vec::new();
+    let mut compressed = Vec::new();
     for n in copies {
         let dir = scratch.path().join(format!("x{n}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -317,11 +320,53 @@ fn main() {
             assert!(Instant::now() < deadline, "serve did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let figures = runtime.block_on(export(&base, &exports));
+        let figures = runtime.block_on(export(&base, &exports, ""));
         let serve_rss = peak_rss_mb(serve.0.id());
         let plain = runtime.block_on(download_all(&figures.urls, false));
         let gzip = runtime.block_on(download_all(&figures.urls, true));
         downloads.push((n, plain, gzip));
+        let blocks = runtime.block_on(export(&base, &exports, "?organizeOutputBy=Patient"));
+        organized.push((n, figures.seconds, blocks));
+        drop(serve);
+        settle();
+        // The same export with files stored gzip-compressed.
+        let port = free_port();
+        let gzip_exports = dir.join("exports-gzip");
+        let serve = Serve(
+            handler()
+                .args([
+                    "serve",
+                    "--port",
+                    &port.to_string(),
+                    "--store",
+                    store.to_str().unwrap(),
+                    "--exports",
+                    gzip_exports.to_str().unwrap(),
+                    "--compression",
+                    "gzip",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let gzip_base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stored = runtime.block_on(export(&gzip_base, &gzip_exports, ""));
+        let stored_plain = runtime.block_on(download_all(&stored.urls, false));
+        let stored_gzip = runtime.block_on(download_all(&stored.urls, true));
+        compressed.push((
+            n,
+            figures.seconds,
+            stored.seconds,
+            stored.bytes,
+            stored_plain,
+            stored_gzip,
+        ));
         drop(serve);
         settle();
         let cat_s = cat_seconds(&figures.files, &dir);
@@ -374,4 +419,51 @@ fn main() {
         );
     }
     println!("MB/s: bytes on the wire per second (gzip: compressed bytes; the files' own bytes per second are plain MB / gzip s)");
+    println!();
+    println!("the same store exported organized by patient (organizeOutputBy=Patient), after the plain export:");
+    println!(
+        "{:>6} | {:>8} | {:>9} {:>8} {:>9} {:>8} {:>6}",
+        "copies", "plain s", "lines", "MB", "organized s", "lines/s", "files"
+    );
+    for (n, plain_s, blocks) in organized {
+        println!(
+            "{:>6} | {:>8.2} | {:>9} {:>8.0} {:>11.2} {:>8.0} {:>6}",
+            n,
+            plain_s,
+            blocks.resources,
+            blocks.bytes as f64 / 1e6,
+            blocks.seconds,
+            blocks.resources as f64 / blocks.seconds,
+            blocks.files.len()
+        );
+    }
+    println!("lines: resources and block headers; the organized export leaves out the types in no patient's compartment");
+    println!();
+    println!("the same export with files stored gzip-compressed (EXPORT_COMPRESSION=gzip), then every file downloaded plain (decompressed on the way) and gzip (as stored):");
+    println!(
+        "{:>6} | {:>8} {:>8} {:>9} | {:>9} {:>8} | {:>9} {:>8}",
+        "copies", "plain s", "gzip s", "stored MB", "plain MB", "plain s", "gzip MB", "gzip s"
+    );
+    for (
+        n,
+        plain_export_s,
+        gzip_export_s,
+        stored_bytes,
+        (plain_bytes, plain_s),
+        (gzip_bytes, gzip_s),
+    ) in compressed
+    {
+        println!(
+            "{:>6} | {:>8.2} {:>8.2} {:>9.1} | {:>9.1} {:>8.2} | {:>9.1} {:>8.2}",
+            n,
+            plain_export_s,
+            gzip_export_s,
+            stored_bytes as f64 / 1e6,
+            plain_bytes as f64 / 1e6,
+            plain_s,
+            gzip_bytes as f64 / 1e6,
+            gzip_s
+        );
+    }
+    println!("plain s / gzip s (export): the export writing NDJSON / writing gzip; stored MB: the compressed files' size");
 }

@@ -884,6 +884,8 @@ async fn separate_export_status_puts_the_exports_status_in_a_header() {
     for feature in [
         "STU3 (3.0.0)",
         "separate-export-status",
+        "allowPartialManifests",
+        "organizeOutputBy=Patient",
         "Accept-Encoding: gzip",
         "_typeFilter",
     ] {

@@ -408,10 +408,10 @@ async fn a_resource_of_several_compartments_goes_to_the_first_patients_block_onc
     assert!(trimmed.get("valueQuantity").is_none() && trimmed["status"] == "final");
 }
 
-/// Shards of a few patients each, and runs time-boxed to pause after every batch of patients:
-/// still every compartment resource once, in its patient's block.
+/// Shards of a few patients each: still every compartment resource once, in its patient's block.
+/// (Runs paused between batches: `scale_out::organized_shards_paused_between_batches_write_each_resource_once`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sharded_and_time_boxed_organized_exports_write_each_resource_once() {
+async fn sharded_organized_exports_write_each_resource_once() {
     let store = sample_store();
     let expected = expected_blocks();
     let client = client();
@@ -438,27 +438,6 @@ async fn sharded_and_time_boxed_organized_exports_write_each_resource_once() {
     }
     let found: BTreeMap<String, BTreeSet<Key>> = by_patient.into_iter().collect();
     assert_same_blocks(&found, &expected);
-
-    // A generated population of 250 patients, one shard of three batches, paused after each.
-    let dir = tempfile::tempdir().unwrap();
-    let generated = dir.path().join("generated");
-    fhir_export::generate::write_ndjson(250, 11, &generated).unwrap();
-    let many = dir.path().join("many.db");
-    let report = import::import(&EmbeddedStore::open(&many).unwrap(), &[generated]).unwrap();
-    assert!(report.failed.is_empty());
-    let plain_server = start(&many, |_| {}).await;
-    let plain = export(&client, &organized_url(&plain_server.base)).await;
-    let boxed_server = start(&many, |s| {
-        s.shard_max_time = Some(std::time::Duration::from_millis(1));
-    })
-    .await;
-    let boxed = export(&client, &organized_url(&boxed_server.base)).await;
-    let runs = boxed["output"].as_array().unwrap().len();
-    assert!(runs >= 3, "{runs} files: a file per run");
-    let whole = check_blocks(&read_blocks(&client, &plain).await, &many);
-    let paused = check_blocks(&read_blocks(&client, &boxed).await, &many);
-    assert_eq!(whole.len(), 250);
-    assert_eq!(paused, whole);
 }
 
 /// `organizeOutputBy` takes `Patient`; another type or a wrong name is a 400 naming it, ignored

@@ -530,3 +530,126 @@ async fn partial_manifests_list_finished_files_in_pages_that_never_change() {
     let (code, _, _) = get(&app, &format!("{status_path}?page={beyond}")).await;
     assert_eq!(code, 404);
 }
+
+/// A source that reads compartments in batches (as a FHIR server does), over another.
+struct Batched(Arc<dyn ResourceSource>);
+
+impl ResourceSource for Batched {
+    fn resource_types(&self) -> Result<Vec<String>, SourceError> {
+        self.0.resource_types()
+    }
+    fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        self.0.read(resource_type, id)
+    }
+    fn count(&self, request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
+        self.0.count(request)
+    }
+    fn scan(
+        &self,
+        request: &ScanRequest<'_>,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
+    ) -> Result<Scanned, ScanError> {
+        self.0.scan(request, sink)
+    }
+}
+
+/// An organized export's resources by the patient whose block holds them, each once.
+async fn organized_blocks(
+    storage: &LocalFolder,
+    exports: &Exports,
+    job_id: &str,
+) -> (
+    std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    usize,
+) {
+    let manifest: Value =
+        serde_json::from_slice(&exports.jobs.manifest(job_id).await.unwrap().unwrap()).unwrap();
+    let outputs = manifest["output"].as_array().unwrap();
+    let mut blocks: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for output in outputs {
+        let path = output["url"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("http://test/_exports/")
+            .unwrap();
+        let (body, _) = storage.get(path).await.unwrap().unwrap();
+        let mut patient = String::new();
+        for line in std::str::from_utf8(&body).unwrap().lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            if resource["resourceType"] == "Parameters" {
+                let reference = &resource["parameter"][0]["valueReference"]["reference"];
+                patient = reference.as_str().unwrap().to_string();
+                continue;
+            }
+            let key = format!("{}/{}", resource["resourceType"], resource["id"]);
+            assert!(
+                blocks
+                    .entry(patient.clone())
+                    .or_default()
+                    .insert(key.clone()),
+                "{key} twice"
+            );
+        }
+    }
+    (blocks, outputs.len())
+}
+
+/// Organized by patient from a source read in batches of patients, a time-boxed shard pauses
+/// after a batch and its continuation writes the next: every resource once, in the same blocks
+/// as an export that never paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organized_shards_paused_between_batches_write_each_resource_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("generated");
+    fhir_export::generate::write_ndjson(250, 11, &generated).unwrap();
+    let store = dir.path().join("many.db");
+    let report = fhir_export::source::import::import(
+        &fhir_export::source::EmbeddedStore::open(&store).unwrap(),
+        &[generated],
+    )
+    .unwrap();
+    assert!(report.failed.is_empty());
+    let mut results = Vec::new();
+    for time_box in [None, Some(Duration::from_millis(1))] {
+        let storage = Arc::new(
+            LocalFolder::open(dir.path().join(format!("exports-{}", time_box.is_some()))).unwrap(),
+        );
+        let binding = Arc::new(Binding::default());
+        let plain = exports_on(&store, storage.clone(), binding.clone(), None, |_| {});
+        let batched: Arc<dyn ResourceSource> = Arc::new(Batched(plain.exports.source.clone()));
+        let app = exports_on(
+            &store,
+            storage.clone(),
+            binding.clone(),
+            Some(batched),
+            |s| s.shard_max_time = time_box,
+        );
+        let job = start(&app.exports, "organizeOutputBy=Patient").await;
+        let mut runs = 0;
+        loop {
+            let messages = binding.take();
+            if messages.is_empty() {
+                break;
+            }
+            for message in messages {
+                runs += usize::from(message.shard.is_some());
+                worker::handle_message(&app.exports, &message)
+                    .await
+                    .unwrap();
+            }
+        }
+        let (blocks, files) = organized_blocks(&storage, &app.exports, &job.id).await;
+        results.push((blocks, files, runs));
+    }
+    let (whole, whole_files, whole_runs) = &results[0];
+    let (paused, paused_files, paused_runs) = &results[1];
+    assert_eq!(whole.len(), 250);
+    assert_eq!((*whole_runs, *whole_files), (1, 1));
+    assert_eq!(
+        (*paused_runs, *paused_files),
+        (3, 3),
+        "a run, and a file, per batch of 100"
+    );
+    assert!(paused == whole, "the same blocks");
+}

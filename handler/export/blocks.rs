@@ -22,7 +22,8 @@ use crate::source::{
 };
 use crate::storage::{RollingNdjsonWriter, StorageError};
 
-/// Patients a shard reads at once: every type is one scan per batch.
+/// Patients a shard reads at once: every type is one scan per batch (one batch in all where such
+/// a scan reads the whole type anyway).
 const BATCH: usize = 100;
 
 /// Patients per shard when the source cannot count its resources.
@@ -284,7 +285,11 @@ impl BlockShard {
     ) -> Result<Scanned, ScanError> {
         let mut count = 0;
         let patients = std::mem::take(&mut self.patients);
-        let batches: Vec<&[String]> = patients.chunks(BATCH).collect();
+        let batch = match source.patient_scans_read_whole_types() {
+            true => patients.len().max(1),
+            false => BATCH,
+        };
+        let batches: Vec<&[String]> = patients.chunks(batch).collect();
         for (number, batch) in batches.iter().enumerate() {
             if !go_on() {
                 return Err(SinkError::Stopped.into());

@@ -15,7 +15,7 @@ const TYPE_FILTER_NOTE: &str = "_typeFilter supports, on every type, _id and _la
 
 /// What of each Bulk Data IG version the server does (clients of STU1 and STU2 never send what
 /// STU3 added, and see no change).
-const IG_FEATURES_NOTE: &str = "Bulk Data IG: STU1/STU2 (1.0, 2.0) $export at system, Patient and Group level with _type, _since, _typeFilter, _elements, patient, includeAssociatedData refused; STU3 (3.0.0) _until, Prefer: separate-export-status (X-Export-Status), gzip-compressed downloads (Accept-Encoding: gzip); not yet: allowPartialManifests, organizeOutputBy.";
+const IG_FEATURES_NOTE: &str = "Bulk Data IG: STU1/STU2 (1.0, 2.0) $export at system, Patient and Group level with _type, _since, _typeFilter, _elements, patient, includeAssociatedData refused; STU3 (3.0.0) _until, Prefer: separate-export-status (X-Export-Status), gzip-compressed downloads (Accept-Encoding: gzip), allowPartialManifests (202 with the files finished so far; manifests in pages linked by next), organizeOutputBy=Patient (resource blocks, continuesInFile). Each STU3 feature only when the client asks for it: STU1/STU2 clients see no change.";
 
 /// Scopes a client may ask for: SMART v1 and v2 read scopes, for all types or one (`Patient` shown).
 const SCOPES: &[&str] = &[

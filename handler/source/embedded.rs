@@ -370,6 +370,10 @@ impl ResourceSource for EmbeddedStore {
     /// the type is stored together, else in id order. A version replaced since the snapshot is read
     /// from `replaced` where its row stands, so that a scan paused and resumed (or a type cut into
     /// parts) reads it once however the store changes meanwhile.
+    fn patient_scans_read_whole_types(&self) -> bool {
+        true
+    }
+
     fn scan(
         &self,
         request: &ScanRequest<'_>,
@@ -619,7 +623,10 @@ impl EmbeddedStore {
                 }
                 let in_scope = "IN (SELECT id FROM temp.scope_patients)";
                 (
-                    format!("AND EXISTS (SELECT 1 FROM {links} AND c.patient_id {in_scope})"),
+                    // `+`: the links are found by resource, then each looked up among the scope's
+                    // patients; else SQLite seeks (resource, patient) once per patient of the
+                    // scope, for every row of the type.
+                    format!("AND EXISTS (SELECT 1 FROM {links} AND +c.patient_id {in_scope})"),
                     format!("AND EXISTS (SELECT 1 FROM json_each(h.patients) p WHERE p.value {in_scope})"),
                 )
             }

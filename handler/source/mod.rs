@@ -203,6 +203,13 @@ pub trait ResourceSource: Send + Sync {
         Ok(Part::whole())
     }
 
+    /// Whether a scan limited to some patients reads the whole type all the same (the embedded
+    /// store keeps compartment links by resource, not by patient): output organized by patient
+    /// then reads a shard's patients in one pass rather than in batches.
+    fn patient_scans_read_whole_types(&self) -> bool {
+        false
+    }
+
     /// Streams each matching resource, as its stored JSON bytes, to `sink`: every one, or (past
     /// `pause_after`) those up to a point a later scan resumes from.
     fn scan(

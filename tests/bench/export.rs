@@ -344,6 +344,8 @@ fn main() {
                     gzip_exports.to_str().unwrap(),
                     "--compression",
                     "gzip",
+                    "--max-running-exports",
+                    "10000",
                 ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

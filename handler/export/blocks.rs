@@ -97,19 +97,7 @@ fn exported_patients(source: &dyn ResourceSource, job: &Job) -> Result<Vec<Strin
     }
     let mut ids = Vec::new();
     source.scan(
-        &ScanRequest {
-            resource_type: "Patient",
-            since: None,
-            stored_since: None,
-            until: job.transaction_time,
-            snapshot: job.transaction_time,
-            scope: &job.scope,
-            after_id: None,
-            type_filters: &[],
-            rows: RowRange::default(),
-            resume: None,
-            pause_after: None,
-        },
+        &ScanRequest::whole("Patient", &job.scope, job.transaction_time),
         &mut |resource| {
             if let Ok(Id { id: Some(id) }) = serde_json::from_slice::<Id>(resource) {
                 ids.push(id);
@@ -136,17 +124,10 @@ fn patients_per_shard(
     let mut total = 0;
     for resource_type in block_types(source, &job.request)? {
         let counted = source.count(&ScanRequest {
-            resource_type: &resource_type,
             since: job.request.since,
             stored_since: job.request.since,
             until,
-            snapshot: job.transaction_time,
-            scope: &job.scope,
-            after_id: None,
-            type_filters: &[],
-            rows: RowRange::default(),
-            resume: None,
-            pause_after: None,
+            ..ScanRequest::whole(&resource_type, &job.scope, job.transaction_time)
         })?;
         match counted {
             Some(count) => total += count,
@@ -328,17 +309,11 @@ impl BlockShard {
         for (rank, resource_type) in self.types.iter().enumerate() {
             let shaping = &self.shapings[rank];
             let request = ScanRequest {
-                resource_type,
                 since: self.since,
                 stored_since: self.stored_since,
                 until: self.until,
-                snapshot: self.snapshot,
-                scope: &scope,
-                after_id: None,
                 type_filters: &shaping.filters,
-                rows: RowRange::default(),
-                resume: None,
-                pause_after: None,
+                ..ScanRequest::whole(resource_type, &scope, self.snapshot)
             };
             let universe = &mut self.universe;
             source.scan(&request, &mut |resource| {

@@ -61,6 +61,30 @@ pub struct ScanRequest<'a> {
     pub pause_after: Option<std::time::Instant>,
 }
 
+impl<'a> ScanRequest<'a> {
+    /// Every resource of a type in `scope` as at `snapshot`, read to the end; set the other fields
+    /// to narrow it.
+    pub fn whole(
+        resource_type: &'a str,
+        scope: &'a PatientScope,
+        snapshot: DateTime<Utc>,
+    ) -> ScanRequest<'a> {
+        ScanRequest {
+            resource_type,
+            since: None,
+            stored_since: None,
+            until: snapshot,
+            snapshot,
+            scope,
+            after_id: None,
+            type_filters: &[],
+            rows: RowRange::default(),
+            resume: None,
+            pause_after: None,
+        }
+    }
+}
+
 /// Where a paused scan stopped, kept in the shard's state for its continuation. Everything before
 /// it was passed to the sink, nothing after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

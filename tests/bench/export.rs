@@ -199,6 +199,40 @@ fn cat_seconds(files: &[PathBuf], dir: &Path) -> f64 {
     seconds
 }
 
+/// `handler serve` on `store` writing to `exports`, with `extra` arguments, once it listens; and
+/// its base URL.
+fn start_serve(store: &Path, exports: &Path, extra: &[&str]) -> (Serve, String) {
+    let port = free_port();
+    let port_text = port.to_string();
+    let mut args = vec![
+        "serve",
+        "--port",
+        &port_text,
+        "--store",
+        store.to_str().unwrap(),
+        "--exports",
+        exports.to_str().unwrap(),
+        // The small exports started while measuring must not meet the limit.
+        "--max-running-exports",
+        "10000",
+    ];
+    args.extend_from_slice(extra);
+    let serve = Serve(
+        handler()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (serve, format!("http://127.0.0.1:{port}"))
+}
+
 fn main() {
     let copies: Vec<u32> = std::env::var("BENCH_COPIES")
         .unwrap_or_else(|_| "1,10,100".into())
@@ -293,33 +327,8 @@ fn main() {
         std::fs::remove_dir_all(&data).unwrap();
         settle();
 
-        let port = free_port();
         let exports = dir.join("exports");
-        let serve = Serve(
-            handler()
-                .args([
-                    "serve",
-                    "--port",
-                    &port.to_string(),
-                    "--store",
-                    store.to_str().unwrap(),
-                    "--exports",
-                    exports.to_str().unwrap(),
-                    // The small exports started while measuring must not meet the limit.
-                    "--max-running-exports",
-                    "10000",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (serve, base) = start_serve(&store, &exports, &[]);
         let figures = runtime.block_on(export(&base, &exports, ""));
         let serve_rss = peak_rss_mb(serve.0.id());
         let plain = runtime.block_on(download_all(&figures.urls, false));
@@ -330,34 +339,8 @@ fn main() {
         drop(serve);
         settle();
         // The same export with files stored gzip-compressed.
-        let port = free_port();
         let gzip_exports = dir.join("exports-gzip");
-        let serve = Serve(
-            handler()
-                .args([
-                    "serve",
-                    "--port",
-                    &port.to_string(),
-                    "--store",
-                    store.to_str().unwrap(),
-                    "--exports",
-                    gzip_exports.to_str().unwrap(),
-                    "--compression",
-                    "gzip",
-                    "--max-running-exports",
-                    "10000",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let gzip_base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (serve, gzip_base) = start_serve(&store, &gzip_exports, &["--compression", "gzip"]);
         let stored = runtime.block_on(export(&gzip_base, &gzip_exports, ""));
         let stored_plain = runtime.block_on(download_all(&stored.urls, false));
         let stored_gzip = runtime.block_on(download_all(&stored.urls, true));

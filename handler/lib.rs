@@ -17,6 +17,8 @@
 //! - [`queue`]: the shard message, the `WorkQueue` trait, the in-process queue.
 //! - [`fhir`]: resource types, the Patient compartment, search queries, lossless JSON edits,
 //!   OperationOutcome.
+//! - [`deid`]: de-identified export (`_anonymizationConfig`): so far its configurations, read and
+//!   checked as Microsoft's anonymizer reads them (→ [`fhir`]).
 //! - [`fault`]: the kind of a failure, which each error type tells of itself.
 //! - [`config`]: settings, read and checked once at start-up; [`auth`]: bearer-token checks (JWT
 //!   against the issuer's keys, scopes, the export's owner).
@@ -35,6 +37,7 @@ pub mod blocking;
 pub mod client;
 pub mod config;
 pub mod crashpoint;
+pub mod deid;
 pub mod export;
 pub mod fault;
 pub mod fhir;

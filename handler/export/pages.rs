@@ -45,17 +45,19 @@ pub enum Served {
     Page(Value),
 }
 
-/// Page `number` (from 1) of a job that allows partial manifests; `page_url` gives the URL of a page.
+/// Page `number` (from 1) of a job that allows partial manifests, given its `done` shards (one
+/// listing per poll); `page_url` gives the URL of a page.
 pub async fn serve(
     exports: &Exports,
     job: &Job,
     number: usize,
+    done: &BTreeSet<usize>,
     page_url: impl Fn(usize) -> String,
 ) -> Result<Served, ExportError> {
     let size = exports.limits.manifest_page_size.max(1);
     let page = match exports.jobs.page(&job.id, number).await? {
         Some(page) => page,
-        None if number == 1 => match gather(exports, job, &Listed::default(), size).await? {
+        None if number == 1 => match gather(exports, job, done, &Listed::default(), size).await? {
             Some(page) => exports.jobs.create_page(&job.id, 1, page).await?,
             None if job.status == JobStatus::Completed => {
                 let empty = Page {
@@ -70,7 +72,7 @@ pub async fn serve(
     };
     let has_next = match exports.jobs.page(&job.id, number + 1).await? {
         Some(_) => true,
-        None => match gather(exports, job, &page.listed, size).await? {
+        None => match gather(exports, job, done, &page.listed, size).await? {
             Some(next) => {
                 exports.jobs.create_page(&job.id, number + 1, next).await?;
                 true
@@ -85,15 +87,15 @@ pub async fn serve(
     Ok(Served::Page(manifest))
 }
 
-/// The next page after `listed`: files of finished shards not listed yet (the shard listed in part
+/// The next page after `listed`: files of `done` shards not listed yet (the shard listed in part
 /// first, then by shard number), at most `size`; `None` when there are none.
 async fn gather(
     exports: &Exports,
     job: &Job,
+    done: &BTreeSet<usize>,
     listed: &Listed,
     size: usize,
 ) -> Result<Option<Page>, ExportError> {
-    let done = exports.jobs.done_shards(&job.id).await?;
     let partial_shard = listed.partial.map(|(shard, _)| shard);
     let candidates = listed.partial.into_iter().chain(
         done.iter()

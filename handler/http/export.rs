@@ -168,16 +168,25 @@ async fn export_status(
     }
 }
 
+/// A manifest (or page of it) with the file URLs `EXPORT_FILE_URLS` gives clients.
+async fn with_client_urls(
+    api: &Api,
+    job: &crate::export::jobs::Job,
+    manifest: Vec<u8>,
+) -> Result<Vec<u8>, ApiError> {
+    match api.file_urls {
+        FileUrls::Proxy => Ok(manifest),
+        FileUrls::Sas => with_signed_urls(api, &job.base_url, &manifest).await,
+    }
+}
+
 /// A completed export's manifest (or page of it): 200, with `Expires`.
 async fn completed(
     api: &Api,
     job: &crate::export::jobs::Job,
     manifest: Vec<u8>,
 ) -> Result<Response, ApiError> {
-    let manifest = match api.file_urls {
-        FileUrls::Proxy => manifest,
-        FileUrls::Sas => with_signed_urls(api, &job.base_url, &manifest).await?,
-    };
+    let manifest = with_client_urls(api, job, manifest).await?;
     let mut response = json_response(StatusCode::OK, "application/json", manifest);
     if let Some(expires) = job.expires_at(api.exports.limits.retention) {
         let date = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
@@ -196,13 +205,14 @@ async fn paged_status(
     page: usize,
 ) -> Result<Response, ApiError> {
     let status_url = format!("{}/_operations/export/{}", job.base_url, job.id);
-    let served = pages::serve(&api.exports, job, page, |n| {
+    let done = api.exports.jobs.done_shards(&job.id).await?;
+    let served = pages::serve(&api.exports, job, page, &done, |n| {
         format!("{status_url}?page={n}")
     })
     .await?;
     let manifest = match served {
         pages::Served::Page(manifest) => serde_json::to_vec_pretty(&manifest).expect("JSON"),
-        pages::Served::NothingYet => return running(api, job).await,
+        pages::Served::NothingYet => return Ok(in_progress(job, done.len())),
         pages::Served::Missing => {
             return Err(ApiError::not_found(format!(
             "export {} has no manifest page {page} (yet): follow the link of the page before it",
@@ -213,11 +223,8 @@ async fn paged_status(
     if job.status == JobStatus::Completed {
         return completed(api, job, manifest).await;
     }
-    let manifest = match api.file_urls {
-        FileUrls::Proxy => manifest,
-        FileUrls::Sas => with_signed_urls(api, &job.base_url, &manifest).await?,
-    };
-    let mut response = running(api, job).await?;
+    let manifest = with_client_urls(api, job, manifest).await?;
+    let mut response = in_progress(job, done.len());
     *response.body_mut() = manifest.into();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -226,13 +233,21 @@ async fn paged_status(
     Ok(response)
 }
 
-/// A running export's answer: 202 with its progress.
+/// A running export's answer: 202 with its progress, from one listing of the done markers
+/// however many shards.
 async fn running(api: &Api, job: &crate::export::jobs::Job) -> Result<Response, ApiError> {
+    let done = match job.planned {
+        true => api.exports.jobs.done_shards(&job.id).await?.len(),
+        false => 0,
+    };
+    Ok(in_progress(job, done))
+}
+
+/// 202 with `X-Progress` (`done` shards finished) and `Retry-After`.
+fn in_progress(job: &crate::export::jobs::Job, done: usize) -> Response {
     let progress = match job.planned {
         false => "planning the shards".to_string(),
         true => {
-            // One listing of the done markers, however many shards.
-            let done = api.exports.jobs.done_shards(&job.id).await?.len();
             let total = job.shards.len();
             let done = done.min(total);
             let percent = (done * 100).checked_div(total).unwrap_or(100);
@@ -243,7 +258,7 @@ async fn running(api: &Api, job: &crate::export::jobs::Job) -> Result<Response, 
     let headers = response.headers_mut();
     headers.insert("x-progress", header_value(&progress));
     headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    Ok(response)
+    response
 }
 
 /// The manifest with each file's URL replaced by a short-lived read-only URL straight to the

@@ -166,6 +166,7 @@ impl AnonymizationConfig {
             Some(Value::Object(parameters)) => parse_parameters(parameters)?,
             Some(_) => return Err(refused("parameters is not an object")),
         };
+        check_expressions(&rules)?;
         Ok(AnonymizationConfig {
             rules,
             processing_errors,
@@ -237,6 +238,28 @@ fn text_of(value: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// Every rule's path and every generalize case must be FHIRPath the engine evaluates.
+fn check_expressions(rules: &[Rule]) -> Result<(), ConfigError> {
+    for (at, rule) in rules.iter().enumerate() {
+        let name = format!("fhirPathRules[{at}] ({:?})", rule.path);
+        super::fhirpath::parse(&rule.path).map_err(|error| {
+            refused(format!("{name}: the path is not usable FHIRPath: {error}"))
+        })?;
+        if let Method::Generalize { cases, .. } = &rule.method {
+            for (condition, value) in cases {
+                for expression in [condition, value] {
+                    super::fhirpath::parse(expression).map_err(|error| {
+                        refused(format!(
+                            "{name}: the case expression {expression:?} is not usable FHIRPath: {error}"
+                        ))
+                    })?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_perturb(rule: &str, settings: &Map<String, Value>) -> Result<Method, ConfigError> {

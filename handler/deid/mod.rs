@@ -1,7 +1,13 @@
 //! De-identified export (`_anonymizationConfig`, as Azure's `$export` has it): configurations in
-//! the format of Microsoft's FHIR anonymizer (version 4.1.1). So far the configuration's loading
-//! and checks; the kickoff still refuses the parameters until the engine that applies them exists.
+//! the format of Microsoft's FHIR anonymizer, applied by an engine that gives the same output as
+//! its version 4.1.1.
 
 pub mod config;
+pub mod engine;
+pub mod fhirpath;
+pub mod methods;
+pub mod r4;
+pub mod tree;
 
 pub use config::{AnonymizationConfig, ConfigError};
+pub use engine::{DeidError, Engine, Keys};

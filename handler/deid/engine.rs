@@ -1,0 +1,460 @@
+//! The de-identification engine: a configuration's rules applied to one resource as Microsoft's
+//! anonymizer (4.1.1) applies them. Rules run in file order on each resource (its own type,
+//! `Resource`, `DomainResource`, or no type); the first rule to reach a node decides it and its
+//! subtree (`keep` too); nested resources (contained, Bundle entries) are processed after their
+//! parent; each outermost resource, and each Bundle entry, gets the `meta.security` labels of what
+//! was done inside it; nodes left empty are removed.
+
+use std::sync::OnceLock;
+
+use chrono::NaiveDate;
+use regex::Regex;
+
+use super::config::{AnonymizationConfig, Method, OtherValues, ProcessingErrors, RangeType};
+use super::fhirpath::{self, Expr, Item};
+use super::methods;
+use super::tree::{InvalidInput, Tree, ROOT};
+use crate::fhir::json::Json;
+
+/// What a rule did somewhere in a resource, one bit a label.
+pub type Ops = u8;
+pub const REDACT: Ops = 1;
+pub const ABSTRACT: Ops = 2;
+pub const CRYPTO_HASH: Ops = 4;
+pub const ENCRYPT: Ops = 8;
+pub const PERTURB: Ops = 16;
+pub const SUBSTITUTE: Ops = 32;
+pub const GENERALIZE: Ops = 64;
+
+const OBSERVATION_VALUE: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+
+/// The labels, in the engine's order and spelling (`CRYTOHASH` is its).
+const LABELS: &[(Ops, Option<&str>, &str, &str)] = &[
+    (REDACT, Some(OBSERVATION_VALUE), "REDACTED", "redacted"),
+    (ABSTRACT, Some(OBSERVATION_VALUE), "ABSTRED", "abstracted"),
+    (
+        CRYPTO_HASH,
+        Some(OBSERVATION_VALUE),
+        "CRYTOHASH",
+        "cryptographic hash function",
+    ),
+    (ENCRYPT, Some(OBSERVATION_VALUE), "MASKED", "masked"),
+    (
+        PERTURB,
+        None,
+        "PERTURBED",
+        "exact value is replaced with another exact value",
+    ),
+    (
+        SUBSTITUTE,
+        None,
+        "SUBSTITUTED",
+        "exact value is replaced with a predefined value",
+    ),
+    (
+        GENERALIZE,
+        None,
+        "GENERALIZED",
+        "exact value is replaced with a general value",
+    ),
+];
+
+/// Why a resource could not be de-identified. Messages name paths and methods, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeidError {
+    #[error("the resource is not valid R4: {0}")]
+    InvalidInput(String),
+    #[error("de-identification failed: {0}")]
+    Processing(String),
+}
+
+impl From<InvalidInput> for DeidError {
+    fn from(error: InvalidInput) -> Self {
+        DeidError::InvalidInput(error.0)
+    }
+}
+
+/// The keys the methods use; those a configuration leaves empty are filled by the caller (one
+/// random value per export).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Keys {
+    pub date_shift: String,
+    pub crypto_hash: String,
+    pub encrypt: String,
+}
+
+impl Keys {
+    /// The configuration's keys, each empty one replaced by a fresh random key.
+    pub fn for_export(config: &AnonymizationConfig) -> Keys {
+        let random = || {
+            use rand::Rng;
+            let bytes: [u8; 16] = rand::rng().random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let parameters = &config.parameters;
+        Keys {
+            date_shift: parameters.date_shift_key.clone().unwrap_or_else(random),
+            crypto_hash: parameters.crypto_hash_key.clone().unwrap_or_else(random),
+            // 32 hex characters: as UTF-8 bytes (the engine's reading) an AES-256 key.
+            encrypt: parameters.encrypt_key.clone().unwrap_or_else(random),
+        }
+    }
+}
+
+enum Matcher {
+    /// `nodesByType('T')` or `nodesByType('T').name`.
+    ByType(String, Option<String>),
+    ByName(String, Option<String>),
+    /// The path is the resource type itself (`Patient`, `Resource`).
+    Resource,
+    Path(Expr),
+}
+
+struct CompiledRule {
+    resource_type: String,
+    matcher: Matcher,
+    method: CompiledMethod,
+}
+
+pub(crate) enum CompiledMethod {
+    Keep,
+    Redact,
+    DateShift,
+    CryptoHash,
+    Encrypt,
+    Substitute(String),
+    Perturb {
+        span: f64,
+        range: RangeType,
+        round_to: u32,
+    },
+    Generalize {
+        cases: Vec<(Expr, Expr)>,
+        other_values: OtherValues,
+    },
+}
+
+pub struct Engine {
+    rules: Vec<CompiledRule>,
+    pub(crate) keys: Keys,
+    pub(crate) parameters: super::config::Parameters,
+    processing_errors: ProcessingErrors,
+    /// The date the over-89 rules count from.
+    pub(crate) today: NaiveDate,
+}
+
+fn type_rule() -> &'static Regex {
+    static RULE: OnceLock<Regex> = OnceLock::new();
+    RULE.get_or_init(|| {
+        Regex::new(r#"^nodesBy(?<by>Type|Name)\(['"](?<key>[A-Za-z0-9]+)['"]\)(\.(?<member>[A-Za-z0-9]+))?$"#)
+            .expect("a valid regex")
+    })
+}
+
+fn path_rule() -> &'static Regex {
+    static RULE: OnceLock<Regex> = OnceLock::new();
+    RULE.get_or_init(|| {
+        Regex::new(r"^(?<type>[A-Z][a-zA-Z]*)?(\.)?(?<expression>.*?)$").expect("a valid regex")
+    })
+}
+
+impl Engine {
+    /// An engine for a checked configuration, with its keys and the date for the over-89 rules.
+    pub fn new(
+        config: &AnonymizationConfig,
+        keys: Keys,
+        today: NaiveDate,
+    ) -> Result<Engine, fhirpath::PathError> {
+        let mut rules = Vec::new();
+        for rule in &config.rules {
+            let path = rule.path.as_str();
+            let (resource_type, expression) = match path_rule().captures(path) {
+                Some(found) => (
+                    found.name("type").map_or("", |m| m.as_str()).to_string(),
+                    found.name("expression").map_or("", |m| m.as_str()),
+                ),
+                None => (String::new(), path),
+            };
+            let expression = if expression.is_empty() {
+                path
+            } else {
+                expression
+            };
+            let matcher = if let Some(found) = type_rule().captures(path) {
+                let key = found["key"].to_string();
+                let member = found.name("member").map(|m| m.as_str().to_string());
+                match &found["by"] {
+                    "Type" => Matcher::ByType(key, member),
+                    _ => Matcher::ByName(key, member),
+                }
+            } else if path == resource_type {
+                Matcher::Resource
+            } else {
+                Matcher::Path(fhirpath::parse(expression)?)
+            };
+            let method = match &rule.method {
+                Method::Keep => CompiledMethod::Keep,
+                Method::Redact => CompiledMethod::Redact,
+                Method::DateShift => CompiledMethod::DateShift,
+                Method::CryptoHash => CompiledMethod::CryptoHash,
+                Method::Encrypt => CompiledMethod::Encrypt,
+                Method::Substitute { replace_with } => {
+                    CompiledMethod::Substitute(replace_with.clone())
+                }
+                Method::Perturb {
+                    span,
+                    range,
+                    round_to,
+                } => CompiledMethod::Perturb {
+                    span: *span,
+                    range: *range,
+                    round_to: *round_to,
+                },
+                Method::Generalize {
+                    cases,
+                    other_values,
+                } => CompiledMethod::Generalize {
+                    cases: cases
+                        .iter()
+                        .map(|(condition, value)| {
+                            Ok((fhirpath::parse(condition)?, fhirpath::parse(value)?))
+                        })
+                        .collect::<Result<_, fhirpath::PathError>>()?,
+                    other_values: *other_values,
+                },
+            };
+            rules.push(CompiledRule {
+                resource_type,
+                matcher,
+                method,
+            });
+        }
+        Ok(Engine {
+            rules,
+            keys,
+            parameters: config.parameters.clone(),
+            processing_errors: config.processing_errors,
+            today,
+        })
+    }
+
+    /// De-identifies one resource (JSON bytes) into compact JSON. With `processingErrors: skip` a
+    /// resource that fails becomes `{"resourceType": T, "meta": {"security": [REDACTED]}}`.
+    pub fn deidentify(&self, resource: &[u8]) -> Result<Vec<u8>, DeidError> {
+        match self.deidentify_strictly(resource) {
+            Ok(out) => Ok(out),
+            Err(error) if self.processing_errors == ProcessingErrors::Skip => {
+                let ty = resource_type_of(resource).ok_or(error)?;
+                Ok(redacted_stub(&ty))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn deidentify_strictly(&self, resource: &[u8]) -> Result<Vec<u8>, DeidError> {
+        let json = Json::parse_slice(resource)
+            .map_err(|_| DeidError::InvalidInput("the resource is not valid JSON".into()))?;
+        let mut tree = Tree::from_json(json)?;
+        let mut visited = Vec::new();
+        self.visit(&mut tree, ROOT, &mut visited)?;
+        tree.prune(ROOT);
+        let mut out = Vec::with_capacity(resource.len());
+        tree.write(ROOT, &mut out);
+        Ok(out)
+    }
+
+    fn visit(&self, tree: &mut Tree, id: usize, visited: &mut Vec<bool>) -> Result<Ops, DeidError> {
+        let resource = tree.nodes[id].resource;
+        let mut ops = match resource {
+            true => self.process_resource(tree, id, visited)?,
+            false => 0,
+        };
+        let children: Vec<usize> = tree.children(id).collect();
+        for child in children {
+            ops |= self.visit(tree, child, visited)?;
+        }
+        if !resource {
+            return Ok(ops);
+        }
+        if tree.nodes[id].name() != "contained" {
+            add_labels(tree, id, ops);
+        }
+        Ok(ops)
+    }
+
+    fn process_resource(
+        &self,
+        tree: &mut Tree,
+        id: usize,
+        visited: &mut Vec<bool>,
+    ) -> Result<Ops, DeidError> {
+        let ty = tree.nodes[id].ty;
+        let mut below = Vec::new();
+        collect_below(tree, id, &mut below);
+        let mut ops = 0;
+        for rule in &self.rules {
+            let applies = rule.resource_type.is_empty()
+                || rule.resource_type == ty
+                || rule.resource_type == "Resource"
+                || rule.resource_type == "DomainResource";
+            if !applies {
+                continue;
+            }
+            let matches: Vec<usize> = match &rule.matcher {
+                Matcher::Resource => vec![id],
+                Matcher::ByType(key, member) | Matcher::ByName(key, member) => {
+                    let by_type = matches!(rule.matcher, Matcher::ByType(..));
+                    let found = below.iter().copied().filter(|&node| {
+                        let node = &tree.nodes[node];
+                        !node.removed
+                            && match by_type {
+                                true => node.ty == key,
+                                false => node.name() == key,
+                            }
+                    });
+                    match member {
+                        None => found.collect(),
+                        Some(member) => found
+                            .flat_map(|node| tree.children_named(node, member).collect::<Vec<_>>())
+                            .collect(),
+                    }
+                }
+                Matcher::Path(expr) => fhirpath::evaluate(tree, expr, &[Item::Node(id)])
+                    .map_err(|error| {
+                        DeidError::Processing(format!(
+                            "the rule {:?} failed: {error}",
+                            rule_path(rule)
+                        ))
+                    })?
+                    .into_iter()
+                    .filter_map(|item| match item {
+                        Item::Node(node) => Some(node),
+                        _ => None,
+                    })
+                    .collect(),
+            };
+            for node in matches {
+                ops |= self.process_recursively(tree, node, &rule.method, visited)?;
+            }
+        }
+        Ok(ops)
+    }
+
+    fn process_recursively(
+        &self,
+        tree: &mut Tree,
+        id: usize,
+        method: &CompiledMethod,
+        visited: &mut Vec<bool>,
+    ) -> Result<Ops, DeidError> {
+        if is_visited(visited, id) {
+            return Ok(0);
+        }
+        let mut ops = methods::apply(self, tree, id, method, visited)?;
+        mark_visited(visited, id);
+        let children: Vec<usize> = tree.children(id).collect();
+        for child in children {
+            if tree.nodes[child].resource {
+                continue;
+            }
+            ops |= self.process_recursively(tree, child, method, visited)?;
+        }
+        Ok(ops)
+    }
+}
+
+fn rule_path(_rule: &CompiledRule) -> &'static str {
+    "(see the configuration)"
+}
+
+pub(crate) fn is_visited(visited: &[bool], id: usize) -> bool {
+    visited.get(id).copied().unwrap_or(false)
+}
+
+pub(crate) fn mark_visited(visited: &mut Vec<bool>, id: usize) {
+    if visited.len() <= id {
+        visited.resize(id + 1, false);
+    }
+    visited[id] = true;
+}
+
+/// Every node below `id`, a nested resource included but not what is inside it.
+fn collect_below(tree: &Tree, id: usize, out: &mut Vec<usize>) {
+    for child in tree.children(id) {
+        out.push(child);
+        if !tree.nodes[child].resource {
+            collect_below(tree, child, out);
+        }
+    }
+}
+
+/// Adds to `meta.security` the labels of `ops` that it lacks (codes compared in any case).
+fn add_labels(tree: &mut Tree, resource: usize, ops: Ops) {
+    if ops == 0 {
+        return;
+    }
+    let existing = tree.children_named(resource, "meta").next();
+    let meta = match existing {
+        Some(meta) => meta,
+        None => {
+            let meta = tree
+                .new_member(tree.nodes[resource].ty, "meta")
+                .expect("R4 has meta");
+            let position = tree.nodes[resource]
+                .children
+                .iter()
+                .position(|&child| tree.nodes[child].key == "id")
+                .map_or(0, |at| at + 1);
+            tree.attach_at(resource, meta, position);
+            meta
+        }
+    };
+    for &(op, system, code, display) in LABELS {
+        if ops & op == 0 {
+            continue;
+        }
+        let present = tree.children_named(meta, "security").any(|coding| {
+            tree.children_named(coding, "code").any(|node| {
+                tree.nodes[node]
+                    .text()
+                    .is_some_and(|text| text.eq_ignore_ascii_case(code))
+            })
+        });
+        if present {
+            continue;
+        }
+        let coding = tree
+            .new_member("Meta", "security")
+            .expect("R4 has Meta.security");
+        let mut fields = vec![("code", "code", code), ("display", "string", display)];
+        if let Some(system) = system {
+            fields.insert(0, ("system", "uri", system));
+        }
+        for (key, ty, text) in fields {
+            let field = tree.new_primitive(key, ty, serde_json::to_string(text).expect("a string"));
+            tree.attach(coding, field);
+        }
+        tree.attach(meta, coding);
+    }
+}
+
+fn resource_type_of(resource: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "resourceType")]
+        resource_type: String,
+    }
+    serde_json::from_slice::<Typed>(resource)
+        .ok()
+        .map(|typed| typed.resource_type)
+        .filter(|ty| crate::fhir::types::is_resource_type(ty))
+}
+
+/// The engine's stand-in for a resource it could not process.
+pub fn redacted_stub(resource_type: &str) -> Vec<u8> {
+    format!(
+        r#"{{"resourceType":{},"meta":{{"security":[{{"system":"{OBSERVATION_VALUE}","code":"REDACTED","display":"redacted"}}]}}}}"#,
+        serde_json::to_string(resource_type).expect("a string")
+    )
+    .into_bytes()
+}

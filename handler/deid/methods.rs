@@ -1,0 +1,698 @@
+//! The methods a rule applies to a node, each as Microsoft's engine (4.1.1) does it: redact (with
+//! partial dates, ages and zip codes), dateShift, cryptoHash, encrypt, substitute, perturb and
+//! generalize. Each returns the labels its change earns.
+
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use chrono::{Datelike, Duration, NaiveDate};
+use hmac::{Hmac, Mac};
+use regex::Regex;
+use sha2::Sha256;
+
+use super::config::{OtherValues, RangeType};
+use super::engine::{
+    is_visited, mark_visited, CompiledMethod, DeidError, Engine, Ops, ABSTRACT, CRYPTO_HASH,
+    ENCRYPT, GENERALIZE, PERTURB, REDACT, SUBSTITUTE,
+};
+use super::fhirpath::{self, Item};
+use super::tree::Tree;
+use crate::fhir::json::Json;
+
+const AGE_THRESHOLD: i32 = 89;
+const QUANTITY_TYPES: &[&str] = &[
+    "Age",
+    "Count",
+    "Duration",
+    "Distance",
+    "Money",
+    "MoneyQuantity",
+    "Quantity",
+    "SimpleQuantity",
+];
+
+pub(crate) fn apply(
+    engine: &Engine,
+    tree: &mut Tree,
+    id: usize,
+    method: &CompiledMethod,
+    visited: &mut Vec<bool>,
+) -> Result<Ops, DeidError> {
+    match method {
+        CompiledMethod::Keep => Ok(0),
+        CompiledMethod::Redact => Ok(redact(engine, tree, id)),
+        CompiledMethod::DateShift => Ok(date_shift(engine, tree, id)),
+        CompiledMethod::CryptoHash => Ok(crypto_hash(engine, tree, id)),
+        CompiledMethod::Encrypt => encrypt(engine, tree, id),
+        CompiledMethod::Substitute(replace_with) => substitute(tree, id, replace_with, visited),
+        CompiledMethod::Perturb {
+            span,
+            range,
+            round_to,
+        } => Ok(perturb(tree, id, *span, *range, *round_to, visited)),
+        CompiledMethod::Generalize {
+            cases,
+            other_values,
+        } => generalize(tree, id, cases, *other_values),
+    }
+}
+
+/// The node's value as text, when it has a non-empty one.
+fn value_text(tree: &Tree, id: usize) -> Option<String> {
+    let node = &tree.nodes[id];
+    let text = node.text()?;
+    // The engine reads values as .NET prints them: booleans as `True`/`False`.
+    let text = match (node.ty, text.as_ref()) {
+        ("boolean", "true") => "True".to_string(),
+        ("boolean", "false") => "False".to_string(),
+        _ => text.into_owned(),
+    };
+    (!text.is_empty()).then_some(text)
+}
+
+fn set_string(tree: &mut Tree, id: usize, text: &str) {
+    tree.nodes[id].value = Some(serde_json::to_string(text).expect("a string").into());
+}
+
+fn set_none(tree: &mut Tree, id: usize) {
+    tree.nodes[id].value = None;
+}
+
+fn is_number_type(ty: &str) -> bool {
+    matches!(ty, "integer" | "decimal" | "positiveInt" | "unsignedInt")
+}
+
+// ---------------------------------------------------------------------------------------------
+// redact
+
+fn date_regex() -> &'static Regex {
+    static DATE: OnceLock<Regex> = OnceLock::new();
+    DATE.get_or_init(|| {
+        Regex::new(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?")
+            .expect("a valid regex")
+    })
+}
+
+fn date_time_regex() -> &'static Regex {
+    static DATE_TIME: OnceLock<Regex> = OnceLock::new();
+    DATE_TIME.get_or_init(|| {
+        Regex::new(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?")
+            .expect("a valid regex")
+    })
+}
+
+fn time_regex() -> &'static Regex {
+    static TIME: OnceLock<Regex> = OnceLock::new();
+    TIME.get_or_init(|| {
+        Regex::new(r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?")
+            .expect("a valid regex")
+    })
+}
+
+fn digits() -> &'static Regex {
+    static DIGITS: OnceLock<Regex> = OnceLock::new();
+    DIGITS.get_or_init(|| Regex::new(r"\d").expect("a valid regex"))
+}
+
+/// The over-89 rule: true when someone born on this (partial) date is older than 89 `today`.
+fn over_threshold(captures: &regex::Captures, today: NaiveDate) -> bool {
+    let number = |index: usize, default: i32| {
+        captures
+            .get(index)
+            .and_then(|m| m.as_str().parse::<i32>().ok())
+            .unwrap_or(default)
+    };
+    let (year, month, day) = (number(1, 0), number(5, 1), number(7, 1));
+    let before_birthday = (today.month() as i32) < month
+        || (today.month() as i32 == month && (today.day() as i32) < day);
+    today.year() - year - i32::from(before_birthday) > AGE_THRESHOLD
+}
+
+fn redact(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
+    let Some(text) = value_text(tree, id) else {
+        return 0;
+    };
+    let parameters = &engine.parameters;
+    match tree.nodes[id].ty {
+        "date" => redact_date(tree, id, &text, date_regex(), engine),
+        "dateTime" | "instant" => redact_date(tree, id, &text, date_time_regex(), engine),
+        "decimal" if parent_type(tree, id) == Some("Age") => {
+            if !parameters.enable_partial_ages_for_redact
+                || text
+                    .parse::<f64>()
+                    .map_or(true, |age| age > AGE_THRESHOLD as f64)
+            {
+                set_none(tree, id);
+            }
+            REDACT
+        }
+        _ if tree.nodes[id].name().eq_ignore_ascii_case("postalCode") => {
+            redact_postal_code(engine, tree, id, &text)
+        }
+        _ => {
+            set_none(tree, id);
+            REDACT
+        }
+    }
+}
+
+fn parent_type<'t>(tree: &'t Tree, id: usize) -> Option<&'t str> {
+    tree.nodes[id].parent.map(|parent| tree.nodes[parent].ty)
+}
+
+fn redact_date(tree: &mut Tree, id: usize, text: &str, regex: &Regex, engine: &Engine) -> Ops {
+    if !engine.parameters.enable_partial_dates_for_redact {
+        set_none(tree, id);
+        return REDACT;
+    }
+    if let Some(captures) = regex.captures(text) {
+        match over_threshold(&captures, engine.today) {
+            true => set_none(tree, id),
+            false => set_string(tree, id, &captures[1]),
+        }
+    }
+    REDACT
+}
+
+fn redact_postal_code(engine: &Engine, tree: &mut Tree, id: usize, text: &str) -> Ops {
+    let parameters = &engine.parameters;
+    if !parameters.enable_partial_zip_codes_for_redact {
+        set_none(tree, id);
+        return REDACT;
+    }
+    let restricted = parameters
+        .restricted_zip_code_tabulation_areas
+        .iter()
+        .any(|area| text.starts_with(area.as_str()));
+    let partial = if restricted {
+        Some(digits().replace_all(text, "0").into_owned())
+    } else if text.chars().count() >= 3 {
+        let cut = text.char_indices().nth(3).map_or(text.len(), |(at, _)| at);
+        Some(format!(
+            "{}{}",
+            &text[..cut],
+            digits().replace_all(&text[cut..], "0")
+        ))
+    } else {
+        None
+    };
+    if let Some(partial) = partial {
+        set_string(tree, id, &partial);
+    }
+    ABSTRACT
+}
+
+// ---------------------------------------------------------------------------------------------
+// dateShift
+
+/// The engine's day offset for a prefix (the outermost resource's id) and key: -50 to 50.
+pub fn date_shift_offset(prefix: &str, key: &str) -> i64 {
+    let mut offset: i64 = 0;
+    for byte in prefix.bytes().chain(key.bytes()) {
+        offset = (offset * 131 + i64::from(byte)) % 101;
+    }
+    offset - 50
+}
+
+fn date_shift(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
+    let Some(text) = value_text(tree, id) else {
+        return 0;
+    };
+    let regex = match tree.nodes[id].ty {
+        "date" => date_regex(),
+        "dateTime" | "instant" => date_time_regex(),
+        _ => return 0,
+    };
+    let Some(captures) = regex.captures(&text) else {
+        return 0;
+    };
+    if captures.get(7).is_none() || over_threshold(&captures, engine.today) {
+        return redact_date(tree, id, &text, regex, engine);
+    }
+    let offset = match engine.parameters.date_shift_fixed_offset_in_days {
+        Some(days) => i64::from(days),
+        None => {
+            let root = tree.root_of(id);
+            let prefix = tree
+                .children_named(root, "id")
+                .next()
+                .and_then(|node| tree.nodes[node].text().map(|t| t.into_owned()))
+                .unwrap_or_default();
+            date_shift_offset(&prefix, &engine.keys.date_shift)
+        }
+    };
+    let part = |index: usize| {
+        captures
+            .get(index)
+            .and_then(|m| m.as_str().parse::<u32>().ok())
+            .unwrap_or(1)
+    };
+    let Some(date) = NaiveDate::from_ymd_opt(part(1) as i32, part(5), part(7)) else {
+        return 0;
+    };
+    let shifted = (date + Duration::days(offset))
+        .format("%Y-%m-%d")
+        .to_string();
+    let value = match captures.get(8) {
+        Some(timestamp) => {
+            let timestamp = timestamp.as_str();
+            let zeroed = match time_regex().find(timestamp) {
+                Some(time) => {
+                    timestamp.replace(time.as_str(), &digits().replace_all(time.as_str(), "0"))
+                }
+                None => timestamp.to_string(),
+            };
+            format!("{shifted}{zeroed}")
+        }
+        None => shifted,
+    };
+    set_string(tree, id, &value);
+    PERTURB
+}
+
+// ---------------------------------------------------------------------------------------------
+// cryptoHash and encrypt
+
+/// HMAC-SHA256 of `input` under `key` (both UTF-8), lower-case hex; empty stays empty.
+pub fn hmac_sha256_hex(input: &str, key: &str) -> String {
+    if input.is_empty() {
+        return String::new();
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key");
+    mac.update(input.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+fn literal_references() -> &'static [Regex; 3] {
+    static REFERENCES: OnceLock<[Regex; 3]> = OnceLock::new();
+    REFERENCES.get_or_init(|| {
+        let types = crate::fhir::types::R4_RESOURCE_TYPES.join("|");
+        [
+            Regex::new(&format!(
+                r"^(?<prefix>((http|https)://([A-Za-z0-9\\/\.:%\$])*)?({types})/)(?<id>[A-Za-z0-9\-\.]{{1,64}})(?<suffix>/_history/[A-Za-z0-9\-\.]{{1,64}})?$"
+            ))
+            .expect("a valid regex"),
+            Regex::new(r"^(?<prefix>urn:oid:)(?<id>[0-2](\.(0|[1-9][0-9]*))+)(?<suffix>)$")
+                .expect("a valid regex"),
+            Regex::new(r"^(?<prefix>urn:uuid:)(?<id>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?<suffix>)$")
+                .expect("a valid regex"),
+        ]
+    })
+}
+
+/// A reference with its id part transformed (`Patient/x` → `Patient/f(x)`, `#x` → `#f(x)`); a
+/// reference of no known form is transformed whole.
+pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> String) -> String {
+    if reference.is_empty() {
+        return String::new();
+    }
+    if let Some(internal) = reference.strip_prefix('#') {
+        return format!("#{}", transform(internal));
+    }
+    for regex in literal_references() {
+        if let Some(found) = regex.captures(reference) {
+            let part = |name: &str| found.name(name).map_or("", |m| m.as_str());
+            return format!(
+                "{}{}{}",
+                part("prefix"),
+                transform(part("id")),
+                part("suffix")
+            );
+        }
+    }
+    transform(reference)
+}
+
+fn crypto_hash(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
+    let Some(text) = value_text(tree, id) else {
+        return 0;
+    };
+    let key = engine.keys.crypto_hash.as_str();
+    let is_reference = tree.nodes[id].name().eq_ignore_ascii_case("reference")
+        && parent_type(tree, id).is_some_and(|ty| ty.eq_ignore_ascii_case("Reference"));
+    let hashed = match is_reference {
+        true => transform_reference_id(&text, |part| hmac_sha256_hex(part, key)),
+        false => hmac_sha256_hex(&text, key),
+    };
+    set_string(tree, id, &hashed);
+    CRYPTO_HASH
+}
+
+/// base64(IV ‖ AES-CBC-PKCS7(UTF-8 text)), with a random IV: the engine's format.
+pub fn encrypt_text(text: &str, key: &[u8]) -> Result<String, DeidError> {
+    use aws_lc_rs::cipher::{
+        PaddedBlockEncryptingKey, UnboundCipherKey, AES_128, AES_192, AES_256,
+    };
+    let algorithm = match key.len() {
+        16 => &AES_128,
+        24 => &AES_192,
+        32 => &AES_256,
+        _ => {
+            return Err(DeidError::Processing(
+                "the encrypt key is not 16, 24 or 32 bytes".into(),
+            ))
+        }
+    };
+    let failed = |_| DeidError::Processing("encryption failed".into());
+    let key = UnboundCipherKey::new(algorithm, key).map_err(failed)?;
+    let key = PaddedBlockEncryptingKey::cbc_pkcs7(key).map_err(failed)?;
+    let mut data = text.as_bytes().to_vec();
+    let context = key.encrypt(&mut data).map_err(failed)?;
+    let iv: &[u8] = (&context).try_into().map_err(failed)?;
+    let mut out = iv.to_vec();
+    out.extend_from_slice(&data);
+    Ok(base64::engine::general_purpose::STANDARD.encode(out))
+}
+
+/// The inverse of [`encrypt_text`].
+pub fn decrypt_text(encoded: &str, key: &[u8]) -> Option<String> {
+    use aws_lc_rs::cipher::{
+        DecryptionContext, PaddedBlockDecryptingKey, UnboundCipherKey, AES_128, AES_192, AES_256,
+    };
+    let algorithm = match key.len() {
+        16 => &AES_128,
+        24 => &AES_192,
+        32 => &AES_256,
+        _ => return None,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    if bytes.len() < 16 {
+        return None;
+    }
+    let (iv, data) = bytes.split_at(16);
+    let key =
+        PaddedBlockDecryptingKey::cbc_pkcs7(UnboundCipherKey::new(algorithm, key).ok()?).ok()?;
+    let iv: [u8; 16] = iv.try_into().ok()?;
+    let mut data = data.to_vec();
+    let plain = key
+        .decrypt(&mut data, DecryptionContext::Iv128(iv.into()))
+        .ok()?;
+    String::from_utf8(plain.to_vec()).ok()
+}
+
+fn encrypt(engine: &Engine, tree: &mut Tree, id: usize) -> Result<Ops, DeidError> {
+    let Some(text) = value_text(tree, id) else {
+        return Ok(0);
+    };
+    let encrypted = encrypt_text(&text, engine.keys.encrypt.as_bytes())?;
+    set_string(tree, id, &encrypted);
+    Ok(ENCRYPT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// substitute
+
+fn owned(json: Json<'_>) -> Json<'static> {
+    match json {
+        Json::Leaf(token) => Json::Leaf(token.into_owned().into()),
+        Json::Array(items) => Json::Array(items.into_iter().map(owned).collect()),
+        Json::Object(members) => Json::Object(
+            members
+                .into_iter()
+                .map(|(key, value)| (key.into_owned().into(), owned(value)))
+                .collect(),
+        ),
+    }
+}
+
+fn substitute(
+    tree: &mut Tree,
+    id: usize,
+    replace_with: &str,
+    visited: &mut Vec<bool>,
+) -> Result<Ops, DeidError> {
+    let ty = tree.nodes[id].ty;
+    let invalid = || DeidError::Processing(format!("replaceWith is not a valid {ty}"));
+    let json = owned(Json::parse(replace_with).map_err(|_| invalid())?);
+    let replacement = match (tree.nodes[id].is_primitive(), json) {
+        (true, Json::Leaf(token)) => {
+            let token = primitive_token(tree.nodes[id].ty, &token);
+            tree.new_like(id, Json::Leaf(token.into()))
+                .map_err(|_| invalid())?
+        }
+        (false, json @ Json::Object(_)) => tree.new_like(id, json).map_err(|_| invalid())?,
+        (false, Json::Leaf(token)) if token == "null" => tree
+            .new_like(id, Json::Object(Vec::new()))
+            .map_err(|_| invalid())?,
+        _ => return Err(invalid()),
+    };
+    let mut keep = Vec::new();
+    collect_keep(tree, id, visited, &mut keep);
+    substitute_node(tree, id, Some(replacement), visited, &keep);
+    let mut below = Vec::new();
+    descendants(tree, id, &mut below);
+    for node in below {
+        mark_visited(visited, node);
+    }
+    Ok(SUBSTITUTE)
+}
+
+/// A primitive's token from a `replaceWith` leaf: numbers and booleans as such for number and
+/// boolean elements, anything else as a string.
+fn primitive_token(ty: &str, token: &str) -> String {
+    let text = Json::Leaf(token.into())
+        .as_str()
+        .map(|text| text.into_owned())
+        .unwrap_or_else(|| token.to_string());
+    let number = is_number_type(ty) && serde_json::from_str::<serde_json::Number>(&text).is_ok();
+    let boolean = ty == "boolean" && (text == "true" || text == "false");
+    match number || boolean {
+        true => text,
+        false => serde_json::to_string(&text).expect("a string"),
+    }
+}
+
+fn collect_keep(tree: &Tree, id: usize, visited: &[bool], keep: &mut Vec<usize>) -> bool {
+    let mut should_keep = false;
+    for child in tree.children(id).collect::<Vec<_>>() {
+        should_keep |= collect_keep(tree, child, visited, keep);
+    }
+    if should_keep || is_visited(visited, id) {
+        keep.push(id);
+        return true;
+    }
+    false
+}
+
+fn substitute_node(
+    tree: &mut Tree,
+    id: usize,
+    replacement: Option<usize>,
+    visited: &[bool],
+    keep: &[usize],
+) {
+    if is_visited(visited, id) {
+        return;
+    }
+    let mut names: Vec<String> = Vec::new();
+    if let Some(replacement) = replacement {
+        for child in tree.children(replacement) {
+            let name = tree.nodes[child].name().to_string();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        for name in &names {
+            let children: Vec<usize> = tree.children_named(id, name).collect();
+            let targets: Vec<usize> = tree.children_named(replacement, name).collect();
+            let mut next = 0;
+            for child in children {
+                if is_visited(visited, child) {
+                    next += 1;
+                    continue;
+                }
+                if next < targets.len() {
+                    substitute_node(tree, child, Some(targets[next]), visited, keep);
+                    next += 1;
+                } else if keep.contains(&child) {
+                    substitute_node(tree, child, None, visited, keep);
+                } else {
+                    tree.remove(child);
+                }
+            }
+            for &target in &targets[next.min(targets.len())..] {
+                tree.nodes[replacement].children.retain(|&c| c != target);
+                tree.attach(id, target);
+            }
+        }
+    }
+    let others: Vec<usize> = tree
+        .children(id)
+        .filter(|&child| !names.iter().any(|name| name == tree.nodes[child].name()))
+        .collect();
+    for child in others {
+        if is_visited(visited, child) {
+            continue;
+        }
+        if keep.contains(&child) {
+            substitute_node(tree, child, None, visited, keep);
+        } else {
+            tree.remove(child);
+        }
+    }
+    let value = replacement.and_then(|replacement| tree.nodes[replacement].value.clone());
+    tree.nodes[id].value = value;
+}
+
+fn descendants(tree: &Tree, id: usize, out: &mut Vec<usize>) {
+    for child in tree.children(id) {
+        out.push(child);
+        descendants(tree, child, out);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// perturb
+
+fn perturb(
+    tree: &mut Tree,
+    id: usize,
+    span: f64,
+    range: RangeType,
+    round_to: u32,
+    visited: &mut Vec<bool>,
+) -> Ops {
+    let ty = tree.nodes[id].ty;
+    let value_node = if matches!(ty, "decimal" | "integer" | "positiveInt" | "unsignedInt") {
+        Some(id)
+    } else if QUANTITY_TYPES.contains(&ty) {
+        tree.children_named(id, "value").next()
+    } else {
+        None
+    };
+    let Some(value_node) = value_node else {
+        return 0;
+    };
+    if is_visited(visited, value_node) {
+        return 0;
+    }
+    let Some(original) = tree.nodes[value_node]
+        .text()
+        .and_then(|text| text.parse::<f64>().ok())
+    else {
+        return 0;
+    };
+    let value_type = tree.nodes[value_node].ty;
+    let round_to = match value_type {
+        "integer" | "positiveInt" | "unsignedInt" => 0,
+        _ => round_to.min(15),
+    };
+    let span = match range {
+        RangeType::Proportional => original * span,
+        RangeType::Fixed => span,
+    }
+    .abs();
+    let noise = match span > 0.0 {
+        true => rand::Rng::random_range(&mut rand::rng(), -span / 2.0..=span / 2.0),
+        false => 0.0,
+    };
+    let scale = 10f64.powi(round_to as i32);
+    let mut perturbed = ((original + noise) * scale).round_ties_even() / scale;
+    if value_type == "positiveInt" && perturbed <= 0.0 {
+        perturbed = 1.0;
+    }
+    if value_type == "unsignedInt" && perturbed < 0.0 {
+        perturbed = 0.0;
+    }
+    tree.nodes[value_node].value = Some(format!("{perturbed:.*}", round_to as usize).into());
+    let mut below = Vec::new();
+    descendants(tree, id, &mut below);
+    for node in below {
+        mark_visited(visited, node);
+    }
+    PERTURB
+}
+
+// ---------------------------------------------------------------------------------------------
+// generalize
+
+fn generalize(
+    tree: &mut Tree,
+    id: usize,
+    cases: &[(fhirpath::Expr, fhirpath::Expr)],
+    other_values: OtherValues,
+) -> Result<Ops, DeidError> {
+    if !tree.nodes[id].is_primitive() {
+        return Err(DeidError::Processing(format!(
+            "generalize applies to primitive values, not to {}",
+            tree.nodes[id].ty
+        )));
+    }
+    if tree.nodes[id].value.is_none() {
+        return Ok(0);
+    }
+    let failed = |error: fhirpath::EvalError| {
+        DeidError::Processing(format!("a generalize case failed: {error}"))
+    };
+    let focus = [Item::Node(id)];
+    for (condition, value) in cases {
+        let result = fhirpath::evaluate(tree, condition, &focus).map_err(failed)?;
+        let matched = match result.as_slice() {
+            [] => true,
+            [Item::Bool(value)] => *value,
+            [_] => true,
+            _ => {
+                return Err(failed(fhirpath::EvalError(
+                    "a condition gave several values".into(),
+                )))
+            }
+        };
+        if !matched {
+            continue;
+        }
+        let result = fhirpath::evaluate(tree, value, &focus).map_err(failed)?;
+        let token = match result.as_slice() {
+            [] => None,
+            [item] => item_token(tree, item),
+            _ => {
+                return Err(failed(fhirpath::EvalError(
+                    "a case value gave several values".into(),
+                )))
+            }
+        };
+        tree.nodes[id].value = token.map(Into::into);
+        return Ok(GENERALIZE);
+    }
+    if other_values == OtherValues::Redact {
+        set_none(tree, id);
+    }
+    Ok(GENERALIZE)
+}
+
+fn item_token(tree: &Tree, item: &Item) -> Option<String> {
+    Some(match item {
+        Item::Node(node) => tree.nodes[*node].value.as_deref()?.to_string(),
+        Item::Int(value) => value.to_string(),
+        Item::Dec(value) => value.to_string(),
+        Item::Bool(value) => value.to_string(),
+        other => serde_json::to_string(&fhirpath::to_text(other)).expect("a string"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encryption_round_trips_with_every_key_size() {
+        for key in [
+            "0123456789abcdef",
+            "0123456789abcdef01234567",
+            "0123456789abcdef0123456789abcdef",
+        ] {
+            let sealed = encrypt_text("Ĳ text", key.as_bytes()).unwrap();
+            assert_eq!(decrypt_text(&sealed, key.as_bytes()).unwrap(), "Ĳ text");
+        }
+    }
+
+    #[test]
+    fn the_offset_is_the_engines() {
+        assert_eq!(date_shift_offset("", "dummy"), -21);
+    }
+}

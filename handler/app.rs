@@ -110,6 +110,7 @@ pub fn limits_of(settings: &Settings) -> Limits {
         shard_max_time: settings.shard_max_time,
         manifest_page_size: settings.manifest_page_size,
         gzip_files: settings.gzip_files,
+        deid: settings.deid.clone(),
     }
 }
 

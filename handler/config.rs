@@ -12,6 +12,50 @@ pub const DEFAULT_SHARD_MAX_RESOURCES: u64 = 250_000;
 /// Outputs per manifest page (`allowPartialManifests`).
 pub const DEFAULT_MANIFEST_PAGE_SIZE: usize = 1_000;
 pub const DEFAULT_MAX_RUNNING_EXPORTS: usize = 32;
+/// The container (locally: the folder of the exports folder) `_anonymizationConfig` names a blob in.
+pub const DEFAULT_DEID_CONTAINER: &str = "anonymization";
+/// The largest anonymization configuration read (Azure's limit).
+pub const DEFAULT_DEID_MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// De-identified export (`_anonymizationConfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeidSettings {
+    /// `EXPORT_DEID=off` refuses the parameters (never ignores them).
+    pub enabled: bool,
+    pub container: String,
+    pub max_config_bytes: u64,
+    /// A de-identified export must name its own `_container` (as Azure requires), so that its
+    /// files never sit beside identified ones.
+    pub require_container: bool,
+}
+
+impl Default for DeidSettings {
+    fn default() -> Self {
+        DeidSettings {
+            enabled: true,
+            container: DEFAULT_DEID_CONTAINER.into(),
+            max_config_bytes: DEFAULT_DEID_MAX_CONFIG_BYTES,
+            require_container: true,
+        }
+    }
+}
+
+/// `EXPORT_DEID_CONTAINER`: a container name (or folder of the exports folder).
+pub fn check_deid_container(value: &str) -> Result<String, SettingError> {
+    let value = value.trim();
+    crate::export::request::check_container_name(value)
+        .map_err(|error| bad("EXPORT_DEID_CONTAINER", error.message))?;
+    Ok(value.to_string())
+}
+
+/// `EXPORT_DEID`: `on` or `off`.
+pub fn parse_switch(name: &'static str, value: &str) -> Result<bool, SettingError> {
+    match value.trim() {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(bad(name, format!("{other:?} is not on or off"))),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSetting {
@@ -73,6 +117,7 @@ pub struct Settings {
     pub manifest_page_size: usize,
     /// Export files are stored gzip-compressed (`EXPORT_COMPRESSION=gzip`).
     pub gzip_files: bool,
+    pub deid: DeidSettings,
     /// Bearer-token checks; `None` leaves every endpoint open.
     pub auth: Option<crate::auth::AuthSetting>,
     /// What the manifest's file URLs point at (`EXPORT_FILE_URLS`).
@@ -153,6 +198,7 @@ impl Default for Settings {
             shard_max_time: None,
             manifest_page_size: DEFAULT_MANIFEST_PAGE_SIZE,
             gzip_files: false,
+            deid: DeidSettings::default(),
             file_urls: FileUrls::Proxy,
             auth: None,
         }

@@ -2,7 +2,7 @@
 #![deny(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -58,6 +58,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// De-identification (`_anonymizationConfig`) tools.
+    #[command(subcommand)]
+    Deid(DeidCommand),
     /// Write the Azure Functions deployment zip: this binary, host.json, one folder per function.
     Package {
         #[arg(long, default_value = "app.zip")]
@@ -65,6 +68,20 @@ enum Command {
         /// The binary to ship as `handler` (default: this one).
         #[arg(long)]
         binary: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeidCommand {
+    /// Check an anonymization configuration as a kickoff does and print its local ETag; with
+    /// --input, de-identify a resource or NDJSON file to stdout.
+    Check {
+        config: PathBuf,
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// The date the over-89 rules count from (default: today).
+        #[arg(long)]
+        today: Option<chrono::NaiveDate>,
     },
 }
 
@@ -191,6 +208,18 @@ struct ServeArgs {
     /// clients that accept gzip, and decompressed for the others).
     #[arg(long, env = "EXPORT_COMPRESSION", default_value = "none")]
     compression: String,
+    /// De-identified export (_anonymizationConfig): on, or off to refuse its parameters.
+    #[arg(long, env = "EXPORT_DEID", default_value = "on")]
+    deid: String,
+    /// The container (locally: the folder of the exports folder) anonymization configs are read from.
+    #[arg(long, env = "EXPORT_DEID_CONTAINER", default_value = config::DEFAULT_DEID_CONTAINER)]
+    deid_container: String,
+    /// The largest anonymization config read, in bytes.
+    #[arg(long, env = "EXPORT_DEID_MAX_CONFIG_BYTES", default_value_t = config::DEFAULT_DEID_MAX_CONFIG_BYTES)]
+    deid_max_config_bytes: u64,
+    /// Whether a de-identified export must name its own _container (on, as Azure), or may not (off).
+    #[arg(long, env = "EXPORT_DEID_REQUIRE_CONTAINER", default_value = "on")]
+    deid_require_container: String,
     /// Shard workers (default: one per core).
     #[arg(long, env = "EXPORT_WORKERS")]
     workers: Option<usize>,
@@ -260,6 +289,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     };
     match command {
+        Command::Deid(DeidCommand::Check {
+            config,
+            input,
+            today,
+        }) => deid_check(&config, input.as_deref(), today),
         Command::Package { out, binary } => {
             let binary = match binary {
                 Some(binary) => binary,
@@ -461,6 +495,15 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
         max_running_exports: args.max_running_exports.max(1),
         manifest_page_size: args.manifest_page_size.max(1),
         gzip_files: config::parse_compression(&args.compression)?,
+        deid: config::DeidSettings {
+            enabled: config::parse_switch("EXPORT_DEID", &args.deid)?,
+            container: config::check_deid_container(&args.deid_container)?,
+            max_config_bytes: args.deid_max_config_bytes.max(1),
+            require_container: config::parse_switch(
+                "EXPORT_DEID_REQUIRE_CONTAINER",
+                &args.deid_require_container,
+            )?,
+        },
         auth: config::parse_auth(
             args.auth_issuer.as_deref(),
             args.auth_audience.as_deref(),
@@ -524,4 +567,64 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `handler deid check`: the configuration's verdict and ETag on stderr, de-identified resources
+/// on stdout (one line each). Keys the configuration leaves empty are random, as in an export.
+fn deid_check(
+    config: &Path,
+    input: Option<&Path>,
+    today: Option<chrono::NaiveDate>,
+) -> anyhow::Result<ExitCode> {
+    use fhir_export::deid::{AnonymizationConfig, Engine, Keys};
+    use std::io::Write;
+    let bytes = std::fs::read(config)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
+    let parsed = match AnonymizationConfig::parse(&bytes) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            eprintln!("{}: refused: {error}", config.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let etag = fhir_export::storage::local::etag_of(&bytes).0;
+    eprintln!(
+        "{}: valid, {} rules; ETag in the local anonymization folder: {etag}",
+        config.display(),
+        parsed.rules.len()
+    );
+    let Some(input) = input else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let today = today.unwrap_or_else(|| chrono::Utc::now().date_naive());
+    let engine = Engine::new(&parsed, Keys::for_export(&parsed), today)?;
+    let text = std::fs::read(input)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", input.display()))?;
+    // One resource (pretty-printed or not), or NDJSON.
+    let resources: Vec<Vec<u8>> = match serde_json::from_slice::<serde_json::Value>(&text) {
+        Ok(one) => vec![serde_json::to_vec(&one)?],
+        Err(_) => text
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .map(<[u8]>::to_vec)
+            .collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut failed = 0;
+    for (line, resource) in resources.iter().enumerate() {
+        match engine.deidentify(resource) {
+            Ok(bytes) => {
+                out.write_all(&bytes)?;
+                out.write_all(b"\n")?;
+            }
+            Err(error) => {
+                failed += 1;
+                eprintln!("resource {}: {error}", line + 1);
+            }
+        }
+    }
+    Ok(match failed {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
 }

@@ -323,7 +323,7 @@ impl BlockShard {
                 let Some(owner) = owner_of(resource_type, resource, &positions, universe)? else {
                     return Ok(());
                 };
-                let Some(bytes) = shaping.shape(resource) else {
+                let Some(bytes) = shaping.shape(resource)? else {
                     return Ok(());
                 };
                 spill.write_all(&bytes).map_err(spill_error)?;

@@ -94,6 +94,9 @@ pub struct Job {
     /// sees the status and the files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// A de-identified export's configuration version and keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deidentification: Option<super::deid::PinnedConfig>,
 }
 
 fn planned_at_kickoff() -> bool {
@@ -700,6 +703,7 @@ mod tests {
             failure_fault: None,
             completed_at: None,
             owner: None,
+            deidentification: None,
         };
         jobs.create(&job).await.unwrap();
         let mut tries = 0;

@@ -26,6 +26,7 @@ pub async fn start(
     owner: Option<String>,
 ) -> Result<Job, ExportError> {
     admit(exports).await?;
+    let deidentification = super::deid::pin(exports, &request).await?;
     let transaction_time = Utc::now();
     let id = new_job_id();
     let scope = {
@@ -53,6 +54,7 @@ pub async fn start(
         failure_fault: None,
         completed_at: None,
         owner,
+        deidentification,
     };
     {
         // Counted again and recorded under one lock: concurrent kickoffs cannot all pass the count.

@@ -2,6 +2,7 @@
 //! the manifest, and the upkeep of unfinished and expired jobs. [`Exports`] is what all of it runs on.
 
 pub mod blocks;
+pub mod deid;
 pub mod jobs;
 pub mod kickoff;
 pub mod manifest;
@@ -83,6 +84,8 @@ pub struct Limits {
     pub manifest_page_size: usize,
     /// Files are stored gzip-compressed (`EXPORT_COMPRESSION=gzip`).
     pub gzip_files: bool,
+    /// De-identified export (`_anonymizationConfig`).
+    pub deid: crate::config::DeidSettings,
 }
 
 impl Limits {

@@ -69,6 +69,20 @@ pub struct ExportRequest {
     /// patient, instead of files of one type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub organize_output_by: Option<String>,
+    /// `_anonymizationConfig`: a de-identified export (the configuration is read, checked and
+    /// pinned at kickoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymization: Option<Anonymization>,
+}
+
+/// The anonymization configuration an export names: a blob of the configurations container, and
+/// the ETag it must have (quoted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Anonymization {
+    pub config: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// A rejected kickoff: HTTP 400 with a message naming the parameter or header.
@@ -136,12 +150,31 @@ pub fn check_headers(headers: &KickoffHeaders<'_>) -> Result<(), RequestError> {
     Ok(())
 }
 
-/// De-identified export is not built yet; its parameters are refused, never ignored.
-fn privacy_refused(name: &str) -> RequestError {
+/// A de-identification parameter this server does not take: refused, never ignored (not even
+/// with `handling=lenient`): it protects what is exported.
+fn privacy_refused(name: &str, why: &str) -> RequestError {
     invalid(
         name,
-        format!("{name}: de-identified export is not available on this server, and a parameter that protects what is exported is never ignored (not even with handling=lenient); start the export without it"),
+        format!("{name}: {why}; a parameter that protects what is exported is never ignored (not even with handling=lenient)"),
     )
+}
+
+/// A blob name in the configurations container: `/`-separated segments, none empty, `.` or `..`.
+fn check_config_name(name: &str, value: &str) -> Result<(), RequestError> {
+    let ok = value.len() <= 1024
+        && value.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && !segment.chars().any(|c| c == '\\' || c.is_control())
+        });
+    match ok {
+        true => Ok(()),
+        false => Err(invalid(
+            name,
+            format!("{name} {value:?} is not a blob name in the configurations container (segments separated by '/', none empty, '.' or '..')"),
+        )),
+    }
 }
 
 fn check_output_format(value: &str) -> Result<(), RequestError> {
@@ -182,7 +215,9 @@ impl ExportRequest {
             separate_export_status: false,
             allow_partial_manifests: false,
             organize_output_by: None,
+            anonymization: None,
         };
+        let mut anonymization_etag = None::<String>;
         let mut seen_until = None::<String>;
         let mut seen_once = Vec::<&'static str>::new();
         let mut filter_bytes = 0;
@@ -198,7 +233,33 @@ impl ExportRequest {
                 return Err(invalid(name, format!("parameter {name} has no value")));
             }
             match name {
-                _ if is_privacy_parameter(name) => return Err(privacy_refused(name)),
+                "_anonymizationConfig" => {
+                    once(&mut seen_once, "_anonymizationConfig")?;
+                    check_config_name(name, value)?;
+                    request.anonymization = Some(Anonymization {
+                        config: value.to_string(),
+                        etag: None,
+                    });
+                }
+                "_anonymizationConfigEtag" => {
+                    once(&mut seen_once, "_anonymizationConfigEtag")?;
+                    if value.chars().any(|c| c.is_control()) || value.len() > 256 {
+                        return Err(invalid(name, format!("{name} is not an ETag")));
+                    }
+                    anonymization_etag = Some(quoted_etag(value));
+                }
+                "_anonymizationConfigCollectionReference" => {
+                    return Err(privacy_refused(
+                        name,
+                        "configurations from an Azure Container Registry are not supported; put the configuration in the configurations container and name it with _anonymizationConfig",
+                    ))
+                }
+                _ if is_privacy_parameter(name) => {
+                    return Err(privacy_refused(
+                        name,
+                        "this is not a de-identification parameter (they are _anonymizationConfig, _anonymizationConfigEtag and _anonymizationConfigCollectionReference, spelled so)",
+                    ))
+                }
                 "_outputFormat" => check_output_format(value)?,
                 "_since" => {
                     if request.since.is_some() {
@@ -254,6 +315,16 @@ impl ExportRequest {
                     request.refuse(error, lenient)?;
                 }
             }
+        }
+        match (&mut request.anonymization, anonymization_etag) {
+            (Some(anonymization), etag) => anonymization.etag = etag,
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "_anonymizationConfig",
+                    "_anonymizationConfigEtag names the version of a configuration: give the configuration too (_anonymizationConfig)",
+                ))
+            }
+            (None, None) => {}
         }
         request.check_window()?;
         if request.level.is_patient_scoped() || request.organize_output_by.is_some() {
@@ -475,8 +546,17 @@ fn once(seen: &mut Vec<&'static str>, name: &'static str) -> Result<(), RequestE
     Ok(())
 }
 
-/// Parameters that protect what is exported (de-identification): refused until supported, and never
-/// ignorable. Matched without regard to case, so no spelling slips past as "unknown".
+/// An ETag as compared: quoted (`"0x8D"`; a weak `W/"x"` as given).
+pub fn quoted_etag(value: &str) -> String {
+    let value = value.trim();
+    match value.starts_with('"') || value.starts_with("W/") {
+        true => value.to_string(),
+        false => format!("\"{value}\""),
+    }
+}
+
+/// Parameters that protect what is exported (de-identification): never ignorable. Matched without
+/// regard to case, so no spelling slips past as "unknown".
 fn is_privacy_parameter(name: &str) -> bool {
     name.get(..14)
         .is_some_and(|head| head.eq_ignore_ascii_case("_anonymization"))
@@ -726,23 +806,44 @@ mod tests {
 
     #[test]
     fn privacy_parameters_are_never_ignored() {
-        for name in [
-            "_anonymizationConfig",
-            "_anonymizationConfigEtag",
-            "_anonymizationConfigCollectionReference",
-            "_ANONYMIZATIONconfig",
+        for (query, parameter) in [
+            (
+                "_anonymizationConfigCollectionReference=x",
+                "_anonymizationConfigCollectionReference",
+            ),
+            ("_ANONYMIZATIONconfig=x", "_ANONYMIZATIONconfig"),
+            ("_anonymizationConfigEtag=x", "_anonymizationConfig"),
+            ("_anonymizationConfig=a/../b", "_anonymizationConfig"),
+            ("_anonymizationConfig=..", "_anonymizationConfig"),
+            (
+                "_anonymizationConfig=a&_anonymizationConfig=b",
+                "_anonymizationConfig",
+            ),
         ] {
             for lenient in [false, true] {
                 for level in [Level::System, Level::Patient, Level::Group("g".into())] {
                     let error =
-                        ExportRequest::from_query(level, &format!("{name}=x"), lenient, false)
-                            .unwrap_err();
-                    assert_eq!(error.parameter, name);
-                    assert!(error.message.contains(name), "{}", error.message);
-                    assert!(error.message.contains("never ignored"), "{}", error.message);
+                        ExportRequest::from_query(level, query, lenient, false).unwrap_err();
+                    assert_eq!(error.parameter, parameter, "{query}");
+                    assert!(error.message.contains(parameter), "{}", error.message);
                 }
             }
         }
+        let request =
+            parse("_anonymizationConfig=team/a.json&_anonymizationConfigEtag=0x8D").unwrap();
+        assert_eq!(
+            request.anonymization,
+            Some(Anonymization {
+                config: "team/a.json".into(),
+                etag: Some("\"0x8D\"".into())
+            })
+        );
+        let quoted =
+            parse("_anonymizationConfig=a.json&_anonymizationConfigEtag=%220x8D%22").unwrap();
+        assert_eq!(
+            quoted.anonymization.unwrap().etag.as_deref(),
+            Some("\"0x8D\"")
+        );
     }
 
     #[test]

@@ -295,6 +295,10 @@ pub fn end(
     }
     job.status = status;
     job.completed_at = Some(now);
+    // The keys of a de-identified export go with it: nothing can decrypt or re-link its output.
+    if let Some(pinned) = &mut job.deidentification {
+        pinned.keys = None;
+    }
     if let Some((message, fault)) = failure {
         job.failure = Some(message);
         job.failure_fault = fault;
@@ -582,6 +586,7 @@ mod tests {
             failure_fault: None,
             completed_at: None,
             owner: None,
+            deidentification: None,
         };
         let failure = Some(("shard 1 failed".to_string(), None));
         assert_eq!(

@@ -67,6 +67,9 @@ async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportE
         }
         Err(error) => {
             tracing::warn!(%error, attempt, "shard failed");
+            if let Some((message, fault)) = super::deid::is_permanent(&error) {
+                return fail_job_now(exports, &job, &message, fault).await;
+            }
             match record_failure(exports, &job, task, attempt, &error).await {
                 Err(full) if full.is_storage_full() => {
                     fail_for_want_of_space(exports, task, &full).await
@@ -324,12 +327,15 @@ pub async fn stop_local_shards(job_id: &str) {
     }
 }
 
-/// What a shard writes of each resource: `_typeFilter` decides whether, `_elements` what. Only
-/// filtered or trimmed types pay for parsing, each for what it needs; the rest flow as stored bytes.
+/// What a shard writes of each resource: `_typeFilter` decides whether (on the data as stored),
+/// the anonymization configuration what is left of it, and `_elements` what of that. Only
+/// filtered, de-identified or trimmed types pay for parsing, each for what it needs; the rest flow
+/// as stored bytes.
 pub(super) struct Shaping {
     resource_type: String,
     pub(super) filters: Vec<crate::fhir::search::SearchQuery>,
     elements: Vec<String>,
+    deid: Option<Arc<crate::deid::Engine>>,
 }
 
 impl Shaping {
@@ -339,31 +345,51 @@ impl Shaping {
             resource_type: resource_type.to_string(),
             filters: request.filters_for(resource_type),
             elements: request.elements_for(resource_type),
+            deid: None,
+        }
+    }
+
+    /// The same shaping, de-identifying with `engine`.
+    pub(super) fn deidentified_by(self, engine: Option<Arc<crate::deid::Engine>>) -> Shaping {
+        Shaping {
+            deid: engine,
+            ..self
         }
     }
 
     /// The bytes to write, or `None` when the filters leave the resource out. A resource that
-    /// cannot be parsed is written as stored.
-    pub(super) fn shape<'a>(&self, resource: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+    /// cannot be parsed is written as stored, unless it is to be de-identified: then it fails.
+    pub(super) fn shape<'a>(
+        &self,
+        resource: &'a [u8],
+    ) -> Result<Option<std::borrow::Cow<'a, [u8]>>, SinkError> {
         if !self.filters.is_empty() {
-            let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
-                return Some(resource.into());
-            };
-            if !self.filters.iter().any(|query| query.matches(&value)) {
-                return None;
+            match serde_json::from_slice::<serde_json::Value>(resource) {
+                Ok(value) if !self.filters.iter().any(|query| query.matches(&value)) => {
+                    return Ok(None)
+                }
+                Ok(_) => {}
+                Err(_) if self.deid.is_none() => return Ok(Some(resource.into())),
+                Err(_) => {}
             }
         }
+        let resource: std::borrow::Cow<'a, [u8]> = match &self.deid {
+            None => resource.into(),
+            Some(engine) => engine
+                .deidentify(resource)
+                .map_err(|error| {
+                    SinkError::Deidentify(format!("a {} resource: {error}", self.resource_type))
+                })?
+                .into(),
+        };
         if self.elements.is_empty() {
-            return Some(resource.into());
+            return Ok(Some(resource));
         }
-        match Json::parse_slice(resource) {
-            Ok(parsed) => Some(
-                subset(parsed, &self.resource_type, &self.elements)
-                    .to_bytes()
-                    .into(),
-            ),
-            Err(_) => Some(resource.into()),
-        }
+        let trimmed = match Json::parse_slice(&resource) {
+            Ok(parsed) => subset(parsed, &self.resource_type, &self.elements).to_bytes(),
+            Err(_) => return Ok(Some(resource)),
+        };
+        Ok(Some(trimmed.into()))
     }
 }
 
@@ -413,7 +439,8 @@ async fn write_files(
     .gzip(exports.limits.gzip_files);
     let job_id = job.id.clone();
     let scope = job.scope.clone();
-    let shaping = Shaping::of(&job.request, &spec.resource_type);
+    let engine = super::deid::engine_for(exports, job).await?;
+    let shaping = Shaping::of(&job.request, &spec.resource_type).deidentified_by(engine);
     let blocks = spec
         .patients
         .is_some()
@@ -453,7 +480,7 @@ async fn write_files(
                 if stop.get() != Stop::KeepGoing {
                     return Err(SinkError::Stopped);
                 }
-                match shaping.shape(resource) {
+                match shaping.shape(resource)? {
                     Some(bytes) => Ok(writer.push(&bytes)?),
                     None => Ok(()),
                 }
@@ -718,6 +745,23 @@ async fn record_failure(
             }
         }
         Failure::Ignored => {}
+    }
+    Ok(())
+}
+
+/// Fails the export at once, for a failure no retry mends; its files go.
+async fn fail_job_now(
+    exports: &Exports,
+    job: &Job,
+    message: &str,
+    fault: crate::fault::Fault,
+) -> Result<(), ExportError> {
+    stop_local_shards(&job.id).await;
+    if exports.jobs.fail(&job.id, message, Some(fault)).await? {
+        let folder = &job.output_folder;
+        if let Err(error) = exports.storage.delete_prefix(folder).await {
+            tracing::warn!(%error, %folder, "could not remove the files of a failed export");
+        }
     }
     Ok(())
 }

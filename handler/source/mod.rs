@@ -185,6 +185,10 @@ pub enum SinkError {
     Storage(#[from] StorageError),
     #[error("stopped: the export was cancelled")]
     Stopped,
+    /// A resource could not be de-identified, or the configuration changed: no retry mends it.
+    /// The message names no resource values, ids or keys.
+    #[error("{0}")]
+    Deidentify(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +205,7 @@ impl ScanError {
             ScanError::Source(e) => e.fault(),
             ScanError::Sink(SinkError::Storage(e)) => e.fault(),
             ScanError::Sink(SinkError::Stopped) => crate::fault::Fault::Internal,
+            ScanError::Sink(SinkError::Deidentify(_)) => crate::fault::Fault::Invalid,
         }
     }
 }

@@ -121,7 +121,8 @@ fn publish_journal(root: &Path) -> Result<Journal, StorageError> {
     Ok(journal)
 }
 
-fn etag_of(data: &[u8]) -> ETag {
+/// The ETag a file of these bytes has in the local folder.
+pub fn etag_of(data: &[u8]) -> ETag {
     ETag(format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(data)))
 }
 

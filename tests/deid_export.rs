@@ -1,0 +1,560 @@
+//! De-identified export (`_anonymizationConfig`) over real HTTP, on the local folder and on Azure
+//! Blob (Azurite): the output equals the engine's on every stored resource, kickoff checks answer
+//! 400 naming the parameter (lenient handling never ignores them), the configuration is pinned by
+//! its ETag, one set of keys serves every shard, processing errors fail the export without values
+//! or are skipped, and numbers stay as written.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use common::*;
+use fhir_export::deid::{AnonymizationConfig, Engine, Keys};
+use fhir_export::source::{import, EmbeddedStore};
+use fhir_export::storage::{AzureBlob, ObjectStore, PutMode};
+use serde_json::Value;
+
+fn corpus(path: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data/anonymization-corpus")
+            .join(path),
+    )
+    .unwrap()
+}
+
+const HIPAA: &str = "configs/r4-configuration-sample.json";
+
+/// Puts a configuration in the local anonymization folder of an exports folder.
+fn put_config(exports: &Path, name: &str, bytes: &[u8]) {
+    let path = exports.join("anonymization").join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn transaction_date(manifest: &Value) -> NaiveDate {
+    manifest["transactionTime"].as_str().unwrap()[..10]
+        .parse()
+        .unwrap()
+}
+
+/// The lines of every output file, by type.
+async fn lines_by_type(
+    client: &reqwest::Client,
+    manifest: &Value,
+) -> BTreeMap<String, Vec<String>> {
+    let mut by_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (resource_type, _, lines) in download_all(client, manifest).await {
+        by_type.entry(resource_type).or_default().extend(lines);
+    }
+    by_type
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_de_identified_equals_the_engine_on_every_stored_resource() {
+    let server = start(&sample_store(), |_| {}).await;
+    put_config(&server.exports, "hipaa/sample.json", &corpus(HIPAA));
+    let client = client();
+    let manifest = export(
+        &client,
+        &format!(
+            "{}/$export?_container=deid&_anonymizationConfig=hipaa/sample.json",
+            server.base
+        ),
+    )
+    .await;
+    let config = AnonymizationConfig::parse(&corpus(HIPAA)).unwrap();
+    // Every key the HIPAA sample uses is in the file (its encryptKey is not used by a rule).
+    let engine = Engine::new(
+        &config,
+        Keys::for_export(&config),
+        transaction_date(&manifest),
+    )
+    .unwrap();
+    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ((resource_type, _), json) in stored_resources(&server.store) {
+        let line = String::from_utf8(engine.deidentify(json.as_bytes()).unwrap()).unwrap();
+        expected.entry(resource_type).or_default().push(line);
+    }
+    let mut got = lines_by_type(&client, &manifest).await;
+    for lines in expected.values_mut().chain(got.values_mut()) {
+        lines.sort();
+    }
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (resource_type, lines) in &expected {
+        assert_eq!(got[resource_type].len(), lines.len(), "{resource_type}");
+        assert!(
+            got[resource_type] == *lines,
+            "{resource_type}: the export differs from the engine"
+        );
+    }
+    let patients = &got["Patient"];
+    let patient: Value = serde_json::from_str(&patients[0]).unwrap();
+    let labels: Vec<&str> = patient["meta"]["security"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|coding| coding["code"].as_str().unwrap())
+        .collect();
+    assert!(
+        labels.contains(&"REDACTED") && labels.contains(&"CRYTOHASH"),
+        "{labels:?}"
+    );
+    assert!(patients
+        .iter()
+        .all(|line| !line.contains("\"family\"") && !line.contains("\"given\"")));
+    assert!(patient
+        .get("address")
+        .is_some_and(|a| a[0].get("line").is_none()));
+    assert!(manifest["output"][0]["url"]
+        .as_str()
+        .unwrap()
+        .contains("/deid/"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_level_and_post_export_de_identified() {
+    let server = start(&sample_store(), |_| {}).await;
+    put_config(&server.exports, "hipaa.json", &corpus(HIPAA));
+    let client = client();
+    let group = stored_resources(&server.store)
+        .into_keys()
+        .find(|(resource_type, _)| resource_type == "Group")
+        .map(|(_, id)| id);
+    let mut urls = vec![format!("{}/Patient/$export", server.base)];
+    if let Some(group) = group {
+        urls.push(format!("{}/Group/{group}/$export", server.base));
+    }
+    for url in urls {
+        let manifest = export(
+            &client,
+            &format!("{url}?_type=Patient&_container=deid&_anonymizationConfig=hipaa.json"),
+        )
+        .await;
+        for line in &lines_by_type(&client, &manifest).await["Patient"] {
+            assert!(!line.contains("\"family\""), "{url}: a name left: {line}");
+            assert!(line.contains("REDACTED"), "{url}");
+        }
+    }
+    let parameters = serde_json::json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Patient"},
+        {"name": "_container", "valueString": "deid"},
+        {"name": "_anonymizationConfig", "valueString": "hipaa.json"},
+    ]});
+    let manifest = post_export(
+        &client,
+        &format!("{}/Patient/$export", server.base),
+        parameters,
+    )
+    .await;
+    assert!(lines_by_type(&client, &manifest).await["Patient"]
+        .iter()
+        .all(|l| !l.contains("\"family\"")));
+}
+
+async fn refused(
+    client: &reqwest::Client,
+    url: &str,
+    prefer: &str,
+    parameter: &str,
+    mention: &str,
+) {
+    let response = kickoff_preferring(client, url, prefer).await;
+    assert_eq!(response.status(), 400, "{url} ({prefer})");
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    let text = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        text.contains(parameter) && text.contains(mention),
+        "{url}: {text}"
+    );
+    assert_eq!(outcome["issue"][0]["expression"][0], parameter, "{url}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kickoff_checks_the_configuration_and_lenient_handling_never_ignores_it() {
+    let server = start(&sample_store(), |s| s.deid.max_config_bytes = 200_000).await;
+    let hipaa = corpus(HIPAA);
+    let mut with_bom = b"\xEF\xBB\xBF".to_vec();
+    with_bom.extend_from_slice(hipaa.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&hipaa));
+    put_config(&server.exports, "ok.json", &with_bom);
+    put_config(
+        &server.exports,
+        "bad-path.json",
+        &corpus("invalid-configs/configuration-invalid-fhirpath.json"),
+    );
+    put_config(
+        &server.exports,
+        "duplicate.json",
+        br#"{"fhirPathRules":[],"fhirPathRules":[]}"#,
+    );
+    put_config(&server.exports, "large.json", &vec![b' '; 200_001]);
+    let etag = fhir_export::storage::local::etag_of(&with_bom).0;
+    let client = client();
+    let base = &server.base;
+    for level in ["$export", "Patient/$export", "Group/g/$export"] {
+        let url = |query: &str| format!("{base}/{level}?{query}");
+        for prefer in ["respond-async", "respond-async, handling=lenient"] {
+            for (query, parameter, mention) in [
+                ("_container=deid&_anonymizationConfig=missing.json", "_anonymizationConfig", "no such configuration"),
+                ("_container=deid&_anonymizationConfig=bad-path.json", "_anonymizationConfig", "invalid()"),
+                ("_container=deid&_anonymizationConfig=duplicate.json", "_anonymizationConfig", "fhirPathRules"),
+                ("_container=deid&_anonymizationConfig=large.json", "_anonymizationConfig", "200001 bytes"),
+                ("_container=deid&_anonymizationConfig=ok.json&_anonymizationConfigEtag=0x1", "_anonymizationConfigEtag", "does not match"),
+                ("_anonymizationConfig=ok.json", "_container", "container of their own"),
+                ("_container=deid&_anonymizationConfig=../ok.json", "_anonymizationConfig", "'..'"),
+                ("_container=deid&_anonymizationConfig=ok.json&_anonymizationConfigCollectionReference=r.azurecr.io/x:1", "_anonymizationConfigCollectionReference", "not supported"),
+                ("_container=deid&_anonymizationConfigEtag=x", "_anonymizationConfig", "give the configuration"),
+                ("_container=deid&_AnonymizationConfig=ok.json", "_AnonymizationConfig", "never ignored"),
+                ("_container=deid&_anonymizationConfig=ok.json&organizeOutputBy=Patient", "organizeOutputBy", "header"),
+            ] {
+                if level.starts_with("Group") && parameter != "_anonymizationConfigCollectionReference" && !query.contains("Etag=x") && !query.contains("_Anon") && !query.contains("..") {
+                    // A Group kickoff checks its group before the configuration: g does not exist.
+                    continue;
+                }
+                refused(&client, &url(query), prefer, parameter, mention).await;
+            }
+        }
+    }
+    // The ETag as the client got it, quoted or not, is accepted.
+    let unquoted = etag.trim_matches('"');
+    for given in [etag.clone(), unquoted.to_string()] {
+        let manifest = export(&client, &format!("{base}/$export?_type=Patient&_container=deid&_anonymizationConfig=ok.json&_anonymizationConfigEtag={}", urlencode(&given))).await;
+        assert_eq!(manifest["output"].as_array().unwrap().len(), 1);
+    }
+    let off = start(&sample_store(), |s| s.deid.enabled = false).await;
+    put_config(&off.exports, "ok.json", &hipaa);
+    refused(
+        &client,
+        &format!(
+            "{}/$export?_container=deid&_anonymizationConfig=ok.json",
+            off.base
+        ),
+        "respond-async, handling=lenient",
+        "_anonymizationConfig",
+        "turned off",
+    )
+    .await;
+    let relaxed = start(&sample_store(), |s| s.deid.require_container = false).await;
+    put_config(&relaxed.exports, "ok.json", &hipaa);
+    export(
+        &client,
+        &format!(
+            "{}/$export?_type=Patient&_anonymizationConfig=ok.json",
+            relaxed.base
+        ),
+    )
+    .await;
+}
+
+fn urlencode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_edited_during_the_export_fails_it() {
+    // Shards pause after a millisecond, so the export's runs go on after the edit below.
+    let server = start(&sample_store(), |s| {
+        s.shard_max_time = Some(Duration::from_millis(1));
+    })
+    .await;
+    put_config(&server.exports, "c.json", &corpus(HIPAA));
+    let client = client();
+    let status = started(
+        &client,
+        &format!(
+            "{}/$export?_container=deid&_anonymizationConfig=c.json",
+            server.base
+        ),
+    )
+    .await;
+    let mut edited = corpus(HIPAA);
+    edited.extend_from_slice(b"\n");
+    put_config(&server.exports, "c.json", &edited);
+    let response = wait_for_end(&client, &status, Duration::from_secs(120)).await;
+    assert_eq!(response.status(), 400);
+    let outcome: Value = response.json().await.unwrap();
+    let text = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(text.contains("changed during the export"), "{text}");
+    let folder = std::fs::read_dir(server.exports.join("deid"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(folder, 0, "a failed export's files are removed");
+}
+
+/// Resources of several types sharing ids: the date shift's prefix is the resource id, so each id
+/// must shift by one offset in every shard of the export when the key is one per export.
+fn same_ids_store(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("same-ids.ndjson");
+    let mut lines = Vec::new();
+    for n in 0..30 {
+        lines.push(format!(
+            r#"{{"resourceType":"Patient","id":"x{n}","birthDate":"1980-05-17"}}"#
+        ));
+        lines.push(format!(r#"{{"resourceType":"Encounter","id":"x{n}","status":"finished","class":{{"code":"AMB"}},"period":{{"start":"2020-03-01T10:00:00Z"}}}}"#));
+        lines.push(format!(r#"{{"resourceType":"Condition","id":"x{n}","subject":{{"reference":"Patient/x{n}"}},"onsetDateTime":"2019-07-04T08:30:00+02:00","recordedDate":"2019-07-05"}}"#));
+        lines.push(format!(r#"{{"resourceType":"Observation","id":"x{n}","status":"final","code":{{"text":"w"}},"effectiveDateTime":"2021-01-15","valueQuantity":{{"value":1.50,"unit":"kg"}}}}"#));
+    }
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let path = dir.join("same-ids.db");
+    let report = import::import(&EmbeddedStore::open(&path).unwrap(), &[data]).unwrap();
+    assert!(report.failed.is_empty());
+    path
+}
+
+fn days_between(from: &str, to: &str) -> i64 {
+    let date = |text: &str| NaiveDate::parse_from_str(&text[..10], "%Y-%m-%d").unwrap();
+    (date(to) - date(from)).num_days()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_date_offset_per_id_across_all_shards_and_numbers_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = same_ids_store(dir.path());
+    let server = start(&store, |s| s.shard_max_resources = 7).await;
+    let config = br#"{"fhirPathRules":[
+        {"path":"nodesByType('date')","method":"dateShift"},
+        {"path":"nodesByType('dateTime')","method":"dateShift"}
+    ],"parameters":{"dateShiftKey":""}}"#;
+    put_config(&server.exports, "shift.json", config);
+    let client = client();
+    let manifest = export(
+        &client,
+        &format!(
+            "{}/$export?_container=deid&_anonymizationConfig=shift.json",
+            server.base
+        ),
+    )
+    .await;
+    assert!(manifest["output"].as_array().unwrap().len() >= 4);
+    let mut offsets: HashMap<String, Vec<i64>> = HashMap::new();
+    for (resource_type, lines) in lines_by_type(&client, &manifest).await {
+        for line in lines {
+            let resource: Value = serde_json::from_str(&line).unwrap();
+            let id = resource["id"].as_str().unwrap().to_string();
+            let offset = match resource_type.as_str() {
+                "Patient" => days_between("1980-05-17", resource["birthDate"].as_str().unwrap()),
+                "Encounter" => {
+                    days_between("2020-03-01", resource["period"]["start"].as_str().unwrap())
+                }
+                "Condition" => {
+                    let onset = resource["onsetDateTime"].as_str().unwrap();
+                    assert!(onset.ends_with("T00:00:00+02:00"), "{onset}");
+                    let recorded =
+                        days_between("2019-07-05", resource["recordedDate"].as_str().unwrap());
+                    assert_eq!(days_between("2019-07-04", onset), recorded);
+                    recorded
+                }
+                _ => {
+                    assert!(
+                        line.contains(r#""valueQuantity":{"value":1.50,"unit":"kg"}"#),
+                        "{line}"
+                    );
+                    days_between(
+                        "2021-01-15",
+                        resource["effectiveDateTime"].as_str().unwrap(),
+                    )
+                }
+            };
+            assert!((-50..=50).contains(&offset), "{offset}");
+            offsets.entry(id).or_default().push(offset);
+        }
+    }
+    assert_eq!(offsets.len(), 30);
+    for (id, list) in &offsets {
+        assert_eq!(list.len(), 4, "{id}");
+        assert!(
+            list.iter().all(|o| *o == list[0]),
+            "{id}: offsets {list:?} differ between files"
+        );
+    }
+    let distinct: std::collections::BTreeSet<i64> = offsets.values().map(|l| l[0]).collect();
+    assert!(distinct.len() > 5, "offsets depend on the id: {distinct:?}");
+    // The key is the export's own, and goes with it.
+    let job_id = manifest["output"][0]["url"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .rev()
+        .nth(1)
+        .unwrap()
+        .rsplit('-')
+        .next()
+        .unwrap()
+        .to_string();
+    let job: Value =
+        serde_json::from_slice(&std::fs::read(job_document(&server.exports, &job_id)).unwrap())
+            .unwrap();
+    assert!(job["deidentification"]["etag"].is_string());
+    assert!(
+        job["deidentification"].get("keys").is_none(),
+        "keys removed at the end: {}",
+        job["deidentification"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processing_errors_fail_the_export_without_values_or_are_skipped() {
+    let server = start(&sample_store(), |_| {}).await;
+    put_config(
+        &server.exports,
+        "raise.json",
+        &corpus("configs/configuration-raise-processing-error.json"),
+    );
+    put_config(
+        &server.exports,
+        "skip.json",
+        &corpus("configs/configuration-skip-processing-error.json"),
+    );
+    let client = client();
+    let status = started(
+        &client,
+        &format!(
+            "{}/$export?_type=Patient&_container=deid&_anonymizationConfig=raise.json",
+            server.base
+        ),
+    )
+    .await;
+    let response = wait_for_end(&client, &status, Duration::from_secs(60)).await;
+    assert_eq!(response.status(), 400);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("generalize"), "{text}");
+    for ((resource_type, id), json) in stored_resources(&server.store) {
+        if resource_type != "Patient" {
+            continue;
+        }
+        let patient: Value = serde_json::from_str(&json).unwrap();
+        let family = patient["name"][0]["family"].as_str().unwrap();
+        assert!(
+            !text.contains(family) && !text.contains(&id),
+            "the failure names a value: {text}"
+        );
+    }
+    let manifest = export(
+        &client,
+        &format!(
+            "{}/$export?_type=Patient,Organization&_container=deid&_anonymizationConfig=skip.json",
+            server.base
+        ),
+    )
+    .await;
+    let lines = lines_by_type(&client, &manifest).await;
+    let stub = r#"{"resourceType":"Patient","meta":{"security":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"REDACTED","display":"redacted"}]}}"#;
+    assert!(
+        lines["Patient"].iter().all(|line| line == stub),
+        "{}",
+        lines["Patient"][0]
+    );
+    assert!(lines["Organization"]
+        .iter()
+        .all(|line| line != stub && line.contains("\"id\"")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_filters_select_on_stored_data_and_elements_trim_the_de_identified() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = same_ids_store(dir.path());
+    let server = start(&store, |_| {}).await;
+    let config = br#"{"fhirPathRules":[{"path":"Observation.status","method":"redact"},{"path":"Observation.value","method":"redact"},{"path":"Observation.effective","method":"keep"}]}"#;
+    put_config(&server.exports, "c.json", config);
+    let client = client();
+    let url = format!(
+        "{}/$export?_type=Observation&_typeFilter=Observation%3Fstatus%3Dfinal&_elements=status,value,effective&_container=deid&_anonymizationConfig=c.json",
+        server.base
+    );
+    let manifest = export(&client, &url).await;
+    let lines = &lines_by_type(&client, &manifest).await["Observation"];
+    assert_eq!(lines.len(), 30, "the filter selects on the stored value");
+    for line in lines {
+        let resource: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            resource.get("valueQuantity").is_none() && resource.get("status").is_none(),
+            "{line}"
+        );
+        assert!(
+            resource.get("code").is_some(),
+            "a mandatory element stays: {line}"
+        );
+        assert!(
+            resource.get("id").is_some() && resource.as_object().unwrap().len() == 5,
+            "{line}"
+        );
+        assert_eq!(resource["effectiveDateTime"], "2021-01-15");
+        let codes: Vec<&str> = resource["meta"]["security"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["code"].as_str().unwrap())
+            .collect();
+        assert_eq!(codes, ["REDACTED"]);
+        assert_eq!(resource["meta"]["tag"][0]["code"], "SUBSETTED", "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_azure_blob_the_configuration_is_a_blob_of_the_anonymization_container() {
+    let url = common::azurite::sas_url();
+    let storage: Arc<dyn ObjectStore> = Arc::new(AzureBlob::new(&url, None).unwrap());
+    let container = common::azurite::unique_container("anon");
+    let hipaa = corpus(HIPAA);
+    let etag = storage
+        .put(
+            &format!("{container}/team/hipaa.json"),
+            hipaa.clone().into(),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let server = start_with_storage(&sample_store(), storage.clone(), |s| {
+        s.deid.container = container.clone()
+    })
+    .await;
+    let client = client();
+    let output = common::azurite::unique_container("deid-out");
+    let manifest = export(
+        &client,
+        &format!(
+            "{}/$export?_type=Patient&_container={output}&_anonymizationConfig=team/hipaa.json&_anonymizationConfigEtag={}",
+            server.base,
+            urlencode(&etag.0)
+        ),
+    )
+    .await;
+    let config = AnonymizationConfig::parse(&hipaa).unwrap();
+    let engine = Engine::new(
+        &config,
+        Keys::for_export(&config),
+        transaction_date(&manifest),
+    )
+    .unwrap();
+    let mut expected: Vec<String> = stored_resources(&server.store)
+        .into_iter()
+        .filter(|((t, _), _)| t == "Patient")
+        .map(|(_, json)| String::from_utf8(engine.deidentify(json.as_bytes()).unwrap()).unwrap())
+        .collect();
+    let mut got = lines_by_type(&client, &manifest)
+        .await
+        .remove("Patient")
+        .unwrap();
+    expected.sort();
+    got.sort();
+    assert!(
+        got == expected,
+        "the export on Azure Blob differs from the engine"
+    );
+    refused(
+        &client,
+        &format!("{}/$export?_container={output}&_anonymizationConfig=team/hipaa.json&_anonymizationConfigEtag=%220x0%22", server.base),
+        "respond-async, handling=lenient",
+        "_anonymizationConfigEtag",
+        "does not match",
+    )
+    .await;
+}

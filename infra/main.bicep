@@ -56,6 +56,26 @@ param manifestPageSize int = 1000
 ])
 param compression string = 'gzip'
 
+@description('De-identified export with _anonymizationConfig (EXPORT_DEID): on, or off to refuse its parameters.')
+@allowed([
+  'on'
+  'off'
+])
+param deid string = 'on'
+
+@description('The container of the export account that holds anonymization configurations (EXPORT_DEID_CONTAINER); created here, upload configurations to it.')
+param deidContainer string = 'anonymization'
+
+@description('The largest anonymization configuration read, in bytes (EXPORT_DEID_MAX_CONFIG_BYTES).')
+param deidMaxConfigBytes int = 1048576
+
+@description('Whether a de-identified export must name its own _container (EXPORT_DEID_REQUIRE_CONTAINER), as Azure API for FHIR requires.')
+@allowed([
+  'on'
+  'off'
+])
+param deidRequireContainer string = 'on'
+
 @description('Exports running at once; a kickoff beyond this answers 429 (EXPORT_MAX_RUNNING_EXPORTS).')
 param maxRunningExports int = 32
 
@@ -117,6 +137,7 @@ var fhirReaderOn = empty(fhirServiceUrl) ? fhir.outputs.serviceName : fhirServic
 module storage 'modules/storage.bicep' = {
   name: 'storage'
   params: {
+    deidContainerName: deidContainer
     hostAccountName: take('${name}host${suffix}', 24)
     exportAccountName: take('${name}data${suffix}', 24)
     location: location
@@ -160,6 +181,10 @@ module app 'modules/functionapp.bicep' = {
         { name: 'EXPORT_SHARD_MAX_SECS', value: string(shardMaxSecs) }
         { name: 'EXPORT_MANIFEST_PAGE_SIZE', value: string(manifestPageSize) }
         { name: 'EXPORT_COMPRESSION', value: compression }
+        { name: 'EXPORT_DEID', value: deid }
+        { name: 'EXPORT_DEID_CONTAINER', value: deidContainer }
+        { name: 'EXPORT_DEID_MAX_CONFIG_BYTES', value: string(deidMaxConfigBytes) }
+        { name: 'EXPORT_DEID_REQUIRE_CONTAINER', value: deidRequireContainer }
         { name: 'EXPORT_MAX_RUNNING_EXPORTS', value: string(maxRunningExports) }
         { name: 'EXPORT_FILE_URLS', value: fileUrls }
       ],

@@ -136,6 +136,8 @@ pub(crate) enum CompiledMethod {
 
 pub struct Engine {
     rules: Vec<CompiledRule>,
+    /// For each resource type, the rules that apply to it, in file order.
+    rules_by_type: std::collections::HashMap<&'static str, Vec<usize>>,
     pub(crate) keys: Keys,
     pub(crate) parameters: super::config::Parameters,
     processing_errors: ProcessingErrors,
@@ -229,8 +231,26 @@ impl Engine {
                 method,
             });
         }
+        let rules_by_type = crate::fhir::types::R4_RESOURCE_TYPES
+            .iter()
+            .map(|&ty| {
+                let applying = rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, rule)| {
+                        matches!(
+                            rule.resource_type.as_str(),
+                            "" | "Resource" | "DomainResource"
+                        ) || rule.resource_type == ty
+                    })
+                    .map(|(index, _)| index)
+                    .collect();
+                (ty, applying)
+            })
+            .collect();
         Ok(Engine {
             rules,
+            rules_by_type,
             keys,
             parameters: config.parameters.clone(),
             processing_errors: config.processing_errors,
@@ -291,26 +311,26 @@ impl Engine {
         let ty = tree.nodes[id].ty;
         let mut below = Vec::new();
         collect_below(tree, id, &mut below);
+        let mut by_type: std::collections::HashMap<&'static str, Vec<usize>> =
+            std::collections::HashMap::new();
+        for &node in &below {
+            by_type.entry(tree.nodes[node].ty).or_default().push(node);
+        }
         let mut ops = 0;
-        for rule in &self.rules {
-            let applies = rule.resource_type.is_empty()
-                || rule.resource_type == ty
-                || rule.resource_type == "Resource"
-                || rule.resource_type == "DomainResource";
-            if !applies {
-                continue;
-            }
+        let no_rules = Vec::new();
+        for &index in self.rules_by_type.get(ty).unwrap_or(&no_rules) {
+            let rule = &self.rules[index];
             let matches: Vec<usize> = match &rule.matcher {
                 Matcher::Resource => vec![id],
                 Matcher::ByType(key, member) | Matcher::ByName(key, member) => {
+                    let candidates: &[usize] = match &rule.matcher {
+                        Matcher::ByType(..) => by_type.get(key.as_str()).map_or(&[], Vec::as_slice),
+                        _ => &below,
+                    };
                     let by_type = matches!(rule.matcher, Matcher::ByType(..));
-                    let found = below.iter().copied().filter(|&node| {
+                    let found = candidates.iter().copied().filter(|&node| {
                         let node = &tree.nodes[node];
-                        !node.removed
-                            && match by_type {
-                                true => node.ty == key,
-                                false => node.name() == key,
-                            }
+                        !node.removed && (by_type || node.name() == key)
                     });
                     match member {
                         None => found.collect(),

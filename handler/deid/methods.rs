@@ -41,7 +41,7 @@ pub(crate) fn apply(
     match method {
         CompiledMethod::Keep => Ok(0),
         CompiledMethod::Redact => Ok(redact(engine, tree, id)),
-        CompiledMethod::DateShift => Ok(date_shift(engine, tree, id)),
+        CompiledMethod::DateShift => date_shift(engine, tree, id),
         CompiledMethod::CryptoHash => Ok(crypto_hash(engine, tree, id)),
         CompiledMethod::Encrypt => encrypt(engine, tree, id),
         CompiledMethod::Substitute(replace_with) => substitute(tree, id, replace_with, visited),
@@ -114,15 +114,126 @@ fn digits() -> &'static Regex {
     DIGITS.get_or_init(|| Regex::new(r"\d").expect("a valid regex"))
 }
 
+/// The groups of the engine's date and date-time patterns that its methods read: the year, the
+/// month and day when given, and the time with its offset (`T13:28:17-05:00`).
+struct DateParts<'t> {
+    year: &'t str,
+    month: Option<&'t str>,
+    day: Option<&'t str>,
+    time: Option<&'t str>,
+}
+
+/// A date's parts as the engine's pattern finds them: well-formed values without the regex (the
+/// same groups), anything else through it.
+fn date_parts(text: &str, with_time: bool) -> Option<DateParts<'_>> {
+    if let Some(parts) = canonical_date_parts(text, with_time) {
+        return Some(parts);
+    }
+    let regex = match with_time {
+        true => date_time_regex(),
+        false => date_regex(),
+    };
+    let captures = regex.captures(text)?;
+    let group = |index: usize| captures.get(index).map(|m| &text[m.range()]);
+    Some(DateParts {
+        year: group(1)?,
+        month: group(5),
+        day: group(7),
+        time: group(8),
+    })
+}
+
+/// `YYYY`, `YYYY-MM`, `YYYY-MM-DD` or (with time) `YYYY-MM-DDThh:mm:ss[.f](Z|±hh:mm)`, exactly and
+/// within the pattern's ranges: the whole value is what the pattern would match.
+fn canonical_date_parts(text: &str, with_time: bool) -> Option<DateParts<'_>> {
+    let bytes = text.as_bytes();
+    let digits_at = |from: usize, to: usize| {
+        bytes
+            .get(from..to)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    };
+    let number = |from: usize, to: usize| text[from..to].parse::<u32>().unwrap_or(u32::MAX);
+    if !digits_at(0, 4) || &text[..4] == "0000" {
+        return None;
+    }
+    let mut parts = DateParts {
+        year: &text[..4],
+        month: None,
+        day: None,
+        time: None,
+    };
+    match bytes.len() {
+        4 => return Some(parts),
+        7 | 10 => {}
+        n if with_time && n > 10 => {}
+        _ => return None,
+    }
+    if bytes[4] != b'-' || !digits_at(5, 7) || !(1..=12).contains(&number(5, 7)) {
+        return None;
+    }
+    parts.month = Some(&text[5..7]);
+    if bytes.len() == 7 {
+        return Some(parts);
+    }
+    if bytes[7] != b'-' || !digits_at(8, 10) || !(1..=31).contains(&number(8, 10)) {
+        return None;
+    }
+    parts.day = Some(&text[8..10]);
+    if bytes.len() == 10 {
+        return Some(parts);
+    }
+    let time = &text[10..];
+    let t = time.as_bytes();
+    let clock_ok = t.len() >= 9
+        && t[0] == b'T'
+        && t[3] == b':'
+        && t[6] == b':'
+        && digits_at(11, 13)
+        && digits_at(14, 16)
+        && digits_at(17, 19)
+        && number(11, 13) <= 23
+        && number(14, 16) <= 59
+        && number(17, 19) <= 60;
+    if !clock_ok {
+        return None;
+    }
+    let mut rest = &time[9..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let length = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if length == 0 {
+            return None;
+        }
+        rest = &fraction[length..];
+    }
+    let zone_ok = match rest.as_bytes() {
+        [b'Z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2]
+            if [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit()) =>
+        {
+            let hours = u32::from(h1 - b'0') * 10 + u32::from(h2 - b'0');
+            let minutes = u32::from(m1 - b'0') * 10 + u32::from(m2 - b'0');
+            (hours <= 13 && minutes <= 59) || (hours == 14 && minutes == 0)
+        }
+        _ => false,
+    };
+    if !zone_ok {
+        return None;
+    }
+    parts.time = Some(time);
+    Some(parts)
+}
+
 /// The over-89 rule: true when someone born on this (partial) date is older than 89 `today`.
-fn over_threshold(captures: &regex::Captures, today: NaiveDate) -> bool {
-    let number = |index: usize, default: i32| {
-        captures
-            .get(index)
-            .and_then(|m| m.as_str().parse::<i32>().ok())
+fn over_threshold(parts: &DateParts, today: NaiveDate) -> bool {
+    let number = |part: Option<&str>, default: i32| {
+        part.and_then(|text| text.parse::<i32>().ok())
             .unwrap_or(default)
     };
-    let (year, month, day) = (number(1, 0), number(5, 1), number(7, 1));
+    let (year, month, day) = (
+        number(Some(parts.year), 0),
+        number(parts.month, 1),
+        number(parts.day, 1),
+    );
     let before_birthday = (today.month() as i32) < month
         || (today.month() as i32 == month && (today.day() as i32) < day);
     today.year() - year - i32::from(before_birthday) > AGE_THRESHOLD
@@ -134,8 +245,8 @@ fn redact(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
     };
     let parameters = &engine.parameters;
     match tree.nodes[id].ty {
-        "date" => redact_date(tree, id, &text, date_regex(), engine),
-        "dateTime" | "instant" => redact_date(tree, id, &text, date_time_regex(), engine),
+        "date" => redact_date(tree, id, &text, false, engine),
+        "dateTime" | "instant" => redact_date(tree, id, &text, true, engine),
         "decimal" if parent_type(tree, id) == Some("Age") => {
             if !parameters.enable_partial_ages_for_redact
                 || text
@@ -160,15 +271,18 @@ fn parent_type<'t>(tree: &'t Tree, id: usize) -> Option<&'t str> {
     tree.nodes[id].parent.map(|parent| tree.nodes[parent].ty)
 }
 
-fn redact_date(tree: &mut Tree, id: usize, text: &str, regex: &Regex, engine: &Engine) -> Ops {
+fn redact_date(tree: &mut Tree, id: usize, text: &str, with_time: bool, engine: &Engine) -> Ops {
     if !engine.parameters.enable_partial_dates_for_redact {
         set_none(tree, id);
         return REDACT;
     }
-    if let Some(captures) = regex.captures(text) {
-        match over_threshold(&captures, engine.today) {
+    if let Some(parts) = date_parts(text, with_time) {
+        match over_threshold(&parts, engine.today) {
             true => set_none(tree, id),
-            false => set_string(tree, id, &captures[1]),
+            false => {
+                let year = parts.year.to_string();
+                set_string(tree, id, &year);
+            }
         }
     }
     REDACT
@@ -214,20 +328,20 @@ pub fn date_shift_offset(prefix: &str, key: &str) -> i64 {
     offset - 50
 }
 
-fn date_shift(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
+fn date_shift(engine: &Engine, tree: &mut Tree, id: usize) -> Result<Ops, DeidError> {
     let Some(text) = value_text(tree, id) else {
-        return 0;
+        return Ok(0);
     };
-    let regex = match tree.nodes[id].ty {
-        "date" => date_regex(),
-        "dateTime" | "instant" => date_time_regex(),
-        _ => return 0,
+    let with_time = match tree.nodes[id].ty {
+        "date" => false,
+        "dateTime" | "instant" => true,
+        _ => return Ok(0),
     };
-    let Some(captures) = regex.captures(&text) else {
-        return 0;
+    let Some(parts) = date_parts(&text, with_time) else {
+        return Ok(0);
     };
-    if captures.get(7).is_none() || over_threshold(&captures, engine.today) {
-        return redact_date(tree, id, &text, regex, engine);
+    if parts.day.is_none() || over_threshold(&parts, engine.today) {
+        return Ok(redact_date(tree, id, &text, with_time, engine));
     }
     let offset = match engine.parameters.date_shift_fixed_offset_in_days {
         Some(days) => i64::from(days),
@@ -241,21 +355,18 @@ fn date_shift(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
             date_shift_offset(&prefix, &engine.keys.date_shift)
         }
     };
-    let part = |index: usize| {
-        captures
-            .get(index)
-            .and_then(|m| m.as_str().parse::<u32>().ok())
-            .unwrap_or(1)
-    };
-    let Some(date) = NaiveDate::from_ymd_opt(part(1) as i32, part(5), part(7)) else {
-        return 0;
-    };
+    let part = |text: Option<&str>| text.and_then(|t| t.parse::<u32>().ok()).unwrap_or(1);
+    let date = NaiveDate::from_ymd_opt(
+        part(Some(parts.year)) as i32,
+        part(parts.month),
+        part(parts.day),
+    )
+    .ok_or_else(|| DeidError::Processing("dateShift met a date that does not exist".into()))?;
     let shifted = (date + Duration::days(offset))
         .format("%Y-%m-%d")
         .to_string();
-    let value = match captures.get(8) {
+    let value = match parts.time {
         Some(timestamp) => {
-            let timestamp = timestamp.as_str();
             let zeroed = match time_regex().find(timestamp) {
                 Some(time) => {
                     timestamp.replace(time.as_str(), &digits().replace_all(time.as_str(), "0"))
@@ -267,7 +378,7 @@ fn date_shift(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
         None => shifted,
     };
     set_string(tree, id, &value);
-    PERTURB
+    Ok(PERTURB)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,11 +391,13 @@ pub fn hmac_sha256_hex(input: &str, key: &str) -> String {
     }
     let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key");
     mac.update(input.as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(64);
+    for byte in mac.finalize().into_bytes() {
+        hex.push(HEX[usize::from(byte >> 4)] as char);
+        hex.push(HEX[usize::from(byte & 15)] as char);
+    }
+    hex
 }
 
 fn literal_references() -> &'static [Regex; 3] {
@@ -313,6 +426,13 @@ pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> Strin
     if let Some(internal) = reference.strip_prefix('#') {
         return format!("#{}", transform(internal));
     }
+    // The common relative form `Type/id[/_history/version]`, without the regex: the same answer.
+    if let Some((ty, id, version)) = relative_reference(reference) {
+        return match version {
+            Some(version) => format!("{ty}/{}/_history/{version}", transform(id)),
+            None => format!("{ty}/{}", transform(id)),
+        };
+    }
     for regex in literal_references() {
         if let Some(found) = regex.captures(reference) {
             let part = |name: &str| found.name(name).map_or("", |m| m.as_str());
@@ -325,6 +445,26 @@ pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> Strin
         }
     }
     transform(reference)
+}
+
+/// `Type/id` or `Type/id/_history/version` with an R4 type and ids of the literal reference
+/// pattern (`[A-Za-z0-9\-\.]{1,64}`).
+fn relative_reference(reference: &str) -> Option<(&str, &str, Option<&str>)> {
+    let is_id = |part: &str| {
+        (1..=64).contains(&part.len())
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    let mut parts = reference.split('/');
+    let (ty, id) = (parts.next()?, parts.next()?);
+    let version = match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => None,
+        (Some("_history"), Some(version), None) if is_id(version) => Some(version),
+        _ => return None,
+    };
+    let known = crate::fhir::types::is_resource_type(ty);
+    (known && is_id(id)).then_some((ty, id, version))
 }
 
 fn crypto_hash(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
@@ -688,6 +828,51 @@ mod tests {
         ] {
             let sealed = encrypt_text("Ĳ text", key.as_bytes()).unwrap();
             assert_eq!(decrypt_text(&sealed, key.as_bytes()).unwrap(), "Ĳ text");
+        }
+    }
+
+    #[test]
+    fn well_formed_dates_are_split_as_the_engines_pattern_splits_them() {
+        for text in [
+            "2015",
+            "2015-02",
+            "2015-02-07",
+            "1000",
+            "0000",
+            "2015-13",
+            "2015-02-32",
+            "2015-02-07T13:28:17Z",
+            "2015-02-07T13:28:17.12345-05:00",
+            "2015-02-07T13:28:17+14:00",
+            "2015-02-07T13:28:17+14:30",
+            "2015-02-07T24:00:00Z",
+            "2015-02-07T13:28:60+13:59",
+            "2015-02-07T13:28:17",
+            "2015-02-07T13:28:17.Z",
+            "20150207",
+            "2015-2-7",
+            "x2015-02-07",
+        ] {
+            for with_time in [false, true] {
+                let regex = match with_time {
+                    true => date_time_regex(),
+                    false => date_regex(),
+                };
+                let expected = regex.captures(text).map(|c| {
+                    let group = |i: usize| c.get(i).map(|m| m.as_str().to_string());
+                    (group(1), group(5), group(7), group(8))
+                });
+                let got = date_parts(text, with_time).map(|p| {
+                    let own = |t: Option<&str>| t.map(str::to_string);
+                    (
+                        Some(p.year.to_string()),
+                        own(p.month),
+                        own(p.day),
+                        own(p.time),
+                    )
+                });
+                assert_eq!(got, expected, "{text} (time: {with_time})");
+            }
         }
     }
 

@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 /// One element of a definition.
 #[derive(Debug)]
 pub struct Element {
+    /// Its path (`Patient.contact`, without `[x]`).
+    pub path: &'static str,
     /// Its types: one, or several for a choice element (`value[x]`).
     pub types: Vec<&'static str>,
     /// For a content reference (`Questionnaire.item.item`), the path whose children it has.
@@ -21,7 +23,7 @@ pub struct Element {
 /// defined.
 #[derive(Debug, Clone, Copy)]
 pub struct Typed {
-    /// The element's name (`value` for the member `valueQuantity`).
+    /// The length of the element's name in the member's key (`value` in `valueQuantity`).
     pub name_len: usize,
     pub ty: &'static str,
     pub repeats: bool,
@@ -29,10 +31,13 @@ pub struct Typed {
     pub children_at: &'static str,
 }
 
-fn table() -> &'static HashMap<&'static str, Element> {
-    static TABLE: OnceLock<HashMap<&'static str, Element>> = OnceLock::new();
+/// The elements by the path of their parent, then by name.
+type Table = HashMap<&'static str, HashMap<&'static str, Element>>;
+
+fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let mut table = HashMap::new();
+        let mut table: Table = HashMap::new();
         for line in include_str!("r4_elements.tsv").lines() {
             let mut fields = line.split('\t');
             let (Some(path), Some(types), Some(cardinality)) =
@@ -48,9 +53,13 @@ fn table() -> &'static HashMap<&'static str, Element> {
                 Some(target) => (Vec::new(), Some(target)),
                 None => (types.split(',').collect(), None),
             };
-            table.insert(
-                path,
+            let Some((parent, name)) = path.rsplit_once('.') else {
+                continue;
+            };
+            table.entry(parent).or_default().insert(
+                name,
                 Element {
+                    path,
                     types,
                     same_as,
                     repeats: cardinality == "*",
@@ -89,34 +98,20 @@ pub fn member(parent: &'static str, key: &str) -> Option<Typed> {
         }
         _ => {}
     }
-    let table = table();
-    let mut path = String::with_capacity(parent.len() + key.len() + 1);
-    path.push_str(parent);
-    path.push('.');
-    path.push_str(key);
-    if let Some((&full, element)) = table.get_key_value(path.as_str()) {
+    let members = table().get(parent)?;
+    if let Some(element) = members.get(key) {
         if !element.choice {
-            return Some(typed(
-                full,
-                key.len(),
-                element,
-                element.types.first().copied()?,
-            ));
+            return Some(typed(key.len(), element, element.types.first().copied()?));
         }
     }
     // A choice element: `valueQuantity` is `value[x]` with the type Quantity.
     for (split, _) in key.char_indices().filter(|(_, c)| c.is_ascii_uppercase()) {
         let (name, suffix) = key.split_at(split);
-        path.truncate(parent.len() + 1);
-        path.push_str(name);
-        let Some((&full, element)) = table.get_key_value(path.as_str()) else {
+        let Some(element) = members.get(name).filter(|element| element.choice) else {
             continue;
         };
-        if !element.choice {
-            continue;
-        }
         let ty = element.types.iter().find(|ty| capitalised_is(ty, suffix))?;
-        return Some(typed(full, split, element, ty));
+        return Some(typed(split, element, ty));
     }
     None
 }
@@ -133,10 +128,10 @@ fn capitalised_is(ty: &str, suffix: &str) -> bool {
     }
 }
 
-fn typed(full: &'static str, name_len: usize, element: &Element, ty: &'static str) -> Typed {
+fn typed(name_len: usize, element: &Element, ty: &'static str) -> Typed {
     let children_at = match (element.same_as, ty) {
         (Some(target), _) => target,
-        (None, "BackboneElement" | "Element") => full,
+        (None, "BackboneElement" | "Element") => element.path,
         (None, ty) => ty,
     };
     let ty = match element.same_as {
@@ -149,30 +144,4 @@ fn typed(full: &'static str, name_len: usize, element: &Element, ty: &'static st
         repeats: element.repeats,
         children_at,
     }
-}
-
-/// The definition path of a type name (`Patient`, `HumanName`) when R4 defines it.
-pub fn definition(ty: &str) -> Option<&'static str> {
-    crate::fhir::types::R4_RESOURCE_TYPES
-        .iter()
-        .copied()
-        .chain(complex_type_names())
-        .find(|name| *name == ty)
-}
-
-fn complex_type_names() -> impl Iterator<Item = &'static str> {
-    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
-    NAMES
-        .get_or_init(|| {
-            let mut names: Vec<&'static str> = table()
-                .keys()
-                .filter_map(|path| path.split_once('.').map(|(ty, _)| ty))
-                .filter(|ty| !crate::fhir::types::is_resource_type(ty))
-                .collect();
-            names.sort_unstable();
-            names.dedup();
-            names
-        })
-        .iter()
-        .copied()
 }

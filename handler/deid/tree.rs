@@ -44,12 +44,10 @@ impl Node<'_> {
     /// The value's text: a string unescaped, a number or boolean as written.
     pub fn text(&self) -> Option<Cow<'_, str>> {
         let token = self.value.as_deref()?;
-        if token.starts_with('"') {
-            Json::Leaf(Cow::Borrowed(token))
-                .as_str()
-                .map(|text| Cow::Owned(text.into_owned()))
-        } else {
-            Some(Cow::Borrowed(token))
+        match token.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            Some(inner) if !inner.contains('\\') => Some(Cow::Borrowed(inner)),
+            Some(_) => serde_json::from_str::<String>(token).ok().map(Cow::Owned),
+            None => Some(Cow::Borrowed(token)),
         }
     }
 }
@@ -64,7 +62,9 @@ pub const ROOT: usize = 0;
 impl<'a> Tree<'a> {
     /// Types a resource; the root is node 0.
     pub fn from_json(json: Json<'a>) -> Result<Tree<'a>, InvalidInput> {
-        let mut tree = Tree::default();
+        let mut tree = Tree {
+            nodes: Vec::with_capacity(64),
+        };
         tree.add_resource(json, Cow::Borrowed(""), None)?;
         Ok(tree)
     }

@@ -11,6 +11,9 @@ param appSubnetId string
 @description('Client address ranges (CIDR) let through the export account\'s firewall: the clients of EXPORT_FILE_URLS=sas download from it directly.')
 param downloadClientIpRanges array = []
 
+@description('The container anonymization configurations are uploaded to (EXPORT_DEID_CONTAINER).')
+param deidContainerName string
+
 var deploymentContainerName = 'app-package'
 
 resource host 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -66,3 +69,17 @@ output hostAccountName string = host.name
 output exportAccountName string = exports.name
 output exportBlobEndpoint string = exports.properties.primaryEndpoints.blob
 output deploymentContainerUrl string = '${host.properties.primaryEndpoints.blob}${deploymentContainerName}'
+
+resource exportBlobs 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+  parent: exports
+  name: 'default'
+}
+
+// Where users upload anonymization configurations (_anonymizationConfig names a blob of it); the
+// app reads them with its identity, which holds Storage Blob Data Contributor on the account.
+resource deidContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: exportBlobs
+  name: deidContainerName
+  properties: { publicAccess: 'None' }
+}
+

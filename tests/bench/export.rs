@@ -1,7 +1,9 @@
 //! `cargo bench`: import and export figures at 1x, 10x and 100x the Synthea sample (made with
 //! `handler synth`), next to the time `cat` takes to copy the exported bytes on the same disk; then
 //! every file downloaded over HTTP, plain and gzip-compressed; then the export organized by patient
-//! (`organizeOutputBy=Patient`, resource blocks).
+//! (`organizeOutputBy=Patient`, resource blocks); then the export de-identified with the HIPAA Safe
+//! Harbor sample of Microsoft's anonymizer (`_anonymizationConfig`), in a service of its own so that
+//! its peak memory is its own.
 //!
 //! `BENCH_COPIES=1,10` picks the sizes (default `1,10,100`); `BENCH_DIR` the scratch folder
 //! (default a temp folder; 100x needs about 15 GB). Without `../shared` the source is generated data.
@@ -233,6 +235,31 @@ fn start_serve(store: &Path, exports: &Path, extra: &[&str]) -> (Serve, String) 
     (serve, format!("http://127.0.0.1:{port}"))
 }
 
+/// The HIPAA Safe Harbor sample configuration of Microsoft's anonymizer (from `../shared`), or,
+/// without it, a configuration with the same kinds of rules.
+fn hipaa_config() -> Vec<u8> {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/anonymization-corpus/configs/r4-configuration-sample.json");
+    std::fs::read(corpus).unwrap_or_else(|_| {
+        br#"{"fhirPathRules":[
+            {"path":"nodesByType('Extension')","method":"redact"},
+            {"path":"Resource.id","method":"cryptoHash"},
+            {"path":"nodesByType('Reference').reference","method":"cryptoHash"},
+            {"path":"nodesByType('date')","method":"dateShift"},
+            {"path":"nodesByType('dateTime')","method":"dateShift"},
+            {"path":"nodesByType('instant')","method":"dateShift"},
+            {"path":"nodesByType('HumanName')","method":"redact"},
+            {"path":"nodesByType('Address')","method":"redact"},
+            {"path":"nodesByType('Identifier')","method":"redact"},
+            {"path":"nodesByType('ContactPoint')","method":"redact"},
+            {"path":"nodesByType('Narrative')","method":"redact"},
+            {"path":"nodesByType('Annotation')","method":"redact"}
+        ],"parameters":{"dateShiftKey":"123","cryptoHashKey":"123",
+            "enablePartialDatesForRedact":true,"enablePartialZipCodesForRedact":true}}"#
+            .to_vec()
+    })
+}
+
 fn main() {
     let copies: Vec<u32> = std::env::var("BENCH_COPIES")
         .unwrap_or_else(|_| "1,10,100".into())
@@ -291,6 +318,8 @@ fn main() {
     let mut downloads = Vec::new();
     let mut organized = Vec::new();
     let mut compressed = Vec::new();
+    let mut deidentified = Vec::new();
+    let hipaa = hipaa_config();
     for n in copies {
         let dir = scratch.path().join(format!("x{n}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -351,6 +380,25 @@ fn main() {
             stored.bytes,
             stored_plain,
             stored_gzip,
+        ));
+        drop(serve);
+        settle();
+        let deid_exports = dir.join("exports-deid");
+        let config_dir = deid_exports.join("anonymization");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        std::fs::write(config_dir.join("hipaa.json"), &hipaa).unwrap();
+        let (serve, deid_base) = start_serve(&store, &deid_exports, &[]);
+        let deid = runtime.block_on(export(
+            &deid_base,
+            &deid_exports,
+            "?_container=deid&_anonymizationConfig=hipaa.json",
+        ));
+        deidentified.push((
+            n,
+            figures.seconds,
+            deid.resources,
+            deid.seconds,
+            peak_rss_mb(serve.0.id()),
         ));
         drop(serve);
         settle();
@@ -451,4 +499,22 @@ fn main() {
         );
     }
     println!("plain s / gzip s (export): the export writing NDJSON / writing gzip; stored MB: the compressed files' size");
+    println!();
+    println!("the export de-identified with the HIPAA Safe Harbor sample configuration (_anonymizationConfig), in a service of its own:");
+    println!(
+        "{:>6} | {:>8} | {:>9} {:>8} {:>11} {:>9}",
+        "copies", "plain s", "resources", "deid s", "resources/s", "serve RSS"
+    );
+    for (n, plain_s, resources, deid_s, rss) in deidentified {
+        println!(
+            "{:>6} | {:>8.2} | {:>9} {:>8.2} {:>11.0} {:>9.0}",
+            n,
+            plain_s,
+            resources,
+            deid_s,
+            resources as f64 / deid_s,
+            rss
+        );
+    }
+    println!("RSS: the service's peak resident memory in MB, after this export alone");
 }

@@ -229,6 +229,18 @@ async fn kickoff_checks_the_configuration_and_lenient_handling_never_ignores_it(
         let manifest = export(&client, &format!("{base}/$export?_type=Patient&_container=deid&_anonymizationConfig=ok.json&_anonymizationConfigEtag={}", urlencode(&given))).await;
         assert_eq!(manifest["output"].as_array().unwrap().len(), 1);
     }
+    // The configurations are never served as export files, whatever their names.
+    put_config(
+        &server.exports,
+        "keys.ndjson",
+        br#"{"encryptKey":"secret"}"#,
+    );
+    let response = client
+        .get(format!("{base}/_exports/anonymization/keys.ndjson"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
     let off = start(&sample_store(), |s| s.deid.enabled = false).await;
     put_config(&off.exports, "ok.json", &hipaa);
     refused(

@@ -400,8 +400,10 @@ pub async fn download(
     caller: Option<&Caller>,
 ) -> Result<Response, ApiError> {
     let missing = || ApiError::not_found(format!("no export file {path:?}"));
+    let deid_container = &api.exports.limits.deid.container;
     let servable = path.ends_with(".ndjson")
         && !path.starts_with(&format!("{JOBS_CONTAINER}/"))
+        && !path.starts_with(&format!("{deid_container}/"))
         && crate::storage::validate_path(path).is_ok();
     if !servable {
         return Err(missing());

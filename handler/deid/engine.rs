@@ -137,7 +137,7 @@ pub(crate) enum CompiledMethod {
 pub struct Engine {
     rules: Vec<CompiledRule>,
     /// For each resource type, the rules that apply to it, in file order.
-    rules_by_type: std::collections::HashMap<&'static str, Vec<usize>>,
+    rules_by_type: rustc_hash::FxHashMap<&'static str, Vec<usize>>,
     pub(crate) keys: Keys,
     pub(crate) parameters: super::config::Parameters,
     processing_errors: ProcessingErrors,
@@ -289,9 +289,13 @@ impl Engine {
             true => self.process_resource(tree, id, visited)?,
             false => 0,
         };
-        let children: Vec<usize> = tree.children(id).collect();
-        for child in children {
-            ops |= self.visit(tree, child, visited)?;
+        // By index, without a copy of the list: visiting a child changes only its own subtree.
+        let mut at = 0;
+        while let Some(&child) = tree.nodes[id].children.get(at) {
+            at += 1;
+            if !tree.nodes[child].removed {
+                ops |= self.visit(tree, child, visited)?;
+            }
         }
         if !resource {
             return Ok(ops);
@@ -311,8 +315,8 @@ impl Engine {
         let ty = tree.nodes[id].ty;
         let mut below = Vec::new();
         collect_below(tree, id, &mut below);
-        let mut by_type: std::collections::HashMap<&'static str, Vec<usize>> =
-            std::collections::HashMap::new();
+        let mut by_type: rustc_hash::FxHashMap<&'static str, Vec<usize>> =
+            rustc_hash::FxHashMap::default();
         for &node in &below {
             by_type.entry(tree.nodes[node].ty).or_default().push(node);
         }
@@ -372,12 +376,13 @@ impl Engine {
         }
         let mut ops = methods::apply(self, tree, id, method, visited)?;
         mark_visited(visited, id);
-        let children: Vec<usize> = tree.children(id).collect();
-        for child in children {
-            if tree.nodes[child].resource {
-                continue;
+        let mut at = 0;
+        while let Some(&child) = tree.nodes[id].children.get(at) {
+            at += 1;
+            let node = &tree.nodes[child];
+            if !node.removed && !node.resource {
+                ops |= self.process_recursively(tree, child, method, visited)?;
             }
-            ops |= self.process_recursively(tree, child, method, visited)?;
         }
         Ok(ops)
     }

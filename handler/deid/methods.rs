@@ -426,6 +426,12 @@ pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> Strin
     if let Some(internal) = reference.strip_prefix('#') {
         return format!("#{}", transform(internal));
     }
+    if let Some(uuid) = reference.strip_prefix("urn:uuid:") {
+        let groups: Vec<usize> = uuid.split('-').map(str::len).collect();
+        if groups == [8, 4, 4, 4, 12] && uuid.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()) {
+            return format!("urn:uuid:{}", transform(uuid));
+        }
+    }
     // The common relative form `Type/id[/_history/version]`, without the regex: the same answer.
     if let Some((ty, id, version)) = relative_reference(reference) {
         return match version {

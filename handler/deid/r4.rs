@@ -3,8 +3,9 @@
 //! `tests/deid/make_r4_elements.py`). The engine types each node of a resource with it, as
 //! Microsoft's engine does with Firely's model, so `nodesByType('date')` finds every date.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
+
+use rustc_hash::FxHashMap as HashMap;
 
 /// One element of a definition.
 #[derive(Debug)]
@@ -37,7 +38,7 @@ type Table = HashMap<&'static str, HashMap<&'static str, Element>>;
 fn table() -> &'static Table {
     static TABLE: OnceLock<Table> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let mut table: Table = HashMap::new();
+        let mut table: Table = HashMap::default();
         for line in include_str!("r4_elements.tsv").lines() {
             let mut fields = line.split('\t');
             let (Some(path), Some(types), Some(cardinality)) =

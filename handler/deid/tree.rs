@@ -319,8 +319,12 @@ impl<'a> Tree<'a> {
 
     /// Removes the nodes left with no value and no children (a resource stays).
     pub fn prune(&mut self, id: usize) {
-        let children: Vec<usize> = self.children(id).collect();
-        for child in children {
+        let mut at = 0;
+        while let Some(&child) = self.nodes[id].children.get(at) {
+            at += 1;
+            if self.nodes[child].removed {
+                continue;
+            }
             self.prune(child);
             let node = &self.nodes[child];
             if !node.resource && node.value.is_none() && self.children(child).next().is_none() {

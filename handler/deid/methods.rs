@@ -240,6 +240,19 @@ fn over_threshold(parts: &DateParts, today: NaiveDate) -> bool {
 }
 
 fn redact(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
+    let node = &tree.nodes[id];
+    let reads_the_value = matches!(node.ty, "date" | "dateTime" | "instant" | "decimal")
+        || node.name().eq_ignore_ascii_case("postalCode");
+    if !reads_the_value {
+        // Most redacted values are only removed: no need to read them.
+        return match node.value.as_deref() {
+            None | Some("\"\"") => 0,
+            Some(_) => {
+                set_none(tree, id);
+                REDACT
+            }
+        };
+    }
     let Some(text) = value_text(tree, id) else {
         return 0;
     };

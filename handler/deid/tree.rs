@@ -218,6 +218,17 @@ impl<'a> Tree<'a> {
         members: Vec<(Cow<'a, str>, Json<'a>)>,
     ) -> Result<(), InvalidInput> {
         let at = self.nodes[id].children_at;
+        let is_resource = self.nodes[id].resource;
+        if !members.iter().any(|(key, _)| key.starts_with('_')) {
+            // The common case, without `_x` siblings: one pass, nothing set aside.
+            for (key, value) in members {
+                if key == "resourceType" && is_resource {
+                    continue;
+                }
+                self.add_member(id, at, key, Some(value), None)?;
+            }
+            return Ok(());
+        }
         let mut extras: Vec<(Cow<'a, str>, Json<'a>)> = Vec::new();
         let mut plain: Vec<(Cow<'a, str>, Json<'a>)> = Vec::new();
         for (key, value) in members {
@@ -342,36 +353,30 @@ impl<'a> Tree<'a> {
             serde_json::to_writer(&mut *out, self.nodes[id].ty).expect("a string serialises");
             first = false;
         }
-        let mut keys: Vec<&str> = Vec::new();
-        for child in self.children(id) {
-            let key = self.nodes[child].key.as_ref();
-            if !keys.contains(&key) {
-                keys.push(key);
+        // Members in the order their keys first appear; the nodes of one key together.
+        let children = &self.nodes[id].children;
+        for (index, &head) in children.iter().enumerate() {
+            let node = &self.nodes[head];
+            let key = node.key.as_ref();
+            let seen = |&child: &usize| !self.nodes[child].removed && self.nodes[child].key == key;
+            if node.removed || children[..index].iter().any(seen) {
+                continue;
             }
-        }
-        for key in keys {
-            let group: Vec<usize> = self
-                .children(id)
-                .filter(|&child| self.nodes[child].key == key)
-                .collect();
-            let head = &self.nodes[group[0]];
-            let array = head.repeats;
-            if head.is_primitive() {
-                if group.iter().any(|&child| self.nodes[child].value.is_some()) {
+            let group = || children[index..].iter().copied().filter(seen);
+            let array = node.repeats;
+            if node.is_primitive() {
+                if group().any(|child| self.nodes[child].value.is_some()) {
                     member_key(out, &mut first, key, false);
-                    self.write_list(out, &group, array, |tree, child, out| {
+                    self.write_list(out, group(), array, |tree, child, out| {
                         match &tree.nodes[child].value {
                             Some(token) => out.extend_from_slice(token.as_bytes()),
                             None => out.extend_from_slice(b"null"),
                         }
                     });
                 }
-                if group
-                    .iter()
-                    .any(|&child| self.children(child).next().is_some())
-                {
+                if group().any(|child| self.children(child).next().is_some()) {
                     member_key(out, &mut first, key, true);
-                    self.write_list(out, &group, array, |tree, child, out| {
+                    self.write_list(out, group(), array, |tree, child, out| {
                         match tree.children(child).next() {
                             Some(_) => tree.write(child, out),
                             None => out.extend_from_slice(b"null"),
@@ -380,7 +385,7 @@ impl<'a> Tree<'a> {
                 }
             } else {
                 member_key(out, &mut first, key, false);
-                self.write_list(out, &group, array, |tree, child, out| {
+                self.write_list(out, group(), array, |tree, child, out| {
                     tree.write(child, out)
                 });
             }
@@ -391,16 +396,18 @@ impl<'a> Tree<'a> {
     fn write_list(
         &self,
         out: &mut Vec<u8>,
-        group: &[usize],
+        mut group: impl Iterator<Item = usize>,
         array: bool,
         item: impl Fn(&Self, usize, &mut Vec<u8>),
     ) {
         if !array {
-            item(self, group[0], out);
+            if let Some(child) = group.next() {
+                item(self, child, out);
+            }
             return;
         }
         out.push(b'[');
-        for (index, &child) in group.iter().enumerate() {
+        for (index, child) in group.enumerate() {
             if index > 0 {
                 out.push(b',');
             }

@@ -40,14 +40,6 @@ impl Default for DeidSettings {
     }
 }
 
-/// `EXPORT_DEID_CONTAINER`: a container name (or folder of the exports folder).
-pub fn check_deid_container(value: &str) -> Result<String, SettingError> {
-    let value = value.trim();
-    crate::export::request::check_container_name(value)
-        .map_err(|error| bad("EXPORT_DEID_CONTAINER", error.message))?;
-    Ok(value.to_string())
-}
-
 /// `EXPORT_DEID`: `on` or `off`.
 pub fn parse_switch(name: &'static str, value: &str) -> Result<bool, SettingError> {
     match value.trim() {

@@ -17,8 +17,8 @@
 //! - [`queue`]: the shard message, the `WorkQueue` trait, the in-process queue.
 //! - [`fhir`]: resource types, the Patient compartment, search queries, lossless JSON edits,
 //!   OperationOutcome.
-//! - [`deid`]: de-identified export (`_anonymizationConfig`): so far its configurations, read and
-//!   checked as Microsoft's anonymizer reads them (→ [`fhir`]).
+//! - [`deid`]: de-identification as Microsoft's anonymizer (4.1.1) does it: configurations, the
+//!   R4 element table, FHIRPath, the methods and the engine (→ [`fhir`]); [`export`] applies it.
 //! - [`fault`]: the kind of a failure, which each error type tells of itself.
 //! - [`config`]: settings, read and checked once at start-up; [`auth`]: bearer-token checks (JWT
 //!   against the issuer's keys, scopes, the export's owner).

@@ -497,7 +497,16 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
         gzip_files: config::parse_compression(&args.compression)?,
         deid: config::DeidSettings {
             enabled: config::parse_switch("EXPORT_DEID", &args.deid)?,
-            container: config::check_deid_container(&args.deid_container)?,
+            container: {
+                let container = args.deid_container.trim();
+                fhir_export::export::request::check_container_name(container).map_err(|error| {
+                    config::SettingError {
+                        name: "EXPORT_DEID_CONTAINER",
+                        message: error.message,
+                    }
+                })?;
+                container.to_string()
+            },
             max_config_bytes: args.deid_max_config_bytes.max(1),
             require_container: config::parse_switch(
                 "EXPORT_DEID_REQUIRE_CONTAINER",

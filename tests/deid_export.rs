@@ -214,6 +214,7 @@ async fn kickoff_checks_the_configuration_and_lenient_handling_never_ignores_it(
                 ("_container=deid&_anonymizationConfigEtag=x", "_anonymizationConfig", "give the configuration"),
                 ("_container=deid&_AnonymizationConfig=ok.json", "_AnonymizationConfig", "never ignored"),
                 ("_container=deid&_anonymizationConfig=ok.json&organizeOutputBy=Patient", "organizeOutputBy", "header"),
+                ("_container=anonymization&_anonymizationConfig=ok.json", "_container", "holds anonymization configurations"),
             ] {
                 if level.starts_with("Group") && parameter != "_anonymizationConfigCollectionReference" && !query.contains("Etag=x") && !query.contains("_Anon") && !query.contains("..") {
                     // A Group kickoff checks its group before the configuration: g does not exist.

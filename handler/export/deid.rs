@@ -30,6 +30,21 @@ fn refused(parameter: &str, message: impl Into<String>) -> ExportError {
     })
 }
 
+/// An export's files never go to the configurations container (any export: its files there would
+/// sit among configurations and could not be downloaded).
+pub fn check_output_container(
+    exports: &Exports,
+    request: &super::ExportRequest,
+) -> Result<(), ExportError> {
+    match &request.container {
+        Some(container) if *container == exports.limits.deid.container => Err(refused(
+            "_container",
+            format!("_container {container:?} holds anonymization configurations (EXPORT_DEID_CONTAINER); name another"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Reads and checks the configuration an export names: the settings allow it, it exists, fits the
 /// size limit, has the ETag asked for, and parses and validates. Returns what the job pins.
 pub async fn pin(

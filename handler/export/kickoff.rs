@@ -26,6 +26,7 @@ pub async fn start(
     owner: Option<String>,
 ) -> Result<Job, ExportError> {
     admit(exports).await?;
+    super::deid::check_output_container(exports, &request)?;
     let deidentification = super::deid::pin(exports, &request).await?;
     let transaction_time = Utc::now();
     let id = new_job_id();

@@ -111,6 +111,8 @@ enum Matcher {
 }
 
 struct CompiledRule {
+    /// The rule's path as configured (configuration text, never resource data).
+    path: String,
     resource_type: String,
     matcher: Matcher,
     method: CompiledMethod,
@@ -226,6 +228,7 @@ impl Engine {
                 },
             };
             rules.push(CompiledRule {
+                path: rule.path.clone(),
                 resource_type,
                 matcher,
                 method,
@@ -345,10 +348,7 @@ impl Engine {
                 }
                 Matcher::Path(expr) => fhirpath::evaluate(tree, expr, &[Item::Node(id)])
                     .map_err(|error| {
-                        DeidError::Processing(format!(
-                            "the rule {:?} failed: {error}",
-                            rule_path(rule)
-                        ))
+                        DeidError::Processing(format!("the rule {:?} failed: {error}", rule.path))
                     })?
                     .into_iter()
                     .filter_map(|item| match item {
@@ -386,10 +386,6 @@ impl Engine {
         }
         Ok(ops)
     }
-}
-
-fn rule_path(_rule: &CompiledRule) -> &'static str {
-    "(see the configuration)"
 }
 
 pub(crate) fn is_visited(visited: &[bool], id: usize) -> bool {

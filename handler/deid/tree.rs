@@ -31,7 +31,23 @@ pub struct Node<'a> {
     pub removed: bool,
 }
 
-impl Node<'_> {
+impl<'a> Node<'a> {
+    /// A node of the element `typed`, read from the member `key`, without value or children.
+    fn typed(key: Cow<'a, str>, typed: r4::Typed, parent: Option<usize>) -> Node<'a> {
+        Node {
+            key,
+            name_len: typed.name_len,
+            ty: typed.ty,
+            repeats: typed.repeats,
+            children_at: typed.children_at,
+            value: None,
+            children: Vec::new(),
+            parent,
+            resource: false,
+            removed: false,
+        }
+    }
+
     /// The element's name (`value` for `valueQuantity`).
     pub fn name(&self) -> &str {
         &self.key[..self.name_len]
@@ -132,18 +148,7 @@ impl<'a> Tree<'a> {
     /// A detached complex node typed as the member `key` of a node defined at `parent_at`.
     pub fn new_member(&mut self, parent_at: &'static str, key: &str) -> Option<usize> {
         let typed = r4::member(parent_at, key)?;
-        Some(self.push(Node {
-            key: Cow::Owned(key.into()),
-            name_len: typed.name_len,
-            ty: typed.ty,
-            repeats: typed.repeats,
-            children_at: typed.children_at,
-            value: None,
-            children: Vec::new(),
-            parent: None,
-            resource: false,
-            removed: false,
-        }))
+        Some(self.push(Node::typed(Cow::Owned(key.into()), typed, None)))
     }
 
     /// Parses `json` as the content of a node like `like` (its key and type), detached: a
@@ -290,18 +295,7 @@ impl<'a> Tree<'a> {
         for _ in 0..count {
             let value = values.next().flatten();
             let extra = extras.next().flatten();
-            let child = self.push(Node {
-                key: key.clone(),
-                name_len: typed.name_len,
-                ty: typed.ty,
-                repeats: typed.repeats,
-                children_at: typed.children_at,
-                value: None,
-                children: Vec::new(),
-                parent: Some(parent),
-                resource: false,
-                removed: false,
-            });
+            let child = self.push(Node::typed(key.clone(), typed, Some(parent)));
             self.nodes[parent].children.push(child);
             match (primitive, value) {
                 (true, Some(Json::Leaf(token))) => self.nodes[child].value = Some(token),

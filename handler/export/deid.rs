@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::jobs::Job;
-use super::request::{quoted_etag, Anonymization};
-use super::{ExportError, Exports, RequestError};
+use super::request::{invalid, quoted_etag, Anonymization};
+use super::{ExportError, Exports};
 use crate::deid::{AnonymizationConfig, Engine, Keys};
 use crate::fault::Fault;
 use crate::source::SinkError;
@@ -23,11 +23,7 @@ pub struct PinnedConfig {
 }
 
 fn refused(parameter: &str, message: impl Into<String>) -> ExportError {
-    ExportError::Request(RequestError {
-        parameter: parameter.to_string(),
-        message: message.into(),
-        not_supported: false,
-    })
+    ExportError::Request(invalid(parameter, message))
 }
 
 /// An export's files never go to the configurations container (any export: its files there would

@@ -94,7 +94,7 @@ pub struct RequestError {
     pub not_supported: bool,
 }
 
-fn invalid(parameter: &str, message: impl Into<String>) -> RequestError {
+pub(super) fn invalid(parameter: &str, message: impl Into<String>) -> RequestError {
     RequestError {
         parameter: parameter.to_string(),
         message: message.into(),
@@ -159,15 +159,10 @@ fn privacy_refused(name: &str, why: &str) -> RequestError {
     )
 }
 
-/// A blob name in the configurations container: `/`-separated segments, none empty, `.` or `..`.
+/// A blob name in the configurations container: a storage path (`/`-separated segments, none
+/// empty, `.` or `..`) of at most 1,024 characters, Azure's limit.
 fn check_config_name(name: &str, value: &str) -> Result<(), RequestError> {
-    let ok = value.len() <= 1024
-        && value.split('/').all(|segment| {
-            !segment.is_empty()
-                && segment != "."
-                && segment != ".."
-                && !segment.chars().any(|c| c == '\\' || c.is_control())
-        });
+    let ok = value.len() <= 1024 && crate::storage::validate_path(value).is_ok();
     match ok {
         true => Ok(()),
         false => Err(invalid(

@@ -6,6 +6,7 @@
 //! dates of different precisions that agree at the shorter one is empty, values with offsets
 //! compare in UTC.
 
+use rust_decimal::{Decimal, RoundingStrategy};
 use std::cmp::Ordering;
 
 use chrono::{Duration, NaiveDate};
@@ -113,12 +114,13 @@ pub enum Item {
     Node(usize),
     Str(String),
     Int(i64),
-    Dec(f64),
+    /// .NET's `System.Decimal`, as the engine computes: the scale is kept (`1.50 + 1` is `2.50`).
+    Dec(Decimal),
     Bool(bool),
     /// A date or date-time (`text` as written, without `@`).
     DateTime(Moment),
     Time(Moment),
-    Quantity(f64, String),
+    Quantity(Decimal, String),
 }
 
 /// A date, date-time or time, down to its precision.
@@ -482,13 +484,14 @@ impl Parser {
             Some(Token::Number(text)) => {
                 self.at += 1;
                 let number = match text.contains('.') {
-                    true => Item::Dec(text.parse().map_err(|_| PathError("a bad number".into()))?),
-                    false => Item::Int(text.parse().map_err(|_| PathError("a bad number".into()))?),
-                };
+                    true => text.parse().ok().map(Item::Dec),
+                    false => text.parse().ok().map(Item::Int),
+                }
+                .ok_or_else(|| PathError("a bad number".into()))?;
                 if let Some(Token::Str(unit)) = self.peek().cloned() {
                     self.at += 1;
                     let value = match number {
-                        Item::Int(value) => value as f64,
+                        Item::Int(value) => Decimal::from(value),
                         Item::Dec(value) => value,
                         _ => unreachable!("a number"),
                     };
@@ -736,7 +739,7 @@ pub fn node_value(tree: &Tree, id: usize) -> Option<Item> {
     Some(match node.ty {
         "boolean" => Item::Bool(text == "true"),
         "integer" | "positiveInt" | "unsignedInt" => Item::Int(text.parse().ok()?),
-        "decimal" => Item::Dec(text.parse().ok()?),
+        "decimal" => Item::Dec(parse_decimal(&text)?),
         "date" | "dateTime" | "instant" => match Moment::date_time(&text) {
             Some(moment) => Item::DateTime(moment),
             None => Item::Str(text.into_owned()),
@@ -1017,9 +1020,9 @@ impl Evaluator<'_, '_> {
                 _ => Vec::new(),
             },
             "toDecimal" => match self.single_value(focus, name)? {
-                Some(Item::Int(value)) => vec![Item::Dec(value as f64)],
+                Some(Item::Int(value)) => vec![Item::Dec(Decimal::from(value))],
                 Some(Item::Dec(value)) => vec![Item::Dec(value)],
-                Some(Item::Str(text)) => text.parse().ok().map(Item::Dec).into_iter().collect(),
+                Some(Item::Str(text)) => parse_decimal(&text).map(Item::Dec).into_iter().collect(),
                 _ => Vec::new(),
             },
             _ => {
@@ -1254,7 +1257,7 @@ impl Evaluator<'_, '_> {
                 a.compare(b).map(|ordering| ordering == Ordering::Equal)
             }
             _ => match (number(a), number(b)) {
-                (Some(a), Some(b)) => Some(a == b),
+                (Some(a), Some(b)) => Some(to_step(a) == to_step(b)),
                 _ => Some(false),
             },
         })
@@ -1285,7 +1288,7 @@ impl Evaluator<'_, '_> {
                 Ok(a.compare(b))
             }
             _ => match (number(a), number(b)) {
-                (Some(a), Some(b)) => Ok(a.partial_cmp(&b)),
+                (Some(a), Some(b)) => Ok(Some(to_step(a).cmp(&to_step(b)))),
                 _ => Err(EvalError(format!(
                     "cannot compare {} with {}",
                     kind(a),
@@ -1309,11 +1312,28 @@ fn kind(item: &Item) -> &'static str {
     }
 }
 
-fn number(item: &Item) -> Option<f64> {
+fn number(item: &Item) -> Option<Decimal> {
     match item {
-        Item::Int(value) => Some(*value as f64),
+        Item::Int(value) => Some(Decimal::from(*value)),
         Item::Dec(value) => Some(*value),
         _ => None,
+    }
+}
+
+/// Decimals compare rounded to FHIRPath's step of 10^-8 (half to even), as Firely compares them.
+fn to_step(value: Decimal) -> Decimal {
+    value.round_dp_with_strategy(8, RoundingStrategy::MidpointNearestEven)
+}
+
+/// A decimal as .NET's `decimal.Parse` reads it (exponents allowed, scale kept); `None` outside its
+/// range.
+pub fn parse_decimal(text: &str) -> Option<Decimal> {
+    if text.starts_with(['+', '.']) || text.ends_with('.') {
+        return None;
+    }
+    match text.contains(['e', 'E']) {
+        true => Decimal::from_scientific(text).ok(),
+        false => text.parse().ok(),
     }
 }
 
@@ -1323,14 +1343,14 @@ fn arithmetic(op: Op, a: Item, b: Item) -> Result<Option<Item>, EvalError> {
     }
     if let (Item::Int(a), Item::Int(b)) = (&a, &b) {
         let (a, b) = (*a, *b);
-        return Ok(match op {
-            Op::Add => a.checked_add(b).map(Item::Int),
-            Op::Subtract => a.checked_sub(b).map(Item::Int),
-            Op::Multiply => a.checked_mul(b).map(Item::Int),
-            Op::Divide => (b != 0).then(|| Item::Dec(a as f64 / b as f64)),
-            Op::Div => a.checked_div(b).map(Item::Int),
-            _ => a.checked_rem(b).map(Item::Int),
-        });
+        return match op {
+            Op::Add => Ok(a.checked_add(b).map(Item::Int)),
+            Op::Subtract => Ok(a.checked_sub(b).map(Item::Int)),
+            Op::Multiply => Ok(a.checked_mul(b).map(Item::Int)),
+            Op::Divide => divide(Decimal::from(a), Decimal::from(b)),
+            Op::Div => Ok(a.checked_div(b).map(Item::Int)),
+            _ => Ok(a.checked_rem(b).map(Item::Int)),
+        };
     }
     let (Some(x), Some(y)) = (number(&a), number(&b)) else {
         return Err(EvalError(format!(
@@ -1339,14 +1359,62 @@ fn arithmetic(op: Op, a: Item, b: Item) -> Result<Option<Item>, EvalError> {
             kind(&b)
         )));
     };
-    Ok(match op {
-        Op::Add => Some(Item::Dec(x + y)),
-        Op::Subtract => Some(Item::Dec(x - y)),
-        Op::Multiply => Some(Item::Dec(x * y)),
-        Op::Divide => (y != 0.0).then(|| Item::Dec(x / y)),
-        Op::Div => (y != 0.0).then(|| Item::Int((x / y).trunc() as i64)),
-        _ => (y != 0.0).then(|| Item::Dec(x % y)),
-    })
+    let overflow = || EvalError("a decimal overflowed".into());
+    match op {
+        Op::Add => x
+            .checked_add(y)
+            .map(|sum| Some(Item::Dec(sum)))
+            .ok_or_else(overflow),
+        Op::Subtract => x
+            .checked_sub(y)
+            .map(|difference| Some(Item::Dec(difference)))
+            .ok_or_else(overflow),
+        Op::Multiply => x
+            .checked_mul(y)
+            .map(|product| Some(Item::Dec(product)))
+            .ok_or_else(overflow),
+        Op::Divide => divide(x, y),
+        Op::Div if y.is_zero() => Ok(None),
+        Op::Div => {
+            let quotient = x.checked_div(y).ok_or_else(overflow)?.trunc();
+            i64::try_from(quotient)
+                .map(|quotient| Some(Item::Int(quotient)))
+                .map_err(|_| overflow())
+        }
+        _ if y.is_zero() => Ok(None),
+        _ => x
+            .checked_rem(y)
+            .map(|remainder| Some(Item::Dec(remainder)))
+            .ok_or_else(overflow),
+    }
+}
+
+/// `/` as .NET divides decimals: a quotient exact at the dividend's scale less the divisor's keeps
+/// that scale (`4.00 / 2` is `2.00`); any other loses its trailing zeros (`10 / 4` is `2.5`).
+fn divide(x: Decimal, y: Decimal) -> Result<Option<Item>, EvalError> {
+    if y.is_zero() {
+        return Ok(None);
+    }
+    let quotient = x
+        .checked_div(y)
+        .ok_or_else(|| EvalError("a decimal overflowed".into()))?;
+    let least_scale = x.scale().saturating_sub(y.scale());
+    let mut at_least_scale = quotient;
+    at_least_scale.rescale(least_scale);
+    Ok(Some(Item::Dec(match at_least_scale == quotient {
+        true => at_least_scale,
+        false => quotient.normalize(),
+    })))
+}
+
+/// A decimal as Newtonsoft.Json writes .NET's decimal into the engine's output: with its scale,
+/// and `.0` when it has none.
+pub fn decimal_token(value: Decimal) -> String {
+    let mut text = value.to_string();
+    if !text.contains('.') {
+        text.push_str(".0");
+    }
+    text
 }
 
 /// A system value as text (`toString()`).

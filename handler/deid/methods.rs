@@ -18,6 +18,7 @@ use super::engine::{
 use super::fhirpath::{self, Item};
 use super::tree::Tree;
 use crate::fhir::json::Json;
+use rust_decimal::{Decimal, RoundingStrategy};
 
 const AGE_THRESHOLD: i32 = 89;
 const QUANTITY_TYPES: &[&str] = &[
@@ -49,7 +50,7 @@ pub(crate) fn apply(
             span,
             range,
             round_to,
-        } => Ok(perturb(tree, id, *span, *range, *round_to, visited)),
+        } => perturb(tree, id, *span, *range, *round_to, visited),
         CompiledMethod::Generalize {
             cases,
             other_values,
@@ -709,6 +710,9 @@ fn descendants(tree: &Tree, id: usize, out: &mut Vec<usize>) {
 // ---------------------------------------------------------------------------------------------
 // perturb
 
+/// The engine's perturbation, in .NET's decimal: the value plus uniform noise converted to decimal
+/// (15 significant digits), rounded half to even to `roundTo` places (a value with fewer places
+/// keeps them).
 fn perturb(
     tree: &mut Tree,
     id: usize,
@@ -716,7 +720,7 @@ fn perturb(
     range: RangeType,
     round_to: u32,
     visited: &mut Vec<bool>,
-) -> Ops {
+) -> Result<Ops, DeidError> {
     let ty = tree.nodes[id].ty;
     let value_node = if matches!(ty, "decimal" | "integer" | "positiveInt" | "unsignedInt") {
         Some(id)
@@ -726,24 +730,22 @@ fn perturb(
         None
     };
     let Some(value_node) = value_node else {
-        return 0;
+        return Ok(0);
     };
     if is_visited(visited, value_node) {
-        return 0;
+        return Ok(0);
     }
     let Some(original) = tree.nodes[value_node]
         .text()
-        .and_then(|text| text.parse::<f64>().ok())
+        .and_then(|text| fhirpath::parse_decimal(&text))
     else {
-        return 0;
+        return Ok(0);
     };
     let value_type = tree.nodes[value_node].ty;
-    let round_to = match value_type {
-        "integer" | "positiveInt" | "unsignedInt" => 0,
-        _ => round_to.min(15),
-    };
+    let is_integer = matches!(value_type, "integer" | "positiveInt" | "unsignedInt");
+    let round_to = if is_integer { 0 } else { round_to };
     let span = match range {
-        RangeType::Proportional => original * span,
+        RangeType::Proportional => f64::try_from(original).unwrap_or(f64::MAX) * span,
         RangeType::Fixed => span,
     }
     .abs();
@@ -751,21 +753,32 @@ fn perturb(
         true => rand::Rng::random_range(&mut rand::rng(), -span / 2.0..=span / 2.0),
         false => 0.0,
     };
-    let scale = 10f64.powi(round_to as i32);
-    let mut perturbed = ((original + noise) * scale).round_ties_even() / scale;
-    if value_type == "positiveInt" && perturbed <= 0.0 {
-        perturbed = 1.0;
+    let overflow = || DeidError::Processing("perturb overflowed a decimal".into());
+    let noise = Decimal::from_scientific(&format!("{noise:.14e}")).map_err(|_| overflow())?;
+    let mut perturbed = original
+        .checked_add(noise.normalize())
+        .ok_or_else(overflow)?
+        .round_dp_with_strategy(round_to, RoundingStrategy::MidpointNearestEven);
+    if value_type == "positiveInt" && perturbed <= Decimal::ZERO {
+        perturbed = Decimal::ONE;
     }
-    if value_type == "unsignedInt" && perturbed < 0.0 {
-        perturbed = 0.0;
+    if value_type == "unsignedInt" && perturbed < Decimal::ZERO {
+        perturbed = Decimal::ZERO;
     }
-    tree.nodes[value_node].value = Some(format!("{perturbed:.*}", round_to as usize).into());
+    if perturbed.is_zero() {
+        perturbed.set_sign_positive(true);
+    }
+    let token = match is_integer {
+        true => perturbed.trunc().to_string(),
+        false => fhirpath::decimal_token(perturbed),
+    };
+    tree.nodes[value_node].value = Some(token.into());
     let mut below = Vec::new();
     descendants(tree, id, &mut below);
     for node in below {
         mark_visited(visited, node);
     }
-    PERTURB
+    Ok(PERTURB)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -828,7 +841,7 @@ fn item_token(tree: &Tree, item: &Item) -> Option<String> {
     Some(match item {
         Item::Node(node) => tree.nodes[*node].value.as_deref()?.to_string(),
         Item::Int(value) => value.to_string(),
-        Item::Dec(value) => value.to_string(),
+        Item::Dec(value) => fhirpath::decimal_token(*value),
         Item::Bool(value) => value.to_string(),
         other => serde_json::to_string(&fhirpath::to_text(other)).expect("a string"),
     })
@@ -837,6 +850,78 @@ fn item_token(tree: &Tree, item: &Item) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deid::{AnonymizationConfig, Engine, Keys};
+
+    /// `Observation.valueQuantity.value` as written after one rule on `Observation.value`.
+    fn quantity_after(rule: serde_json::Value, value: &str) -> String {
+        let config = serde_json::json!({ "fhirPathRules": [rule] }).to_string();
+        let config = AnonymizationConfig::parse(config.as_bytes()).unwrap();
+        let today = NaiveDate::from_ymd_opt(2025, 9, 5).unwrap();
+        let engine = Engine::new(&config, Keys::default(), today).unwrap();
+        let input = format!(
+            r#"{{"resourceType":"Observation","status":"final","code":{{"text":"x"}},"valueQuantity":{{"value":{value}}}}}"#
+        );
+        let output = String::from_utf8(engine.deidentify(input.as_bytes()).unwrap()).unwrap();
+        let start = output
+            .find(r#""valueQuantity":{"value":"#)
+            .unwrap_or_else(|| panic!("{value}: {output}"))
+            + 25;
+        let end = start + output[start..].find('}').unwrap();
+        output[start..end].to_string()
+    }
+
+    #[test]
+    fn generalize_computes_in_dotnet_decimal_and_writes_as_newtonsoft_does() {
+        for (value, expression, expected) in [
+            ("70.5", "$this - 0.5", "70.0"),
+            ("1.50", "$this + 1", "2.50"),
+            ("10", "$this / 4", "2.5"),
+            ("4.00", "$this / 2", "2.00"),
+            ("1", "$this / 3", "0.3333333333333333333333333333"),
+            ("0.1", "$this + 0.2", "0.3"),
+            ("7.5", "$this mod 2", "1.5"),
+            ("7.5", "$this div 2", "3"),
+            ("70", "$this.toDecimal()", "70.0"),
+            ("1e3", "$this * 1", "1000.0"),
+        ] {
+            let rule = serde_json::json!({
+                "path": "Observation.value.value", "method": "generalize",
+                "cases": { "true": expression },
+            });
+            assert_eq!(
+                quantity_after(rule, value),
+                expected,
+                "{value}: {expression}"
+            );
+        }
+        // Decimals compare at FHIRPath's step, 10^-8, as Firely compares them.
+        for (value, expected) in [("1.000000001", "0"), ("1.00000002", "1.00000002")] {
+            let rule = serde_json::json!({
+                "path": "Observation.value.value", "method": "generalize",
+                "cases": { "$this = 1.0": "0" }, "otherValues": "keep",
+            });
+            assert_eq!(quantity_after(rule, value), expected, "{value} = 1.0");
+        }
+    }
+
+    #[test]
+    fn perturb_rounds_in_dotnet_decimal_and_keeps_fewer_places() {
+        for (value, round_to, expected) in [
+            ("70.3", 0, "70.0"),
+            ("70.5", 2, "70.5"),
+            ("70.1049", 2, "70.10"),
+            ("70.125", 2, "70.12"),
+        ] {
+            let rule = serde_json::json!({
+                "path": "Observation.value", "method": "perturb", "span": 0, "roundTo": round_to,
+            });
+            assert_eq!(
+                quantity_after(rule, value),
+                expected,
+                "{value} to {round_to}"
+            );
+        }
+    }
 
     #[test]
     fn encryption_round_trips_with_every_key_size() {

@@ -24,6 +24,11 @@ pub struct ExportOptions {
     pub types: Vec<String>,
     pub since: Option<String>,
     pub type_filters: Vec<String>,
+    /// `_container`: the folder or container the server writes to.
+    pub container: Option<String>,
+    /// `_anonymizationConfig` and `_anonymizationConfigEtag`: a de-identified export.
+    pub anonymization_config: Option<String>,
+    pub anonymization_config_etag: Option<String>,
     pub out: PathBuf,
     pub resume: Option<String>,
     pub bearer_token: Option<String>,
@@ -100,6 +105,18 @@ pub fn kickoff_url(options: &ExportOptions) -> anyhow::Result<String> {
     }
     for filter in &options.type_filters {
         query.append_pair("_typeFilter", filter);
+    }
+    if let Some(container) = &options.container {
+        query.append_pair("_container", container);
+    }
+    if options.anonymization_config_etag.is_some() && options.anonymization_config.is_none() {
+        bail!("--anonymization-config-etag needs --anonymization-config");
+    }
+    if let Some(config) = &options.anonymization_config {
+        query.append_pair("_anonymizationConfig", config);
+    }
+    if let Some(etag) = &options.anonymization_config_etag {
+        query.append_pair("_anonymizationConfigEtag", etag);
     }
     let query = query.finish();
     Ok(if query.is_empty() {
@@ -371,6 +388,19 @@ mod tests {
             kickoff_url(&options).unwrap(),
             "http://h/fhir/Group/g1/$export?_type=Patient%2CObservation"
         );
+        options.level = "patient".into();
+        options.types.clear();
+        options.container = Some("deid".into());
+        options.anonymization_config = Some("hipaa/safe harbor.json".into());
+        options.anonymization_config_etag = Some("\"0x8D\"".into());
+        assert_eq!(
+            kickoff_url(&options).unwrap(),
+            "http://h/fhir/Patient/$export?_container=deid\
+             &_anonymizationConfig=hipaa%2Fsafe+harbor.json&_anonymizationConfigEtag=%220x8D%22"
+        );
+        options.anonymization_config = None;
+        assert!(kickoff_url(&options).is_err());
+        options.anonymization_config_etag = None;
         options.level = "ward".into();
         assert!(kickoff_url(&options).is_err());
     }

@@ -39,7 +39,7 @@ enum Command {
         store: StoreArgs,
     },
     /// Run a Bulk Data export against BASE_URL (this server or any other) and download the files.
-    Export(ExportArgs),
+    Export(Box<ExportArgs>),
     /// Write N copies of a dataset, every id and reference rewritten per copy, as NDJSON per type.
     Synth {
         #[arg(long, required = true)]
@@ -102,6 +102,16 @@ struct ExportArgs {
     /// A `_typeFilter` query such as `Observation?code=8867-4` (repeatable).
     #[arg(long = "type-filter")]
     type_filters: Vec<String>,
+    /// `_container`: where the server writes the files (required with --anonymization-config).
+    #[arg(long)]
+    container: Option<String>,
+    /// `_anonymizationConfig`: a de-identified export with this configuration, a name in the
+    /// server's `anonymization` container.
+    #[arg(long)]
+    anonymization_config: Option<String>,
+    /// `_anonymizationConfigEtag`: the configuration's version the export must use.
+    #[arg(long, requires = "anonymization_config")]
+    anonymization_config_etag: Option<String>,
     #[arg(long, default_value = "./out")]
     out: PathBuf,
     /// Continue an export that was started before, from its status URL.
@@ -347,7 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve(*args),
-        Command::Export(args) => export(args),
+        Command::Export(args) => export(*args),
     }
 }
 
@@ -358,6 +368,9 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         types: args.types,
         since: args.since,
         type_filters: args.type_filters,
+        container: args.container,
+        anonymization_config: args.anonymization_config,
+        anonymization_config_etag: args.anonymization_config_etag,
         out: args.out,
         resume: args.resume,
         bearer_token: args.token,

@@ -175,3 +175,60 @@ async fn a_refused_kickoff_is_reported_clearly() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_starts_a_de_identified_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, generated) = demo_store(dir.path());
+    let server = start(&store, |_| {}).await;
+    let configs = server.exports.join("anonymization");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(
+        configs.join("names.json"),
+        r#"{"fhirPathRules": [{"path": "nodesByType('HumanName')", "method": "redact"}]}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let output = tokio::task::spawn_blocking({
+        let (base, out) = (server.base.clone(), out.clone());
+        move || {
+            handler()
+                .args([
+                    "export",
+                    &base,
+                    "--type",
+                    "Patient",
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+                .args([
+                    "--container",
+                    "deid",
+                    "--anonymization-config",
+                    "names.json",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let patients = lines_per_type(&out)["Patient"];
+    assert_eq!(patients, generated["Patient"]);
+    for entry in std::fs::read_dir(&out).unwrap() {
+        for line in std::fs::read_to_string(entry.unwrap().path())
+            .unwrap()
+            .lines()
+        {
+            let patient: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(patient.get("name").is_none(), "{line}");
+            assert_eq!(patient["meta"]["security"][0]["code"], "REDACTED", "{line}");
+        }
+    }
+    assert!(server.exports.join("deid").is_dir());
+}

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -13,6 +13,23 @@ use fhir_export::source::{import, EmbeddedStore};
 
 fn handler() -> Command {
     Command::new(env!("CARGO_BIN_EXE_handler"))
+}
+
+/// Runs `handler` to the end off the runtime's threads, which serve the export meanwhile.
+async fn run_handler(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    tokio::task::spawn_blocking(move || handler().args(args).output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn assert_succeeded(output: &Output) {
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// Generated demo data in a store; returns (store, resources per type).
@@ -45,23 +62,9 @@ async fn the_client_downloads_every_file_of_an_export() {
     let (store, generated) = demo_store(dir.path());
     let server = start(&store, |_| {}).await;
     let out = dir.path().join("out");
-    let output = tokio::task::spawn_blocking({
-        let (base, out) = (server.base.clone(), out.clone());
-        move || {
-            handler()
-                .args(["export", &base, "--out", out.to_str().unwrap()])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let output = run_handler(&["export", &server.base, "--out", out.to_str().unwrap()]).await;
+    assert_succeeded(&output);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let total: u64 = generated.values().sum();
     assert!(
         stdout.contains(&format!("exported {total} resources")),
@@ -123,28 +126,15 @@ async fn an_interrupted_export_is_resumed_from_its_status_url() {
 
     let _server = start_at(&store, &exports, tempfile::tempdir().unwrap(), port, |_| {}).await;
     let out = dir.path().join("resumed");
-    let output = tokio::task::spawn_blocking({
-        let out = out.clone();
-        move || {
-            handler()
-                .args([
-                    "export",
-                    "--resume",
-                    &status_url,
-                    "--out",
-                    out.to_str().unwrap(),
-                ])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = run_handler(&[
+        "export",
+        "--resume",
+        &status_url,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .await;
+    assert_succeeded(&output);
     let expected: BTreeMap<String, u64> = generated
         .into_iter()
         .filter(|(t, _)| t == "Patient" || t == "Observation")
@@ -157,17 +147,7 @@ async fn a_refused_kickoff_is_reported_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = demo_store(dir.path());
     let server = start(&store, |_| {}).await;
-    let output = tokio::task::spawn_blocking({
-        let base = server.base.clone();
-        move || {
-            handler()
-                .args(["export", &base, "--type", "Unicorn"])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let output = run_handler(&["export", &server.base, "--type", "Unicorn"]).await;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -189,35 +169,20 @@ async fn the_client_starts_a_de_identified_export() {
     )
     .unwrap();
     let out = dir.path().join("out");
-    let output = tokio::task::spawn_blocking({
-        let (base, out) = (server.base.clone(), out.clone());
-        move || {
-            handler()
-                .args([
-                    "export",
-                    &base,
-                    "--type",
-                    "Patient",
-                    "--out",
-                    out.to_str().unwrap(),
-                ])
-                .args([
-                    "--container",
-                    "deid",
-                    "--anonymization-config",
-                    "names.json",
-                ])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = run_handler(&[
+        "export",
+        &server.base,
+        "--type",
+        "Patient",
+        "--container",
+        "deid",
+        "--anonymization-config",
+        "names.json",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .await;
+    assert_succeeded(&output);
     let patients = lines_per_type(&out)["Patient"];
     assert_eq!(patients, generated["Patient"]);
     for entry in std::fs::read_dir(&out).unwrap() {

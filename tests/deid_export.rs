@@ -1,9 +1,9 @@
 //! De-identified export (`_anonymizationConfig`) over real HTTP, on the local folder and on Azure
 //! Blob (Azurite): the output equals the engine's on every stored resource (the sample, and the
-//! input of every golden case of the anonymizer's corpus with its configuration), kickoff checks answer
-//! 400 naming the parameter (lenient handling never ignores them), the configuration is pinned by
-//! its ETag, one set of keys serves every shard, processing errors fail the export without values
-//! or are skipped, and numbers stay as written.
+//! input of every golden case of the anonymizer's corpus with its configuration), kickoff checks
+//! answer 400 naming the parameter (lenient handling never ignores them), the configuration is
+//! pinned by its ETag, one set of keys serves every shard, processing errors fail the export
+//! without values or are skipped, and numbers stay as written.
 
 mod common;
 

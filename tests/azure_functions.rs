@@ -986,7 +986,9 @@ async fn on_a_hierarchical_namespace_kickoffs_exports_cancel_and_retention_work(
     run_shards(&handler, &second_shards).await;
     assert_eq!(forwarded_status(&handler, &second).await.status(), 200);
 
-    // Retention: both finished exports, made two hours old, go, their directories with them.
+    // Retention: both finished exports, made two hours old (the job and its ended marker), go,
+    // their directories with them.
+    let markers = store.list("fhir-export-jobs/ended").await.unwrap();
     for id in [&first, &second] {
         let path = format!("fhir-export-jobs/{id}/job.json");
         let (bytes, _) = store.get(&path).await.unwrap().unwrap();
@@ -995,6 +997,20 @@ async fn on_a_hierarchical_namespace_kickoffs_exports_cancel_and_retention_work(
         job["completedAt"] = json!(two_hours_ago.to_rfc3339());
         let body = bytes::Bytes::from(job.to_string());
         store.put(&path, body, PutMode::Overwrite).await.unwrap();
+        let marker = markers.iter().find(|m| m.ends_with(id.as_str())).unwrap();
+        store.delete_prefix(marker).await.unwrap();
+        let backdated = format!(
+            "fhir-export-jobs/ended/{}-{id}",
+            two_hours_ago.format("%Y%m%dT%H%M%S%.3fZ")
+        );
+        store
+            .put(
+                &backdated,
+                bytes::Bytes::from_static(b"x"),
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
     }
     let (status, body) = invoke(&handler, "StaleSweeper", &timer_payload()).await;
     assert_eq!(status, 200, "{body}");

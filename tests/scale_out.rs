@@ -1,6 +1,7 @@
 //! Scale-out on shared storage: no document is written by every shard (each shard keeps its own
-//! state), a status poll costs a fixed number of storage requests however many shards, and a
-//! failed shard waits for its retry in its state instead of coming straight back through the queue.
+//! state), a status poll costs a fixed number of storage requests however many shards, a failed
+//! shard waits for its retry in its state instead of coming straight back through the queue, and
+//! retention reads only the exports whose time has come.
 
 mod common;
 
@@ -273,6 +274,58 @@ async fn no_object_is_written_by_every_shard_and_a_status_poll_costs_the_same_at
     // document and the manifest.
     assert_eq!((few_running, many_running), (2, 2));
     assert_eq!((few_completed, many_completed), (2, 2));
+}
+
+/// Retention reads no export before its time: a pass over the kept exports costs one listing of
+/// their ended markers however many are kept, after a process's first pass, which lists every job
+/// document once to mark the exports ended without a marker (under a version before them); those
+/// are removed in their time too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_lists_the_ended_markers_and_reads_only_the_exports_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(Counting {
+        inner: LocalFolder::open(dir.path().join("exports")).unwrap(),
+        requests: AtomicUsize::new(0),
+        writes: Mutex::default(),
+    });
+    let binding = Arc::new(Binding::default());
+    let sample = common::sample_store();
+    let app = exports_on(&sample, storage.clone(), binding.clone(), None, |_| {});
+    let exports = &app.exports;
+    let mut folders = Vec::new();
+    for _ in 0..4 {
+        let job = start(exports, "_type=Patient,Condition").await;
+        drain(exports, &binding).await;
+        assert_eq!(status(&app, &job.id).await.0, 200);
+        assert!(!storage
+            .inner
+            .list(&job.output_folder)
+            .await
+            .unwrap()
+            .is_empty());
+        folders.push(job.output_folder);
+    }
+    assert_eq!(exports.remove_expired().await.unwrap(), 0, "none is due");
+    let before = storage.requests();
+    assert_eq!(exports.remove_expired().await.unwrap(), 0);
+    assert_eq!(
+        storage.requests() - before,
+        1,
+        "one listing, no export read"
+    );
+
+    let markers = exports.jobs.ended_markers().await.unwrap();
+    assert_eq!(markers.len(), 4);
+    exports.jobs.remove_ended_marker(&markers[0]).await.unwrap();
+    let later = exports_on(&sample, storage.clone(), binding.clone(), None, |s| {
+        s.retention = Duration::ZERO
+    });
+    assert_eq!(later.exports.remove_expired().await.unwrap(), 4);
+    for folder in &folders {
+        assert!(storage.inner.list(folder).await.unwrap().is_empty());
+    }
+    let left = storage.inner.list("fhir-export-jobs").await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// A source whose `Condition` scans fail.

@@ -2,6 +2,8 @@
 //! request and plan; written at kickoff, planning and end), `shards/{n}.json` (each shard's own
 //! state, written by its worker and the sweeper), `done/{n}` (a marker per finished shard, its time:
 //! so that one listing tells a job's progress) and `manifest.json` (written once, create-only).
+//! Beside the jobs, `running/{id}` marks a running job and `ended/{time}-{id}` an ended one, so
+//! that the sweeper and retention find theirs in one listing without reading every job.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,6 +23,10 @@ use crate::storage::{ETag, ObjectStore, PutMode, StorageError};
 pub const JOBS_CONTAINER: &str = "fhir-export-jobs";
 /// The folder of running-job markers inside it.
 const RUNNING: &str = "running";
+/// The folder of ended-job markers inside it.
+const ENDED: &str = "ended";
+/// How an ended-job marker writes the time the job ended.
+const ENDED_AT: &str = "%Y%m%dT%H%M%S%.3fZ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -204,6 +210,18 @@ pub struct JobStore {
     running: Option<Arc<tokio::sync::Mutex<Option<BTreeSet<String>>>>>,
     /// Held by a kickoff from counting the running jobs to recording its own.
     admission: Arc<tokio::sync::Mutex<()>>,
+    /// When this process last listed every job document to mark the ended jobs that have no
+    /// marker (see `mark_unmarked_ended`).
+    listed_all: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+/// An ended job's marker, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedMarker {
+    pub id: String,
+    /// When the job ended, to the millisecond.
+    pub ended_at: DateTime<Utc>,
+    path: String,
 }
 
 impl JobStore {
@@ -213,6 +231,7 @@ impl JobStore {
             store,
             running,
             admission: Arc::default(),
+            listed_all: Arc::default(),
         }
     }
 
@@ -232,6 +251,69 @@ impl JobStore {
     /// The marker of a running job: counting them is cheap, unlike loading every job.
     fn running_path(id: &str) -> String {
         format!("{JOBS_CONTAINER}/{RUNNING}/{id}")
+    }
+
+    fn ended_path(id: &str, ended_at: DateTime<Utc>) -> String {
+        format!(
+            "{JOBS_CONTAINER}/{ENDED}/{}-{id}",
+            ended_at.format(ENDED_AT)
+        )
+    }
+
+    /// Writes the marker of a job that has ended; its name follows from the job, so writing it
+    /// again is harmless.
+    pub async fn mark_ended(&self, job: &Job) -> Result<(), StorageError> {
+        let Some(ended_at) = job
+            .completed_at
+            .filter(|_| job.status != JobStatus::Running)
+        else {
+            return Ok(());
+        };
+        self.store
+            .put(
+                &Self::ended_path(&job.id, ended_at),
+                Bytes::from(ended_at.to_rfc3339()),
+                PutMode::Overwrite,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The markers of ended jobs, in one listing.
+    pub async fn ended_markers(&self) -> Result<Vec<EndedMarker>, StorageError> {
+        let prefix = format!("{JOBS_CONTAINER}/{ENDED}/");
+        let paths = self.store.list(prefix.trim_end_matches('/')).await?;
+        Ok(paths
+            .into_iter()
+            .filter_map(|path| {
+                let (time, id) = path.strip_prefix(&prefix)?.split_once('-')?;
+                let ended_at = chrono::NaiveDateTime::parse_from_str(time, ENDED_AT)
+                    .ok()?
+                    .and_utc();
+                let id = id.to_string();
+                is_job_id(&id).then_some(EndedMarker { id, ended_at, path })
+            })
+            .collect())
+    }
+
+    pub async fn remove_ended_marker(&self, marker: &EndedMarker) -> Result<(), StorageError> {
+        self.store.delete_prefix(&marker.path).await
+    }
+
+    /// Whether this process is due to list every job document (first, then every `every`);
+    /// taking the turn starts the wait for the next.
+    pub fn take_listing_turn(&self, every: std::time::Duration) -> bool {
+        let mut last = self.listed_all.lock().expect("not poisoned");
+        let due = last.is_none_or(|at| at.elapsed() >= every);
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
+    }
+
+    /// Gives back the turn taken by `take_listing_turn` (the listing failed).
+    pub fn return_listing_turn(&self) {
+        *self.listed_all.lock().expect("not poisoned") = None;
     }
 
     /// Records a new job, with its running marker first (so a crash between the two over-counts,
@@ -300,14 +382,19 @@ impl JobStore {
         }
     }
 
-    /// Removes markers left by jobs that are no longer running, or whose kickoff died before the
-    /// job was recorded (`grace` after the marker was written). Returns how many were removed.
+    /// Removes markers left by jobs that are no longer running (writing their ended markers), or
+    /// whose kickoff died before the job was recorded (`grace` after the marker was written).
+    /// Returns how many were removed.
     pub async fn repair_running_markers(&self, grace: chrono::Duration) -> Result<usize, JobError> {
         let mut removed = 0;
         for id in self.running_ids().await? {
             let path = Self::running_path(&id);
             let stale = match self.load(&id).await? {
-                Some((job, _)) => job.status != JobStatus::Running,
+                Some((job, _)) if job.status != JobStatus::Running => {
+                    self.mark_ended(&job).await?;
+                    true
+                }
+                Some(_) => false,
                 None => self.store.get(&path).await?.is_some_and(|(written, _)| {
                     std::str::from_utf8(&written)
                         .ok()
@@ -357,6 +444,9 @@ impl JobStore {
             .await?;
         if let Some((_, stored)) = &out {
             if wrote && stored.document.status != JobStatus::Running {
+                // The ended marker before the running one goes: a crash between the two leaves
+                // the running marker, whose repair writes the ended one.
+                self.mark_ended(&stored.document).await?;
                 self.store.delete_prefix(&Self::running_path(id)).await?;
                 self.note_running(id, false).await;
             }

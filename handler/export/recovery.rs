@@ -1,7 +1,9 @@
 //! Upkeep of jobs: resuming what a previous process left running, sweeping shards that went
 //! silent, and removing finished exports past their retention.
 
-use super::jobs::{Job, JobError, JobStatus};
+use std::collections::HashSet;
+
+use super::jobs::{EndedMarker, Job, JobError, JobStatus};
 use super::state::{self, Sweep};
 use super::{worker, ExportError, Exports};
 use crate::queue::{enqueue_shards, WorkMessage};
@@ -138,28 +140,93 @@ impl Exports {
         Ok(swept)
     }
 
-    /// Removes finished jobs past their retention: files first, then the job's state.
+    /// Removes ended jobs past their retention: files first, then the job's state, then its
+    /// ended marker. Costs one listing of the ended markers, and reads only the jobs whose time
+    /// has come; a process's first pass, and one a day after, also lists every job document to
+    /// mark jobs ended without a marker (by a version before the markers).
     pub async fn remove_expired(&self) -> Result<usize, ExportError> {
+        let mut markers = self.jobs.ended_markers().await?;
+        if self.jobs.take_listing_turn(LIST_EVERY_JOB_EVERY) {
+            match self.mark_unmarked_ended(&markers).await {
+                Ok(0) => {}
+                Ok(marked) => {
+                    tracing::info!(marked, "ended exports without a marker marked");
+                    markers = self.jobs.ended_markers().await?;
+                }
+                Err(error) => {
+                    self.jobs.return_listing_turn();
+                    return Err(error);
+                }
+            }
+        }
         let now = chrono::Utc::now();
+        let retention =
+            chrono::Duration::from_std(self.limits.retention).unwrap_or(chrono::Duration::MAX);
         let mut removed = 0;
-        for id in self.jobs.ids().await? {
-            let Some((job, _)) = readable(&id, self.jobs.load(&id).await)?.flatten() else {
+        for marker in markers {
+            if marker
+                .ended_at
+                .checked_add_signed(retention)
+                .is_none_or(|at| at > now)
+            {
+                continue;
+            }
+            let Some(found) = readable(&marker.id, self.jobs.load(&marker.id).await)? else {
                 continue;
             };
+            let Some((job, _)) = found else {
+                // Its job was removed (a crash before the marker went, or a cancel that could
+                // not record itself).
+                self.jobs.remove_ended_marker(&marker).await?;
+                continue;
+            };
+            let ended_at = job.completed_at.map(|at| at.timestamp_millis());
             if job.status == JobStatus::Running
-                || job
-                    .expires_at(self.limits.retention)
-                    .is_none_or(|at| at > now)
+                || ended_at != Some(marker.ended_at.timestamp_millis())
+            {
+                // The job ended again since (a completed export cancelled later): its marker for
+                // that end is written, this one goes.
+                self.jobs.mark_ended(&job).await?;
+                self.jobs.remove_ended_marker(&marker).await?;
+                continue;
+            }
+            if job
+                .expires_at(self.limits.retention)
+                .is_none_or(|at| at > now)
             {
                 continue;
             }
             self.storage.delete_prefix(&job.output_folder).await?;
-            self.jobs.delete(&id).await?;
+            self.jobs.delete(&job.id).await?;
+            self.jobs.remove_ended_marker(&marker).await?;
             removed += 1;
         }
         Ok(removed)
     }
+
+    /// Marks the ended jobs that have neither an ended marker nor a running one; returns how many.
+    async fn mark_unmarked_ended(&self, markers: &[EndedMarker]) -> Result<usize, ExportError> {
+        let marked: HashSet<&str> = markers.iter().map(|m| m.id.as_str()).collect();
+        let running: HashSet<String> = self.jobs.running_ids().await?.into_iter().collect();
+        let mut count = 0;
+        for id in self.jobs.ids().await? {
+            if marked.contains(id.as_str()) || running.contains(&id) {
+                continue;
+            }
+            let Some((job, _)) = readable(&id, self.jobs.load(&id).await)?.flatten() else {
+                continue;
+            };
+            if job.status != JobStatus::Running {
+                self.jobs.mark_ended(&job).await?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
 }
+
+/// How often a process lists every job document to find ended jobs without a marker.
+const LIST_EVERY_JOB_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// A job document that cannot be read is reported and passed over, so that one bad document never
 /// stops the resumption, sweep or retention of every other export.

@@ -37,10 +37,14 @@ fn put_config(exports: &Path, name: &str, bytes: &[u8]) {
     std::fs::write(path, bytes).unwrap();
 }
 
-fn transaction_date(manifest: &Value) -> NaiveDate {
-    manifest["transactionTime"].as_str().unwrap()[..10]
+/// The engine an export ran with `config`, whose keys are all in the file (keys drawn per export
+/// would differ): "today" is the date of the export's `transactionTime`.
+fn engine_of(config: &[u8], manifest: &Value) -> Engine {
+    let config = AnonymizationConfig::parse(config).unwrap();
+    let today: NaiveDate = manifest["transactionTime"].as_str().unwrap()[..10]
         .parse()
-        .unwrap()
+        .unwrap();
+    Engine::new(&config, Keys::for_export(&config), today).unwrap()
 }
 
 /// The lines of every output file, by type.
@@ -68,14 +72,8 @@ async fn the_sample_de_identified_equals_the_engine_on_every_stored_resource() {
         ),
     )
     .await;
-    let config = AnonymizationConfig::parse(&corpus(HIPAA)).unwrap();
     // Every key the HIPAA sample uses is in the file (its encryptKey is not used by a rule).
-    let engine = Engine::new(
-        &config,
-        Keys::for_export(&config),
-        transaction_date(&manifest),
-    )
-    .unwrap();
+    let engine = engine_of(&corpus(HIPAA), &manifest);
     let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for ((resource_type, _), json) in stored_resources(&server.store) {
         let line = String::from_utf8(engine.deidentify(json.as_bytes()).unwrap()).unwrap();
@@ -166,13 +164,7 @@ async fn every_golden_case_exported_over_http_equals_the_engine() {
                 ),
             )
             .await;
-            let parsed = AnonymizationConfig::parse(&corpus(config)).unwrap();
-            let engine = Engine::new(
-                &parsed,
-                Keys::for_export(&parsed),
-                transaction_date(&manifest),
-            )
-            .unwrap();
+            let engine = engine_of(&corpus(config), &manifest);
             let expected =
                 String::from_utf8(engine.deidentify(stored.as_bytes()).unwrap()).unwrap();
             let lines: Vec<String> = lines_by_type(&client, &manifest)
@@ -609,13 +601,7 @@ async fn on_azure_blob_the_configuration_is_a_blob_of_the_anonymization_containe
         ),
     )
     .await;
-    let config = AnonymizationConfig::parse(&hipaa).unwrap();
-    let engine = Engine::new(
-        &config,
-        Keys::for_export(&config),
-        transaction_date(&manifest),
-    )
-    .unwrap();
+    let engine = engine_of(&hipaa, &manifest);
     let mut expected: Vec<String> = stored_resources(&server.store)
         .into_iter()
         .filter(|((t, _), _)| t == "Patient")

@@ -274,6 +274,7 @@ async fn download_all(
             ));
         }
     }
+    let names = file_names(files.iter().map(|(url, _)| url.as_str()))?;
     let needs_token = manifest
         .get("requiresAccessToken")
         .and_then(Value::as_bool)
@@ -285,12 +286,13 @@ async fn download_all(
             .expect("template")
             .progress_chars("=> "),
     );
-    let results: Vec<(u64, u64)> = stream::iter(files.iter())
-        .map(|(url, count)| {
+    let results: Vec<(u64, u64)> = stream::iter(files.iter().zip(&names))
+        .map(|((url, count), name)| {
             let bar = bar.clone();
+            let target = options.out.join(name);
             async move {
                 let (lines, bytes) =
-                    download_with_retries(client, options, needs_token, url, &options.out).await?;
+                    download_with_retries(client, options, needs_token, url, &target).await?;
                 if *count != 0 && lines != *count {
                     bail!("{url}: {lines} lines, but the manifest says {count}");
                 }
@@ -310,24 +312,48 @@ async fn download_all(
     })
 }
 
-/// Downloads one file into `out`; returns (lines, bytes).
+/// A file name for each URL, in order: the URL's last segment, as NDJSON (`.ndjson`, without a
+/// `.gz` the file is decoded from), and `~2`, `~3`, ... before the extension for a name taken
+/// already, so that every manifest entry lands in a file of its own.
+fn file_names<'u>(urls: impl Iterator<Item = &'u str>) -> anyhow::Result<Vec<String>> {
+    let mut taken = std::collections::HashSet::new();
+    let mut names = Vec::new();
+    for url in urls {
+        let path = url.split(['?', '#']).next().unwrap_or(url);
+        let segment = path.rsplit('/').next().unwrap_or_default();
+        let segment = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        let safe = !segment.is_empty()
+            && segment != "."
+            && segment != ".."
+            && !segment.contains(['/', '\\', '\0']);
+        if !safe {
+            bail!("{url}: a file URL without a usable name");
+        }
+        let segment = segment.strip_suffix(".gz").unwrap_or(&segment);
+        let stem = segment.strip_suffix(".ndjson").unwrap_or(segment);
+        let mut name = format!("{stem}.ndjson");
+        let mut copy = 1;
+        while !taken.insert(name.to_ascii_lowercase()) {
+            copy += 1;
+            name = format!("{stem}~{copy}.ndjson");
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// Downloads one file to `target`; returns (lines, bytes) of the NDJSON written.
 async fn download_with_retries(
     client: &reqwest::Client,
     options: &ExportOptions,
     needs_token: bool,
     url: &str,
-    out: &Path,
+    target: &Path,
 ) -> anyhow::Result<(u64, u64)> {
-    let name = url
-        .rsplit('/')
-        .next()
-        .filter(|n| !n.is_empty() && *n != ".." && *n != ".")
-        .context("a file URL without a name")?;
-    let target = out.join(name);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match download(client, options, needs_token, url, &target).await {
+        match download(client, options, needs_token, url, target).await {
             Ok(result) => return Ok(result),
             Err(error) if attempt < DOWNLOAD_ATTEMPTS => {
                 tracing::warn!(%url, %error, attempt, "download failed; retrying");
@@ -338,6 +364,9 @@ async fn download_with_retries(
     }
 }
 
+/// Downloads `url` into `target` as NDJSON: a body sent gzip-encoded (`Content-Encoding: gzip`,
+/// as Azure storage serves a compressed export, or starting with gzip's magic bytes) is decoded,
+/// and its lines counted after decoding.
 async fn download(
     client: &reqwest::Client,
     options: &ExportOptions,
@@ -345,9 +374,13 @@ async fn download(
     url: &str,
     target: &Path,
 ) -> anyhow::Result<(u64, u64)> {
+    use async_compression::tokio::bufread::GzipDecoder;
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt};
+
     let mut request = client
         .get(url)
-        .header(header::ACCEPT, "application/fhir+ndjson");
+        .header(header::ACCEPT, "application/fhir+ndjson")
+        .header(header::ACCEPT_ENCODING, "gzip");
     if needs_token {
         request = authorized(request, options);
     }
@@ -355,20 +388,47 @@ async fn download(
     if !response.status().is_success() {
         bail!("HTTP {}", response.status());
     }
-    let partial = target.with_extension("ndjson.partial");
+    let encoding = response
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|value| value.to_str().unwrap_or("?").trim().to_ascii_lowercase());
+    let body = response.bytes_stream().map_err(std::io::Error::other);
+    let mut body = tokio_util::io::StreamReader::new(body);
+    let magic = body.fill_buf().await?.starts_with(&[0x1f, 0x8b]);
+    let mut reader: std::pin::Pin<Box<dyn AsyncRead + Send>> = match encoding.as_deref() {
+        Some("gzip" | "x-gzip") => Box::pin(gzip_members(GzipDecoder::new(body))),
+        None | Some("identity") if magic => Box::pin(gzip_members(GzipDecoder::new(body))),
+        None | Some("identity") => Box::pin(body),
+        Some(other) => bail!("the file came with Content-Encoding {other:?}, which is not gzip"),
+    };
+    let mut partial = target.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
     let mut file = tokio::fs::File::create(&partial).await?;
-    let mut body = response.bytes_stream();
+    let mut buffer = vec![0u8; 256 << 10];
     let (mut lines, mut bytes) = (0u64, 0u64);
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk?;
-        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
-        bytes += chunk.len() as u64;
-        file.write_all(&chunk).await?;
+    loop {
+        let read = reader.read(&mut buffer).await?;
+        if read == 0 {
+            break;
+        }
+        let chunk = &buffer[..read];
+        lines += memchr::memchr_iter(b'\n', chunk).count() as u64;
+        bytes += read as u64;
+        file.write_all(chunk).await?;
     }
     file.flush().await?;
     drop(file);
     tokio::fs::rename(&partial, target).await?;
     Ok((lines, bytes))
+}
+
+/// A decoder that reads every member of a gzip stream (storage appends one member per block).
+fn gzip_members<R: tokio::io::AsyncBufRead>(
+    mut decoder: async_compression::tokio::bufread::GzipDecoder<R>,
+) -> async_compression::tokio::bufread::GzipDecoder<R> {
+    decoder.multiple_members(true);
+    decoder
 }
 
 #[cfg(test)]

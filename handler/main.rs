@@ -591,8 +591,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `handler deid check`: the configuration's verdict and ETag on stderr, de-identified resources
-/// on stdout (one line each). Keys the configuration leaves empty are random, as in an export.
+/// `handler deid check`: the configuration's verdict and ETag on stdout (exit 0 when valid, 2 when
+/// refused); with `--input`, the de-identified resources on stdout (one line each) and the verdict
+/// on stderr. Keys the configuration leaves empty are random, as in an export.
 fn deid_check(
     config: &Path,
     input: Option<&Path>,
@@ -602,19 +603,23 @@ fn deid_check(
     use std::io::Write;
     let bytes = std::fs::read(config)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?;
+    let verdict = |text: String| match input {
+        Some(_) => eprintln!("{text}"),
+        None => println!("{text}"),
+    };
     let parsed = match AnonymizationConfig::parse(&bytes) {
         Ok(parsed) => parsed,
         Err(error) => {
-            eprintln!("{}: refused: {error}", config.display());
+            verdict(format!("{}: refused: {error}", config.display()));
             return Ok(ExitCode::from(2));
         }
     };
     let etag = fhir_export::storage::local::etag_of(&bytes).0;
-    eprintln!(
+    verdict(format!(
         "{}: valid, {} rules; ETag in the local anonymization folder: {etag}",
         config.display(),
         parsed.rules.len()
-    );
+    ));
     let Some(input) = input else {
         return Ok(ExitCode::SUCCESS);
     };

@@ -197,3 +197,153 @@ async fn the_client_starts_a_de_identified_export() {
     }
     assert!(server.exports.join("deid").is_dir());
 }
+
+/// A stand-in for a server and its storage: a status URL that answers a manifest whose entries
+/// end in the same file name, one file served gzip-encoded as Azure storage serves a compressed
+/// export (`Content-Encoding: gzip`, two gzip members), one served plain.
+async fn manifest_server(entries: Vec<(&'static str, String)>) -> (String, impl Drop) {
+    use std::io::Write;
+    use warp::{Filter, Reply};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let manifest = serde_json::json!({
+        "transactionTime": "2026-12-07T00:00:00Z",
+        "request": format!("{base}/$export"),
+        "requiresAccessToken": false,
+        "output": entries.iter().map(|(path, body)| serde_json::json!({
+            "type": "Patient",
+            "url": format!("{base}/{path}"),
+            "count": body.lines().count(),
+        })).collect::<Vec<_>>(),
+        "error": [],
+    });
+    let files: std::collections::HashMap<String, String> = entries
+        .into_iter()
+        .map(|(path, body)| (path.split('?').next().unwrap().to_string(), body))
+        .collect();
+    let gzip = |text: &str| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(text.as_bytes()).unwrap();
+        encoder.finish().unwrap()
+    };
+    let routes = warp::path!("status")
+        .map(move || warp::reply::json(&manifest).into_response())
+        .or(warp::path::tail().map(move |tail: warp::path::Tail| {
+            let body = files[tail.as_str()].clone();
+            let mut response = match tail.as_str().starts_with("gz/") {
+                true => {
+                    let (first, second) = body.split_at(body.len() / 2);
+                    let mut members = gzip(first);
+                    members.extend(gzip(second));
+                    let mut response = warp::reply::Response::new(members.into());
+                    response.headers_mut().insert(
+                        "content-encoding",
+                        warp::http::HeaderValue::from_static("gzip"),
+                    );
+                    response
+                }
+                false => warp::reply::Response::new(body.into()),
+            };
+            response.headers_mut().insert(
+                "content-type",
+                warp::http::HeaderValue::from_static("application/fhir+ndjson"),
+            );
+            response
+        }))
+        .unify();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(fhir_export::http::server::serve(
+        warp::get().and(routes),
+        listener,
+        Default::default(),
+        async {
+            stopped.await.ok();
+        },
+    ));
+    struct Stop(Option<tokio::sync::oneshot::Sender<()>>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.take().map(|stop| stop.send(()));
+        }
+    }
+    (base, Stop(Some(stop)))
+}
+
+fn patients(from: usize, count: usize) -> String {
+    (from..from + count)
+        .map(|n| format!("{{\"resourceType\":\"Patient\",\"id\":\"p{n}\"}}\n"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_manifest_entry_lands_in_its_own_file_and_gzip_is_decoded() {
+    let entries = vec![
+        ("a/Patient-1.ndjson", patients(0, 3)),
+        ("b/Patient-1.ndjson", patients(3, 5)),
+        ("gz/Patient-1.ndjson", patients(8, 40)),
+        ("c/Patient-1.ndjson?sv=2025&sig=x", patients(48, 2)),
+    ];
+    let expected: Vec<String> = entries.iter().map(|(_, body)| body.clone()).collect();
+    let (base, _server) = manifest_server(entries).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let output = run_handler(&[
+        "export",
+        "--resume",
+        &format!("{base}/status"),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .await;
+    assert_succeeded(&output);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("50 resources in 4 files"), "{stdout}");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "Patient-1.ndjson",
+            "Patient-1~2.ndjson",
+            "Patient-1~3.ndjson",
+            "Patient-1~4.ndjson"
+        ]
+    );
+    let mut got: Vec<String> = names
+        .iter()
+        .map(|name| std::fs::read_to_string(out.join(name)).unwrap())
+        .collect();
+    let mut expected = expected;
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected, "every file whole, decoded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deid_check_refuses_a_deep_configuration_and_prints_its_verdict_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |path: &str| {
+        format!(
+            r#"{{"fhirVersion":"R4","fhirPathRules":[{{"path":{},"method":"redact"}}]}}"#,
+            serde_json::to_string(path).unwrap()
+        )
+    };
+    let deep = dir.path().join("deep.json");
+    let nested = format!("{}Patient.name{}", "(".repeat(3_000), ")".repeat(3_000));
+    std::fs::write(&deep, config(&nested)).unwrap();
+    let output = run_handler(&["deid", "check", deep.to_str().unwrap()]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("refused") && stdout.contains("deeper than 100 levels"),
+        "{stdout}"
+    );
+    let fine = dir.path().join("fine.json");
+    std::fs::write(&fine, config("Patient.name")).unwrap();
+    let output = run_handler(&["deid", "check", fine.to_str().unwrap()]).await;
+    assert_succeeded(&output);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("valid, 1 rules"));
+}

@@ -626,3 +626,141 @@ async fn on_azure_blob_the_configuration_is_a_blob_of_the_anonymization_containe
     )
     .await;
 }
+
+/// A configuration of one rule with `path` and `method` (plus `extra` settings).
+fn one_rule(path: &str, method: &str, extra: &str) -> Vec<u8> {
+    format!(
+        r#"{{"fhirVersion":"R4","fhirPathRules":[{{"path":{},"method":"{method}"{extra}}}]}}"#,
+        serde_json::to_string(path).unwrap()
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_configurations_are_refused_at_kickoff_and_the_server_lives_on() {
+    let server = start(&sample_store(), |s| s.deid.max_config_bytes = 1 << 20).await;
+    let client = client();
+    let nested = |open: &str, close: &str, depth: usize| {
+        format!("{}Patient.name{}", open.repeat(depth), close.repeat(depth))
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        // What aborted the process: nesting and chains past any stack.
+        (
+            "parentheses",
+            one_rule(&nested("(", ")", 3_000), "redact", ""),
+            "deeper than 100",
+        ),
+        (
+            "or",
+            one_rule(&nested("Patient.id or ", "", 50_000), "redact", ""),
+            "more than the 10000",
+        ),
+        (
+            "or-short",
+            one_rule(&nested("a or ", "", 1_900), "redact", ""),
+            "deeper than 100",
+        ),
+        (
+            "members",
+            one_rule(&nested("", ".a", 50_000), "redact", ""),
+            "more than the 10000",
+        ),
+        (
+            "members-short",
+            one_rule(&nested("", ".a", 4_000), "redact", ""),
+            "deeper than 100",
+        ),
+        (
+            "first",
+            one_rule(&nested("", ".first()", 1_200), "redact", ""),
+            "deeper than 100",
+        ),
+        (
+            "minus",
+            one_rule(&nested("-", "", 20_000), "redact", ""),
+            "more than the 10000",
+        ),
+        (
+            "minus-short",
+            one_rule(&nested("-", "", 5_000), "redact", ""),
+            "deeper than 100",
+        ),
+        (
+            "case",
+            one_rule(
+                "Patient.birthDate",
+                "generalize",
+                &format!(r#","cases":{{"{}":"$this"}}"#, nested("(", ")", 3_000)),
+            ),
+            "deeper than 100",
+        ),
+        // Read by the kickoff one way and by the engine another.
+        (
+            "blank",
+            one_rule("Patient .name", "redact", ""),
+            "not usable FHIRPath",
+        ),
+        // Failed at the first resource.
+        (
+            "regex",
+            one_rule("Patient.name.where(family.matches('('))", "redact", ""),
+            "does not compile",
+        ),
+        (
+            "regex-size",
+            one_rule(
+                "Patient.name.where(family.matches('(a{1000}){1000}'))",
+                "redact",
+                "",
+            ),
+            "compiles to more than",
+        ),
+        (
+            "span",
+            one_rule("Patient.birthDate", "perturb", r#","span":1e308"#),
+            "largest decimal",
+        ),
+    ];
+    for (name, config, mention) in &cases {
+        put_config(&server.exports, &format!("{name}.json"), config);
+        for prefer in ["respond-async", "respond-async, handling=lenient"] {
+            refused(
+                &client,
+                &format!(
+                    "{}/$export?_container=deid&_anonymizationConfig={name}.json",
+                    server.base
+                ),
+                prefer,
+                "_anonymizationConfig",
+                mention,
+            )
+            .await;
+        }
+    }
+    // The refusals quote no configuration at length.
+    let response = kickoff_preferring(
+        &client,
+        &format!(
+            "{}/$export?_container=deid&_anonymizationConfig=members.json",
+            server.base
+        ),
+        "respond-async",
+    )
+    .await;
+    assert!(response.text().await.unwrap().len() < 2_000);
+    // The server still exports.
+    put_config(
+        &server.exports,
+        "fine.json",
+        &one_rule("Patient.name", "redact", ""),
+    );
+    let manifest = export(
+        &client,
+        &format!(
+            "{}/$export?_type=Patient&_container=deid&_anonymizationConfig=fine.json",
+            server.base
+        ),
+    )
+    .await;
+    assert_eq!(manifest["output"][0]["count"], 100);
+}

@@ -422,6 +422,22 @@ fn matrix() -> Vec<Case> {
         post("/$export", &deep, 400, "not JSON"),
         post(
             "/$export",
+            parameters(&format!("{}{}", "[".repeat(100_000), "]".repeat(100_000))),
+            400,
+            "not JSON",
+        ),
+        post(
+            "/Patient/$export",
+            parameters(&format!(
+                r#"{{"name":"patient","resource":{}1{}}}"#,
+                r#"{"a":"#.repeat(100_000),
+                "}".repeat(100_000)
+            )),
+            400,
+            "not JSON",
+        ),
+        post(
+            "/$export",
             b"{\"resourceType\":\"Parameters\xff\"}",
             400,
             "not JSON",
@@ -639,4 +655,85 @@ async fn a_body_that_stops_halfway_is_a_408() {
     let deadline = fhir_export::http::BODY_TIMEOUT + std::time::Duration::from_secs(5);
     let answered = tokio::time::timeout(deadline, status_line(&mut stream)).await;
     assert_eq!(answered.ok().flatten(), Some(408));
+}
+
+/// A client that waits for `100 Continue` with a declared body over the limit gets its 413 at
+/// once, never `100 Continue`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_declared_body_is_a_413_before_any_100_continue() {
+    let server = start(&sample_store(), |_| {}).await;
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /$export HTTP/1.1\r\nHost: {address}\r\nAccept: application/fhir+json\r\nPrefer: respond-async\r\nContent-Type: application/fhir+json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        fhir_export::http::MAX_BODY_BYTES + 1
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answered =
+        tokio::time::timeout(std::time::Duration::from_secs(5), status_line(&mut stream)).await;
+    assert_eq!(answered.ok().flatten(), Some(413));
+    // Within the limit, the client is told to go on and its body is read.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let body =
+        r#"{"resourceType":"Parameters","parameter":[{"name":"_type","valueString":"Patient"}]}"#;
+    let head = format!(
+        "POST /$export HTTP/1.1\r\nHost: {address}\r\nAccept: application/fhir+json\r\nPrefer: respond-async\r\nContent-Type: application/fhir+json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(status_line(&mut stream).await, Some(100));
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("HTTP/1.1 202") {
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// Headers over the limit are a 431 every time, however their bytes arrive; headers within it are
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_a_431_every_time() {
+    let server = start(&sample_store(), |_| {}).await;
+    let address = server.base.trim_start_matches("http://").to_string();
+    let limit = fhir_export::http::MAX_HEAD_BYTES;
+    for (size, in_pieces) in [
+        (500_000, false),
+        (500_000, true),
+        (limit + 10, false),
+        (2 * limit, true),
+        (3 * limit / 2, false),
+    ] {
+        for _ in 0..4 {
+            let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+            let head = format!(
+                "GET /metadata HTTP/1.1\r\nHost: {address}\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(size)
+            );
+            match in_pieces {
+                true => {
+                    for piece in head.as_bytes().chunks(7_000) {
+                        if stream.write_all(piece).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                false => {
+                    let _ = stream.write_all(head.as_bytes()).await;
+                }
+            }
+            assert_eq!(status_line(&mut stream).await, Some(431), "{size} bytes");
+        }
+    }
+    let answer = raw(
+        &address,
+        "GET",
+        b"/metadata",
+        &[("X-Big", "a".repeat(limit - 1_000).as_bytes())],
+        b"",
+    )
+    .await;
+    assert_eq!(answer.status, 200);
 }

@@ -576,9 +576,18 @@ async fn partial_manifests_list_finished_files_in_pages_that_never_change() {
     assert!(whole.len() > 6, "{} files", whole.len());
 
     // Pages are numbered from 1; one not (yet) linked is not found.
-    let (code, _, body) = get(&app, &format!("{status_path}?page=0")).await;
-    assert_eq!(code, 400, "{body}");
-    assert!(body.contains("page"), "{body}");
+    for query in [
+        "page=0",
+        "page=+1",
+        "page=1.0",
+        "page=",
+        "page=2&page=3",
+        "page=1&page=1",
+    ] {
+        let (code, _, body) = get(&app, &format!("{status_path}?{query}")).await;
+        assert_eq!(code, 400, "{query}: {body}");
+        assert!(body.contains("page"), "{query}: {body}");
+    }
     let beyond = pages.len() + 1;
     let (code, _, _) = get(&app, &format!("{status_path}?page={beyond}")).await;
     assert_eq!(code, 404);

@@ -9,6 +9,7 @@
 
 use serde_json::{Map, Value};
 
+use super::rule_path::RulePath;
 use crate::fhir::json::Json;
 
 /// A configuration that loaded: rules in file order, and the parameters.
@@ -201,7 +202,7 @@ fn parse_rule(at: usize, rule: &Value, tree: &Json<'_>) -> Result<Rule, ConfigEr
             "fhirPathRules[{at}]: path and method are strings"
         )));
     };
-    let rule_name = format!("fhirPathRules[{at}] ({path})");
+    let rule_name = format!("fhirPathRules[{at}] ({})", shortened(path));
     let method = match method.to_ascii_lowercase().as_str() {
         "keep" => Method::Keep,
         "redact" => Method::Redact,
@@ -243,8 +244,8 @@ fn text_of(value: &Value) -> Option<String> {
 /// Every rule's path and every generalize case must be FHIRPath the engine evaluates.
 fn check_expressions(rules: &[Rule]) -> Result<(), ConfigError> {
     for (at, rule) in rules.iter().enumerate() {
-        let name = format!("fhirPathRules[{at}] ({:?})", rule.path);
-        super::fhirpath::parse(&rule.path).map_err(|error| {
+        let name = format!("fhirPathRules[{at}] ({:?})", shortened(&rule.path));
+        RulePath::parse(&rule.path).map_err(|error| {
             refused(format!("{name}: the path is not usable FHIRPath: {error}"))
         })?;
         if let Method::Generalize { cases, .. } = &rule.method {
@@ -252,7 +253,8 @@ fn check_expressions(rules: &[Rule]) -> Result<(), ConfigError> {
                 for expression in [condition, value] {
                     super::fhirpath::parse(expression).map_err(|error| {
                         refused(format!(
-                            "{name}: the case expression {expression:?} is not usable FHIRPath: {error}"
+                            "{name}: the case expression {:?} is not usable FHIRPath: {error}",
+                            shortened(expression)
                         ))
                     })?;
                 }
@@ -260,6 +262,15 @@ fn check_expressions(rules: &[Rule]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// A configuration's text quoted in a message: its first 100 characters.
+fn shortened(text: &str) -> String {
+    const SHOWN: usize = 100;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
 }
 
 fn parse_perturb(rule: &str, settings: &Map<String, Value>) -> Result<Method, ConfigError> {
@@ -270,6 +281,13 @@ fn parse_perturb(rule: &str, settings: &Map<String, Value>) -> Result<Method, Co
             .filter(|span| span.is_finite() && *span >= 0.0)
             .ok_or_else(|| refused(format!("{rule}: span {span} is not a number of 0 or more")))?,
     };
+    // The noise, up to half the span, is a .NET decimal: at most 79,228,162,514,264,337,593,543,950,335.
+    let largest_noise = f64::try_from(rust_decimal::Decimal::MAX).expect("a finite number");
+    if span / 2.0 > largest_noise {
+        return Err(refused(format!(
+            "{rule}: span {span} gives noise beyond the largest decimal ({largest_noise:e})"
+        )));
+    }
     let round_to = match settings.get("roundTo") {
         None => 2,
         Some(round_to) => text_of(round_to)

@@ -5,14 +5,12 @@
 //! parent; each outermost resource, and each Bundle entry, gets the `meta.security` labels of what
 //! was done inside it; nodes left empty are removed.
 
-use std::sync::OnceLock;
-
 use chrono::NaiveDate;
-use regex::Regex;
 
 use super::config::{AnonymizationConfig, Method, OtherValues, ProcessingErrors, RangeType};
 use super::fhirpath::{self, Expr, Item};
 use super::methods;
+use super::rule_path::{Matcher, RulePath};
 use super::tree::{InvalidInput, Tree, ROOT};
 use crate::fhir::json::Json;
 
@@ -101,15 +99,6 @@ impl Keys {
     }
 }
 
-enum Matcher {
-    /// `nodesByType('T')` or `nodesByType('T').name`.
-    ByType(String, Option<String>),
-    ByName(String, Option<String>),
-    /// The path is the resource type itself (`Patient`, `Resource`).
-    Resource,
-    Path(Expr),
-}
-
 struct CompiledRule {
     /// The rule's path as configured (configuration text, never resource data).
     path: String,
@@ -147,21 +136,6 @@ pub struct Engine {
     pub(crate) today: NaiveDate,
 }
 
-fn type_rule() -> &'static Regex {
-    static RULE: OnceLock<Regex> = OnceLock::new();
-    RULE.get_or_init(|| {
-        Regex::new(r#"^nodesBy(?<by>Type|Name)\(['"](?<key>[A-Za-z0-9]+)['"]\)(\.(?<member>[A-Za-z0-9]+))?$"#)
-            .expect("a valid regex")
-    })
-}
-
-fn path_rule() -> &'static Regex {
-    static RULE: OnceLock<Regex> = OnceLock::new();
-    RULE.get_or_init(|| {
-        Regex::new(r"^(?<type>[A-Z][a-zA-Z]*)?(\.)?(?<expression>.*?)$").expect("a valid regex")
-    })
-}
-
 impl Engine {
     /// An engine for a checked configuration, with its keys and the date for the over-89 rules.
     pub fn new(
@@ -171,31 +145,10 @@ impl Engine {
     ) -> Result<Engine, fhirpath::PathError> {
         let mut rules = Vec::new();
         for rule in &config.rules {
-            let path = rule.path.as_str();
-            let (resource_type, expression) = match path_rule().captures(path) {
-                Some(found) => (
-                    found.name("type").map_or("", |m| m.as_str()).to_string(),
-                    found.name("expression").map_or("", |m| m.as_str()),
-                ),
-                None => (String::new(), path),
-            };
-            let expression = if expression.is_empty() {
-                path
-            } else {
-                expression
-            };
-            let matcher = if let Some(found) = type_rule().captures(path) {
-                let key = found["key"].to_string();
-                let member = found.name("member").map(|m| m.as_str().to_string());
-                match &found["by"] {
-                    "Type" => Matcher::ByType(key, member),
-                    _ => Matcher::ByName(key, member),
-                }
-            } else if path == resource_type {
-                Matcher::Resource
-            } else {
-                Matcher::Path(fhirpath::parse(expression)?)
-            };
+            let RulePath {
+                resource_type,
+                matcher,
+            } = RulePath::parse(&rule.path)?;
             let method = match &rule.method {
                 Method::Keep => CompiledMethod::Keep,
                 Method::Redact => CompiledMethod::Redact,

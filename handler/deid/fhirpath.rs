@@ -74,6 +74,36 @@ pub enum Expr {
     Negate(Box<Expr>),
     Binary(Op, Box<Expr>, Box<Expr>),
     Type(TypeOp, Box<Expr>, String),
+    /// The literal pattern of `matches` or `replaceMatches`, compiled when the expression is read.
+    Pattern(Pattern),
+}
+
+/// A regular expression compiled once; two are equal when written alike.
+#[derive(Debug, Clone)]
+pub struct Pattern(std::sync::Arc<regex::Regex>);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+/// The most memory one compiled regular expression may take.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+impl Pattern {
+    fn compile(text: &str) -> Result<Pattern, String> {
+        regex::RegexBuilder::new(text)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map(|regex| Pattern(std::sync::Arc::new(regex)))
+            .map_err(|error| match error {
+                regex::Error::CompiledTooBig(limit) => {
+                    format!("the regular expression compiles to more than {limit} bytes")
+                }
+                _ => "the regular expression does not compile".to_string(),
+            })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,9 +326,35 @@ fn quoted(chars: &[char], start: usize, quote: char) -> Result<(String, usize), 
 // ---------------------------------------------------------------------------------------------
 // Parsing (precedence climbing, FHIRPath's order from loosest to tightest)
 
+/// The most characters an expression may have.
+pub const MAX_EXPRESSION_CHARS: usize = 10_000;
+/// The deepest an expression may nest: its syntax tree, and the parser's descent into parentheses,
+/// arguments and operators. Parsing, checking, evaluating and dropping a tree recurse over it, so
+/// this bound is what keeps any expression from overflowing the stack.
+pub const MAX_DEPTH: usize = 100;
+
 struct Parser {
     tokens: Vec<Token>,
     at: usize,
+    /// How deep the parser has descended.
+    nesting: usize,
+}
+
+/// An expression with the depth of its tree.
+type Parsed = (Expr, usize);
+
+fn too_deep() -> PathError {
+    PathError(format!(
+        "the expression nests deeper than {MAX_DEPTH} levels"
+    ))
+}
+
+/// A node over children of depth `below`, refused past [`MAX_DEPTH`] before it is built.
+fn node(below: usize, build: impl FnOnce() -> Expr) -> Result<Parsed, PathError> {
+    if below >= MAX_DEPTH {
+        return Err(too_deep());
+    }
+    Ok((build(), below + 1))
 }
 
 fn binary_op(token: &Token) -> Option<(Op, u8)> {
@@ -355,8 +411,26 @@ impl Parser {
         }
     }
 
-    fn expression(&mut self, level: u8) -> Result<Expr, PathError> {
-        let mut left = self.unary()?;
+    /// Runs `parse` one level further down, refused past [`MAX_DEPTH`].
+    fn descend<T>(
+        &mut self,
+        parse: impl FnOnce(&mut Self) -> Result<T, PathError>,
+    ) -> Result<T, PathError> {
+        if self.nesting >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        self.nesting += 1;
+        let parsed = parse(self);
+        self.nesting -= 1;
+        parsed
+    }
+
+    fn expression(&mut self, level: u8) -> Result<Parsed, PathError> {
+        self.descend(|parser| parser.operators(level))
+    }
+
+    fn operators(&mut self, level: u8) -> Result<Parsed, PathError> {
+        let (mut left, mut depth) = self.unary()?;
         loop {
             if let Some(Token::Ident(word)) = self.peek() {
                 let op = match word.as_str() {
@@ -370,7 +444,7 @@ impl Parser {
                     }
                     self.at += 1;
                     let name = self.type_name()?;
-                    left = Expr::Type(op, Box::new(left), name);
+                    (left, depth) = node(depth, || Expr::Type(op, Box::new(left), name))?;
                     continue;
                 }
             }
@@ -381,10 +455,12 @@ impl Parser {
                 break;
             }
             self.at += 1;
-            let right = self.expression(op_level + 1)?;
-            left = Expr::Binary(op, Box::new(left), Box::new(right));
+            let (right, right_depth) = self.expression(op_level + 1)?;
+            (left, depth) = node(depth.max(right_depth), || {
+                Expr::Binary(op, Box::new(left), Box::new(right))
+            })?;
         }
-        Ok(left)
+        Ok((left, depth))
     }
 
     fn type_name(&mut self) -> Result<String, PathError> {
@@ -401,48 +477,56 @@ impl Parser {
         Ok(name)
     }
 
-    fn unary(&mut self) -> Result<Expr, PathError> {
+    fn unary(&mut self) -> Result<Parsed, PathError> {
         match self.peek() {
             Some(Token::Symbol("-")) => {
                 self.at += 1;
-                Ok(Expr::Negate(Box::new(self.unary()?)))
+                let (inner, depth) = self.descend(Self::unary)?;
+                node(depth, || Expr::Negate(Box::new(inner)))
             }
             Some(Token::Symbol("+")) => {
                 self.at += 1;
-                self.unary()
+                self.descend(Self::unary)
             }
             _ => self.postfix(),
         }
     }
 
-    fn postfix(&mut self) -> Result<Expr, PathError> {
-        let mut expr = self.term()?;
+    fn postfix(&mut self) -> Result<Parsed, PathError> {
+        let (mut expr, mut depth) = self.term()?;
         loop {
             match self.peek() {
                 Some(Token::Symbol(".")) => {
                     self.at += 1;
-                    expr = self.invocation(Some(Box::new(expr)))?;
+                    (expr, depth) = self.invocation(Some((expr, depth)))?;
                 }
                 Some(Token::Symbol("[")) => {
                     self.at += 1;
-                    let index = self.expression(0)?;
+                    let (index, index_depth) = self.expression(0)?;
                     self.expect("]")?;
-                    expr = Expr::Index(Box::new(expr), Box::new(index));
+                    (expr, depth) = node(depth.max(index_depth), || {
+                        Expr::Index(Box::new(expr), Box::new(index))
+                    })?;
                 }
-                _ => return Ok(expr),
+                _ => return Ok((expr, depth)),
             }
         }
     }
 
-    fn invocation(&mut self, target: Option<Box<Expr>>) -> Result<Expr, PathError> {
+    fn invocation(&mut self, target: Option<Parsed>) -> Result<Parsed, PathError> {
+        let target_depth = target.as_ref().map_or(0, |(_, depth)| *depth);
+        let target = target.map(|(expr, _)| Box::new(expr));
         match self.next() {
             Some(Token::Ident(name)) => {
                 if self.peek() == Some(&Token::Symbol("(")) {
                     self.at += 1;
                     let mut arguments = Vec::new();
+                    let mut depth = target_depth;
                     if self.peek() != Some(&Token::Symbol(")")) {
                         loop {
-                            arguments.push(self.expression(0)?);
+                            let (argument, argument_depth) = self.expression(0)?;
+                            arguments.push(argument);
+                            depth = depth.max(argument_depth);
                             if self.peek() == Some(&Token::Symbol(",")) {
                                 self.at += 1;
                                 continue;
@@ -451,20 +535,31 @@ impl Parser {
                         }
                     }
                     self.expect(")")?;
-                    Ok(Expr::Call(target, name, arguments))
+                    if matches!(name.as_str(), "matches" | "replaceMatches") {
+                        if let Some(Expr::Literal(Item::Str(text))) = arguments.first() {
+                            let pattern = Pattern::compile(text)
+                                .map_err(|error| PathError(format!("{name}(): {error}")))?;
+                            arguments[0] = Expr::Pattern(pattern);
+                        }
+                    }
+                    node(depth, || Expr::Call(target, name, arguments))
                 } else {
-                    Ok(Expr::Member(target, name))
+                    node(target_depth, || Expr::Member(target, name))
                 }
             }
-            Some(Token::Special(name)) if target.is_none() => Ok(match name.as_str() {
-                "this" => Expr::This,
-                _ => Expr::Unsupported(format!("${name}")),
-            }),
+            Some(Token::Special(name)) if target.is_none() => Ok((
+                match name.as_str() {
+                    "this" => Expr::This,
+                    _ => Expr::Unsupported(format!("${name}")),
+                },
+                1,
+            )),
             _ => Err(PathError("expected a name after '.'".into())),
         }
     }
 
-    fn term(&mut self) -> Result<Expr, PathError> {
+    fn term(&mut self) -> Result<Parsed, PathError> {
+        let leaf = |expr| Ok((expr, 1));
         match self.peek().cloned() {
             Some(Token::Symbol("(")) => {
                 self.at += 1;
@@ -475,11 +570,11 @@ impl Parser {
             Some(Token::Symbol("{")) => {
                 self.at += 1;
                 self.expect("}")?;
-                Ok(Expr::Empty)
+                leaf(Expr::Empty)
             }
             Some(Token::Str(text)) => {
                 self.at += 1;
-                Ok(Expr::Literal(Item::Str(text)))
+                leaf(Expr::Literal(Item::Str(text)))
             }
             Some(Token::Number(text)) => {
                 self.at += 1;
@@ -495,29 +590,29 @@ impl Parser {
                         Item::Dec(value) => value,
                         _ => unreachable!("a number"),
                     };
-                    return Ok(Expr::Literal(Item::Quantity(value, unit)));
+                    return leaf(Expr::Literal(Item::Quantity(value, unit)));
                 }
-                Ok(Expr::Literal(number))
+                leaf(Expr::Literal(number))
             }
             Some(Token::DateTime(text)) => {
                 self.at += 1;
                 let moment = Moment::date_time(&text)
                     .ok_or_else(|| PathError(format!("'@{text}' is not a date or date-time")))?;
-                Ok(Expr::Literal(Item::DateTime(moment)))
+                leaf(Expr::Literal(Item::DateTime(moment)))
             }
             Some(Token::Time(text)) => {
                 self.at += 1;
                 let moment = Moment::time(&text)
                     .ok_or_else(|| PathError(format!("'@T{text}' is not a time")))?;
-                Ok(Expr::Literal(Item::Time(moment)))
+                leaf(Expr::Literal(Item::Time(moment)))
             }
             Some(Token::External(name)) => {
                 self.at += 1;
-                Ok(Expr::Unsupported(format!("%{name}")))
+                leaf(Expr::Unsupported(format!("%{name}")))
             }
             Some(Token::Ident(word)) if word == "true" || word == "false" => {
                 self.at += 1;
-                Ok(Expr::Literal(Item::Bool(word == "true")))
+                leaf(Expr::Literal(Item::Bool(word == "true")))
             }
             Some(Token::Ident(_)) | Some(Token::Special(_)) => self.invocation(None),
             Some(token) => Err(PathError(format!("unexpected {}", describe(&token)))),
@@ -536,12 +631,22 @@ fn describe(token: &Token) -> String {
 
 /// Parses a FHIRPath expression and checks that everything in it is evaluated here.
 pub fn parse(text: &str) -> Result<Expr, PathError> {
+    let length = text.chars().count();
+    if length > MAX_EXPRESSION_CHARS {
+        return Err(PathError(format!(
+            "the expression has {length} characters, more than the {MAX_EXPRESSION_CHARS} allowed"
+        )));
+    }
     let tokens = lex(text)?;
     if tokens.is_empty() {
         return Err(PathError("the expression is empty".into()));
     }
-    let mut parser = Parser { tokens, at: 0 };
-    let expr = parser.expression(0)?;
+    let mut parser = Parser {
+        tokens,
+        at: 0,
+        nesting: 0,
+    };
+    let (expr, _) = parser.expression(0)?;
     if let Some(token) = parser.peek() {
         return Err(PathError(format!("unexpected {}", describe(token))));
     }
@@ -551,7 +656,9 @@ pub fn parse(text: &str) -> Result<Expr, PathError> {
 
 fn check(expr: &Expr) -> Result<(), PathError> {
     match expr {
-        Expr::Empty | Expr::Literal(_) | Expr::This | Expr::Member(None, _) => Ok(()),
+        Expr::Empty | Expr::Literal(_) | Expr::Pattern(_) | Expr::This | Expr::Member(None, _) => {
+            Ok(())
+        }
         Expr::Unsupported(what) => Err(PathError(format!("{what} is not supported"))),
         Expr::Member(Some(target), _) => check(target),
         Expr::Call(target, name, arguments) => {
@@ -840,6 +947,7 @@ impl Evaluator<'_, '_> {
         Ok(match expr {
             Expr::Empty => Vec::new(),
             Expr::Literal(item) => vec![item.clone()],
+            Expr::Pattern(pattern) => vec![Item::Str(pattern.0.as_str().to_string())],
             Expr::This => this.cloned().into_iter().collect(),
             Expr::Unsupported(what) => return Err(EvalError(format!("{what} is not supported"))),
             Expr::Member(target, name) => {
@@ -1086,9 +1194,12 @@ impl Evaluator<'_, '_> {
             }
             "replace" => Item::Str(text.replace(&string(0)?, &string(1)?)),
             "matches" | "replaceMatches" => {
-                let regex = regex::Regex::new(&string(0)?).map_err(|_| {
-                    EvalError(format!("{name}() was given a bad regular expression"))
-                })?;
+                let regex = match arguments.first() {
+                    Some(Expr::Pattern(pattern)) => pattern.clone(),
+                    _ => Pattern::compile(&string(0)?)
+                        .map_err(|error| EvalError(format!("{name}(): {error}")))?,
+                };
+                let regex = &regex.0;
                 match name {
                     "matches" => Item::Bool(regex.is_match(text)),
                     _ => Item::Str(regex.replace_all(text, string(1)?.as_str()).into_owned()),
@@ -1458,6 +1569,70 @@ mod tests {
             .contains("select()"));
         assert!(parse("name.").is_err());
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn deep_or_long_expressions_are_refused_and_the_deepest_accepted_evaluates() {
+        let nested = |open: &str, close: &str, depth: usize| {
+            format!("{}name{}", open.repeat(depth), close.repeat(depth))
+        };
+        for (open, close, depth) in [
+            ("(", ")", 3_000),
+            ("-", "", 2_000),
+            ("+", "", 2_000),
+            ("", ".first()", 1_000),
+            ("", ".a", 4_000),
+            ("a or ", "", 1_900),
+            ("where(", ")", 1_000),
+            ("", "[0]", 2_000),
+            ("", " is T", 1_500),
+        ] {
+            let text = nested(open, close, depth);
+            let error = parse(&text).unwrap_err().0;
+            assert!(
+                error.contains("deeper than 100 levels"),
+                "{open}{close}: {error}"
+            );
+        }
+        let long = format!("name{}", ".a".repeat(6_000));
+        assert!(parse(&long).unwrap_err().0.contains("more than the 10000"));
+        // At the bound, on a thread with the 2 MiB stack of tokio's workers: checked, evaluated
+        // and dropped.
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let resource = r#"{"resourceType":"Patient","name":[{"family":"F"}]}"#;
+                let tree =
+                    Tree::from_json(crate::fhir::json::Json::parse(resource).unwrap()).unwrap();
+                for text in [
+                    format!("{}name.family{}", "(".repeat(98), ")".repeat(98)),
+                    format!("name{}", ".where(true)".repeat(98)),
+                    format!("name.exists(){}", " and true".repeat(98)),
+                    format!("{}1", "-".repeat(98)),
+                ] {
+                    let expr = parse(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+                    evaluate(&tree, &expr, &[Item::Node(crate::deid::tree::ROOT)]).unwrap();
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn literal_patterns_compile_once_when_read() {
+        assert!(parse("name.family.matches('(')")
+            .unwrap_err()
+            .0
+            .contains("matches(): the regular expression does not compile"));
+        assert!(parse("name.family.replaceMatches('(a{1000}){1000}', 'b')")
+            .unwrap_err()
+            .0
+            .contains("compiles to more than"));
+        let Expr::Call(_, _, arguments) = parse("family.matches('^F')").unwrap() else {
+            panic!("a call");
+        };
+        assert!(matches!(arguments[0], Expr::Pattern(_)));
     }
 
     #[test]

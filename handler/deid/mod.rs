@@ -7,6 +7,7 @@ pub mod engine;
 pub mod fhirpath;
 pub mod methods;
 pub mod r4;
+pub mod rule_path;
 pub mod tree;
 
 pub use config::{AnonymizationConfig, ConfigError};

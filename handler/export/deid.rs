@@ -160,9 +160,20 @@ pub async fn engine_for(exports: &Exports, job: &Job) -> Result<Option<Arc<Engin
     let Some(keys) = pinned.keys.clone() else {
         return Err(changed());
     };
-    let config = AnonymizationConfig::parse(&bytes).map_err(|_| changed())?;
-    let engine =
-        Engine::new(&config, keys, job.transaction_time.date_naive()).map_err(|_| changed())?;
+    // The bytes are those checked at kickoff (same ETag): a failure from here on is this
+    // version's, not a change, and starting again would fail the same way.
+    let unusable = |error: String| {
+        ExportError::Scan(
+            SinkError::Deidentify(format!(
+                "the anonymization configuration {:?} cannot be used: {error}",
+                anonymization.config
+            ))
+            .into(),
+        )
+    };
+    let config = AnonymizationConfig::parse(&bytes).map_err(|e| unusable(e.to_string()))?;
+    let engine = Engine::new(&config, keys, job.transaction_time.date_naive())
+        .map_err(|e| unusable(e.to_string()))?;
     Ok(Some(Arc::new(engine)))
 }
 

@@ -125,18 +125,29 @@ pub async fn status(
 
 /// The `page` a status poll asks for: 1 unless given.
 fn manifest_page(query: &str) -> Result<usize, ApiError> {
-    let Some((_, value)) =
-        form_urlencoded::parse(query.as_bytes()).find(|(name, _)| name == "page")
-    else {
+    let mut pages = form_urlencoded::parse(query.as_bytes()).filter(|(name, _)| name == "page");
+    let Some((_, value)) = pages.next() else {
         return Ok(1);
     };
-    value.parse().ok().filter(|&page| page >= 1).ok_or_else(|| {
-        ApiError::new(
+    if pages.next().is_some() {
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             IssueType::Invalid,
-            format!("page {value:?} is not a manifest page number (1, 2, ...)"),
-        )
-    })
+            "page is given more than once; ask for one page",
+        ));
+    }
+    let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| value.parse().ok())
+        .flatten()
+        .filter(|&page| page >= 1)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                IssueType::Invalid,
+                format!("page {value:?} is not a manifest page number (1, 2, ...)"),
+            )
+        })
 }
 
 /// The export's own status, as a Bulk Data status answer: for a client that allows partial

@@ -64,9 +64,12 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = warp::Reje
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .then(
-            move |method, path: warp::path::FullPath, query, headers, body| {
+            move |method, path: warp::path::FullPath, query: String, headers, body| {
                 let api = api.clone();
                 async move {
+                    if let Err(error) = head_within_limit(path.as_str(), &query, &headers) {
+                        return outcome_response(&error);
+                    }
                     // The token first: an unauthenticated client gets its 401 without a byte
                     // of its body read.
                     let segments = segments_of(path.as_str());
@@ -78,6 +81,9 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = warp::Reje
                     // A body is read in one of a few slots, held until the answer: what bodies
                     // hold at once stays bounded however many clients send them. The deadline
                     // counts the wait for a slot.
+                    if let Err(error) = declared_length_within_limit(&headers) {
+                        return outcome_response(&error);
+                    }
                     let (_slot, body) = match has_body(&headers) {
                         false => (None, Ok(Bytes::new())),
                         true => tokio::time::timeout(BODY_TIMEOUT, async {
@@ -112,6 +118,57 @@ pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 /// Bodies read (and answered) at once: with `MAX_BODY_BYTES` each, they hold at most 64 MiB.
 const BODIES_AT_ONCE: usize = 64;
 static BODY_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BODIES_AT_ONCE);
+
+/// The largest request head (request line and headers) served; the server's read buffer is
+/// bounded by the same figure, so a larger head is a 431 however its bytes arrive.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+
+/// A 431 for a head over [`MAX_HEAD_BYTES`]. hyper refuses a head that is still incomplete when its
+/// buffer is full, but one read can take the buffer past that bound with a complete head: this
+/// check makes the answer the same every time.
+fn head_within_limit(path: &str, query: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    let size = path.len()
+        + query.len()
+        + headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if size <= MAX_HEAD_BYTES {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        IssueType::Invalid,
+        format!("the request's headers take more than {MAX_HEAD_BYTES} bytes"),
+    )
+    .with_header(header::CONNECTION, "close"))
+}
+
+/// A 413 for a `Content-Length` over [`MAX_BODY_BYTES`] from a client that waits for
+/// `100 Continue` before it sends: it gets the answer without sending the body. A client that
+/// sends at once has its body drained (up to a bound) by [`read_body`], so that it reads the 413
+/// rather than a reset connection.
+fn declared_length_within_limit(headers: &HeaderMap) -> Result<(), ApiError> {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(length) if expects_continue && length > MAX_BODY_BYTES as u64 => Err(too_large()),
+        _ => Ok(()),
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        IssueType::Invalid,
+        format!("request body larger than {MAX_BODY_BYTES} bytes"),
+    )
+    .with_header(header::CONNECTION, "close")
+}
 
 /// The request says a body follows (a length above 0, or chunks).
 fn has_body(headers: &HeaderMap) -> bool {
@@ -157,11 +214,7 @@ where
                     break;
                 }
             }
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                IssueType::Invalid,
-                format!("request body larger than {MAX_BODY_BYTES} bytes"),
-            ));
+            return Err(too_large());
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();

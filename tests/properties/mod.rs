@@ -1,6 +1,6 @@
-//! Properties of the parsers that face clients: kickoff parameters, `_typeFilter` queries and
-//! POST Parameters bodies. On any input they answer (never panic); a refusal names a parameter;
-//! what they accept is well formed. Shared by `tests/hostile_input.rs` (short) and
+//! Properties of the parsers that face clients: kickoff parameters, `_typeFilter` queries, POST
+//! Parameters bodies and FHIRPath (anonymization configurations). On any input they answer (never
+//! panic, never overflow the stack); a refusal names a parameter; what they accept is well formed. Shared by `tests/hostile_input.rs` (short) and
 //! `cargo bench --bench fuzz` (long).
 
 use fhir_export::export::{ExportRequest, Level};
@@ -221,6 +221,96 @@ fn parameters_bodies(runner: &mut TestRunner) {
         .unwrap();
 }
 
+/// FHIRPath's pieces, for text that is nearly an expression.
+const FHIRPATH_TOKENS: &[&str] = &[
+    "Patient",
+    "name",
+    ".",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    "0",
+    "1.5",
+    "'a'",
+    "'(",
+    "@2020",
+    "@T10:00",
+    "-",
+    "+",
+    " or ",
+    " and ",
+    " implies ",
+    " is ",
+    " as ",
+    "Quantity",
+    " = ",
+    " ~ ",
+    " | ",
+    " * ",
+    " div ",
+    ",",
+    "$this",
+    "%resource",
+    "where(",
+    "first()",
+    "matches('",
+    "`x`",
+    "exists(",
+    "ofType(",
+    "nodesByType('HumanName')",
+    "\\",
+    "'",
+    "5 'mg'",
+    "true",
+];
+
+/// FHIRPath text: token soup, or one construct repeated deep or long.
+fn fhirpath_text() -> impl Strategy<Value = String> {
+    let soup = proptest::collection::vec(proptest::sample::select(FHIRPATH_TOKENS), 0..60)
+        .prop_map(|tokens| tokens.concat());
+    let nested = (
+        proptest::sample::select(
+            &[
+                ("(", ")"),
+                ("-", ""),
+                ("+", ""),
+                ("", ".first()"),
+                ("", ".a"),
+                ("a or ", ""),
+                ("where(", ")"),
+                ("", "[0]"),
+                ("", " is T"),
+            ][..],
+        ),
+        0usize..6_000,
+    )
+        .prop_map(|((open, close), depth)| {
+            format!("{}Patient.name{}", open.repeat(depth), close.repeat(depth))
+        });
+    prop_oneof![3 => soup, 2 => nested, 1 => any::<String>()]
+}
+
+/// FHIRPath text answers with an expression or an error: parsing, and evaluating what parses,
+/// never panic or overflow the stack.
+fn fhirpath(runner: &mut TestRunner) {
+    use fhir_export::deid::fhirpath::{evaluate, parse, Item};
+    use fhir_export::deid::tree::{Tree, ROOT};
+    use fhir_export::fhir::json::Json;
+    let resource = r#"{"resourceType":"Patient","id":"p","name":[{"family":"F","given":["G"]}]}"#;
+    runner
+        .run(&fhirpath_text(), |text| {
+            if let Ok(expr) = parse(&text) {
+                let tree = Tree::from_json(Json::parse(resource).unwrap()).unwrap();
+                let _ = evaluate(&tree, &expr, &[Item::Node(ROOT)]);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
 /// Runs every property over `cases` generated inputs each.
 pub fn run_all(cases: u32) {
     let config = Config {
@@ -230,5 +320,6 @@ pub fn run_all(cases: u32) {
     };
     kickoff_parameters(&mut TestRunner::new(config.clone()));
     type_filters(&mut TestRunner::new(config.clone()));
-    parameters_bodies(&mut TestRunner::new(config));
+    parameters_bodies(&mut TestRunner::new(config.clone()));
+    fhirpath(&mut TestRunner::new(config));
 }

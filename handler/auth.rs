@@ -1,7 +1,7 @@
 //! Access control: bearer tokens (Entra ID, SMART Backend Services) verified as JWTs against the
 //! issuer's signing keys (JWKS), the audience, the expiry, and read scopes per resource type.
 //!
-//! Off unless `EXPORT_AUTH_ISSUER` is set. The caller's identity (`azp`, `appid`, `client_id` or
+//! Off unless `EXPORT_AUTH_ISSUER` is set (in Azure, start-up refuses that unless `EXPORT_AUTH=off`). The caller's identity (`azp`, `appid`, `client_id` or
 //! `sub`, with the issuer) owns the exports it starts: nobody else sees their status or files.
 
 use std::collections::HashMap;
@@ -33,7 +33,8 @@ const ALGORITHMS: &[Algorithm] = &[
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthSetting {
     pub issuer: String,
-    pub audience: String,
+    /// The accepted `aud` values (Entra ID: the API's client id, and its Application ID URI).
+    pub audiences: Vec<String>,
     /// Where the signing keys are; default: `jwks_uri` of the issuer's OpenID configuration.
     pub jwks_url: Option<String>,
     /// The token endpoint clients are told of; default: `token_endpoint` of the issuer's OpenID
@@ -206,7 +207,7 @@ impl Authenticator {
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.set_issuer(&[&self.setting.issuer]);
-        validation.set_audience(&[&self.setting.audience]);
+        validation.set_audience(&self.setting.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
 
         let verified = self

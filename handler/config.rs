@@ -294,20 +294,34 @@ pub fn parse_source_auth(
     }
 }
 
-/// `EXPORT_AUTH_ISSUER`, `EXPORT_AUTH_AUDIENCE`, `EXPORT_AUTH_JWKS_URL`,
-/// `EXPORT_AUTH_TOKEN_ENDPOINT`: token checks are on when an issuer is given, and then need an
-/// audience.
+/// The access-control settings as given: `EXPORT_AUTH` (`on`, `off` or unset) and
+/// `EXPORT_AUTH_ISSUER`, `EXPORT_AUTH_AUDIENCE`, `EXPORT_AUTH_JWKS_URL`, `EXPORT_AUTH_TOKEN_ENDPOINT`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuthInput<'a> {
+    pub switch: Option<&'a str>,
+    pub issuer: Option<&'a str>,
+    pub audience: Option<&'a str>,
+    pub jwks_url: Option<&'a str>,
+    pub token_endpoint: Option<&'a str>,
+}
+
+/// Access control: on when an issuer is given (and then an audience, or a comma-separated list of
+/// them, is needed), off otherwise. `EXPORT_AUTH=on` without an issuer, or `off` with one, is a
+/// contradiction and refused. Returns the token checks, and whether running open was asked for
+/// (`EXPORT_AUTH=off`).
 pub fn parse_auth(
-    issuer: Option<&str>,
-    audience: Option<&str>,
-    jwks_url: Option<&str>,
-    token_endpoint: Option<&str>,
-) -> Result<Option<crate::auth::AuthSetting>, SettingError> {
+    input: AuthInput<'_>,
+) -> Result<(Option<crate::auth::AuthSetting>, bool), SettingError> {
     fn given(value: Option<&str>) -> Option<&str> {
         value.map(str::trim).filter(|v| !v.is_empty())
     }
-    let Some(issuer) = given(issuer) else {
-        if [audience, jwks_url, token_endpoint]
+    let open_by_choice = match given(input.switch) {
+        None | Some("on") => false,
+        Some("off") => true,
+        Some(other) => return Err(bad("EXPORT_AUTH", format!("{other:?} is not on or off"))),
+    };
+    let Some(issuer) = given(input.issuer) else {
+        if [input.audience, input.jwks_url, input.token_endpoint]
             .into_iter()
             .any(|v| given(v).is_some())
         {
@@ -316,8 +330,20 @@ pub fn parse_auth(
                 "required when EXPORT_AUTH_AUDIENCE, EXPORT_AUTH_JWKS_URL or EXPORT_AUTH_TOKEN_ENDPOINT is set",
             ));
         }
-        return Ok(None);
+        if given(input.switch) == Some("on") {
+            return Err(bad(
+                "EXPORT_AUTH_ISSUER",
+                "required with EXPORT_AUTH=on (the tokens' issuer)",
+            ));
+        }
+        return Ok((None, open_by_choice));
     };
+    if open_by_choice {
+        return Err(bad(
+            "EXPORT_AUTH",
+            "off contradicts EXPORT_AUTH_ISSUER, which turns access control on: unset one of them",
+        ));
+    }
     let is_url = |v: &str| v.starts_with("https://") || v.starts_with("http://");
     if !is_url(issuer) {
         return Err(bad(
@@ -325,30 +351,54 @@ pub fn parse_auth(
             format!("{issuer:?} is not an issuer URL (the tokens' iss claim)"),
         ));
     }
-    let audience = given(audience).ok_or_else(|| {
-        bad(
+    let audiences: Vec<String> = given(input.audience)
+        .into_iter()
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|audience| !audience.is_empty())
+        .map(str::to_string)
+        .collect();
+    if audiences.is_empty() {
+        return Err(bad(
             "EXPORT_AUTH_AUDIENCE",
-            "required with EXPORT_AUTH_ISSUER (the tokens' aud claim)",
-        )
-    })?;
-    if let Some(url) = given(jwks_url).filter(|url| !is_url(url)) {
+            "required with EXPORT_AUTH_ISSUER (the tokens' aud claim; several separated by commas)",
+        ));
+    }
+    if let Some(url) = given(input.jwks_url).filter(|url| !is_url(url)) {
         return Err(bad(
             "EXPORT_AUTH_JWKS_URL",
             format!("{url:?} is not an http(s) URL"),
         ));
     }
-    if let Some(url) = given(token_endpoint).filter(|url| !is_url(url)) {
+    if let Some(url) = given(input.token_endpoint).filter(|url| !is_url(url)) {
         return Err(bad(
             "EXPORT_AUTH_TOKEN_ENDPOINT",
             format!("{url:?} is not an http(s) URL"),
         ));
     }
-    Ok(Some(crate::auth::AuthSetting {
+    let setting = crate::auth::AuthSetting {
         issuer: issuer.to_string(),
-        audience: audience.to_string(),
-        jwks_url: given(jwks_url).map(str::to_string),
-        token_endpoint: given(token_endpoint).map(str::to_string),
-    }))
+        audiences,
+        jwks_url: given(input.jwks_url).map(str::to_string),
+        token_endpoint: given(input.token_endpoint).map(str::to_string),
+    };
+    Ok((Some(setting), false))
+}
+
+/// In Azure the handler serves patient data to the internet: it does not start without access
+/// control unless running open was asked for (`EXPORT_AUTH=off`, for a private network).
+pub fn refuse_open_in_azure(
+    auth: Option<&crate::auth::AuthSetting>,
+    open_by_choice: bool,
+    in_azure: bool,
+) -> Result<(), SettingError> {
+    if auth.is_none() && !open_by_choice && in_azure {
+        return Err(bad(
+            "EXPORT_AUTH_ISSUER",
+            "required in Azure: without it anyone who finds the app's URL could export the whole FHIR store. Set EXPORT_AUTH_ISSUER and EXPORT_AUTH_AUDIENCE (the Bicep sets them for Entra ID), or EXPORT_AUTH=off to run without access control on a private network",
+        ));
+    }
+    Ok(())
 }
 
 pub fn check_file_max_bytes(value: u64) -> Result<u64, SettingError> {

@@ -247,7 +247,12 @@ struct ServeArgs {
     /// https://login.microsoftonline.com/{tenant}/v2.0.
     #[arg(long, env = "EXPORT_AUTH_ISSUER")]
     auth_issuer: Option<String>,
-    /// The audience the tokens must name (aud).
+    /// Access control: on (needs EXPORT_AUTH_ISSUER) or off. Unset, it is on when an issuer is
+    /// given; in Azure (WEBSITE_INSTANCE_ID set) the handler refuses to run open unless it is off.
+    #[arg(long = "auth", env = "EXPORT_AUTH")]
+    access_control: Option<String>,
+    /// The audiences the tokens may name (aud), separated by commas: for Entra ID, the API's
+    /// client id and its Application ID URI.
     #[arg(long, env = "EXPORT_AUTH_AUDIENCE")]
     auth_audience: Option<String>,
     /// The issuer's signing keys (default: jwks_uri of its OpenID configuration).
@@ -426,6 +431,12 @@ fn custom_handler(port: &str) -> anyhow::Result<ExitCode> {
         std::env::var_os("FHIR_SOURCE").is_some(),
         std::env::var_os("WEBSITE_INSTANCE_ID").is_some(),
     )?;
+    let (_, open_by_choice) = config::parse_auth(auth_input(&args))?;
+    config::refuse_open_in_azure(
+        settings.auth.as_ref(),
+        open_by_choice,
+        std::env::var_os("WEBSITE_INSTANCE_ID").is_some(),
+    )?;
     if args.shard_max_secs.is_none() {
         // The host's working directory is the app's root, which holds the deployed host.json.
         let host_json = std::fs::read_to_string("host.json")
@@ -526,18 +537,23 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
                 &args.deid_require_container,
             )?,
         },
-        auth: config::parse_auth(
-            args.auth_issuer.as_deref(),
-            args.auth_audience.as_deref(),
-            args.auth_jwks_url.as_deref(),
-            args.auth_token_endpoint.as_deref(),
-        )?,
+        auth: config::parse_auth(auth_input(args))?.0,
         base_url: args
             .base_url
             .as_deref()
             .map(config::check_base_url)
             .transpose()?,
     })
+}
+
+fn auth_input(args: &ServeArgs) -> config::AuthInput<'_> {
+    config::AuthInput {
+        switch: args.access_control.as_deref(),
+        issuer: args.auth_issuer.as_deref(),
+        audience: args.auth_audience.as_deref(),
+        jwks_url: args.auth_jwks_url.as_deref(),
+        token_endpoint: args.auth_token_endpoint.as_deref(),
+    }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

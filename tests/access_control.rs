@@ -31,7 +31,7 @@ async fn send(
 fn checked_by(issuer: &str) -> AuthSetting {
     AuthSetting {
         issuer: issuer.to_string(),
-        audience: AUDIENCE.into(),
+        audiences: vec![AUDIENCE.into()],
         jwks_url: None,
         token_endpoint: None,
     }
@@ -404,7 +404,7 @@ async fn a_failing_key_endpoint_is_asked_once_and_sub_is_not_a_client() {
     let broken = start(&store, |s| {
         s.auth = Some(AuthSetting {
             issuer: issuer.clone(),
-            audience: AUDIENCE.into(),
+            audiences: vec![AUDIENCE.into()],
             jwks_url: Some(keys_url),
             token_endpoint: None,
         })
@@ -446,4 +446,59 @@ async fn a_failing_key_endpoint_is_asked_once_and_sub_is_not_a_client() {
             .status(),
         404
     );
+}
+
+/// Tokens as Entra ID issues them for the API's app role (`accessTokenAcceptedVersion` 2): `ver`
+/// 2.0, `aud` the API's client id, `azp` the calling client, the role in `roles` and no scope. Both
+/// the client id and the Application ID URI are accepted when both are listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_v2_tokens_with_an_app_role_are_accepted_for_every_listed_audience() {
+    let (issuer, _) = issuer().await;
+    let client_id = "3f0c2b7e-6a1d-4c59-9d1e-0b9f5f1a2c33";
+    let server = start(&sample_store(), |s| {
+        s.auth = Some(AuthSetting {
+            audiences: vec![client_id.into(), AUDIENCE.into()],
+            ..checked_by(&issuer)
+        })
+    })
+    .await;
+    let client = client();
+    let url = format!("{}/$export?_type=Patient", server.base);
+    let entra = |aud: &str| {
+        token(
+            &issuer,
+            json!({
+                "ver": "2.0",
+                "aud": aud,
+                "azp": "04b07795-8ddb-461a-bbee-02f9e1bf7b46",
+                "azpacr": "0",
+                "oid": "9a1c0c1e-2f1b-4a7e-8f2e-1d4b1e6b7a10",
+                "tid": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+                "roles": ["system/*.read"],
+                "scope": null,
+            }),
+        )
+    };
+    for aud in [client_id, AUDIENCE] {
+        let bearer = entra(aud);
+        let status = started_by(&client, &url, &bearer).await;
+        let manifest = manifest_for(&client, &status, &bearer).await;
+        assert_eq!(manifest["output"][0]["count"], 100, "{aud}");
+    }
+    let refused = send(
+        &client,
+        reqwest::Method::GET,
+        &url,
+        Some(&entra("00000003-0000-0000-c000-000000000000")),
+    )
+    .await;
+    assert_eq!(refused.status(), 401);
+    // The setting reads a comma-separated list.
+    let (setting, _) = fhir_export::config::parse_auth(fhir_export::config::AuthInput {
+        issuer: Some(&issuer),
+        audience: Some(&format!(" {client_id} , {AUDIENCE} ")),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(setting.unwrap().audiences, [client_id, AUDIENCE]);
 }

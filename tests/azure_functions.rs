@@ -1077,6 +1077,45 @@ fn under_the_host_the_source_must_be_named_and_logs_go_to_stdout() {
     let store = format!("sqlite:{}", common::sample_store().display());
     let (_, in_azure) = run(&[("FHIR_SOURCE", &store), ("WEBSITE_INSTANCE_ID", "abc")]);
     assert!(in_azure.contains("cannot serve in Azure"), "{in_azure}");
+    // In Azure, never open by default: access control, or EXPORT_AUTH=off said outright.
+    let remote = [
+        (
+            "FHIR_SOURCE",
+            "https://example.fhir.azurehealthcareapis.com",
+        ),
+        ("WEBSITE_INSTANCE_ID", "abc"),
+    ];
+    let (_, open) = run(&remote);
+    assert!(
+        open.contains("EXPORT_AUTH_ISSUER") && open.contains("EXPORT_AUTH=off"),
+        "{open}"
+    );
+    let (stdout, _) = run(&[remote[0], remote[1], ("EXPORT_AUTH", "off")]);
+    assert!(stdout.contains("custom handler listening"), "{stdout}");
+    let (stdout, _) = run(&[
+        remote[0],
+        remote[1],
+        (
+            "EXPORT_AUTH_ISSUER",
+            "https://login.microsoftonline.com/t/v2.0",
+        ),
+        (
+            "EXPORT_AUTH_AUDIENCE",
+            "3f0c2b7e-6a1d-4c59-9d1e-0b9f5f1a2c33,api://x",
+        ),
+    ]);
+    assert!(stdout.contains("custom handler listening"), "{stdout}");
+    let (_, contradiction) = run(&[
+        remote[0],
+        remote[1],
+        ("EXPORT_AUTH", "off"),
+        (
+            "EXPORT_AUTH_ISSUER",
+            "https://login.microsoftonline.com/t/v2.0",
+        ),
+        ("EXPORT_AUTH_AUDIENCE", "api://x"),
+    ]);
+    assert!(contradiction.contains("EXPORT_AUTH"), "{contradiction}");
     let (stdout, stderr) = run(&[("FHIR_SOURCE", &store)]);
     assert!(
         stdout.contains("custom handler listening"),

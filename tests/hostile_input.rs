@@ -570,7 +570,7 @@ async fn silent_slow_and_unauthenticated_clients_are_bounded() {
         storage: StorageSetting::Folder(dir.path().join("exports")),
         auth: Some(AuthSetting {
             issuer,
-            audience: common::tokens::AUDIENCE.into(),
+            audiences: vec![common::tokens::AUDIENCE.into()],
             jwks_url: None,
             token_endpoint: None,
         }),

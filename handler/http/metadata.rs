@@ -102,25 +102,17 @@ pub fn capability_statement(base_url: &str, token_endpoint: Option<&str>) -> Vec
     serde_json::to_vec(&statement).expect("JSON")
 }
 
-/// SMART discovery. With access control on (`token_endpoint` given), SMART Backend Services: the
-/// issuer's token endpoint, `client_credentials` with `private_key_jwt`; without, nothing to ask
-/// for.
-pub fn smart_configuration(token_endpoint: Option<&str>) -> Vec<u8> {
-    let configuration = match token_endpoint {
-        Some(token_endpoint) => json!({
-            "token_endpoint": token_endpoint,
-            "grant_types_supported": ["client_credentials"],
-            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-            "scopes_supported": SCOPES,
-            "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
-        }),
-        None => json!({
-            "capabilities": [],
-            "grant_types_supported": [],
-            "token_endpoint_auth_methods_supported": [],
-            "scopes_supported": ["system/*.read", "system/*.rs"],
-        }),
-    };
+/// SMART discovery, for access control on: SMART Backend Services, the issuer's token endpoint,
+/// `client_credentials` with `private_key_jwt`. Without access control there is nothing to
+/// discover, and SMART requires `token_endpoint`: the document is not served (404).
+pub fn smart_configuration(token_endpoint: &str) -> Vec<u8> {
+    let configuration = json!({
+        "token_endpoint": token_endpoint,
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "scopes_supported": SCOPES,
+        "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+    });
     serde_json::to_vec(&configuration).expect("JSON")
 }

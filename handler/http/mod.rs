@@ -349,14 +349,18 @@ async fn route(
                 metadata::capability_statement(&base_url(api, request), token_endpoint.as_deref()),
             ))
         }
-        Route::SmartConfiguration => {
-            let token_endpoint = token_endpoint(api).await?;
-            Ok(json_response(
+        Route::SmartConfiguration => match token_endpoint(api).await? {
+            Some(token_endpoint) => Ok(json_response(
                 StatusCode::OK,
                 "application/json",
-                metadata::smart_configuration(token_endpoint.as_deref()),
-            ))
-        }
+                metadata::smart_configuration(&token_endpoint),
+            )),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                IssueType::NotFound,
+                "this server runs without access control (no EXPORT_AUTH_ISSUER): there is no SMART configuration to discover",
+            )),
+        },
         Route::Kickoff(level) => export::kickoff(api, request, level, caller).await,
         Route::Job(id) if *method == Method::DELETE => export::cancel(api, id, caller).await,
         Route::Job(id) => export::status(api, id, &request.query, caller).await,

@@ -79,10 +79,29 @@ param deidRequireContainer string = 'on'
 @description('Exports running at once; a kickoff beyond this answers 429 (EXPORT_MAX_RUNNING_EXPORTS).')
 param maxRunningExports int = 32
 
-@description('Require bearer tokens from this issuer, e.g. https://login.microsoftonline.com/{tenant}/v2.0 (EXPORT_AUTH_ISSUER); empty leaves the API open, for App Service authentication in front or a private network.')
+@description('Access control of the API. entra (default): Entra ID tokens of this tenant for an app registration created here, whose read role goes to principalId. issuer: tokens from authIssuer for authAudience (an app registration of your own, or another issuer). off: no access control at all (EXPORT_AUTH=off): anyone who reaches the app can export the whole FHIR store; only for an app reachable from a private network alone.')
+@allowed([
+  'entra'
+  'issuer'
+  'off'
+])
+param accessControl string = 'entra'
+
+@description('With accessControl entra: the user (or group, or service principal) given the API\'s read role; azd passes the signed-in user (AZURE_PRINCIPAL_ID). Empty: assign the role yourself.')
+param principalId string = ''
+
+@description('What principalId is: User, Group or ServicePrincipal.')
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param principalType string = 'User'
+
+@description('With accessControl issuer: the tokens\' issuer, e.g. https://login.microsoftonline.com/{tenant}/v2.0 (EXPORT_AUTH_ISSUER).')
 param authIssuer string = ''
 
-@description('The audience the tokens must name, e.g. api://fhir-export (EXPORT_AUTH_AUDIENCE).')
+@description('With accessControl issuer: the audiences the tokens may name, separated by commas, e.g. the client id and api://... (EXPORT_AUTH_AUDIENCE).')
 param authAudience string = ''
 
 @description('The issuer\'s signing keys; empty reads jwks_uri from its OpenID configuration (EXPORT_AUTH_JWKS_URL).')
@@ -97,6 +116,9 @@ param fileUrls string = 'proxy'
 
 @description('With fileUrls sas: client address ranges (CIDR) the export account\'s firewall lets in.')
 param downloadClientIpRanges array = []
+
+@description('Host name suffix of Azure Health Data Services FHIR services in this cloud ({workspace}-{service}.{suffix}): fhir.azurehealthcareapis.com in Azure\'s public cloud; set it for another cloud.')
+param fhirHostSuffix string = 'fhir.azurehealthcareapis.com'
 
 @description('Largest number of instances the app scales out to.')
 param maximumInstanceCount int = 40
@@ -126,8 +148,30 @@ module fhir 'modules/fhir.bicep' = if (empty(fhirServiceUrl)) {
   params: {
     name: take(toLower('${name}${suffix}'), 24)
     location: location
+    hostSuffix: fhirHostSuffix
   }
 }
+
+module entra 'modules/entra.bicep' = if (accessControl == 'entra') {
+  name: 'entra'
+  params: {
+    name: 'fhir-export-${appName}'
+    readerPrincipalId: principalId
+    readerPrincipalType: principalType
+  }
+}
+
+// Open only when asked for outright; else the handler refuses to start without an issuer.
+var openSettings = [
+  { name: 'EXPORT_AUTH', value: 'off' }
+]
+var tokenSettings = [
+  { name: 'EXPORT_AUTH', value: 'on' }
+  { name: 'EXPORT_AUTH_ISSUER', value: accessControl == 'entra' ? entra.outputs.issuer : authIssuer }
+  { name: 'EXPORT_AUTH_AUDIENCE', value: accessControl == 'entra' ? entra.outputs.audiences : authAudience }
+  { name: 'EXPORT_AUTH_JWKS_URL', value: authJwksUrl }
+  { name: 'EXPORT_AUTH_TOKEN_ENDPOINT', value: authTokenEndpoint }
+]
 
 // The app always reads a FHIR service: never an embedded store, which the read-only package folder
 // of a Flex instance could not hold (and which each instance would hold alone).
@@ -191,12 +235,7 @@ module app 'modules/functionapp.bicep' = {
       empty(baseUrl) ? [] : [
         { name: 'EXPORT_BASE_URL', value: baseUrl }
       ],
-      empty(authIssuer) ? [] : [
-        { name: 'EXPORT_AUTH_ISSUER', value: authIssuer }
-        { name: 'EXPORT_AUTH_AUDIENCE', value: authAudience }
-        { name: 'EXPORT_AUTH_JWKS_URL', value: authJwksUrl }
-        { name: 'EXPORT_AUTH_TOKEN_ENDPOINT', value: authTokenEndpoint }
-      ]
+      accessControl == 'off' ? openSettings : tokenSettings
     )
     hostSettings: [
       { name: 'AzureWebJobsStorage__accountName', value: storage.outputs.hostAccountName }
@@ -228,3 +267,6 @@ output EXPORT_ACCOUNT_NAME string = storage.outputs.exportAccountName
 output EXPORT_BLOB_ENDPOINT string = storage.outputs.exportBlobEndpoint
 output FHIR_SOURCE string = fhirSourceUrl
 output SCM_HOST_NAME string = app.outputs.scmHostName
+// What a user asks a token for (az account get-access-token --scope ...); empty unless entra.
+output EXPORT_TOKEN_SCOPE string = accessControl == 'entra' ? entra.outputs.tokenScope : ''
+output ACCESS_CONTROL string = accessControl

@@ -4,6 +4,8 @@
 
 param name string
 param location string
+@description('Host name suffix of FHIR services in this cloud (fhir.azurehealthcareapis.com in the public cloud).')
+param hostSuffix string
 
 resource workspace 'Microsoft.HealthcareApis/workspaces@2023-11-01' = {
   name: name
@@ -20,7 +22,7 @@ resource fhir 'Microsoft.HealthcareApis/workspaces/fhirservices@2023-11-01' = {
     authenticationConfiguration: {
       authority: '${environment().authentication.loginEndpoint}${tenant().tenantId}'
       // The service's own URL, the audience its tokens must name (Microsoft's documented form).
-      audience: 'https://${workspace.name}-fhir.fhir.azurehealthcareapis.com'
+      audience: 'https://${workspace.name}-fhir.${hostSuffix}'
       smartProxyEnabled: false
     }
   }

@@ -22,7 +22,6 @@ resource vnet 'Microsoft.Network/virtualNetworks@2024-05-01' = {
           ]
           serviceEndpoints: [
             { service: 'Microsoft.Storage' }
-            { service: 'Microsoft.ServiceBus' }
           ]
         }
       }

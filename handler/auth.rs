@@ -1,8 +1,10 @@
 //! Access control: bearer tokens (Entra ID, SMART Backend Services) verified as JWTs against the
 //! issuer's signing keys (JWKS), the audience, the expiry, and read scopes per resource type.
 //!
-//! Off unless `EXPORT_AUTH_ISSUER` is set (in Azure, start-up refuses that unless `EXPORT_AUTH=off`). The caller's identity (`azp`, `appid`, `client_id` or
-//! `sub`, with the issuer) owns the exports it starts: nobody else sees their status or files.
+//! Off unless `EXPORT_AUTH_ISSUER` is set (in Azure, start-up refuses that unless `EXPORT_AUTH=off`).
+//! The caller's identity (`azp`, `appid`, `client_id` or `sub`, with the issuer; and the user's
+//! `oid` for a delegated Entra token) owns the exports it starts: nobody else sees their status or
+//! files.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -96,6 +98,9 @@ struct Claims {
     scp: Option<String>,
     #[serde(default)]
     roles: Vec<String>,
+    /// Entra ID's object id of the user (or service principal) the token is for.
+    #[serde(default)]
+    oid: Option<String>,
 }
 
 struct Keys {
@@ -231,6 +236,15 @@ impl Authenticator {
             .ok_or_else(|| {
                 AuthError::Invalid("no client identity (azp, appid, client_id or sub)".into())
             })?;
+        // A delegated token (Entra's `scp`) acts for a user through a client that many users share
+        // (Azure CLI, say): the user is part of the owner, so that users of one client never see
+        // each other's exports.
+        let client = match (&claims.scp, &claims.oid, &claims.sub) {
+            (Some(_), Some(user), _) | (Some(_), None, Some(user)) if !user.is_empty() => {
+                format!("{client}/user:{user}")
+            }
+            _ => client,
+        };
         let grants = claims
             .scope
             .iter()

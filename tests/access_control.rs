@@ -493,6 +493,22 @@ async fn entra_v2_tokens_with_an_app_role_are_accepted_for_every_listed_audience
     )
     .await;
     assert_eq!(refused.status(), 401);
+    // Users who reach the API through one shared client (Azure CLI, delegated `scp` tokens) own
+    // their exports apart.
+    let user = |oid: &str| {
+        token(
+            &issuer,
+            json!({
+                "ver": "2.0", "aud": client_id, "azp": "04b07795-8ddb-461a-bbee-02f9e1bf7b46",
+                "oid": oid, "scp": "user_impersonation", "roles": ["system/*.read"], "scope": null,
+            }),
+        )
+    };
+    let (alice, bob) = (user("a1"), user("b2"));
+    let status = started_by(&client, &url, &alice).await;
+    manifest_for(&client, &status, &alice).await;
+    let seen_by_bob = send(&client, reqwest::Method::GET, &status, Some(&bob)).await;
+    assert_eq!(seen_by_bob.status(), 404);
     // The setting reads a comma-separated list.
     let (setting, _) = fhir_export::config::parse_auth(fhir_export::config::AuthInput {
         issuer: Some(&issuer),

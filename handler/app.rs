@@ -59,7 +59,7 @@ impl App {
                         scope: scope.clone(),
                     },
                 };
-                Arc::new(RemoteServer::new(url, auth)?)
+                Arc::new(RemoteServer::new(url, auth)?.with_access_wait(settings.access_wait))
             }
         };
         let storage: Arc<dyn ObjectStore> = match &settings.storage {

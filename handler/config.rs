@@ -86,6 +86,9 @@ pub enum StorageSetting {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub source: SourceSetting,
+    /// How long a FHIR server source's refusals are waited out before it first answers
+    /// (`EXPORT_ACCESS_WAIT_SECS`): a role assigned at deployment takes minutes to take effect.
+    pub access_wait: Duration,
     pub storage: StorageSetting,
     pub file_max_bytes: u64,
     pub stale_after: Duration,
@@ -177,6 +180,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             source: SourceSetting::Sqlite(PathBuf::from("./.fhir/store.db")),
+            access_wait: crate::source::remote::DEFAULT_ACCESS_WAIT,
             storage: StorageSetting::Folder(PathBuf::from("./exports")),
             file_max_bytes: DEFAULT_FILE_MAX_BYTES,
             stale_after: Duration::from_secs(DEFAULT_STALE_AFTER_SECS),

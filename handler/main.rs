@@ -247,6 +247,10 @@ struct ServeArgs {
     /// https://login.microsoftonline.com/{tenant}/v2.0.
     #[arg(long, env = "EXPORT_AUTH_ISSUER")]
     auth_issuer: Option<String>,
+    /// Seconds a FHIR server source's refusals (401, 403) are waited out before it first answers:
+    /// a role assigned at deployment takes minutes to reach the FHIR service.
+    #[arg(long, env = "EXPORT_ACCESS_WAIT_SECS", default_value_t = 600)]
+    access_wait_secs: u64,
     /// Access control: on (needs EXPORT_AUTH_ISSUER) or off. Unset, it is on when an issuer is
     /// given; in Azure (WEBSITE_INSTANCE_ID set) the handler refuses to run open unless it is off.
     #[arg(long = "auth", env = "EXPORT_AUTH")]
@@ -502,6 +506,7 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<Settings> {
     let storage = config::parse_storage(&args.exports)?;
     Ok(Settings {
         source,
+        access_wait: std::time::Duration::from_secs(args.access_wait_secs),
         file_urls: config::parse_file_urls(&args.file_urls, &storage)?,
         storage,
         file_max_bytes: config::check_file_max_bytes(args.file_max_bytes)?,

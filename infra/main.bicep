@@ -24,6 +24,9 @@ param fhirServiceName string = ''
 @description('Public base URL of the API when a custom domain or gateway fronts it (EXPORT_BASE_URL); empty: the app\'s default host name.')
 param baseUrl string = ''
 
+@description('Seconds the FHIR source\'s refusals (401, 403) are waited out before it first answers (EXPORT_ACCESS_WAIT_SECS): the app\'s FHIR Data Reader role, assigned at deployment, takes minutes to take effect.')
+param accessWaitSecs int = 600
+
 @description('Roll to a new file past this size (EXPORT_FILE_MAX_BYTES).')
 param fileMaxBytes int = 67108864
 
@@ -215,6 +218,7 @@ module app 'modules/functionapp.bicep' = {
       [
         { name: 'FHIR_SOURCE', value: fhirSourceUrl }
         { name: 'FHIR_SOURCE_AUTH', value: 'azure' }
+        { name: 'EXPORT_ACCESS_WAIT_SECS', value: string(accessWaitSecs) }
         { name: 'EXPORT_STORAGE', value: storage.outputs.exportBlobEndpoint }
         { name: 'EXPORT_FILE_MAX_BYTES', value: string(fileMaxBytes) }
         { name: 'EXPORT_STALE_AFTER_SECS', value: string(staleAfterSecs) }

@@ -407,7 +407,16 @@ async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
             .unwrap()
     });
     tokio::spawn(warp::serve(refuse).incoming(listener).run());
-    let b = start_remote(&format!("http://{address}")).await;
+    // Refusals are waited out for 2 s here (10 minutes by default), then final.
+    let url = format!("http://{address}");
+    let b = start(&common::sample_store(), move |settings| {
+        settings.source = SourceSetting::Remote {
+            url,
+            auth: SourceAuth::None,
+        };
+        settings.access_wait = std::time::Duration::from_secs(2);
+    })
+    .await;
     // The kickoff answers at once; planning meets the refusal, and the status URL tells it.
     let status_url = common::started(&client, &format!("{}/$export", b.base)).await;
     let response =
@@ -418,6 +427,10 @@ async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
     let text = outcome.to_string();
     assert!(
         text.contains("refused access (401") && text.contains("token missing"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FHIR Data Reader") && text.contains("was refused for 2 s"),
         "{text}"
     );
 
@@ -731,4 +744,152 @@ async fn type_filters_a_server_may_read_differently_are_checked_here_alone() {
     assert!(observations > 0, "the filter matches something");
     assert_eq!(through.get("Observation").map_or(0, Vec::len), observations);
     assert!(through == direct);
+}
+
+/// The first export after a deployment: the FHIR source refuses (403) while the app's new role
+/// assignment propagates, then answers. The refusals are waited out, the status poll says so, and
+/// the export completes with every resource once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_while_a_role_propagates_are_waited_out() {
+    let a = start(&common::sample_store(), |_| {}).await;
+    let opened = std::time::Instant::now();
+    let (address, refused) = proxy(a.base.clone(), move |_, _, _| {
+        (opened.elapsed() < std::time::Duration::from_secs(4)).then_some(403)
+    })
+    .await;
+    let b = start_remote(&address).await;
+    let client = client();
+    let status_url = common::started(&client, &format!("{}/$export", b.base)).await;
+    let mut waiting = None;
+    let manifest = loop {
+        let answer = client.get(&status_url).send().await.unwrap();
+        match answer.status().as_u16() {
+            202 => {
+                let progress = answer.headers()["x-progress"].to_str().unwrap().to_string();
+                if progress.contains("waiting for access") {
+                    waiting = Some(progress);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            200 => break answer.json::<Value>().await.unwrap(),
+            other => panic!("status {other}: {}", answer.text().await.unwrap()),
+        }
+    };
+    let waiting = waiting.expect("X-Progress said what the export waits for");
+    assert!(waiting.contains("403"), "{waiting}");
+    assert!(refused.load(Ordering::SeqCst) >= 1);
+    let got = contents(&client, &manifest).await;
+    let expected = exported(&client, &format!("{}/$export", a.base)).await;
+    assert_eq!(got, expected, "every resource once");
+    assert_eq!(
+        got.values().map(Vec::len).sum::<usize>(),
+        common::sample_counts().values().sum::<usize>()
+    );
+}
+
+/// A stand-in for Azure Health Data Services' sorting (microsoft/fhir-server): one `_sort` key at
+/// most; with `Prefer: handling=strict` more is a 400, under its default lenient handling the whole
+/// `_sort` is dropped with a warning entry and the answer is a 200. `honours_strict: false` plays a
+/// server that ignores the header. Counts (strict requests seen, warnings given, 400s given).
+async fn fhir_server_sorting(
+    target: String,
+    honours_strict: bool,
+) -> (String, Arc<[AtomicU64; 3]>) {
+    use warp::Filter;
+    let seen = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let upstream = reqwest::Client::new();
+    let route = {
+        let (seen, address) = (seen.clone(), address.clone());
+        warp::path::full()
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .and(warp::header::optional::<String>("prefer"))
+            .then(move |path: warp::path::FullPath, query: String, prefer: Option<String>| {
+                let (seen, upstream, target, address) =
+                    (seen.clone(), upstream.clone(), target.clone(), address.clone());
+                async move {
+                    let strict = prefer.is_some_and(|p| p.contains("handling=strict"));
+                    if strict {
+                        seen[0].fetch_add(1, Ordering::SeqCst);
+                    }
+                    let multi_key = form_urlencoded::parse(query.as_bytes())
+                        .any(|(name, value)| name == "_sort" && value.contains(','));
+                    let mut warn = false;
+                    let mut query = query;
+                    if multi_key && strict && honours_strict {
+                        seen[2].fetch_add(1, Ordering::SeqCst);
+                        return warp::http::Response::builder()
+                            .status(400)
+                            .body(br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"Sorting by more than one parameter is not supported."}]}"#.to_vec())
+                            .unwrap();
+                    }
+                    if multi_key {
+                        warn = true;
+                        seen[1].fetch_add(1, Ordering::SeqCst);
+                        query = form_urlencoded::Serializer::new(String::new())
+                            .extend_pairs(
+                                form_urlencoded::parse(query.as_bytes()).filter(|(n, _)| n != "_sort"),
+                            )
+                            .finish();
+                    }
+                    let url = format!("{target}{}?{query}", path.as_str());
+                    let answer = upstream
+                        .get(url)
+                        .header("X-Forwarded-Host", &address)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = answer.status().as_u16();
+                    let mut body = answer.bytes().await.unwrap().to_vec();
+                    if warn {
+                        let mut bundle: Value = serde_json::from_slice(&body).unwrap();
+                        bundle["entry"].as_array_mut().unwrap().push(json!({
+                            "resource": {"resourceType": "OperationOutcome", "issue": [{
+                                "severity": "warning", "code": "not-supported",
+                                "diagnostics": "Sorting by more than one parameter is not supported; the _sort parameter was ignored.",
+                            }]},
+                            "search": {"mode": "outcome"},
+                        }));
+                        body = serde_json::to_vec(&bundle).unwrap();
+                    }
+                    warp::http::Response::builder().status(status).body(body).unwrap()
+                }
+            })
+    };
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    (format!("http://{address}"), seen)
+}
+
+/// Searches ask for strict handling; a sort refused by a 400 or dropped with a warning steps down
+/// to one key, and the export equals the store's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sort_the_server_drops_with_a_warning_is_a_refusal_too() {
+    let a = start(&common::sample_store(), |_| {}).await;
+    let client = client();
+    let expected = exported(
+        &client,
+        &format!("{}/$export?_type=Patient,Condition", a.base),
+    )
+    .await;
+    for honours_strict in [true, false] {
+        let (address, seen) = fhir_server_sorting(a.base.clone(), honours_strict).await;
+        let b = start_remote(&address).await;
+        let got = exported(
+            &client,
+            &format!("{}/$export?_type=Patient,Condition", b.base),
+        )
+        .await;
+        assert_eq!(got, expected, "honours strict: {honours_strict}");
+        assert!(
+            seen[0].load(Ordering::SeqCst) > 0,
+            "Prefer: handling=strict sent"
+        );
+        match honours_strict {
+            true => {
+                assert!(seen[2].load(Ordering::SeqCst) >= 1 && seen[1].load(Ordering::SeqCst) == 0)
+            }
+            false => assert!(seen[1].load(Ordering::SeqCst) >= 1),
+        }
+    }
 }

@@ -223,7 +223,7 @@ async fn paged_status(
     .await?;
     let manifest = match served {
         pages::Served::Page(manifest) => serde_json::to_vec_pretty(&manifest).expect("JSON"),
-        pages::Served::NothingYet => return Ok(in_progress(job, done.len())),
+        pages::Served::NothingYet => return Ok(in_progress(api, job, done.len())),
         pages::Served::Missing => {
             return Err(ApiError::not_found(format!(
             "export {} has no manifest page {page} (yet): follow the link of the page before it",
@@ -235,7 +235,7 @@ async fn paged_status(
         return completed(api, job, manifest).await;
     }
     let manifest = with_client_urls(api, job, manifest).await?;
-    let mut response = in_progress(job, done.len());
+    let mut response = in_progress(api, job, done.len());
     *response.body_mut() = manifest.into();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -251,13 +251,16 @@ async fn running(api: &Api, job: &crate::export::jobs::Job) -> Result<Response, 
         true => api.exports.jobs.done_shards(&job.id).await?.len(),
         false => 0,
     };
-    Ok(in_progress(job, done))
+    Ok(in_progress(api, job, done))
 }
 
 /// 202 with `X-Progress` (`done` shards finished) and `Retry-After`.
-fn in_progress(job: &crate::export::jobs::Job, done: usize) -> Response {
+fn in_progress(api: &Api, job: &crate::export::jobs::Job, done: usize) -> Response {
     let progress = match job.planned {
-        false => "planning the shards".to_string(),
+        false => match api.exports.source.waiting_for() {
+            Some(waiting) => format!("planning the shards: {waiting}"),
+            None => "planning the shards".to_string(),
+        },
         true => {
             let total = job.shards.len();
             let done = done.min(total);

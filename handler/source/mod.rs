@@ -239,6 +239,12 @@ pub trait ResourceSource: Send + Sync {
         false
     }
 
+    /// What the source is waiting for, when it waits out a refusal (a role assignment that is
+    /// still propagating): a short text for a status poll's `X-Progress`.
+    fn waiting_for(&self) -> Option<String> {
+        None
+    }
+
     /// Streams each matching resource, as its stored JSON bytes, to `sink`: every one, or (past
     /// `pause_after`) those up to a point a later scan resumes from.
     fn scan(

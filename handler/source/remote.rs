@@ -11,9 +11,12 @@
 //! concurrent changes or an unstable order never lose a resource unnoticed. A server that refuses
 //! to page further (an offset limit) has the window halved by `_lastUpdated` and read in parts.
 //!
-//! Requests retry with backoff and jitter on 429, 5xx and connection errors, honouring
-//! `Retry-After`; a semaphore bounds the requests in flight. Refusals (401, 403, 400, 404) become
-//! clear errors naming the URL and the server's diagnostics.
+//! Requests ask for strict handling (`Prefer: handling=strict`), so that a server refuses what it
+//! cannot honour rather than dropping it; a `_sort` dropped with a warning entry is taken as refused
+//! too. Requests retry with backoff and jitter on 429, 5xx and connection errors, honouring
+//! `Retry-After`; a semaphore bounds the requests in flight. 401 and 403 are waited out until the
+//! server first answers (a role assignment still propagating), for a bounded time. Refusals (401,
+//! 403, 400, 404) become clear errors naming the URL and the server's diagnostics.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +39,9 @@ use super::{
 use crate::fhir::compartment::{compartment_search_params, patient_ids};
 use crate::fhir::is_resource_type;
 use crate::fhir::search::SearchQuery;
+
+/// How long refusals are waited out by default: role assignments take up to about 10 minutes.
+pub const DEFAULT_ACCESS_WAIT: Duration = Duration::from_secs(600);
 
 /// Requests to the server in flight at once, per process.
 const MAX_IN_FLIGHT: usize = 8;
@@ -84,6 +90,54 @@ struct Inner {
     capabilities: tokio::sync::OnceCell<Capabilities>,
     /// The first of `SORTS` the server has not refused.
     sort: std::sync::atomic::AtomicUsize,
+    access: AccessWait,
+}
+
+/// Refusals (401, 403) waited out while the app's access may still be on its way: a role assigned
+/// moments before (FHIR Data Reader at `azd up`) takes minutes to reach the FHIR service. Until the
+/// server has answered once, a refusal is retried with backoff, for at most `window` after the
+/// first one; after that, or once the server has answered, a refusal is final.
+struct AccessWait {
+    window: Duration,
+    granted: std::sync::atomic::AtomicBool,
+    first_refusal: std::sync::Mutex<Option<std::time::Instant>>,
+    /// While waiting: what for.
+    waiting: std::sync::Mutex<Option<String>>,
+}
+
+impl AccessWait {
+    fn new(window: Duration) -> Self {
+        Self {
+            window,
+            granted: std::sync::atomic::AtomicBool::new(false),
+            first_refusal: std::sync::Mutex::new(None),
+            waiting: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// After a refusal: how long to wait before asking again, or `None` (with how long was waited)
+    /// when the refusal is final.
+    fn after_refusal(&self, status: u16, refusals: u32) -> Result<Duration, Duration> {
+        let mut first = self.first_refusal.lock().expect("not poisoned");
+        let since = first.get_or_insert_with(std::time::Instant::now).elapsed();
+        if self.granted.load(Ordering::Relaxed) || since >= self.window {
+            *self.waiting.lock().expect("not poisoned") = None;
+            return Err(since);
+        }
+        *self.waiting.lock().expect("not poisoned") = Some(format!(
+            "waiting for access to the FHIR source (it answers {status}; a role assigned moments ago takes minutes to take effect; {} s of {} s)",
+            since.as_secs(),
+            self.window.as_secs()
+        ));
+        let backoff = Duration::from_secs(2u64 << refusals.min(4)).min(Duration::from_secs(30));
+        Ok(backoff.min(self.window - since + Duration::from_millis(100)))
+    }
+
+    fn answered(&self) {
+        if !self.granted.swap(true, Ordering::Relaxed) {
+            *self.waiting.lock().expect("not poisoned") = None;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -288,6 +342,26 @@ struct EntrySearch {
     mode: Option<String>,
 }
 
+impl Page<'_> {
+    /// The text of an OperationOutcome the server put among the entries (`search.mode` outcome)
+    /// about sorting: how a lenient server says it dropped the `_sort` asked for (fhir-server
+    /// answers 200, sorted as it likes, with a warning). `None` when there is none.
+    fn sort_warning(&self) -> Option<String> {
+        self.entry
+            .iter()
+            .filter(|entry| {
+                entry
+                    .search
+                    .as_ref()
+                    .and_then(|s| s.mode.as_deref())
+                    .is_some_and(|mode| mode == "outcome")
+            })
+            .filter_map(|entry| entry.resource)
+            .map(|resource| diagnostics(resource.get().as_bytes()))
+            .find(|text| text.to_ascii_lowercase().contains("sort"))
+    }
+}
+
 #[derive(Deserialize)]
 struct Identity {
     #[serde(rename = "resourceType")]
@@ -345,6 +419,14 @@ impl RemoteServer {
         Ok(Self(Arc::new(Inner::new(base, auth)?)))
     }
 
+    /// How long refusals are waited out before the server first answers (default 10 minutes).
+    pub fn with_access_wait(mut self, window: Duration) -> Self {
+        Arc::get_mut(&mut self.0)
+            .expect("set before the source is shared")
+            .access = AccessWait::new(window);
+        self
+    }
+
     /// The requests sent so far: how many, of which retries, and the time spent waiting for their
     /// answers (summed over requests, so above the wall time when they overlap).
     pub fn request_stats(&self) -> RequestStats {
@@ -378,6 +460,7 @@ impl Inner {
             waiting_micros: AtomicU64::new(0),
             capabilities: tokio::sync::OnceCell::new(),
             sort: std::sync::atomic::AtomicUsize::new(0),
+            access: AccessWait::new(DEFAULT_ACCESS_WAIT),
         })
     }
 
@@ -447,14 +530,18 @@ impl Inner {
     /// One GET with retries; `NotFound` for 404 and 410.
     async fn get(&self, url: &str) -> Result<Fetched, SourceError> {
         let mut attempt = 0;
+        let mut refusals = 0;
         loop {
             let outcome = {
                 let _permit = self.in_flight.acquire().await.expect("never closed");
                 self.requests.fetch_add(1, Ordering::Relaxed);
+                // Strict handling: a server that cannot honour a parameter (a `_sort` key, say)
+                // answers 400, where under its default lenient handling it would drop it.
                 let mut request = self
                     .client
                     .get(url)
-                    .header("Accept", "application/fhir+json");
+                    .header("Accept", "application/fhir+json")
+                    .header("Prefer", "handling=strict");
                 if let Some(token) = self.bearer().await? {
                     request = request.bearer_auth(token);
                 }
@@ -479,8 +566,14 @@ impl Inner {
                 answer
             };
             let retry_after = match outcome {
-                Ok((status, _, body)) if status.is_success() => return Ok(Fetched::Body(body)),
-                Ok((status, _, _)) if status == 404 || status == 410 => return Ok(Fetched::NotFound),
+                Ok((status, _, body)) if status.is_success() => {
+                    self.access.answered();
+                    return Ok(Fetched::Body(body));
+                }
+                Ok((status, _, _)) if status == 404 || status == 410 => {
+                    self.access.answered();
+                    return Ok(Fetched::NotFound);
+                }
                 Ok((status, retry_after, body)) if status == 429 || status.is_server_error() => {
                     if attempt >= MAX_RETRIES {
                         return Err(SourceError::Remote(format!(
@@ -493,10 +586,25 @@ impl Inner {
                     retry_after
                 }
                 Ok((status, _, body)) if status == 401 || status == 403 => {
-                    return Err(SourceError::Remote(format!(
-                        "{url}: the FHIR server refused access ({status}): {}; the app's identity needs read access (FHIR Data Reader on Azure Health Data Services)",
-                        diagnostics(&body)
-                    )))
+                    match self.access.after_refusal(status.as_u16(), refusals) {
+                        Ok(wait) => {
+                            tracing::warn!(url, %status, wait_secs = wait.as_secs(), "FHIR source refused access; waiting for the role assignment to take effect");
+                            refusals += 1;
+                            self.retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
+                        Err(waited) => {
+                            return Err(SourceError::Remote(format!(
+                                "{url}: the FHIR server refused access ({status}): {}; the app's identity needs read access (the role FHIR Data Reader on Azure Health Data Services){}",
+                                diagnostics(&body),
+                                match waited.as_secs() {
+                                    0 => String::new(),
+                                    secs => format!(", and was refused for {secs} s"),
+                                }
+                            )))
+                        }
+                    }
                 }
                 Ok((status, _, body)) => {
                     return Err(SourceError::Unsupported(format!(
@@ -689,6 +797,10 @@ fn diagnostics(body: &[u8]) -> String {
 }
 
 impl ResourceSource for RemoteServer {
+    fn waiting_for(&self) -> Option<String> {
+        self.0.access.waiting.lock().expect("not poisoned").clone()
+    }
+
     /// The types the server declares that hold resources (a `_summary=count` probe each).
     fn resource_types(&self) -> Result<Vec<String>, SourceError> {
         let this = &self.0;
@@ -993,10 +1105,21 @@ impl RemoteServer {
                 }
                 other => other?,
             };
+            let page = parse_page(&url, &body)?;
+            if first_page && !SORTS[sort].is_empty() {
+                if let Some(warning) = page.sort_warning() {
+                    // A sort dropped with a warning is a refusal: the order this read relies on
+                    // is not the one asked for.
+                    tracing::info!(%warning, "FHIR source: _sort={} dropped with a warning; asking {:?}", SORTS[sort], SORTS[sort + 1]);
+                    sort += 1;
+                    inner.sort.fetch_max(sort, Ordering::Relaxed);
+                    pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first(sort))));
+                    continue;
+                }
+            }
             first_page = false;
             pages += 1;
             pause.checked_on_page = false;
-            let page = parse_page(&url, &body)?;
             if let Some(next) = next_link(&url, &page)? {
                 pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), next)));
             }

@@ -613,7 +613,8 @@ async fn a_store_loaded_type_by_type_exports_what_a_mixed_load_or_one_cut_into_p
 
 /// `EXPORT_FILE_URLS=sas`: the manifest's URLs are the store's signed read URLs, made at each poll,
 /// and need no token. (The store here is the local folder with a stand-in signer: Azure Blob signs
-/// with a user delegation key, whose string-to-sign `storage::sas::tests` checks.)
+/// with a user delegation key through the SDK's `azure_storage_sas`, which
+/// `storage::a_user_delegation_sas_is_accepted_by_azurite_for_its_blob_only` checks.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sas_file_urls_the_manifest_leads_straight_to_the_storage() {
     use async_trait::async_trait;

@@ -22,8 +22,9 @@ use chrono::{DateTime, Utc};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt, TryStreamExt};
 
-use super::sas::{self, DelegationKey};
 use super::{validate_path, ByteStream, ETag, ObjectStore, ObjectWriter, PutMode, StorageError};
+use azure_storage_common::models::UserDelegationKey;
+use azure_storage_sas::{SasBuilder, SasProtocol};
 
 /// Blocks being staged at once by one writer.
 const BLOCKS_IN_FLIGHT: usize = 4;
@@ -56,7 +57,11 @@ pub struct AzureBlob {
     containers: Mutex<HashMap<String, ContainerState>>,
     /// The user delegation key that signs download URLs, fetched when first needed and again a
     /// while before it expires.
-    delegation: tokio::sync::Mutex<Option<DelegationKey>>,
+    delegation: tokio::sync::Mutex<Option<UserDelegationKey>>,
+}
+
+fn offset(at: DateTime<Utc>) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(at.timestamp()).expect("a time in range")
 }
 
 /// How long a user delegation key is asked for, and how long before its end a new one is fetched
@@ -135,9 +140,12 @@ impl AzureBlob {
         &self,
         credential: &Arc<dyn TokenCredential>,
         until: DateTime<Utc>,
-    ) -> Result<DelegationKey, StorageError> {
+    ) -> Result<UserDelegationKey, StorageError> {
         let mut held = self.delegation.lock().await;
-        if let Some(key) = held.as_ref().filter(|key| key.expiry > until) {
+        if let Some(key) = held
+            .as_ref()
+            .filter(|key| key.signed_expiry.is_some_and(|end| end > offset(until)))
+        {
             return Ok(key.clone());
         }
         let failed = |detail: String| StorageError::Service {
@@ -145,9 +153,6 @@ impl AzureBlob {
             detail,
         };
         let now = Utc::now();
-        let offset = |at: DateTime<Utc>| {
-            time::OffsetDateTime::from_unix_timestamp(at.timestamp()).expect("a time in range")
-        };
         let key_info = KeyInfo {
             start: Some(offset(now - chrono::Duration::minutes(5))),
             expiry: Some(offset(now + DELEGATION_KEY_LIFETIME)),
@@ -167,21 +172,9 @@ impl AzureBlob {
         .await?
         .map_err(|e| to_storage_error("user delegation key", e))?;
         let key = answer.into_model().map_err(|e| failed(e.to_string()))?;
-        let instant = |at: Option<time::OffsetDateTime>| {
-            at.and_then(|at| DateTime::from_timestamp(at.unix_timestamp(), 0))
-                .ok_or_else(|| failed("the key came without its validity".into()))
-        };
-        let key = DelegationKey {
-            object_id: key.signed_oid.unwrap_or_default(),
-            tenant_id: key.signed_tid.unwrap_or_default(),
-            start: instant(key.signed_start)?,
-            expiry: instant(key.signed_expiry)?,
-            service: key.signed_service.unwrap_or_else(|| "b".into()),
-            version: key.signed_version.unwrap_or_default(),
-            value: key
-                .value
-                .ok_or_else(|| failed("the key came without its value".into()))?,
-        };
+        if key.signed_expiry.is_none() || key.value.is_none() {
+            return Err(failed("the key came without its validity or value".into()));
+        }
         *held = Some(key.clone());
         Ok(key)
     }
@@ -470,16 +463,21 @@ impl ObjectStore for AzureBlob {
             .host_str()
             .and_then(|host| host.split('.').next())
             .unwrap_or_default();
-        let start = Utc::now() - chrono::Duration::minutes(5);
-        let grant = sas::ReadGrant {
-            account,
-            container,
-            blob: name,
-            start,
-            expiry,
-            protocols: sas::protocols_for(self.account_url.scheme()),
+        // An account on the internet is read over HTTPS only; an emulator on loopback over HTTP.
+        let protocol = match self.account_url.scheme() {
+            "https" => SasProtocol::Https,
+            _ => SasProtocol::HttpsAndHttp,
         };
-        let query = sas::read_sas(&grant, &key);
+        let query = SasBuilder::new(account, &key, offset(expiry))
+            .map_err(|e| StorageError::Service {
+                path: path.to_string(),
+                detail: format!("signing a download URL: {e}"),
+            })?
+            .blob(container, name)
+            .read()
+            .start(offset(Utc::now() - chrono::Duration::minutes(5)))
+            .protocol(protocol)
+            .build();
         let mut url = self.account_url.clone();
         url.path_segments_mut()
             .map_err(|_| StorageError::InvalidPath(path.to_string()))?

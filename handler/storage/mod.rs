@@ -9,7 +9,6 @@ mod direct;
 mod journal;
 pub mod local;
 pub mod rolling;
-pub mod sas;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -126,6 +126,12 @@ param fhirHostSuffix string = 'fhir.azurehealthcareapis.com'
 @description('Largest number of instances the app scales out to.')
 param maximumInstanceCount int = 40
 
+// Azure storage's firewall refuses /31 and /32 ranges (a single address goes without a suffix), and
+// with fileUrls sas no client could download through a firewall that lets no client in.
+var refusedRanges = filter(downloadClientIpRanges, range => endsWith(range, '/31') || endsWith(range, '/32'))
+var rangesGiven = fileUrls == 'sas' && empty(downloadClientIpRanges) ? fail('fileUrls sas needs downloadClientIpRanges: the export account\'s firewall lets no client in, so every SAS download would be refused') : downloadClientIpRanges
+var downloadRanges = empty(refusedRanges) ? rangesGiven : fail('downloadClientIpRanges: Azure storage refuses /31 and /32 ranges (${join(refusedRanges, ', ')}); give a single address without a suffix')
+
 var suffix = uniqueString(resourceGroup().id, name)
 var appName = '${name}-${suffix}'
 var shardQueueName = 'export-shards'
@@ -190,7 +196,7 @@ module storage 'modules/storage.bicep' = {
     location: location
     exportIsDataLake: exportIsDataLake
     appSubnetId: network.outputs.appSubnetId
-    downloadClientIpRanges: downloadClientIpRanges
+    downloadClientIpRanges: downloadRanges
   }
 }
 

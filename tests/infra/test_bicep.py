@@ -403,3 +403,15 @@ def test_no_service_bus_service_endpoint_and_no_fhir_host_literal():
     assert "audience: 'https://${workspace.name}-fhir.${hostSuffix}'" in fhir
     sweeper = json.loads((ROOT / "functions" / "StaleSweeper" / "function.json").read_text())
     assert sweeper["bindings"][0]["schedule"] == "0 */5 * * * *"
+
+
+def test_sas_downloads_need_client_ranges_that_storage_accepts():
+    main = parsed("main.bicep")
+    variables = main["variables"]
+    assert {"refusedRanges", "rangesGiven", "downloadRanges"} <= set(variables)
+    text = (INFRA / "main.bicep").read_text()
+    assert "endsWith(range, '/31') || endsWith(range, '/32')" in text
+    assert "fileUrls == 'sas' && empty(downloadClientIpRanges) ? fail(" in text
+    assert "empty(refusedRanges) ? rangesGiven : fail(" in text
+    storage = main["modules"]["storage"]["config"]["params"]
+    assert storage["downloadClientIpRanges"] == "downloadRanges"

@@ -118,11 +118,13 @@ pub fn limits_of(settings: &Settings) -> Limits {
 /// (Azure CLI, azd) elsewhere, `func start` on a laptop included: only the endpoints App Service
 /// sets for a managed identity mean one is there.
 pub fn azure_credential() -> anyhow::Result<Arc<dyn TokenCredential>> {
-    let in_azure = ["IDENTITY_ENDPOINT", "MSI_ENDPOINT"]
-        .iter()
-        .any(|name| std::env::var_os(name).is_some());
+    let set = |name: &str| std::env::var_os(name).is_some_and(|value| !value.is_empty());
+    let in_azure = set("IDENTITY_ENDPOINT") || set("MSI_ENDPOINT");
     if !in_azure {
         return Ok(DeveloperToolsCredential::new(None)?);
+    }
+    if let Some(problem) = managed_identity_problem(set) {
+        anyhow::bail!("managed identity: {problem}");
     }
     let options = std::env::var("AZURE_CLIENT_ID")
         .ok()
@@ -132,6 +134,22 @@ pub fn azure_credential() -> anyhow::Result<Arc<dyn TokenCredential>> {
             ..Default::default()
         });
     Ok(ManagedIdentityCredential::new(options)?)
+}
+
+/// What keeps the Azure SDK from reaching the managed identity through App Service's protocol
+/// (`IDENTITY_ENDPOINT` and `IDENTITY_HEADER`, which Functions hosts set), given which variables
+/// are set. Without both it would take an older host's `MSI_ENDPOINT` for Cloud Shell, which it
+/// refuses, or try the virtual machines' endpoint, which App Service does not answer.
+pub fn managed_identity_problem(set: impl Fn(&str) -> bool) -> Option<String> {
+    match (set("IDENTITY_ENDPOINT"), set("IDENTITY_HEADER")) {
+        (true, true) => None,
+        (true, false) => Some(
+            "IDENTITY_ENDPOINT is set without IDENTITY_HEADER; the App Service identity protocol needs both".into(),
+        ),
+        (false, _) => Some(
+            "this host sets MSI_ENDPOINT but not IDENTITY_ENDPOINT and IDENTITY_HEADER, which the Azure SDK reads (an older App Service identity protocol); run on a current Functions host (Flex Consumption sets both)".into(),
+        ),
+    }
 }
 
 /// Serves the HTTP API on `listener` with `workers` shard workers until `shutdown` resolves.

@@ -1248,3 +1248,272 @@ async fn killed_at_each_crash_point_an_export_on_blob_storage_ends_with_every_re
         );
     }
 }
+
+/// A test certificate authority and a certificate for 127.0.0.1 it signed (openssl): (CA file,
+/// certificate, key).
+fn loopback_certificate(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian's openssl package)");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("leaf.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fhir-export test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+/// App Service's managed identity endpoint (`IDENTITY_ENDPOINT`, protocol 2019-08-01): a token for
+/// the resource asked for, to a caller that sends `X-IDENTITY-HEADER`; tokens shaped as Entra ID
+/// issues them to a managed identity (Azurite's OAuth reads `iss`, `aud`, `oid`, `tid`, the
+/// times). Counts the tokens given.
+async fn identity_endpoint(
+    secret: &'static str,
+    oid: &'static str,
+) -> (String, Arc<std::sync::atomic::AtomicU64>) {
+    use warp::Filter;
+    let given = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/msi/token", listener.local_addr().unwrap());
+    let counted = given.clone();
+    let route = warp::path!("msi" / "token")
+        .and(warp::header::optional::<String>("x-identity-header"))
+        .and(warp::query::<HashMap<String, String>>())
+        .map(move |header: Option<String>, query: HashMap<String, String>| {
+            if header.as_deref() != Some(secret) || query.get("api-version").map(String::as_str) != Some("2019-08-01") {
+                return warp::reply::with_status(
+                    warp::reply::json(&json!({"error": "bad request"})),
+                    warp::http::StatusCode::BAD_REQUEST,
+                );
+            }
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let resource = query["resource"].clone();
+            let now = chrono::Utc::now().timestamp();
+            let tid = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &json!({
+                    "aud": resource, "iss": format!("https://sts.windows.net/{tid}/"),
+                    "oid": oid, "tid": tid, "sub": oid, "iat": now, "nbf": now - 60, "exp": now + 3600,
+                }),
+                &jsonwebtoken::EncodingKey::from_secret(b"the stand-in's own key"),
+            )
+            .unwrap();
+            warp::reply::with_status(
+                warp::reply::json(&json!({
+                    "access_token": token, "expires_on": (now + 3600).to_string(),
+                    "resource": resource, "token_type": "Bearer",
+                })),
+                warp::http::StatusCode::OK,
+            )
+        });
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    (url, given)
+}
+
+/// The identity chain as Azure runs it, on loopback: the handler gets its tokens through App
+/// Service's managed identity protocol (a stand-in), writes an export to Azurite over HTTPS with
+/// OAuth (a test certificate), fetches a user delegation key with that identity, and the manifest's
+/// SAS URL downloads. An older host that sets only `MSI_ENDPOINT` is refused at start, naming what
+/// is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_identity_reaches_azurite_over_https_and_signs_downloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, certificate, key) = loopback_certificate(dir.path());
+    let port = common::free_port();
+    let azurite_bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/azurite/node_modules/.bin/azurite-blob");
+    let mut azurite = Command::new(&azurite_bin)
+        .args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--location",
+        ])
+        .arg(dir.path().join("azurite"))
+        .args([
+            "--skipApiVersionCheck",
+            "--silent",
+            "--oauth",
+            "basic",
+            "--cert",
+        ])
+        .arg(&certificate)
+        .arg("--key")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("Azurite (npm ci --prefix tests/azurite)");
+    struct Stop<'a>(&'a mut Child);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _azurite = Stop(&mut azurite);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (identity, tokens) =
+        identity_endpoint("the-header-secret", "5e1c9a33-7d0e-4c8e-9a55-2f6a1b3c4d5e").await;
+    let account_url = format!("https://127.0.0.1:{port}/devstoreaccount1");
+    let ca_text = ca.to_str().unwrap().to_string();
+    let handler = start_handler(
+        &account_url,
+        &[
+            ("IDENTITY_ENDPOINT", &identity),
+            ("IDENTITY_HEADER", "the-header-secret"),
+            ("SSL_CERT_FILE", &ca_text),
+            ("EXPORT_FILE_URLS", "sas"),
+        ],
+    )
+    .await;
+    let (id, shards) = kickoff(
+        &handler,
+        "SystemExport",
+        "/$export?_type=Patient&_container=identity",
+    )
+    .await;
+    run_shards(&handler, &shards).await;
+    let done = forwarded_status(&handler, &id).await;
+    let status = done.status();
+    let manifest: Value = done.json().await.unwrap();
+    assert_eq!(status, 200, "{manifest}");
+    assert_eq!(manifest["requiresAccessToken"], false);
+    let url = manifest["output"][0]["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("{account_url}/identity/")),
+        "{url}"
+    );
+    assert!(
+        url.contains("skoid=5e1c9a33-7d0e-4c8e-9a55-2f6a1b3c4d5e"),
+        "signed with the identity's key: {url}"
+    );
+    assert!(tokens.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let download = trusting.get(url).send().await.unwrap();
+    assert_eq!(download.status(), 200);
+    let body = download.bytes().await.unwrap();
+    let text = match body.starts_with(&[0x1f, 0x8b]) {
+        true => {
+            let mut text = String::new();
+            flate2::read::MultiGzDecoder::new(&body[..])
+                .read_to_string(&mut text)
+                .unwrap();
+            text
+        }
+        false => String::from_utf8(body.to_vec()).unwrap(),
+    };
+    assert_eq!(text.lines().count(), common::sample_counts()["Patient"]);
+    // A token without the identity is refused by the same account: the chain above is what wrote.
+    let anonymous = trusting
+        .get(format!(
+            "{account_url}/identity?restype=container&comp=list"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        anonymous.status().is_client_error(),
+        "{}",
+        anonymous.status()
+    );
+
+    // An older host: MSI_ENDPOINT alone.
+    let mut older = Command::new(env!("CARGO_BIN_EXE_handler"));
+    older
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "FUNCTIONS_CUSTOMHANDLER_PORT",
+            common::free_port().to_string(),
+        )
+        .env(
+            "FHIR_SOURCE",
+            format!("sqlite:{}", common::sample_store().display()),
+        )
+        .env("EXPORT_STORAGE", &account_url)
+        .env("MSI_ENDPOINT", "http://127.0.0.1:9/msi/token");
+    let output = older.output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr).to_string()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success());
+    assert!(
+        said.contains("MSI_ENDPOINT")
+            && said.contains("IDENTITY_ENDPOINT")
+            && said.contains("IDENTITY_HEADER"),
+        "{said}"
+    );
+}

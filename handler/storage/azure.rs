@@ -60,6 +60,21 @@ pub struct AzureBlob {
     delegation: tokio::sync::Mutex<Option<UserDelegationKey>>,
 }
 
+/// The account a URL names: the first label of `{account}.blob.core.windows.net`, or the first
+/// path segment of an emulator's path-style URL (`https://127.0.0.1:10000/devstoreaccount1`).
+fn account_name(url: &Url) -> &str {
+    let host = url.host_str().unwrap_or_default();
+    let path_style =
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[');
+    match path_style {
+        true => url
+            .path_segments()
+            .and_then(|mut s| s.next())
+            .unwrap_or_default(),
+        false => host.split('.').next().unwrap_or_default(),
+    }
+}
+
 fn offset(at: DateTime<Utc>) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(at.timestamp()).expect("a time in range")
 }
@@ -458,11 +473,7 @@ impl ObjectStore for AzureBlob {
         let key = self
             .delegation_key(credential, expiry + DELEGATION_KEY_RENEWAL)
             .await?;
-        let account = self
-            .account_url
-            .host_str()
-            .and_then(|host| host.split('.').next())
-            .unwrap_or_default();
+        let account = account_name(&self.account_url);
         // An account on the internet is read over HTTPS only; an emulator on loopback over HTTP.
         let protocol = match self.account_url.scheme() {
             "https" => SasProtocol::Https,

@@ -25,7 +25,7 @@
 //! - [`blocking`]: short blocking work a request waits for; [`crashpoint`]: the points where the
 //!   crash-recovery tests kill the process.
 //! - [`package`]: the Azure Functions deployment zip; [`client`]: `handler export`, a Bulk Data
-//!   client with progress; [`generate`]: synthetic demo data; [`synth`]: N rewritten copies of a
+//!   client with progress; [`load`]: `handler load`, uploads to a FHIR server; [`generate`]: synthetic demo data; [`synth`]: N rewritten copies of a
 //!   dataset.
 //! - [`os`]: the operating-system tricks (page-cache hints, direct I/O, thread scheduling class,
 //!   malloc arenas, the crash points' kill) behind a safe API; everything else denies `unsafe`.
@@ -44,6 +44,7 @@ pub mod fhir;
 pub mod generate;
 pub mod http;
 pub mod invoke;
+pub mod load;
 pub mod os;
 pub mod package;
 pub mod queue;

@@ -40,6 +40,10 @@ enum Command {
     },
     /// Run a Bulk Data export against BASE_URL (this server or any other) and download the files.
     Export(Box<ExportArgs>),
+    /// Upload NDJSON / Bundle files (or folders, or .gz of either), or generated demo data, to a
+    /// FHIR server: batch Bundles of PUT entries (an upsert by id), 4 at a time, retried on 429 and
+    /// 5xx. The token: --token, else for an https server the Azure sign-in (azd auth login).
+    Load(Box<LoadArgs>),
     /// Write N copies of a dataset, every id and reference rewritten per copy, as NDJSON per type.
     Synth {
         #[arg(long, required = true)]
@@ -83,6 +87,25 @@ enum DeidCommand {
         #[arg(long)]
         today: Option<chrono::NaiveDate>,
     },
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// The FHIR server's base URL.
+    fhir_url: String,
+    /// Files or folders to upload.
+    #[arg(long = "data", required_unless_present = "demo")]
+    data: Vec<PathBuf>,
+    /// Generate a demo population (as `handler serve --demo` does) and upload it.
+    #[arg(long, conflicts_with = "data")]
+    demo: bool,
+    /// Patients of the demo population.
+    #[arg(long, default_value_t = fhir_export::generate::DEMO_PATIENTS)]
+    patients: usize,
+    /// Bearer token sent with every request (default: for an https server, a token from the
+    /// Azure sign-in for {FHIR_URL}/.default).
+    #[arg(long, env = "FHIR_BEARER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Args)]
@@ -367,7 +390,63 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve(args) => serve(*args),
         Command::Export(args) => export(*args),
+        Command::Load(args) => load(*args),
     }
+}
+
+fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    use fhir_export::load::{LoadAuth, LoadOptions};
+    let demo_folder = tempfile::tempdir()?;
+    let paths = match args.demo {
+        true => {
+            let summary =
+                fhir_export::generate::write_ndjson(args.patients, 1, demo_folder.path())?;
+            println!("generated demo data: {summary}");
+            vec![demo_folder.path().to_path_buf()]
+        }
+        false => args.data,
+    };
+    let auth = match args.token.filter(|token| !token.trim().is_empty()) {
+        Some(token) => LoadAuth::Token(token),
+        None if args.fhir_url.starts_with("https://") => LoadAuth::Azure(
+            azure_identity::DeveloperToolsCredential::new(None)
+                .map_err(|e| anyhow::anyhow!("the Azure sign-in (azd auth login): {e}"))?,
+        ),
+        None => LoadAuth::None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let summary = runtime.block_on(fhir_export::load::run(LoadOptions {
+        base_url: args.fhir_url.clone(),
+        paths,
+        auth,
+    }))?;
+    let seconds = summary.elapsed.as_secs_f64();
+    println!(
+        "loaded {} resources into {} in {} Bundles, in {seconds:.1} s ({:.0} resources/s); {} retries",
+        summary.loaded,
+        args.fhir_url,
+        summary.bundles,
+        summary.loaded as f64 / seconds.max(1e-9),
+        summary.retries
+    );
+    for file in &summary.unreadable {
+        eprintln!("could not read {file}");
+    }
+    if summary.refused > 0 {
+        eprintln!(
+            "{} resources were refused by the server; the first: {}",
+            summary.refused,
+            summary.first_refusal.as_deref().unwrap_or("")
+        );
+    }
+    Ok(
+        match summary.refused == 0 && summary.unreadable.is_empty() {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::from(1),
+        },
+    )
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {

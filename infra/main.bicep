@@ -93,6 +93,9 @@ param accessControl string = 'entra'
 @description('With accessControl entra: the user (or group, or service principal) given the API\'s read role; azd passes the signed-in user (AZURE_PRINCIPAL_ID). Empty: assign the role yourself.')
 param principalId string = ''
 
+@description('With a FHIR service created here: give principalId FHIR Data Contributor on it, so that `handler load` can fill it with demo data.')
+param deployerLoadsData bool = true
+
 @description('What principalId is: User, Group or ServicePrincipal.')
 @allowed([
   'User'
@@ -158,6 +161,8 @@ module fhir 'modules/fhir.bicep' = if (empty(fhirServiceUrl)) {
     name: take(toLower('${name}${suffix}'), 24)
     location: location
     hostSuffix: fhirHostSuffix
+    contributorPrincipalId: deployerLoadsData ? principalId : ''
+    contributorPrincipalType: principalType
   }
 }
 

@@ -433,3 +433,147 @@ async fn organized_exports_from_medplum_equal_those_from_the_embedded_store() {
         }
     }
 }
+
+/// Resources per type on a FHIR server, counted by `_summary=count`.
+async fn counts_on(
+    client: &reqwest::Client,
+    base: &str,
+    types: impl Iterator<Item = String>,
+) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for resource_type in types {
+        let bundle =
+            common::get_json(client, &format!("{base}/{resource_type}?_summary=count")).await;
+        counts.insert(resource_type, bundle["total"].as_u64().unwrap());
+    }
+    counts
+}
+
+/// A proxy in front of `target` that answers every third request 429 and every fifth 503, and
+/// forwards the others with their bodies.
+async fn throttling_proxy(
+    target: String,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use warp::Filter;
+    let refused = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = std::sync::Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let upstream = reqwest::Client::new();
+    let route = {
+        let refused = refused.clone();
+        warp::method()
+            .and(warp::path::full())
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .and(warp::body::bytes())
+            .then(
+                move |method: warp::http::Method,
+                      path: warp::path::FullPath,
+                      query: String,
+                      body: bytes::Bytes| {
+                    let (refused, counter, upstream, target) = (
+                        refused.clone(),
+                        counter.clone(),
+                        upstream.clone(),
+                        target.clone(),
+                    );
+                    async move {
+                        let n = counter.fetch_add(1, Ordering::SeqCst);
+                        if n % 3 == 1 || n % 5 == 3 {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            let status = if n % 3 == 1 { 429 } else { 503 };
+                            return warp::http::Response::builder()
+                                .status(status)
+                                .header("Retry-After", "0")
+                                .body(b"{}".to_vec())
+                                .unwrap();
+                        }
+                        let url = match query.is_empty() {
+                            true => format!("{target}{}", path.as_str()),
+                            false => format!("{target}{}?{query}", path.as_str()),
+                        };
+                        let answer = upstream
+                            .request(method, url)
+                            .header("Content-Type", "application/fhir+json")
+                            .body(body)
+                            .send()
+                            .await
+                            .unwrap();
+                        warp::http::Response::builder()
+                            .status(answer.status().as_u16())
+                            .body(answer.bytes().await.unwrap().to_vec())
+                            .unwrap()
+                    }
+                },
+            )
+    };
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    (format!("http://{address}"), refused)
+}
+
+/// `handler load` uploads generated data to Medplum, the demo population too, through a proxy
+/// that throttles and fails requests: every resource stored once, counted per type by the server;
+/// a second load changes nothing (PUT by id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_load_stores_every_resource_once_through_throttling() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    let medplum = Medplum::start(&dir.path().join("empty"), &[]);
+    let client = client();
+    let generated = fhir_export::generate::write_ndjson(12, 7, &dir.path().join("data")).unwrap();
+    let (proxy, refused) = throttling_proxy(medplum.base.clone()).await;
+    let load = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+                .arg("load")
+                .args(args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let data = dir.path().join("data").to_str().unwrap().to_string();
+    for _ in 0..2 {
+        let output = load(vec![proxy.clone(), "--data".into(), data.clone()]).await;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("loaded {} resources", generated.total())),
+            "{stdout}"
+        );
+    }
+    assert!(
+        refused.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the proxy refused some"
+    );
+    let types = generated.counts.keys().cloned();
+    assert_eq!(
+        counts_on(&client, &medplum.base, types).await,
+        generated.counts
+    );
+
+    // The demo population, into a second server.
+    std::fs::create_dir(dir.path().join("empty-too")).unwrap();
+    let demo = Medplum::start(&dir.path().join("empty-too"), &[]);
+    let output = load(vec![
+        demo.base.clone(),
+        "--demo".into(),
+        "--patients".into(),
+        "10".into(),
+    ])
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let expected = fhir_export::generate::write_ndjson(10, 1, &dir.path().join("demo")).unwrap();
+    let types = expected.counts.keys().cloned();
+    assert_eq!(counts_on(&client, &demo.base, types).await, expected.counts);
+}

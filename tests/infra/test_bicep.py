@@ -415,3 +415,13 @@ def test_sas_downloads_need_client_ranges_that_storage_accepts():
     assert "empty(refusedRanges) ? rangesGiven : fail(" in text
     storage = main["modules"]["storage"]["config"]["params"]
     assert storage["downloadClientIpRanges"] == "downloadRanges"
+
+
+def test_the_deployer_may_load_data_into_the_fhir_service_created_here():
+    fhir = resources("modules/fhir.bicep")
+    contributor = fhir["contributor"]["config"]
+    assert "5a1fc7df-4bf1-4951-a576-89034ee01acd" in json.dumps(parsed("modules/fhir.bicep")["variables"])
+    assert contributor["config"]["scope"] == "fhir"
+    assert "contributorPrincipalId" in json.dumps(fhir["contributor"]["config"]["condition"])
+    params = parsed("main.bicep")["modules"]["fhir"]["config"]["params"]
+    assert "deployerLoadsData" in json.dumps(params["contributorPrincipalId"])

@@ -169,6 +169,36 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
     Ok(report)
 }
 
+/// Reads the resources of `paths` as an import would store them (`urn:uuid:` references resolved
+/// to `Type/id`), without a store: `handler load` sends them on to a FHIR server. `visit` gets each
+/// resource's type, id and JSON, and returns `false` to stop. A file that fails is reported; what
+/// `visit` was given of it before stays given.
+pub fn read_resources(
+    paths: &[PathBuf],
+    visit: &mut dyn FnMut(&str, &str, &[u8]) -> bool,
+) -> Vec<FileError> {
+    let mut failed = Vec::new();
+    let files = discover(paths, &mut failed);
+    let parser = Parser {
+        urns: collect_urns(&files),
+        import_time: Utc::now(),
+    };
+    for file in &files {
+        let mut emit =
+            |prepared: Prepared| visit(&prepared.resource_type, &prepared.id, &prepared.json);
+        match parser.parse_file(file, &mut emit) {
+            Ok(()) => {}
+            Err(Failure::Input { line, message }) => failed.push(FileError {
+                file: file.path.clone(),
+                line,
+                message,
+            }),
+            Err(Failure::Stopped) => break,
+        }
+    }
+    failed
+}
+
 /// The last import run, registered if it is not (its import died between committing its rows and
 /// registering them): from here on its rows are read.
 fn last_run(conn: &Connection) -> rusqlite::Result<i64> {

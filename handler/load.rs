@@ -2,7 +2,9 @@
 //! batch Bundles of `PUT Type/id` entries: an upsert by id, so a retried Bundle or a second load
 //! changes nothing. Bundles go out a few at a time; a Bundle refused whole with 429 or 5xx, or a
 //! connection error, is sent again with backoff (`Retry-After` honoured), and so are the entries
-//! a batch answers with 429 or 5xx; other refused entries are counted and named. Files are read as
+//! a batch answers with 429 or 5xx; other refused entries are counted and named. Until the server
+//! first stores something, 401 and 403 are waited out (a role assigned moments ago), for at most
+//! 10 minutes. Files are read as
 //! `handler import` reads them (`urn:uuid:` references resolved to `Type/id`), streamed, never
 //! held whole.
 
@@ -26,6 +28,9 @@ pub const BATCH_ENTRIES: usize = 100;
 pub const PARALLEL_BUNDLES: usize = 4;
 /// Sends of one Bundle (or of its entries a batch answered 429 or 5xx) before the load fails.
 const ATTEMPTS: u32 = 8;
+/// How long refusals (401, 403) are waited out before the server first stores something: a role
+/// assigned moments ago (FHIR Data Contributor at `azd up`) takes minutes to take effect.
+pub const ACCESS_WAIT: Duration = Duration::from_secs(600);
 
 /// Where the bearer token comes from.
 pub enum LoadAuth {
@@ -100,6 +105,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadSummary> {
         client,
         base,
         auth: options.auth,
+        access: AccessWait::default(),
     };
     let bundles = tokio_stream_of(receiver)
         .map(|entries| {
@@ -145,6 +151,25 @@ struct Uploader {
     client: reqwest::Client,
     base: String,
     auth: LoadAuth,
+    access: AccessWait,
+}
+
+/// Refusals waited out until the server first stores something, for at most [`ACCESS_WAIT`].
+#[derive(Default)]
+struct AccessWait {
+    granted: std::sync::atomic::AtomicBool,
+    first_refusal: std::sync::Mutex<Option<Instant>>,
+}
+
+impl AccessWait {
+    /// Whether a refusal now is still waited out.
+    fn waits(&self) -> bool {
+        if self.granted.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let mut first = self.first_refusal.lock().expect("not poisoned");
+        first.get_or_insert_with(Instant::now).elapsed() < ACCESS_WAIT
+    }
 }
 
 /// What one Bundle's entries came to.
@@ -217,7 +242,15 @@ impl Uploader {
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
                     let body = answer.bytes().await.unwrap_or_default();
-                    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                    let refused =
+                        status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+                    if refused && self.access.waits() {
+                        tracing::warn!(%status, "the FHIR server refuses the upload; waiting for the role to take effect");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        attempt = 0;
+                        continue;
+                    }
+                    if refused {
                         bail!(
                             "{}: the FHIR server refused the upload ({status}): {}; the identity needs write access (FHIR Data Contributor on Azure Health Data Services)",
                             self.base,
@@ -236,6 +269,9 @@ impl Uploader {
                             text_of(&body)
                         );
                     } else {
+                        self.access
+                            .granted
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                         let again = self.settle(&body, entries, &mut sent)?;
                         entries = again;
                         (entries.len(), "entries answered 429 or 5xx".into())

@@ -449,8 +449,9 @@ async fn counts_on(
     counts
 }
 
-/// A proxy in front of `target` that answers every third request 429 and every fifth 503, and
-/// forwards the others with their bodies.
+/// A proxy in front of `target` that answers 403 for its first 1.5 seconds (a role still
+/// propagating), then every third request 429 and every fifth 503, and forwards the others with
+/// their bodies.
 async fn throttling_proxy(
     target: String,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
@@ -461,6 +462,7 @@ async fn throttling_proxy(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let upstream = reqwest::Client::new();
+    let opened = Instant::now();
     let route = {
         let refused = refused.clone();
         warp::method()
@@ -479,6 +481,13 @@ async fn throttling_proxy(
                         target.clone(),
                     );
                     async move {
+                        if opened.elapsed() < Duration::from_millis(1500) {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            return warp::http::Response::builder()
+                                .status(403)
+                                .body(b"{}".to_vec())
+                                .unwrap();
+                        }
                         let n = counter.fetch_add(1, Ordering::SeqCst);
                         if n % 3 == 1 || n % 5 == 3 {
                             refused.fetch_add(1, Ordering::SeqCst);

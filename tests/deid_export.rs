@@ -764,3 +764,51 @@ async fn hostile_configurations_are_refused_at_kickoff_and_the_server_lives_on()
     .await;
     assert_eq!(manifest["output"][0]["count"], 100);
 }
+
+/// A de-identified export cancelled while it runs loses its per-export keys with it, as one that
+/// completes or fails does: nothing left can re-link or decrypt what it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_de_identified_export_keeps_no_keys() {
+    // Shards pause after a millisecond, so the export is still running when it is cancelled.
+    let server = start(&sample_store(), |s| {
+        s.shard_max_time = Some(Duration::from_millis(1));
+    })
+    .await;
+    put_config(
+        &server.exports,
+        "k.json",
+        &one_rule("Patient.name", "cryptoHash", ""),
+    );
+    let client = client();
+    let status = started(
+        &client,
+        &format!(
+            "{}/$export?_container=deid&_anonymizationConfig=k.json",
+            server.base
+        ),
+    )
+    .await;
+    let id = status.rsplit('/').next().unwrap().to_string();
+    let document = job_document(&server.exports, &id);
+    let running: Value = serde_json::from_slice(&published_file(&document).await).unwrap();
+    assert!(
+        running["deidentification"]["keys"]["crypto_hash"].is_string(),
+        "keys while it runs: {running}"
+    );
+    let cancelled = client.delete(&status).send().await.unwrap();
+    assert_eq!(cancelled.status(), 202);
+    // The local folder publishes a document within milliseconds of its write.
+    let mut ended = Value::Null;
+    for _ in 0..100 {
+        ended = serde_json::from_slice(&std::fs::read(&document).unwrap()).unwrap();
+        if ended["status"] == "cancelled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    assert!(
+        ended["deidentification"].get("keys").is_none(),
+        "keys kept after the cancel: {ended}"
+    );
+}

@@ -306,6 +306,20 @@ pub fn end(
     Change::Write(true)
 }
 
+/// Cancels a job, running or ended: cancelled from now on, and the keys of a de-identified export
+/// removed, as at any end. `Keep` when it was cancelled before. Gives the folder its files are in.
+pub fn cancel(job: &mut Job, now: DateTime<Utc>) -> Change<Option<String>> {
+    if job.status == JobStatus::Cancelled {
+        return Change::Keep(None);
+    }
+    job.status = JobStatus::Cancelled;
+    job.completed_at = Some(now);
+    if let Some(pinned) = &mut job.deidentification {
+        pinned.keys = None;
+    }
+    Change::Write(Some(job.output_folder.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,6 +572,78 @@ mod tests {
                 }
                 None => assert_eq!(found, before),
             }
+        }
+    }
+
+    #[test]
+    fn cancel_table() {
+        let keys = crate::deid::Keys {
+            date_shift: "d".into(),
+            crypto_hash: "c".into(),
+            encrypt: "e".into(),
+        };
+        for (status, cancels) in [
+            (JobStatus::Running, true),
+            (JobStatus::Completed, true),
+            (JobStatus::Failed, true),
+            (JobStatus::Cancelled, false),
+        ] {
+            let mut job = ended_job(status);
+            job.deidentification = Some(crate::export::deid::PinnedConfig {
+                etag: "\"1\"".into(),
+                keys: Some(keys.clone()),
+            });
+            let change = cancel(&mut job, at(7));
+            assert_eq!(
+                matches!(change, Change::Write(Some(ref f)) if f == "f"),
+                cancels,
+                "{status:?}"
+            );
+            if cancels {
+                assert_eq!(
+                    (job.status, job.completed_at),
+                    (JobStatus::Cancelled, Some(at(7)))
+                );
+                assert_eq!(
+                    job.deidentification.as_ref().unwrap().keys,
+                    None,
+                    "{status:?}"
+                );
+            }
+        }
+    }
+
+    fn ended_job(status: JobStatus) -> Job {
+        let mut job = running_job();
+        job.status = status;
+        job
+    }
+
+    fn running_job() -> Job {
+        let request = crate::export::ExportRequest::from_query(
+            crate::export::Level::System,
+            "",
+            false,
+            false,
+        )
+        .unwrap();
+        Job {
+            id: "j".into(),
+            request,
+            request_url: "u".into(),
+            base_url: "b".into(),
+            transaction_time: at(0),
+            output_folder: "f".into(),
+            scope: crate::source::PatientScope::All,
+            status: JobStatus::Running,
+            planned: true,
+            planned_at: Some(at(1)),
+            shards: Vec::new(),
+            failure: None,
+            failure_fault: None,
+            completed_at: None,
+            owner: None,
+            deidentification: None,
         }
     }
 

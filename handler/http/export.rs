@@ -334,15 +334,12 @@ pub async fn cancel(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
         return Err(unknown());
     }
     let mark_cancelled = || {
-        api.exports.jobs.update(id, |job| match job.status {
-            _ if !visible(job, caller) => Change::Keep(None),
-            JobStatus::Cancelled => Change::Keep(None),
-            _ => {
-                job.status = JobStatus::Cancelled;
-                job.completed_at = Some(chrono::Utc::now());
-                Change::Write(Some(job.output_folder.clone()))
-            }
-        })
+        api.exports
+            .jobs
+            .update(id, |job| match visible(job, caller) {
+                false => Change::Keep(None),
+                true => crate::export::state::cancel(job, chrono::Utc::now()),
+            })
     };
     let folder = match mark_cancelled().await {
         Err(crate::export::jobs::JobError::Storage(full)) if full.is_full() => {

@@ -196,8 +196,8 @@ module storage 'modules/storage.bicep' = {
   name: 'storage'
   params: {
     deidContainerName: deidContainer
-    hostAccountName: take('${name}host${suffix}', 24)
-    exportAccountName: take('${name}data${suffix}', 24)
+    hostAccountName: take(toLower('${name}host${suffix}'), 24)
+    exportAccountName: take(toLower('${name}data${suffix}'), 24)
     location: location
     exportIsDataLake: exportIsDataLake
     appSubnetId: network.outputs.appSubnetId

@@ -733,6 +733,12 @@ async fn storage_that_refuses_access_gives_an_operation_outcome() {
         "{diagnostics}"
     );
     assert!(!diagnostics.contains('<'), "raw XML: {diagnostics}");
+    // The client is told to come back: a role assigned at deployment takes minutes to apply.
+    assert_eq!(res["headers"]["retry-after"], "30", "{body}");
+    assert!(
+        diagnostics.contains("may not be in force yet"),
+        "{diagnostics}"
+    );
 
     let status = forwarded_status(&handler, "0123456789abcdef0123456789abcdef").await;
     assert_eq!(status.status(), 503);

@@ -11,6 +11,9 @@ pub const RETRY_BUSY_SECS: u32 = 10;
 
 /// `Retry-After` while the export storage is full: space comes back on an operator's time.
 pub const RETRY_FULL_SECS: u32 = 60;
+/// `Retry-After` when the export storage refuses or cannot be reached: a role assignment that has
+/// not reached it yet comes within minutes.
+pub const RETRY_UNAVAILABLE_SECS: u32 = 30;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -79,11 +82,14 @@ impl ApiError {
             Fault::Upstream => {
                 ApiError::new(StatusCode::BAD_GATEWAY, IssueType::Exception, message)
             }
+            // Storage that refuses (a role assigned moments ago) or cannot be reached: the
+            // client is told when to try again.
             Fault::Unavailable => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 IssueType::Transient,
                 message,
-            ),
+            )
+            .with_header(header::RETRY_AFTER, &RETRY_UNAVAILABLE_SECS.to_string()),
             Fault::Full => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 IssueType::Transient,

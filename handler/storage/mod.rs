@@ -39,7 +39,7 @@ pub enum StorageError {
     NotFound(String),
     #[error("invalid storage path {0:?}")]
     InvalidPath(String),
-    #[error("{path}: the storage account refused access ({detail}); the app's identity needs the Storage Blob Data Contributor role on the account, and the account's firewall must let the app in")]
+    #[error("{path}: the storage account refused access ({detail}); the app's identity needs the Storage Blob Data Contributor role on the account (a role assigned minutes ago may not be in force yet), and the account's firewall must let the app in")]
     Denied { path: String, detail: String },
     #[error("{path}: the storage request failed ({detail})")]
     Service { path: String, detail: String },

@@ -32,14 +32,22 @@ impl Drop for Handler {
     }
 }
 
-/// Starts `handler` as the Functions host does: no arguments, `FUNCTIONS_CUSTOMHANDLER_PORT` set.
-async fn start_handler(storage: &str, extra: &[(&str, &str)]) -> Handler {
-    let port = common::free_port();
+/// `handler` as the Functions host starts it: no arguments, a clean environment with
+/// `FUNCTIONS_CUSTOMHANDLER_PORT` set.
+fn as_the_host_starts_it(port: u16) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+        .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string());
+    command
+}
+
+/// Starts `handler` as the Functions host does: no arguments, `FUNCTIONS_CUSTOMHANDLER_PORT` set.
+async fn start_handler(storage: &str, extra: &[(&str, &str)]) -> Handler {
+    let port = common::free_port();
+    let mut command = as_the_host_starts_it(port);
+    command
         .env(
             "FHIR_SOURCE",
             format!("sqlite:{}", common::sample_store().display()),
@@ -1049,14 +1057,8 @@ async fn on_a_hierarchical_namespace_kickoffs_exports_cancel_and_retention_work(
 #[test]
 fn under_the_host_the_source_must_be_named_and_logs_go_to_stdout() {
     let run = |extra: &[(&str, &str)]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
+        let mut command = as_the_host_starts_it(common::free_port());
         command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env(
-                "FUNCTIONS_CUSTOMHANDLER_PORT",
-                common::free_port().to_string(),
-            )
             .env(
                 "EXPORT_STORAGE",
                 "http://127.0.0.1:9/devstoreaccount1?sv=x&sig=y",
@@ -1498,14 +1500,8 @@ async fn managed_identity_reaches_azurite_over_https_and_signs_downloads() {
     );
 
     // An older host: MSI_ENDPOINT alone.
-    let mut older = Command::new(env!("CARGO_BIN_EXE_handler"));
+    let mut older = as_the_host_starts_it(common::free_port());
     older
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "FUNCTIONS_CUSTOMHANDLER_PORT",
-            common::free_port().to_string(),
-        )
         .env(
             "FHIR_SOURCE",
             format!("sqlite:{}", common::sample_store().display()),

@@ -649,31 +649,7 @@ mod tests {
 
     #[test]
     fn a_job_ends_once() {
-        let request = crate::export::ExportRequest::from_query(
-            crate::export::Level::System,
-            "",
-            false,
-            false,
-        )
-        .unwrap();
-        let mut job = Job {
-            id: "j".into(),
-            request,
-            request_url: "u".into(),
-            base_url: "b".into(),
-            transaction_time: at(0),
-            output_folder: "f".into(),
-            scope: crate::source::PatientScope::All,
-            status: JobStatus::Running,
-            planned: true,
-            planned_at: Some(at(1)),
-            shards: Vec::new(),
-            failure: None,
-            failure_fault: None,
-            completed_at: None,
-            owner: None,
-            deidentification: None,
-        };
+        let mut job = running_job();
         let failure = Some(("shard 1 failed".to_string(), None));
         assert_eq!(
             written(end(&mut job, JobStatus::Failed, failure, at(5))),

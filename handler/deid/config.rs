@@ -510,6 +510,33 @@ fn strict_json(text: &str) -> Result<String, ConfigError> {
     Ok(out)
 }
 
+/// The keys the methods use; those a configuration leaves empty are filled by the caller (one
+/// random value per export).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Keys {
+    pub date_shift: String,
+    pub crypto_hash: String,
+    pub encrypt: String,
+}
+
+impl Keys {
+    /// The configuration's keys, each empty one replaced by a fresh random key.
+    pub fn for_export(config: &AnonymizationConfig) -> Keys {
+        let random = || {
+            use rand::Rng;
+            let bytes: [u8; 16] = rand::rng().random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let parameters = &config.parameters;
+        Keys {
+            date_shift: parameters.date_shift_key.clone().unwrap_or_else(random),
+            crypto_hash: parameters.crypto_hash_key.clone().unwrap_or_else(random),
+            // 32 hex characters: as UTF-8 bytes (the engine's reading) an AES-256 key.
+            encrypt: parameters.encrypt_key.clone().unwrap_or_else(random),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,22 +7,15 @@
 
 use chrono::NaiveDate;
 
-use super::config::{AnonymizationConfig, Method, OtherValues, ProcessingErrors, RangeType};
-use super::fhirpath::{self, Expr, Item};
-use super::methods;
+use super::config::{AnonymizationConfig, Keys, Method, ProcessingErrors};
+use super::fhirpath::{self, Item};
+use super::methods::{
+    self, is_visited, mark_visited, CompiledMethod, DeidError, MethodContext, Ops, ABSTRACT,
+    CRYPTO_HASH, ENCRYPT, GENERALIZE, PERTURB, REDACT, SUBSTITUTE,
+};
 use super::rule_path::{Matcher, RulePath};
-use super::tree::{InvalidInput, Tree, ROOT};
+use super::tree::{Tree, ROOT};
 use crate::fhir::json::Json;
-
-/// What a rule did somewhere in a resource, one bit a label.
-pub type Ops = u8;
-pub const REDACT: Ops = 1;
-pub const ABSTRACT: Ops = 2;
-pub const CRYPTO_HASH: Ops = 4;
-pub const ENCRYPT: Ops = 8;
-pub const PERTURB: Ops = 16;
-pub const SUBSTITUTE: Ops = 32;
-pub const GENERALIZE: Ops = 64;
 
 const OBSERVATION_VALUE: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
 
@@ -57,72 +50,12 @@ const LABELS: &[(Ops, Option<&str>, &str, &str)] = &[
     ),
 ];
 
-/// Why a resource could not be de-identified. Messages name paths and methods, never values.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DeidError {
-    #[error("the resource is not valid R4: {0}")]
-    InvalidInput(String),
-    #[error("de-identification failed: {0}")]
-    Processing(String),
-}
-
-impl From<InvalidInput> for DeidError {
-    fn from(error: InvalidInput) -> Self {
-        DeidError::InvalidInput(error.0)
-    }
-}
-
-/// The keys the methods use; those a configuration leaves empty are filled by the caller (one
-/// random value per export).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Keys {
-    pub date_shift: String,
-    pub crypto_hash: String,
-    pub encrypt: String,
-}
-
-impl Keys {
-    /// The configuration's keys, each empty one replaced by a fresh random key.
-    pub fn for_export(config: &AnonymizationConfig) -> Keys {
-        let random = || {
-            use rand::Rng;
-            let bytes: [u8; 16] = rand::rng().random();
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        };
-        let parameters = &config.parameters;
-        Keys {
-            date_shift: parameters.date_shift_key.clone().unwrap_or_else(random),
-            crypto_hash: parameters.crypto_hash_key.clone().unwrap_or_else(random),
-            // 32 hex characters: as UTF-8 bytes (the engine's reading) an AES-256 key.
-            encrypt: parameters.encrypt_key.clone().unwrap_or_else(random),
-        }
-    }
-}
-
 struct CompiledRule {
     /// The rule's path as configured (configuration text, never resource data).
     path: String,
     resource_type: String,
     matcher: Matcher,
     method: CompiledMethod,
-}
-
-pub(crate) enum CompiledMethod {
-    Keep,
-    Redact,
-    DateShift,
-    CryptoHash,
-    Encrypt,
-    Substitute(String),
-    Perturb {
-        span: f64,
-        range: RangeType,
-        round_to: u32,
-    },
-    Generalize {
-        cases: Vec<(Expr, Expr)>,
-        other_values: OtherValues,
-    },
 }
 
 pub struct Engine {
@@ -317,6 +250,15 @@ impl Engine {
         Ok(ops)
     }
 
+    /// What the methods read besides the node.
+    fn context(&self) -> MethodContext<'_> {
+        MethodContext {
+            keys: &self.keys,
+            parameters: &self.parameters,
+            today: self.today,
+        }
+    }
+
     fn process_recursively(
         &self,
         tree: &mut Tree,
@@ -327,7 +269,7 @@ impl Engine {
         if is_visited(visited, id) {
             return Ok(0);
         }
-        let mut ops = methods::apply(self, tree, id, method, visited)?;
+        let mut ops = methods::apply(&self.context(), tree, id, method, visited)?;
         mark_visited(visited, id);
         let mut at = 0;
         while let Some(&child) = tree.nodes[id].children.get(at) {
@@ -339,17 +281,6 @@ impl Engine {
         }
         Ok(ops)
     }
-}
-
-pub(crate) fn is_visited(visited: &[bool], id: usize) -> bool {
-    visited.get(id).copied().unwrap_or(false)
-}
-
-pub(crate) fn mark_visited(visited: &mut Vec<bool>, id: usize) {
-    if visited.len() <= id {
-        visited.resize(id + 1, false);
-    }
-    visited[id] = true;
 }
 
 /// Every node below `id`, a nested resource included but not what is inside it.

@@ -10,13 +10,9 @@ use hmac::{Hmac, Mac};
 use regex::Regex;
 use sha2::Sha256;
 
-use super::config::{OtherValues, RangeType};
-use super::engine::{
-    is_visited, mark_visited, CompiledMethod, DeidError, Engine, Ops, ABSTRACT, CRYPTO_HASH,
-    ENCRYPT, GENERALIZE, PERTURB, REDACT, SUBSTITUTE,
-};
-use super::fhirpath::{self, Item};
-use super::tree::Tree;
+use super::config::{Keys, OtherValues, Parameters, RangeType};
+use super::fhirpath::{self, Expr, Item};
+use super::tree::{InvalidInput, Tree};
 use crate::fhir::json::Json;
 use rust_decimal::{Decimal, RoundingStrategy};
 
@@ -32,8 +28,71 @@ const QUANTITY_TYPES: &[&str] = &[
     "SimpleQuantity",
 ];
 
+/// What a method reads besides the node: the export's keys, the configuration's parameters, and
+/// the date the over-89 rules count from.
+pub(crate) struct MethodContext<'a> {
+    pub keys: &'a Keys,
+    pub parameters: &'a Parameters,
+    pub today: NaiveDate,
+}
+
+/// What a rule did somewhere in a resource, one bit a label.
+pub type Ops = u8;
+pub const REDACT: Ops = 1;
+pub const ABSTRACT: Ops = 2;
+pub const CRYPTO_HASH: Ops = 4;
+pub const ENCRYPT: Ops = 8;
+pub const PERTURB: Ops = 16;
+pub const SUBSTITUTE: Ops = 32;
+pub const GENERALIZE: Ops = 64;
+
+/// Why a resource could not be de-identified. Messages name paths and methods, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeidError {
+    #[error("the resource is not valid R4: {0}")]
+    InvalidInput(String),
+    #[error("de-identification failed: {0}")]
+    Processing(String),
+}
+
+impl From<InvalidInput> for DeidError {
+    fn from(error: InvalidInput) -> Self {
+        DeidError::InvalidInput(error.0)
+    }
+}
+
+/// A rule's method, ready to apply.
+pub(crate) enum CompiledMethod {
+    Keep,
+    Redact,
+    DateShift,
+    CryptoHash,
+    Encrypt,
+    Substitute(String),
+    Perturb {
+        span: f64,
+        range: RangeType,
+        round_to: u32,
+    },
+    Generalize {
+        cases: Vec<(Expr, Expr)>,
+        other_values: OtherValues,
+    },
+}
+
+pub(crate) fn is_visited(visited: &[bool], id: usize) -> bool {
+    visited.get(id).copied().unwrap_or(false)
+}
+
+pub(crate) fn mark_visited(visited: &mut Vec<bool>, id: usize) {
+    if visited.len() <= id {
+        visited.resize(id + 1, false);
+    }
+    visited[id] = true;
+}
+
 pub(crate) fn apply(
-    engine: &Engine,
+    context: &MethodContext,
     tree: &mut Tree,
     id: usize,
     method: &CompiledMethod,
@@ -41,10 +100,10 @@ pub(crate) fn apply(
 ) -> Result<Ops, DeidError> {
     match method {
         CompiledMethod::Keep => Ok(0),
-        CompiledMethod::Redact => Ok(redact(engine, tree, id)),
-        CompiledMethod::DateShift => date_shift(engine, tree, id),
-        CompiledMethod::CryptoHash => Ok(crypto_hash(engine, tree, id)),
-        CompiledMethod::Encrypt => encrypt(engine, tree, id),
+        CompiledMethod::Redact => Ok(redact(context, tree, id)),
+        CompiledMethod::DateShift => date_shift(context, tree, id),
+        CompiledMethod::CryptoHash => Ok(crypto_hash(context, tree, id)),
+        CompiledMethod::Encrypt => encrypt(context, tree, id),
         CompiledMethod::Substitute(replace_with) => substitute(tree, id, replace_with, visited),
         CompiledMethod::Perturb {
             span,
@@ -240,7 +299,7 @@ fn over_threshold(parts: &DateParts, today: NaiveDate) -> bool {
     today.year() - year - i32::from(before_birthday) > AGE_THRESHOLD
 }
 
-fn redact(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
+fn redact(context: &MethodContext, tree: &mut Tree, id: usize) -> Ops {
     let node = &tree.nodes[id];
     let reads_the_value = matches!(node.ty, "date" | "dateTime" | "instant" | "decimal")
         || node.name().eq_ignore_ascii_case("postalCode");
@@ -257,10 +316,10 @@ fn redact(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
     let Some(text) = value_text(tree, id) else {
         return 0;
     };
-    let parameters = &engine.parameters;
+    let parameters = &context.parameters;
     match tree.nodes[id].ty {
-        "date" => redact_date(tree, id, &text, false, engine),
-        "dateTime" | "instant" => redact_date(tree, id, &text, true, engine),
+        "date" => redact_date(tree, id, &text, false, context),
+        "dateTime" | "instant" => redact_date(tree, id, &text, true, context),
         "decimal" if parent_type(tree, id) == Some("Age") => {
             if !parameters.enable_partial_ages_for_redact
                 || text
@@ -272,7 +331,7 @@ fn redact(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
             REDACT
         }
         _ if tree.nodes[id].name().eq_ignore_ascii_case("postalCode") => {
-            redact_postal_code(engine, tree, id, &text)
+            redact_postal_code(context, tree, id, &text)
         }
         _ => {
             set_none(tree, id);
@@ -285,13 +344,19 @@ fn parent_type<'t>(tree: &'t Tree, id: usize) -> Option<&'t str> {
     tree.nodes[id].parent.map(|parent| tree.nodes[parent].ty)
 }
 
-fn redact_date(tree: &mut Tree, id: usize, text: &str, with_time: bool, engine: &Engine) -> Ops {
-    if !engine.parameters.enable_partial_dates_for_redact {
+fn redact_date(
+    tree: &mut Tree,
+    id: usize,
+    text: &str,
+    with_time: bool,
+    context: &MethodContext,
+) -> Ops {
+    if !context.parameters.enable_partial_dates_for_redact {
         set_none(tree, id);
         return REDACT;
     }
     if let Some(parts) = date_parts(text, with_time) {
-        match over_threshold(&parts, engine.today) {
+        match over_threshold(&parts, context.today) {
             true => set_none(tree, id),
             false => {
                 let year = parts.year.to_string();
@@ -302,8 +367,8 @@ fn redact_date(tree: &mut Tree, id: usize, text: &str, with_time: bool, engine: 
     REDACT
 }
 
-fn redact_postal_code(engine: &Engine, tree: &mut Tree, id: usize, text: &str) -> Ops {
-    let parameters = &engine.parameters;
+fn redact_postal_code(context: &MethodContext, tree: &mut Tree, id: usize, text: &str) -> Ops {
+    let parameters = &context.parameters;
     if !parameters.enable_partial_zip_codes_for_redact {
         set_none(tree, id);
         return REDACT;
@@ -342,7 +407,7 @@ pub fn date_shift_offset(prefix: &str, key: &str) -> i64 {
     offset - 50
 }
 
-fn date_shift(engine: &Engine, tree: &mut Tree, id: usize) -> Result<Ops, DeidError> {
+fn date_shift(context: &MethodContext, tree: &mut Tree, id: usize) -> Result<Ops, DeidError> {
     let Some(text) = value_text(tree, id) else {
         return Ok(0);
     };
@@ -354,10 +419,10 @@ fn date_shift(engine: &Engine, tree: &mut Tree, id: usize) -> Result<Ops, DeidEr
     let Some(parts) = date_parts(&text, with_time) else {
         return Ok(0);
     };
-    if parts.day.is_none() || over_threshold(&parts, engine.today) {
-        return Ok(redact_date(tree, id, &text, with_time, engine));
+    if parts.day.is_none() || over_threshold(&parts, context.today) {
+        return Ok(redact_date(tree, id, &text, with_time, context));
     }
-    let offset = match engine.parameters.date_shift_fixed_offset_in_days {
+    let offset = match context.parameters.date_shift_fixed_offset_in_days {
         Some(days) => i64::from(days),
         None => {
             let root = tree.root_of(id);
@@ -366,7 +431,7 @@ fn date_shift(engine: &Engine, tree: &mut Tree, id: usize) -> Result<Ops, DeidEr
                 .next()
                 .and_then(|node| tree.nodes[node].text().map(|t| t.into_owned()))
                 .unwrap_or_default();
-            date_shift_offset(&prefix, &engine.keys.date_shift)
+            date_shift_offset(&prefix, &context.keys.date_shift)
         }
     };
     let part = |text: Option<&str>| text.and_then(|t| t.parse::<u32>().ok()).unwrap_or(1);
@@ -487,11 +552,11 @@ fn relative_reference(reference: &str) -> Option<(&str, &str, Option<&str>)> {
     (known && is_id(id)).then_some((ty, id, version))
 }
 
-fn crypto_hash(engine: &Engine, tree: &mut Tree, id: usize) -> Ops {
+fn crypto_hash(context: &MethodContext, tree: &mut Tree, id: usize) -> Ops {
     let Some(text) = value_text(tree, id) else {
         return 0;
     };
-    let key = engine.keys.crypto_hash.as_str();
+    let key = context.keys.crypto_hash.as_str();
     let is_reference = tree.nodes[id].name().eq_ignore_ascii_case("reference")
         && parent_type(tree, id).is_some_and(|ty| ty.eq_ignore_ascii_case("Reference"));
     let hashed = match is_reference {
@@ -556,11 +621,11 @@ pub fn decrypt_text(encoded: &str, key: &[u8]) -> Option<String> {
     String::from_utf8(plain.to_vec()).ok()
 }
 
-fn encrypt(engine: &Engine, tree: &mut Tree, id: usize) -> Result<Ops, DeidError> {
+fn encrypt(context: &MethodContext, tree: &mut Tree, id: usize) -> Result<Ops, DeidError> {
     let Some(text) = value_text(tree, id) else {
         return Ok(0);
     };
-    let encrypted = encrypt_text(&text, engine.keys.encrypt.as_bytes())?;
+    let encrypted = encrypt_text(&text, context.keys.encrypt.as_bytes())?;
     set_string(tree, id, &encrypted);
     Ok(ENCRYPT)
 }

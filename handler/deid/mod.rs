@@ -10,5 +10,6 @@ pub mod r4;
 pub mod rule_path;
 pub mod tree;
 
-pub use config::{AnonymizationConfig, ConfigError};
-pub use engine::{DeidError, Engine, Keys};
+pub use config::{AnonymizationConfig, ConfigError, Keys};
+pub use engine::Engine;
+pub use methods::DeidError;

@@ -1,7 +1,7 @@
 """Offline checks of infra/: every Bicep file parses (tree-sitter-bicep), and the parsed structure
 (pycep-parser) keeps the promises of the deployment: identity only, shared keys off, a firewall
 that denies by default, least-privilege roles, the custom runtime, and every setting the handler
-reads set as an app setting, the same list as README.md's table."""
+reads set as an app setting, the same list as the table of docs/configuration.md."""
 
 import json
 import re
@@ -62,9 +62,9 @@ def settings_in(value) -> dict:
     }
 
 
-def readme_table(heading: str) -> list[str]:
-    """The first column (backquoted names) of the table under a README heading."""
-    text = (ROOT / "README.md").read_text()
+def settings_table(heading: str) -> list[str]:
+    """The first column (backquoted names) of the table under a heading of docs/configuration.md."""
+    text = (ROOT / "docs" / "configuration.md").read_text()
     section = text.split(heading, 1)[1]
     names = []
     started = False
@@ -300,16 +300,16 @@ def test_no_identity_the_app_lacks_and_no_suffix_assumed():
 
 def test_bicep_and_readme_name_the_same_settings():
     handler, host, module = app_settings()
-    assert sorted(handler) == sorted(readme_table("### Handler settings"))
-    assert sorted({**host, **module}) == sorted(readme_table("### Function App settings for the Functions host"))
+    assert sorted(handler) == sorted(settings_table("## Handler settings"))
+    assert sorted({**host, **module}) == sorted(settings_table("## Function App settings for the Functions host"))
 
 
 def test_every_setting_the_handler_reads_is_in_the_readme():
     main_rs = (ROOT / "handler" / "main.rs").read_text()
     app_rs = (ROOT / "handler" / "app.rs").read_text()
     read = set(re.findall(r'env = "([A-Z_]+)"', main_rs)) | set(re.findall(r'std::env::var(?:_os)?\("([A-Z_]+)"\)', main_rs + app_rs))
-    documented = (set(readme_table("### Handler settings")) | set(readme_table("### Local service only"))
-                  | set(readme_table("### Remote source with OAuth client credentials")))
+    documented = (set(settings_table("## Handler settings")) | set(settings_table("## Local service only"))
+                  | set(settings_table("## Remote source with OAuth client credentials")))
     documented.add("FUNCTIONS_CUSTOMHANDLER_PORT")  # set by the host
     documented.add("WEBSITE_HOSTNAME")  # set by App Service: the app's default host name
     documented.add("WEBSITE_INSTANCE_ID")  # set by App Service: running in Azure
@@ -317,8 +317,8 @@ def test_every_setting_the_handler_reads_is_in_the_readme():
     documented.add("FHIR_BEARER_TOKEN")  # the `export` client's token, not a service setting
     assert read, "no settings found in the source"
     assert read <= documented, read - documented
-    not_in_azure = set(readme_table("### Local service only")) | set(
-        readme_table("### Remote source with OAuth client credentials"))
+    not_in_azure = set(settings_table("## Local service only")) | set(
+        settings_table("## Remote source with OAuth client credentials"))
     handler, _, _ = app_settings()
     assert not not_in_azure & set(handler), "a local-only setting or a secret in the app settings"
 

@@ -655,7 +655,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         if !args.data.is_empty() && !import_files(store, &args.data)? {
             anyhow::bail!("some --data files could not be imported; nothing served");
         }
-        if args.demo && store.count()? == 0 {
+        if args.demo && store.stored_resources()? == 0 {
             let folder = PathBuf::from("./demo-data");
             let summary = fhir_export::generate::write_ndjson(
                 fhir_export::generate::DEMO_PATIENTS,
@@ -673,7 +673,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let (app, receiver) = App::open_local(settings)?;
         // Counted before the port opens: a client that connects is answered at once.
         let serving = match &store {
-            Some(store) => format!("{} resources", store.count()?),
+            Some(store) => format!("{} resources", store.stored_resources()?),
             None => format!("the FHIR server {}", args.store.source),
         };
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port))).await?;

@@ -582,7 +582,7 @@ fn type_statistics_follow_the_rows_through_imports_and_failures() {
         "a recount leaves bytes unknown"
     );
     assert_eq!(
-        reopened.count().unwrap(),
+        reopened.stored_resources().unwrap(),
         counted.iter().map(|s| s.1 as u64).sum::<u64>()
     );
 }

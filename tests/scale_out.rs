@@ -182,7 +182,7 @@ fn dense_store(dir: &Path) -> (PathBuf, usize) {
     let store = EmbeddedStore::open(&path).unwrap();
     let report = import::import(&store, &[generated]).unwrap();
     assert!(report.failed.is_empty());
-    let count = store.count().unwrap() as usize;
+    let count = store.stored_resources().unwrap() as usize;
     (path, count)
 }
 

@@ -11,8 +11,8 @@ use super::state;
 use super::{worker, ExportError, ExportRequest, Exports, Level, RequestError};
 use crate::fault::Fault;
 use crate::fhir::compartment::patient_id_of;
+use crate::fhir::is_valid_id;
 use crate::queue::{enqueue_shards, WorkMessage};
-use crate::source::import::is_valid_id;
 use crate::source::{Part, PatientScope, PlanRequest, ResourceSource};
 
 /// Starts an export for `owner` (the caller, when tokens are checked); returns the recorded job.

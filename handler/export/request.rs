@@ -445,7 +445,7 @@ impl ExportRequest {
         for reference in value.split(',').map(str::trim) {
             let id = reference
                 .strip_prefix("Patient/")
-                .filter(|id| crate::source::import::is_valid_id(id))
+                .filter(|id| crate::fhir::is_valid_id(id))
                 .ok_or_else(|| {
                     invalid(
                         name,

@@ -9,4 +9,4 @@ pub mod search;
 pub mod types;
 
 pub use outcome::{IssueType, OperationOutcome};
-pub use types::is_resource_type;
+pub use types::{is_resource_type, is_valid_id};

@@ -7,28 +7,21 @@ use serde::Serialize;
 #[serde(rename_all = "kebab-case")]
 pub enum IssueType {
     Invalid,
-    Required,
-    Value,
     NotSupported,
     NotFound,
-    Processing,
     Exception,
     Timeout,
     Throttled,
     Transient,
     Forbidden,
-    Security,
     Login,
-    Deleted,
     Informational,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
-    Fatal,
     Error,
-    Warning,
     Information,
 }
 

@@ -153,9 +153,25 @@ pub fn is_resource_type(name: &str) -> bool {
     R4_RESOURCE_TYPES.binary_search(&name).is_ok()
 }
 
+/// FHIR `id`: 1 to 64 of `A-Z a-z 0-9 - .`
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_follow_the_fhir_rule() {
+        assert!(is_valid_id("a-1.B"));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("a/b"));
+        assert!(!is_valid_id(&"x".repeat(65)));
+    }
 
     #[test]
     fn list_is_sorted_for_binary_search() {

@@ -40,7 +40,7 @@ pub async fn read(
 ) -> Result<Response, ApiError> {
     let missing =
         || ApiError::not_found(format!("{resource_type}/{id} is not known to this server"));
-    if !crate::source::import::is_valid_id(id) {
+    if !crate::fhir::types::is_valid_id(id) {
         return Err(missing());
     }
     let (source, t, i) = (source.clone(), resource_type.to_string(), id.to_string());
@@ -99,7 +99,7 @@ fn parse(resource_type: &str, query: &str) -> Result<Search, ApiError> {
                 continue;
             }
             "_cursor" => {
-                if !crate::source::import::is_valid_id(&value) {
+                if !crate::fhir::types::is_valid_id(&value) {
                     return Err(invalid(
                         "_cursor",
                         format!("_cursor={value:?} is not a position this server wrote"),
@@ -159,7 +159,7 @@ pub async fn search(
     let search = parse(resource_type, query)?;
     let scope = match compartment {
         None => PatientScope::All,
-        Some(patient) if crate::source::import::is_valid_id(patient) => {
+        Some(patient) if crate::fhir::types::is_valid_id(patient) => {
             PatientScope::Only(vec![patient.to_string()])
         }
         Some(patient) => {

@@ -189,8 +189,8 @@ impl EmbeddedStore {
         }
     }
 
-    /// Number of stored resources.
-    pub fn count(&self) -> Result<u64, SourceError> {
+    /// How many resources the store holds, every type (a scan's count is `ResourceSource::count`).
+    pub fn stored_resources(&self) -> Result<u64, SourceError> {
         self.planning(|conn| match type_stats(conn).map_err(|e| self.error(e))? {
             Some(stats) => Ok(stats.values().map(|s| s.resources).sum()),
             None => conn

@@ -1,4 +1,5 @@
-//! Where resources are read from: the `ResourceSource` trait and the embedded SQLite store.
+//! Where resources are read from: the `ResourceSource` trait, the embedded SQLite store (with its
+//! importer), and a FHIR server over REST.
 
 pub mod embedded;
 pub mod import;

@@ -1,4 +1,5 @@
-//! Where export files and job state go: the `ObjectStore` trait, the local folder, the rolling NDJSON writer.
+//! Where export files and job state go: the `ObjectStore` trait, the local folder and Azure Blob
+//! (the official SDK), the rolling NDJSON writer.
 //!
 //! Paths are `container/name/...`: plain segments, no `.`/`..`, no empty segment, no backslash.
 //! Objects written through an `ObjectWriter` become visible only when committed.

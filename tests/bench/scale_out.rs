@@ -518,7 +518,7 @@ fn data(scratch: &Path, copies: u32) -> (PathBuf, usize) {
     std::fs::remove_dir_all(&synthesized).unwrap();
     let count = fhir_export::source::EmbeddedStore::open(&store)
         .unwrap()
-        .count()
+        .stored_resources()
         .unwrap() as usize;
     (store, count)
 }

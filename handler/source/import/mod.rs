@@ -22,7 +22,7 @@ use super::read_once::ReadOnce;
 use super::{tuning, EmbeddedStore, SourceError};
 use crate::fhir::compartment;
 use crate::fhir::json::Json;
-use crate::fhir::types::is_resource_type;
+use crate::fhir::types::{is_resource_type, is_valid_id};
 
 /// What went wrong with one input file; nothing of that file was imported.
 #[derive(Debug, Clone)]
@@ -235,26 +235,10 @@ fn known_urns(conn: &Connection) -> rusqlite::Result<HashMap<String, String>> {
     rows.collect()
 }
 
-/// FHIR `id`: 1 to 64 of `A-Z a-z 0-9 - .`
-pub fn is_valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::DateTime;
-
-    #[test]
-    fn ids_follow_the_fhir_rule() {
-        assert!(is_valid_id("a-1.B"));
-        assert!(!is_valid_id(""));
-        assert!(!is_valid_id("a/b"));
-        assert!(!is_valid_id(&"x".repeat(65)));
-    }
 
     #[test]
     fn a_line_kept_as_is_is_read_like_a_parsed_one() {

@@ -715,3 +715,61 @@ async fn organized_shards_paused_between_batches_write_each_resource_once() {
     );
     assert!(paused == whole, "the same blocks");
 }
+
+/// One policy for a failed export's files, whoever fails it: an export the sweeper fails at the
+/// restart cap loses its finished shards' files at once, as one its worker fails does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_the_sweeper_fails_at_the_cap_keeps_no_files() {
+    use fhir_export::export::jobs::Change;
+    use fhir_export::export::state::ShardState;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(LocalFolder::open(dir.path()).unwrap());
+    let binding = Arc::new(Binding::default());
+    let app = exports_on(
+        &common::sample_store(),
+        storage.clone(),
+        binding.clone(),
+        None,
+        |s| s.max_attempts = 1,
+    );
+    let exports = &app.exports;
+    let job = start(exports, "_type=Patient,Condition").await;
+    for message in binding.take() {
+        worker::handle_message(exports, &message).await.unwrap();
+    }
+    let (job, _) = exports.jobs.load(&job.id).await.unwrap().unwrap();
+    let index_of = |resource_type: &str| {
+        job.shards
+            .iter()
+            .position(|shard| shard.resource_type == resource_type)
+            .unwrap()
+    };
+    assert_eq!(binding.take().len(), 2, "the two shards sent");
+    // Patient's shard runs to its end: its file is written.
+    worker::handle_message(exports, &WorkMessage::shard(&job.id, index_of("Patient")))
+        .await
+        .unwrap();
+    assert!(!storage.list(&job.output_folder).await.unwrap().is_empty());
+    // Condition's shard: claimed by a worker that went silent, at its last attempt.
+    let silent = chrono::Utc::now() - chrono::Duration::hours(1);
+    exports
+        .jobs
+        .update_shard(
+            &job.id,
+            index_of("Condition"),
+            &ShardState::queued_at(silent),
+            |shard| {
+                shard.status = ShardStatus::Running;
+                shard.attempts = 1;
+                shard.heartbeat = silent;
+                Change::Write(())
+            },
+        )
+        .await
+        .unwrap();
+    exports.sweep_stale().await.unwrap();
+    let (ended, _) = exports.jobs.load(&job.id).await.unwrap().unwrap();
+    assert_eq!(ended.status, JobStatus::Failed, "{:?}", ended.failure);
+    let left = storage.list(&job.output_folder).await.unwrap();
+    assert!(left.is_empty(), "files of a failed export kept: {left:?}");
+}

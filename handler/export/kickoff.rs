@@ -168,15 +168,7 @@ async fn fail_planning(
     exports
         .jobs
         .update(job_id, |job| {
-            if job.planned {
-                return Change::Keep(false);
-            }
-            state::end(
-                job,
-                JobStatus::Failed,
-                Some((failure.clone(), Some(fault))),
-                Utc::now(),
-            )
+            state::fail_planning(job, (failure.clone(), Some(fault)), Utc::now())
         })
         .await?;
     Ok(())

@@ -3,12 +3,14 @@
 
 pub mod blocks;
 pub mod deid;
+pub mod ending;
 pub mod jobs;
 pub mod kickoff;
 pub mod manifest;
 pub mod pages;
 pub mod recovery;
 pub mod request;
+pub mod running;
 pub mod state;
 pub mod worker;
 
@@ -32,6 +34,8 @@ pub struct Exports {
     pub jobs: JobStore,
     pub queue: Arc<dyn WorkQueue>,
     pub limits: Arc<Limits>,
+    /// The shards this process runs, which a job that ends here stops.
+    pub running: Arc<running::RunningShards>,
 }
 
 impl Exports {
@@ -48,6 +52,7 @@ impl Exports {
             storage,
             queue,
             limits: Arc::new(limits),
+            running: Arc::new(running::RunningShards::default()),
         }
     }
 

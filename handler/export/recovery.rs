@@ -123,7 +123,7 @@ impl Exports {
                 }
                 Some(Sweep::Send) => swept.send.push(index),
                 Some(Sweep::FailsJob(failure)) => {
-                    if self.jobs.fail(id, &failure, None).await? {
+                    if self.fail_job(id, &failure, None).await? {
                         tracing::warn!(job_id = %id, %failure, "export failed: a shard passed the restart cap");
                         swept.failed = true;
                     }

@@ -306,6 +306,19 @@ pub fn end(
     Change::Write(true)
 }
 
+/// Fails a job that could not be planned: only while no plan is recorded (a planning delivered
+/// again after another recorded its plan changes nothing).
+pub fn fail_planning(
+    job: &mut Job,
+    failure: (String, Option<crate::fault::Fault>),
+    now: DateTime<Utc>,
+) -> Change<bool> {
+    if job.planned {
+        return Change::Keep(false);
+    }
+    end(job, JobStatus::Failed, Some(failure), now)
+}
+
 /// Cancels a job, running or ended: cancelled from now on, and the keys of a de-identified export
 /// removed, as at any end. `Keep` when it was cancelled before. Gives the folder its files are in.
 pub fn cancel(job: &mut Job, now: DateTime<Utc>) -> Change<Option<String>> {
@@ -609,6 +622,24 @@ mod tests {
                     None,
                     "{status:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn planning_failure_table() {
+        for (planned, status, fails) in [
+            (false, JobStatus::Running, true),
+            (true, JobStatus::Running, false),
+            (false, JobStatus::Cancelled, false),
+        ] {
+            let mut job = ended_job(status);
+            job.planned = planned;
+            let change = fail_planning(&mut job, ("no source".into(), None), at(3));
+            assert_eq!(written(change), (fails, fails), "{planned} {status:?}");
+            if fails {
+                assert_eq!(job.status, JobStatus::Failed);
+                assert_eq!(job.failure.as_deref(), Some("no source"));
             }
         }
     }

@@ -2,7 +2,6 @@
 //! record the outputs and mark it done; a worker that then finds every shard done writes the
 //! manifest (create-only, so two that both find it write one).
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use tracing::Instrument;
 
 use super::blocks::BlockShard;
 use super::jobs::{Change, Job, JobError, JobStatus, Versioned};
+use super::running::{Stop, StopSignal};
 use super::state::{self, Beat, Claim, Failure, ShardState, ShardStatus};
 use super::{manifest, ExportError, Exports};
 use crate::fhir::elements::subset;
@@ -145,7 +145,7 @@ async fn run_claimed(
     // The heartbeat lives exactly as long as the shard's work: a shard that ends in any way (an
     // error, a panic, a dropped future) stops beating, so the sweeper can take it back.
     let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(owner.clone(), stop.clone())));
-    let running = RunningShard::register(&task.job_id, stop.clone());
+    let running = exports.running.register(&task.job_id, stop.clone());
     let written = write_files(exports, job, task.shard, &resume, owner, stop).await;
     drop(running);
     drop(heartbeat);
@@ -251,79 +251,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Whether a running shard goes on, set by its heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum Stop {
-    KeepGoing,
-    /// The export was cancelled or failed: the shard's files go.
-    JobStopped,
-    /// The sweeper gave the shard to another worker, which writes the same files: they stay.
-    TakenOver,
-}
-
-/// A `Stop` shared between the heartbeat and the writing thread.
-#[derive(Default)]
-struct StopSignal(AtomicU8);
-
-impl StopSignal {
-    fn get(&self) -> Stop {
-        match self.0.load(Ordering::Relaxed) {
-            0 => Stop::KeepGoing,
-            1 => Stop::JobStopped,
-            _ => Stop::TakenOver,
-        }
-    }
-
-    fn set(&self, stop: Stop) {
-        self.0.store(stop as u8, Ordering::Relaxed);
-    }
-}
-
-/// The shards this process is running, by job.
-static RUNNING: std::sync::Mutex<Vec<(String, Arc<StopSignal>)>> =
-    std::sync::Mutex::new(Vec::new());
-
-/// A running shard's entry in `RUNNING`, removed when dropped.
-struct RunningShard(Arc<StopSignal>);
-
-impl RunningShard {
-    fn register(job_id: &str, stop: Arc<StopSignal>) -> RunningShard {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        running.push((job_id.to_string(), stop.clone()));
-        RunningShard(stop)
-    }
-}
-
-impl Drop for RunningShard {
-    fn drop(&mut self) {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        running.retain(|(_, stop)| !Arc::ptr_eq(stop, &self.0));
-    }
-}
-
-/// Stops this process's running shards of a job and waits (at most 10 s) until each has removed
-/// its files: a job cancelled or failed has nothing of it left behind here. Shards on other
-/// instances notice at their next heartbeat; their unfinished blobs never become visible.
-pub async fn stop_local_shards(job_id: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let stopping = {
-            let running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-            let mut stopping = 0;
-            for (_, stop) in running.iter().filter(|(job, _)| job == job_id) {
-                stop.set(Stop::JobStopped);
-                stopping += 1;
-            }
-            stopping
-        };
-        if stopping == 0 || std::time::Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -735,14 +662,7 @@ async fn record_failure(
                 .await?;
         }
         Failure::FailsJob(failure) => {
-            // Before the failure shows: this process's other shards of the job let go of their files.
-            stop_local_shards(&task.job_id).await;
-            if exports.jobs.fail(&job.id, &failure, None).await? {
-                let folder = &job.output_folder;
-                if let Err(error) = exports.storage.delete_prefix(folder).await {
-                    tracing::warn!(%error, %folder, "could not remove the files of a failed export");
-                }
-            }
+            exports.fail_job(&job.id, &failure, None).await?;
         }
         Failure::Ignored => {}
     }
@@ -756,13 +676,7 @@ async fn fail_job_now(
     message: &str,
     fault: crate::fault::Fault,
 ) -> Result<(), ExportError> {
-    stop_local_shards(&job.id).await;
-    if exports.jobs.fail(&job.id, message, Some(fault)).await? {
-        let folder = &job.output_folder;
-        if let Err(error) = exports.storage.delete_prefix(folder).await {
-            tracing::warn!(%error, %folder, "could not remove the files of a failed export");
-        }
-    }
+    exports.fail_job(&job.id, message, Some(fault)).await?;
     Ok(())
 }
 
@@ -784,7 +698,7 @@ async fn fail_for_want_of_space(
     if job.status != JobStatus::Running {
         return Ok(());
     }
-    stop_local_shards(&task.job_id).await;
+    exports.running.stop(&task.job_id).await;
     exports.storage.delete_prefix(&job.output_folder).await?;
     let failure = format!("{full}; the export's files were removed to make room");
     exports.jobs.fail(&task.job_id, &failure, None).await?;

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::auth::{AuthError, Caller};
 use crate::config::FileUrls;
-use crate::export::jobs::{is_job_id, Change, JobStatus, JOBS_CONTAINER};
+use crate::export::jobs::{is_job_id, JobStatus, JOBS_CONTAINER};
 use crate::export::request::{check_headers, is_lenient, wants_separate_status, KickoffHeaders};
 use crate::export::{kickoff, pages, ExportRequest, Level};
 use crate::fault::Fault;
@@ -329,51 +329,14 @@ async fn with_signed_urls(api: &Api, base_url: &str, manifest: &[u8]) -> Result<
 }
 
 pub async fn cancel(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Response, ApiError> {
+    use crate::export::ending::Cancelled;
     let unknown = || unknown_job(id);
     if !is_job_id(id) {
         return Err(unknown());
     }
-    let mark_cancelled = || {
-        api.exports
-            .jobs
-            .update(id, |job| match visible(job, caller) {
-                false => Change::Keep(None),
-                true => crate::export::state::cancel(job, chrono::Utc::now()),
-            })
-    };
-    let folder = match mark_cancelled().await {
-        Err(crate::export::jobs::JobError::Storage(full)) if full.is_full() => {
-            // No room to record the cancel: the export's files go first, which makes room, then
-            // the record; should even that fail, the job's state goes too (a cancelled export is
-            // gone either way).
-            let job = match api.exports.jobs.load(id).await? {
-                Some((job, _)) if visible(&job, caller) && job.status != JobStatus::Cancelled => {
-                    job
-                }
-                _ => return Err(unknown()),
-            };
-            api.exports
-                .storage
-                .delete_prefix(&job.output_folder)
-                .await?;
-            match mark_cancelled().await {
-                Err(crate::export::jobs::JobError::Storage(still)) if still.is_full() => {
-                    tracing::warn!(
-                        job_id = id,
-                        "storage full: the cancelled export's state removed"
-                    );
-                    api.exports.jobs.delete(id).await?;
-                }
-                other => {
-                    other?;
-                }
-            }
-            job.output_folder
-        }
-        Err(crate::export::jobs::JobError::Corrupt { .. }) => {
-            // Its folder and owner cannot be read: its state goes, so it stops troubling anyone.
-            api.exports.jobs.delete(id).await?;
-            tracing::warn!(job_id = id, "unreadable job document deleted on cancel");
+    match api.exports.cancel_job(id, |job| visible(job, caller)).await? {
+        Cancelled::Unknown => return Err(unknown()),
+        Cancelled::UnreadableRemoved => {
             return Ok(json_response(
                 StatusCode::ACCEPTED,
                 FHIR_JSON,
@@ -381,18 +344,10 @@ pub async fn cancel(api: &Api, id: &str, caller: Option<&Caller>) -> Result<Resp
                     "export {id} had an unreadable state document, now removed; its files could not be located"
                 ))
                 .to_json(),
-            ));
+            ))
         }
-        other => other?.flatten().ok_or_else(unknown)?,
-    };
-    // This process's shards of the export stop now, not at their next heartbeat.
-    crate::export::worker::stop_local_shards(id).await;
-    api.exports.storage.delete_prefix(&folder).await?;
-    api.exports
-        .storage
-        .delete_prefix(&crate::export::jobs::JobStore::manifest_path(id))
-        .await?;
-    tracing::info!(job_id = id, "export cancelled");
+        Cancelled::Done => {}
+    }
     Ok(json_response(
         StatusCode::ACCEPTED,
         FHIR_JSON,

@@ -231,7 +231,9 @@ async fn a_shard_run_twice_at_once_redelivered_or_taken_over_writes_each_line_on
     for shard in 0..3 {
         worker::handle_message(&app, &message(shard)).await.unwrap();
     }
-    worker::finalize(&app, &job).await.unwrap();
+    fhir_export::export::completion::finalize(&app, &job)
+        .await
+        .unwrap();
 
     let (done, _) = app.jobs.load(&job.id).await.unwrap().unwrap();
     assert_eq!(done.status, fhir_export::export::jobs::JobStatus::Completed);

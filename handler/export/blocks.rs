@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 
 use super::jobs::{Job, JobError, JobStore, PatientRange, Shard};
 use super::request::is_patient_level_type;
-use super::worker::Shaping;
+use super::shaping::Shaping;
 use super::{ExportError, Exports};
 use crate::fhir::compartment::patient_ids;
 use crate::source::{

@@ -4,23 +4,13 @@
 
 use std::sync::Arc;
 
-use super::jobs::Job;
 use super::request::{invalid, quoted_etag, Anonymization};
+use super::schema::Job;
+pub use super::schema::PinnedConfig;
 use super::{ExportError, Exports};
 use crate::deid::{AnonymizationConfig, Engine, Keys};
 use crate::fault::Fault;
 use crate::source::SinkError;
-
-/// What the job records of its configuration.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PinnedConfig {
-    /// The configuration's ETag at kickoff (quoted).
-    pub etag: String,
-    /// Keys the configuration left empty, chosen at kickoff; removed when the export ends.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keys: Option<Keys>,
-}
 
 fn refused(parameter: &str, message: impl Into<String>) -> ExportError {
     ExportError::Request(invalid(parameter, message))

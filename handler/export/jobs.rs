@@ -10,128 +10,21 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use serde::de::DeserializeOwned;
 
-use super::state::ShardState;
-use crate::export::ExportRequest;
-use crate::source::{PatientScope, RowRange};
+pub use super::layout::{is_job_id, new_job_id, JOBS_CONTAINER};
+pub use super::schema::{Change, Job, JobStatus, PatientRange, Shard};
+use super::schema::{Page, ShardState};
 use crate::storage::{ETag, ObjectStore, PutMode, StorageError};
 
-/// The reserved container (or folder) holding job documents and manifests.
-pub const JOBS_CONTAINER: &str = "fhir-export-jobs";
 /// The folder of running-job markers inside it.
 const RUNNING: &str = "running";
 /// The folder of ended-job markers inside it.
 const ENDED: &str = "ended";
 /// How an ended-job marker writes the time the job ended.
 const ENDED_AT: &str = "%Y%m%dT%H%M%S%.3fZ";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobStatus {
-    Running,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-/// One planned part of a job (fixed once planned); its progress is a [`ShardState`] of its own.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Shard {
-    pub resource_type: String,
-    /// File name stem: `Patient` gives `Patient-1.ndjson`, ...
-    pub stem: String,
-    /// The `meta.lastUpdated` range of a type split into several shards: `(since, until]`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub until: Option<DateTime<Utc>>,
-    /// The part of a type cut by storage position (as `ResourceSource::plan` cut it).
-    #[serde(default, skip_serializing_if = "RowRange::is_whole")]
-    pub rows: RowRange,
-    /// The patients whose resource blocks the shard writes (`organizeOutputBy=Patient`); their
-    /// ids are the job's document `patients/{shard}.json`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patients: Option<PatientRange>,
-}
-
-/// A range of patients in id order, first and last included.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PatientRange {
-    pub first: String,
-    pub last: String,
-    pub count: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Job {
-    pub id: String,
-    pub request: ExportRequest,
-    /// The kickoff URL as the client sent it (the manifest's `request`).
-    pub request_url: String,
-    /// Base of the manifest's file URLs and the status URL.
-    pub base_url: String,
-    pub transaction_time: DateTime<Utc>,
-    /// Storage path of the folder the files go to: `container/{yyyyMMddTHHmmss}-{id}` or a new container.
-    pub output_folder: String,
-    /// Whose compartments the export covers.
-    pub scope: PatientScope,
-    pub status: JobStatus,
-    /// Whether the shards are planned: a kickoff records the job unplanned and queues its
-    /// planning (documents of earlier versions were planned at kickoff).
-    #[serde(default = "planned_at_kickoff")]
-    pub planned: bool,
-    /// When the shards were planned and queued: the first sign of life of a shard not yet claimed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub planned_at: Option<DateTime<Utc>>,
-    pub shards: Vec<Shard>,
-    pub failure: Option<String>,
-    /// What kind of failure stopped the job, when it was not one of this service's own (the
-    /// status URL answers with its class: a source that refused is 502, not 500).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failure_fault: Option<crate::fault::Fault>,
-    pub completed_at: Option<DateTime<Utc>>,
-    /// The client that started the export (`{issuer}#{client}`), when tokens are checked: only it
-    /// sees the status and the files.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<String>,
-    /// A de-identified export's configuration version and keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deidentification: Option<super::deid::PinnedConfig>,
-}
-
-fn planned_at_kickoff() -> bool {
-    true
-}
-
-impl Job {
-    /// The state of a shard that has no document yet.
-    pub fn unclaimed_shard(&self) -> ShardState {
-        ShardState::queued_at(self.planned_at.unwrap_or(self.transaction_time))
-    }
-
-    /// When a finished job's files and state are removed.
-    pub fn expires_at(&self, retention: std::time::Duration) -> Option<DateTime<Utc>> {
-        Some(self.completed_at? + chrono::Duration::from_std(retention).ok()?)
-    }
-}
-
-/// Valid job ids: 32 lowercase hex digits (a simple UUID).
-pub fn is_job_id(id: &str) -> bool {
-    id.len() == 32
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-pub fn new_job_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -191,14 +84,6 @@ impl<D> Versioned<D> {
             version: Some(version),
         }
     }
-}
-
-/// What an update closure decided.
-pub enum Change<T> {
-    /// Write the changed job, then return `T`.
-    Write(T),
-    /// Leave the stored job as it is and return `T`.
-    Keep(T),
 }
 
 #[derive(Clone)]
@@ -663,11 +548,7 @@ impl JobStore {
     }
 
     /// A stored manifest page (`allowPartialManifests`).
-    pub async fn page(
-        &self,
-        id: &str,
-        number: usize,
-    ) -> Result<Option<super::pages::Page>, JobError> {
+    pub async fn page(&self, id: &str, number: usize) -> Result<Option<Page>, JobError> {
         Ok(self
             .read(&Self::page_path(id, number))
             .await?
@@ -675,12 +556,7 @@ impl JobStore {
     }
 
     /// Stores a page unless one is stored already; returns the page that stands.
-    pub async fn create_page(
-        &self,
-        id: &str,
-        number: usize,
-        page: super::pages::Page,
-    ) -> Result<super::pages::Page, JobError> {
+    pub async fn create_page(&self, id: &str, number: usize, page: Page) -> Result<Page, JobError> {
         let path = Self::page_path(id, number);
         let body = Bytes::from(serde_json::to_vec(&page).expect("a page serialises"));
         match self.store.put(&path, body, PutMode::Create).await {
@@ -716,6 +592,8 @@ impl JobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::ExportRequest;
+    use crate::source::PatientScope;
 
     #[test]
     fn backoff_grows_to_its_ceiling_and_jitter_spreads_it() {

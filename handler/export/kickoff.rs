@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::jobs::{new_job_id, Change, Job, JobStatus, Shard};
 use super::request::is_patient_level_type;
 use super::state;
-use super::{worker, ExportError, ExportRequest, Exports, Level, RequestError};
+use super::{ExportError, ExportRequest, Exports, Level, RequestError};
 use crate::fault::Fault;
 use crate::fhir::compartment::patient_id_of;
 use crate::fhir::is_valid_id;
@@ -120,7 +120,7 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
     crate::crashpoint::reached("kickoff-planned");
     match recorded {
         None => Ok(()),
-        Some(job) if job.shards.is_empty() => worker::finalize(exports, &job).await,
+        Some(job) if job.shards.is_empty() => super::completion::finalize(exports, &job).await,
         Some(job) => {
             tracing::info!(job_id, shards = job.shards.len(), "export planned");
             Ok(enqueue_shards(exports.queue.as_ref(), job_id, largest_first).await?)

@@ -4,7 +4,7 @@ use chrono::SecondsFormat;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
-use crate::export::jobs::Job;
+use super::schema::Job;
 use crate::fhir::OperationOutcome;
 use crate::storage::OutputFile;
 

@@ -2,15 +2,19 @@
 //! the manifest, and the upkeep of unfinished and expired jobs. [`Exports`] is what all of it runs on.
 
 pub mod blocks;
+pub mod completion;
 pub mod deid;
 pub mod ending;
 pub mod jobs;
 pub mod kickoff;
+pub mod layout;
 pub mod manifest;
 pub mod pages;
 pub mod recovery;
 pub mod request;
 pub mod running;
+pub mod schema;
+pub mod shaping;
 pub mod state;
 pub mod worker;
 

@@ -6,33 +6,11 @@
 
 use std::collections::BTreeSet;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::jobs::{Job, JobStatus};
-use super::state::ShardStatus;
+use super::schema::{Job, JobStatus, ShardStatus};
+pub use super::schema::{Listed, Page};
 use super::{manifest, ExportError, Exports};
-use crate::storage::OutputFile;
-
-/// One stored page: its files, and what it and the pages before it list.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Page {
-    pub output: Vec<OutputFile>,
-    pub listed: Listed,
-}
-
-/// The shards whose files a page and those before it list.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Listed {
-    /// Shards all of whose files are listed.
-    pub shards: BTreeSet<usize>,
-    /// A shard listed in part (a page filled up within its files): the shard and how many of its
-    /// files are listed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partial: Option<(usize, usize)>,
-}
 
 /// What a request for a manifest page finds.
 #[derive(Debug)]

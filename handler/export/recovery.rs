@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::jobs::{EndedMarker, Job, JobError, JobStatus};
 use super::state::{self, Sweep};
-use super::{worker, ExportError, Exports};
+use super::{ExportError, Exports};
 use crate::queue::{enqueue_shards, WorkMessage};
 
 impl Exports {
@@ -43,7 +43,7 @@ impl Exports {
                 }
             }
             if unfinished.is_empty() {
-                worker::finalize(self, &job).await?;
+                super::completion::finalize(self, &job).await?;
             } else {
                 enqueue_shards(self.queue.as_ref(), &id, unfinished).await?;
             }
@@ -86,7 +86,7 @@ impl Exports {
                 enqueue_shards(self.queue.as_ref(), &id, swept.send).await?;
             }
             if swept.all_done {
-                worker::finalize(self, &job).await?;
+                super::completion::finalize(self, &job).await?;
             }
         }
         let removed = self

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::export::jobs::JOBS_CONTAINER;
+use super::layout::JOBS_CONTAINER;
 use crate::fhir::compartment::in_patient_compartment_definition;
 use crate::fhir::search::SearchQuery;
 use crate::fhir::types::is_resource_type;
@@ -678,7 +678,7 @@ fn is_export_container_name(name: &str) -> bool {
         && digits(stamp.get(..8))
         && stamp.get(8..9) == Some("t")
         && digits(stamp.get(9..))
-        && crate::export::jobs::is_job_id(id)
+        && super::layout::is_job_id(id)
 }
 
 #[cfg(test)]

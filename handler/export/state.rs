@@ -2,74 +2,11 @@
 //! fail, resume, sweep) and the end of a job, as pure functions of the state found and the time.
 //! `jobs.rs` stores the states; the worker and the upkeep load, apply, and compare-and-swap.
 
-use chrono::{DateTime, Duration, Utc};
-use serde::{Deserialize, Serialize};
-
-use super::jobs::{Change, Job, JobStatus};
+use super::schema::{Change, Job, JobStatus};
+pub use super::schema::{ShardState, ShardStatus};
 use crate::source::Cursor;
 use crate::storage::OutputFile;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShardStatus {
-    /// A message for it is (or should be) in the queue.
-    Queued,
-    /// A worker claimed it and beats.
-    Running,
-    /// It failed and waits for `retry_at`; no message is out for it until then.
-    Waiting,
-    Done,
-}
-
-/// One shard's state: its own document, written by the worker running it and the sweeper alone.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ShardState {
-    pub status: ShardStatus,
-    /// Runs begun (claims).
-    pub attempts: u32,
-    /// The last sign of life: when the shard was queued, or the running worker's last beat.
-    pub heartbeat: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// The files written: all of them once done; those of the runs paused so far before.
-    #[serde(default)]
-    pub outputs: Vec<OutputFile>,
-    /// Where the last paused run stopped: the next run reads on from here.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cursor: Option<Cursor>,
-    /// `attempts` when the shard last paused: the runs since count toward the restart cap, those
-    /// before made progress.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub paused_at_attempt: u32,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-impl ShardState {
-    /// A shard without a document yet: queued when its job was planned.
-    pub fn queued_at(at: DateTime<Utc>) -> ShardState {
-        ShardState {
-            status: ShardStatus::Queued,
-            attempts: 0,
-            heartbeat: at,
-            retry_at: None,
-            last_error: None,
-            outputs: Vec::new(),
-            cursor: None,
-            paused_at_attempt: 0,
-        }
-    }
-
-    /// Runs begun since the shard last made progress (paused): what the restart cap counts.
-    pub fn runs_since_progress(&self) -> u32 {
-        self.attempts.saturating_sub(self.paused_at_attempt)
-    }
-}
+use chrono::{DateTime, Duration, Utc};
 
 /// The times and counts the transitions go by (from the settings).
 #[derive(Debug, Clone, Copy)]
@@ -602,7 +539,7 @@ mod tests {
             (JobStatus::Cancelled, false),
         ] {
             let mut job = ended_job(status);
-            job.deidentification = Some(crate::export::deid::PinnedConfig {
+            job.deidentification = Some(crate::export::schema::PinnedConfig {
                 etag: "\"1\"".into(),
                 keys: Some(keys.clone()),
             });

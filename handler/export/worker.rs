@@ -5,17 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
 use super::blocks::BlockShard;
+use super::completion::finalize;
 use super::jobs::{Change, Job, JobError, JobStatus, Versioned};
 use super::running::{Stop, StopSignal};
-use super::state::{self, Beat, Claim, Failure, ShardState, ShardStatus};
-use super::{manifest, ExportError, Exports};
-use crate::fhir::elements::subset;
-use crate::fhir::json::Json;
+use super::shaping::Shaping;
+use super::state::{self, Beat, Claim, Failure, ShardState};
+use super::{ExportError, Exports};
 use crate::queue::WorkMessage;
 use crate::source::{Cursor, ScanError, ScanRequest, Scanned, SinkError};
 use crate::storage::{OutputFile, RollingNdjsonWriter};
@@ -251,72 +250,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// What a shard writes of each resource: `_typeFilter` decides whether (on the data as stored),
-/// the anonymization configuration what is left of it, and `_elements` what of that. Only
-/// filtered, de-identified or trimmed types pay for parsing, each for what it needs; the rest flow
-/// as stored bytes.
-pub(super) struct Shaping {
-    resource_type: String,
-    pub(super) filters: Vec<crate::fhir::search::SearchQuery>,
-    elements: Vec<String>,
-    deid: Option<Arc<crate::deid::Engine>>,
-}
-
-impl Shaping {
-    /// How the export shapes resources of one type.
-    pub(super) fn of(request: &super::ExportRequest, resource_type: &str) -> Shaping {
-        Shaping {
-            resource_type: resource_type.to_string(),
-            filters: request.filters_for(resource_type),
-            elements: request.elements_for(resource_type),
-            deid: None,
-        }
-    }
-
-    /// The same shaping, de-identifying with `engine`.
-    pub(super) fn deidentified_by(self, engine: Option<Arc<crate::deid::Engine>>) -> Shaping {
-        Shaping {
-            deid: engine,
-            ..self
-        }
-    }
-
-    /// The bytes to write, or `None` when the filters leave the resource out. A resource that
-    /// cannot be parsed is written as stored, unless it is to be de-identified: then it fails.
-    pub(super) fn shape<'a>(
-        &self,
-        resource: &'a [u8],
-    ) -> Result<Option<std::borrow::Cow<'a, [u8]>>, SinkError> {
-        if !self.filters.is_empty() {
-            match serde_json::from_slice::<serde_json::Value>(resource) {
-                Ok(value) if !self.filters.iter().any(|query| query.matches(&value)) => {
-                    return Ok(None)
-                }
-                Ok(_) => {}
-                Err(_) if self.deid.is_none() => return Ok(Some(resource.into())),
-                Err(_) => {}
-            }
-        }
-        let resource: std::borrow::Cow<'a, [u8]> = match &self.deid {
-            None => resource.into(),
-            Some(engine) => engine
-                .deidentify(resource)
-                .map_err(|error| {
-                    SinkError::Deidentify(format!("a {} resource: {error}", self.resource_type))
-                })?
-                .into(),
-        };
-        if self.elements.is_empty() {
-            return Ok(Some(resource));
-        }
-        let trimmed = match Json::parse_slice(&resource) {
-            Ok(parsed) => subset(parsed, &self.resource_type, &self.elements).to_bytes(),
-            Err(_) => return Ok(Some(resource)),
-        };
-        Ok(Some(trimmed.into()))
     }
 }
 
@@ -579,53 +512,6 @@ async fn keep_alive(owner: Owner, stop: Arc<StopSignal>) {
             Err(error) => tracing::warn!(%error, "could not refresh the shard's heartbeat"),
         }
     }
-}
-
-/// Completes the job when every shard is marked done: builds the manifest from the shards' states,
-/// writes it (once), and marks the job completed. Safe to run more than once, and by several
-/// workers at the same time.
-pub async fn finalize(exports: &Exports, job: &Job) -> Result<(), ExportError> {
-    let job_id = job.id.as_str();
-    if job.status != JobStatus::Running || !job.planned {
-        return Ok(());
-    }
-    if !exports.jobs.unfinished_shards(job).await?.is_empty() {
-        return Ok(());
-    }
-    let mut outputs = Vec::new();
-    for index in 0..job.shards.len() {
-        let state = exports.jobs.shard(job_id, index).await?;
-        match state {
-            Some(state) if state.status == ShardStatus::Done => outputs.extend(state.outputs),
-            _ => {
-                // A marker is written after its state: this cannot be, unless a hand got in.
-                tracing::error!(
-                    job_id,
-                    index,
-                    "shard marked done, but its state is not done"
-                );
-                return Ok(());
-            }
-        }
-    }
-    let manifest = manifest::build(job, &outputs);
-    exports
-        .jobs
-        .put_manifest(
-            job_id,
-            Bytes::from(serde_json::to_vec_pretty(&manifest).expect("JSON")),
-        )
-        .await?;
-    crate::crashpoint::reached("manifest-written");
-    exports
-        .jobs
-        .update(job_id, |job| {
-            state::end(job, JobStatus::Completed, None, Utc::now())
-        })
-        .await?;
-    let resources: u64 = outputs.iter().map(|f| f.count).sum();
-    tracing::info!(job_id, files = outputs.len(), resources, "export completed");
-    Ok(())
 }
 
 /// After a failed attempt: the shard waits for its retry, or at the restart cap its job fails

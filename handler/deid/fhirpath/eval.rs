@@ -266,21 +266,7 @@ impl Evaluator<'_, '_> {
                 let Some(key) = self.single_string(&argument(0)?, name)? else {
                     return Ok(Vec::new());
                 };
-                let mut out = Vec::new();
-                for item in focus {
-                    if let Item::Node(id) = item {
-                        self.self_and_descendants(*id, &mut |tree, node| {
-                            let matches = match function {
-                                Function::NodesByType => tree.nodes[node].ty == key,
-                                _ => tree.nodes[node].name() == key,
-                            };
-                            if matches {
-                                out.push(Item::Node(node));
-                            }
-                        });
-                    }
-                }
-                out
+                self.nodes_by(function, focus, &key)
             }
             Function::Children => focus
                 .iter()
@@ -305,6 +291,22 @@ impl Evaluator<'_, '_> {
                 matches!(focus, [Item::Node(id)] if self.tree.nodes[*id].value.is_some())
                     || matches!(focus, [item] if !matches!(item, Item::Node(_))),
             )],
+            Function::ToString | Function::ToInteger | Function::ToDecimal => {
+                self.convert(function, focus)?
+            }
+            Function::Text(text_function) => {
+                let Some(text) = self.single_string(focus, name)? else {
+                    return Ok(Vec::new());
+                };
+                self.string_function(text_function, &text, arguments, input, this)?
+            }
+        })
+    }
+
+    /// `toString`, `toInteger` and `toDecimal` of a single value.
+    fn convert(&self, function: Function, focus: &[Item]) -> Result<Vec<Item>, EvalError> {
+        let name = function.name();
+        Ok(match function {
             Function::ToString => match self.single_value(focus, name)? {
                 None => Vec::new(),
                 Some(value) => vec![Item::Str(to_text(&value))],
@@ -321,13 +323,27 @@ impl Evaluator<'_, '_> {
                 Some(Item::Str(text)) => parse_decimal(&text).map(Item::Dec).into_iter().collect(),
                 _ => Vec::new(),
             },
-            Function::Text(text_function) => {
-                let Some(text) = self.single_string(focus, name)? else {
-                    return Ok(Vec::new());
-                };
-                self.string_function(text_function, &text, arguments, input, this)?
-            }
+            _ => unreachable!("{name} is not a conversion"),
         })
+    }
+
+    /// The nodes at or below the focus (nested resources apart) of a type, or of a name.
+    fn nodes_by(&self, function: Function, focus: &[Item], key: &str) -> Vec<Item> {
+        let mut out = Vec::new();
+        for item in focus {
+            if let Item::Node(id) = item {
+                self.self_and_descendants(*id, &mut |tree, node| {
+                    let matches = match function {
+                        Function::NodesByType => tree.nodes[node].ty == key,
+                        _ => tree.nodes[node].name() == key,
+                    };
+                    if matches {
+                        out.push(Item::Node(node));
+                    }
+                });
+            }
+        }
+        out
     }
 
     fn string_function(
@@ -434,25 +450,7 @@ impl Evaluator<'_, '_> {
                 out
             }
             Op::And | Op::Or | Op::Xor | Op::Implies => {
-                let (a, b) = (single_bool(&left)?, single_bool(&right)?);
-                boolean(match op {
-                    Op::And => match (a, b) {
-                        (Some(false), _) | (_, Some(false)) => Some(false),
-                        (Some(true), Some(true)) => Some(true),
-                        _ => None,
-                    },
-                    Op::Or => match (a, b) {
-                        (Some(true), _) | (_, Some(true)) => Some(true),
-                        (Some(false), Some(false)) => Some(false),
-                        _ => None,
-                    },
-                    Op::Xor => a.zip(b).map(|(a, b)| a != b),
-                    _ => match (a, b) {
-                        (Some(false), _) | (_, Some(true)) => Some(true),
-                        (Some(true), Some(false)) => Some(false),
-                        _ => None,
-                    },
-                })
+                boolean(logic(op, single_bool(&left)?, single_bool(&right)?))
             }
             Op::In | Op::Contains => {
                 let (element, collection) = match op {
@@ -473,33 +471,7 @@ impl Evaluator<'_, '_> {
                 }
             }
             Op::Equal | Op::NotEqual | Op::Equivalent | Op::NotEquivalent => {
-                let (left, right) = (self.values(&left), self.values(&right));
-                let equivalence = matches!(op, Op::Equivalent | Op::NotEquivalent);
-                let result = match (left.len(), right.len()) {
-                    (0, 0) if equivalence => Some(true),
-                    (0, _) | (_, 0) if equivalence => Some(false),
-                    (0, _) | (_, 0) => None,
-                    (a, b) if a != b => Some(false),
-                    _ => {
-                        let mut all = Some(true);
-                        for (a, b) in left.iter().zip(&right) {
-                            let same = match equivalence {
-                                true => Some(self.equivalent(a, b)?),
-                                false => self.equal(a, b)?,
-                            };
-                            all = match (all, same) {
-                                (Some(false), _) | (_, Some(false)) => Some(false),
-                                (Some(true), Some(true)) => Some(true),
-                                _ => None,
-                            };
-                        }
-                        all
-                    }
-                };
-                boolean(match op {
-                    Op::NotEqual | Op::NotEquivalent => result.map(|value| !value),
-                    _ => result,
-                })
+                boolean(self.equality(op, &left, &right)?)
             }
             Op::Less | Op::LessOrEqual | Op::Greater | Op::GreaterOrEqual => {
                 let a = self.single_value(&left, "a comparison")?;
@@ -533,6 +505,37 @@ impl Evaluator<'_, '_> {
                 };
                 arithmetic(op, a, b)?.into_iter().collect()
             }
+        })
+    }
+
+    /// `=`, `!=`, `~` and `!~` of two collections, item by item.
+    fn equality(&self, op: Op, left: &[Item], right: &[Item]) -> Result<Option<bool>, EvalError> {
+        let (left, right) = (self.values(left), self.values(right));
+        let equivalence = matches!(op, Op::Equivalent | Op::NotEquivalent);
+        let result = match (left.len(), right.len()) {
+            (0, 0) if equivalence => Some(true),
+            (0, _) | (_, 0) if equivalence => Some(false),
+            (0, _) | (_, 0) => None,
+            (a, b) if a != b => Some(false),
+            _ => {
+                let mut all = Some(true);
+                for (a, b) in left.iter().zip(&right) {
+                    let same = match equivalence {
+                        true => Some(self.equivalent(a, b)?),
+                        false => self.equal(a, b)?,
+                    };
+                    all = match (all, same) {
+                        (Some(false), _) | (_, Some(false)) => Some(false),
+                        (Some(true), Some(true)) => Some(true),
+                        _ => None,
+                    };
+                }
+                all
+            }
+        };
+        Ok(match op {
+            Op::NotEqual | Op::NotEquivalent => result.map(|value| !value),
+            _ => result,
         })
     }
 
@@ -591,6 +594,28 @@ impl Evaluator<'_, '_> {
                 ))),
             },
         }
+    }
+}
+
+/// FHIRPath's three-valued `and`, `or`, `xor` and `implies`.
+fn logic(op: Op, a: Option<bool>, b: Option<bool>) -> Option<bool> {
+    match op {
+        Op::And => match (a, b) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        },
+        Op::Or => match (a, b) {
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (Some(false), Some(false)) => Some(false),
+            _ => None,
+        },
+        Op::Xor => a.zip(b).map(|(a, b)| a != b),
+        _ => match (a, b) {
+            (Some(false), _) | (_, Some(true)) => Some(true),
+            (Some(true), Some(false)) => Some(false),
+            _ => None,
+        },
     }
 }
 

@@ -174,8 +174,7 @@ impl RemoteServer {
                 Err(SourceError::Unsupported(reason)) if first_page && sort + 1 < SORTS.len() => {
                     // The server refuses this order: ask for a simpler one from now on.
                     tracing::info!(%reason, "FHIR source: no _sort={}; asking {:?}", SORTS[sort], SORTS[sort + 1]);
-                    sort += 1;
-                    inner.sort.fetch_max(sort, Ordering::Relaxed);
+                    sort = step_down(inner, sort);
                     pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first(sort))));
                     continue;
                 }
@@ -193,8 +192,7 @@ impl RemoteServer {
                     // A sort dropped with a warning is a refusal: the order this read relies on
                     // is not the one asked for.
                     tracing::info!(%warning, "FHIR source: _sort={} dropped with a warning; asking {:?}", SORTS[sort], SORTS[sort + 1]);
-                    sort += 1;
-                    inner.sort.fetch_max(sort, Ordering::Relaxed);
+                    sort = step_down(inner, sort);
                     pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), first(sort))));
                     continue;
                 }
@@ -205,64 +203,22 @@ impl RemoteServer {
             if let Some(next) = next_link(&url, &page)? {
                 pending = Some(inner.runtime.spawn(fetch_page(inner.clone(), next)));
             }
-            for entry in &page.entry {
-                if entry
-                    .search
-                    .as_ref()
-                    .and_then(|s| s.mode.as_deref())
-                    .is_some_and(|m| m != "match")
-                {
-                    continue;
-                }
-                let Some(resource) = entry.resource else {
-                    continue;
-                };
-                let identity: Identity = serde_json::from_str(resource.get()).map_err(|e| {
-                    SourceError::Remote(format!("{url}: an entry is not a resource: {e}"))
-                })?;
-                if identity.resource_type != request.resource_type {
-                    continue;
-                }
-                let last_updated = identity.last_updated();
-                let Some(id) = identity.id else {
-                    return Err(SourceError::Remote(format!(
-                        "{url}: a {} without an id",
-                        request.resource_type
-                    ))
-                    .into());
-                };
-                // Not on a read's first page: a run reads at least a page, however short its box.
-                if read
+            for (id, last_updated, resource) in matches(&page, request.resource_type, &url)? {
+                let may_pause = read
                     .pause_after
-                    .is_some_and(|at| std::time::Instant::now() >= at)
-                    && SORTS[sort].starts_with("_lastUpdated")
-                    && pages > 1
-                    && counted.is_some()
-                {
-                    // A window's matches only leave it (an update moves a resource past the
-                    // snapshot): the same count as before the read means none left, so the
-                    // resources up to the pause are those read when the server counts as many.
-                    let count_up_to = |upto| {
-                        let whole = inner
-                            .runtime
-                            .block_on(inner.total(&search.count_url(window)))?;
-                        if whole != counted {
-                            return Ok(None);
-                        }
-                        let part = Window {
-                            after: window.after,
-                            upto,
-                        };
-                        inner
-                            .runtime
-                            .block_on(inner.total(&search.count_url(&part)))
-                    };
-                    if pause.last >= read.furthest.get() {
-                        if let Some(instant) =
-                            pause.before(last_updated, count_up_to, seen.len() as u64)?
-                        {
-                            return Ok(Read::Paused(instant));
-                        }
+                    .is_some_and(|at| std::time::Instant::now() >= at);
+                // Not on a read's first page: a run reads at least a page, however short its box.
+                if may_pause && SORTS[sort].starts_with("_lastUpdated") && pages > 1 {
+                    let paused_at = self.pause_point(
+                        read,
+                        window,
+                        counted,
+                        &mut pause,
+                        last_updated,
+                        seen.len() as u64,
+                    )?;
+                    if let Some(instant) = paused_at {
+                        return Ok(Read::Paused(instant));
                     }
                 }
                 pause.read(last_updated);
@@ -273,6 +229,82 @@ impl RemoteServer {
         }
         Ok(Read::Whole(seen))
     }
+
+    /// Where a time-boxed read pauses before a resource last updated at `next`, if it can: the
+    /// server must count, in the window, as many as before the read (a window's matches only leave
+    /// it: an update moves a resource past the snapshot), and up to the pause as many as were read.
+    fn pause_point(
+        &self,
+        read: &Reading<'_>,
+        window: &Window,
+        counted: Option<u64>,
+        pause: &mut PausePoint,
+        next: Option<DateTime<Utc>>,
+        read_so_far: u64,
+    ) -> Result<Option<DateTime<Utc>>, SourceError> {
+        let inner = &self.0;
+        if counted.is_none() || pause.last < read.furthest.get() {
+            return Ok(None);
+        }
+        let count_up_to = |upto| {
+            let whole = inner
+                .runtime
+                .block_on(inner.total(&read.search.count_url(window)))?;
+            if whole != counted {
+                return Ok(None);
+            }
+            let part = Window {
+                after: window.after,
+                upto,
+            };
+            inner
+                .runtime
+                .block_on(inner.total(&read.search.count_url(&part)))
+        };
+        pause.before(next, count_up_to, read_so_far)
+    }
+}
+
+/// The next, simpler order, asked for from now on by every read of the source.
+fn step_down(inner: &Inner, sort: usize) -> usize {
+    inner.sort.fetch_max(sort + 1, Ordering::Relaxed);
+    sort + 1
+}
+
+/// A match: its id, `meta.lastUpdated`, and the resource as sent.
+type Match<'p> = (String, Option<DateTime<Utc>>, &'p RawValue);
+
+/// A page's matches of `resource_type`: id, `meta.lastUpdated` and the resource as sent. Entries
+/// included for another reason (`search.mode` other than `match`), or of another type, are left
+/// out; a match without an id is an error.
+fn matches<'p>(
+    page: &'p Page<'p>,
+    resource_type: &str,
+    url: &str,
+) -> Result<Vec<Match<'p>>, SourceError> {
+    let mut found = Vec::new();
+    for entry in &page.entry {
+        let mode = entry.search.as_ref().and_then(|s| s.mode.as_deref());
+        if mode.is_some_and(|m| m != "match") {
+            continue;
+        }
+        let Some(resource) = entry.resource else {
+            continue;
+        };
+        let identity: Identity = serde_json::from_str(resource.get())
+            .map_err(|e| SourceError::Remote(format!("{url}: an entry is not a resource: {e}")))?;
+        if identity.resource_type != resource_type {
+            continue;
+        }
+        let last_updated = identity.last_updated();
+        let Some(id) = identity.id else {
+            return Err(SourceError::Remote(format!(
+                "{url}: a {resource_type} without an id"
+            )));
+        };
+        found.push((id, last_updated, resource));
+    }
+    Ok(found)
 }
 
 /// Where a read sorted by `_lastUpdated` may pause.

@@ -193,39 +193,7 @@ impl Inner {
         let mut attempt = 0;
         let mut refusals = 0;
         loop {
-            let outcome = {
-                let _permit = self.in_flight.acquire().await.expect("never closed");
-                self.requests.fetch_add(1, Ordering::Relaxed);
-                // Strict handling: a server that cannot honour a parameter (a `_sort` key, say)
-                // answers 400, where under its default lenient handling it would drop it.
-                let mut request = self
-                    .client
-                    .get(url)
-                    .header("Accept", "application/fhir+json")
-                    .header("Prefer", "handling=strict");
-                if let Some(token) = self.bearer().await? {
-                    request = request.bearer_auth(token);
-                }
-                let sent = std::time::Instant::now();
-                let answer = match request.send().await {
-                    Ok(response) => {
-                        let status = response.status();
-                        let retry_after = response
-                            .headers()
-                            .get("retry-after")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| retry_after(v, Utc::now()));
-                        match response.bytes().await {
-                            Ok(body) => Ok((status, retry_after, body)),
-                            Err(e) => Err(e),
-                        }
-                    }
-                    Err(e) => Err(e),
-                };
-                let waited = sent.elapsed().as_micros() as u64;
-                self.waiting_micros.fetch_add(waited, Ordering::Relaxed);
-                answer
-            };
+            let outcome = self.send_once(url).await?;
             let retry_after = match outcome {
                 Ok((status, _, body)) if status.is_success() => {
                     self.access.answered();
@@ -247,25 +215,10 @@ impl Inner {
                     retry_after
                 }
                 Ok((status, _, body)) if status == 401 || status == 403 => {
-                    match self.access.after_refusal(status.as_u16(), refusals) {
-                        Ok(wait) => {
-                            tracing::warn!(url, %status, wait_secs = wait.as_secs(), "FHIR source refused access; waiting for the role assignment to take effect");
-                            refusals += 1;
-                            self.retries.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(wait).await;
-                            continue;
-                        }
-                        Err(waited) => {
-                            return Err(SourceError::Remote(format!(
-                                "{url}: the FHIR server refused access ({status}): {}; the app's identity needs read access (the role FHIR Data Reader on Azure Health Data Services){}",
-                                diagnostics(&body),
-                                match waited.as_secs() {
-                                    0 => String::new(),
-                                    secs => format!(", and was refused for {secs} s"),
-                                }
-                            )))
-                        }
-                    }
+                    let wait = self.after_refusal(url, status, &body, refusals)?;
+                    refusals += 1;
+                    tokio::time::sleep(wait).await;
+                    continue;
                 }
                 Ok((status, _, body)) => {
                     return Err(SourceError::Unsupported(format!(
@@ -291,6 +244,72 @@ impl Inner {
             self.retries.fetch_add(1, Ordering::Relaxed);
             attempt += 1;
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One GET, bounded by the requests in flight: the status, `Retry-After` and body, or the
+    /// error that kept an answer from coming.
+    async fn send_once(
+        &self,
+        url: &str,
+    ) -> Result<Result<(reqwest::StatusCode, Option<Duration>, Bytes), reqwest::Error>, SourceError>
+    {
+        let _permit = self.in_flight.acquire().await.expect("never closed");
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        // Strict handling: a server that cannot honour a parameter (a `_sort` key, say) answers
+        // 400, where under its default lenient handling it would drop it.
+        let mut request = self
+            .client
+            .get(url)
+            .header("Accept", "application/fhir+json")
+            .header("Prefer", "handling=strict");
+        if let Some(token) = self.bearer().await? {
+            request = request.bearer_auth(token);
+        }
+        let sent = std::time::Instant::now();
+        let answer = match request.send().await {
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after(v, Utc::now()));
+                response
+                    .bytes()
+                    .await
+                    .map(|body| (status, retry_after, body))
+            }
+            Err(e) => Err(e),
+        };
+        let waited = sent.elapsed().as_micros() as u64;
+        self.waiting_micros.fetch_add(waited, Ordering::Relaxed);
+        Ok(answer)
+    }
+
+    /// After a 401 or 403: how long to wait before asking again (the access may still be on its
+    /// way), or the error naming the role the app's identity lacks.
+    fn after_refusal(
+        &self,
+        url: &str,
+        status: reqwest::StatusCode,
+        body: &[u8],
+        refusals: u32,
+    ) -> Result<Duration, SourceError> {
+        match self.access.after_refusal(status.as_u16(), refusals) {
+            Ok(wait) => {
+                tracing::warn!(url, %status, wait_secs = wait.as_secs(), "FHIR source refused access; waiting for the role assignment to take effect");
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                Ok(wait)
+            }
+            Err(waited) => Err(SourceError::Remote(format!(
+                "{url}: the FHIR server refused access ({status}): {}; the app's identity needs read access (the role FHIR Data Reader on Azure Health Data Services){}",
+                diagnostics(body),
+                match waited.as_secs() {
+                    0 => String::new(),
+                    secs => format!(", and was refused for {secs} s"),
+                }
+            ))),
         }
     }
 

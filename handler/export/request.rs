@@ -197,21 +197,7 @@ impl ExportRequest {
         lenient: bool,
         via_post: bool,
     ) -> Result<Self, RequestError> {
-        let mut request = ExportRequest {
-            level,
-            types: None,
-            since: None,
-            until: None,
-            container: None,
-            type_filters: Vec::new(),
-            elements: Vec::new(),
-            patients: None,
-            notes: Vec::new(),
-            separate_export_status: false,
-            allow_partial_manifests: false,
-            organize_output_by: None,
-            anonymization: None,
-        };
+        let mut request = ExportRequest::at(level);
         let mut anonymization_etag = None::<String>;
         let mut seen_until = None::<String>;
         let mut seen_once = Vec::<&'static str>::new();
@@ -227,34 +213,11 @@ impl ExportRequest {
             if value.is_empty() {
                 return Err(invalid(name, format!("parameter {name} has no value")));
             }
+            if is_privacy_parameter(name) {
+                request.add_anonymization(name, value, &mut seen_once, &mut anonymization_etag)?;
+                continue;
+            }
             match name {
-                "_anonymizationConfig" => {
-                    once(&mut seen_once, "_anonymizationConfig")?;
-                    check_config_name(name, value)?;
-                    request.anonymization = Some(Anonymization {
-                        config: value.to_string(),
-                        etag: None,
-                    });
-                }
-                "_anonymizationConfigEtag" => {
-                    once(&mut seen_once, "_anonymizationConfigEtag")?;
-                    if value.chars().any(|c| c.is_control()) || value.len() > 256 {
-                        return Err(invalid(name, format!("{name} is not an ETag")));
-                    }
-                    anonymization_etag = Some(quoted_etag(value));
-                }
-                "_anonymizationConfigCollectionReference" => {
-                    return Err(privacy_refused(
-                        name,
-                        "configurations from an Azure Container Registry are not supported; put the configuration in the configurations container and name it with _anonymizationConfig",
-                    ))
-                }
-                _ if is_privacy_parameter(name) => {
-                    return Err(privacy_refused(
-                        name,
-                        "this is not a de-identification parameter (they are _anonymizationConfig, _anonymizationConfigEtag and _anonymizationConfigCollectionReference, spelled so)",
-                    ))
-                }
                 "_outputFormat" => check_output_format(value)?,
                 "_since" => {
                     if request.since.is_some() {
@@ -292,7 +255,7 @@ impl ExportRequest {
                         other => {
                             return Err(invalid(
                                 name,
-                                format!("allowPartialManifests {other:?} is not true or false"),
+                                format!("{name} {other:?} is not true or false"),
                             ))
                         }
                     };
@@ -311,7 +274,80 @@ impl ExportRequest {
                 }
             }
         }
-        match (&mut request.anonymization, anonymization_etag) {
+        request.pin_anonymization_etag(anonymization_etag)?;
+        request.check_window()?;
+        if request.level.is_patient_scoped() || request.organize_output_by.is_some() {
+            request.keep_patient_level_types(lenient)?;
+        }
+        if request.organize_output_by.is_some() && request.level == Level::System {
+            request.notes.push(ORGANIZED_SYSTEM_NOTE.to_string());
+        }
+        Ok(request)
+    }
+
+    /// A request at `level` with no parameter given yet.
+    fn at(level: Level) -> ExportRequest {
+        ExportRequest {
+            level,
+            types: None,
+            since: None,
+            until: None,
+            container: None,
+            type_filters: Vec::new(),
+            elements: Vec::new(),
+            patients: None,
+            notes: Vec::new(),
+            separate_export_status: false,
+            allow_partial_manifests: false,
+            organize_output_by: None,
+            anonymization: None,
+        }
+    }
+
+    /// A de-identification parameter (or one spelled nearly so, which is refused: a parameter that
+    /// protects privacy is never ignored).
+    fn add_anonymization(
+        &mut self,
+        name: &str,
+        value: &str,
+        seen_once: &mut Vec<&'static str>,
+        etag: &mut Option<String>,
+    ) -> Result<(), RequestError> {
+        match name {
+            "_anonymizationConfig" => {
+                once(seen_once, "_anonymizationConfig")?;
+                check_config_name(name, value)?;
+                self.anonymization = Some(Anonymization {
+                    config: value.to_string(),
+                    etag: None,
+                });
+            }
+            "_anonymizationConfigEtag" => {
+                once(seen_once, "_anonymizationConfigEtag")?;
+                if value.chars().any(|c| c.is_control()) || value.len() > 256 {
+                    return Err(invalid(name, format!("{name} is not an ETag")));
+                }
+                *etag = Some(quoted_etag(value));
+            }
+            "_anonymizationConfigCollectionReference" => {
+                return Err(privacy_refused(
+                    name,
+                    "configurations from an Azure Container Registry are not supported; put the configuration in the configurations container and name it with _anonymizationConfig",
+                ))
+            }
+            _ => {
+                return Err(privacy_refused(
+                    name,
+                    "this is not a de-identification parameter (they are _anonymizationConfig, _anonymizationConfigEtag and _anonymizationConfigCollectionReference, spelled so)",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// `_anonymizationConfigEtag` goes with `_anonymizationConfig`, never alone.
+    fn pin_anonymization_etag(&mut self, etag: Option<String>) -> Result<(), RequestError> {
+        match (&mut self.anonymization, etag) {
             (Some(anonymization), etag) => anonymization.etag = etag,
             (None, Some(_)) => {
                 return Err(invalid(
@@ -321,14 +357,7 @@ impl ExportRequest {
             }
             (None, None) => {}
         }
-        request.check_window()?;
-        if request.level.is_patient_scoped() || request.organize_output_by.is_some() {
-            request.keep_patient_level_types(lenient)?;
-        }
-        if request.organize_output_by.is_some() && request.level == Level::System {
-            request.notes.push(ORGANIZED_SYSTEM_NOTE.to_string());
-        }
-        Ok(request)
+        Ok(())
     }
 
     /// `organizeOutputBy`: `Patient`, or (lenient) a note that the value was ignored.

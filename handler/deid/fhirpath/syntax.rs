@@ -374,25 +374,9 @@ fn lex(text: &str) -> Result<Vec<Token>, PathError> {
             continue;
         }
         if c == '$' || c == '%' {
-            let start = at + 1;
-            at += 1;
-            if c == '%' && matches!(chars.get(at), Some('\'' | '`')) {
-                let (value, next) = quoted(&chars, at, chars[at])?;
-                at = next;
-                tokens.push(Token::External(value));
-                continue;
-            }
-            while at < chars.len() && (chars[at].is_ascii_alphanumeric() || chars[at] == '_') {
-                at += 1;
-            }
-            let name: String = chars[start..at].iter().collect();
-            if name.is_empty() {
-                return Err(PathError(format!("'{c}' must be followed by a name")));
-            }
-            tokens.push(match c {
-                '$' => Token::Special(name),
-                _ => Token::External(name),
-            });
+            let (token, next) = variable(&chars, at)?;
+            tokens.push(token);
+            at = next;
             continue;
         }
         let rest: String = chars[at..chars.len().min(at + 2)].iter().collect();
@@ -405,6 +389,28 @@ fn lex(text: &str) -> Result<Vec<Token>, PathError> {
         }
     }
     Ok(tokens)
+}
+
+/// `$this`, `%name` or `%'name'` at `start`: the token, and where the text goes on.
+fn variable(chars: &[char], start: usize) -> Result<(Token, usize), PathError> {
+    let c = chars[start];
+    let mut at = start + 1;
+    if c == '%' && matches!(chars.get(at), Some('\'' | '`')) {
+        let (value, next) = quoted(chars, at, chars[at])?;
+        return Ok((Token::External(value), next));
+    }
+    while at < chars.len() && (chars[at].is_ascii_alphanumeric() || chars[at] == '_') {
+        at += 1;
+    }
+    let name: String = chars[start + 1..at].iter().collect();
+    if name.is_empty() {
+        return Err(PathError(format!("'{c}' must be followed by a name")));
+    }
+    let token = match c {
+        '$' => Token::Special(name),
+        _ => Token::External(name),
+    };
+    Ok((token, at))
 }
 
 fn quoted(chars: &[char], start: usize, quote: char) -> Result<(String, usize), PathError> {

@@ -9,11 +9,12 @@ use chrono::NaiveDate;
 
 use super::config::{AnonymizationConfig, Keys, Method, ProcessingErrors};
 use super::fhirpath::{self, Item};
-use super::methods::{
-    self, is_visited, mark_visited, CompiledMethod, DeidError, MethodContext, Ops, ABSTRACT,
-    CRYPTO_HASH, ENCRYPT, GENERALIZE, PERTURB, REDACT, SUBSTITUTE,
-};
+use super::methods;
 use super::rule_path::{Matcher, RulePath};
+use super::rules::{
+    is_visited, mark_visited, CompiledMethod, DeidError, MethodContext, Ops, ABSTRACT, CRYPTO_HASH,
+    ENCRYPT, GENERALIZE, PERTURB, REDACT, SUBSTITUTE,
+};
 use super::tree::{Tree, ROOT};
 use crate::fhir::json::Json;
 

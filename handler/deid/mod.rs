@@ -8,8 +8,9 @@ pub mod fhirpath;
 pub mod methods;
 pub mod r4;
 pub mod rule_path;
+pub mod rules;
 pub mod tree;
 
 pub use config::{AnonymizationConfig, ConfigError, Keys};
 pub use engine::Engine;
-pub use methods::DeidError;
+pub use rules::DeidError;

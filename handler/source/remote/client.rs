@@ -10,8 +10,35 @@ use serde::Deserialize;
 use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore};
 
-use super::SourceError;
-use super::*;
+use std::sync::Arc;
+
+use azure_core::credentials::TokenCredential;
+
+use super::capabilities::Capabilities;
+use crate::source::SourceError;
+
+/// How long refusals are waited out by default: role assignments take up to about 10 minutes.
+pub const DEFAULT_ACCESS_WAIT: Duration = Duration::from_secs(600);
+/// Requests to the server in flight at once, per process.
+pub(super) const MAX_IN_FLIGHT: usize = 8;
+const MAX_RETRIES: u32 = 8;
+
+/// How the source authenticates to the FHIR server.
+pub enum RemoteAuth {
+    None,
+    /// A token for `{server}/.default` (managed identity in Azure, the developer's sign-in locally).
+    Azure(Arc<dyn TokenCredential>),
+    /// OAuth 2.0 client credentials against a token endpoint.
+    ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: String,
+        scope: String,
+    },
+}
+
+/// A FHIR server as the source (see the module's header).
+pub struct RemoteServer(pub(super) Arc<Inner>);
 
 pub(super) struct CachedToken {
     pub(super) token: String,
@@ -319,16 +346,6 @@ impl Inner {
             Fetched::NotFound => Err(SourceError::Unsupported(format!("{url}: not found (404)"))),
         }
     }
-
-    /// The `total` of a `_summary=count` search (`None` when the server gives none).
-    pub(super) async fn total(&self, url: &str) -> Result<Option<u64>, SourceError> {
-        match self.get(url).await? {
-            Fetched::NotFound => Ok(Some(0)),
-            Fetched::Body(body) => Ok(serde_json::from_slice::<Page>(&body)
-                .ok()
-                .and_then(|p| p.total)),
-        }
-    }
 }
 
 /// The texts of an OperationOutcome body (each issue's `diagnostics`, else `details.text`), or
@@ -357,4 +374,18 @@ pub(super) fn diagnostics(body: &[u8]) -> String {
             text
         }
     })
+}
+
+impl Inner {
+    pub(super) async fn capabilities(&self) -> Result<&Capabilities, SourceError> {
+        self.capabilities
+            .get_or_try_init(|| async {
+                let body = self.get_body(&format!("{}/metadata", self.base)).await?;
+                let statement: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                    SourceError::Remote(format!("{}/metadata is not JSON: {e}", self.base))
+                })?;
+                Ok(Capabilities::parse(&statement))
+            })
+            .await
+    }
 }

@@ -32,7 +32,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use azure_core::credentials::TokenCredential;
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 
@@ -42,42 +41,11 @@ use super::{
 };
 use crate::fhir::compartment::patient_ids;
 
-use capabilities::*;
-use client::*;
-use read::*;
-use search::*;
-
-/// How long refusals are waited out by default: role assignments take up to about 10 minutes.
-pub const DEFAULT_ACCESS_WAIT: Duration = Duration::from_secs(600);
-
-/// Requests to the server in flight at once, per process.
-const MAX_IN_FLIGHT: usize = 8;
-const MAX_RETRIES: u32 = 8;
-const PAGE_SIZE: usize = 1000;
-/// Reads of one search before its count is trusted to have held still.
-const MAX_PASSES: u32 = 5;
-/// The longest patient list one search request carries (bytes of its URL's values).
-const MAX_IDS_BYTES: usize = 3000;
-const PATIENT_COMPARTMENT: &str = "http://hl7.org/fhir/CompartmentDefinition/patient";
-/// The orders asked for, best first: a stable order keeps a search's pages from overlapping or
-/// skipping. A server that refuses one is asked the next from then on.
-const SORTS: [&str; 3] = ["_lastUpdated,_id", "_lastUpdated", ""];
-
-/// How the source authenticates to the FHIR server.
-pub enum RemoteAuth {
-    None,
-    /// A token for `{server}/.default` (managed identity in Azure, the developer's sign-in locally).
-    Azure(Arc<dyn TokenCredential>),
-    /// OAuth 2.0 client credentials against a token endpoint.
-    ClientCredentials {
-        token_url: String,
-        client_id: String,
-        client_secret: String,
-        scope: String,
-    },
-}
-
-pub struct RemoteServer(Arc<Inner>);
+use capabilities::CompartmentAccess;
+use client::{AccessWait, Fetched, Inner, MAX_IN_FLIGHT};
+pub use client::{RemoteAuth, RemoteServer, DEFAULT_ACCESS_WAIT};
+use read::Reading;
+use search::{window, Search, COMPONENT};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestStats {
@@ -257,7 +225,10 @@ impl ResourceSource for RemoteServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use capabilities::Capabilities;
     use chrono::{DateTime, Utc};
+    use client::{diagnostics, retry_after};
+    use search::Window;
 
     #[test]
     fn an_operation_outcome_is_read_as_its_texts_not_raw_json() {

@@ -7,8 +7,15 @@ use chrono::{DateTime, DurationRound, SecondsFormat, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::*;
-use super::{Cursor, ScanRequest, SourceError};
+use super::capabilities::CompartmentAccess;
+use super::client::{diagnostics, Fetched, Inner};
+use crate::fhir::compartment::compartment_search_params;
+use crate::fhir::search::SearchQuery;
+use crate::source::{Cursor, PatientScope, ScanRequest, SourceError};
+
+const PAGE_SIZE: usize = 1000;
+/// The longest patient list one search request carries (bytes of its URL's values).
+const MAX_IDS_BYTES: usize = 3000;
 
 /// One search of a scan: where, and the criteria besides the `_lastUpdated` window.
 pub(super) struct Search {
@@ -212,3 +219,89 @@ pub(super) const COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
+
+impl Inner {
+    /// The `total` of a `_summary=count` search (`None` when the server gives none).
+    pub(super) async fn total(&self, url: &str) -> Result<Option<u64>, SourceError> {
+        match self.get(url).await? {
+            Fetched::NotFound => Ok(Some(0)),
+            Fetched::Body(body) => Ok(serde_json::from_slice::<Page>(&body)
+                .ok()
+                .and_then(|p| p.total)),
+        }
+    }
+
+    /// The searches of a scan. `_typeFilter` queries go to the server only in the criteria it
+    /// evaluates exactly as the exporter does (a superset of the match, which the exporter then
+    /// filters); a query with none makes the read whole.
+    pub(super) fn searches(
+        &self,
+        request: &ScanRequest<'_>,
+        access: &CompartmentAccess,
+    ) -> Vec<Search> {
+        let mut queries: Vec<String> = request
+            .type_filters
+            .iter()
+            .map(SearchQuery::server_exact_criteria)
+            .collect();
+        if queries.is_empty() || queries.iter().any(String::is_empty) {
+            queries = vec![String::new()];
+        }
+        queries.sort();
+        queries.dedup();
+        let resource_type = request.resource_type;
+        let whole = format!("{}/{resource_type}", self.base);
+        let encode = |id: &str| percent_encoding::utf8_percent_encode(id, COMPONENT).to_string();
+        // (target, compartment criterion) pairs.
+        let targets: Vec<(String, String)> = match (request.scope, access) {
+            (PatientScope::Only(patients), CompartmentAccess::TypeSearch) => {
+                let mut targets = Vec::new();
+                for param in compartment_search_params(resource_type) {
+                    let value = |id: &str| match *param {
+                        "_id" => encode(id),
+                        _ => format!("Patient/{}", encode(id)),
+                    };
+                    let mut batch: Vec<String> = Vec::new();
+                    let mut bytes = 0;
+                    for id in patients {
+                        let value = value(id);
+                        if bytes + value.len() > MAX_IDS_BYTES && !batch.is_empty() {
+                            targets.push((whole.clone(), format!("{param}={}", batch.join(","))));
+                            batch.clear();
+                            bytes = 0;
+                        }
+                        bytes += value.len() + 1;
+                        batch.push(value);
+                    }
+                    if !batch.is_empty() {
+                        targets.push((whole.clone(), format!("{param}={}", batch.join(","))));
+                    }
+                }
+                targets
+            }
+            (PatientScope::Only(patients), CompartmentAccess::CompartmentRoute) => patients
+                .iter()
+                .map(|p| {
+                    let target = format!("{}/Patient/{}/{resource_type}", self.base, encode(p));
+                    (target, String::new())
+                })
+                .collect(),
+            _ => vec![(whole, String::new())],
+        };
+        let mut searches = Vec::new();
+        for (target, compartment) in &targets {
+            for query in &queries {
+                let criteria = [compartment.as_str(), query.as_str()]
+                    .into_iter()
+                    .filter(|c| !c.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("&");
+                searches.push(Search {
+                    target: target.clone(),
+                    criteria,
+                });
+            }
+        }
+        searches
+    }
+}

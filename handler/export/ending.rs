@@ -31,19 +31,7 @@ impl Exports {
         fault: Option<Fault>,
     ) -> Result<bool, ExportError> {
         self.running.stop(id).await;
-        let failure = Some((message.to_string(), fault));
-        let folder = self
-            .jobs
-            .update(id, |job| {
-                let folder = job.output_folder.clone();
-                match state::end(job, JobStatus::Failed, failure.clone(), Utc::now()) {
-                    Change::Write(true) => Change::Write(Some(folder)),
-                    _ => Change::Keep(None),
-                }
-            })
-            .await?
-            .flatten();
-        let Some(folder) = folder else {
+        let Some(folder) = self.jobs.fail(id, message, fault).await? else {
             return Ok(false);
         };
         self.remove_files(&folder).await;

@@ -340,20 +340,24 @@ impl JobStore {
     }
 
     /// Fails a running job with `message` (and the kind of failure, when it is not this service's
-    /// own); `false` when the job had ended already.
+    /// own): the folder of its files, or `None` when the job had ended already.
     pub async fn fail(
         &self,
         id: &str,
         message: &str,
         fault: Option<crate::fault::Fault>,
-    ) -> Result<bool, JobError> {
+    ) -> Result<Option<String>, JobError> {
         let failure = Some((message.to_string(), fault));
         let failed = self
             .update(id, |job| {
-                super::state::end(job, JobStatus::Failed, failure.clone(), Utc::now())
+                let folder = job.output_folder.clone();
+                match super::state::end(job, JobStatus::Failed, failure.clone(), Utc::now()) {
+                    Change::Write(true) => Change::Write(Some(folder)),
+                    _ => Change::Keep(None),
+                }
             })
             .await?;
-        Ok(failed == Some(true))
+        Ok(failed.flatten())
     }
 
     fn shard_path(id: &str, index: usize) -> String {

@@ -20,6 +20,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::fhir::outcome::texts_in;
 use crate::source::import::read_resources;
 
 /// Entries per batch Bundle.
@@ -254,7 +255,7 @@ impl Uploader {
                         bail!(
                             "{}: the FHIR server refused the upload ({status}): {}; the identity needs write access (FHIR Data Contributor on Azure Health Data Services)",
                             self.base,
-                            text_of(&body)
+                            texts_in(&body)
                         );
                     }
                     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
@@ -266,7 +267,7 @@ impl Uploader {
                         bail!(
                             "{}: the FHIR server refused a batch Bundle ({status}): {}",
                             self.base,
-                            text_of(&body)
+                            texts_in(&body)
                         );
                     } else {
                         self.access
@@ -330,7 +331,7 @@ impl Uploader {
                     answer.status,
                     answer
                         .outcome
-                        .map(|o| text_of(o.get().as_bytes()))
+                        .map(|o| texts_in(o.get().as_bytes()))
                         .unwrap_or_default()
                 )),
             }
@@ -359,28 +360,6 @@ fn batch_bundle(entries: &[Entry]) -> Vec<u8> {
     }
     body.extend_from_slice(b"]}");
     body
-}
-
-/// An OperationOutcome's diagnostics, or the start of the text.
-fn text_of(body: &[u8]) -> String {
-    let outcome: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let texts: Vec<String> = outcome
-        .as_ref()
-        .and_then(|o| o.get("issue")?.as_array().cloned())
-        .into_iter()
-        .flatten()
-        .filter_map(|issue| {
-            issue
-                .get("diagnostics")
-                .or_else(|| issue.get("details")?.get("text"))
-                .and_then(|t| t.as_str())
-                .map(str::to_string)
-        })
-        .collect();
-    match texts.is_empty() {
-        true => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-        false => texts.join("; "),
-    }
 }
 
 #[cfg(test)]

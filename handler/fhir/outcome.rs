@@ -91,3 +91,45 @@ impl OperationOutcome {
         serde_json::to_vec(self).expect("OperationOutcome serialises")
     }
 }
+
+/// The texts of an OperationOutcome body (each issue's `diagnostics`, else `details.text`), or
+/// the start of whatever came back.
+pub fn texts_in(body: &[u8]) -> String {
+    let outcome: Option<String> = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            let issues = v.get("issue")?.as_array()?;
+            let texts: Vec<String> = issues
+                .iter()
+                .filter_map(|i| {
+                    i.get("diagnostics")
+                        .or_else(|| i.pointer("/details/text"))
+                        .and_then(|d| d.as_str())
+                        .map(str::to_string)
+                })
+                .collect();
+            (!texts.is_empty()).then(|| texts.join("; "))
+        });
+    outcome.unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        if text.trim().is_empty() {
+            "no details".into()
+        } else {
+            text
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operation_outcome_is_read_as_its_texts_not_raw_json() {
+        let medplum = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","details":{"text":"Unknown search parameter"}}]}"#;
+        assert_eq!(texts_in(medplum), "Unknown search parameter");
+        let two = br#"{"resourceType":"OperationOutcome","issue":[{"diagnostics":"a"},{"diagnostics":"b"}]}"#;
+        assert_eq!(texts_in(two), "a; b");
+        assert_eq!(texts_in(b"  "), "no details");
+    }
+}

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use azure_core::credentials::TokenCredential;
 
 use super::capabilities::Capabilities;
+use crate::fhir::outcome::texts_in;
 use crate::source::SourceError;
 
 /// How long refusals are waited out by default: role assignments take up to about 10 minutes.
@@ -235,7 +236,7 @@ impl Inner {
                         return Err(SourceError::Remote(format!(
                             "{url}: the server answered {status} {} times: {}",
                             attempt + 1,
-                            diagnostics(&body)
+                            texts_in(&body)
                         )));
                     }
                     tracing::warn!(url, %status, attempt = attempt + 1, "FHIR source answered {status}; retrying");
@@ -250,7 +251,7 @@ impl Inner {
                 Ok((status, _, body)) => {
                     return Err(SourceError::Unsupported(format!(
                         "{url}: the FHIR server rejected the request ({status}): {}",
-                        diagnostics(&body)
+                        texts_in(&body)
                     )))
                 }
                 Err(error) if error.is_builder() => {
@@ -331,7 +332,7 @@ impl Inner {
             }
             Err(waited) => Err(SourceError::Remote(format!(
                 "{url}: the FHIR server refused access ({status}): {}; the app's identity needs read access (the role FHIR Data Reader on Azure Health Data Services){}",
-                diagnostics(body),
+                texts_in(body),
                 match waited.as_secs() {
                     0 => String::new(),
                     secs => format!(", and was refused for {secs} s"),
@@ -346,34 +347,6 @@ impl Inner {
             Fetched::NotFound => Err(SourceError::Unsupported(format!("{url}: not found (404)"))),
         }
     }
-}
-
-/// The texts of an OperationOutcome body (each issue's `diagnostics`, else `details.text`), or
-/// the start of whatever came back.
-pub(super) fn diagnostics(body: &[u8]) -> String {
-    let outcome: Option<String> = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            let issues = v.get("issue")?.as_array()?;
-            let texts: Vec<String> = issues
-                .iter()
-                .filter_map(|i| {
-                    i.get("diagnostics")
-                        .or_else(|| i.pointer("/details/text"))
-                        .and_then(|d| d.as_str())
-                        .map(str::to_string)
-                })
-                .collect();
-            (!texts.is_empty()).then(|| texts.join("; "))
-        });
-    outcome.unwrap_or_else(|| {
-        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-        if text.trim().is_empty() {
-            "no details".into()
-        } else {
-            text
-        }
-    })
 }
 
 impl Inner {

@@ -227,17 +227,8 @@ mod tests {
     use super::*;
     use capabilities::Capabilities;
     use chrono::{DateTime, Utc};
-    use client::{diagnostics, retry_after};
+    use client::retry_after;
     use search::Window;
-
-    #[test]
-    fn an_operation_outcome_is_read_as_its_texts_not_raw_json() {
-        let medplum = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","details":{"text":"Unknown search parameter"}}]}"#;
-        assert_eq!(diagnostics(medplum), "Unknown search parameter");
-        let two = br#"{"resourceType":"OperationOutcome","issue":[{"diagnostics":"a"},{"diagnostics":"b"}]}"#;
-        assert_eq!(diagnostics(two), "a; b");
-        assert_eq!(diagnostics(b"  "), "no details");
-    }
 
     #[test]
     fn a_window_halves_at_whole_milliseconds_down_to_microseconds() {

@@ -8,8 +8,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::capabilities::CompartmentAccess;
-use super::client::{diagnostics, Fetched, Inner};
+use super::client::{Fetched, Inner};
 use crate::fhir::compartment::compartment_search_params;
+use crate::fhir::outcome::texts_in;
 use crate::fhir::search::SearchQuery;
 use crate::source::{Cursor, PatientScope, ScanRequest, SourceError};
 
@@ -138,7 +139,7 @@ impl Page<'_> {
                     .is_some_and(|mode| mode == "outcome")
             })
             .filter_map(|entry| entry.resource)
-            .map(|resource| diagnostics(resource.get().as_bytes()))
+            .map(|resource| texts_in(resource.get().as_bytes()))
             .find(|text| text.to_ascii_lowercase().contains("sort"))
     }
 }

@@ -22,6 +22,7 @@ use serde_json::value::RawValue;
 
 use crate::fhir::outcome::texts_in;
 use crate::source::import::read_resources;
+use crate::source::remote::retry_after;
 
 /// Entries per batch Bundle.
 pub const BATCH_ENTRIES: usize = 100;
@@ -241,7 +242,7 @@ impl Uploader {
                     let retry_after = answer
                         .headers()
                         .get("retry-after")
-                        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+                        .and_then(|v| retry_after(v.to_str().ok()?, chrono::Utc::now()));
                     let body = answer.bytes().await.unwrap_or_default();
                     let refused =
                         status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
@@ -259,8 +260,8 @@ impl Uploader {
                         );
                     }
                     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-                        if let Some(seconds) = retry_after {
-                            tokio::time::sleep(Duration::from_secs(seconds.min(60))).await;
+                        if let Some(wait) = retry_after {
+                            tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
                         }
                         (entries.len(), format!("{status}"))
                     } else if !status.is_success() {

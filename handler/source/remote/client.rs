@@ -116,7 +116,7 @@ pub(super) enum Fetched {
 }
 
 /// A `Retry-After` value: seconds, or an HTTP date (the wait until then, none if it has passed).
-pub(super) fn retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+pub fn retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));

@@ -42,8 +42,8 @@ use super::{
 use crate::fhir::compartment::patient_ids;
 
 use capabilities::CompartmentAccess;
+pub use client::{retry_after, RemoteAuth, RemoteServer, DEFAULT_ACCESS_WAIT};
 use client::{AccessWait, Fetched, Inner, MAX_IN_FLIGHT};
-pub use client::{RemoteAuth, RemoteServer, DEFAULT_ACCESS_WAIT};
 use read::Reading;
 use search::{window, Search, COMPONENT};
 

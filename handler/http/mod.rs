@@ -355,9 +355,7 @@ async fn route(
                 "application/json",
                 metadata::smart_configuration(&token_endpoint),
             )),
-            None => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                IssueType::NotFound,
+            None => Err(ApiError::not_found(
                 "this server runs without access control (no EXPORT_AUTH_ISSUER): there is no SMART configuration to discover",
             )),
         },

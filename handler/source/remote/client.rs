@@ -84,8 +84,8 @@ impl AccessWait {
         }
     }
 
-    /// After a refusal: how long to wait before asking again, or `None` (with how long was waited)
-    /// when the refusal is final.
+    /// After a refusal: `Ok` with how long to wait before asking again, or `Err` with how long it
+    /// has been refused when the refusal is final.
     pub(super) fn after_refusal(&self, status: u16, refusals: u32) -> Result<Duration, Duration> {
         let mut first = self.first_refusal.lock().expect("not poisoned");
         let since = first.get_or_insert_with(std::time::Instant::now).elapsed();

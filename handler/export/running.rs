@@ -1,7 +1,10 @@
 //! The shards this process is running, by job, each with the signal its heartbeat sets: a job
 //! that ends here stops its shards here at once (shards on other instances notice at their next
-//! heartbeat). One registry per [`super::Exports`].
+//! heartbeat). One registry per [`super::Exports`]. A shard registers before it claims: one that
+//! registers after its job was stopped here starts stopped, so nothing of a stopped job is
+//! written here once [`RunningShards::stop`] returns.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,8 +38,18 @@ impl StopSignal {
     }
 }
 
-/// Each running shard's job id and stop signal.
-type Registry = Arc<Mutex<Vec<(String, Arc<StopSignal>)>>>;
+/// Each running shard's job id and stop signal, and the jobs stopped here lately.
+#[derive(Default)]
+struct Entries {
+    running: Vec<(String, Arc<StopSignal>)>,
+    stopped: VecDeque<String>,
+}
+
+/// How many stopped jobs are remembered: a shard message comes at most a few seconds after its
+/// job stopped (once its claim sees the job ended, it runs nothing anyway).
+const STOPPED_REMEMBERED: usize = 256;
+
+type Registry = Arc<Mutex<Entries>>;
 
 /// The shards running in this process.
 #[derive(Default)]
@@ -49,9 +62,15 @@ pub struct RunningShard {
 }
 
 impl RunningShards {
-    pub fn register(&self, job_id: &str, stop: Arc<StopSignal>) -> RunningShard {
-        let mut running = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        running.push((job_id.to_string(), stop.clone()));
+    /// Registers a shard of `job_id` about to be claimed; its signal is set already when the job
+    /// was stopped here.
+    pub fn register(&self, job_id: &str) -> RunningShard {
+        let stop = Arc::new(StopSignal::default());
+        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.stopped.iter().any(|job| job == job_id) {
+            stop.set(Stop::JobStopped);
+        }
+        entries.running.push((job_id.to_string(), stop.clone()));
         RunningShard {
             registry: self.0.clone(),
             stop,
@@ -63,11 +82,20 @@ impl RunningShards {
     /// other instances notice at their next heartbeat; their unfinished blobs never become visible.
     pub async fn stop(&self, job_id: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        {
+            let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if !entries.stopped.iter().any(|job| job == job_id) {
+                if entries.stopped.len() == STOPPED_REMEMBERED {
+                    entries.stopped.pop_front();
+                }
+                entries.stopped.push_back(job_id.to_string());
+            }
+        }
         loop {
             let stopping = {
-                let running = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                let entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
                 let mut stopping = 0;
-                for (_, stop) in running.iter().filter(|(job, _)| job == job_id) {
+                for (_, stop) in entries.running.iter().filter(|(job, _)| job == job_id) {
                     stop.set(Stop::JobStopped);
                     stopping += 1;
                 }
@@ -81,9 +109,44 @@ impl RunningShards {
     }
 }
 
+impl RunningShard {
+    /// The signal the shard's heartbeat and its writing thread share.
+    pub fn signal(&self) -> Arc<StopSignal> {
+        self.stop.clone()
+    }
+}
+
 impl Drop for RunningShard {
     fn drop(&mut self) {
-        let mut running = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        running.retain(|(_, stop)| !Arc::ptr_eq(stop, &self.stop));
+        let mut entries = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .running
+            .retain(|(_, stop)| !Arc::ptr_eq(stop, &self.stop));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_shard_registered_after_its_job_stopped_starts_stopped() {
+        let shards = RunningShards::default();
+        let before = shards.register("a");
+        let other = shards.register("b");
+        let waited = tokio::spawn({
+            let signal = before.signal();
+            async move {
+                while signal.get() == Stop::KeepGoing {
+                    tokio::task::yield_now().await;
+                }
+                drop(before);
+            }
+        });
+        shards.stop("a").await;
+        waited.await.unwrap();
+        assert_eq!(shards.register("a").signal().get(), Stop::JobStopped);
+        assert_eq!(other.signal().get(), Stop::KeepGoing);
+        assert_eq!(shards.register("b").signal().get(), Stop::KeepGoing);
     }
 }

@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::blocks::BlockShard;
 use super::completion::finalize;
 use super::jobs::{Change, Job, JobError, JobStatus, Versioned};
-use super::running::{Stop, StopSignal};
+use super::running::{RunningShard, Stop, StopSignal};
 use super::shaping::Shaping;
 use super::state::{self, Beat, Claim, Failure, ShardState};
 use super::{ExportError, Exports};
@@ -51,10 +51,16 @@ struct ShardTask {
 /// Claims the shard, runs it, and records how it ended. An error means the message must come
 /// again: the claim, or the record of a failure, could not be written.
 async fn handle_shard(exports: &Exports, task: &ShardTask) -> Result<(), ExportError> {
+    // Registered before the claim, so that a job stopped here meanwhile is seen stopped.
+    let running = exports.running.register(&task.job_id);
     let Some((job, attempt, claimed)) = claim_shard(exports, task).await? else {
         return Ok(());
     };
-    match run_claimed(exports, &job, task, attempt, claimed).await {
+    if running.signal().get() == Stop::JobStopped {
+        tracing::info!("shard not run: its export ended");
+        return Ok(());
+    }
+    match run_claimed(exports, &job, task, attempt, claimed, running).await {
         Ok(()) => Ok(()),
         Err(ExportError::Cancelled(_)) => {
             tracing::info!("shard stopped: export cancelled");
@@ -126,8 +132,9 @@ async fn run_claimed(
     task: &ShardTask,
     attempt: u32,
     claimed: Versioned<ShardState>,
+    running: RunningShard,
 ) -> Result<(), ExportError> {
-    let stop = Arc::new(StopSignal::default());
+    let stop = running.signal();
     let resume = ResumeAt {
         cursor: claimed.document.cursor.clone(),
         files_before: claimed.document.outputs.len(),
@@ -144,7 +151,6 @@ async fn run_claimed(
     // The heartbeat lives exactly as long as the shard's work: a shard that ends in any way (an
     // error, a panic, a dropped future) stops beating, so the sweeper can take it back.
     let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(owner.clone(), stop.clone())));
-    let running = exports.running.register(&task.job_id, stop.clone());
     let written = write_files(exports, job, task.shard, &resume, owner, stop).await;
     drop(running);
     drop(heartbeat);

@@ -343,7 +343,7 @@ async fn whole_export_through_the_host_protocol(sas: String) {
     }
     for (resource_type, count) in common::sample_counts() {
         assert_eq!(
-            per_type.get(resource_type).copied().unwrap_or(0),
+            per_type.get(&resource_type).copied().unwrap_or(0),
             count,
             "{resource_type}"
         );

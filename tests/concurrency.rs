@@ -50,7 +50,7 @@ async fn twenty_four_exports_at_once_all_complete_whole() {
         }
         let expected: HashMap<String, usize> = types[..1 + n % types.len()]
             .iter()
-            .map(|t| (t.to_string(), counts[t]))
+            .map(|t| (t.to_string(), counts[*t]))
             .collect();
         assert_eq!(per_type, expected, "export {n}");
         finished += 1;

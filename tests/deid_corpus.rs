@@ -11,6 +11,17 @@ use fhir_export::deid::methods::{
 use fhir_export::deid::{AnonymizationConfig, DeidError, Engine, Keys};
 use serde_json::Value;
 
+mod common;
+
+/// Whether the corpus is beside the project; a test without it says it was skipped.
+fn have_corpus(test: &str) -> bool {
+    common::outside_corpus(
+        "anonymization-corpus",
+        &format!("{}::{test}", module_path!()),
+    )
+    .is_some()
+}
+
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/anonymization-corpus")
 }
@@ -40,6 +51,9 @@ fn compact(bytes: &[u8]) -> Vec<u8> {
 
 #[test]
 fn every_golden_case_gives_the_engines_output() {
+    if !have_corpus("every_golden_case_gives_the_engines_output") {
+        return;
+    }
     let manifest: Value = serde_json::from_slice(&read("manifest.json")).unwrap();
     let mut checked = 0;
     let mut failures = Vec::new();
@@ -79,6 +93,9 @@ fn every_golden_case_gives_the_engines_output() {
 
 #[test]
 fn every_case_that_must_fail_fails() {
+    if !have_corpus("every_case_that_must_fail_fails") {
+        return;
+    }
     let manifest: Value = serde_json::from_slice(&read("manifest.json")).unwrap();
     let mut checked = 0;
     for case in manifest["cases"].as_array().unwrap() {
@@ -103,6 +120,9 @@ fn every_case_that_must_fail_fails() {
 
 #[test]
 fn the_unit_vectors_hold() {
+    if !have_corpus("the_unit_vectors_hold") {
+        return;
+    }
     let vectors: Value = serde_json::from_slice(&read("vectors.json")).unwrap();
     let key = vectors["hmac_sha256_hex"]["key"].as_str().unwrap();
     for case in vectors["hmac_sha256_hex"]["cases"].as_array().unwrap() {
@@ -220,6 +240,9 @@ fn the_unit_vectors_hold() {
 
 #[test]
 fn the_generalize_vectors_hold() {
+    if !have_corpus("the_generalize_vectors_hold") {
+        return;
+    }
     let vectors: Value = serde_json::from_slice(&read("vectors.json")).unwrap();
     let element = |ty: &str| match ty {
         "date" => ("Patient", "birthDate"),

@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,16 +19,43 @@ use fhir_export::source::{import, EmbeddedStore};
 use fhir_export::storage::{AzureBlob, ObjectStore, PutMode};
 use serde_json::Value;
 
-fn corpus(path: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data/anonymization-corpus")
-            .join(path),
-    )
-    .unwrap()
+/// The anonymizer's corpus, beside the project.
+fn corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/anonymization-corpus")
 }
 
-const HIPAA: &str = "configs/r4-configuration-sample.json";
+fn corpus(path: &str) -> Vec<u8> {
+    std::fs::read(corpus_dir().join(path)).unwrap()
+}
+
+/// A configuration of the HIPAA Safe Harbor kind: the anonymizer's own sample where its corpus is
+/// beside the project (as in CI), or else the project's stand-in (`tests/deid/safe-harbor.json`:
+/// names, addresses but state and country, contact points and narratives redacted; ids,
+/// references and identifiers hashed; dates shifted; every key in the file).
+fn hipaa() -> Vec<u8> {
+    match corpus_dir().is_dir() {
+        true => corpus("configs/r4-configuration-sample.json"),
+        false => include_bytes!("deid/safe-harbor.json").to_vec(),
+    }
+}
+
+/// A configuration whose only rule is `invalid()`, a function FHIRPath does not have.
+const INVALID_FHIRPATH: &[u8] =
+    br#"{"fhirPathRules": [{"path": "invalid()", "method": "redact"}]}"#;
+
+/// A configuration that generalizes names by a number range (an error on every name, a string),
+/// redacts them, and keeps the rest; `processingErrors` is `raise` or `skip`.
+fn processing_error_config(handling: &str) -> Vec<u8> {
+    format!(
+        r#"{{"processingErrors": "{handling}", "fhirPathRules": [
+            {{"path": "nodesByType('HumanName').family", "method": "generalize",
+              "cases": {{"$this >= 0 and $this < 20": "20"}}}},
+            {{"path": "nodesByType('HumanName')", "method": "redact"}},
+            {{"path": "Resource", "method": "keep"}}
+        ]}}"#
+    )
+    .into_bytes()
+}
 
 /// Puts a configuration in the local anonymization folder of an exports folder.
 fn put_config(exports: &Path, name: &str, bytes: &[u8]) {
@@ -62,7 +89,7 @@ async fn lines_by_type(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sample_de_identified_equals_the_engine_on_every_stored_resource() {
     let server = start(&sample_store(), |_| {}).await;
-    put_config(&server.exports, "hipaa/sample.json", &corpus(HIPAA));
+    put_config(&server.exports, "hipaa/sample.json", &hipaa());
     let client = client();
     let manifest = export(
         &client,
@@ -73,7 +100,7 @@ async fn the_sample_de_identified_equals_the_engine_on_every_stored_resource() {
     )
     .await;
     // Every key the HIPAA sample uses is in the file (its encryptKey is not used by a rule).
-    let engine = engine_of(&corpus(HIPAA), &manifest);
+    let engine = engine_of(&hipaa(), &manifest);
     let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for ((resource_type, _), json) in stored_resources(&server.store) {
         let line = String::from_utf8(engine.deidentify(json.as_bytes()).unwrap()).unwrap();
@@ -125,6 +152,10 @@ async fn the_sample_de_identified_equals_the_engine_on_every_stored_resource() {
 /// engine with the expected files).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_golden_case_exported_over_http_equals_the_engine() {
+    let test = "deid_export::every_golden_case_exported_over_http_equals_the_engine";
+    if outside_corpus("anonymization-corpus", test).is_none() {
+        return;
+    }
     let cases: Value = serde_json::from_slice(&corpus("manifest.json")).unwrap();
     let mut configs_by_input: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for case in cases["cases"].as_array().unwrap() {
@@ -183,7 +214,7 @@ async fn every_golden_case_exported_over_http_equals_the_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_level_and_post_export_de_identified() {
     let server = start(&sample_store(), |_| {}).await;
-    put_config(&server.exports, "hipaa.json", &corpus(HIPAA));
+    put_config(&server.exports, "hipaa.json", &hipaa());
     let client = client();
     let group = stored_resources(&server.store)
         .into_keys()
@@ -242,15 +273,11 @@ async fn refused(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kickoff_checks_the_configuration_and_lenient_handling_never_ignores_it() {
     let server = start(&sample_store(), |s| s.deid.max_config_bytes = 200_000).await;
-    let hipaa = corpus(HIPAA);
+    let hipaa = hipaa();
     let mut with_bom = b"\xEF\xBB\xBF".to_vec();
     with_bom.extend_from_slice(hipaa.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&hipaa));
     put_config(&server.exports, "ok.json", &with_bom);
-    put_config(
-        &server.exports,
-        "bad-path.json",
-        &corpus("invalid-configs/configuration-invalid-fhirpath.json"),
-    );
+    put_config(&server.exports, "bad-path.json", INVALID_FHIRPATH);
     put_config(
         &server.exports,
         "duplicate.json",
@@ -339,7 +366,7 @@ async fn a_configuration_edited_during_the_export_fails_it() {
         s.shard_max_time = Some(Duration::from_millis(1));
     })
     .await;
-    put_config(&server.exports, "c.json", &corpus(HIPAA));
+    put_config(&server.exports, "c.json", &hipaa());
     let client = client();
     let status = started(
         &client,
@@ -349,7 +376,7 @@ async fn a_configuration_edited_during_the_export_fails_it() {
         ),
     )
     .await;
-    let mut edited = corpus(HIPAA);
+    let mut edited = hipaa();
     edited.extend_from_slice(b"\n");
     put_config(&server.exports, "c.json", &edited);
     let response = wait_for_end(&client, &status, Duration::from_secs(120)).await;
@@ -480,12 +507,12 @@ async fn processing_errors_fail_the_export_without_values_or_are_skipped() {
     put_config(
         &server.exports,
         "raise.json",
-        &corpus("configs/configuration-raise-processing-error.json"),
+        &processing_error_config("raise"),
     );
     put_config(
         &server.exports,
         "skip.json",
-        &corpus("configs/configuration-skip-processing-error.json"),
+        &processing_error_config("skip"),
     );
     let client = client();
     let status = started(
@@ -577,7 +604,7 @@ async fn on_azure_blob_the_configuration_is_a_blob_of_the_anonymization_containe
     let url = common::azurite::sas_url();
     let storage: Arc<dyn ObjectStore> = Arc::new(AzureBlob::new(&url, None).unwrap());
     let container = common::azurite::unique_container("anon");
-    let hipaa = corpus(HIPAA);
+    let hipaa = hipaa();
     let etag = storage
         .put(
             &format!("{container}/team/hipaa.json"),

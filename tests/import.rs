@@ -42,15 +42,15 @@ fn sample_imports_to_its_readme_counts_and_twice_changes_nothing() {
     );
     assert!(ok, "{stdout}{stderr}");
     assert!(
-        stdout.contains(&format!("{} created", SAMPLE_RESOURCES + 1)),
+        stdout.contains(&format!("{} created", sample_total())),
         "{stdout}"
     );
     let store = dir.path().join("s.db");
     let first = stored_resources(&store);
-    assert_eq!(first.len(), SAMPLE_RESOURCES + 1);
+    assert_eq!(first.len(), sample_total());
     for (resource_type, count) in sample_counts() {
         assert_eq!(
-            first.keys().filter(|(t, _)| t == resource_type).count(),
+            first.keys().filter(|(t, _)| *t == resource_type).count(),
             count,
             "{resource_type}"
         );
@@ -73,7 +73,7 @@ fn sample_imports_to_its_readme_counts_and_twice_changes_nothing() {
     assert!(
         stdout.contains(&format!(
             "0 created, 0 updated, {} unchanged",
-            SAMPLE_RESOURCES + 1
+            sample_total()
         )),
         "{stdout}"
     );

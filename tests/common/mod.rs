@@ -4,6 +4,7 @@
 pub mod azurite;
 pub mod hns;
 pub mod medplum;
+pub mod outside;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -18,61 +19,36 @@ use fhir_export::source::{import, EmbeddedStore};
 use serde_json::Value;
 use tempfile::TempDir;
 
-pub const SAMPLE_RESOURCES: usize = 38_472;
+#[allow(unused_imports)]
+pub use outside::{outside_corpus, sample_counts, sample_dir, sample_total};
 
-/// The Synthea sample beside the project (`../shared/data/...`).
-pub fn sample_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/synthea-r4-100-bulk-data-server/bundles");
-    assert!(
-        dir.is_dir(),
-        "the sample data is missing at {}",
-        dir.display()
-    );
-    dir
-}
-
-/// The sample's resource counts per type, from its README (+ the Group).
-pub fn sample_counts() -> HashMap<&'static str, usize> {
-    HashMap::from([
-        ("Observation", 16_315),
-        ("Claim", 6_083),
-        ("Encounter", 3_697),
-        ("ExplanationOfBenefit", 3_697),
-        ("MedicationRequest", 2_386),
-        ("Procedure", 2_351),
-        ("Immunization", 1_287),
-        ("DiagnosticReport", 897),
-        ("Condition", 639),
-        ("Organization", 203),
-        ("Practitioner", 203),
-        ("CareTeam", 278),
-        ("CarePlan", 278),
-        ("Patient", 100),
-        ("AllergyIntolerance", 38),
-        ("ImagingStudy", 16),
-        ("Device", 4),
-        ("Group", 1),
-    ])
-}
-
-/// One store holding the sample, imported once per test binary; tests only read it. A static is
-/// never dropped, so the store's folder is named after the process, and each run removes those of
-/// processes that have ended.
+/// One store holding the sample, imported once per test binary; tests only read it.
 pub fn sample_store() -> PathBuf {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
     STORE
+        .get_or_init(|| {
+            let path = scratch_of_this_process().join("sample.db");
+            let store = EmbeddedStore::open(&path).unwrap();
+            let report = import::import(&store, &[sample_dir()]).unwrap();
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            path
+        })
+        .clone()
+}
+
+/// A folder of this test binary's own for what it keeps to the end (the sample's store, the
+/// stand-in sample). A static is never dropped, so the folder is named after the process, and
+/// each run removes those of processes that have ended.
+fn scratch_of_this_process() -> PathBuf {
+    static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
+    SCRATCH
         .get_or_init(|| {
             remove_sample_stores_of_ended_processes();
             let dir =
                 std::env::temp_dir().join(format!("{SAMPLE_STORE_PREFIX}{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("sample.db");
-            let store = EmbeddedStore::open(&path).unwrap();
-            let report = import::import(&store, &[sample_dir()]).unwrap();
-            assert!(report.failed.is_empty(), "{:?}", report.failed);
-            path
+            dir
         })
         .clone()
 }

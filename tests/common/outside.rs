@@ -1,0 +1,122 @@
+//! Data from outside the project (`../shared`, beside the clone): the Synthea sample and the
+//! conformance corpora. A fresh clone has none of it: the sample's place is taken by data the
+//! project generates (deterministic, with its counts known), and a test that needs a corpus says it
+//! was skipped, one line each (gathered by `tests/run.sh`, which prints them with their count).
+//! CI has `../shared` and skips nothing: there, a missing piece fails the test.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The folder beside the project that holds the outside data.
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+}
+
+/// Whether this is CI, which has `../shared` and must skip nothing.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The data the tests export: Synthea's 100 patients (38,472 resources and a Group) where
+/// `../shared` has them, or else 100 generated patients with their resources and Groups.
+struct Sample {
+    dir: PathBuf,
+    counts: HashMap<String, usize>,
+}
+
+/// The seed of the stand-in sample; any fixed seed gives the same data every run.
+const STAND_IN_SEED: u64 = 1;
+
+fn sample() -> &'static Sample {
+    static SAMPLE: OnceLock<Sample> = OnceLock::new();
+    SAMPLE.get_or_init(|| {
+        let synthea = shared().join("synthea-r4-100-bulk-data-server/bundles");
+        if synthea.is_dir() {
+            return Sample {
+                dir: synthea,
+                counts: synthea_counts(),
+            };
+        }
+        assert!(
+            !in_ci(),
+            "CI must have the Synthea sample at {}",
+            synthea.display()
+        );
+        let dir = super::scratch_of_this_process().join("stand-in");
+        let _ = std::fs::remove_dir_all(&dir);
+        let summary = fhir_export::generate::write_ndjson(100, STAND_IN_SEED, &dir)
+            .expect("the stand-in sample is written");
+        let counts = summary
+            .counts
+            .into_iter()
+            .map(|(resource_type, n)| (resource_type, n as usize))
+            .collect();
+        Sample { dir, counts }
+    })
+}
+
+/// The sample's folder (Bundles, or NDJSON files for the stand-in).
+pub fn sample_dir() -> PathBuf {
+    sample().dir.clone()
+}
+
+/// The sample's resources per type, the Group(s) included.
+pub fn sample_counts() -> HashMap<String, usize> {
+    sample().counts.clone()
+}
+
+/// The sample's resources of every type.
+pub fn sample_total() -> usize {
+    sample().counts.values().sum()
+}
+
+/// The Synthea sample's counts per type, from its README (+ the Group).
+fn synthea_counts() -> HashMap<String, usize> {
+    [
+        ("Observation", 16_315),
+        ("Claim", 6_083),
+        ("Encounter", 3_697),
+        ("ExplanationOfBenefit", 3_697),
+        ("MedicationRequest", 2_386),
+        ("Procedure", 2_351),
+        ("Immunization", 1_287),
+        ("DiagnosticReport", 897),
+        ("Condition", 639),
+        ("Organization", 203),
+        ("Practitioner", 203),
+        ("CareTeam", 278),
+        ("CarePlan", 278),
+        ("Patient", 100),
+        ("AllergyIntolerance", 38),
+        ("ImagingStudy", 16),
+        ("Device", 4),
+        ("Group", 1),
+    ]
+    .into_iter()
+    .map(|(resource_type, n)| (resource_type.to_string(), n))
+    .collect()
+}
+
+/// A corpus under `../shared/data` (`anonymization-corpus`, `sql-on-fhir-tests`), or `None` with
+/// a line saying that `test` was skipped for want of it. In CI its absence fails the test.
+pub fn outside_corpus(corpus: &str, test: &str) -> Option<PathBuf> {
+    let dir = shared().join(corpus);
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(!in_ci(), "CI must have the corpus at {}", dir.display());
+    let line = format!("skipped: {test} (needs ../shared/data/{corpus})");
+    eprintln!("{line}");
+    if let Ok(log) = std::env::var("FHIR_EXPORT_SKIPPED_LOG") {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log);
+        if let Ok(mut file) = file {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+    None
+}

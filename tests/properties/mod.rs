@@ -1,6 +1,7 @@
 //! Properties of the parsers that face clients: kickoff parameters, `_typeFilter` queries, POST
 //! Parameters bodies and FHIRPath (anonymization configurations). On any input they answer (never
-//! panic, never overflow the stack); a refusal names a parameter; what they accept is well formed. Shared by `tests/hostile_input.rs` (short) and
+//! panic, never overflow the stack); a refusal names a parameter; what they accept is what the
+//! input said, well formed by rules stated here. Shared by `tests/hostile_input.rs` (short) and
 //! `cargo bench --bench fuzz` (long).
 
 use fhir_export::export::{ExportRequest, Level};
@@ -97,31 +98,80 @@ fn level() -> impl Strategy<Value = Level> {
     ]
 }
 
+/// The query's values of `name`, decoded as a server reads them.
+fn values_of<'a>(pairs: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a str> {
+    pairs
+        .iter()
+        .filter(move |(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Azure's rule for container names, as its documentation states it: 3-63 characters of
+/// lowercase letters, digits and hyphens, starting and ending with a letter or digit, no two
+/// hyphens in a row.
+fn azure_allows_container(name: &str) -> bool {
+    let letter_or_digit = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (3..=63).contains(&name.len())
+        && name.chars().all(|c| letter_or_digit(c) || c == '-')
+        && name.starts_with(letter_or_digit)
+        && name.ends_with(letter_or_digit)
+        && !name.contains("--")
+}
+
+/// What a kickoff accepts is what the query said, well formed by rules stated here, not by the
+/// parser's own checks: each type was asked for by `_type`, the window came from `_since` and
+/// `_until`, the container is one Azure allows, each filter was a `_typeFilter`. A refusal names
+/// a parameter of the query.
 fn kickoff_parameters(runner: &mut TestRunner) {
     runner
         .run(
             &(level(), query(), any::<bool>(), any::<bool>()),
             |(level, query, lenient, via_post)| {
+                let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+                    .into_owned()
+                    .collect();
+                let asked = |name: &str, value: &str| {
+                    values_of(&pairs, name).any(|v| v.split(',').any(|part| part.trim() == value))
+                };
                 match ExportRequest::from_query(level, &query, lenient, via_post) {
                     Err(error) => {
-                        prop_assert!(!error.parameter.is_empty(), "{query:?}: unnamed refusal");
                         prop_assert!(!error.message.is_empty());
+                        let named = |(name, _): &(String, String)| {
+                            name.eq_ignore_ascii_case(&error.parameter)
+                                || (name.is_empty() && error.parameter == "query")
+                        };
+                        prop_assert!(
+                            pairs.iter().any(named),
+                            "{query:?}: the refusal names {:?}, not a parameter of the query",
+                            error.parameter
+                        );
                     }
                     Ok(request) => {
                         for resource_type in request.types.iter().flatten() {
-                            prop_assert!(fhir_export::fhir::is_resource_type(resource_type));
+                            prop_assert!(
+                                asked("_type", resource_type),
+                                "{query:?}: {resource_type}"
+                            );
                         }
                         if let (Some(since), Some(until)) = (request.since, request.until) {
                             prop_assert!(since < until);
                         }
+                        prop_assert_eq!(
+                            request.since.is_some(),
+                            values_of(&pairs, "_since").any(|v| !v.is_empty())
+                        );
                         if let Some(container) = &request.container {
-                            prop_assert!(fhir_export::export::request::check_container_name(
-                                container
-                            )
-                            .is_ok());
+                            prop_assert!(azure_allows_container(container), "{container:?}");
+                            prop_assert!(values_of(&pairs, "_container").any(|v| v == container));
                         }
                         for filter in &request.type_filters {
-                            prop_assert!(SearchQuery::parse(filter.as_str()).is_ok());
+                            let resource_type =
+                                filter.as_str().split('?').next().unwrap_or_default();
+                            prop_assert!(
+                                values_of(&pairs, "_typeFilter").any(|v| v.contains(resource_type)),
+                                "{query:?}: {}",
+                                filter.as_str()
+                            );
                         }
                     }
                 }
@@ -213,8 +263,21 @@ fn parameters_bodies(runner: &mut TestRunner) {
     ];
     runner
         .run(&(body, level()), |(body, level)| {
-            if let Ok(query) = fhir_export::http::parameters::to_query(&body) {
-                let _ = ExportRequest::from_query(level, &query, false, true);
+            match fhir_export::http::parameters::to_query(&body) {
+                Ok(query) => {
+                    // Each parameter the query carries is one the body named.
+                    let named = serde_json::from_slice::<Value>(&body).ok();
+                    let names: Vec<&str> = named
+                        .iter()
+                        .flat_map(|b| b["parameter"].as_array().into_iter().flatten())
+                        .filter_map(|p| p["name"].as_str())
+                        .collect();
+                    for (name, _) in form_urlencoded::parse(query.as_bytes()) {
+                        prop_assert!(names.contains(&name.as_ref()), "{name} was not in the body");
+                    }
+                    let _ = ExportRequest::from_query(level, &query, false, true);
+                }
+                Err(refused) => prop_assert_eq!(refused.status.as_u16(), 400),
             }
             Ok(())
         })

@@ -134,6 +134,7 @@ struct Writers<'a> {
     folder: &'a Path,
     files: BTreeMap<&'static str, BufWriter<File>>,
     summary: Summary,
+    shape: Shape,
 }
 
 impl Writers<'_> {
@@ -163,14 +164,49 @@ fn pick<'a, T>(rng: &mut StdRng, items: &'a [T]) -> &'a T {
     &items[rng.random_range(0..items.len())]
 }
 
+/// How much of a record each patient gets.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// Encounters per patient.
+    pub encounters: std::ops::Range<usize>,
+    /// Addresses and contact points, clinical statuses, and the care teams, care plans, devices,
+    /// diagnostic reports and imaging studies of a Synthea record (every resource type of
+    /// Synthea's R4 sample).
+    pub full_record: bool,
+}
+
+impl Shape {
+    /// The demo's: a few encounters, the common clinical and claims types.
+    pub const DEMO: Shape = Shape {
+        encounters: 2..8,
+        full_record: false,
+    };
+    /// Like Synthea's 100-patient R4 sample in its types and about two thirds of its volume.
+    pub const SYNTHEA_LIKE: Shape = Shape {
+        encounters: 20..50,
+        full_record: true,
+    };
+}
+
 /// Writes `patients` patients with their resources into `folder` (created if needed).
 pub fn write_ndjson(patients: usize, seed: u64, folder: &Path) -> std::io::Result<Summary> {
+    write_shaped(patients, seed, &Shape::DEMO, folder)
+}
+
+/// Writes `patients` patients with records of `shape` into `folder` (created if needed).
+pub fn write_shaped(
+    patients: usize,
+    seed: u64,
+    shape: &Shape,
+    folder: &Path,
+) -> std::io::Result<Summary> {
     std::fs::create_dir_all(folder)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Writers {
         folder,
         files: BTreeMap::new(),
         summary: Summary::default(),
+        shape: shape.clone(),
     };
     for n in 0..ORGANIZATIONS {
         let meta = updated(&mut rng);
@@ -243,11 +279,17 @@ fn write_patient(
         .expect("valid date");
     let meta = updated(rng);
     let (given, family) = (*pick(rng, GIVEN), *pick(rng, FAMILY));
-    out.write("Patient", &json!({"resourceType": "Patient", "id": patient_id, "meta": meta,
+    let mut patient = json!({"resourceType": "Patient", "id": patient_id, "meta": meta,
         "name": [{"use": "official", "family": family, "given": [given]}],
         "gender": if rng.random_bool(0.5) { "female" } else { "male" },
         "birthDate": birth.format("%Y-%m-%d").to_string(),
-        "managingOrganization": {"reference": format!("Organization/org-{}", rng.random_range(0..ORGANIZATIONS))}}))?;
+        "managingOrganization": {"reference": format!("Organization/org-{}", rng.random_range(0..ORGANIZATIONS))}});
+    if out.shape.full_record {
+        patient["address"] = json!([{"line": [format!("{} {} Street", rng.random_range(1..999), pick(rng, FAMILY))],
+            "city": "Springfield", "state": "MA", "postalCode": format!("0{}", rng.random_range(1000..2800)), "country": "US"}]);
+        patient["telecom"] = json!([{"system": "phone", "value": format!("555-{:04}", rng.random_range(0..10_000)), "use": "home"}]);
+    }
+    out.write("Patient", &patient)?;
 
     if rng.random_bool(0.3) {
         let (code, display) = *pick(rng, ALLERGIES);
@@ -255,8 +297,72 @@ fn write_patient(
         out.write("AllergyIntolerance", &json!({"resourceType": "AllergyIntolerance", "id": format!("{patient_id}-allergy"),
             "meta": meta, "patient": patient_ref, "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]}}))?;
     }
-    for e in 0..rng.random_range(2..8usize) {
+    for e in 0..rng.random_range(out.shape.encounters.clone()) {
         write_encounter(rng, out, &patient_id, &patient_ref, birth, e)?;
+    }
+    if out.shape.full_record {
+        write_care(rng, out, &patient_id, &patient_ref)?;
+    }
+    Ok(())
+}
+
+/// A full record's report of some encounters' observations, and now and then an imaging study.
+fn write_reports(
+    rng: &mut StdRng,
+    out: &mut Writers<'_>,
+    encounter_id: &str,
+    patient_ref: &Value,
+    encounter_ref: &Value,
+    start: DateTime<Utc>,
+    observations: usize,
+) -> std::io::Result<()> {
+    if rng.random_bool(0.3) {
+        let result: Vec<Value> = (0..observations)
+            .map(|o| json!({"reference": format!("Observation/{encounter_id}-obs-{o}")}))
+            .collect();
+        let meta = updated(rng);
+        out.write("DiagnosticReport", &json!({"resourceType": "DiagnosticReport", "id": format!("{encounter_id}-report"), "meta": meta,
+            "status": "final", "code": {"coding": [{"system": "http://loinc.org", "code": "51990-0", "display": "Basic metabolic panel"}]},
+            "subject": patient_ref, "encounter": encounter_ref, "effectiveDateTime": instant(start), "issued": instant(start),
+            "result": result}))?;
+    }
+    if rng.random_bool(0.01) {
+        let meta = updated(rng);
+        out.write("ImagingStudy", &json!({"resourceType": "ImagingStudy", "id": format!("{encounter_id}-imaging"), "meta": meta,
+            "status": "available", "subject": patient_ref, "encounter": encounter_ref, "started": instant(start),
+            "numberOfSeries": 1, "numberOfInstances": 1}))?;
+    }
+    Ok(())
+}
+
+/// A full record's care teams and plans, and perhaps a device.
+fn write_care(
+    rng: &mut StdRng,
+    out: &mut Writers<'_>,
+    patient_id: &str,
+    patient_ref: &Value,
+) -> std::io::Result<()> {
+    for c in 0..rng.random_range(1..4usize) {
+        let team_id = format!("{patient_id}-team-{c}");
+        let practitioner = format!("Practitioner/pract-{}", rng.random_range(0..PRACTITIONERS));
+        let meta = updated(rng);
+        out.write(
+            "CareTeam",
+            &json!({"resourceType": "CareTeam", "id": team_id, "meta": meta, "status": "active",
+            "subject": patient_ref, "participant": [{"member": {"reference": practitioner}}]}),
+        )?;
+        let (code, display) = *pick(rng, CONDITIONS);
+        let meta = updated(rng);
+        out.write("CarePlan", &json!({"resourceType": "CarePlan", "id": format!("{patient_id}-plan-{c}"), "meta": meta,
+            "status": "active", "intent": "order", "subject": patient_ref,
+            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]}],
+            "careTeam": [{"reference": format!("CareTeam/{team_id}")}]}))?;
+    }
+    if rng.random_bool(0.05) {
+        let meta = updated(rng);
+        out.write("Device", &json!({"resourceType": "Device", "id": format!("{patient_id}-device"), "meta": meta,
+            "status": "active", "patient": patient_ref, "distinctIdentifier": format!("{}", rng.random_range(0..1_000_000)),
+            "type": {"coding": [{"system": "http://snomed.info/sct", "code": "72506001", "display": "Implantable defibrillator"}]}}))?;
     }
     Ok(())
 }
@@ -283,7 +389,8 @@ fn write_encounter(
         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
         "subject": patient_ref, "participant": [{"individual": practitioner}], "serviceProvider": organization,
         "period": {"start": instant(start), "end": instant(start + Duration::minutes(30))}}))?;
-    for o in 0..rng.random_range(2..6usize) {
+    let observations = rng.random_range(2..6usize);
+    for o in 0..observations {
         let (code, display, unit, low, high, category) = *pick(rng, OBSERVATIONS);
         let value = (rng.random_range(low..high) * 10.0_f64).round() / 10.0;
         let meta = updated(rng);
@@ -298,9 +405,18 @@ fn write_encounter(
     if rng.random_bool(0.3) {
         let (code, display) = *pick(rng, CONDITIONS);
         let meta = updated(rng);
-        out.write("Condition", &json!({"resourceType": "Condition", "id": format!("{encounter_id}-cond"), "meta": meta,
+        let mut condition = json!({"resourceType": "Condition", "id": format!("{encounter_id}-cond"), "meta": meta,
             "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]},
-            "subject": patient_ref, "encounter": encounter_ref, "onsetDateTime": instant(start)}))?;
+            "subject": patient_ref, "encounter": encounter_ref, "onsetDateTime": instant(start)});
+        if out.shape.full_record {
+            let status = if rng.random_bool(0.4) {
+                "active"
+            } else {
+                "resolved"
+            };
+            condition["clinicalStatus"] = json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": status}]});
+        }
+        out.write("Condition", &condition)?;
     }
     if rng.random_bool(0.4) {
         let (code, display) = *pick(rng, MEDICATIONS);
@@ -323,6 +439,17 @@ fn write_encounter(
         out.write("Immunization", &json!({"resourceType": "Immunization", "id": format!("{encounter_id}-imm"), "meta": meta,
             "status": "completed", "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": code, "display": display}]},
             "patient": patient_ref, "encounter": encounter_ref, "occurrenceDateTime": instant(start)}))?;
+    }
+    if out.shape.full_record {
+        write_reports(
+            rng,
+            out,
+            &encounter_id,
+            patient_ref,
+            &encounter_ref,
+            start,
+            observations,
+        )?;
     }
     let total = (rng.random_range(50.0..900.0_f64) * 100.0).round() / 100.0;
     let claim_id = format!("{encounter_id}-claim");

@@ -84,10 +84,10 @@ fn sample_imports_to_its_readme_counts_and_twice_changes_nothing() {
     );
 
     let store = EmbeddedStore::open(&store).unwrap();
-    let group = &first[&(
-        "Group".to_string(),
-        "d9f31445-f448-48c0-af57-295c005e07df".to_string(),
-    )];
+    let group = first
+        .iter()
+        .find_map(|((t, _), json)| (t == "Group").then_some(json))
+        .unwrap();
     let member = text_after(group, r#""reference":"Patient/"#);
     assert_eq!(
         store.compartments_of("Patient", member).unwrap(),

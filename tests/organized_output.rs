@@ -34,13 +34,58 @@ const COMPARTMENT_TYPES: &[&str] = &[
     "Procedure",
 ];
 
-/// From the sample's Bundles (one patient's record each): every patient's block, the resources of
-/// its Bundle in the Patient compartment.
+/// From the sample's files: every patient's block, the resources of its record in the Patient
+/// compartment.
 fn expected_blocks() -> BTreeMap<String, BTreeSet<Key>> {
+    let files: Vec<_> = std::fs::read_dir(sample_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    match files
+        .iter()
+        .any(|file| file.extension().is_some_and(|e| e == "gz"))
+    {
+        true => blocks_of_bundles(&files),
+        false => blocks_of_stand_in(&files),
+    }
+}
+
+/// The stand-in's NDJSON files: each compartment resource names its one patient as `subject` or
+/// `patient`.
+fn blocks_of_stand_in(files: &[std::path::PathBuf]) -> BTreeMap<String, BTreeSet<Key>> {
+    let mut blocks: BTreeMap<String, BTreeSet<Key>> = BTreeMap::new();
+    for file in files {
+        for line in std::fs::read_to_string(file).unwrap().lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            let resource_type = resource["resourceType"].as_str().unwrap();
+            if !COMPARTMENT_TYPES.contains(&resource_type) {
+                continue;
+            }
+            let id = resource["id"].as_str().unwrap().to_string();
+            let patient = match resource_type {
+                "Patient" => id.clone(),
+                _ => ["subject", "patient"]
+                    .iter()
+                    .find_map(|field| resource[field]["reference"].as_str())
+                    .and_then(|reference| reference.strip_prefix("Patient/"))
+                    .expect("names its patient")
+                    .to_string(),
+            };
+            blocks
+                .entry(patient)
+                .or_default()
+                .insert((resource_type.to_string(), id));
+        }
+    }
+    blocks
+}
+
+/// Synthea's Bundles, one patient's record each.
+fn blocks_of_bundles(files: &[std::path::PathBuf]) -> BTreeMap<String, BTreeSet<Key>> {
     let mut blocks = BTreeMap::new();
-    for entry in std::fs::read_dir(sample_dir()).unwrap() {
+    for file in files {
         let mut text = String::new();
-        flate2::read::GzDecoder::new(std::fs::File::open(entry.unwrap().path()).unwrap())
+        flate2::read::GzDecoder::new(std::fs::File::open(file).unwrap())
             .read_to_string(&mut text)
             .unwrap();
         let bundle: Value = serde_json::from_str(&text).unwrap();

@@ -46,8 +46,13 @@ fn sample() -> &'static Sample {
         );
         let dir = super::scratch_of_this_process().join("stand-in");
         let _ = std::fs::remove_dir_all(&dir);
-        let summary = fhir_export::generate::write_ndjson(100, STAND_IN_SEED, &dir)
-            .expect("the stand-in sample is written");
+        let summary = fhir_export::generate::write_shaped(
+            100,
+            STAND_IN_SEED,
+            &fhir_export::generate::Shape::SYNTHEA_LIKE,
+            &dir,
+        )
+        .expect("the stand-in sample is written");
         let counts = summary
             .counts
             .into_iter()
@@ -115,7 +120,8 @@ pub fn outside_corpus(corpus: &str, test: &str) -> Option<PathBuf> {
             .append(true)
             .open(log);
         if let Ok(mut file) = file {
-            let _ = writeln!(file, "{line}");
+            // One write, so that lines of test processes running at once never interleave.
+            let _ = file.write_all(format!("{line}\n").as_bytes());
         }
     }
     None

@@ -20,7 +20,6 @@ pub const DEMO_PATIENTS: usize = 300;
 
 const ORGANIZATIONS: usize = 20;
 const PRACTITIONERS: usize = 40;
-const GROUP_SIZE: usize = 50;
 
 const GIVEN: &[&str] = &[
     "Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jia", "Kofi", "Lena",
@@ -173,6 +172,8 @@ pub struct Shape {
     /// diagnostic reports and imaging studies of a Synthea record (every resource type of
     /// Synthea's R4 sample).
     pub full_record: bool,
+    /// Patients a Group has (the last has the rest).
+    pub group_size: usize,
 }
 
 impl Shape {
@@ -180,11 +181,14 @@ impl Shape {
     pub const DEMO: Shape = Shape {
         encounters: 2..8,
         full_record: false,
+        group_size: 50,
     };
-    /// Like Synthea's 100-patient R4 sample in its types and about two thirds of its volume.
+    /// Like Synthea's 100-patient R4 sample in its types and volume (its resources are smaller,
+    /// and more of them).
     pub const SYNTHEA_LIKE: Shape = Shape {
-        encounters: 20..50,
+        encounters: 40..100,
         full_record: true,
+        group_size: usize::MAX,
     };
 }
 
@@ -230,7 +234,7 @@ pub fn write_shaped(
     }
     for (g, members) in (0..patients)
         .collect::<Vec<_>>()
-        .chunks(GROUP_SIZE)
+        .chunks(shape.group_size)
         .enumerate()
     {
         let member: Vec<Value> = members

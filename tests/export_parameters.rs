@@ -81,7 +81,11 @@ async fn patient_and_group_exports_of_the_sample_hold_every_compartment_resource
         .iter()
         .any(|(t, _)| t == "Organization" || t == "Group" || t == "Practitioner"));
 
-    let group = "d9f31445-f448-48c0-af57-295c005e07df";
+    let groups: Vec<String> = stored_resources(&store)
+        .into_keys()
+        .filter_map(|(t, id)| (t == "Group").then_some(id))
+        .collect();
+    let group = &groups[0];
     let group_level = keys_of(
         &download_all(
             &client,

@@ -458,6 +458,40 @@ async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
     assert!(outcome.to_string().contains("token missing"), "{outcome}");
 }
 
+/// A store loaded from NDJSON holds each type together, which an export reads in storage order;
+/// a search's pages still follow id order from the first page, so that `next` links continue
+/// where the page ended (a first page in storage order and the rest in id order repeated 57
+/// Conditions of the stand-in sample and lost 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_pages_of_a_type_stored_together_hold_each_resource_once_in_id_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = fhir_export::generate::write_ndjson(60, 3, &dir.path().join("data")).unwrap();
+    let store_path = dir.path().join("together.db");
+    let store = fhir_export::source::EmbeddedStore::open(&store_path).unwrap();
+    fhir_export::source::import::import(&store, &[dir.path().join("data")]).unwrap();
+    let server = start(&store_path, |_| {}).await;
+    let client = client();
+    let mut url = Some(format!("{}/Observation?_count=50", server.base));
+    let mut ids = Vec::new();
+    while let Some(next) = url.take() {
+        let page: Value = common::get_json(&client, &next).await;
+        for entry in page["entry"].as_array().into_iter().flatten() {
+            ids.push(entry["resource"]["id"].as_str().unwrap().to_string());
+        }
+        url = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+    }
+    let mut in_id_order = ids.clone();
+    in_id_order.sort();
+    in_id_order.dedup();
+    assert_eq!(ids, in_id_order, "each once, in id order");
+    assert_eq!(ids.len() as u64, summary.counts["Observation"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_type_is_split_into_lastupdated_ranges_read_in_parallel() {
     // Generated data: its lastUpdated instants spread over ten years (the sample's share one).

@@ -229,7 +229,10 @@ fn read_matches(
         until: search.until,
         snapshot: Utc::now(),
         scope,
-        after_id: search.cursor.as_deref(),
+        // Pages follow id order from the first: an empty cursor comes before every id. (Without
+        // one, a scan of a type stored together reads in storage order, which a cursor cannot
+        // continue.)
+        after_id: Some(search.cursor.as_deref().unwrap_or("")),
         rows: Default::default(),
         type_filters: &[],
         resume: None,

@@ -910,7 +910,7 @@ async fn partial_manifests_come_in_linked_pages_that_list_every_file_once() {
     let client = client();
     let server = start(&store, |s| {
         s.manifest_page_size = 2;
-        s.file_max_bytes = 2 << 20;
+        s.file_max_bytes = 1 << 20;
     })
     .await;
     let url = format!(

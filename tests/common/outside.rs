@@ -44,15 +44,14 @@ fn sample() -> &'static Sample {
             "CI must have the Synthea sample at {}",
             synthea.display()
         );
-        let dir = super::scratch_of_this_process().join("stand-in");
-        let _ = std::fs::remove_dir_all(&dir);
-        let summary = fhir_export::generate::write_shaped(
-            100,
-            STAND_IN_SEED,
-            &fhir_export::generate::Shape::SYNTHEA_LIKE,
-            &dir,
-        )
-        .expect("the stand-in sample is written");
+        let scratch = super::scratch_of_this_process();
+        let generated = scratch.join("generated");
+        let _ = std::fs::remove_dir_all(&generated);
+        let shape = fhir_export::generate::Shape::SYNTHEA_LIKE;
+        let summary = fhir_export::generate::write_shaped(100, STAND_IN_SEED, &shape, &generated)
+            .expect("the stand-in sample is written");
+        let dir = scratch.join("stand-in");
+        write_as_bundles(&generated, &dir);
         let counts = summary
             .counts
             .into_iter()
@@ -62,7 +61,60 @@ fn sample() -> &'static Sample {
     })
 }
 
-/// The sample's folder (Bundles, or NDJSON files for the stand-in).
+/// Writes the generated NDJSON files of `from` as Synthea's sample is laid out: a gzipped
+/// transaction Bundle per patient with the resources of its record, and one for the rest
+/// (organizations, practitioners, groups). Imported so, a store holds each patient's record
+/// together and its types interleaved, as it holds Synthea's.
+fn write_as_bundles(from: &Path, to: &Path) {
+    use serde_json::{json, Value};
+    let mut records: Vec<(String, Vec<Value>)> = Vec::new();
+    let mut record_of: HashMap<String, usize> = HashMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(from)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    for file in files {
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            let owner = match resource["resourceType"].as_str() {
+                Some("Patient") => resource["id"].as_str().map(str::to_string),
+                _ => ["subject", "patient"]
+                    .iter()
+                    .find_map(|field| resource[field]["reference"].as_str())
+                    .and_then(|reference| reference.strip_prefix("Patient/"))
+                    .map(str::to_string),
+            }
+            .unwrap_or_else(|| "shared".to_string());
+            let at = *record_of.entry(owner.clone()).or_insert_with(|| {
+                records.push((owner, Vec::new()));
+                records.len() - 1
+            });
+            records[at].1.push(resource);
+        }
+    }
+    std::fs::create_dir_all(to).unwrap();
+    for (owner, resources) in records {
+        let entry: Vec<Value> = resources
+            .into_iter()
+            .map(|resource| {
+                let url = format!(
+                    "{}/{}",
+                    resource["resourceType"].as_str().unwrap(),
+                    resource["id"].as_str().unwrap()
+                );
+                json!({"resource": resource, "request": {"method": "PUT", "url": url}})
+            })
+            .collect();
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entry});
+        let file = std::fs::File::create(to.join(format!("{owner}.json.gz"))).unwrap();
+        let mut gzip = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        serde_json::to_writer(&mut gzip, &bundle).unwrap();
+        gzip.finish().unwrap();
+    }
+}
+
+/// The sample's folder of gzipped transaction Bundles.
 pub fn sample_dir() -> PathBuf {
     sample().dir.clone()
 }

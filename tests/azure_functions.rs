@@ -1164,7 +1164,7 @@ async fn killed_at_each_crash_point_an_export_on_blob_storage_ends_with_every_re
         ("EXPORT_RETRY_DELAY_SECS", "0.2"),
         ("EXPORT_FILE_MAX_BYTES", "65536"),
         // Shards pause and go on in continuations: a crash meets them mid-way too.
-        ("EXPORT_SHARD_MAX_SECS", "0.1"),
+        ("EXPORT_SHARD_MAX_SECS", "0.05"),
     ];
     for point in CRASH_POINTS {
         let container = azurite::unique_container("crash");

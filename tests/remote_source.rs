@@ -118,6 +118,16 @@ async fn exports_through_the_remote_source_equal_exports_from_the_store() {
     );
 }
 
+/// A searchset page's `next` link.
+fn next_link(page: &Value) -> Option<String> {
+    page["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .map(|l| l["url"].as_str().unwrap().to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fhir_read_and_search_answer_like_a_fhir_server() {
     let a = start(&common::sample_store(), |_| {}).await;
@@ -139,12 +149,7 @@ async fn fhir_read_and_search_answer_like_a_fhir_server() {
                 .unwrap()
                 .ends_with(entry["resource"]["id"].as_str().unwrap()));
         }
-        url = page["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_string());
+        url = next_link(&page);
         pages += 1;
     }
     assert_eq!(ids.len(), common::sample_counts()["Condition"]);
@@ -478,12 +483,7 @@ async fn search_pages_of_a_type_stored_together_hold_each_resource_once_in_id_or
         for entry in page["entry"].as_array().into_iter().flatten() {
             ids.push(entry["resource"]["id"].as_str().unwrap().to_string());
         }
-        url = page["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_string());
+        url = next_link(&page);
     }
     let mut in_id_order = ids.clone();
     in_id_order.sort();

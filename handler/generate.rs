@@ -310,6 +310,36 @@ fn write_patient(
     Ok(())
 }
 
+/// An encounter's claim and its explanation of benefit.
+fn write_claim(
+    rng: &mut StdRng,
+    out: &mut Writers<'_>,
+    encounter_id: &str,
+    patient_ref: &Value,
+    encounter_ref: &Value,
+    organization: &Value,
+    start: DateTime<Utc>,
+) -> std::io::Result<()> {
+    let total = (rng.random_range(50.0..900.0_f64) * 100.0).round() / 100.0;
+    let claim_id = format!("{encounter_id}-claim");
+    let meta = updated(rng);
+    out.write("Claim", &json!({"resourceType": "Claim", "id": claim_id, "meta": meta, "status": "active",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+        "use": "claim", "patient": patient_ref, "created": instant(start), "provider": organization,
+        "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]},
+        "insurance": [{"sequence": 1, "focal": true, "coverage": {"display": "Self-pay"}}],
+        "item": [{"sequence": 1, "productOrService": {"text": "Encounter"}, "encounter": [encounter_ref]}],
+        "total": {"value": total, "currency": "USD"}}))?;
+    let meta = updated(rng);
+    out.write("ExplanationOfBenefit", &json!({"resourceType": "ExplanationOfBenefit", "id": format!("{encounter_id}-eob"), "meta": meta,
+        "status": "active", "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+        "use": "claim", "patient": patient_ref, "created": instant(start), "insurer": {"display": "Self-pay"},
+        "provider": organization, "claim": {"reference": format!("Claim/{claim_id}")}, "outcome": "complete",
+        "insurance": [{"focal": true, "coverage": {"display": "Self-pay"}}],
+        "total": [{"category": {"coding": [{"code": "submitted"}]}, "amount": {"value": total, "currency": "USD"}}]}))?;
+    Ok(())
+}
+
 /// A full record's report of some encounters' observations, and now and then an imaging study.
 fn write_reports(
     rng: &mut StdRng,
@@ -455,22 +485,13 @@ fn write_encounter(
             observations,
         )?;
     }
-    let total = (rng.random_range(50.0..900.0_f64) * 100.0).round() / 100.0;
-    let claim_id = format!("{encounter_id}-claim");
-    let meta = updated(rng);
-    out.write("Claim", &json!({"resourceType": "Claim", "id": claim_id, "meta": meta, "status": "active",
-        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
-        "use": "claim", "patient": patient_ref, "created": instant(start), "provider": organization,
-        "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]},
-        "insurance": [{"sequence": 1, "focal": true, "coverage": {"display": "Self-pay"}}],
-        "item": [{"sequence": 1, "productOrService": {"text": "Encounter"}, "encounter": [encounter_ref]}],
-        "total": {"value": total, "currency": "USD"}}))?;
-    let meta = updated(rng);
-    out.write("ExplanationOfBenefit", &json!({"resourceType": "ExplanationOfBenefit", "id": format!("{encounter_id}-eob"), "meta": meta,
-        "status": "active", "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
-        "use": "claim", "patient": patient_ref, "created": instant(start), "insurer": {"display": "Self-pay"},
-        "provider": organization, "claim": {"reference": format!("Claim/{claim_id}")}, "outcome": "complete",
-        "insurance": [{"focal": true, "coverage": {"display": "Self-pay"}}],
-        "total": [{"category": {"coding": [{"code": "submitted"}]}, "amount": {"value": total, "currency": "USD"}}]}))?;
-    Ok(())
+    write_claim(
+        rng,
+        out,
+        &encounter_id,
+        patient_ref,
+        &encounter_ref,
+        &organization,
+        start,
+    )
 }

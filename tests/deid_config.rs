@@ -2,7 +2,7 @@
 //! (`../shared/data/anonymization-corpus`): every valid one loads, every invalid one is refused
 //! with a reason, as the engine (4.1.1) does.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use fhir_export::deid::AnonymizationConfig;
 
@@ -18,9 +18,7 @@ fn have_corpus(test: &str) -> bool {
 }
 
 fn corpus(folder: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/anonymization-corpus")
-        .join(folder);
+    let dir = common::corpus_dir("anonymization-corpus").join(folder);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("the corpus is missing at {}: {e}", dir.display()))
         .map(|entry| entry.unwrap().path())

@@ -2,7 +2,7 @@
 //! MIT): every golden case gives the engine's output (parsed JSON, keys in any order), every case
 //! that must fail fails, and the unit vectors hold.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use chrono::NaiveDate;
 use fhir_export::deid::methods::{
@@ -23,7 +23,7 @@ fn have_corpus(test: &str) -> bool {
 }
 
 fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/anonymization-corpus")
+    common::corpus_dir("anonymization-corpus")
 }
 
 fn read(path: &str) -> Vec<u8> {

@@ -20,12 +20,12 @@ use fhir_export::storage::{AzureBlob, ObjectStore, PutMode};
 use serde_json::Value;
 
 /// The anonymizer's corpus, beside the project.
-fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/anonymization-corpus")
+fn anonymizer_corpus() -> PathBuf {
+    corpus_dir("anonymization-corpus")
 }
 
 fn corpus(path: &str) -> Vec<u8> {
-    std::fs::read(corpus_dir().join(path)).unwrap()
+    std::fs::read(anonymizer_corpus().join(path)).unwrap()
 }
 
 /// A configuration of the HIPAA Safe Harbor kind: the anonymizer's own sample where its corpus is
@@ -33,7 +33,7 @@ fn corpus(path: &str) -> Vec<u8> {
 /// names, addresses but state and country, contact points and narratives redacted; ids,
 /// references and identifiers hashed; dates shifted; every key in the file).
 fn hipaa() -> Vec<u8> {
-    match corpus_dir().is_dir() {
+    match anonymizer_corpus().is_dir() {
         true => corpus("configs/r4-configuration-sample.json"),
         false => include_bytes!("deid/safe-harbor.json").to_vec(),
     }

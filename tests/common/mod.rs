@@ -20,7 +20,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 #[allow(unused_imports)]
-pub use outside::{outside_corpus, sample_counts, sample_dir, sample_total};
+pub use outside::{corpus_dir, outside_corpus, sample_counts, sample_dir, sample_total};
 
 /// One store holding the sample, imported once per test binary; tests only read it.
 pub fn sample_store() -> PathBuf {

@@ -156,10 +156,15 @@ fn synthea_counts() -> HashMap<String, usize> {
     .collect()
 }
 
+/// Where a corpus under `../shared/data` lies, whether or not it is there.
+pub fn corpus_dir(corpus: &str) -> PathBuf {
+    shared().join(corpus)
+}
+
 /// A corpus under `../shared/data` (`anonymization-corpus`, `sql-on-fhir-tests`), or `None` with
 /// a line saying that `test` was skipped for want of it. In CI its absence fails the test.
 pub fn outside_corpus(corpus: &str, test: &str) -> Option<PathBuf> {
-    let dir = shared().join(corpus);
+    let dir = corpus_dir(corpus);
     if dir.is_dir() {
         return Some(dir);
     }

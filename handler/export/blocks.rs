@@ -82,6 +82,7 @@ pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize
                 last: chunk[chunk.len() - 1].clone(),
                 count: chunk.len(),
             }),
+            deleted: false,
         });
     }
     let order = (0..shards.len()).collect();

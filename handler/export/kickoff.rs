@@ -13,7 +13,7 @@ use crate::fault::Fault;
 use crate::fhir::compartment::patient_id_of;
 use crate::fhir::is_valid_id;
 use crate::queue::{enqueue_shards, WorkMessage};
-use crate::source::{Part, PatientScope, PlanRequest, ResourceSource};
+use crate::source::{Part, PatientScope, PlanRequest, ResourceSource, RowRange};
 
 /// Starts an export for `owner` (the caller, when tokens are checked); returns the recorded job.
 /// Admit, resolve the scope, record the job, queue its planning: the source is asked for no more
@@ -87,6 +87,10 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
         false => plan(exports, &job.request, &job.scope, job.transaction_time)
             .await
             .map(shards_of),
+    };
+    let planned = match (planned, job.request.since) {
+        (Ok(planned), Some(_)) => with_deletions(exports, &job, planned).await,
+        (planned, _) => planned,
     };
     let (shards, largest_first) = match planned {
         Ok(planned) => planned,
@@ -183,6 +187,65 @@ async fn admit(exports: &Exports) -> Result<(), ExportError> {
     }
 }
 
+/// The types an export reads: those the source holds, narrowed by `_type` and the level.
+fn exported_types(
+    source: &dyn ResourceSource,
+    request: &ExportRequest,
+    scope: &PatientScope,
+) -> Result<Vec<String>, ExportError> {
+    if matches!(scope, PatientScope::Only(patients) if patients.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let mut types = source.resource_types()?;
+    types.retain(|resource_type| {
+        (!request.level.is_patient_scoped() || is_patient_level_type(resource_type))
+            && request
+                .types
+                .as_ref()
+                .is_none_or(|wanted| wanted.contains(resource_type))
+    });
+    Ok(types)
+}
+
+/// An export with `_since` also lists each type's deletions: a shard a type, after the others
+/// (they are small). Output organized by patient lists them apart from the patients' blocks, in
+/// the same files as any other export's.
+async fn with_deletions(
+    exports: &Exports,
+    job: &Job,
+    (mut shards, mut order): (Vec<Shard>, Vec<usize>),
+) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
+    let types: Vec<String> = match job.request.organized_by_patient() {
+        true => {
+            let (source, job) = (exports.source.clone(), job.clone());
+            crate::blocking::run(move || exported_types(source.as_ref(), &job.request, &job.scope))
+                .await?
+        }
+        false => {
+            let mut types: Vec<String> = Vec::new();
+            for shard in &shards {
+                if types.last() != Some(&shard.resource_type) {
+                    types.push(shard.resource_type.clone());
+                }
+            }
+            types
+        }
+    };
+    for resource_type in types {
+        order.push(shards.len());
+        shards.push(Shard {
+            stem: format!("deleted-{resource_type}"),
+            resource_type,
+            since: None,
+            until: None,
+            rows: RowRange::default(),
+            patients: None,
+            deleted: true,
+        });
+    }
+    Ok((shards, order))
+}
+
 /// Each type the export reads, with the parts its source cut it into.
 pub(super) async fn plan(
     exports: &Exports,
@@ -193,18 +256,8 @@ pub(super) async fn plan(
     let (source, request, scope) = (exports.source.clone(), request.clone(), scope.clone());
     let max_per_part = exports.limits.shard_max_resources;
     crate::blocking::run(move || -> Result<_, ExportError> {
-        let nobody = matches!(&scope, PatientScope::Only(patients) if patients.is_empty());
         let mut planned = Vec::new();
-        for resource_type in source.resource_types()? {
-            let wanted = !nobody
-                && (!request.level.is_patient_scoped() || is_patient_level_type(&resource_type))
-                && request
-                    .types
-                    .as_ref()
-                    .is_none_or(|wanted| wanted.contains(&resource_type));
-            if !wanted {
-                continue;
-            }
+        for resource_type in exported_types(source.as_ref(), &request, &scope)? {
             let parts = source.plan(&PlanRequest {
                 resource_type: &resource_type,
                 scope: &scope,
@@ -242,6 +295,7 @@ fn shards_of(planned: Vec<(String, Vec<Part>)>) -> (Vec<Shard>, Vec<usize>) {
                 until: part.until,
                 rows: part.rows,
                 patients: None,
+                deleted: false,
             });
         }
     }

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::schema::Job;
 use crate::fhir::OperationOutcome;
-use crate::storage::OutputFile;
+use crate::storage::{ManifestList, OutputFile};
 
 /// Characters escaped in a path segment of a file URL.
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -35,33 +35,39 @@ pub fn file_url(base_url: &str, path: &str) -> String {
 }
 
 /// The manifest of a job listing `outputs` (all of them once its shards are done, in shard order;
-/// a page's share for a client that allows partial manifests), and the job's notes file.
+/// a page's share for a client that allows partial manifests) each in its list, and the job's
+/// notes file.
 pub fn build(job: &Job, outputs: &[OutputFile]) -> Value {
     let organized_by = job.request.organize_output_by.as_deref();
-    let output: Vec<Value> = outputs
-        .iter()
-        .map(|file| {
-            let mut entry =
-                json!({"url": file_url(&job.base_url, &file.path), "count": file.count});
-            if organized_by.is_none() {
-                entry["type"] = file.resource_type.clone().into();
-            }
-            if let Some(next) = &file.continues_in {
-                entry["continuesInFile"] = file_url(&job.base_url, next).into();
-            }
-            entry
-        })
-        .collect();
-    let error: Vec<Value> = notes_file(job)
-        .map(|(file, _)| json!({"type": "OperationOutcome", "url": file_url(&job.base_url, &file.path), "count": file.count}))
+    let entry = |file: &OutputFile| {
+        let mut entry = json!({"url": file_url(&job.base_url, &file.path), "count": file.count});
+        // Organized output names no type for its blocks of many types.
+        if organized_by.is_none() || !file.list.is_output() {
+            entry["type"] = file.resource_type.clone().into();
+        }
+        if let Some(next) = &file.continues_in {
+            entry["continuesInFile"] = file_url(&job.base_url, next).into();
+        }
+        entry
+    };
+    let listed = |list: ManifestList| -> Vec<Value> {
+        outputs
+            .iter()
+            .filter(|file| file.list == list)
+            .map(entry)
+            .collect()
+    };
+    let notes = notes_file(job).map(|(file, _)| entry(&file));
+    let error: Vec<Value> = notes
         .into_iter()
+        .chain(listed(ManifestList::Error))
         .collect();
     let mut manifest = json!({
         "transactionTime": job.transaction_time.to_rfc3339_opts(SecondsFormat::Millis, true),
         "request": job.request_url,
         "requiresAccessToken": job.owner.is_some(),
-        "output": output,
-        "deleted": [],
+        "output": listed(ManifestList::Output),
+        "deleted": listed(ManifestList::Deleted),
         "error": error,
     });
     if let Some(organized_by) = organized_by {
@@ -89,6 +95,7 @@ pub fn notes_file(job: &Job) -> Option<(OutputFile, Vec<u8>)> {
         count: notes.len() as u64,
         bytes: body.len() as u64,
         continues_in: None,
+        list: Default::default(),
     };
     Some((file, body))
 }

@@ -49,6 +49,10 @@ pub struct Shard {
     /// ids are the job's document `patients/{shard}.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patients: Option<PatientRange>,
+    /// The shard lists the type's deletions since `_since` (files of transaction Bundles, the
+    /// manifest's `deleted`) rather than its resources.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 /// A range of patients in id order, first and last included.

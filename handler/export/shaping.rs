@@ -37,6 +37,38 @@ impl Shaping {
         }
     }
 
+    /// The line a file of deletions holds for one deleted resource of the type: a transaction
+    /// Bundle deleting it. In a de-identified export the id is the one the configuration's rules
+    /// give the resource (`None` when they leave it none): never the identified one.
+    pub fn deletion(&self, id: &str) -> Result<Option<Vec<u8>>, SinkError> {
+        let id = match &self.deid {
+            None => id.to_string(),
+            Some(engine) => {
+                let stub = serde_json::json!({"resourceType": self.resource_type, "id": id});
+                let rewritten = engine
+                    .deidentify(&serde_json::to_vec(&stub).expect("JSON"))
+                    .map_err(|error| {
+                        SinkError::Deidentify(format!(
+                            "a deleted {} resource: {error}",
+                            self.resource_type
+                        ))
+                    })?;
+                let rewritten: serde_json::Value =
+                    serde_json::from_slice(&rewritten).unwrap_or_default();
+                match rewritten.get("id").and_then(serde_json::Value::as_str) {
+                    Some(id) => id.to_string(),
+                    None => return Ok(None),
+                }
+            }
+        };
+        let bundle = serde_json::json!({
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"request": {"method": "DELETE", "url": format!("{}/{id}", self.resource_type)}}],
+        });
+        Ok(Some(serde_json::to_vec(&bundle).expect("JSON")))
+    }
+
     /// The bytes to write, or `None` when the filters leave the resource out. A resource that
     /// cannot be parsed is written as stored, unless it is to be de-identified: then it fails.
     pub fn shape<'a>(

@@ -371,6 +371,7 @@ mod tests {
             count: n,
             bytes: n,
             continues_in: None,
+            list: Default::default(),
         };
         let mut found = state(Running, 1, 0);
         assert_eq!(written(finish(&mut found, &[file(1)])), (true, true));
@@ -387,6 +388,7 @@ mod tests {
             count: n,
             bytes: n,
             continues_in: None,
+            list: Default::default(),
         };
         let cursor = Cursor::Rowid { rowid: 41 };
         // Only the attempt that holds the shard pauses it.

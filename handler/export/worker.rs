@@ -16,8 +16,8 @@ use super::shaping::Shaping;
 use super::state::{self, Beat, Claim, Failure, ShardState};
 use super::{ExportError, Exports};
 use crate::queue::WorkMessage;
-use crate::source::{Cursor, ScanError, ScanRequest, Scanned, SinkError};
-use crate::storage::{OutputFile, RollingNdjsonWriter};
+use crate::source::{Cursor, ScanError, ScanRequest, Scanned, SinkError, SourceError};
+use crate::storage::{ManifestList, OutputFile, RollingNdjsonWriter};
 
 /// Runs one queue message: plans a job, or runs a shard. A shard's failures are retried up to the
 /// restart cap, then fail the job. An error means not even the failure could be recorded (or the
@@ -303,6 +303,9 @@ async fn write_files(
     )
     .numbered_after(resume.files_before)
     .gzip(exports.limits.gzip_files);
+    if spec.deleted {
+        writer = writer.listed_in(ManifestList::Deleted, "Bundle");
+    }
     let job_id = job.id.clone();
     let scope = job.scope.clone();
     let engine = super::deid::engine_for(exports, job).await?;
@@ -342,6 +345,23 @@ async fn write_files(
                 let go_on = || stop.get() == Stop::KeepGoing;
                 shard.write(source.as_ref(), &mut writer, &go_on, pause_after)
             }
+            None if spec.deleted => {
+                let listed = source.scan_deleted(&request, &mut |id| {
+                    if stop.get() != Stop::KeepGoing {
+                        return Err(SinkError::Stopped);
+                    }
+                    match shaping.deletion(id)? {
+                        Some(bundle) => Ok(writer.push(&bundle)?),
+                        None => Ok(()),
+                    }
+                });
+                match listed {
+                    Err(ScanError::Source(SourceError::Unsupported(reason))) => {
+                        undetermined_deletions(&mut writer, &spec.resource_type, &reason)
+                    }
+                    listed => listed,
+                }
+            }
             None => source.scan(&request, &mut |resource| {
                 if stop.get() != Stop::KeepGoing {
                     return Err(SinkError::Stopped);
@@ -369,6 +389,29 @@ async fn write_files(
     };
     tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = written.files.len(), paused = written.paused.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
     Ok(written)
+}
+
+/// A source that cannot list a type's deletions: the shard's next file, listed in the manifest's
+/// `error`, says so, so that a client never takes an empty `deleted` for none.
+fn undetermined_deletions(
+    writer: &mut RollingNdjsonWriter,
+    resource_type: &str,
+    reason: &str,
+) -> Result<Scanned, ScanError> {
+    tracing::warn!(resource_type, reason, "deletions could not be determined");
+    let outcome = crate::fhir::OperationOutcome::error(
+        crate::fhir::IssueType::NotSupported,
+        format!(
+            "the {resource_type} resources deleted since _since could not be determined, so \
+             `deleted` does not list them: {reason}"
+        ),
+    );
+    let storage = |e| ScanError::Sink(SinkError::Storage(e));
+    writer
+        .switch_to(ManifestList::Error, "OperationOutcome")
+        .map_err(storage)?;
+    writer.push(&outcome.to_json()).map_err(storage)?;
+    Ok(Scanned::whole(1))
 }
 
 /// How a shard's scan ended, for its files: committed (at the end, or at a pause while the shard

@@ -9,6 +9,7 @@ pub enum IssueType {
     Invalid,
     NotSupported,
     NotFound,
+    Deleted,
     Exception,
     Timeout,
     Throttled,

@@ -53,7 +53,7 @@ pub fn capability_statement(base_url: &str, token_endpoint: Option<&str>) -> Vec
         .map(|(resource_type, search_params)| {
             let mut resource = json!({
                 "type": resource_type,
-                "interaction": [{"code": "read"}, {"code": "search-type"}],
+                "interaction": [{"code": "read"}, {"code": "search-type"}, {"code": "history-type"}, {"code": "history-instance"}],
                 "searchParam": search_params,
                 "extension": [{"url": "https://github.com/fhir-export/typeFilter", "valueString": "searchParam lists the parameters _typeFilter supports for this type"}],
             });

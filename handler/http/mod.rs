@@ -9,6 +9,7 @@
 
 pub mod error;
 mod export;
+mod history;
 mod metadata;
 pub mod parameters;
 mod search;
@@ -263,6 +264,10 @@ enum Route<'a> {
         resource_type: &'a str,
         patient: Option<&'a str>,
     },
+    History {
+        resource_type: &'a str,
+        id: Option<&'a str>,
+    },
 }
 
 impl<'a> Route<'a> {
@@ -280,6 +285,14 @@ impl<'a> Route<'a> {
             [resource_type] if is_type(resource_type) => Route::Search {
                 resource_type,
                 patient: None,
+            },
+            [resource_type, "_history"] if is_type(resource_type) => Route::History {
+                resource_type,
+                id: None,
+            },
+            [resource_type, id, "_history"] if is_type(resource_type) => Route::History {
+                resource_type,
+                id: Some(id),
             },
             [resource_type, id] if is_type(resource_type) && !id.starts_with('$') => {
                 Route::Read { resource_type, id }
@@ -366,6 +379,18 @@ async fn route(
         Route::Read { resource_type, id } => {
             may_read(caller, resource_type)?;
             search::read(&api.exports.source, resource_type, id).await
+        }
+        Route::History { resource_type, id } => {
+            may_read(caller, resource_type)?;
+            let base = base_url(api, request);
+            history::history(
+                &api.exports.source,
+                &base,
+                resource_type,
+                id,
+                &request.query,
+            )
+            .await
         }
         Route::Search {
             resource_type,

@@ -44,11 +44,17 @@ pub async fn read(
         return Err(missing());
     }
     let (source, t, i) = (source.clone(), resource_type.to_string(), id.to_string());
-    let found = crate::blocking::run(move || source.read(&t, &i))
-        .await
-        .map_err(ExportError::from)?;
-    let body = found.ok_or_else(missing)?;
-    Ok(json_response(StatusCode::OK, FHIR_JSON, body))
+    let found = crate::blocking::run(move || match source.read(&t, &i)? {
+        Some(body) => Ok(Ok(body)),
+        None => source.is_deleted(&t, &i).map(Err),
+    })
+    .await
+    .map_err(ExportError::from)?;
+    match found {
+        Ok(body) => Ok(json_response(StatusCode::OK, FHIR_JSON, body)),
+        Err(true) => Err(super::history::gone(resource_type, id)),
+        Err(false) => Err(missing()),
+    }
 }
 
 /// A search's bounds and filters, parsed from its query string.

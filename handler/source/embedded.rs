@@ -8,9 +8,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+mod history;
+
 use super::{
-    plan, tuning, Cursor, Part, PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest,
-    Scanned, SinkError, SourceError,
+    plan, tuning, Cursor, HistoryPage, HistoryRequest, Part, PatientScope, PlanRequest,
+    ResourceSource, ScanError, ScanRequest, Scanned, SinkError, SourceError,
 };
 use crate::fhir::types::R4_RESOURCE_TYPES;
 
@@ -19,6 +21,11 @@ use crate::fhir::types::R4_RESOURCE_TYPES;
 /// its rows are committed), and a version an import replaces moves to `replaced` with the patients
 /// its own content named and the run that replaced it. A snapshot at instant T reads the current
 /// rows of the runs committed by T, and the replaced versions stored by then and replaced after.
+///
+/// A deletion is a version too: its row (`deleted` = 1) holds only `resourceType`, `id` and `meta`,
+/// keeps the compartment links of the version it deleted, and is replaced like any other when
+/// the resource is stored again. `version_id` is each version's `meta.versionId`: as the input
+/// stated it, else one past the version it replaced.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS resources (
     type TEXT NOT NULL,
@@ -27,6 +34,8 @@ CREATE TABLE IF NOT EXISTS resources (
     content_hash INTEGER NOT NULL,
     import_run INTEGER NOT NULL,
     json BLOB NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    version_id TEXT NOT NULL DEFAULT '1',
     PRIMARY KEY (type, id)
 );
 CREATE TABLE IF NOT EXISTS replaced (
@@ -37,6 +46,8 @@ CREATE TABLE IF NOT EXISTS replaced (
     superseded_run INTEGER NOT NULL,
     patients TEXT NOT NULL,
     json BLOB NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    version_id TEXT NOT NULL DEFAULT '1',
     PRIMARY KEY (type, id, superseded_run)
 );
 CREATE TABLE IF NOT EXISTS import_runs (
@@ -54,6 +65,20 @@ CREATE TABLE IF NOT EXISTS type_stats (
     last_rowid INTEGER NOT NULL,
     bytes INTEGER NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// Stores made before deletions were kept get their columns (a constant default: no row rewritten).
+const DELETION_COLUMNS: [(&str, &str, &str); 4] = [
+    ("resources", "deleted", "INTEGER NOT NULL DEFAULT 0"),
+    ("resources", "version_id", "TEXT NOT NULL DEFAULT '1'"),
+    ("replaced", "deleted", "INTEGER NOT NULL DEFAULT 0"),
+    ("replaced", "version_id", "TEXT NOT NULL DEFAULT '1'"),
+];
+
+/// The deletions alone, so that finding those of a window reads no resource.
+const DELETION_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS resources_deleted ON resources (type, import_run) WHERE deleted;
+CREATE INDEX IF NOT EXISTS replaced_deleted ON replaced (type, stored_run) WHERE deleted;
 ";
 
 /// Recounts `type_stats` from the resources themselves: one pass over the type index, and the
@@ -119,8 +144,8 @@ pub struct EmbeddedStore {
 /// count (a search's `_summary=count`, as when this server is another one's source), not by
 /// import: exports plan by rowid and never need it, and each import into a store that has it
 /// updates it too.
-const WINDOW_INDEX: &str =
-    "CREATE INDEX IF NOT EXISTS resources_by_last_updated ON resources (type, last_updated, import_run)";
+const WINDOW_INDEX: &str = "DROP INDEX IF EXISTS resources_by_last_updated;
+    CREATE INDEX IF NOT EXISTS resources_by_window ON resources (type, last_updated, import_run, deleted);";
 
 impl EmbeddedStore {
     /// Opens (creating if needed) the store at `path`.
@@ -147,6 +172,8 @@ impl EmbeddedStore {
                     None => conn.execute_batch(&format!("BEGIN; {RECOUNT_TYPE_STATS} COMMIT;")),
                 }
             })
+            .and_then(|_| add_deletion_columns(&conn))
+            .and_then(|_| conn.execute_batch(DELETION_INDEXES))
             .and_then(|_| move_compartment_links(&conn))
             .and_then(|_| register_earlier_runs(&conn))
             .map_err(|e| store.error(e))?;
@@ -245,6 +272,36 @@ fn move_compartment_links(conn: &Connection) -> rusqlite::Result<()> {
     moved
 }
 
+/// Adds the columns of `DELETION_COLUMNS` a store lacks, rechecked under the write lock so that
+/// two processes opening the store at once add them once.
+fn add_deletion_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let missing = |conn: &Connection| -> rusqlite::Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for (table, column, definition) in DELETION_COLUMNS {
+            let present: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+                [table, column],
+                |row| row.get(0),
+            )?;
+            if !present {
+                missing.push(format!("ALTER TABLE {table} ADD COLUMN {column} {definition};"));
+            }
+        }
+        Ok(missing)
+    };
+    if missing(conn)?.is_empty() {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let added = missing(conn)
+        .and_then(|statements| conn.execute_batch(&statements.concat()))
+        .and_then(|_| conn.execute_batch("COMMIT"));
+    if added.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    added
+}
+
 /// Stores of the earlier layouts: their rows become visible to every snapshot, and the replaced
 /// versions kept by lastUpdated alone (which cannot say when they were stored) are dropped.
 fn register_earlier_runs(conn: &Connection) -> rusqlite::Result<()> {
@@ -331,7 +388,9 @@ impl ResourceSource for EmbeddedStore {
 
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
         self.planning(|conn| {
-            conn.prepare_cached("SELECT json FROM resources WHERE type = ?1 AND id = ?2")
+            conn.prepare_cached(
+                "SELECT json FROM resources WHERE type = ?1 AND id = ?2 AND NOT deleted",
+            )
                 .and_then(|mut statement| {
                     statement
                         .query_row(params![resource_type, id], |row| row.get(0))
@@ -339,6 +398,22 @@ impl ResourceSource for EmbeddedStore {
                 })
                 .map_err(|e| self.error(e))
         })
+    }
+
+    fn is_deleted(&self, resource_type: &str, id: &str) -> Result<bool, SourceError> {
+        self.current_is_deletion(resource_type, id)
+    }
+
+    fn scan_deleted(
+        &self,
+        request: &ScanRequest<'_>,
+        sink: &mut dyn FnMut(&str) -> Result<(), SinkError>,
+    ) -> Result<Scanned, ScanError> {
+        self.deleted_ids(request, sink)
+    }
+
+    fn history(&self, request: &HistoryRequest<'_>) -> Result<HistoryPage, SourceError> {
+        self.history_page(request)
     }
 
     /// What a scan would read, counted in the indexes (no resource is read): a search's
@@ -653,7 +728,7 @@ fn count_queries(
         "SELECT count(*) FROM resources r
              WHERE r.type = ?1 AND r.import_run <= ?4
                AND (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3
-               {range} {after_id} {scope}"
+               {range} {after_id} AND NOT r.deleted {scope}"
     );
     if rows.from.is_some() {
         return vec![current];
@@ -663,7 +738,7 @@ fn count_queries(
         current,
         format!(
             "SELECT count(*) FROM replaced h
-                 WHERE h.type = ?1 AND h.stored_run <= ?4 AND h.superseded_run > ?4
+                 WHERE h.type = ?1 AND h.stored_run <= ?4 AND h.superseded_run > ?4 AND NOT h.deleted
                    AND (h.last_updated > ?2 OR h.stored_run > ?6) AND h.last_updated <= ?3
                    {after_id} {replaced_scope}"
         ),
@@ -730,8 +805,9 @@ fn scan_query(
          FROM resources r
          WHERE {type_term} = ?1 {after_id}
            AND CASE WHEN r.import_run <= ?4
-               THEN (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3 {scope}
-               ELSE EXISTS ({version_at_snapshot}
+               THEN (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3
+                   AND NOT r.deleted {scope}
+               ELSE EXISTS ({version_at_snapshot} AND NOT h.deleted
                    AND (h.last_updated > ?2 OR h.stored_run > ?6) AND h.last_updated <= ?3
                    {replaced_scope})
                END

@@ -253,4 +253,59 @@ pub trait ResourceSource: Send + Sync {
         request: &ScanRequest<'_>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<Scanned, ScanError>;
+
+    /// Whether the resource's current version is a deletion (a read finds nothing; a server
+    /// answers `410 Gone`).
+    fn is_deleted(&self, _resource_type: &str, _id: &str) -> Result<bool, SourceError> {
+        Ok(false)
+    }
+
+    /// Streams to `sink`, in id order, the id of each resource of the type whose version at the
+    /// snapshot is a deletion made after `since` and by `until`, and whose version before the
+    /// deletion was in `scope`; `type_filters` are not applied. A source that cannot tell refuses
+    /// (`Unsupported`): never an empty answer on doubt.
+    fn scan_deleted(
+        &self,
+        _request: &ScanRequest<'_>,
+        _sink: &mut dyn FnMut(&str) -> Result<(), SinkError>,
+    ) -> Result<Scanned, ScanError> {
+        Err(SourceError::Unsupported("this source cannot list the resources deleted".into()).into())
+    }
+
+    /// A page of a type's (or one resource's) versions, newest first: a server's `_history`.
+    fn history(&self, _request: &HistoryRequest<'_>) -> Result<HistoryPage, SourceError> {
+        Err(SourceError::Unsupported("this source keeps no history".into()))
+    }
+}
+
+/// What `ResourceSource::history` lists: the versions of a type, or of one resource, stored by
+/// the time the first page was asked for, last updated after `since`.
+#[derive(Debug, Clone)]
+pub struct HistoryRequest<'a> {
+    pub resource_type: &'a str,
+    pub id: Option<&'a str>,
+    /// Exclusive lower bound on `meta.lastUpdated`.
+    pub since: Option<DateTime<Utc>>,
+    pub count: usize,
+    /// Where the previous page ended, as its `HistoryPage::next` gave it.
+    pub after: Option<&'a str>,
+}
+
+/// One page of history.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPage {
+    pub versions: Vec<Version>,
+    /// The position to ask the next page from, when there is more.
+    pub next: Option<String>,
+}
+
+/// One stored version of a resource: its content, or (a deletion) only its `resourceType`, `id`
+/// and `meta`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub id: String,
+    pub version_id: String,
+    pub last_updated: DateTime<Utc>,
+    pub deleted: bool,
+    pub json: Vec<u8>,
 }

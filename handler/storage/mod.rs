@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 pub use azure::AzureBlob;
 pub use local::LocalFolder;
-pub use rolling::{OutputFile, RollingNdjsonWriter};
+pub use rolling::{ManifestList, OutputFile, RollingNdjsonWriter};
 
 /// An opaque version tag of a stored object, for compare-and-swap.
 #[derive(Debug, Clone, PartialEq, Eq)]

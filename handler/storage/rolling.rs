@@ -24,6 +24,28 @@ pub struct OutputFile {
     /// The file a resource block cut at this file's end goes on in (`organizeOutputBy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub continues_in: Option<String>,
+    /// The manifest list that names the file.
+    #[serde(default, skip_serializing_if = "ManifestList::is_output")]
+    pub list: ManifestList,
+}
+
+/// The lists of a manifest a file goes in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ManifestList {
+    /// Resources.
+    #[default]
+    Output,
+    /// Transaction Bundles deleting the resources deleted since `_since`.
+    Deleted,
+    /// OperationOutcomes.
+    Error,
+}
+
+impl ManifestList {
+    pub fn is_output(&self) -> bool {
+        *self == ManifestList::Output
+    }
 }
 
 pub struct RollingNdjsonWriter {
@@ -45,6 +67,8 @@ pub struct RollingNdjsonWriter {
     block_header: Option<Vec<u8>>,
     /// Files are stored gzip-compressed (`EXPORT_COMPRESSION=gzip`).
     gzip: bool,
+    /// The manifest list its files go in.
+    list: ManifestList,
     /// The open file's compressor, when files are compressed.
     encoder: Option<flate2::write::GzEncoder<Vec<u8>>>,
 }
@@ -77,8 +101,29 @@ impl RollingNdjsonWriter {
             finished: Vec::new(),
             block_header: None,
             gzip: false,
+            list: ManifestList::Output,
             encoder: None,
         }
+    }
+
+    /// The manifest list the files go in, and the type they hold.
+    pub fn listed_in(mut self, list: ManifestList, resource_type: &str) -> Self {
+        self.list = list;
+        self.resource_type = resource_type.to_string();
+        self
+    }
+
+    /// From the next file on, the files go in `list` and hold `resource_type`: the open file is
+    /// closed first.
+    pub fn switch_to(
+        &mut self,
+        list: ManifestList,
+        resource_type: &str,
+    ) -> Result<(), StorageError> {
+        self.close_file()?;
+        self.list = list;
+        self.resource_type = resource_type.to_string();
+        Ok(())
     }
 
     /// Stores the files gzip-compressed (the limit still counts the NDJSON bytes).
@@ -246,6 +291,7 @@ impl RollingNdjsonWriter {
             count: self.file_count,
             bytes: self.file_bytes,
             continues_in: None,
+            list: self.list,
         });
         self.file_bytes = 0;
         self.file_count = 0;

@@ -49,8 +49,15 @@ pub struct ImportReport {
     pub created: u64,
     pub updated: u64,
     pub unchanged: u64,
+    /// Resources deleted (Bundle entries `request.method: DELETE`).
+    pub deleted: u64,
+    /// Deletions of resources the store did not hold (or held deleted already): nothing to do.
+    pub deleted_absent: u64,
     pub unresolved_references: u64,
     pub failed: Vec<FileError>,
+    /// Entries not carried out (a conditional delete), each with why; the rest of their files
+    /// were imported.
+    pub refused: Vec<FileError>,
 }
 
 impl fmt::Display for ImportReport {
@@ -60,6 +67,12 @@ impl fmt::Display for ImportReport {
             "{} files, {} resources read: {} created, {} updated, {} unchanged",
             self.files, self.resources_read, self.created, self.updated, self.unchanged
         )?;
+        if self.deleted + self.deleted_absent > 0 {
+            write!(f, ", {} deleted", self.deleted)?;
+            if self.deleted_absent > 0 {
+                write!(f, " ({} deletions found nothing to delete)", self.deleted_absent)?;
+            }
+        }
         if self.unresolved_references > 0 {
             write!(
                 f,
@@ -69,6 +82,9 @@ impl fmt::Display for ImportReport {
         }
         if !self.failed.is_empty() {
             write!(f, "; {} files failed", self.failed.len())?;
+        }
+        if !self.refused.is_empty() {
+            write!(f, "; {} entries refused", self.refused.len())?;
         }
         Ok(())
     }
@@ -117,6 +133,8 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
         let _loading = loading;
         let mut counts = Counts::default();
         let mut checkpoint = importer.checkpoint();
+        let mut file_index = 0;
+        let mut refused = Vec::new();
         for event in receiver {
             match event {
                 Event::FileStart => {
@@ -124,9 +142,18 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
                         .map_err(|e| store.error(e))?;
                     counts = Counts::default();
                     checkpoint = importer.checkpoint();
+                    refused.clear();
                 }
                 Event::Resources(mut batch) => {
                     for prepared in &mut batch {
+                        if let Change::Refuse(message) = &prepared.change {
+                            refused.push(FileError {
+                                file: files[file_index].path.clone(),
+                                line: None,
+                                message: message.clone(),
+                            });
+                            continue;
+                        }
                         counts.read += 1;
                         counts.unresolved += prepared.unresolved;
                         importer.write(prepared).map_err(|e| store.error(e))?;
@@ -139,8 +166,11 @@ pub fn import(store: &EmbeddedStore, paths: &[PathBuf]) -> Result<ImportReport, 
                     tx.execute_batch("RELEASE file")
                         .map_err(|e| store.error(e))?;
                     counts.add_to(&mut report);
+                    report.refused.append(&mut refused);
+                    file_index += 1;
                 }
                 Event::FileFailed(index, line, message) => {
+                    file_index = index + 1;
                     tx.execute_batch("ROLLBACK TO file; RELEASE file")
                         .map_err(|e| store.error(e))?;
                     importer.undo_file(checkpoint.clone());
@@ -184,8 +214,11 @@ pub fn read_resources(
         import_time: Utc::now(),
     };
     for file in &files {
-        let mut emit =
-            |prepared: Prepared| visit(&prepared.resource_type, &prepared.id, &prepared.json);
+        // Only what is stored is sent on: `handler load` writes resources, not deletions.
+        let mut emit = |prepared: Prepared| {
+            prepared.change != Change::Store
+                || visit(&prepared.resource_type, &prepared.id, &prepared.json)
+        };
         match parser.parse_file(file, &mut emit) {
             Ok(()) => {}
             Err(Failure::Input { line, message }) => failed.push(FileError {

@@ -24,8 +24,20 @@ pub(super) enum Event {
     FileFailed(usize, Option<u64>, String),
 }
 
-/// A resource ready to store.
+/// What an input entry asks of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Change {
+    /// Store the resource (create or update).
+    Store,
+    /// Delete the resource (a Bundle entry `request.method: DELETE`): only its type and id count.
+    Delete,
+    /// An entry the import does not carry out, and why; the rest of its file is imported.
+    Refuse(String),
+}
+
+/// A resource ready to store (or delete).
 pub(super) struct Prepared {
+    pub(super) change: Change,
     pub(super) resource_type: String,
     pub(super) id: String,
     pub(super) patients: Vec<String>,
@@ -38,6 +50,59 @@ pub(super) struct Prepared {
     /// if the content is unchanged.
     pub(super) value: Option<Vec<u8>>,
     pub(super) unresolved: u64,
+    /// `meta.versionId` as the resource states it.
+    pub(super) version_id: Option<String>,
+}
+
+impl Prepared {
+    /// An entry that changes the store without content of its own.
+    fn without_content(change: Change, resource_type: &str, id: &str) -> Prepared {
+        Prepared {
+            change,
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            patients: Vec::new(),
+            hash: 0,
+            stated: None,
+            json: Vec::new(),
+            value: None,
+            unresolved: 0,
+            version_id: None,
+        }
+    }
+}
+
+/// What a Bundle entry's `request` deletes: `Type/id`, or why the entry is refused.
+fn deletion_of(index: usize, request: &Json) -> Option<Prepared> {
+    let method = request.get("method").and_then(|m| m.as_str())?;
+    if !method.eq_ignore_ascii_case("DELETE") {
+        return None;
+    }
+    let url = request
+        .get("url")
+        .and_then(|u| u.as_str())
+        .map(|u| u.trim_start_matches('/').to_string())
+        .unwrap_or_default();
+    let refuse = |message: String| {
+        Some(Prepared::without_content(
+            Change::Refuse(format!("Bundle.entry[{index}]: {message}")),
+            "",
+            "",
+        ))
+    };
+    if url.contains('?') {
+        return refuse(format!(
+            "the conditional delete {url:?} is not supported: name the resource as Type/id"
+        ));
+    }
+    match url.split_once('/') {
+        Some((resource_type, id))
+            if is_resource_type(resource_type) && is_valid_id(id) =>
+        {
+            Some(Prepared::without_content(Change::Delete, resource_type, id))
+        }
+        _ => refuse(format!("the DELETE of {url:?} does not name a resource as Type/id")),
+    }
 }
 
 /// The top-level members of a resource line the quick path reads, borrowed from the line; every
@@ -230,12 +295,20 @@ impl Parser {
             };
             let mut resource = None;
             let mut full_url = None;
+            let mut request = None;
             for (key, value) in members {
                 match key.as_ref() {
                     "resource" => resource = Some(value),
                     "fullUrl" => full_url = value.as_str().map(|url| url.into_owned()),
+                    "request" => request = Some(value),
                     _ => {}
                 }
+            }
+            if let Some(deletion) = request.and_then(|request| deletion_of(index, &request)) {
+                if !emit(deletion) {
+                    return Err(Failure::Stopped);
+                }
+                continue;
             }
             let Some(resource) = resource else {
                 continue;
@@ -264,6 +337,8 @@ impl Parser {
         struct Meta<'a> {
             #[serde(rename = "lastUpdated", borrow)]
             last_updated: Option<&'a str>,
+            #[serde(rename = "versionId", borrow)]
+            version_id: Option<&'a str>,
         }
         let line = line.trim_ascii();
         if memchr::memmem::find(line, b"\"urn:").is_some() {
@@ -288,6 +363,8 @@ impl Parser {
             }
         }
         Some(Prepared {
+            change: Change::Store,
+            version_id: meta.version_id.map(str::to_string),
             resource_type: resource_type.to_string(),
             id: id.to_string(),
             patients: compartment::patient_ids(resource_type, id, &Value::Object(elements)),
@@ -348,6 +425,11 @@ impl Parser {
         });
         let stated =
             stated_last_updated(&resource).map_err(|message| input_error(None, message))?;
+        let version_id = resource
+            .get("meta")
+            .and_then(|meta| meta.get("versionId"))
+            .and_then(|version| version.as_str())
+            .map(|version| version.into_owned());
         let mut elements = Map::new();
         for name in compartment::elements_read(&resource_type) {
             if let Some(element) = resource.get(name) {
@@ -365,6 +447,8 @@ impl Parser {
             ),
         };
         Ok(Prepared {
+            change: Change::Store,
+            version_id,
             resource_type,
             id,
             patients,

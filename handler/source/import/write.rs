@@ -61,6 +61,9 @@ pub(super) struct Importer<'c> {
     pub(super) stored_lately: i32,
     /// Rows this import inserted (a resource given twice is inserted once, then updated).
     pub(super) created: u64,
+    /// Resources this import deleted, and deletions that found nothing to delete.
+    pub(super) deleted: u64,
+    pub(super) deleted_absent: u64,
     /// Per type, the rows this import inserted, added to `type_stats` at the end.
     pub(super) inserted: HashMap<String, TypeStats>,
 }
@@ -69,6 +72,7 @@ pub(super) struct Importer<'c> {
 #[derive(Clone)]
 pub(super) struct FileCheckpoint {
     pub(super) created: u64,
+    pub(super) deleted: (u64, u64),
     pub(super) inserted: HashMap<String, TypeStats>,
 }
 
@@ -89,8 +93,8 @@ impl<'c> Importer<'c> {
         Ok(Self {
             conn,
             insert_resource: conn.prepare(
-                "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (type, id) DO NOTHING",
+                "INSERT INTO resources (type, id, last_updated, content_hash, import_run, json, version_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, coalesce(?7, '1')) ON CONFLICT (type, id) DO NOTHING",
             )?,
             insert_link: conn.prepare(
                 "INSERT OR IGNORE INTO patient_link (resource, patient_id) VALUES (?1, ?2)",
@@ -104,6 +108,8 @@ impl<'c> Importer<'c> {
                 -LATELY
             },
             created: 0,
+            deleted: 0,
+            deleted_absent: 0,
             inserted: HashMap::new(),
         })
     }
@@ -135,17 +141,123 @@ impl<'c> Importer<'c> {
         }
         // Driven by the (small) table of rows that existed before: never a scan of the store.
         let (updated, unchanged): (i64, i64) = self.conn.query_row(
-            "SELECT coalesce(sum(b.content_hash != r.content_hash), 0), coalesce(sum(b.content_hash = r.content_hash), 0)
+            // `deleted` (past the JSON) is read only for rows that changed.
+            "SELECT coalesce(sum(CASE WHEN b.content_hash = r.content_hash THEN 0 WHEN r.deleted THEN 0 ELSE 1 END), 0),
+                 coalesce(sum(b.content_hash = r.content_hash), 0)
              FROM temp.before_run b CROSS JOIN resources r ON r.type = b.type AND r.id = b.id",
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
         (report.created, report.updated, report.unchanged) =
             (self.created, updated as u64, unchanged as u64);
+        (report.deleted, report.deleted_absent) = (self.deleted, self.deleted_absent);
         self.conn.execute_batch("DELETE FROM temp.before_run")
     }
 
     pub(super) fn write(&mut self, prepared: &mut Prepared) -> rusqlite::Result<()> {
+        match prepared.change {
+            Change::Store => self.store(prepared),
+            Change::Delete => self.delete(&prepared.resource_type, &prepared.id),
+            Change::Refuse(_) => Ok(()),
+        }
+    }
+
+    /// Replaces the current row by a deletion: a version holding only `resourceType`, `id` and
+    /// `meta`, keeping the compartment links of the version it deletes.
+    fn delete(&mut self, resource_type: &str, id: &str) -> rusqlite::Result<()> {
+        // `deleted` is read here only: it lies past the JSON, which a store's lookup need not read.
+        let deleted: Option<bool> = self
+            .conn
+            .prepare_cached("SELECT deleted FROM resources WHERE type = ?1 AND id = ?2")?
+            .query_row(params![resource_type, id], |row| row.get(0))
+            .optional()?;
+        let current = match (deleted, self.current_row(resource_type, id)?) {
+            (Some(false), Some(current)) => current,
+            _ => {
+                self.deleted_absent += 1;
+                return Ok(());
+            }
+        };
+        self.state_before_run(resource_type, id, current)?;
+        self.keep_replaced(resource_type, id, current)?;
+        let version_id = self.next_version(resource_type, id, None)?;
+        let tombstone = serde_json::to_vec(&serde_json::json!({
+            "resourceType": resource_type,
+            "id": id,
+            "meta": {
+                "versionId": version_id,
+                "lastUpdated": self.import_time.to_rfc3339_opts(SecondsFormat::Millis, true),
+            },
+        }))
+        .expect("JSON");
+        self.conn
+            .prepare_cached(
+                "UPDATE resources SET last_updated = ?3, content_hash = ?4, import_run = ?5, json = ?6,
+                     deleted = 1, version_id = ?7
+                 WHERE type = ?1 AND id = ?2",
+            )?
+            .execute(params![
+                resource_type,
+                id,
+                micros(self.import_time),
+                xxhash_rust::xxh3::xxh3_64(&tombstone) as i64,
+                self.run,
+                tombstone,
+                version_id
+            ])?;
+        self.deleted += 1;
+        Ok(())
+    }
+
+    /// The version exports taken before this run's commit read, with its own patients: kept in
+    /// `replaced` when an earlier run stored it.
+    fn keep_replaced(
+        &self,
+        resource_type: &str,
+        id: &str,
+        current: CurrentRow,
+    ) -> rusqlite::Result<()> {
+        if current.run == self.run {
+            return Ok(());
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO replaced
+                     (type, id, last_updated, stored_run, superseded_run, patients, json, deleted, version_id)
+                 SELECT type, id, last_updated, import_run, ?3,
+                     (SELECT json_group_array(patient_id) FROM patient_link WHERE resource = r.rowid),
+                     json, deleted, version_id
+                 FROM resources r WHERE type = ?1 AND id = ?2",
+            )?
+            .execute(params![resource_type, id, self.run])?;
+        Ok(())
+    }
+
+    /// The `meta.versionId` of a version replacing the current one: as stated, else one past the
+    /// current one (past the count of versions kept, when that is not a number).
+    fn next_version(
+        &self,
+        resource_type: &str,
+        id: &str,
+        stated: Option<&str>,
+    ) -> rusqlite::Result<String> {
+        if let Some(stated) = stated {
+            return Ok(stated.to_string());
+        }
+        let (current, kept): (String, i64) = self.conn
+            .prepare_cached(
+                "SELECT version_id, (SELECT count(*) FROM replaced h WHERE h.type = r.type AND h.id = r.id)
+                 FROM resources r WHERE type = ?1 AND id = ?2",
+            )?
+            .query_row(params![resource_type, id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(match current.parse::<u64>() {
+            Ok(number) => number + 1,
+            Err(_) => kept as u64 + 2,
+        }
+        .to_string())
+    }
+
+    fn store(&mut self, prepared: &mut Prepared) -> rusqlite::Result<()> {
         let (resource_type, id, hash, stated) = (
             prepared.resource_type.as_str(),
             prepared.id.as_str(),
@@ -185,25 +297,23 @@ impl<'c> Importer<'c> {
         if current.hash == hash {
             return Ok(());
         }
-        if current.run != self.run {
-            // The version exports taken before this run's commit read, with its own patients.
-            self.conn
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO replaced
-                         (type, id, last_updated, stored_run, superseded_run, patients, json)
-                     SELECT type, id, last_updated, import_run, ?3,
-                         (SELECT json_group_array(patient_id) FROM patient_link WHERE resource = r.rowid),
-                         json
-                     FROM resources r WHERE type = ?1 AND id = ?2",
-                )?
-                .execute(params![resource_type, id, self.run])?;
-        }
+        self.keep_replaced(resource_type, id, current)?;
+        let version_id = self.next_version(resource_type, id, prepared.version_id.as_deref())?;
         self.conn
             .prepare_cached(
-                "UPDATE resources SET last_updated = ?3, content_hash = ?4, import_run = ?5, json = ?6
+                "UPDATE resources SET last_updated = ?3, content_hash = ?4, import_run = ?5, json = ?6,
+                     deleted = 0, version_id = ?7
                  WHERE type = ?1 AND id = ?2",
             )?
-            .execute(params![resource_type, id, micros(last_updated), hash, self.run, json])?;
+            .execute(params![
+                resource_type,
+                id,
+                micros(last_updated),
+                hash,
+                self.run,
+                json,
+                version_id
+            ])?;
         self.conn
             .prepare_cached("DELETE FROM patient_link WHERE resource = ?1")?
             .execute([current.rowid])?;
@@ -218,7 +328,8 @@ impl<'c> Importer<'c> {
             micros(prepared.stated.unwrap_or(self.import_time)),
             prepared.hash,
             self.run,
-            prepared.json
+            prepared.json,
+            prepared.version_id
         ])?;
         if inserted == 0 {
             return Ok(false);
@@ -253,12 +364,14 @@ impl<'c> Importer<'c> {
     pub(super) fn checkpoint(&self) -> FileCheckpoint {
         FileCheckpoint {
             created: self.created,
+            deleted: (self.deleted, self.deleted_absent),
             inserted: self.inserted.clone(),
         }
     }
 
     pub(super) fn undo_file(&mut self, start: FileCheckpoint) {
         self.created = start.created;
+        (self.deleted, self.deleted_absent) = start.deleted;
         self.inserted = start.inserted;
     }
 

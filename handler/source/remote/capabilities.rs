@@ -15,6 +15,8 @@ pub(super) struct Capabilities {
     pub(super) types: std::collections::BTreeMap<String, HashSet<String>>,
     /// `rest.compartment` names the patient compartment (`Patient/{id}/{type}` works).
     pub(super) patient_compartment: bool,
+    /// The types whose `interaction` includes `history-type` (`[type]/_history`).
+    pub(super) history_types: HashSet<String>,
 }
 
 /// How a scan reaches the members of some patients' compartments.
@@ -56,6 +58,17 @@ impl Capabilities {
                 .entry(resource_type.to_string())
                 .or_default()
                 .extend(params);
+            let has_history = resource
+                .get("interaction")
+                .and_then(|i| i.as_array())
+                .into_iter()
+                .flatten()
+                .any(|i| i.get("code").and_then(|c| c.as_str()) == Some("history-type"));
+            if has_history {
+                capabilities
+                    .history_types
+                    .insert(resource_type.to_string());
+            }
         }
         capabilities.patient_compartment = rest
             .and_then(|r| r.get("compartment"))

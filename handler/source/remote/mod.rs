@@ -24,6 +24,7 @@
 
 mod capabilities;
 mod client;
+mod deleted;
 mod read;
 mod search;
 
@@ -130,6 +131,26 @@ impl ResourceSource for RemoteServer {
         };
         let url = search.count_url(&window(request));
         self.0.runtime.block_on(self.0.total(&url))
+    }
+
+    /// From the type's `_history` (see `deleted`): read whole, then handed on after any resume
+    /// point.
+    fn scan_deleted(
+        &self,
+        request: &ScanRequest<'_>,
+        sink: &mut dyn FnMut(&str) -> Result<(), SinkError>,
+    ) -> Result<Scanned, ScanError> {
+        let ids = self.0.runtime.block_on(self.0.deleted_ids(request))?;
+        let after = match request.resume {
+            Some(Cursor::Id { id }) => Some(id.as_str()),
+            _ => None,
+        };
+        let mut count = 0;
+        for id in ids.iter().filter(|id| after.is_none_or(|after| id.as_str() > after)) {
+            sink(id)?;
+            count += 1;
+        }
+        Ok(Scanned::whole(count))
     }
 
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {

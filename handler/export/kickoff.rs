@@ -13,7 +13,7 @@ use crate::fault::Fault;
 use crate::fhir::compartment::patient_id_of;
 use crate::fhir::is_valid_id;
 use crate::queue::{enqueue_shards, WorkMessage};
-use crate::source::{Part, PatientScope, PlanRequest, ResourceSource, RowRange};
+use crate::source::{Part, PatientScope, PlanRequest, ResourceSource, RowRange, SourceError};
 
 /// Starts an export for `owner` (the caller, when tokens are checked); returns the recorded job.
 /// Admit, resolve the scope, record the job, queue its planning: the source is asked for no more
@@ -187,16 +187,18 @@ async fn admit(exports: &Exports) -> Result<(), ExportError> {
     }
 }
 
-/// The types an export reads: those the source holds, narrowed by `_type` and the level.
+/// The types an export reads (`types`: those the source holds, or those it may hold deletions
+/// of), narrowed by `_type` and the level.
 fn exported_types(
     source: &dyn ResourceSource,
     request: &ExportRequest,
     scope: &PatientScope,
+    types: fn(&dyn ResourceSource) -> Result<Vec<String>, SourceError>,
 ) -> Result<Vec<String>, ExportError> {
     if matches!(scope, PatientScope::Only(patients) if patients.is_empty()) {
         return Ok(Vec::new());
     }
-    let mut types = source.resource_types()?;
+    let mut types = types(source)?;
     types.retain(|resource_type| {
         (!request.level.is_patient_scoped() || is_patient_level_type(resource_type))
             && request
@@ -215,22 +217,13 @@ async fn with_deletions(
     job: &Job,
     (mut shards, mut order): (Vec<Shard>, Vec<usize>),
 ) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
-    let types: Vec<String> = match job.request.organized_by_patient() {
-        true => {
-            let (source, job) = (exports.source.clone(), job.clone());
-            crate::blocking::run(move || exported_types(source.as_ref(), &job.request, &job.scope))
-                .await?
-        }
-        false => {
-            let mut types: Vec<String> = Vec::new();
-            for shard in &shards {
-                if types.last() != Some(&shard.resource_type) {
-                    types.push(shard.resource_type.clone());
-                }
-            }
-            types
-        }
-    };
+    let (source, planned) = (exports.source.clone(), job.clone());
+    let types = crate::blocking::run(move || {
+        exported_types(source.as_ref(), &planned.request, &planned.scope, |source| {
+            source.types_with_deletions()
+        })
+    })
+    .await?;
     for resource_type in types {
         order.push(shards.len());
         shards.push(Shard {
@@ -257,7 +250,8 @@ pub(super) async fn plan(
     let max_per_part = exports.limits.shard_max_resources;
     crate::blocking::run(move || -> Result<_, ExportError> {
         let mut planned = Vec::new();
-        for resource_type in exported_types(source.as_ref(), &request, &scope)? {
+        let held = |source: &dyn ResourceSource| source.resource_types();
+        for resource_type in exported_types(source.as_ref(), &request, &scope, held)? {
             let parts = source.plan(&PlanRequest {
                 resource_type: &resource_type,
                 scope: &scope,

@@ -123,7 +123,9 @@ pub async fn history(
         }
         query.append_pair("_count", &parsed.count.to_string());
         query.append_pair("_cursor", next);
-        links.push(serde_json::json!({"relation": "next", "url": format!("{path}?{}", query.finish())}));
+        links.push(
+            serde_json::json!({"relation": "next", "url": format!("{path}?{}", query.finish())}),
+        );
     }
     Ok(json_response(
         StatusCode::OK,
@@ -142,7 +144,11 @@ fn bundle(
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(versions.iter().map(|v| v.json.len()).sum::<usize>() + 256);
     out.extend_from_slice(br#"{"resourceType":"Bundle","type":"history","link":"#);
-    out.extend_from_slice(serde_json::Value::from(links.to_vec()).to_string().as_bytes());
+    out.extend_from_slice(
+        serde_json::Value::from(links.to_vec())
+            .to_string()
+            .as_bytes(),
+    );
     if !versions.is_empty() {
         out.extend_from_slice(br#","entry":["#);
         for (n, version) in versions.iter().enumerate() {

@@ -284,7 +284,9 @@ fn add_deletion_columns(conn: &Connection) -> rusqlite::Result<()> {
                 |row| row.get(0),
             )?;
             if !present {
-                missing.push(format!("ALTER TABLE {table} ADD COLUMN {column} {definition};"));
+                missing.push(format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} {definition};"
+                ));
             }
         }
         Ok(missing)
@@ -391,15 +393,17 @@ impl ResourceSource for EmbeddedStore {
             conn.prepare_cached(
                 "SELECT json FROM resources WHERE type = ?1 AND id = ?2 AND NOT deleted",
             )
-                .and_then(|mut statement| {
-                    statement
-                        .query_row(params![resource_type, id], |row| row.get(0))
-                        .optional()
-                })
-                .map_err(|e| self.error(e))
+            .and_then(|mut statement| {
+                statement
+                    .query_row(params![resource_type, id], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(|e| self.error(e))
         })
     }
 
+    /// A type keeps its statistics, and so its place in `resource_types`, when all it holds are
+    /// deletions.
     fn is_deleted(&self, resource_type: &str, id: &str) -> Result<bool, SourceError> {
         self.current_is_deletion(resource_type, id)
     }

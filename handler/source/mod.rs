@@ -254,6 +254,12 @@ pub trait ResourceSource: Send + Sync {
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<Scanned, ScanError>;
 
+    /// The types whose deletions an export with `_since` asks for: every type that may have held
+    /// a resource, holding any now or not (by default those that hold some).
+    fn types_with_deletions(&self) -> Result<Vec<String>, SourceError> {
+        self.resource_types()
+    }
+
     /// Whether the resource's current version is a deletion (a read finds nothing; a server
     /// answers `410 Gone`).
     fn is_deleted(&self, _resource_type: &str, _id: &str) -> Result<bool, SourceError> {
@@ -274,7 +280,9 @@ pub trait ResourceSource: Send + Sync {
 
     /// A page of a type's (or one resource's) versions, newest first: a server's `_history`.
     fn history(&self, _request: &HistoryRequest<'_>) -> Result<HistoryPage, SourceError> {
-        Err(SourceError::Unsupported("this source keeps no history".into()))
+        Err(SourceError::Unsupported(
+            "this source keeps no history".into(),
+        ))
     }
 }
 

@@ -70,7 +70,11 @@ impl fmt::Display for ImportReport {
         if self.deleted + self.deleted_absent > 0 {
             write!(f, ", {} deleted", self.deleted)?;
             if self.deleted_absent > 0 {
-                write!(f, " ({} deletions found nothing to delete)", self.deleted_absent)?;
+                write!(
+                    f,
+                    " ({} deletions found nothing to delete)",
+                    self.deleted_absent
+                )?;
             }
         }
         if self.unresolved_references > 0 {

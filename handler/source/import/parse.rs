@@ -96,12 +96,12 @@ fn deletion_of(index: usize, request: &Json) -> Option<Prepared> {
         ));
     }
     match url.split_once('/') {
-        Some((resource_type, id))
-            if is_resource_type(resource_type) && is_valid_id(id) =>
-        {
+        Some((resource_type, id)) if is_resource_type(resource_type) && is_valid_id(id) => {
             Some(Prepared::without_content(Change::Delete, resource_type, id))
         }
-        _ => refuse(format!("the DELETE of {url:?} does not name a resource as Type/id")),
+        _ => refuse(format!(
+            "the DELETE of {url:?} does not name a resource as Type/id"
+        )),
     }
 }
 

@@ -65,9 +65,7 @@ impl Capabilities {
                 .flatten()
                 .any(|i| i.get("code").and_then(|c| c.as_str()) == Some("history-type"));
             if has_history {
-                capabilities
-                    .history_types
-                    .insert(resource_type.to_string());
+                capabilities.history_types.insert(resource_type.to_string());
             }
         }
         capabilities.patient_compartment = rest

@@ -206,7 +206,9 @@ impl Inner {
         while let Some(page_url) = next.take() {
             let body = self.get_body(&page_url).await?;
             let page: HistoryPage = serde_json::from_slice(&body).map_err(|e| {
-                SourceError::Remote(format!("{page_url}: the answer is not a history Bundle: {e}"))
+                SourceError::Remote(format!(
+                    "{page_url}: the answer is not a history Bundle: {e}"
+                ))
             })?;
             total = total.or(page.total);
             let links = super::search::Page {

@@ -133,6 +133,15 @@ impl ResourceSource for RemoteServer {
         self.0.runtime.block_on(self.0.total(&url))
     }
 
+    /// Every type the server declares (those without `history-type` then say in the manifest's
+    /// `error` that their deletions are unknown): a type whose resources were all deleted holds
+    /// none now.
+    fn types_with_deletions(&self) -> Result<Vec<String>, SourceError> {
+        let this = &self.0;
+        this.runtime
+            .block_on(async { Ok(this.capabilities().await?.types.keys().cloned().collect()) })
+    }
+
     /// From the type's `_history` (see `deleted`): read whole, then handed on after any resume
     /// point.
     fn scan_deleted(
@@ -146,7 +155,10 @@ impl ResourceSource for RemoteServer {
             _ => None,
         };
         let mut count = 0;
-        for id in ids.iter().filter(|id| after.is_none_or(|after| id.as_str() > after)) {
+        for id in ids
+            .iter()
+            .filter(|id| after.is_none_or(|after| id.as_str() > after))
+        {
             sink(id)?;
             count += 1;
         }

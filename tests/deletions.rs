@@ -1,0 +1,443 @@
+//! Deletions and history over real HTTP: `handler import` of DELETE entries, `410 Gone`, the
+//! `_history` of serve, and the manifest's `deleted` of `_since` exports at each level, from the
+//! embedded store and from another instance's serve as a FHIR server.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use fhir_export::config::{SourceAuth, SourceSetting};
+use fhir_export::source::{import, EmbeddedStore, ResourceSource};
+use serde_json::Value;
+
+type Keys = BTreeSet<(String, String)>;
+
+const FIRST: &[&str] = &[
+    r#"{"resourceType":"Patient","id":"a","gender":"female","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    r#"{"resourceType":"Patient","id":"b","gender":"male","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    r#"{"resourceType":"Patient","id":"c","gender":"other","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    r#"{"resourceType":"Observation","id":"oa","status":"final","subject":{"reference":"Patient/a"},"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    r#"{"resourceType":"Observation","id":"ob","status":"final","subject":{"reference":"Patient/b"},"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    r#"{"resourceType":"Observation","id":"oc","status":"final","subject":{"reference":"Patient/c"},"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    r#"{"resourceType":"Observation","id":"both","status":"final","subject":{"reference":"Patient/a"},"performer":[{"reference":"Patient/b"}],"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    r#"{"resourceType":"Organization","id":"org","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    r#"{"resourceType":"Group","id":"ga","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/a"}}],"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+];
+
+fn store_with_first_load(dir: &Path) -> PathBuf {
+    let data = dir.join("first.ndjson");
+    std::fs::write(&data, FIRST.join("\n")).unwrap();
+    let path = dir.join("store.db");
+    let report = import::import(&EmbeddedStore::open(&path).unwrap(), &[data]).unwrap();
+    assert_eq!(report.created, FIRST.len() as u64);
+    path
+}
+
+fn transaction(entries: Vec<Value>) -> String {
+    serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        .to_string()
+}
+
+fn delete(url: &str) -> Value {
+    serde_json::json!({"request": {"method": "DELETE", "url": url}})
+}
+
+fn put(resource: Value) -> Value {
+    let url = format!(
+        "{}/{}",
+        resource["resourceType"].as_str().unwrap(),
+        resource["id"].as_str().unwrap()
+    );
+    serde_json::json!({"resource": resource, "request": {"method": "PUT", "url": url}})
+}
+
+fn import_file(store: &Path, name: &str, body: &str) -> import::ImportReport {
+    let file = store.parent().unwrap().join(name);
+    std::fs::write(&file, body).unwrap();
+    import::import(&EmbeddedStore::open(store).unwrap(), &[file]).unwrap()
+}
+
+/// The changes after the first export: deletions (one of a resource that is not there, one
+/// conditional and refused), an update, and `both` deleted in one import and stored again in the
+/// next.
+fn change(store: &Path) {
+    let report = import_file(
+        store,
+        "deletions.json",
+        &transaction(vec![
+            delete("Observation/oa"),
+            delete("Observation/ob"),
+            delete("Observation/oc"),
+            delete("Patient/c"),
+            delete("Organization/org"),
+            delete("Observation/both"),
+            delete("Observation/never-stored"),
+            delete("Observation?status=final"),
+            put(
+                serde_json::json!({"resourceType": "Patient", "id": "b", "gender": "unknown",
+                "meta": {"lastUpdated": "2020-06-01T00:00:00Z"}}),
+            ),
+        ]),
+    );
+    assert_eq!(
+        (report.deleted, report.deleted_absent, report.updated),
+        (6, 1, 1),
+        "{report}"
+    );
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.refused.len(), 1);
+    assert!(
+        report.refused[0].message.contains("conditional delete"),
+        "{}",
+        report.refused[0].message
+    );
+    let report = import_file(
+        store,
+        "again.json",
+        &transaction(vec![put(serde_json::json!({
+            "resourceType": "Observation", "id": "both", "status": "amended",
+            "subject": {"reference": "Patient/a"}, "performer": [{"reference": "Patient/b"}]}))]),
+    );
+    assert_eq!((report.created, report.updated), (0, 1), "{report}");
+}
+
+fn keys(list: &[(&str, &str)]) -> Keys {
+    list.iter()
+        .map(|(t, i)| (t.to_string(), i.to_string()))
+        .collect()
+}
+
+/// The (type, id) each output line holds, and each line by key.
+fn output_of(files: &[(String, String, Vec<String>)]) -> (Keys, Vec<((String, String), String)>) {
+    let mut keys = Keys::new();
+    let mut lines = Vec::new();
+    for (_, url, file) in files {
+        for line in file {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            let key = (
+                resource["resourceType"].as_str().unwrap().to_string(),
+                resource["id"].as_str().unwrap().to_string(),
+            );
+            assert!(keys.insert(key.clone()), "{key:?} twice (again in {url})");
+            lines.push((key, line.clone()));
+        }
+    }
+    (keys, lines)
+}
+
+/// The resources the `deleted` files of a manifest delete, each checked to be a transaction
+/// Bundle of DELETE entries and counted as the manifest says.
+async fn deleted_of(client: &reqwest::Client, manifest: &Value) -> Keys {
+    let mut deleted = Keys::new();
+    for file in manifest["deleted"].as_array().unwrap() {
+        assert_eq!(file["type"], "Bundle");
+        let url = file["url"].as_str().unwrap();
+        let body = client.get(url).send().await.unwrap().text().await.unwrap();
+        let lines: Vec<&str> = body.lines().collect();
+        assert_eq!(lines.len() as u64, file["count"].as_u64().unwrap(), "{url}");
+        for line in lines {
+            let bundle: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(
+                (&bundle["resourceType"], &bundle["type"]),
+                (&"Bundle".into(), &"transaction".into())
+            );
+            for entry in bundle["entry"].as_array().unwrap() {
+                assert_eq!(entry["request"]["method"], "DELETE");
+                let (t, id) = entry["request"]["url"]
+                    .as_str()
+                    .unwrap()
+                    .split_once('/')
+                    .unwrap();
+                assert!(
+                    deleted.insert((t.to_string(), id.to_string())),
+                    "{t}/{id} twice"
+                );
+            }
+        }
+    }
+    deleted
+}
+
+fn since_url(base: &str, path: &str, manifest: &Value, more: &str) -> String {
+    let since = manifest["transactionTime"]
+        .as_str()
+        .unwrap()
+        .replace('+', "%2B");
+    format!("{base}/{path}?_since={since}{more}")
+}
+
+/// Export A is kicked off before the changes and runs after them: a snapshot, it holds every
+/// resource as it was. Then `_since` A's `transactionTime`, at each level: `deleted` holds
+/// exactly the deletions in the export's scope, `output` exactly the changed resources byte for
+/// byte as stored, and none is in both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_exports_list_exactly_the_deletions_in_their_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_first_load(dir.path());
+    let exports = dir.path().join("exports");
+    let client = client();
+    let api_only = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |s| {
+        s.workers = 0
+    })
+    .await;
+    let status_url = started(&client, &format!("{}/$export", api_only.base)).await;
+    let old_base = api_only.base.clone();
+    drop(api_only);
+
+    change(&store);
+
+    let server = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |_| {}).await;
+    let base = &server.base;
+    let first = wait_for_manifest(&client, &status_url.replace(&old_base, base)).await;
+    let first: Value = serde_json::from_str(&first.to_string().replace(&old_base, base)).unwrap();
+    let (held, _) = output_of(&download_all(&client, &first).await);
+    let all: Keys = FIRST
+        .iter()
+        .map(|line| {
+            let r: Value = serde_json::from_str(line).unwrap();
+            (
+                r["resourceType"].as_str().unwrap().to_string(),
+                r["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        held, all,
+        "a snapshot exports what was deleted after its transactionTime"
+    );
+    assert_eq!(first["deleted"], serde_json::json!([]));
+
+    let stored = stored_resources(&store);
+    let cases = [
+        (
+            "$export",
+            "",
+            keys(&[
+                ("Observation", "oa"),
+                ("Observation", "ob"),
+                ("Observation", "oc"),
+                ("Patient", "c"),
+                ("Organization", "org"),
+            ]),
+            keys(&[("Patient", "b"), ("Observation", "both")]),
+        ),
+        (
+            "Patient/$export",
+            "",
+            keys(&[
+                ("Observation", "oa"),
+                ("Observation", "ob"),
+                ("Observation", "oc"),
+                ("Patient", "c"),
+            ]),
+            keys(&[("Patient", "b"), ("Observation", "both")]),
+        ),
+        (
+            "Group/ga/$export",
+            "",
+            keys(&[("Observation", "oa")]),
+            keys(&[("Observation", "both")]),
+        ),
+        (
+            "$export",
+            "&_type=Patient",
+            keys(&[("Patient", "c")]),
+            keys(&[("Patient", "b")]),
+        ),
+    ];
+    for (path, more, expected_deleted, expected_output) in cases {
+        let url = since_url(base, path, &first, more);
+        let manifest = export(&client, &url).await;
+        let deleted = deleted_of(&client, &manifest).await;
+        let (output, lines) = output_of(&download_all(&client, &manifest).await);
+        assert_eq!(deleted, expected_deleted, "deleted of {url}");
+        assert_eq!(output, expected_output, "output of {url}");
+        assert!(deleted.is_disjoint(&output), "{url}: in both");
+        for (key, line) in lines {
+            assert_eq!(&line, &stored[&key], "{key:?} as stored");
+        }
+    }
+
+    // The same from serve, read as a FHIR server: 410 for a deleted resource, no deleted one in
+    // a search, its history.
+    let gone = client
+        .get(format!("{base}/Observation/oa"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 410);
+    let searched = get_json(&client, &format!("{base}/Observation")).await;
+    let ids: Vec<&str> = searched["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["both"]);
+    let counted = get_json(&client, &format!("{base}/Observation?_summary=count")).await;
+    assert_eq!(counted["total"], 1);
+}
+
+/// `[type]/{id}/_history` lists every version newest first, deletions as DELETE entries without a
+/// resource; `[type]/_history` pages by `_count` without losing or repeating a version, and
+/// `_since` keeps the versions after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lists_every_version_newest_first_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_first_load(dir.path());
+    let before_changes = chrono::Utc::now();
+    change(&store);
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let base = &server.base;
+
+    let both = get_json(&client, &format!("{base}/Observation/both/_history")).await;
+    assert_eq!(both["type"], "history");
+    let entries = both["entry"].as_array().unwrap();
+    let methods: Vec<&str> = entries
+        .iter()
+        .map(|e| e["request"]["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["PUT", "DELETE", "PUT"]);
+    let versions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["response"]["etag"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["W/\"3\"", "W/\"2\"", "W/\"1\""]);
+    assert_eq!(entries[0]["resource"]["status"], "amended");
+    assert!(entries[1].get("resource").is_none());
+    assert_eq!(entries[2]["resource"]["status"], "final");
+
+    let mut url = Some(format!("{base}/Observation/_history?_count=2"));
+    let mut paged = Vec::new();
+    while let Some(next) = url.take() {
+        let page = get_json(&client, &next).await;
+        for entry in page["entry"].as_array().into_iter().flatten() {
+            paged.push((
+                entry["fullUrl"].as_str().unwrap().to_string(),
+                entry["response"]["etag"].as_str().unwrap().to_string(),
+            ));
+        }
+        url = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+    }
+    // 4 observations stored, 4 deleted, one stored again.
+    assert_eq!(paged.len(), 9, "{paged:?}");
+    assert_eq!(
+        paged.iter().collect::<BTreeSet<_>>().len(),
+        9,
+        "a version twice: {paged:?}"
+    );
+
+    let since = before_changes
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        .replace('+', "%2B");
+    let recent = get_json(
+        &client,
+        &format!("{base}/Observation/_history?_since={since}"),
+    )
+    .await;
+    let deletions = recent["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["request"]["method"] == "DELETE")
+        .count();
+    assert_eq!(
+        recent["entry"].as_array().unwrap().len(),
+        5,
+        "4 deletions and both stored again"
+    );
+    assert_eq!(deletions, 4);
+
+    let refused = client
+        .get(format!("{base}/Observation/_history?_cursor=nonsense"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("_cursor"));
+    let refused = client
+        .get(format!("{base}/Observation/_history?code=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+}
+
+/// One instance exports from another's serve: the deletions come from its `_history`, at system
+/// and at Group level (where the version a deletion deleted decides, read from the resource's own
+/// history when the type's does not hold it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_come_from_a_fhir_servers_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_first_load(dir.path());
+    let fhir = start(&store, |_| {}).await;
+    let client = client();
+    let first = export(&client, &format!("{}/$export", fhir.base)).await;
+    change(&store);
+
+    let empty = dir.path().join("unused.db");
+    let url = fhir.base.clone();
+    let exporter = start(&empty, move |settings| {
+        settings.source = SourceSetting::Remote {
+            url,
+            auth: SourceAuth::None,
+        };
+    })
+    .await;
+    for (path, expected) in [
+        (
+            "$export",
+            keys(&[
+                ("Observation", "oa"),
+                ("Observation", "ob"),
+                ("Observation", "oc"),
+                ("Patient", "c"),
+                ("Organization", "org"),
+            ]),
+        ),
+        ("Group/ga/$export", keys(&[("Observation", "oa")])),
+    ] {
+        let url = since_url(&exporter.base, path, &first, "");
+        let manifest = export(&client, &url).await;
+        assert_eq!(deleted_of(&client, &manifest).await, expected, "{url}");
+        assert_eq!(manifest["error"], serde_json::json!([]), "{url}");
+    }
+}
+
+/// The store keeps what a deletion needs: a read finds nothing, `is_deleted` says why, and a
+/// store of the earlier layout (no deletion columns) opens with them added.
+#[test]
+fn a_deleted_resource_reads_as_gone_and_older_stores_gain_the_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = store_with_first_load(dir.path());
+    change(&store_path);
+    let store = EmbeddedStore::open(&store_path).unwrap();
+    assert_eq!(store.read("Observation", "oa").unwrap(), None);
+    assert!(store.is_deleted("Observation", "oa").unwrap());
+    assert!(!store.is_deleted("Observation", "both").unwrap());
+    assert!(!store.is_deleted("Observation", "never-stored").unwrap());
+
+    let old = dir.path().join("old.db");
+    let conn = rusqlite::Connection::open(&old).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE resources (type TEXT NOT NULL, id TEXT NOT NULL, last_updated INTEGER NOT NULL,
+             content_hash INTEGER NOT NULL, import_run INTEGER NOT NULL, json BLOB NOT NULL, PRIMARY KEY (type, id));
+         CREATE TABLE replaced (type TEXT NOT NULL, id TEXT NOT NULL, last_updated INTEGER NOT NULL,
+             stored_run INTEGER NOT NULL, superseded_run INTEGER NOT NULL, patients TEXT NOT NULL,
+             json BLOB NOT NULL, PRIMARY KEY (type, id, superseded_run));
+         INSERT INTO resources VALUES ('Patient', 'p', 0, 1, 1, CAST('{\"resourceType\":\"Patient\",\"id\":\"p\"}' AS BLOB));",
+    )
+    .unwrap();
+    drop(conn);
+    let opened = EmbeddedStore::open(&old).unwrap();
+    assert!(opened.read("Patient", "p").unwrap().is_some());
+    assert!(!opened.is_deleted("Patient", "p").unwrap());
+}

@@ -1,7 +1,8 @@
 //! Crash recovery: the real `handler serve` process is killed with SIGKILL during exports, at named
 //! points (planning, recording, claiming a shard, mid-file, between files, after a shard, after the
 //! manifest) and at random moments, then restarted on the same store and exports folder. Every
-//! export it answered 202 to completes with every resource exactly once and no leftover file.
+//! export it answered 202 to completes with every resource exactly once and no leftover file; a
+//! `_since` export lists every deletion exactly once.
 
 mod common;
 
@@ -141,20 +142,51 @@ fn job_ids(exports: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Waits for the job's manifest and checks it: every stored resource exactly once, and the output
-/// folder holding exactly the listed files.
+type Keys = BTreeSet<(String, String)>;
+
+/// What an export must hold: the resources of its `output`, and those its `deleted` deletes.
+struct Expected {
+    query: &'static str,
+    output: Keys,
+    deleted: Keys,
+}
+
+/// Waits for the job's manifest and checks it: every expected resource and deletion exactly once,
+/// and the output folder holding exactly the listed files.
 async fn assert_complete(
     client: &reqwest::Client,
     base: &str,
     exports: &Path,
     id: &str,
-    expected: &BTreeSet<(String, String)>,
+    expected: &Expected,
     label: &str,
 ) {
     let manifest =
         common::wait_for_manifest(client, &format!("{base}/_operations/export/{id}")).await;
     let mut seen = BTreeMap::<(String, String), u32>::new();
     let mut listed = BTreeSet::new();
+    let mut deleted = BTreeMap::<(String, String), u32>::new();
+    for file in manifest["deleted"].as_array().unwrap() {
+        let url = file["url"].as_str().unwrap();
+        listed.insert(url.split("/_exports/").nth(1).unwrap().to_string());
+        let body = client.get(url).send().await.unwrap().text().await.unwrap();
+        assert_eq!(body.lines().count() as u64, file["count"].as_u64().unwrap());
+        for line in body.lines() {
+            let bundle: Value = serde_json::from_str(line).unwrap();
+            let target = bundle["entry"][0]["request"]["url"].as_str().unwrap();
+            let (t, id) = target.split_once('/').unwrap();
+            *deleted.entry((t.to_string(), id.to_string())).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = deleted.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "{label}: deleted twice: {twice:?}");
+    let deleted: Keys = deleted.into_keys().collect();
+    assert!(
+        deleted == expected.deleted,
+        "{label}: other deletions listed ({} of {})",
+        deleted.len(),
+        expected.deleted.len()
+    );
     for (resource_type, url, lines) in common::download_all(client, &manifest).await {
         listed.insert(url.split("/_exports/").nth(1).unwrap().to_string());
         for line in lines {
@@ -172,12 +204,15 @@ async fn assert_complete(
     let exported: BTreeSet<_> = seen.into_keys().collect();
     assert_eq!(
         exported.len(),
-        expected.len(),
+        expected.output.len(),
         "{label}: {} resources exported, {} stored",
         exported.len(),
-        expected.len()
+        expected.output.len()
     );
-    assert!(&exported == expected, "{label}: other resources exported");
+    assert!(
+        exported == expected.output,
+        "{label}: other resources exported"
+    );
 
     let job_file = common::job_document(exports, id);
     let job: Value = serde_json::from_slice(&common::published_file(&job_file).await).unwrap();
@@ -198,11 +233,7 @@ async fn assert_complete(
 
 /// One export through `kills`, then a clean restart that must finish it (with no kills, the
 /// export runs undisturbed). Returns the time from that restart to the checked manifest.
-async fn run_scenario(
-    store: &Path,
-    expected: &BTreeSet<(String, String)>,
-    kills: &[Kill],
-) -> Duration {
+async fn run_scenario(store: &Path, expected: &Expected, kills: &[Kill]) -> Duration {
     let client = common::client();
     let dir = tempfile::tempdir().unwrap();
     let exports = dir.path().join("exports");
@@ -221,7 +252,7 @@ async fn run_scenario(
         if round == 0 {
             let kickoff = {
                 let client = client.clone();
-                let url = format!("{base}/$export");
+                let url = format!("{base}/$export{}", expected.query);
                 tokio::spawn(async move {
                     let response = client
                         .get(url)
@@ -261,7 +292,7 @@ async fn run_scenario(
     );
     let started = Instant::now();
     if kills.is_empty() {
-        let response = common::kickoff(&client, &format!("{base}/$export")).await;
+        let response = common::kickoff(&client, &format!("{base}/$export{}", expected.query)).await;
         assert_eq!(response.status(), 202);
         let location = response.headers()["content-location"].to_str().unwrap();
         let id = location.rsplit('/').next().unwrap();
@@ -288,9 +319,12 @@ async fn run_scenario(
 async fn killed_at_any_point_an_export_finishes_with_every_resource_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = generated_store(dir.path());
-    let expected: BTreeSet<(String, String)> =
-        common::stored_resources(&store).into_keys().collect();
-    assert!(expected.len() > 3000);
+    let expected = Expected {
+        query: "",
+        output: common::stored_resources(&store).into_keys().collect(),
+        deleted: Keys::new(),
+    };
+    assert!(expected.output.len() > 3000);
 
     // How long one undisturbed export takes, kickoff to manifest, to aim the random kills.
     let baseline = run_scenario(&store, &expected, &[]).await;
@@ -350,4 +384,61 @@ async fn killed_at_any_point_an_export_finishes_with_every_resource_once() {
         kills.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A `_since` export of a store where a third of the resources were deleted after `_since`: killed
+/// while it lists deletions (between their files, after their shards, at the manifest), it lists
+/// every deletion exactly once, and nothing in `output`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_listing_deletions_a_since_export_lists_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = generated_store(dir.path());
+    std::thread::sleep(Duration::from_millis(5));
+    let since = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(5));
+    let mut deleted = Keys::new();
+    let entries: Vec<Value> = common::stored_resources(&store)
+        .into_keys()
+        .enumerate()
+        .filter(|(n, _)| n % 3 == 0)
+        .map(|(_, (t, id))| {
+            let entry =
+                serde_json::json!({"request": {"method": "DELETE", "url": format!("{t}/{id}")}});
+            deleted.insert((t, id));
+            entry
+        })
+        .collect();
+    let bundle = dir.path().join("deletions.json");
+    let body =
+        serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    std::fs::write(&bundle, body.to_string()).unwrap();
+    let report = import::import(&EmbeddedStore::open(&store).unwrap(), &[bundle]).unwrap();
+    assert_eq!(report.deleted as usize, deleted.len());
+    assert!(deleted.len() > 1000);
+    let query: &'static str = Box::leak(
+        format!(
+            "?_since={}",
+            since
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .replace('+', "%2B")
+        )
+        .into_boxed_str(),
+    );
+    let expected = Expected {
+        query,
+        output: Keys::new(),
+        deleted,
+    };
+    run_scenario(&store, &expected, &[]).await;
+    for (point, nth) in [
+        ("shard-claimed", 3),
+        ("file-block-written", 1),
+        ("file-committed", 1),
+        ("file-committed", 3),
+        ("shard-done", 2),
+        ("shard-done", 9),
+        ("manifest-written", 1),
+    ] {
+        run_scenario(&store, &expected, &[Kill::At(point, nth)]).await;
+    }
 }

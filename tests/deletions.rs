@@ -441,3 +441,99 @@ fn a_deleted_resource_reads_as_gone_and_older_stores_gain_the_columns() {
     assert!(opened.read("Patient", "p").unwrap().is_some());
     assert!(!opened.is_deleted("Patient", "p").unwrap());
 }
+
+/// Many deletions, listed by time-boxed shards (paused and continued from their cursor) into small
+/// files, served in partial manifest pages of two files: each deletion once, each file listed
+/// once, the files of each shard numbered without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_boxed_deletions_in_partial_manifests_are_listed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("many.ndjson");
+    let lines: Vec<String> = (0..600)
+        .map(|n| {
+            let t = if n % 2 == 0 { "Observation" } else { "Condition" };
+            format!(r#"{{"resourceType":"{t}","id":"r{n:04}","subject":{{"reference":"Patient/p"}},"meta":{{"lastUpdated":"2020-01-01T00:00:00Z"}}}}"#)
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let store = dir.path().join("store.db");
+    import::import(&EmbeddedStore::open(&store).unwrap(), &[data]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let since = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut expected = Keys::new();
+    let mut entries = Vec::new();
+    for n in (0..600).filter(|n| n % 5 != 0) {
+        let t = if n % 2 == 0 {
+            "Observation"
+        } else {
+            "Condition"
+        };
+        entries.push(delete(&format!("{t}/r{n:04}")));
+        expected.insert((t.to_string(), format!("r{n:04}")));
+    }
+    let report = import_file(&store, "deletions.json", &transaction(entries));
+    assert_eq!(report.deleted, 480);
+
+    let server = start(&store, |s| {
+        s.shard_max_time = Some(std::time::Duration::from_millis(1));
+        s.file_max_bytes = 2048;
+        s.manifest_page_size = 2;
+    })
+    .await;
+    let client = client();
+    let since = since
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        .replace('+', "%2B");
+    let url = format!(
+        "{}/$export?_since={since}&allowPartialManifests=true",
+        server.base
+    );
+    let status = started(&client, &url).await;
+    let mut page = loop {
+        let answer = client.get(&status).send().await.unwrap();
+        if answer.status() == 200 {
+            break answer.json::<Value>().await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let mut urls = Vec::new();
+    let mut deleted = Keys::new();
+    loop {
+        assert!(page["output"].as_array().unwrap().is_empty(), "{page}");
+        for key in deleted_of(&client, &page).await {
+            assert!(deleted.insert(key.clone()), "{key:?} on two pages");
+        }
+        urls.extend(
+            page["deleted"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["url"].as_str().unwrap().to_string()),
+        );
+        match page["link"][0]["url"].as_str() {
+            Some(next) => page = get_json(&client, next).await,
+            None => break,
+        }
+    }
+    assert_eq!(deleted, expected);
+    let mut numbers: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for url in &urls {
+        let name = url.rsplit('/').next().unwrap().trim_end_matches(".ndjson");
+        let (stem, number) = name.rsplit_once('-').unwrap();
+        numbers
+            .entry(stem.to_string())
+            .or_default()
+            .push(number.parse().unwrap());
+    }
+    assert_eq!(numbers.len(), 2, "{numbers:?}");
+    for (stem, mut numbers) in numbers {
+        numbers.sort();
+        assert_eq!(
+            numbers,
+            (1..=numbers.len() as u64).collect::<Vec<_>>(),
+            "{stem}"
+        );
+        assert!(numbers.len() > 2, "{stem}: rolled");
+    }
+}

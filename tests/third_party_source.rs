@@ -586,3 +586,45 @@ async fn handler_load_stores_every_resource_once_through_throttling() {
     let types = expected.counts.keys().cloned();
     assert_eq!(counts_on(&client, &demo.base, types).await, expected.counts);
 }
+
+/// Medplum's router keeps versions and deletions, but answers no type-level `_history` (only a
+/// resource's own) and its CapabilityStatement declares none: a `_since` export from it says in
+/// its `error` that deletions could not be determined, and lists none. Declared but refused
+/// (`--declare-history`: the router answers 404), each type's shard says so itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_exports_from_medplum_say_deletions_are_unknown() {
+    let data = dataset();
+    let client = client();
+    for (switches, expected) in [
+        (&[][..], "declares no history-type interaction"),
+        (&["--declare-history"][..], "not found (404)"),
+    ] {
+        let medplum = Medplum::start(&data.ndjson, switches);
+        let remote = start_on(&medplum.base).await;
+        let url = format!(
+            "{}/$export?_type=Patient,Observation&_since=2023-01-01T00:00:00Z",
+            remote.base
+        );
+        let manifest = common::export(&client, &url).await;
+        assert_eq!(manifest["deleted"], json!([]), "{switches:?}");
+        let errors = manifest["error"].as_array().unwrap();
+        assert!(!errors.is_empty(), "{switches:?}: {manifest}");
+        let mut text = String::new();
+        for error in errors {
+            let url = error["url"].as_str().unwrap();
+            text += &client.get(url).send().await.unwrap().text().await.unwrap();
+        }
+        assert!(
+            text.contains("could not be determined"),
+            "{switches:?}: {text}"
+        );
+        assert!(text.contains(expected), "{switches:?}: {text}");
+        for resource_type in ["Patient", "Observation"] {
+            assert!(text.contains(resource_type), "{switches:?}: {text}");
+        }
+        assert!(
+            total(&ids(&client, &manifest).await) > 0,
+            "{switches:?}: the output stands"
+        );
+    }
+}

@@ -676,6 +676,7 @@ mod tests {
             completed_at: None,
             owner: None,
             deidentification: None,
+            planning_errors: Vec::new(),
         };
         jobs.create(&job).await.unwrap();
         let mut tries = 0;

@@ -56,6 +56,7 @@ pub async fn start(
         completed_at: None,
         owner,
         deidentification,
+        planning_errors: Vec::new(),
     };
     {
         // Counted again and recorded under one lock: concurrent kickoffs cannot all pass the count.
@@ -88,8 +89,16 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
             .await
             .map(shards_of),
     };
+    let mut job = job;
     let planned = match (planned, job.request.since) {
-        (Ok(planned), Some(_)) => with_deletions(exports, &job, planned).await,
+        (Ok(planned), Some(_)) => {
+            with_deletions(exports, &job, planned)
+                .await
+                .map(|(planned, errors)| {
+                    job.planning_errors = errors;
+                    planned
+                })
+        }
         (planned, _) => planned,
     };
     let (shards, largest_first) = match planned {
@@ -108,6 +117,7 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
     write_notes(exports, &job).await?;
     // Queued now, not at kickoff: a slow planning must not make its shards look stale already.
     let planned_at = Utc::now();
+    let planning_errors = job.planning_errors.clone();
     let recorded = exports
         .jobs
         .update(job_id, |job| {
@@ -115,6 +125,7 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
                 return Change::Keep(None);
             }
             job.shards = shards.clone();
+            job.planning_errors = planning_errors.clone();
             job.planned = true;
             job.planned_at = Some(planned_at);
             Change::Write(Some(job.clone()))
@@ -211,19 +222,42 @@ fn exported_types(
 
 /// An export with `_since` also lists each type's deletions: a shard a type, after the others
 /// (they are small). Output organized by patient lists them apart from the patients' blocks, in
-/// the same files as any other export's.
+/// the same files as any other export's. The types whose deletions the source cannot list come
+/// back as one error for the manifest: never a silently empty `deleted`.
 async fn with_deletions(
     exports: &Exports,
     job: &Job,
     (mut shards, mut order): (Vec<Shard>, Vec<usize>),
-) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
+) -> Result<((Vec<Shard>, Vec<usize>), Vec<String>), ExportError> {
     let (source, planned) = (exports.source.clone(), job.clone());
-    let types = crate::blocking::run(move || {
-        exported_types(source.as_ref(), &planned.request, &planned.scope, |source| {
-            source.types_with_deletions()
-        })
+    let (types, unknown) = crate::blocking::run(move || -> Result<_, ExportError> {
+        let types = exported_types(
+            source.as_ref(),
+            &planned.request,
+            &planned.scope,
+            |source| source.types_with_deletions(),
+        )?;
+        let mut listed = Vec::new();
+        let mut unknown: Vec<(String, String)> = Vec::new();
+        for resource_type in types {
+            match source.why_deletions_are_unknown(&resource_type)? {
+                None => listed.push(resource_type),
+                Some(reason) => unknown.push((resource_type, reason)),
+            }
+        }
+        Ok((listed, unknown))
     })
     .await?;
+    let errors = match unknown.first() {
+        None => Vec::new(),
+        Some((_, reason)) => {
+            let names: Vec<&str> = unknown.iter().map(|(t, _)| t.as_str()).collect();
+            vec![format!(
+                "the resources deleted since _since could not be determined for {}, so `deleted` does not list them: {reason}",
+                names.join(", ")
+            )]
+        }
+    };
     for resource_type in types {
         order.push(shards.len());
         shards.push(Shard {
@@ -236,7 +270,7 @@ async fn with_deletions(
             deleted: true,
         });
     }
-    Ok((shards, order))
+    Ok(((shards, order), errors))
 }
 
 /// Each type the export reads, with the parts its source cut it into.

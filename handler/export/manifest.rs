@@ -81,18 +81,25 @@ pub fn build(job: &Job, outputs: &[OutputFile]) -> Value {
 /// every manifest page lists the same file).
 pub fn notes_file(job: &Job) -> Option<(OutputFile, Vec<u8>)> {
     let notes = &job.request.notes;
-    if notes.is_empty() {
+    let errors = &job.planning_errors;
+    if notes.is_empty() && errors.is_empty() {
         return None;
     }
     let mut body = Vec::new();
-    for note in notes {
-        body.extend_from_slice(&OperationOutcome::information(note.clone()).to_json());
+    let outcomes = notes
+        .iter()
+        .map(|note| OperationOutcome::information(note.clone()))
+        .chain(errors.iter().map(|error| {
+            OperationOutcome::error(crate::fhir::IssueType::NotSupported, error.clone())
+        }));
+    for outcome in outcomes {
+        body.extend_from_slice(&outcome.to_json());
         body.push(b'\n');
     }
     let file = OutputFile {
         resource_type: "OperationOutcome".into(),
         path: format!("{}/{}", job.output_folder, super::NOTES_FILE),
-        count: notes.len() as u64,
+        count: (notes.len() + errors.len()) as u64,
         bytes: body.len() as u64,
         continues_in: None,
         list: Default::default(),

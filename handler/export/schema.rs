@@ -100,6 +100,10 @@ pub struct Job {
     /// A de-identified export's configuration version and keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deidentification: Option<PinnedConfig>,
+    /// What planning found the export cannot deliver (deletions a source cannot list): errors in
+    /// the notes file, beside the request's notes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub planning_errors: Vec<String>,
 }
 
 fn planned_at_kickoff() -> bool {

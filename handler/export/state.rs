@@ -614,6 +614,7 @@ mod tests {
             completed_at: None,
             owner: None,
             deidentification: None,
+            planning_errors: Vec::new(),
         }
     }
 

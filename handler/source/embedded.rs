@@ -402,6 +402,10 @@ impl ResourceSource for EmbeddedStore {
         })
     }
 
+    fn why_deletions_are_unknown(&self, _: &str) -> Result<Option<String>, SourceError> {
+        Ok(None)
+    }
+
     /// A type keeps its statistics, and so its place in `resource_types`, when all it holds are
     /// deletions.
     fn is_deleted(&self, resource_type: &str, id: &str) -> Result<bool, SourceError> {

@@ -260,6 +260,14 @@ pub trait ResourceSource: Send + Sync {
         self.resource_types()
     }
 
+    /// Why `scan_deleted` cannot list the type's deletions (`None`: it can).
+    fn why_deletions_are_unknown(
+        &self,
+        _resource_type: &str,
+    ) -> Result<Option<String>, SourceError> {
+        Ok(Some("this source cannot list the resources deleted".into()))
+    }
+
     /// Whether the resource's current version is a deletion (a read finds nothing; a server
     /// answers `410 Gone`).
     fn is_deleted(&self, _resource_type: &str, _id: &str) -> Result<bool, SourceError> {

@@ -10,6 +10,8 @@
 //   --relative-links  `next` relative to the base
 //   --unstable-order  the matches in a new order on every request (as a database without ORDER BY)
 //   --max-offset N    `_offset` above N is refused with 400 (Medplum's maxSearchOffset)
+//   --declare-history the CapabilityStatement declares history-type and history-instance (Medplum's
+//                     router answers instance history only)
 //   --update-while-paging N
 //                     at the first request for a later page, the first N matches are updated (their
 //                     `meta.lastUpdated` set to now), as if other clients wrote during the export
@@ -74,7 +76,11 @@ function capabilityStatement() {
     .sort()
     .map((type) => ({
       type,
-      interaction: [{ code: 'read' }, { code: 'search-type' }],
+      interaction: [
+        { code: 'read' },
+        { code: 'search-type' },
+        ...(flag('--declare-history') ? [{ code: 'history-type' }, { code: 'history-instance' }] : []),
+      ],
       searchParam: [...params.get(type), ...params.get('Resource')],
     }));
   return {

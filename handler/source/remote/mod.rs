@@ -142,6 +142,26 @@ impl ResourceSource for RemoteServer {
             .block_on(async { Ok(this.capabilities().await?.types.keys().cloned().collect()) })
     }
 
+    fn why_deletions_are_unknown(
+        &self,
+        resource_type: &str,
+    ) -> Result<Option<String>, SourceError> {
+        let this = &self.0;
+        this.runtime.block_on(async {
+            let declared = this
+                .capabilities()
+                .await?
+                .history_types
+                .contains(resource_type);
+            Ok((!declared).then(|| {
+                format!(
+                    "{}/metadata declares no history-type interaction for them",
+                    this.base
+                )
+            }))
+        })
+    }
+
     /// From the type's `_history` (see `deleted`): read whole, then handed on after any resume
     /// point.
     fn scan_deleted(

@@ -537,3 +537,73 @@ async fn time_boxed_deletions_in_partial_manifests_are_listed_once() {
         assert!(numbers.len() > 2, "{stem}: rolled");
     }
 }
+
+/// In a de-identified `_since` export a deletion names the resource by the id the configuration's
+/// rules give it (the one its earlier de-identified exports held), never by the stored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn de_identified_deletions_name_resources_by_their_de_identified_ids() {
+    use fhir_export::deid::{AnonymizationConfig, Engine};
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_first_load(dir.path());
+    let server = start(&store, |_| {}).await;
+    let config = include_bytes!("deid/safe-harbor.json");
+    let folder = server.exports.join("anonymization");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("ok.json"), config).unwrap();
+    let client = client();
+    let deid = "&_container=deid&_anonymizationConfig=ok.json";
+    let first = export(
+        &client,
+        &format!("{}/$export?_type=Observation{deid}", server.base),
+    )
+    .await;
+    let before: BTreeSet<String> = download_all(&client, &first)
+        .await
+        .into_iter()
+        .flat_map(|(_, _, lines)| lines)
+        .map(|line| {
+            serde_json::from_str::<Value>(&line).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    change(&store);
+
+    let url = since_url(
+        &server.base,
+        "$export",
+        &first,
+        &format!("&_type=Observation{deid}"),
+    );
+    let manifest = export(&client, &url).await;
+    let deleted = deleted_of(&client, &manifest).await;
+    let config = AnonymizationConfig::parse(config).unwrap();
+    let today = manifest["transactionTime"].as_str().unwrap()[..10]
+        .parse()
+        .unwrap();
+    let engine = Engine::new(&config, fhir_export::deid::Keys::for_export(&config), today).unwrap();
+    let expected: Keys = ["oa", "ob", "oc"]
+        .iter()
+        .map(|id| {
+            let stub = format!(r#"{{"resourceType":"Observation","id":"{id}"}}"#);
+            let out: Value =
+                serde_json::from_slice(&engine.deidentify(stub.as_bytes()).unwrap()).unwrap();
+            (
+                "Observation".to_string(),
+                out["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(deleted, expected);
+    for (_, id) in &deleted {
+        assert!(
+            !["oa", "ob", "oc"].contains(&id.as_str()),
+            "an identified id: {id}"
+        );
+        assert!(
+            before.contains(id),
+            "{id} is not an id the earlier de-identified export held"
+        );
+    }
+}

@@ -5,6 +5,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 
 use common::*;
+use fhir_export::source::{import, EmbeddedStore};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -701,6 +702,32 @@ async fn with_sas_file_urls_the_manifest_leads_straight_to_the_storage() {
             "valid about an hour: {lifetime} s"
         );
     }
+
+    // The files of `deleted` are signed too.
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let data = small.join("patients.ndjson");
+    std::fs::write(&data, "{\"resourceType\":\"Patient\",\"id\":\"a\",\"meta\":{\"lastUpdated\":\"2020-01-01T00:00:00Z\"}}\n").unwrap();
+    let store = small.join("store.db");
+    import::import(&EmbeddedStore::open(&store).unwrap(), &[data]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let since = chrono::Utc::now();
+    let deletion = small.join("deletion.json");
+    std::fs::write(&deletion, r#"{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"DELETE","url":"Patient/a"}}]}"#).unwrap();
+    import::import(&EmbeddedStore::open(&store).unwrap(), &[deletion]).unwrap();
+    let storage = std::sync::Arc::new(Signing(LocalFolder::open(small.join("exports")).unwrap()));
+    let server = start_with_storage(&store, storage, |s| {
+        s.file_urls = fhir_export::config::FileUrls::Sas
+    })
+    .await;
+    let since = since
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        .replace('+', "%2B");
+    let manifest = export(&client, &format!("{}/$export?_since={since}", server.base)).await;
+    let deleted = manifest["deleted"].as_array().unwrap();
+    assert_eq!(deleted.len(), 1, "{manifest}");
+    let url = deleted[0]["url"].as_str().unwrap();
+    assert!(url.starts_with("https://account.example/"), "{url}");
 }
 
 /// Bulk Data STU3: a client that sends `Accept-Encoding: gzip` gets each file gzip-compressed, which

@@ -290,7 +290,7 @@ async fn with_signed_urls(api: &Api, base_url: &str, manifest: &[u8]) -> Result<
     let mut all_signed = true;
     // A file named twice (a `continuesInFile` and the next file's `url`) gets one URL.
     let mut signed = std::collections::HashMap::<String, Option<String>>::new();
-    for list in ["output", "error"] {
+    for list in ["output", "deleted", "error"] {
         let Some(files) = manifest.get_mut(list).and_then(|l| l.as_array_mut()) else {
             continue;
         };

@@ -14,6 +14,9 @@ use serde_json::Value;
 
 type Keys = BTreeSet<(String, String)>;
 
+/// An output line with the (type, id) of its resource.
+type KeyedLine = ((String, String), String);
+
 const FIRST: &[&str] = &[
     r#"{"resourceType":"Patient","id":"a","gender":"female","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
     r#"{"resourceType":"Patient","id":"b","gender":"male","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
@@ -110,7 +113,7 @@ fn keys(list: &[(&str, &str)]) -> Keys {
 }
 
 /// The (type, id) each output line holds, and each line by key.
-fn output_of(files: &[(String, String, Vec<String>)]) -> (Keys, Vec<((String, String), String)>) {
+fn output_of(files: &[(String, String, Vec<String>)]) -> (Keys, Vec<KeyedLine>) {
     let mut keys = Keys::new();
     let mut lines = Vec::new();
     for (_, url, file) in files {

@@ -413,6 +413,10 @@ async fn deletions_come_from_a_fhir_servers_history() {
         assert_eq!(deleted_of(&client, &manifest).await, expected, "{url}");
         assert_eq!(manifest["error"], serde_json::json!([]), "{url}");
     }
+    let versions = format!("{}/$export?includeAssociatedData=_history", exporter.base);
+    let refused = kickoff(&client, &versions).await;
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("includeAssociatedData"));
 }
 
 /// The store keeps what a deletion needs: a read finds nothing, `is_deleted` says why, and a
@@ -608,5 +612,138 @@ async fn de_identified_deletions_name_resources_by_their_de_identified_ids() {
             before.contains(id),
             "{id} is not an id the earlier de-identified export held"
         );
+    }
+}
+
+/// Azure's `includeAssociatedData=_history,_deleted`: the export holds every stored version once,
+/// each with its `meta.versionId`, deletions marked soft-deleted as microsoft/fhir-server marks
+/// them, everything else as stored. `_deleted` alone adds the deletions only; with `_typeFilter`,
+/// or at Patient level, the kickoff is refused as Azure refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_export_holds_every_stored_version_in_azures_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_first_load(dir.path());
+    change(&store);
+    let server = start(&store, |_| {}).await;
+    let client = client();
+
+    let conn = rusqlite::Connection::open(&store).unwrap();
+    let mut statement = conn
+        .prepare(
+            "SELECT type, id, version_id, deleted, json FROM resources
+             UNION ALL SELECT type, id, version_id, deleted, json FROM replaced",
+        )
+        .unwrap();
+    let stored: Vec<(String, String, String, bool, Vec<u8>)> = statement
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let soft_deleted = serde_json::json!([{
+        "url": "http://azurehealthcareapis.com/data-extensions/deleted-state",
+        "valueString": "soft-deleted"
+    }]);
+    let expected_of =
+        |deleted_only: bool| -> std::collections::BTreeMap<(String, String, String), Value> {
+            stored
+                .iter()
+                .filter(|(_, _, _, deleted, _)| !deleted_only || *deleted)
+                .map(|(t, id, version, deleted, json)| {
+                    let mut resource: Value = serde_json::from_slice(json).unwrap();
+                    if resource.get("meta").is_none() {
+                        resource["meta"] = serde_json::json!({});
+                    }
+                    if resource["meta"].get("versionId").is_none() {
+                        resource["meta"]["versionId"] = version.clone().into();
+                    }
+                    if *deleted {
+                        resource["meta"]["extension"] = soft_deleted.clone();
+                    }
+                    ((t.clone(), id.clone(), version.clone()), resource)
+                })
+                .collect()
+        };
+    let exported_of = |manifest: Value| {
+        let client = client.clone();
+        async move {
+            let mut exported = std::collections::BTreeMap::new();
+            for (_, url, lines) in download_all(&client, &manifest).await {
+                for line in lines {
+                    let resource: Value = serde_json::from_str(&line).unwrap();
+                    let key = (
+                        resource["resourceType"].as_str().unwrap().to_string(),
+                        resource["id"].as_str().unwrap().to_string(),
+                        resource["meta"]["versionId"]
+                            .as_str()
+                            .unwrap_or("1")
+                            .to_string(),
+                    );
+                    assert!(
+                        exported.insert(key.clone(), resource).is_none(),
+                        "{key:?} twice ({url})"
+                    );
+                }
+            }
+            exported
+        }
+    };
+
+    let all = export(
+        &client,
+        &format!(
+            "{}/$export?includeAssociatedData=_history,_deleted",
+            server.base
+        ),
+    )
+    .await;
+    let exported = exported_of(all).await;
+    let expected = expected_of(false);
+    assert_eq!(exported.len(), stored.len());
+    for (key, resource) in &expected {
+        let got = exported
+            .get(key)
+            .unwrap_or_else(|| panic!("{key:?} missing"));
+        assert_eq!(got, resource, "{key:?}");
+    }
+    assert!(expected
+        .keys()
+        .any(|(t, id, v)| t == "Observation" && id == "both" && v == "2"));
+
+    // `_deleted` alone: the resources as at transactionTime, and the deletions that are current.
+    let deleted_only = export(
+        &client,
+        &format!(
+            "{}/$export?includeAssociatedData=_deleted&_type=Observation",
+            server.base
+        ),
+    )
+    .await;
+    let exported = exported_of(deleted_only).await;
+    let soft: Vec<&(String, String, String)> = exported
+        .iter()
+        .filter(|(_, r)| r["meta"].get("extension").is_some())
+        .map(|(k, _)| k)
+        .collect();
+    let ids: Vec<&str> = soft.iter().map(|(_, id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["oa", "ob", "oc"]);
+    assert_eq!(exported.len(), 4, "oa, ob, oc deleted and both as it is");
+
+    for (path, query, parameter) in [
+        (
+            "$export",
+            "includeAssociatedData=_history&_typeFilter=Patient%3Fgender%3Dmale",
+            "_typeFilter",
+        ),
+        (
+            "Patient/$export",
+            "includeAssociatedData=_deleted",
+            "includeAssociatedData",
+        ),
+    ] {
+        let answer = kickoff(&client, &format!("{}/{path}?{query}", server.base)).await;
+        assert_eq!(answer.status(), 400, "{query}");
+        assert!(answer.text().await.unwrap().contains(parameter));
     }
 }

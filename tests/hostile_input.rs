@@ -258,9 +258,14 @@ fn matrix() -> Vec<Case> {
         get("patient=Patient/1", 400, "patient"),
         get("includeAssociatedData=bogus", 400, "includeAssociatedData"),
         get(
-            "includeAssociatedData=_history",
+            "includeAssociatedData=LatestProvenanceResources",
             400,
             "includeAssociatedData",
+        ),
+        get(
+            "includeAssociatedData=_history,_deleted&_typeFilter=Patient%3Factive%3Dtrue",
+            400,
+            "_typeFilter",
         ),
         // _container: path tricks and invalid names
         get("_container=..%2F..%2Fetc", 400, "_container"),

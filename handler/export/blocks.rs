@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::runtime::Handle;
 
-use super::jobs::{Job, JobError, JobStore, PatientRange, Shard};
+use super::jobs::{Job, JobError, JobStore, PatientRange, Shard, ShardKind};
 use super::request::is_patient_level_type;
 use super::shaping::Shaping;
 use super::{ExportError, Exports};
@@ -82,7 +82,7 @@ pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize
                 last: chunk[chunk.len() - 1].clone(),
                 count: chunk.len(),
             }),
-            deleted: false,
+            kind: ShardKind::Resources,
         });
     }
     let order = (0..shards.len()).collect();

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use super::layout::{is_job_id, new_job_id, JOBS_CONTAINER};
-pub use super::schema::{Change, Job, JobStatus, PatientRange, Shard};
+pub use super::schema::{Change, Job, JobStatus, PatientRange, Shard, ShardKind};
 use super::schema::{Page, ShardState};
 use crate::storage::{ETag, ObjectStore, PutMode, StorageError};
 

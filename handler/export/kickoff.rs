@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::jobs::{new_job_id, Change, Job, JobStatus, Shard};
+use super::jobs::{new_job_id, Change, Job, JobStatus, Shard, ShardKind};
 use super::request::is_patient_level_type;
 use super::state;
 use super::{ExportError, ExportRequest, Exports, Level, RequestError};
@@ -27,6 +27,14 @@ pub async fn start(
 ) -> Result<Job, ExportError> {
     admit(exports).await?;
     super::deid::check_output_container(exports, &request)?;
+    if request.versions.any() && !exports.source.keeps_versions() {
+        return Err(RequestError {
+            parameter: "includeAssociatedData".into(),
+            message: "includeAssociatedData _history and _deleted need the embedded store as the source: this service reads a FHIR server, whose versions it does not export".into(),
+            not_supported: true,
+        }
+        .into());
+    }
     let deidentification = super::deid::pin(exports, &request).await?;
     let transaction_time = Utc::now();
     let id = new_job_id();
@@ -85,21 +93,21 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
     }
     let planned = match job.request.organized_by_patient() {
         true => super::blocks::plan(exports, &job).await,
+        // Every version is read by the shards of changes.
+        false if job.request.versions.any() => Ok((Vec::new(), Vec::new())),
         false => plan(exports, &job.request, &job.scope, job.transaction_time)
             .await
             .map(shards_of),
     };
     let mut job = job;
-    let planned = match (planned, job.request.since) {
-        (Ok(planned), Some(_)) => {
-            with_deletions(exports, &job, planned)
-                .await
-                .map(|(planned, errors)| {
-                    job.planning_errors = errors;
-                    planned
-                })
-        }
-        (planned, _) => planned,
+    let planned = match planned {
+        Ok(planned) => with_changes(exports, &job, planned)
+            .await
+            .map(|(planned, errors)| {
+                job.planning_errors = errors;
+                planned
+            }),
+        failed => failed,
     };
     let (shards, largest_first) = match planned {
         Ok(planned) => planned,
@@ -220,15 +228,27 @@ fn exported_types(
     Ok(types)
 }
 
-/// An export with `_since` also lists each type's deletions: a shard a type, after the others
-/// (they are small). Output organized by patient lists them apart from the patients' blocks, in
-/// the same files as any other export's. The types whose deletions the source cannot list come
-/// back as one error for the manifest: never a silently empty `deleted`.
-async fn with_deletions(
+/// The shards of changes: with `_since`, each type's deletions (the manifest's `deleted`); with
+/// `includeAssociatedData`, each type's versions (in `output`, in place of its resources). A
+/// shard a type, after the others (they are small). Output organized by patient lists deletions
+/// apart from the patients' blocks, in the same files as any other export's. The types whose
+/// changes the source cannot list come back as one error for the manifest: never a silently
+/// empty `deleted`.
+async fn with_changes(
     exports: &Exports,
     job: &Job,
     (mut shards, mut order): (Vec<Shard>, Vec<usize>),
 ) -> Result<((Vec<Shard>, Vec<usize>), Vec<String>), ExportError> {
+    let mut kinds = Vec::new();
+    if job.request.since.is_some() {
+        kinds.push(ShardKind::Deletions);
+    }
+    if job.request.versions.any() {
+        kinds.push(ShardKind::Versions);
+    }
+    if kinds.is_empty() {
+        return Ok(((shards, order), Vec::new()));
+    }
     let (source, planned) = (exports.source.clone(), job.clone());
     let (types, unknown) = crate::blocking::run(move || -> Result<_, ExportError> {
         let types = exported_types(
@@ -252,23 +272,32 @@ async fn with_deletions(
         None => Vec::new(),
         Some((_, reason)) => {
             let names: Vec<&str> = unknown.iter().map(|(t, _)| t.as_str()).collect();
+            let what = match job.request.versions.any() {
+                true => "the earlier versions and deletions",
+                false => "the resources deleted since _since",
+            };
             vec![format!(
-                "the resources deleted since _since could not be determined for {}, so `deleted` does not list them: {reason}",
+                "{what} could not be determined for {}, so the export does not list them: {reason}",
                 names.join(", ")
             )]
         }
     };
-    for resource_type in types {
-        order.push(shards.len());
-        shards.push(Shard {
-            stem: format!("deleted-{resource_type}"),
-            resource_type,
-            since: None,
-            until: None,
-            rows: RowRange::default(),
-            patients: None,
-            deleted: true,
-        });
+    for kind in kinds {
+        for resource_type in &types {
+            order.push(shards.len());
+            shards.push(Shard {
+                stem: match kind {
+                    ShardKind::Deletions => format!("deleted-{resource_type}"),
+                    _ => format!("{resource_type}-versions"),
+                },
+                resource_type: resource_type.clone(),
+                since: None,
+                until: None,
+                rows: RowRange::default(),
+                patients: None,
+                kind,
+            });
+        }
     }
     Ok(((shards, order), errors))
 }
@@ -323,7 +352,7 @@ fn shards_of(planned: Vec<(String, Vec<Part>)>) -> (Vec<Shard>, Vec<usize>) {
                 until: part.until,
                 rows: part.rows,
                 patients: None,
-                deleted: false,
+                kind: ShardKind::Resources,
             });
         }
     }

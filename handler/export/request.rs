@@ -8,10 +8,12 @@ use super::layout::JOBS_CONTAINER;
 use crate::fhir::compartment::in_patient_compartment_definition;
 use crate::fhir::search::SearchQuery;
 use crate::fhir::types::is_resource_type;
+use crate::source::VersionKinds;
 
 const NDJSON_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
-/// `includeAssociatedData` values this server knows; none of them is produced yet.
+/// `includeAssociatedData` values this server knows; `_history` and `_deleted` (Azure's) are
+/// produced, the Provenance ones are not.
 const ASSOCIATED_DATA: &[&str] = &[
     "LatestProvenanceResources",
     "RelevantProvenanceResources",
@@ -65,6 +67,10 @@ pub struct ExportRequest {
     /// far, and manifests come in pages linked by `next`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_partial_manifests: bool,
+    /// `includeAssociatedData` `_history` and `_deleted` (Azure's): the versions beside each
+    /// resource's version at `transactionTime`.
+    #[serde(default, skip_serializing_if = "VersionKinds::is_none")]
+    pub versions: VersionKinds,
     /// `organizeOutputBy` (Bulk Data 3.0.0; `Patient` only): files of resource blocks, one per
     /// patient, instead of files of one type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -246,7 +252,7 @@ impl ExportRequest {
                     request.container = Some(value.to_string());
                 }
                 "patient" => request.add_patients(value, via_post)?,
-                "includeAssociatedData" => request.refuse_associated_data(value, lenient)?,
+                "includeAssociatedData" => request.add_associated_data(value, lenient)?,
                 "allowPartialManifests" => {
                     once(&mut seen_once, "allowPartialManifests")?;
                     request.allow_partial_manifests = match value {
@@ -276,6 +282,7 @@ impl ExportRequest {
         }
         request.pin_anonymization_etag(anonymization_etag)?;
         request.check_window()?;
+        request.check_associated_data()?;
         if request.level.is_patient_scoped() || request.organize_output_by.is_some() {
             request.keep_patient_level_types(lenient)?;
         }
@@ -301,6 +308,7 @@ impl ExportRequest {
             allow_partial_manifests: false,
             organize_output_by: None,
             anonymization: None,
+            versions: VersionKinds::default(),
         }
     }
 
@@ -488,9 +496,20 @@ impl ExportRequest {
         Ok(())
     }
 
-    /// No associated data is supported: every value is refused (lenient: noted).
-    fn refuse_associated_data(&mut self, value: &str, lenient: bool) -> Result<(), RequestError> {
+    /// Azure's `_history` and `_deleted`; any other value is refused (lenient: noted).
+    fn add_associated_data(&mut self, value: &str, lenient: bool) -> Result<(), RequestError> {
         for item in value.split(',').map(str::trim) {
+            match item {
+                "_history" => {
+                    self.versions.history = true;
+                    continue;
+                }
+                "_deleted" => {
+                    self.versions.deleted = true;
+                    continue;
+                }
+                _ => {}
+            }
             let message = if ASSOCIATED_DATA.contains(&item) || item.starts_with('_') {
                 format!("includeAssociatedData {item:?} is not supported by this server")
             } else {
@@ -504,6 +523,33 @@ impl ExportRequest {
                 ..invalid("includeAssociatedData", message)
             };
             self.refuse(error, lenient)?;
+        }
+        Ok(())
+    }
+
+    /// `_history` and `_deleted` export a whole store's versions, as Azure does: at system level
+    /// only, and never with `_typeFilter` (which Azure refuses with them too).
+    fn check_associated_data(&self) -> Result<(), RequestError> {
+        if !self.versions.any() {
+            return Ok(());
+        }
+        if self.level.is_patient_scoped() {
+            return Err(invalid(
+                "includeAssociatedData",
+                "includeAssociatedData (_history, _deleted) is supported at system level ([base]/$export) only",
+            ));
+        }
+        if !self.type_filters.is_empty() {
+            return Err(invalid(
+                "_typeFilter",
+                "_typeFilter cannot be used with an export of historical or soft-deleted resources (includeAssociatedData _history or _deleted)",
+            ));
+        }
+        if self.organize_output_by.is_some() {
+            return Err(invalid(
+                "organizeOutputBy",
+                "organizeOutputBy cannot be used with includeAssociatedData (_history, _deleted)",
+            ));
         }
         Ok(())
     }
@@ -747,7 +793,14 @@ mod tests {
             ("_typeFilter=Observation", "_typeFilter"),
             ("_elements=name.family", "_elements"),
             ("_elements=Unicorn.id", "_elements"),
-            ("includeAssociatedData=_history", "includeAssociatedData"),
+            (
+                "includeAssociatedData=LatestProvenanceResources",
+                "includeAssociatedData",
+            ),
+            (
+                "includeAssociatedData=_history&_typeFilter=Patient%3Factive%3Dtrue",
+                "_typeFilter",
+            ),
             ("_bogus=1", "_bogus"),
             ("_type=", "_type"),
             (
@@ -774,14 +827,25 @@ mod tests {
     fn lenient_turns_unsupported_parameters_into_notes() {
         let request = ExportRequest::from_query(
             Level::System,
-            "_bogus=id&_type=Patient&includeAssociatedData=_history",
+            "_bogus=id&_type=Patient&includeAssociatedData=_history,RelevantProvenanceResources",
             true,
             false,
         )
         .unwrap();
         assert_eq!(request.notes.len(), 2);
         assert!(request.notes[0].contains("_bogus"));
-        assert!(request.notes[1].contains("_history"));
+        assert!(request.notes[1].contains("RelevantProvenanceResources"));
+        assert!(request.versions.history && !request.versions.deleted);
+        let patient_level = ExportRequest::from_query(
+            Level::Patient,
+            "includeAssociatedData=_deleted",
+            true,
+            false,
+        );
+        assert_eq!(
+            patient_level.unwrap_err().parameter,
+            "includeAssociatedData"
+        );
     }
 
     #[test]

@@ -49,10 +49,29 @@ pub struct Shard {
     /// ids are the job's document `patients/{shard}.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patients: Option<PatientRange>,
-    /// The shard lists the type's deletions since `_since` (files of transaction Bundles, the
-    /// manifest's `deleted`) rather than its resources.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub deleted: bool,
+    /// What the shard writes of its type.
+    #[serde(default, skip_serializing_if = "ShardKind::is_resources")]
+    pub kind: ShardKind,
+}
+
+/// What a shard writes of its type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ShardKind {
+    /// Each resource's version at `transactionTime` (the manifest's `output`).
+    #[default]
+    Resources,
+    /// The deletions since `_since`: files of transaction Bundles (the manifest's `deleted`).
+    Deletions,
+    /// Azure's `includeAssociatedData`: the earlier versions (`_history`) and the deletions as
+    /// soft-deleted versions (`_deleted`), in `output` beside the resources.
+    Versions,
+}
+
+impl ShardKind {
+    pub fn is_resources(&self) -> bool {
+        *self == ShardKind::Resources
+    }
 }
 
 /// A range of patients in id order, first and last included.

@@ -5,7 +5,35 @@ use std::sync::Arc;
 
 use crate::fhir::elements::subset;
 use crate::fhir::json::Json;
-use crate::source::SinkError;
+use crate::source::{SinkError, Version};
+
+/// The `meta` extension by which Azure's FHIR service marks a soft-deleted version
+/// (`KnownFhirPaths.AzureSoftDeletedExtensionUrl`, valued `soft-deleted`).
+pub const SOFT_DELETED_EXTENSION: &str =
+    "http://azurehealthcareapis.com/data-extensions/deleted-state";
+
+/// Sets `meta.versionId` where the resource states none (`meta` placed after `id` when new) and,
+/// for a deletion, adds the soft-delete extension to `meta.extension`.
+fn with_version_meta(resource: &mut Json<'_>, version_id: &str, deleted: bool) {
+    if !matches!(resource.get("meta"), Some(Json::Object(_))) {
+        let position = resource.position("id").map_or(usize::MAX, |at| at + 1);
+        resource.set("meta", Json::Object(Vec::new()), position);
+    }
+    let meta = resource.get_mut("meta").expect("set above");
+    if meta.get("versionId").is_none() {
+        meta.set("versionId", Json::string(version_id), 0);
+    }
+    if deleted {
+        let marker = Json::Object(vec![
+            ("url".into(), Json::string(SOFT_DELETED_EXTENSION)),
+            ("valueString".into(), Json::string("soft-deleted")),
+        ]);
+        match meta.get_mut("extension") {
+            Some(Json::Array(extensions)) => extensions.push(marker),
+            _ => meta.set("extension", Json::Array(vec![marker]), 0),
+        }
+    }
+}
 
 /// What a shard writes of each resource: `_typeFilter` decides whether (on the data as stored),
 /// the anonymization configuration what is left of it, and `_elements` what of that. Only
@@ -69,6 +97,21 @@ impl Shaping {
         Ok(Some(serde_json::to_vec(&bundle).expect("JSON")))
     }
 
+    /// A version for Azure's `includeAssociatedData`, in the shape microsoft/fhir-server writes
+    /// and its `$import` in incremental mode reads: `meta.versionId` set (from the store, when the
+    /// stored JSON states none) and, a deletion, marked soft-deleted by Azure's `meta` extension.
+    /// Then shaped as any resource; `None` when that leaves it out.
+    pub fn version(&self, version: &Version) -> Result<Option<Vec<u8>>, SinkError> {
+        let edited = match Json::parse_slice(&version.json) {
+            Ok(mut resource) => {
+                with_version_meta(&mut resource, &version.version_id, version.deleted);
+                resource.to_bytes()
+            }
+            Err(_) => version.json.clone(),
+        };
+        Ok(self.shape(&edited)?.map(|bytes| bytes.into_owned()))
+    }
+
     /// The bytes to write, or `None` when the filters leave the resource out. A resource that
     /// cannot be parsed is written as stored, unless it is to be de-identified: then it fails.
     pub fn shape<'a>(
@@ -102,5 +145,42 @@ impl Shaping {
             Err(_) => return Ok(Some(resource)),
         };
         Ok(Some(trimmed.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_gets_its_version_id_and_a_deletion_the_soft_delete_mark() {
+        let edit = |json: &str, deleted: bool| {
+            let mut resource = Json::parse(json).unwrap();
+            with_version_meta(&mut resource, "7", deleted);
+            String::from_utf8(resource.to_bytes()).unwrap()
+        };
+        assert_eq!(
+            edit(
+                r#"{"resourceType":"Patient","id":"a","active":true}"#,
+                false
+            ),
+            r#"{"resourceType":"Patient","id":"a","meta":{"versionId":"7"},"active":true}"#
+        );
+        assert_eq!(
+            edit(
+                r#"{"resourceType":"Patient","id":"a","meta":{"versionId":"3","lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+                false
+            ),
+            r#"{"resourceType":"Patient","id":"a","meta":{"versionId":"3","lastUpdated":"2020-01-01T00:00:00Z"}}"#
+        );
+        assert_eq!(
+            edit(
+                r#"{"resourceType":"Patient","id":"a","meta":{"versionId":"2","lastUpdated":"2021-01-01T00:00:00.000Z"}}"#,
+                true
+            ),
+            format!(
+                r#"{{"resourceType":"Patient","id":"a","meta":{{"extension":[{{"url":"{SOFT_DELETED_EXTENSION}","valueString":"soft-deleted"}}],"versionId":"2","lastUpdated":"2021-01-01T00:00:00.000Z"}}}}"#
+            )
+        );
     }
 }

@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::blocks::BlockShard;
 use super::completion::finalize;
-use super::jobs::{Change, Job, JobError, JobStatus, Versioned};
+use super::jobs::{Change, Job, JobError, JobStatus, ShardKind, Versioned};
 use super::running::{RunningShard, Stop, StopSignal};
 use super::shaping::Shaping;
 use super::state::{self, Beat, Claim, Failure, ShardState};
@@ -303,7 +303,7 @@ async fn write_files(
     )
     .numbered_after(resume.files_before)
     .gzip(exports.limits.gzip_files);
-    if spec.deleted {
+    if spec.kind == ShardKind::Deletions {
         writer = writer.listed_in(ManifestList::Deleted, "Bundle");
     }
     let job_id = job.id.clone();
@@ -317,6 +317,7 @@ async fn write_files(
     let started = std::time::Instant::now();
     let pause_after = exports.limits.shard_max_time.map(|box_| started + box_);
     let cursor = resume.cursor.clone();
+    let job_versions = job.request.versions;
     let result = on_background_thread(move || {
         let request = ScanRequest {
             resource_type: &spec.resource_type,
@@ -345,7 +346,7 @@ async fn write_files(
                 let go_on = || stop.get() == Stop::KeepGoing;
                 shard.write(source.as_ref(), &mut writer, &go_on, pause_after)
             }
-            None if spec.deleted => {
+            None if spec.kind == ShardKind::Deletions => {
                 let listed = source.scan_deleted(&request, &mut |id| {
                     if stop.get() != Stop::KeepGoing {
                         return Err(SinkError::Stopped);
@@ -356,9 +357,33 @@ async fn write_files(
                     }
                 });
                 match listed {
-                    Err(ScanError::Source(SourceError::Unsupported(reason))) => {
-                        undetermined_deletions(&mut writer, &spec.resource_type, &reason)
+                    Err(ScanError::Source(SourceError::Unsupported(reason))) => undetermined(
+                        &mut writer,
+                        &spec.resource_type,
+                        &reason,
+                        "resources deleted since _since",
+                    ),
+                    listed => listed,
+                }
+            }
+            None if spec.kind == ShardKind::Versions => {
+                let kinds = job_versions;
+                let listed = source.scan_versions(&request, kinds, &mut |version| {
+                    if stop.get() != Stop::KeepGoing {
+                        return Err(SinkError::Stopped);
                     }
+                    match shaping.version(version)? {
+                        Some(bytes) => Ok(writer.push(&bytes)?),
+                        None => Ok(()),
+                    }
+                });
+                match listed {
+                    Err(ScanError::Source(SourceError::Unsupported(reason))) => undetermined(
+                        &mut writer,
+                        &spec.resource_type,
+                        &reason,
+                        "earlier versions and deletions",
+                    ),
                     listed => listed,
                 }
             }
@@ -391,19 +416,25 @@ async fn write_files(
     Ok(written)
 }
 
-/// A source that cannot list a type's deletions: the shard's next file, listed in the manifest's
-/// `error`, says so, so that a client never takes an empty `deleted` for none.
-fn undetermined_deletions(
+/// A source that cannot list a type's deletions (or versions): the shard's next file, listed in
+/// the manifest's `error`, says so, so that a client never takes an empty `deleted` for none.
+fn undetermined(
     writer: &mut RollingNdjsonWriter,
     resource_type: &str,
     reason: &str,
+    what: &str,
 ) -> Result<Scanned, ScanError> {
-    tracing::warn!(resource_type, reason, "deletions could not be determined");
+    tracing::warn!(
+        resource_type,
+        reason,
+        what,
+        "changes could not be determined"
+    );
     let outcome = crate::fhir::OperationOutcome::error(
         crate::fhir::IssueType::NotSupported,
         format!(
-            "the {resource_type} resources deleted since _since could not be determined, so \
-             `deleted` does not list them: {reason}"
+            "the {resource_type} {what} could not be determined, so the export does not list \
+             them: {reason}"
         ),
     );
     let storage = |e| ScanError::Sink(SinkError::Storage(e));

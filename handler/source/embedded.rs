@@ -12,7 +12,7 @@ mod history;
 
 use super::{
     plan, tuning, Cursor, HistoryPage, HistoryRequest, Part, PatientScope, PlanRequest,
-    ResourceSource, ScanError, ScanRequest, Scanned, SinkError, SourceError,
+    ResourceSource, ScanError, ScanRequest, Scanned, SinkError, SourceError, Version, VersionKinds,
 };
 use crate::fhir::types::R4_RESOURCE_TYPES;
 
@@ -422,6 +422,19 @@ impl ResourceSource for EmbeddedStore {
 
     fn history(&self, request: &HistoryRequest<'_>) -> Result<HistoryPage, SourceError> {
         self.history_page(request)
+    }
+
+    fn keeps_versions(&self) -> bool {
+        true
+    }
+
+    fn scan_versions(
+        &self,
+        request: &ScanRequest<'_>,
+        kinds: VersionKinds,
+        sink: &mut dyn FnMut(&Version) -> Result<(), SinkError>,
+    ) -> Result<Scanned, ScanError> {
+        self.versions(request, kinds, sink)
     }
 
     /// What a scan would read, counted in the indexes (no resource is read): a search's

@@ -286,11 +286,52 @@ pub trait ResourceSource: Send + Sync {
         Err(SourceError::Unsupported("this source cannot list the resources deleted".into()).into())
     }
 
+    /// Streams to `sink`, in id order, the versions of the type an export with Azure's
+    /// `includeAssociatedData` writes: each resource's version at the snapshot (a deletion only
+    /// with `kinds.deleted`) and, with `kinds.history`, its earlier versions, in the scan's
+    /// `lastUpdated` window. Pauses (past `pause_after`) only between resources.
+    /// Whether `scan_versions` works (else an export asking for versions is refused).
+    fn keeps_versions(&self) -> bool {
+        false
+    }
+
+    fn scan_versions(
+        &self,
+        _request: &ScanRequest<'_>,
+        _kinds: VersionKinds,
+        _sink: &mut dyn FnMut(&Version) -> Result<(), SinkError>,
+    ) -> Result<Scanned, ScanError> {
+        Err(SourceError::Unsupported("this source keeps no history".into()).into())
+    }
+
     /// A page of a type's (or one resource's) versions, newest first: a server's `_history`.
     fn history(&self, _request: &HistoryRequest<'_>) -> Result<HistoryPage, SourceError> {
         Err(SourceError::Unsupported(
             "this source keeps no history".into(),
         ))
+    }
+}
+
+/// The versions an export writes besides each resource's version at `transactionTime`
+/// (`includeAssociatedData`, Azure's values).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionKinds {
+    /// `_history`: every earlier version, as stored.
+    #[serde(default)]
+    pub history: bool,
+    /// `_deleted`: each deletion, as the soft-deleted version Azure writes.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl VersionKinds {
+    pub fn any(&self) -> bool {
+        self.history || self.deleted
+    }
+
+    pub fn is_none(&self) -> bool {
+        !self.any()
     }
 }
 

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection};
 use super::{micros, run_committed_by, EmbeddedStore};
 use crate::source::{
     Cursor, HistoryPage, HistoryRequest, ScanError, ScanRequest, Scanned, SinkError, SourceError,
-    Version,
+    Version, VersionKinds,
 };
 
 impl EmbeddedStore {
@@ -73,6 +73,78 @@ impl EmbeddedStore {
                     paused: Some(Cursor::Id { id }),
                 });
             }
+        }
+        Ok(Scanned::whole(count))
+    }
+
+    /// See `ResourceSource::scan_versions`: each resource's version at the snapshot (a deletion
+    /// only with `deleted`) and, with `history`, the versions the snapshot had replaced, in the
+    /// scan's window (as the export's `output` scan reads it: last updated, or stored, after
+    /// `since`).
+    pub(super) fn versions(
+        &self,
+        request: &ScanRequest<'_>,
+        kinds: VersionKinds,
+        sink: &mut dyn FnMut(&Version) -> Result<(), SinkError>,
+    ) -> Result<Scanned, ScanError> {
+        let conn = self.connect()?;
+        let run_at = |instant| run_committed_by(&conn, instant).map_err(|e| self.error(e));
+        let snapshot_run = run_at(request.snapshot)?;
+        let since_run = match request.stored_since {
+            Some(since) => match run_at(since)? {
+                0 => i64::MAX,
+                run => run,
+            },
+            None => i64::MAX,
+        };
+        let after = match request.resume {
+            Some(Cursor::Id { id }) => id.as_str(),
+            None => "",
+            Some(_) => {
+                return Err(SourceError::Unsupported(
+                    "the embedded store resumes a list of versions by id only".into(),
+                )
+                .into())
+            }
+        };
+        let query = versions_query(kinds);
+        let mut statement = conn.prepare(&query).map_err(|e| self.error(e))?;
+        let mut rows = statement
+            .query(params![
+                request.resource_type,
+                snapshot_run,
+                request.since.map(micros).unwrap_or(i64::MIN),
+                since_run,
+                micros(request.until.min(request.snapshot)),
+                after
+            ])
+            .map_err(|e| self.error(e))?;
+        let mut count = 0;
+        let mut previous: Option<String> = None;
+        while let Some(row) = rows.next().map_err(|e| self.error(e))? {
+            let id: String = row.get(0).map_err(|e| self.error(e))?;
+            let past_the_box = request
+                .pause_after
+                .is_some_and(|at| std::time::Instant::now() >= at);
+            if let Some(previous) = previous.filter(|p| *p != id && past_the_box) {
+                return Ok(Scanned {
+                    count,
+                    paused: Some(Cursor::Id { id: previous }),
+                });
+            }
+            let version = Version {
+                version_id: row.get(2).map_err(|e| self.error(e))?,
+                last_updated: DateTime::from_timestamp_micros(
+                    row.get(3).map_err(|e| self.error(e))?,
+                )
+                .unwrap_or_default(),
+                deleted: row.get(4).map_err(|e| self.error(e))?,
+                json: row.get(5).map_err(|e| self.error(e))?,
+                id,
+            };
+            sink(&version)?;
+            count += 1;
+            previous = Some(version.id);
         }
         Ok(Scanned::whole(count))
     }
@@ -214,6 +286,41 @@ impl EmbeddedStore {
             })
             .map_err(|e| self.error(e))
     }
+}
+
+/// The SQL of `versions`: `(id, seq, version_id, last_updated, deleted, json)` in id then storage
+/// order (`seq`: the run that replaced the version, the current one last), merged from the two
+/// tables' primary keys without a sort. Parameters: ?1 type, ?2 snapshot run, ?3 since, ?4 since
+/// run, ?5 until, ?6 after id.
+fn versions_query(kinds: VersionKinds) -> String {
+    let window = |t: &str, run: &str| {
+        format!("({t}.last_updated > ?3 OR {t}.{run} > ?4) AND {t}.last_updated <= ?5")
+    };
+    // `deleted` lies past the JSON: tested last.
+    let deletions_kept = |t: &str, wanted: bool| match wanted {
+        true => "1".to_string(),
+        false => format!("NOT {t}.deleted"),
+    };
+    let earlier = match kinds.history {
+        true => deletions_kept("h", kinds.deleted),
+        false => "0".to_string(),
+    };
+    format!(
+        "SELECT r.id, 9223372036854775807, r.version_id, r.last_updated, r.deleted, r.json
+         FROM resources r
+         WHERE r.type = ?1 AND r.id > ?6 AND r.import_run <= ?2 AND {}
+           AND {}
+         UNION ALL
+         SELECT h.id, h.superseded_run, h.version_id, h.last_updated, h.deleted, h.json
+         FROM replaced h
+         WHERE h.type = ?1 AND h.id > ?6 AND h.stored_run <= ?2 AND {}
+           AND CASE WHEN h.superseded_run > ?2 THEN {} ELSE {earlier} END
+         ORDER BY 1, 2",
+        window("r", "import_run"),
+        deletions_kept("r", kinds.deleted),
+        window("h", "stored_run"),
+        deletions_kept("h", kinds.deleted),
+    )
 }
 
 /// A version's place in the history order.

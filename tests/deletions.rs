@@ -416,7 +416,11 @@ async fn deletions_come_from_a_fhir_servers_history() {
     let versions = format!("{}/$export?includeAssociatedData=_history", exporter.base);
     let refused = kickoff(&client, &versions).await;
     assert_eq!(refused.status(), 400);
-    assert!(refused.text().await.unwrap().contains("includeAssociatedData"));
+    assert!(refused
+        .text()
+        .await
+        .unwrap()
+        .contains("includeAssociatedData"));
 }
 
 /// The store keeps what a deletion needs: a read finds nothing, `is_deleted` says why, and a

@@ -346,56 +346,14 @@ async fn write_files(
                 let go_on = || stop.get() == Stop::KeepGoing;
                 shard.write(source.as_ref(), &mut writer, &go_on, pause_after)
             }
-            None if spec.kind == ShardKind::Deletions => {
-                let listed = source.scan_deleted(&request, &mut |id| {
-                    if stop.get() != Stop::KeepGoing {
-                        return Err(SinkError::Stopped);
-                    }
-                    match shaping.deletion(id)? {
-                        Some(bundle) => Ok(writer.push(&bundle)?),
-                        None => Ok(()),
-                    }
-                });
-                match listed {
-                    Err(ScanError::Source(SourceError::Unsupported(reason))) => undetermined(
-                        &mut writer,
-                        &spec.resource_type,
-                        &reason,
-                        "resources deleted since _since",
-                    ),
-                    listed => listed,
-                }
-            }
-            None if spec.kind == ShardKind::Versions => {
-                let kinds = job_versions;
-                let listed = source.scan_versions(&request, kinds, &mut |version| {
-                    if stop.get() != Stop::KeepGoing {
-                        return Err(SinkError::Stopped);
-                    }
-                    match shaping.version(version)? {
-                        Some(bytes) => Ok(writer.push(&bytes)?),
-                        None => Ok(()),
-                    }
-                });
-                match listed {
-                    Err(ScanError::Source(SourceError::Unsupported(reason))) => undetermined(
-                        &mut writer,
-                        &spec.resource_type,
-                        &reason,
-                        "earlier versions and deletions",
-                    ),
-                    listed => listed,
-                }
-            }
-            None => source.scan(&request, &mut |resource| {
-                if stop.get() != Stop::KeepGoing {
-                    return Err(SinkError::Stopped);
-                }
-                match shaping.shape(resource)? {
-                    Some(bytes) => Ok(writer.push(&bytes)?),
-                    None => Ok(()),
-                }
-            }),
+            None => scan_kind(
+                source.as_ref(),
+                &request,
+                (spec.kind, job_versions),
+                &shaping,
+                &mut writer,
+                &stop,
+            ),
         });
         // A paused run's last file is cut at a point another run would not choose: it is
         // committed only while the shard is still this run's, so that it never replaces the
@@ -414,6 +372,59 @@ async fn write_files(
     };
     tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = written.files.len(), paused = written.paused.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
     Ok(written)
+}
+
+/// Streams what a shard of `kind` writes from the source into `writer`: resources, deletions or
+/// versions, each shaped for the export; stopped when `stop` is set.
+fn scan_kind(
+    source: &dyn crate::source::ResourceSource,
+    request: &ScanRequest<'_>,
+    (kind, versions): (ShardKind, crate::source::VersionKinds),
+    shaping: &Shaping,
+    writer: &mut RollingNdjsonWriter,
+    stop: &StopSignal,
+) -> Result<Scanned, ScanError> {
+    let going_on = || match stop.get() {
+        Stop::KeepGoing => Ok(()),
+        _ => Err(SinkError::Stopped),
+    };
+    let (listed, what) = match kind {
+        ShardKind::Resources => {
+            return source.scan(request, &mut |resource| {
+                going_on()?;
+                match shaping.shape(resource)? {
+                    Some(bytes) => Ok(writer.push(&bytes)?),
+                    None => Ok(()),
+                }
+            })
+        }
+        ShardKind::Deletions => (
+            source.scan_deleted(request, &mut |id| {
+                going_on()?;
+                match shaping.deletion(id)? {
+                    Some(bundle) => Ok(writer.push(&bundle)?),
+                    None => Ok(()),
+                }
+            }),
+            "resources deleted since _since",
+        ),
+        ShardKind::Versions => (
+            source.scan_versions(request, versions, &mut |version| {
+                going_on()?;
+                match shaping.version(version)? {
+                    Some(bytes) => Ok(writer.push(&bytes)?),
+                    None => Ok(()),
+                }
+            }),
+            "earlier versions and deletions",
+        ),
+    };
+    match listed {
+        Err(ScanError::Source(SourceError::Unsupported(reason))) => {
+            undetermined(writer, request.resource_type, &reason, what)
+        }
+        listed => listed,
+    }
 }
 
 /// A source that cannot list a type's deletions (or versions): the shard's next file, listed in

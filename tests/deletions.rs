@@ -263,6 +263,28 @@ async fn since_exports_list_exactly_the_deletions_in_their_scope() {
         }
     }
 
+    // Organized by patient: deletions are in their own files, never in a patient's block.
+    let url = since_url(base, "Patient/$export", &first, "&organizeOutputBy=Patient");
+    let organized = export(&client, &url).await;
+    assert_eq!(
+        deleted_of(&client, &organized).await,
+        keys(&[
+            ("Observation", "oa"),
+            ("Observation", "ob"),
+            ("Observation", "oc"),
+            ("Patient", "c")
+        ]),
+        "{url}"
+    );
+    for file in organized["output"].as_array().unwrap() {
+        let url = file["url"].as_str().unwrap();
+        let body = client.get(url).send().await.unwrap().text().await.unwrap();
+        for line in body.lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            assert_ne!(resource["id"], "oa", "a deleted resource in a block of {url}");
+        }
+    }
+
     // The same from serve, read as a FHIR server: 410 for a deleted resource, no deleted one in
     // a search, its history.
     let gone = client

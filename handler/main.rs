@@ -488,18 +488,22 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Imports and prints the report; false when a file failed.
+/// Imports and prints the report; false when a file failed or an entry was refused (the rest
+/// of its file was imported).
 fn import_files(store: &EmbeddedStore, paths: &[PathBuf]) -> anyhow::Result<bool> {
     let started = Instant::now();
     let report = import::import(store, paths)?;
     for failure in &report.failed {
         eprintln!("import failed: {failure}");
     }
+    for refusal in &report.refused {
+        eprintln!("entry refused: {refusal}");
+    }
     println!(
         "imported {report} in {:.2} s",
         started.elapsed().as_secs_f64()
     );
-    Ok(report.failed.is_empty())
+    Ok(report.failed.is_empty() && report.refused.is_empty())
 }
 
 /// Under the Functions host: settings from the environment, no in-process workers.

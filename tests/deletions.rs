@@ -281,7 +281,10 @@ async fn since_exports_list_exactly_the_deletions_in_their_scope() {
         let body = client.get(url).send().await.unwrap().text().await.unwrap();
         for line in body.lines() {
             let resource: Value = serde_json::from_str(line).unwrap();
-            assert_ne!(resource["id"], "oa", "a deleted resource in a block of {url}");
+            assert_ne!(
+                resource["id"], "oa",
+                "a deleted resource in a block of {url}"
+            );
         }
     }
 

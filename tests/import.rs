@@ -609,3 +609,43 @@ fn a_flag_and_fhir_source_naming_different_sources_are_refused() {
         assert!(!dir.path().join("s.db").exists(), "no store was created");
     }
 }
+
+/// `handler import` of a transaction Bundle with DELETE entries: the deletions are made and
+/// counted; a conditional delete is refused, named on stderr with a non-zero exit, and the rest of
+/// its file is imported.
+#[test]
+fn delete_entries_delete_and_a_conditional_one_is_refused_without_losing_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("first.ndjson"),
+        "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n{\"resourceType\":\"Patient\",\"id\":\"b\"}\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = handler(&["import", "first.ndjson", "--store", "s.db"], dir.path());
+    assert!(ok, "{stdout}{stderr}");
+    std::fs::write(
+        dir.path().join("changes.json"),
+        r#"{"resourceType":"Bundle","type":"transaction","entry":[
+            {"request":{"method":"DELETE","url":"Patient/a"}},
+            {"request":{"method":"DELETE","url":"Patient?name=x"}},
+            {"resource":{"resourceType":"Patient","id":"c"},"request":{"method":"PUT","url":"Patient/c"}}]}"#,
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = handler(&["import", "changes.json", "--store", "s.db"], dir.path());
+    assert!(!ok, "a refused entry fails the command");
+    assert!(
+        stdout.contains("1 created") && stdout.contains("1 deleted"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("entry refused")
+            && stderr.contains("Bundle.entry[1]")
+            && stderr.contains("conditional delete"),
+        "{stderr}"
+    );
+    let store = EmbeddedStore::open(dir.path().join("s.db")).unwrap();
+    use fhir_export::source::ResourceSource;
+    assert!(store.read("Patient", "a").unwrap().is_none());
+    assert!(store.is_deleted("Patient", "a").unwrap());
+    assert!(store.read("Patient", "c").unwrap().is_some());
+}

@@ -41,6 +41,7 @@ pub mod deid;
 pub mod export;
 pub mod fault;
 pub mod fhir;
+pub mod fhirpath;
 pub mod generate;
 pub mod http;
 pub mod invoke;

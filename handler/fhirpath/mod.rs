@@ -1,5 +1,6 @@
-//! FHIRPath for anonymization rules and generalize cases: the whole grammar is parsed, and a
-//! subset evaluated over a [`Tree`], returning the nodes themselves so the engine changes them in
+//! FHIRPath, the one engine of the project: for anonymization rules and generalize cases, and for
+//! SQL on FHIR views. The whole grammar is parsed, and a subset evaluated over a [`Tree`] (a
+//! resource typed by R4), returning the nodes themselves so the anonymizer changes them in
 //! place. A function or construct outside the subset is refused when the configuration is read,
 //! never evaluated to an empty match: a rule that silently matches nothing leaks what it was meant
 //! to hide. Semantics follow Firely's (the engine Microsoft's anonymizer runs): a comparison of
@@ -11,7 +12,9 @@
 //! precision, .NET decimals) are what `eval` evaluates over a tree.
 
 mod eval;
+pub mod r4;
 mod syntax;
+pub mod tree;
 mod values;
 
 pub use eval::{evaluate, node_value, EvalError};
@@ -24,7 +27,7 @@ pub use values::{decimal_token, parse_decimal, to_text, Item, Moment};
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deid::tree::Tree;
+    use crate::fhirpath::tree::Tree;
 
     #[test]
     fn deep_or_long_expressions_are_refused_and_the_deepest_accepted_evaluates() {
@@ -66,7 +69,7 @@ mod tests {
                     format!("{}1", "-".repeat(98)),
                 ] {
                     let expr = parse(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
-                    evaluate(&tree, &expr, &[Item::Node(crate::deid::tree::ROOT)]).unwrap();
+                    evaluate(&tree, &expr, &[Item::Node(crate::fhirpath::tree::ROOT)]).unwrap();
                 }
             })
             .unwrap()

@@ -52,3 +52,4 @@ pub mod queue;
 pub mod source;
 pub mod storage;
 pub mod synth;
+pub mod views;

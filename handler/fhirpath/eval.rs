@@ -19,11 +19,24 @@ pub struct EvalError(pub String);
 
 /// Evaluates `expr` with `focus` as the input collection and `$this`.
 pub fn evaluate(tree: &Tree, expr: &Expr, focus: &[Item]) -> Result<Vec<Item>, EvalError> {
+    evaluate_with(tree, expr, focus, &Variables::new())
+}
+
+/// The values of `%name` (a view's constants, `%rowIndex`).
+pub type Variables = std::collections::HashMap<String, Vec<Item>>;
+
+/// Evaluates `expr` as `evaluate` does, with `variables` for `%name`.
+pub fn evaluate_with(
+    tree: &Tree,
+    expr: &Expr,
+    focus: &[Item],
+    variables: &Variables,
+) -> Result<Vec<Item>, EvalError> {
     let this = match focus {
         [single] => Some(single.clone()),
         _ => None,
     };
-    Evaluator { tree }.eval(expr, focus, this.as_ref())
+    Evaluator { tree, variables }.eval(expr, focus, this.as_ref())
 }
 
 /// The value of a node as a system value (`None` for a node with no value).
@@ -48,6 +61,7 @@ pub fn node_value(tree: &Tree, id: usize) -> Option<Item> {
 
 struct Evaluator<'t, 'a> {
     tree: &'t Tree<'a>,
+    variables: &'t Variables,
 }
 
 fn single_bool(items: &[Item]) -> Result<Option<bool>, EvalError> {
@@ -137,6 +151,10 @@ impl Evaluator<'_, '_> {
             Expr::Pattern(pattern) => vec![Item::Str(pattern.0.as_str().to_string())],
             Expr::This => this.cloned().into_iter().collect(),
             Expr::Unsupported(what) => return Err(EvalError(format!("{what} is not supported"))),
+            Expr::Variable(name) => match self.variables.get(name) {
+                Some(items) => items.clone(),
+                None => return Err(EvalError(format!("%{name} is not defined"))),
+            },
             Expr::Member(target, name) => {
                 let focus = match target {
                     Some(target) => self.eval(target, input, this)?,
@@ -294,6 +312,37 @@ impl Evaluator<'_, '_> {
             Function::ToString | Function::ToInteger | Function::ToDecimal => {
                 self.convert(function, focus)?
             }
+            Function::Join => {
+                let separator = match arguments.first() {
+                    Some(_) => self.single_string(&argument(0)?, name)?.unwrap_or_default(),
+                    None => String::new(),
+                };
+                let texts: Vec<String> = self.values(focus).iter().map(to_text).collect();
+                vec![Item::Str(texts.join(&separator))]
+            }
+            Function::Extension => {
+                let Some(url) = self.single_string(&argument(0)?, name)? else {
+                    return Ok(Vec::new());
+                };
+                self.extensions(focus, &url)
+            }
+            Function::GetResourceKey => focus
+                .iter()
+                .filter_map(|item| match item {
+                    Item::Node(id) if self.tree.nodes[*id].resource => {
+                        self.tree.children_named(*id, "id").next()
+                    }
+                    _ => None,
+                })
+                .filter_map(|id| node_value(self.tree, id))
+                .collect(),
+            Function::GetReferenceKey => {
+                let wanted = arguments.first().map(|_| type_argument());
+                self.reference_keys(focus, wanted.as_deref())
+            }
+            Function::LowBoundary | Function::HighBoundary => {
+                return Err(EvalError(format!("{name}() is not supported yet")))
+            }
             Function::Text(text_function) => {
                 let Some(text) = self.single_string(focus, name)? else {
                     return Ok(Vec::new());
@@ -301,6 +350,57 @@ impl Evaluator<'_, '_> {
                 self.string_function(text_function, &text, arguments, input, this)?
             }
         })
+    }
+
+    /// The extensions of the focus with the `url`.
+    fn extensions(&self, focus: &[Item], url: &str) -> Vec<Item> {
+        let mut out = Vec::new();
+        for item in focus {
+            let Item::Node(id) = item else { continue };
+            for extension in self.tree.children_named(*id, "extension") {
+                let named = self
+                    .tree
+                    .children_named(extension, "url")
+                    .next()
+                    .and_then(|at| self.tree.nodes[at].text());
+                if named.as_deref() == Some(url) {
+                    out.push(Item::Node(extension));
+                }
+            }
+        }
+        out
+    }
+
+    /// The keys of the resources the focus's References name (`Type/id`, relative or absolute,
+    /// a version dropped): each the key `getResourceKey()` gives that resource; only those of
+    /// `wanted` type when given.
+    fn reference_keys(&self, focus: &[Item], wanted: Option<&str>) -> Vec<Item> {
+        let mut out = Vec::new();
+        for item in focus {
+            let Item::Node(id) = item else { continue };
+            let Some(reference) = self
+                .tree
+                .children_named(*id, "reference")
+                .next()
+                .and_then(|at| self.tree.nodes[at].text())
+            else {
+                continue;
+            };
+            let path = reference.split(['?', '#']).next().unwrap_or_default();
+            let segments: Vec<&str> = path.split('/').collect();
+            let at = match segments.iter().rposition(|s| *s == "_history") {
+                Some(history) => history,
+                None => segments.len(),
+            };
+            if at < 2 {
+                continue;
+            }
+            let (resource_type, key) = (segments[at - 2], segments[at - 1]);
+            if wanted.is_none_or(|wanted| wanted == resource_type) {
+                out.push(Item::Str(key.to_string()));
+            }
+        }
+        out
     }
 
     /// `toString`, `toInteger` and `toDecimal` of a single value.

@@ -17,10 +17,10 @@ mod syntax;
 pub mod tree;
 mod values;
 
-pub use eval::{evaluate, node_value, EvalError};
+pub use eval::{evaluate, evaluate_with, node_value, EvalError, Variables};
 pub use syntax::{
-    parse, Expr, Function, Op, PathError, Pattern, TextFunction, TypeOp, MAX_DEPTH,
-    MAX_EXPRESSION_CHARS,
+    parse, parse_for_views, Expr, Function, Op, PathError, Pattern, TextFunction, TypeOp,
+    MAX_DEPTH, MAX_EXPRESSION_CHARS,
 };
 pub use values::{decimal_token, parse_decimal, to_text, Item, Moment};
 

@@ -102,7 +102,12 @@ pub fn member(parent: &'static str, key: &str) -> Option<Typed> {
     let members = table().get(parent)?;
     if let Some(element) = members.get(key) {
         if !element.choice {
-            return Some(typed(key.len(), element, element.types.first().copied()?));
+            // An element defined as another (`contentReference`) has no type of its own.
+            let ty = match element.same_as {
+                Some(_) => "BackboneElement",
+                None => element.types.first().copied()?,
+            };
+            return Some(typed(key.len(), element, ty));
         }
     }
     // A choice element: `valueQuantity` is `value[x]` with the type Quantity.

@@ -36,6 +36,14 @@ pub enum Function {
     ToString,
     ToInteger,
     ToDecimal,
+    /// SQL on FHIR's: `join`, `extension`, `getResourceKey`, `getReferenceKey`, `lowBoundary`,
+    /// `highBoundary`; refused in anonymization rules.
+    Join,
+    Extension,
+    GetResourceKey,
+    GetReferenceKey,
+    LowBoundary,
+    HighBoundary,
     /// A function of one string.
     Text(TextFunction),
 }
@@ -58,7 +66,7 @@ pub enum TextFunction {
 
 impl Function {
     /// Every function, for the tests that hold the names and the variants together.
-    pub const ALL: [Function; 32] = [
+    pub const ALL: [Function; 38] = [
         Function::Where,
         Function::Exists,
         Function::All,
@@ -80,6 +88,12 @@ impl Function {
         Function::ToString,
         Function::ToInteger,
         Function::ToDecimal,
+        Function::Join,
+        Function::Extension,
+        Function::GetResourceKey,
+        Function::GetReferenceKey,
+        Function::LowBoundary,
+        Function::HighBoundary,
         Function::Text(TextFunction::StartsWith),
         Function::Text(TextFunction::EndsWith),
         Function::Text(TextFunction::Contains),
@@ -117,6 +131,12 @@ impl Function {
             "toString" => Function::ToString,
             "toInteger" => Function::ToInteger,
             "toDecimal" => Function::ToDecimal,
+            "join" => Function::Join,
+            "extension" => Function::Extension,
+            "getResourceKey" => Function::GetResourceKey,
+            "getReferenceKey" => Function::GetReferenceKey,
+            "lowBoundary" => Function::LowBoundary,
+            "highBoundary" => Function::HighBoundary,
             "startsWith" => Function::Text(StartsWith),
             "endsWith" => Function::Text(EndsWith),
             "contains" => Function::Text(Contains),
@@ -156,6 +176,12 @@ impl Function {
             Function::ToString => "toString",
             Function::ToInteger => "toInteger",
             Function::ToDecimal => "toDecimal",
+            Function::Join => "join",
+            Function::Extension => "extension",
+            Function::GetResourceKey => "getResourceKey",
+            Function::GetReferenceKey => "getReferenceKey",
+            Function::LowBoundary => "lowBoundary",
+            Function::HighBoundary => "highBoundary",
             Function::Text(StartsWith) => "startsWith",
             Function::Text(EndsWith) => "endsWith",
             Function::Text(Contains) => "contains",
@@ -177,8 +203,10 @@ impl Function {
             Function::Where | Function::All | Function::OfType | Function::Is | Function::As => {
                 (1, 1)
             }
-            Function::NodesByType | Function::NodesByName => (1, 1),
-            Function::Exists => (0, 1),
+            Function::NodesByType | Function::NodesByName | Function::Extension => (1, 1),
+            Function::Exists | Function::Join | Function::GetReferenceKey => (0, 1),
+            Function::GetResourceKey => (0, 0),
+            Function::LowBoundary | Function::HighBoundary => (0, 1),
             Function::Empty
             | Function::Not
             | Function::First
@@ -199,9 +227,25 @@ impl Function {
         }
     }
 
-    /// `ofType`, `is` and `as` take a type name, not an expression.
+    /// `ofType`, `is`, `as` and `getReferenceKey` take a type name, not an expression.
     fn takes_a_type(self) -> bool {
-        matches!(self, Function::OfType | Function::Is | Function::As)
+        matches!(
+            self,
+            Function::OfType | Function::Is | Function::As | Function::GetReferenceKey
+        )
+    }
+
+    /// Functions of SQL on FHIR, which anonymization rules may not use.
+    pub fn is_for_views(self) -> bool {
+        matches!(
+            self,
+            Function::Join
+                | Function::Extension
+                | Function::GetResourceKey
+                | Function::GetReferenceKey
+                | Function::LowBoundary
+                | Function::HighBoundary
+        )
     }
 }
 
@@ -210,8 +254,10 @@ pub enum Expr {
     Empty,
     Literal(Item),
     This,
-    /// `$index`, `$total` and `%name`: parsed, not evaluated.
+    /// `$index` and `$total`: parsed, not evaluated.
     Unsupported(String),
+    /// `%name`: a view's constant, or `%rowIndex`; refused in anonymization rules.
+    Variable(String),
     /// An identifier on the focus (`name`), or on the result of `.0`.
     Member(Option<Box<Expr>>, String),
     Call(Option<Box<Expr>>, Function, Vec<Expr>),
@@ -671,7 +717,8 @@ impl Parser {
                             "{name}() takes {least} to {most} arguments"
                         )));
                     }
-                    if function.takes_a_type() && !matches!(arguments[0], Expr::Member(None, _)) {
+                    let not_a_type = |a: &Expr| !matches!(a, Expr::Member(None, _));
+                    if function.takes_a_type() && arguments.first().is_some_and(not_a_type) {
                         return Err(PathError(format!("{name}() takes a type name")));
                     }
                     if let Function::Text(TextFunction::Matches | TextFunction::ReplaceMatches) =
@@ -749,7 +796,7 @@ impl Parser {
             }
             Some(Token::External(name)) => {
                 self.at += 1;
-                leaf(Expr::Unsupported(format!("%{name}")))
+                leaf(Expr::Variable(name))
             }
             Some(Token::Ident(word)) if word == "true" || word == "false" => {
                 self.at += 1;
@@ -770,8 +817,8 @@ fn describe(token: &Token) -> String {
     }
 }
 
-/// Parses a FHIRPath expression and checks that everything in it is evaluated here.
-pub fn parse(text: &str) -> Result<Expr, PathError> {
+/// Parses a FHIRPath expression.
+fn parse_any(text: &str) -> Result<Expr, PathError> {
     let length = text.chars().count();
     if length > MAX_EXPRESSION_CHARS {
         return Err(PathError(format!(
@@ -791,18 +838,50 @@ pub fn parse(text: &str) -> Result<Expr, PathError> {
     if let Some(token) = parser.peek() {
         return Err(PathError(format!("unexpected {}", describe(token))));
     }
-    check(&expr)?;
     Ok(expr)
 }
 
-fn check(expr: &Expr) -> Result<(), PathError> {
+/// Parses an anonymization rule's path and checks that everything in it is evaluated as the
+/// anonymizer's engine does.
+pub fn parse(text: &str) -> Result<Expr, PathError> {
+    let expr = parse_any(text)?;
+    check(&expr, Grammar::Anonymization)?;
+    Ok(expr)
+}
+
+/// Parses a SQL on FHIR view's path: constants (`%name`) and the view functions too.
+pub fn parse_for_views(text: &str) -> Result<Expr, PathError> {
+    let expr = parse_any(text)?;
+    check(&expr, Grammar::Views)?;
+    Ok(expr)
+}
+
+/// Whose expressions: each accepts what its evaluation supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grammar {
+    Anonymization,
+    Views,
+}
+
+fn check(expr: &Expr, grammar: Grammar) -> Result<(), PathError> {
+    let check = |expr: &Expr| check(expr, grammar);
     match expr {
         Expr::Empty | Expr::Literal(_) | Expr::Pattern(_) | Expr::This | Expr::Member(None, _) => {
             Ok(())
         }
         Expr::Unsupported(what) => Err(PathError(format!("{what} is not supported"))),
+        Expr::Variable(name) if grammar == Grammar::Anonymization => {
+            Err(PathError(format!("%{name} is not supported")))
+        }
+        Expr::Variable(_) => Ok(()),
         Expr::Member(Some(target), _) => check(target),
         Expr::Call(target, function, arguments) => {
+            if function.is_for_views() && grammar == Grammar::Anonymization {
+                return Err(PathError(format!(
+                    "the function {}() is unknown or not supported",
+                    function.name()
+                )));
+            }
             if let Some(target) = target {
                 check(target)?;
             }

@@ -359,9 +359,9 @@ fn fhirpath_text() -> impl Strategy<Value = String> {
 /// FHIRPath text answers with an expression or an error: parsing, and evaluating what parses,
 /// never panic or overflow the stack.
 fn fhirpath(runner: &mut TestRunner) {
-    use fhir_export::fhirpath::{evaluate, parse, Item};
-    use fhir_export::fhirpath::tree::{Tree, ROOT};
     use fhir_export::fhir::json::Json;
+    use fhir_export::fhirpath::tree::{Tree, ROOT};
+    use fhir_export::fhirpath::{evaluate, parse, Item};
     let resource = r#"{"resourceType":"Patient","id":"p","name":[{"family":"F","given":["G"]}]}"#;
     runner
         .run(&fhirpath_text(), |text| {

@@ -341,7 +341,17 @@ impl Evaluator<'_, '_> {
                 self.reference_keys(focus, wanted.as_deref())
             }
             Function::LowBoundary | Function::HighBoundary => {
-                return Err(EvalError(format!("{name}() is not supported yet")))
+                let high = function == Function::HighBoundary;
+                focus
+                    .iter()
+                    .filter_map(|item| match item {
+                        Item::Node(id) => {
+                            let node = &self.tree.nodes[*id];
+                            super::boundary::of_text(node.ty, &node.text()?, high)
+                        }
+                        other => super::boundary::of_item(other, high),
+                    })
+                    .collect()
             }
             Function::Text(text_function) => {
                 let Some(text) = self.single_string(focus, name)? else {

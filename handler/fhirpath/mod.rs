@@ -11,6 +11,7 @@
 //! [`Function`]s, bounded in size and depth) and `values` (system values, dates of partial
 //! precision, .NET decimals) are what `eval` evaluates over a tree.
 
+mod boundary;
 mod eval;
 pub mod r4;
 mod syntax;

@@ -65,6 +65,9 @@ enum Command {
     /// De-identification (`_anonymizationConfig`) tools.
     #[command(subcommand)]
     Deid(DeidCommand),
+    /// SQL on FHIR v2 views: run one over files, or run the conformance suite.
+    #[command(subcommand)]
+    View(ViewCommand),
     /// Write the Azure Functions deployment zip: this binary, host.json, one folder per function.
     Package {
         #[arg(long, default_value = "app.zip")]
@@ -72,6 +75,28 @@ enum Command {
         /// The binary to ship as `handler` (default: this one).
         #[arg(long)]
         binary: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ViewCommand {
+    /// Run a ViewDefinition over NDJSON files (or .gz of them); the rows go to --out or stdout.
+    Run {
+        view: PathBuf,
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        /// csv (with a header line) or ndjson.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run a folder of SQL on FHIR conformance test files; print the count of cases passed and
+    /// each failure; --report writes the report sql-on-fhir.org reads. Exits 1 when a case fails.
+    Test {
+        dir: PathBuf,
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
 }
 
@@ -336,6 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             input,
             today,
         }) => deid_check(&config, input.as_deref(), today),
+        Command::View(command) => view(command),
         Command::Package { out, binary } => {
             let binary = match binary {
                 Some(binary) => binary,
@@ -693,6 +719,49 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `handler view run` and `handler view test`.
+fn view(command: ViewCommand) -> anyhow::Result<ExitCode> {
+    use fhir_export::views::{files, suite, write::Format};
+    match command {
+        ViewCommand::Run {
+            view,
+            input,
+            format,
+            out,
+        } => {
+            let format = Format::parse(&format)
+                .ok_or_else(|| anyhow::anyhow!("--format {format:?}: give csv or ndjson"))?;
+            let mut writer: Box<dyn std::io::Write> = match &out {
+                Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let summary = files::run_view_over_files(&view, &input, format, &mut writer)?;
+            eprintln!(
+                "{} resources read, {} rows written",
+                summary.resources, summary.rows
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ViewCommand::Test { dir, report } => {
+            let outcomes = suite::run(&dir).map_err(|e| anyhow::anyhow!(e))?;
+            for outcome in &outcomes {
+                if let Some(failure) = &outcome.failure {
+                    println!("failed: {} / {}: {failure}", outcome.file, outcome.name);
+                }
+            }
+            let passed = outcomes.iter().filter(|o| o.failure.is_none()).count();
+            println!("{passed} of {} cases pass", outcomes.len());
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_vec_pretty(&suite::report(&outcomes))?)?;
+            }
+            Ok(match passed == outcomes.len() {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::from(1),
+            })
+        }
+    }
 }
 
 /// `handler deid check`: the configuration's verdict and ETag on stdout (exit 0 when valid, 2 when

@@ -50,3 +50,63 @@ fn the_sql_on_fhir_conformance_suite_passes() {
         failing.len()
     );
 }
+
+/// `handler view run` over generated NDJSON: a row per patient in CSV (header first, RFC 4180) and
+/// in NDJSON, the same values both ways; a view with a bad path is refused naming the element.
+#[test]
+fn view_run_writes_csv_and_ndjson_rows_and_refuses_a_bad_view_by_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fhir_export::generate::write_ndjson(25, 3, &data).unwrap();
+    let view = dir.path().join("patients.json");
+    std::fs::write(
+        &view,
+        r#"{"resourceType":"ViewDefinition","name":"patients","resource":"Patient","status":"active","select":[
+            {"column":[{"name":"id","path":"getResourceKey()"},{"name":"gender","path":"gender"},{"name":"birth_date","path":"birthDate"}]},
+            {"forEachOrNull":"name.where(use = 'official').first()","column":[{"name":"family","path":"family"},{"name":"given","path":"given.join(' ')"}]}]}"#,
+    )
+    .unwrap();
+    let run = |format: &str, view: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+            .args(["view", "run"])
+            .arg(view)
+            .arg("--input")
+            .arg(data.join("Patient.ndjson"))
+            .args(["--format", format])
+            .output()
+            .unwrap()
+    };
+    let csv = run("csv", &view);
+    assert!(
+        csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&csv.stderr)
+    );
+    let csv = String::from_utf8(csv.stdout).unwrap();
+    let lines: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines[0], "id,gender,birth_date,family,given");
+    assert_eq!(lines.len(), 26, "{csv}");
+    let ndjson = run("ndjson", &view);
+    let rows: Vec<serde_json::Value> = String::from_utf8(ndjson.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 25);
+    for (row, line) in rows.iter().zip(&lines[1..]) {
+        let id = row["id"].as_str().unwrap();
+        assert!(line.starts_with(&format!("{id},")), "{line}");
+        assert!(row["family"].is_string(), "{row}");
+    }
+
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"resource":"Patient","select":[{"column":[{"name":"x","path":"name.family.("}]}]}"#,
+    )
+    .unwrap();
+    let refused = run("csv", &bad);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("select[0].column[0].path"), "{stderr}");
+}

@@ -3,9 +3,11 @@
 //! run over each resource to its rows (`rows`), written as CSV or NDJSON (`write`). `suite` runs
 //! the specification's conformance tests.
 //!
-//! Used one way: `definition` (the view), `rows` (evaluation), `write` (formats), `suite`.
+//! Used one way: `definition` (the view), `rows` (evaluation), `write` (formats), then `files`
+//! (`handler view run`) and `suite` (`handler view test`).
 
 mod definition;
+pub mod files;
 mod rows;
 pub mod suite;
 pub mod write;

@@ -29,7 +29,11 @@ impl Format {
 }
 
 /// Writes the header line a format has (CSV's column names).
-pub fn header(out: &mut impl Write, format: Format, columns: &[&str]) -> std::io::Result<()> {
+pub fn header(
+    out: &mut (impl Write + ?Sized),
+    format: Format,
+    columns: &[&str],
+) -> std::io::Result<()> {
     if let Format::Csv { header: true } = format {
         let cells: Vec<String> = columns.iter().map(|c| csv_field(c)).collect();
         out.write_all(cells.join(",").as_bytes())?;
@@ -39,7 +43,7 @@ pub fn header(out: &mut impl Write, format: Format, columns: &[&str]) -> std::io
 }
 
 /// Writes one row.
-pub fn row(out: &mut impl Write, format: Format, row: &Row) -> std::io::Result<()> {
+pub fn row(out: &mut (impl Write + ?Sized), format: Format, row: &Row) -> std::io::Result<()> {
     match format {
         Format::Ndjson => {
             let object: serde_json::Map<String, Value> = row.iter().cloned().collect();

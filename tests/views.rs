@@ -110,3 +110,204 @@ fn view_run_writes_csv_and_ndjson_rows_and_refuses_a_bad_view_by_its_path() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("select[0].column[0].path"), "{stderr}");
 }
+
+/// Four views of the analyst's everyday (patients, observations with their components,
+/// conditions, encounters) in one `$viewdefinition-export` job over HTTP, from the sample: in CSV
+/// and in NDJSON, each file's rows are the engine's rows of the stored resources, each once; the
+/// manifest names each output's view. A Group-level and a `_since` job select as `$export` does;
+/// a view the engine cannot run is a 400 naming its element.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_exports_over_http_equal_the_engines_rows_in_each_format() {
+    use fhir_export::views::{rows_of, write, View};
+    use serde_json::{json, Value};
+    let store = common::sample_store();
+    let server = common::start(&store, |s| s.shard_max_resources = 5_000).await;
+    let client = common::client();
+    let views = four_views();
+    let stored = common::stored_resources(&store);
+    let expected = |format: write::Format, only: &dyn Fn(&Value) -> bool| {
+        let mut lines: std::collections::BTreeMap<String, Vec<Vec<u8>>> = Default::default();
+        for (name, definition) in &views {
+            let view = View::parse(definition).unwrap();
+            let entry = lines.entry(name.to_string()).or_default();
+            for ((resource_type, _), json) in &stored {
+                if *resource_type != view.resource || !only(&serde_json::from_str(json).unwrap()) {
+                    continue;
+                }
+                for row in rows_of(&view, json.as_bytes()).unwrap() {
+                    entry.push(write::line(format, &row));
+                }
+            }
+            entry.sort();
+        }
+        lines
+    };
+    let body = |format: &str, more: Vec<Value>| {
+        let mut parameter: Vec<Value> = views
+            .iter()
+            .map(|(name, view)| json!({"name": "view", "part": [{"name": "name", "valueString": name}, {"name": "viewResource", "resource": view}]}))
+            .collect();
+        parameter.push(json!({"name": "_format", "valueCode": format}));
+        parameter.push(json!({"name": "clientTrackingId", "valueString": "t-1"}));
+        parameter.extend(more);
+        json!({"resourceType": "Parameters", "parameter": parameter})
+    };
+    let url = format!("{}/$viewdefinition-export", server.base);
+    for (format, parsed) in [
+        ("csv", write::Format::Csv { header: true }),
+        ("ndjson", write::Format::Ndjson),
+    ] {
+        let manifest = common::post_export(&client, &url, body(format, vec![])).await;
+        assert_eq!(manifest["clientTrackingId"], "t-1");
+        let got = lines_by_view(&client, &manifest, parsed).await;
+        let want = expected(parsed, &|_| true);
+        for (name, lines) in &want {
+            assert!(!lines.is_empty(), "{name}: rows expected");
+            assert_eq!(got.get(name), Some(lines), "{format}: the rows of {name}");
+        }
+    }
+
+    // Group level: only the group's patients' rows.
+    let (group_id, members) = stored
+        .iter()
+        .find(|((t, _), _)| t == "Group")
+        .map(|((_, id), json)| {
+            let group: Value = serde_json::from_str(json).unwrap();
+            let members: Vec<String> = group["member"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    m["entity"]["reference"]
+                        .as_str()
+                        .unwrap()
+                        .trim_start_matches("Patient/")
+                        .to_string()
+                })
+                .collect();
+            (id.clone(), members)
+        })
+        .unwrap();
+    let in_group = |resource: &Value| {
+        let patient = match resource["resourceType"].as_str() {
+            Some("Patient") => resource["id"].as_str().unwrap_or_default().to_string(),
+            _ => resource["subject"]["reference"]
+                .as_str()
+                .unwrap_or_default()
+                .trim_start_matches("Patient/")
+                .to_string(),
+        };
+        members.contains(&patient)
+    };
+    let group =
+        json!({"name": "group", "valueReference": {"reference": format!("Group/{group_id}")}});
+    let manifest = common::post_export(&client, &url, body("ndjson", vec![group])).await;
+    let got = lines_by_view(&client, &manifest, write::Format::Ndjson).await;
+    assert_eq!(got, expected(write::Format::Ndjson, &in_group));
+
+    // _since after everything: no rows.
+    let since = json!({"name": "_since", "valueInstant": chrono::Utc::now().to_rfc3339()});
+    let manifest = common::post_export(&client, &url, body("csv", vec![since])).await;
+    assert_eq!(manifest["output"], json!([]));
+
+    // A view the engine cannot run is refused at kickoff, naming the element.
+    let bad = json!({"resourceType": "Parameters", "parameter": [{"name": "view", "part": [{"name": "viewResource", "resource": {"resource": "Patient", "select": [{"column": [{"name": "x", "path": "name.nope("}]}]}}]}]});
+    let answer = client
+        .post(&url)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    let text = answer.text().await.unwrap();
+    assert!(
+        text.contains("view[0].viewResource: select[0].column[0].path"),
+        "{text}"
+    );
+}
+
+/// The sorted row lines of each view's files (CSV: each file's header checked and left out).
+async fn lines_by_view(
+    client: &reqwest::Client,
+    manifest: &serde_json::Value,
+    format: fhir_export::views::write::Format,
+) -> std::collections::BTreeMap<String, Vec<Vec<u8>>> {
+    let mut lines: std::collections::BTreeMap<String, Vec<Vec<u8>>> = Default::default();
+    for file in manifest["output"].as_array().unwrap() {
+        let url = file["url"].as_str().unwrap();
+        let body = client.get(url).send().await.unwrap().bytes().await.unwrap();
+        let end: &[u8] = match format {
+            fhir_export::views::write::Format::Csv { .. } => b"\r\n",
+            _ => b"\n",
+        };
+        let mut rows: Vec<Vec<u8>> = body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
+            .collect();
+        if end == b"\r\n" {
+            let header = rows.remove(0);
+            let header = String::from_utf8(header).unwrap();
+            let names: Vec<&str> = header.split(',').collect();
+            assert!(
+                names.len() > 3 && names.contains(&"id"),
+                "{url}: a header line, not {header:?}"
+            );
+        }
+        assert_eq!(rows.len() as u64, file["count"].as_u64().unwrap(), "{url}");
+        lines
+            .entry(file["name"].as_str().unwrap().to_string())
+            .or_default()
+            .extend(rows);
+    }
+    for rows in lines.values_mut() {
+        rows.sort();
+    }
+    lines
+}
+
+/// The four views of the HTTP test and the bench.
+fn four_views() -> Vec<(&'static str, serde_json::Value)> {
+    let view = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+    vec![
+        (
+            "patients",
+            view(
+                r#"{"resourceType":"ViewDefinition","resource":"Patient","status":"active","select":[{"column":[
+            {"name":"id","path":"getResourceKey()"},{"name":"gender","path":"gender"},{"name":"birth_date","path":"birthDate"},
+            {"name":"family","path":"name.first().family"},{"name":"given","path":"name.first().given.join(' ')"}]}]}"#,
+            ),
+        ),
+        (
+            "observations",
+            view(
+                r#"{"resourceType":"ViewDefinition","resource":"Observation","status":"active","select":[{"column":[
+            {"name":"id","path":"getResourceKey()"},{"name":"patient","path":"subject.getReferenceKey(Patient)"},
+            {"name":"code","path":"code.coding.first().code"},{"name":"effective","path":"effective.ofType(dateTime)"},
+            {"name":"value","path":"value.ofType(Quantity).value"},{"name":"unit","path":"value.ofType(Quantity).unit"}]},
+            {"forEachOrNull":"component","column":[{"name":"component_code","path":"code.coding.first().code"},
+            {"name":"component_value","path":"value.ofType(Quantity).value"}]}]}"#,
+            ),
+        ),
+        (
+            "conditions",
+            view(
+                r#"{"resourceType":"ViewDefinition","resource":"Condition","status":"active","select":[{"column":[
+            {"name":"id","path":"getResourceKey()"},{"name":"patient","path":"subject.getReferenceKey(Patient)"},
+            {"name":"code","path":"code.coding.first().code"},{"name":"onset","path":"onset.ofType(dateTime)"},
+            {"name":"clinical_status","path":"clinicalStatus.coding.first().code"}]}]}"#,
+            ),
+        ),
+        (
+            "encounters",
+            view(
+                r#"{"resourceType":"ViewDefinition","resource":"Encounter","status":"active","select":[{"column":[
+            {"name":"id","path":"getResourceKey()"},{"name":"patient","path":"subject.getReferenceKey(Patient)"},
+            {"name":"class","path":"class.code"},{"name":"start","path":"period.start"},{"name":"end","path":"period.end"},
+            {"name":"type","path":"type.first().coding.first().code"}]}]}"#,
+            ),
+        ),
+    ]
+}

@@ -83,6 +83,7 @@ pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize
                 count: chunk.len(),
             }),
             kind: ShardKind::Resources,
+            view: None,
         });
     }
     let order = (0..shards.len()).collect();

@@ -132,7 +132,7 @@ pub async fn engine_for(exports: &Exports, job: &Job) -> Result<Option<Arc<Engin
     };
     let changed = || {
         ExportError::Scan(
-            SinkError::Deidentify(format!(
+            SinkError::Permanent(format!(
                 "the anonymization configuration {:?} changed during the export (its ETag is no longer {}); start the export again",
                 anonymization.config, pinned.etag
             ))
@@ -154,7 +154,7 @@ pub async fn engine_for(exports: &Exports, job: &Job) -> Result<Option<Arc<Engin
     // version's, not a change, and starting again would fail the same way.
     let unusable = |error: String| {
         ExportError::Scan(
-            SinkError::Deidentify(format!(
+            SinkError::Permanent(format!(
                 "the anonymization configuration {:?} cannot be used: {error}",
                 anonymization.config
             ))
@@ -171,7 +171,7 @@ pub async fn engine_for(exports: &Exports, job: &Job) -> Result<Option<Arc<Engin
 /// the configuration changed): the export fails at once, as a bad request.
 pub fn is_permanent(error: &ExportError) -> Option<(String, Fault)> {
     match error {
-        ExportError::Scan(crate::source::ScanError::Sink(SinkError::Deidentify(message))) => {
+        ExportError::Scan(crate::source::ScanError::Sink(SinkError::Permanent(message))) => {
             Some((message.clone(), Fault::Invalid))
         }
         _ => None,

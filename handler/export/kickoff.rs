@@ -95,6 +95,11 @@ pub async fn plan_job(exports: &Exports, job_id: &str) -> Result<(), ExportError
         true => super::blocks::plan(exports, &job).await,
         // Every version is read by the shards of changes.
         false if job.request.versions.any() => Ok((Vec::new(), Vec::new())),
+        false if job.request.views.is_some() => {
+            plan(exports, &job.request, &job.scope, job.transaction_time)
+                .await
+                .map(|planned| view_shards(planned, job.request.views.as_ref().expect("checked")))
+        }
         false => plan(exports, &job.request, &job.scope, job.transaction_time)
             .await
             .map(shards_of),
@@ -240,7 +245,7 @@ async fn with_changes(
     (mut shards, mut order): (Vec<Shard>, Vec<usize>),
 ) -> Result<((Vec<Shard>, Vec<usize>), Vec<String>), ExportError> {
     let mut kinds = Vec::new();
-    if job.request.since.is_some() {
+    if job.request.since.is_some() && job.request.views.is_none() {
         kinds.push(ShardKind::Deletions);
     }
     if job.request.versions.any() {
@@ -296,6 +301,7 @@ async fn with_changes(
                 rows: RowRange::default(),
                 patients: None,
                 kind,
+                view: None,
             });
         }
     }
@@ -353,6 +359,45 @@ fn shards_of(planned: Vec<(String, Vec<Part>)>) -> (Vec<Shard>, Vec<usize>) {
                 rows: part.rows,
                 patients: None,
                 kind: ShardKind::Resources,
+                view: None,
+            });
+        }
+    }
+    let mut order: Vec<usize> = (0..shards.len()).collect();
+    order.sort_by_key(|&shard| std::cmp::Reverse(sizes[shard]));
+    (shards, order)
+}
+
+/// The shards of a view export: for each view, one per part of its resource type (files named
+/// `{view}` or `{view}-{part}`), largest first.
+fn view_shards(
+    planned: Vec<(String, Vec<Part>)>,
+    views: &super::views::ViewExport,
+) -> (Vec<Shard>, Vec<usize>) {
+    let mut shards = Vec::new();
+    let mut sizes = Vec::new();
+    for (index, named) in views.views.iter().enumerate() {
+        let Ok(view) = views.view(index) else {
+            continue;
+        };
+        let Some((_, parts)) = planned.iter().find(|(t, _)| *t == view.resource) else {
+            continue;
+        };
+        let split = parts.len() > 1;
+        for (number, part) in parts.iter().enumerate() {
+            sizes.push(part.size);
+            shards.push(Shard {
+                stem: match split {
+                    true => format!("{}-{}", named.name, number + 1),
+                    false => named.name.clone(),
+                },
+                resource_type: view.resource.clone(),
+                since: part.since,
+                until: part.until,
+                rows: part.rows,
+                patients: None,
+                kind: ShardKind::View,
+                view: Some(index),
             });
         }
     }

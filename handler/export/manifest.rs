@@ -39,11 +39,17 @@ pub fn file_url(base_url: &str, path: &str) -> String {
 /// notes file.
 pub fn build(job: &Job, outputs: &[OutputFile]) -> Value {
     let organized_by = job.request.organize_output_by.as_deref();
+    let views = job.request.views.as_ref();
     let entry = |file: &OutputFile| {
         let mut entry = json!({"url": file_url(&job.base_url, &file.path), "count": file.count});
-        // Organized output names no type for its blocks of many types.
-        if organized_by.is_none() || !file.list.is_output() {
-            entry["type"] = file.resource_type.clone().into();
+        // Organized output names no type for its blocks of many types; a view's rows are named
+        // by the view.
+        match (views, organized_by) {
+            (Some(_), _) if file.list.is_output() => {
+                entry["name"] = file.resource_type.clone().into()
+            }
+            (_, Some(_)) if file.list.is_output() => {}
+            _ => entry["type"] = file.resource_type.clone().into(),
         }
         if let Some(next) = &file.continues_in {
             entry["continuesInFile"] = file_url(&job.base_url, next).into();
@@ -72,6 +78,12 @@ pub fn build(job: &Job, outputs: &[OutputFile]) -> Value {
     });
     if let Some(organized_by) = organized_by {
         manifest["outputOrganizedBy"] = organized_by.into();
+    }
+    if let Some(views) = views {
+        manifest["_format"] = views.format.clone().into();
+        if let Some(tracking) = &views.client_tracking_id {
+            manifest["clientTrackingId"] = tracking.clone().into();
+        }
     }
     manifest
 }

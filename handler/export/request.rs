@@ -71,6 +71,9 @@ pub struct ExportRequest {
     /// resource's version at `transactionTime`.
     #[serde(default, skip_serializing_if = "VersionKinds::is_none")]
     pub versions: VersionKinds,
+    /// `$viewdefinition-export`: the views written, in place of the resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<super::views::ViewExport>,
     /// `organizeOutputBy` (Bulk Data 3.0.0; `Patient` only): files of resource blocks, one per
     /// patient, instead of files of one type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -309,6 +312,7 @@ impl ExportRequest {
             organize_output_by: None,
             anonymization: None,
             versions: VersionKinds::default(),
+            views: None,
         }
     }
 

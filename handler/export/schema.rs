@@ -52,6 +52,9 @@ pub struct Shard {
     /// What the shard writes of its type.
     #[serde(default, skip_serializing_if = "ShardKind::is_resources")]
     pub kind: ShardKind,
+    /// The view it writes the rows of (`ShardKind::View`): an index into the request's views.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<usize>,
 }
 
 /// What a shard writes of its type.
@@ -66,6 +69,8 @@ pub enum ShardKind {
     /// Azure's `includeAssociatedData`: the earlier versions (`_history`) and the deletions as
     /// soft-deleted versions (`_deleted`), in `output` beside the resources.
     Versions,
+    /// The rows of a view (`$viewdefinition-export`) over the type's resources.
+    View,
 }
 
 impl ShardKind {

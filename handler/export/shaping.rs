@@ -76,7 +76,7 @@ impl Shaping {
                 let rewritten = engine
                     .deidentify(&serde_json::to_vec(&stub).expect("JSON"))
                     .map_err(|error| {
-                        SinkError::Deidentify(format!(
+                        SinkError::Permanent(format!(
                             "a deleted {} resource: {error}",
                             self.resource_type
                         ))
@@ -133,7 +133,7 @@ impl Shaping {
             Some(engine) => engine
                 .deidentify(resource)
                 .map_err(|error| {
-                    SinkError::Deidentify(format!("a {} resource: {error}", self.resource_type))
+                    SinkError::Permanent(format!("a {} resource: {error}", self.resource_type))
                 })?
                 .into(),
         };

@@ -306,6 +306,18 @@ async fn write_files(
     if spec.kind == ShardKind::Deletions {
         writer = writer.listed_in(ManifestList::Deleted, "Bundle");
     }
+    let table = view_of(job, &spec)?;
+    if let Some((view, format)) = &table {
+        let names: Vec<&str> = view.columns().iter().map(|c| c.name.as_str()).collect();
+        let (extension, line_end) = crate::views::write::file_kind(*format);
+        let header = crate::views::write::header_line(*format, &names);
+        let name = &job.request.views.as_ref().expect("a view's job").views
+            [spec.view.expect("a view shard")]
+        .name;
+        writer = writer
+            .as_table(extension, line_end, header)
+            .listed_in(ManifestList::Output, name);
+    }
     let job_id = job.id.clone();
     let scope = job.scope.clone();
     let engine = super::deid::engine_for(exports, job).await?;
@@ -349,7 +361,7 @@ async fn write_files(
             None => scan_kind(
                 source.as_ref(),
                 &request,
-                (spec.kind, job_versions),
+                (spec.kind, job_versions, table.as_ref()),
                 &shaping,
                 &mut writer,
                 &stop,
@@ -374,12 +386,26 @@ async fn write_files(
     Ok(written)
 }
 
+/// The view a view shard writes, with its format; `None` for other shards.
+fn view_of(job: &Job, spec: &super::jobs::Shard) -> Result<Option<TableOf>, ExportError> {
+    let (Some(index), Some(views)) = (spec.view, job.request.views.as_ref()) else {
+        return Ok(None);
+    };
+    let view = views.view(index).map_err(|error| {
+        ExportError::Scan(ScanError::Sink(SinkError::Permanent(format!(
+            "view {}: {error}",
+            views.views[index].name
+        ))))
+    })?;
+    Ok(Some((view, views.row_format())))
+}
+
 /// Streams what a shard of `kind` writes from the source into `writer`: resources, deletions or
 /// versions, each shaped for the export; stopped when `stop` is set.
 fn scan_kind(
     source: &dyn crate::source::ResourceSource,
     request: &ScanRequest<'_>,
-    (kind, versions): (ShardKind, crate::source::VersionKinds),
+    (kind, versions, view): (ShardKind, crate::source::VersionKinds, Option<&TableOf>),
     shaping: &Shaping,
     writer: &mut RollingNdjsonWriter,
     stop: &StopSignal,
@@ -389,6 +415,22 @@ fn scan_kind(
         _ => Err(SinkError::Stopped),
     };
     let (listed, what) = match kind {
+        ShardKind::View => {
+            let (view, format) = view.expect("a view shard has its view");
+            return source.scan(request, &mut |resource| {
+                going_on()?;
+                let rows = crate::views::rows_of(view, resource).map_err(|error| {
+                    SinkError::Permanent(format!(
+                        "view {}: {error}",
+                        view.name.as_deref().unwrap_or(&view.resource)
+                    ))
+                })?;
+                for row in &rows {
+                    writer.push(&crate::views::write::line(*format, row))?;
+                }
+                Ok(())
+            });
+        }
         ShardKind::Resources => {
             return source.scan(request, &mut |resource| {
                 going_on()?;
@@ -426,6 +468,9 @@ fn scan_kind(
         listed => listed,
     }
 }
+
+/// A view shard's view and the format of its rows.
+type TableOf = (crate::views::View, crate::views::write::Format);
 
 /// A source that cannot list a type's deletions (or versions): the shard's next file, listed in
 /// the manifest's `error`, says so, so that a client never takes an empty `deleted` for none.

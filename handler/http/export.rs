@@ -64,6 +64,35 @@ pub async fn kickoff(
     Ok(response)
 }
 
+/// `POST [base]/$viewdefinition-export`: the views of its `Parameters` body, each checked whole,
+/// exported as `$export` runs (202 and a status URL, the same polling, cancel and manifest).
+pub async fn kickoff_views(
+    api: &Api,
+    request: &Request,
+    caller: Option<&Caller>,
+) -> Result<Response, ApiError> {
+    let header = |name: header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
+    let prefer = header(header::HeaderName::from_static("prefer"));
+    check_headers(&KickoffHeaders {
+        accept: header(header::ACCEPT),
+        prefer,
+    })?;
+    let mut export = crate::export::views::from_parameters(&request.body)?;
+    export.separate_export_status = wants_separate_status(prefer);
+    limit_to_readable(caller, &mut export)?;
+    let base = base_url(api, request);
+    let request_url = format!("{base}{}", request.path);
+    let owner = caller.map(|c| c.owner.clone());
+    let applied = preferences_applied(&export, false);
+    let job = kickoff::start(&api.exports, export, request_url, base.clone(), owner).await?;
+    let mut response = empty_accepted();
+    let location = format!("{base}/_operations/export/{}", job.id);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LOCATION, header_value(&location));
+    headers.insert("preference-applied", header_value(&applied));
+    Ok(response)
+}
+
 /// The `Prefer` tokens this kickoff honours (RFC 7240 `Preference-Applied`).
 fn preferences_applied(export: &ExportRequest, lenient: bool) -> String {
     let mut applied = vec!["respond-async"];
@@ -367,7 +396,7 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let missing = || ApiError::not_found(format!("no export file {path:?}"));
     let deid_container = &api.exports.limits.deid.container;
-    let servable = path.ends_with(".ndjson")
+    let servable = (path.ends_with(".ndjson") || path.ends_with(".csv"))
         && !path.starts_with(&format!("{JOBS_CONTAINER}/"))
         && !path.starts_with(&format!("{deid_container}/"))
         && crate::storage::validate_path(path).is_ok();
@@ -413,7 +442,11 @@ pub async fn download(
         _ => warp::reply::stream(stream).into_response(),
     };
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+    let content_type = match path.trim_end_matches(".gz").ends_with(".csv") {
+        true => "text/csv",
+        false => NDJSON,
+    };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     if gzip {
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
@@ -507,7 +540,8 @@ enum FileType<'a> {
 fn file_type<'a>(job: &'a crate::export::jobs::Job, path: &str) -> Option<FileType<'a>> {
     let name = path.strip_prefix(&format!("{}/", job.output_folder))?;
     if name == crate::export::NOTES_FILE {
-        return (!job.request.notes.is_empty()).then_some(FileType::Notes);
+        let has_notes = !job.request.notes.is_empty() || !job.planning_errors.is_empty();
+        return has_notes.then_some(FileType::Notes);
     }
     job.shards.iter().find_map(|shard| {
         crate::storage::RollingNdjsonWriter::file_number(&shard.stem, name)?;

@@ -253,6 +253,8 @@ enum Route<'a> {
     Metadata,
     SmartConfiguration,
     Kickoff(Level),
+    /// `POST [base]/$viewdefinition-export` (SQL on FHIR v2).
+    ViewExport,
     /// `GET` polls the status, `DELETE` cancels.
     Job(&'a str),
     Download(String),
@@ -280,6 +282,9 @@ impl<'a> Route<'a> {
             ["$export"] => Route::Kickoff(Level::System),
             ["Patient", "$export"] => Route::Kickoff(Level::Patient),
             ["Group", id, "$export"] => Route::Kickoff(Level::Group(id.to_string())),
+            ["$viewdefinition-export"] | ["ViewDefinition", "$viewdefinition-export"] => {
+                Route::ViewExport
+            }
             ["_operations", "export", id] => Route::Job(id),
             ["_exports", rest @ ..] if !rest.is_empty() => Route::Download(rest.join("/")),
             [resource_type] if is_type(resource_type) => Route::Search {
@@ -308,6 +313,7 @@ impl<'a> Route<'a> {
     fn allows(&self, method: &Method) -> Result<(), ApiError> {
         match self {
             Route::Kickoff(_) => only(method, &[Method::GET, Method::POST]),
+            Route::ViewExport => only(method, &[Method::POST]),
             Route::Job(_) => only(method, &[Method::GET, Method::DELETE]),
             _ => only(method, &[Method::GET]),
         }
@@ -373,6 +379,7 @@ async fn route(
             )),
         },
         Route::Kickoff(level) => export::kickoff(api, request, level, caller).await,
+        Route::ViewExport => export::kickoff_views(api, request, caller).await,
         Route::Job(id) if *method == Method::DELETE => export::cancel(api, id, caller).await,
         Route::Job(id) => export::status(api, id, &request.query, caller).await,
         Route::Download(path) => export::download(api, &path, &request.headers, caller).await,

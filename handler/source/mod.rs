@@ -186,10 +186,11 @@ pub enum SinkError {
     Storage(#[from] StorageError),
     #[error("stopped: the export was cancelled")]
     Stopped,
-    /// A resource could not be de-identified, or the configuration changed: no retry mends it.
-    /// The message names no resource values, ids or keys.
+    /// The data cannot be written as asked (a resource the anonymization configuration cannot
+    /// process, or which changed; a view's column of several values): no retry mends it. The
+    /// message names no resource values, ids or keys.
     #[error("{0}")]
-    Deidentify(String),
+    Permanent(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +207,7 @@ impl ScanError {
             ScanError::Source(e) => e.fault(),
             ScanError::Sink(SinkError::Storage(e)) => e.fault(),
             ScanError::Sink(SinkError::Stopped) => crate::fault::Fault::Internal,
-            ScanError::Sink(SinkError::Deidentify(_)) => crate::fault::Fault::Invalid,
+            ScanError::Sink(SinkError::Permanent(_)) => crate::fault::Fault::Invalid,
         }
     }
 }

@@ -69,6 +69,11 @@ pub struct RollingNdjsonWriter {
     gzip: bool,
     /// The manifest list its files go in.
     list: ManifestList,
+    /// The files' extension (`ndjson`, `csv`), a line's end, and a line each file starts with
+    /// (not counted: a CSV header).
+    extension: &'static str,
+    line_end: &'static [u8],
+    file_header: Option<Vec<u8>>,
     /// The open file's compressor, when files are compressed.
     encoder: Option<flate2::write::GzEncoder<Vec<u8>>>,
 }
@@ -102,8 +107,25 @@ impl RollingNdjsonWriter {
             block_header: None,
             gzip: false,
             list: ManifestList::Output,
+            extension: "ndjson",
+            line_end: b"\n",
+            file_header: None,
             encoder: None,
         }
+    }
+
+    /// Files of table rows: `extension`, lines ended by `line_end`, each file starting with
+    /// `header` when given.
+    pub fn as_table(
+        mut self,
+        extension: &'static str,
+        line_end: &'static [u8],
+        header: Option<Vec<u8>>,
+    ) -> Self {
+        self.extension = extension;
+        self.line_end = line_end;
+        self.file_header = header;
+        self
     }
 
     /// The manifest list the files go in, and the type they hold.
@@ -188,9 +210,14 @@ impl RollingNdjsonWriter {
                 let level = flate2::Compression::fast();
                 self.encoder = Some(flate2::write::GzEncoder::new(Vec::new(), level));
             }
+            if let Some(header) = self.file_header.clone() {
+                self.append(&header)?;
+                self.append(self.line_end)?;
+                self.file_bytes += (header.len() + self.line_end.len()) as u64;
+            }
         }
         self.append(resource)?;
-        self.append(b"\n")?;
+        self.append(self.line_end)?;
         self.file_bytes += line_bytes;
         self.file_count += 1;
         Ok(())
@@ -244,10 +271,10 @@ impl RollingNdjsonWriter {
     /// The number of the file `name` (`{stem}-{n}.ndjson`, as this writer names it) when it is one
     /// of `stem`'s.
     pub fn file_number(stem: &str, name: &str) -> Option<u64> {
-        let number = name
-            .strip_prefix(stem)?
-            .strip_prefix('-')?
-            .strip_suffix(".ndjson")?;
+        let number = name.strip_prefix(stem)?.strip_prefix('-')?;
+        let number = number
+            .strip_suffix(".ndjson")
+            .or_else(|| number.strip_suffix(".csv"))?;
         let digits = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
         digits.then(|| number.parse().ok()).flatten()
     }
@@ -257,7 +284,10 @@ impl RollingNdjsonWriter {
     }
 
     fn path_of(&self, number: u32) -> String {
-        format!("{}/{}-{}.ndjson", self.folder, self.stem, number)
+        format!(
+            "{}/{}-{}.{}",
+            self.folder, self.stem, number, self.extension
+        )
     }
 
     fn flush(&mut self) -> Result<(), StorageError> {

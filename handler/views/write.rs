@@ -28,34 +28,56 @@ impl Format {
     }
 }
 
+/// The file extension and line end of a format's files.
+pub fn file_kind(format: Format) -> (&'static str, &'static [u8]) {
+    match format {
+        Format::Csv { .. } => ("csv", b"\r\n"),
+        Format::Ndjson => ("ndjson", b"\n"),
+    }
+}
+
+/// The line a file of the format starts with (CSV's column names), without its end.
+pub fn header_line(format: Format, columns: &[&str]) -> Option<Vec<u8>> {
+    match format {
+        Format::Csv { header: true } => {
+            let cells: Vec<String> = columns.iter().map(|c| csv_field(c)).collect();
+            Some(cells.join(",").into_bytes())
+        }
+        _ => None,
+    }
+}
+
+/// One row as a line of the format, without its end.
+pub fn line(format: Format, row: &Row) -> Vec<u8> {
+    match format {
+        Format::Ndjson => {
+            let object: serde_json::Map<String, Value> = row.iter().cloned().collect();
+            serde_json::to_vec(&object).expect("JSON")
+        }
+        Format::Csv { .. } => {
+            let cells: Vec<String> = row.iter().map(|(_, value)| csv_cell(value)).collect();
+            cells.join(",").into_bytes()
+        }
+    }
+}
+
 /// Writes the header line a format has (CSV's column names).
 pub fn header(
     out: &mut (impl Write + ?Sized),
     format: Format,
     columns: &[&str],
 ) -> std::io::Result<()> {
-    if let Format::Csv { header: true } = format {
-        let cells: Vec<String> = columns.iter().map(|c| csv_field(c)).collect();
-        out.write_all(cells.join(",").as_bytes())?;
-        out.write_all(b"\r\n")?;
+    if let Some(header) = header_line(format, columns) {
+        out.write_all(&header)?;
+        out.write_all(file_kind(format).1)?;
     }
     Ok(())
 }
 
-/// Writes one row.
+/// Writes one row, with its line end.
 pub fn row(out: &mut (impl Write + ?Sized), format: Format, row: &Row) -> std::io::Result<()> {
-    match format {
-        Format::Ndjson => {
-            let object: serde_json::Map<String, Value> = row.iter().cloned().collect();
-            serde_json::to_writer(&mut *out, &object)?;
-            out.write_all(b"\n")
-        }
-        Format::Csv { .. } => {
-            let cells: Vec<String> = row.iter().map(|(_, value)| csv_cell(value)).collect();
-            out.write_all(cells.join(",").as_bytes())?;
-            out.write_all(b"\r\n")
-        }
-    }
+    out.write_all(&line(format, row))?;
+    out.write_all(file_kind(format).1)
 }
 
 /// A value as a CSV field: null empty, a string as itself, a list or object as its JSON.

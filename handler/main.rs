@@ -85,7 +85,7 @@ enum ViewCommand {
         view: PathBuf,
         #[arg(long, required = true, num_args = 1..)]
         input: Vec<PathBuf>,
-        /// csv (with a header line) or ndjson.
+        /// csv (with a header line), ndjson or parquet.
         #[arg(long, default_value = "csv")]
         format: String,
         #[arg(long)]
@@ -731,8 +731,9 @@ fn view(command: ViewCommand) -> anyhow::Result<ExitCode> {
             format,
             out,
         } => {
-            let format = Format::parse(&format)
-                .ok_or_else(|| anyhow::anyhow!("--format {format:?}: give csv or ndjson"))?;
+            let format = Format::parse(&format).ok_or_else(|| {
+                anyhow::anyhow!("--format {format:?}: give csv, ndjson or parquet")
+            })?;
             let mut writer: Box<dyn std::io::Write> = match &out {
                 Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),

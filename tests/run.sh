@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: the offline Bicep checks (Python tools pinned in tests/infra/requirements.txt),
-# then `cargo test` with Azurite (pinned in tests/azurite/package-lock.json) on a free loopback port
+# DuckDB (tests/views/requirements.txt) to read Parquet back, then `cargo test` with Azurite (pinned in tests/azurite/package-lock.json) on a free loopback port
 # for the Azure Blob tests, and Medplum (tests/medplum) for the third-party source tests. Installs
 # what is missing; stops Azurite at the end.
 set -euo pipefail
@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 python3 -c 'import pytest, tree_sitter_bicep, pycep, pyflakes' 2>/dev/null ||
     python3 -m pip install --quiet --disable-pip-version-check -r tests/infra/requirements.txt
 python3 -m pytest tests/infra -q
+python3 -c 'import duckdb' 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check -r tests/views/requirements.txt
 
 if [ ! -x tests/azurite/node_modules/.bin/azurite-blob ]; then
     npm ci --prefix tests/azurite --no-audit --no-fund --loglevel=error

@@ -99,6 +99,23 @@ fn view_run_writes_csv_and_ndjson_rows_and_refuses_a_bad_view_by_its_path() {
         assert!(row["family"].is_string(), "{row}");
     }
 
+    let parquet = dir.path().join("patients.parquet");
+    let written = std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+        .args(["view", "run"])
+        .arg(&view)
+        .arg("--input")
+        .arg(data.join("Patient.ndjson"))
+        .args(["--format", "parquet", "--out"])
+        .arg(&parquet)
+        .output()
+        .unwrap();
+    assert!(
+        written.status.success(),
+        "{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    assert_eq!(duckdb_rows(&parquet).len(), 25);
+
     let bad = dir.path().join("bad.json");
     std::fs::write(
         &bad,
@@ -310,4 +327,129 @@ fn four_views() -> Vec<(&'static str, serde_json::Value)> {
             ),
         ),
     ]
+}
+
+/// `_format=parquet`: the files are Parquet that DuckDB (a reader other than the writer's code)
+/// reads back to the engine's rows, typed columns (`decimal` as DOUBLE) included; `handler view
+/// run --format parquet` writes the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_view_exports_read_back_by_duckdb_equal_the_engines_rows() {
+    use fhir_export::views::{rows_of, View};
+    use serde_json::{json, Value};
+    let store = common::sample_store();
+    let server = common::start(&store, |s| s.shard_max_resources = 5_000).await;
+    let client = common::client();
+    let views: Vec<(&str, Value)> = four_views()
+        .into_iter()
+        .map(|(name, mut view)| {
+            for column in view["select"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .flat_map(|s| s["column"].as_array_mut().unwrap())
+            {
+                if column["name"] == "value" || column["name"] == "component_value" {
+                    column["type"] = "decimal".into();
+                }
+            }
+            (name, view)
+        })
+        .collect();
+    let parameter: Vec<Value> = views
+        .iter()
+        .map(|(name, view)| json!({"name": "view", "part": [{"name": "name", "valueString": name}, {"name": "viewResource", "resource": view}]}))
+        .chain([json!({"name": "_format", "valueCode": "parquet"})])
+        .collect();
+    let url = format!("{}/$viewdefinition-export", server.base);
+    let manifest = common::post_export(
+        &client,
+        &url,
+        json!({"resourceType": "Parameters", "parameter": parameter}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = 0;
+    for file in manifest["output"].as_array().unwrap() {
+        let url = file["url"].as_str().unwrap();
+        let name = url.rsplit('/').next().unwrap();
+        assert!(name.ends_with(".parquet"), "{name}");
+        let bytes = client.get(url).send().await.unwrap().bytes().await.unwrap();
+        std::fs::write(dir.path().join(name), &bytes).unwrap();
+        files += 1;
+    }
+    assert!(files >= 4, "a file a view at least");
+    let stored = common::stored_resources(&store);
+    for (name, definition) in &views {
+        let view = View::parse(definition).unwrap();
+        let mut want: Vec<String> = Vec::new();
+        for ((resource_type, _), json) in &stored {
+            if *resource_type != view.resource {
+                continue;
+            }
+            for row in rows_of(&view, json.as_bytes()).unwrap() {
+                let cells: Vec<Value> = row
+                    .into_iter()
+                    .zip(view.columns())
+                    .map(
+                        |((_, value), column)| match (&value, column.ty.as_deref()) {
+                            (Value::Null, _) => Value::Null,
+                            (_, Some("decimal")) => value,
+                            (Value::String(_), _) => value,
+                            (other, _) => other.to_string().into(),
+                        },
+                    )
+                    .collect();
+                want.push(as_doubles(Value::Array(cells)).to_string());
+            }
+        }
+        want.sort();
+        let got = duckdb_rows(&dir.path().join(format!("{name}*.parquet")));
+        assert_eq!(got.len(), want.len(), "{name}: rows");
+        let differ = got.iter().zip(&want).find(|(g, w)| g != w);
+        assert!(
+            differ.is_none(),
+            "{name}: DuckDB reads {differ:?} (left) where the engine gives the right"
+        );
+    }
+}
+
+/// The rows DuckDB reads from the Parquet files matching `pattern`, each a JSON array, sorted.
+fn duckdb_rows(pattern: &std::path::Path) -> Vec<String> {
+    let script = r#"
+import duckdb, json, sys
+rows = duckdb.sql(f"SELECT * FROM read_parquet('{sys.argv[1]}')").fetchall()
+for row in rows:
+    print(json.dumps(list(row), separators=(",", ":"), ensure_ascii=False))
+"#;
+    let output = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(pattern)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "DuckDB (pip install -r tests/views/requirements.txt): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut rows: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// The value with every number as a double (a Parquet DOUBLE reads back as `3.0` where the
+/// engine's decimal is `3`).
+fn as_doubles(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Number(number) => serde_json::Value::from(number.as_f64().unwrap()),
+        serde_json::Value::Array(items) => items.into_iter().map(as_doubles).collect(),
+        other => other,
+    }
 }

@@ -17,7 +17,7 @@ use crate::views::View;
 #[serde(rename_all = "camelCase")]
 pub struct ViewExport {
     pub views: Vec<NamedView>,
-    /// `csv` or `ndjson`.
+    /// `csv`, `ndjson` or `parquet`.
     pub format: String,
     /// CSV: a header line at the top of every file.
     pub header: bool,
@@ -42,6 +42,7 @@ impl ViewExport {
     pub fn row_format(&self) -> Format {
         match self.format.as_str() {
             "ndjson" => Format::Ndjson,
+            "parquet" => Format::Parquet,
             _ => Format::Csv {
                 header: self.header,
             },
@@ -171,16 +172,10 @@ fn output_format(text: &str) -> Result<String, RequestError> {
         "ndjson" | "application/x-ndjson" | "application/ndjson" | "application/fhir+ndjson" => {
             Ok("ndjson".into())
         }
-        "parquet" | "application/vnd.apache.parquet" => Err(RequestError {
-            not_supported: true,
-            ..invalid(
-                "_format",
-                "_format parquet is not supported yet: give csv or ndjson",
-            )
-        }),
+        "parquet" | "application/vnd.apache.parquet" => Ok("parquet".into()),
         other => Err(invalid(
             "_format",
-            format!("_format {other:?} is not csv or ndjson"),
+            format!("_format {other:?} is not csv, ndjson or parquet"),
         )),
     }
 }

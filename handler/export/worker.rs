@@ -316,7 +316,8 @@ async fn write_files(
         .name;
         writer = writer
             .as_table(extension, line_end, header)
-            .listed_in(ManifestList::Output, name);
+            .listed_in(ManifestList::Output, name)
+            .gzip(exports.limits.gzip_files && *format != crate::views::write::Format::Parquet);
     }
     let job_id = job.id.clone();
     let scope = job.scope.clone();
@@ -417,19 +418,7 @@ fn scan_kind(
     let (listed, what) = match kind {
         ShardKind::View => {
             let (view, format) = view.expect("a view shard has its view");
-            return source.scan(request, &mut |resource| {
-                going_on()?;
-                let rows = crate::views::rows_of(view, resource).map_err(|error| {
-                    SinkError::Permanent(format!(
-                        "view {}: {error}",
-                        view.name.as_deref().unwrap_or(&view.resource)
-                    ))
-                })?;
-                for row in &rows {
-                    writer.push(&crate::views::write::line(*format, row))?;
-                }
-                Ok(())
-            });
+            return view_rows(source, request, (view, *format), writer, &going_on);
         }
         ShardKind::Resources => {
             return source.scan(request, &mut |resource| {
@@ -467,6 +456,39 @@ fn scan_kind(
         }
         listed => listed,
     }
+}
+
+/// A view shard's scan: each resource's rows written as lines, or into Parquet files (ended at
+/// the scan's end or pause, so that a continuation starts a new file).
+fn view_rows(
+    source: &dyn crate::source::ResourceSource,
+    request: &ScanRequest<'_>,
+    (view, format): (&crate::views::View, crate::views::write::Format),
+    writer: &mut RollingNdjsonWriter,
+    going_on: &dyn Fn() -> Result<(), SinkError>,
+) -> Result<Scanned, ScanError> {
+    let mut parquet = (format == crate::views::write::Format::Parquet)
+        .then(|| crate::views::parquet::ParquetRows::new(view));
+    let scanned = source.scan(request, &mut |resource| {
+        going_on()?;
+        let rows = crate::views::rows_of(view, resource).map_err(|error| {
+            let name = view.name.as_deref().unwrap_or(&view.resource);
+            SinkError::Permanent(format!("view {name}: {error}"))
+        })?;
+        for row in rows {
+            match parquet.as_mut() {
+                Some(parquet) => parquet.push(row, writer)?,
+                None => writer.push(&crate::views::write::line(format, &row))?,
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(parquet) = parquet.as_mut() {
+        parquet
+            .finish(writer)
+            .map_err(|e| ScanError::Sink(SinkError::Storage(e)))?;
+    }
+    Ok(scanned)
 }
 
 /// A view shard's view and the format of its rows.

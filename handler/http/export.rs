@@ -396,7 +396,9 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let missing = || ApiError::not_found(format!("no export file {path:?}"));
     let deid_container = &api.exports.limits.deid.container;
-    let servable = (path.ends_with(".ndjson") || path.ends_with(".csv"))
+    let servable = [".ndjson", ".csv", ".parquet"]
+        .iter()
+        .any(|extension| path.ends_with(extension))
         && !path.starts_with(&format!("{JOBS_CONTAINER}/"))
         && !path.starts_with(&format!("{deid_container}/"))
         && crate::storage::validate_path(path).is_ok();
@@ -442,9 +444,10 @@ pub async fn download(
         _ => warp::reply::stream(stream).into_response(),
     };
     let headers = response.headers_mut();
-    let content_type = match path.trim_end_matches(".gz").ends_with(".csv") {
-        true => "text/csv",
-        false => NDJSON,
+    let content_type = match path.rsplit('.').next() {
+        Some("csv") => "text/csv",
+        Some("parquet") => "application/vnd.apache.parquet",
+        _ => NDJSON,
     };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));

@@ -198,9 +198,44 @@ impl RollingNdjsonWriter {
         self.block_header = None;
     }
 
+    /// Appends bytes of a file that is not made of lines (a Parquet file's pages), holding `rows`
+    /// rows; [`Self::roll`] ends the file.
+    pub fn raw(&mut self, bytes: &[u8], rows: u64) -> Result<(), StorageError> {
+        self.open_if_none()?;
+        self.append(bytes)?;
+        self.file_bytes += bytes.len() as u64;
+        self.file_count += rows;
+        Ok(())
+    }
+
+    /// Ends the open file (the next bytes go to a new one).
+    pub fn roll(&mut self) -> Result<(), StorageError> {
+        self.close_file()
+    }
+
+    /// The bytes the open file holds so far.
+    pub fn file_bytes(&self) -> u64 {
+        self.file_bytes
+    }
+
+    /// The size past which files are rolled.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// Writes one line to the open file, opening the next file first when none is.
     fn line(&mut self, resource: &[u8]) -> Result<(), StorageError> {
-        let line_bytes = resource.len() as u64 + 1;
+        let line_bytes = (resource.len() + self.line_end.len()) as u64;
+        self.open_if_none()?;
+        self.append(resource)?;
+        self.append(self.line_end)?;
+        self.file_bytes += line_bytes;
+        self.file_count += 1;
+        Ok(())
+    }
+
+    /// Opens the next file (with its header line, if any) when none is open.
+    fn open_if_none(&mut self) -> Result<(), StorageError> {
         if self.current.is_none() {
             self.file_number += 1;
             let path = self.current_path();
@@ -216,10 +251,6 @@ impl RollingNdjsonWriter {
                 self.file_bytes += (header.len() + self.line_end.len()) as u64;
             }
         }
-        self.append(resource)?;
-        self.append(self.line_end)?;
-        self.file_bytes += line_bytes;
-        self.file_count += 1;
         Ok(())
     }
 
@@ -274,7 +305,8 @@ impl RollingNdjsonWriter {
         let number = name.strip_prefix(stem)?.strip_prefix('-')?;
         let number = number
             .strip_suffix(".ndjson")
-            .or_else(|| number.strip_suffix(".csv"))?;
+            .or_else(|| number.strip_suffix(".csv"))
+            .or_else(|| number.strip_suffix(".parquet"))?;
         let digits = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
         digits.then(|| number.parse().ok()).flatten()
     }

@@ -4,6 +4,7 @@
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
+use super::parquet::{FileSink, ParquetRows};
 use super::write::{self, Format};
 use super::{rows_of, View};
 
@@ -29,6 +30,7 @@ pub fn run_view_over_files(
     let view = View::parse(&json).map_err(|e| anyhow::anyhow!("{}: {e}", view_path.display()))?;
     let names: Vec<&str> = view.columns().iter().map(|c| c.name.as_str()).collect();
     write::header(out, format, &names)?;
+    let mut parquet = (format == Format::Parquet).then(|| ParquetRows::new(&view));
     let mut summary = RunSummary::default();
     for input in inputs {
         let file = std::fs::File::open(input)
@@ -47,11 +49,17 @@ pub fn run_view_over_files(
             summary.resources += 1;
             let rows = rows_of(&view, &line)
                 .map_err(|e| anyhow::anyhow!("{}:{}: {e}", input.display(), number + 1))?;
-            for row in &rows {
-                write::row(out, format, row)?;
+            for row in rows {
+                match parquet.as_mut() {
+                    Some(parquet) => parquet.push(row, &mut FileSink(&mut *out))?,
+                    None => write::row(out, format, &row)?,
+                }
                 summary.rows += 1;
             }
         }
+    }
+    if let Some(parquet) = parquet.as_mut() {
+        parquet.finish(&mut FileSink(&mut *out))?;
     }
     out.flush()?;
     Ok(summary)

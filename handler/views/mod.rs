@@ -8,6 +8,7 @@
 
 mod definition;
 pub mod files;
+pub mod parquet;
 mod rows;
 pub mod suite;
 pub mod write;

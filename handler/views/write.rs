@@ -9,13 +9,17 @@ use super::Row;
 /// The formats a view's rows are written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    Csv { header: bool },
+    Csv {
+        header: bool,
+    },
     Ndjson,
+    /// Parquet files (see `parquet`): not lines, written by `parquet::ParquetRows`.
+    Parquet,
 }
 
 impl Format {
-    /// `csv`, `ndjson` or their media types (`text/csv`, `application/x-ndjson`,
-    /// `application/ndjson`, `application/fhir+ndjson`).
+    /// `csv`, `ndjson`, `parquet` or their media types (`text/csv`, `application/x-ndjson`,
+    /// `application/ndjson`, `application/fhir+ndjson`, `application/vnd.apache.parquet`).
     pub fn parse(text: &str) -> Option<Format> {
         Some(match text {
             "csv" | "text/csv" => Format::Csv { header: true },
@@ -23,6 +27,7 @@ impl Format {
             | "application/x-ndjson"
             | "application/ndjson"
             | "application/fhir+ndjson" => Format::Ndjson,
+            "parquet" | "application/vnd.apache.parquet" => Format::Parquet,
             _ => return None,
         })
     }
@@ -33,6 +38,7 @@ pub fn file_kind(format: Format) -> (&'static str, &'static [u8]) {
     match format {
         Format::Csv { .. } => ("csv", b"\r\n"),
         Format::Ndjson => ("ndjson", b"\n"),
+        Format::Parquet => ("parquet", b""),
     }
 }
 
@@ -58,6 +64,7 @@ pub fn line(format: Format, row: &Row) -> Vec<u8> {
             let cells: Vec<String> = row.iter().map(|(_, value)| csv_cell(value)).collect();
             cells.join(",").into_bytes()
         }
+        Format::Parquet => unreachable!("Parquet rows are written by ParquetRows, not as lines"),
     }
 }
 

@@ -285,48 +285,14 @@ async fn lines_by_view(
     lines
 }
 
-/// The four views of the HTTP test and the bench.
+/// The four views of the HTTP tests and the bench (`tests/views/four-views.json`), in order.
 fn four_views() -> Vec<(&'static str, serde_json::Value)> {
-    let view = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
-    vec![
-        (
-            "patients",
-            view(
-                r#"{"resourceType":"ViewDefinition","resource":"Patient","status":"active","select":[{"column":[
-            {"name":"id","path":"getResourceKey()"},{"name":"gender","path":"gender"},{"name":"birth_date","path":"birthDate"},
-            {"name":"family","path":"name.first().family"},{"name":"given","path":"name.first().given.join(' ')"}]}]}"#,
-            ),
-        ),
-        (
-            "observations",
-            view(
-                r#"{"resourceType":"ViewDefinition","resource":"Observation","status":"active","select":[{"column":[
-            {"name":"id","path":"getResourceKey()"},{"name":"patient","path":"subject.getReferenceKey(Patient)"},
-            {"name":"code","path":"code.coding.first().code"},{"name":"effective","path":"effective.ofType(dateTime)"},
-            {"name":"value","path":"value.ofType(Quantity).value"},{"name":"unit","path":"value.ofType(Quantity).unit"}]},
-            {"forEachOrNull":"component","column":[{"name":"component_code","path":"code.coding.first().code"},
-            {"name":"component_value","path":"value.ofType(Quantity).value"}]}]}"#,
-            ),
-        ),
-        (
-            "conditions",
-            view(
-                r#"{"resourceType":"ViewDefinition","resource":"Condition","status":"active","select":[{"column":[
-            {"name":"id","path":"getResourceKey()"},{"name":"patient","path":"subject.getReferenceKey(Patient)"},
-            {"name":"code","path":"code.coding.first().code"},{"name":"onset","path":"onset.ofType(dateTime)"},
-            {"name":"clinical_status","path":"clinicalStatus.coding.first().code"}]}]}"#,
-            ),
-        ),
-        (
-            "encounters",
-            view(
-                r#"{"resourceType":"ViewDefinition","resource":"Encounter","status":"active","select":[{"column":[
-            {"name":"id","path":"getResourceKey()"},{"name":"patient","path":"subject.getReferenceKey(Patient)"},
-            {"name":"class","path":"class.code"},{"name":"start","path":"period.start"},{"name":"end","path":"period.end"},
-            {"name":"type","path":"type.first().coding.first().code"}]}]}"#,
-            ),
-        ),
-    ]
+    let views: serde_json::Value =
+        serde_json::from_str(include_str!("views/four-views.json")).unwrap();
+    ["patients", "observations", "conditions", "encounters"]
+        .into_iter()
+        .map(|name| (name, views[name].clone()))
+        .collect()
 }
 
 /// `_format=parquet`: the files are Parquet that DuckDB (a reader other than the writer's code)
@@ -451,5 +417,55 @@ fn as_doubles(value: serde_json::Value) -> serde_json::Value {
         serde_json::Value::Number(number) => serde_json::Value::from(number.as_f64().unwrap()),
         serde_json::Value::Array(items) => items.into_iter().map(as_doubles).collect(),
         other => other,
+    }
+}
+
+/// The four views exported from Medplum's FHIR router as the source equal those from the
+/// embedded store holding the same resources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_exports_from_medplum_equal_those_from_the_embedded_store() {
+    use fhir_export::config::{SourceAuth, SourceSetting};
+    use serde_json::{json, Value};
+    let store = common::sample_store();
+    let dir = tempfile::tempdir().unwrap();
+    let mut per_type: std::collections::BTreeMap<String, String> = Default::default();
+    for ((resource_type, _), json) in common::stored_resources(&store) {
+        if ["Patient", "Observation", "Condition", "Encounter"].contains(&resource_type.as_str()) {
+            let file = per_type.entry(resource_type).or_default();
+            file.push_str(&json);
+            file.push('\n');
+        }
+    }
+    for (resource_type, text) in &per_type {
+        std::fs::write(dir.path().join(format!("{resource_type}.ndjson")), text).unwrap();
+    }
+    let medplum = common::medplum::Medplum::start(dir.path(), &[]);
+    let embedded = common::start(&store, |_| {}).await;
+    let url = medplum.base.clone();
+    let remote = common::start(&store, move |settings| {
+        settings.source = SourceSetting::Remote {
+            url,
+            auth: SourceAuth::None,
+        };
+    })
+    .await;
+    let client = common::client();
+    let parameter: Vec<Value> = four_views()
+        .iter()
+        .map(|(name, view)| json!({"name": "view", "part": [{"name": "name", "valueString": name}, {"name": "viewResource", "resource": view}]}))
+        .chain([json!({"name": "_format", "valueCode": "csv"})])
+        .collect();
+    let body = json!({"resourceType": "Parameters", "parameter": parameter});
+    let csv = fhir_export::views::write::Format::Csv { header: true };
+    let mut exported = Vec::new();
+    for server in [&embedded, &remote] {
+        let url = format!("{}/$viewdefinition-export", server.base);
+        let manifest = common::post_export(&client, &url, body.clone()).await;
+        exported.push(lines_by_view(&client, &manifest, csv).await);
+    }
+    assert_eq!(exported[0].len(), 4);
+    for (name, rows) in &exported[0] {
+        assert!(!rows.is_empty(), "{name}");
+        assert_eq!(exported[1].get(name), Some(rows), "{name}: Medplum's rows");
     }
 }

@@ -227,6 +227,34 @@ async fn view_exports_over_http_equal_the_engines_rows_in_each_format() {
     let manifest = common::post_export(&client, &url, body("csv", vec![since])).await;
     assert_eq!(manifest["output"], json!([]));
 
+    // A view stored in the views container, named by viewReference.
+    let stored_views = server.exports.join("views");
+    std::fs::create_dir_all(&stored_views).unwrap();
+    std::fs::write(stored_views.join("kept.json"), views[0].1.to_string()).unwrap();
+    let by_reference = |reference: &str| {
+        json!({"resourceType": "Parameters", "parameter": [
+        {"name": "view", "part": [{"name": "name", "valueString": "patients"}, {"name": "viewReference", "valueReference": {"reference": reference}}]},
+        {"name": "_format", "valueCode": "ndjson"}]})
+    };
+    let manifest = common::post_export(&client, &url, by_reference("ViewDefinition/kept")).await;
+    let got = lines_by_view(&client, &manifest, write::Format::Ndjson).await;
+    assert_eq!(
+        got.get("patients"),
+        expected(write::Format::Ndjson, &|_| true).get("patients")
+    );
+    for reference in ["ViewDefinition/missing", "ViewDefinition/../x"] {
+        let answer = client
+            .post(&url)
+            .header("Accept", "application/fhir+json")
+            .header("Prefer", "respond-async")
+            .json(&by_reference(reference))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{reference}");
+        assert!(answer.text().await.unwrap().contains("viewReference"));
+    }
+
     // A view the engine cannot run is refused at kickoff, naming the element.
     let bad = json!({"resourceType": "Parameters", "parameter": [{"name": "view", "part": [{"name": "viewResource", "resource": {"resource": "Patient", "select": [{"column": [{"name": "x", "path": "name.nope("}]}]}}]}]});
     let answer = client

@@ -5,12 +5,70 @@
 //! their media types) and `header` say how rows are written.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::request::{invalid, RequestError};
 use super::{ExportRequest, Level};
 use crate::views::write::Format;
 use crate::views::View;
+
+/// The container (locally: the folder of the exports folder) a `viewReference` names a view in:
+/// `ViewDefinition/{name}` is the blob `views/{name}.json`.
+pub const VIEWS_CONTAINER: &str = "views";
+
+/// Replaces each `view.viewReference` of a `$viewdefinition-export` body by the `viewResource`
+/// stored in the views container, so that the body names every view inline.
+pub async fn with_referenced_views(
+    storage: &dyn crate::storage::ObjectStore,
+    body: &[u8],
+) -> Result<Vec<u8>, super::ExportError> {
+    let Ok(mut parameters) = serde_json::from_slice::<Value>(body) else {
+        return Ok(body.to_vec());
+    };
+    let mut changed = false;
+    let views = parameters["parameter"].as_array_mut().into_iter().flatten();
+    for (index, view) in views.filter(|p| p["name"] == "view").enumerate() {
+        for part in view["part"].as_array_mut().into_iter().flatten() {
+            if part["name"] != "viewReference" {
+                continue;
+            }
+            let reference = part["valueReference"]["reference"]
+                .as_str()
+                .unwrap_or_default();
+            let name = reference
+                .strip_prefix("ViewDefinition/")
+                .unwrap_or(reference);
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                && !name.starts_with('.');
+            if !valid {
+                let message = format!(
+                    "view[{index}].viewReference {reference:?} is not ViewDefinition/{{name}}"
+                );
+                return Err(invalid("view", message).into());
+            }
+            let path = format!("{VIEWS_CONTAINER}/{name}.json");
+            let Some((bytes, _)) = storage.get(&path).await? else {
+                let message = format!("view[{index}].viewReference: no view {path:?} is stored");
+                return Err(invalid("view", message).into());
+            };
+            let resource: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                invalid(
+                    "view",
+                    format!("view[{index}].viewReference: {path} is not JSON: {e}"),
+                )
+            })?;
+            *part = json!({"name": "viewResource", "resource": resource});
+            changed = true;
+        }
+    }
+    Ok(match changed {
+        true => serde_json::to_vec(&parameters).expect("JSON"),
+        false => body.to_vec(),
+    })
+}
 
 /// The views a job writes, and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,13 +249,10 @@ fn named_view(parameter: &Value, index: usize) -> Result<NamedView, RequestError
             "name" => name = primitive(part),
             "viewResource" => definition = Some(part["resource"].clone()),
             "viewReference" => {
-                return Err(RequestError {
-                    not_supported: true,
-                    ..invalid(
-                        "view",
-                        format!("{at}.viewReference: give the view inline as viewResource"),
-                    )
-                })
+                return Err(invalid(
+                    "view",
+                    format!("{at}.viewReference was not resolved"),
+                ))
             }
             other => {
                 return Err(invalid(

@@ -77,7 +77,9 @@ pub async fn kickoff_views(
         accept: header(header::ACCEPT),
         prefer,
     })?;
-    let mut export = crate::export::views::from_parameters(&request.body)?;
+    let storage = api.exports.storage.as_ref();
+    let body = crate::export::views::with_referenced_views(storage, &request.body).await?;
+    let mut export = crate::export::views::from_parameters(&body)?;
     export.separate_export_status = wants_separate_status(prefer);
     limit_to_readable(caller, &mut export)?;
     let base = base_url(api, request);
@@ -401,6 +403,7 @@ pub async fn download(
         .any(|extension| path.ends_with(extension))
         && !path.starts_with(&format!("{JOBS_CONTAINER}/"))
         && !path.starts_with(&format!("{deid_container}/"))
+        && !path.starts_with(&format!("{}/", crate::export::views::VIEWS_CONTAINER))
         && crate::storage::validate_path(path).is_ok();
     if !servable {
         return Err(missing());

@@ -9,21 +9,13 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::search::{invalid, page_size};
 use super::{json_response, ApiError, FHIR_JSON};
 use crate::export::ExportError;
 use crate::fhir::{IssueType, OperationOutcome};
 use crate::source::{HistoryRequest, ResourceSource, SourceError, Version};
 
 const DEFAULT_COUNT: usize = 100;
-const MAX_COUNT: usize = 1000;
-
-fn invalid(parameter: &str, message: String) -> ApiError {
-    ApiError {
-        status: StatusCode::BAD_REQUEST,
-        outcome: OperationOutcome::parameter_error(IssueType::Invalid, parameter, message),
-        headers: Vec::new(),
-    }
-}
 
 /// A history request's parameters.
 struct Query {
@@ -50,13 +42,7 @@ fn parse(query: &str) -> Result<Query, ApiError> {
                 parsed.since = Some(instant.with_timezone(&Utc));
             }
             "_count" => {
-                parsed.count = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_COUNT).contains(n))
-                    .ok_or_else(|| {
-                        invalid("_count", format!("_count={value:?}: give 1 to {MAX_COUNT}"))
-                    })?;
+                parsed.count = page_size(&value)?;
             }
             "_cursor" => parsed.cursor = Some(value.into_owned()),
             other => {

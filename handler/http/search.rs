@@ -21,7 +21,7 @@ use crate::source::{PatientScope, ResourceSource, ScanError, ScanRequest, SinkEr
 const DEFAULT_COUNT: usize = 100;
 const MAX_COUNT: usize = 1000;
 
-fn invalid(parameter: &str, message: String) -> ApiError {
+pub(super) fn invalid(parameter: &str, message: String) -> ApiError {
     ApiError {
         status: StatusCode::BAD_REQUEST,
         outcome: crate::fhir::OperationOutcome::parameter_error(
@@ -31,6 +31,15 @@ fn invalid(parameter: &str, message: String) -> ApiError {
         ),
         headers: Vec::new(),
     }
+}
+
+/// A `_count` of a search or history page: 1 to `MAX_COUNT`.
+pub(super) fn page_size(value: &str) -> Result<usize, ApiError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_COUNT).contains(n))
+        .ok_or_else(|| invalid("_count", format!("_count={value:?}: give 1 to {MAX_COUNT}")))
 }
 
 pub async fn read(
@@ -85,13 +94,7 @@ fn parse(resource_type: &str, query: &str) -> Result<Search, ApiError> {
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         match name.as_ref() {
             "_count" => {
-                search.count = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_COUNT).contains(n))
-                    .ok_or_else(|| {
-                        invalid("_count", format!("_count={value:?}: give 1 to {MAX_COUNT}"))
-                    })?;
+                search.count = page_size(&value)?;
                 continue;
             }
             "_summary" => {

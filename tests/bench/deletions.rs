@@ -15,33 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{free_port, handler, Serve};
-
-fn run(mut command: Command) {
-    let status = command.stdout(Stdio::null()).status().unwrap();
-    assert!(status.success(), "{command:?} failed");
-}
-
-fn start_serve(store: &Path, exports: &Path) -> (Serve, String) {
-    let port = free_port();
-    let child = handler()
-        .args(["serve", "--port", &port.to_string()])
-        .arg("--store")
-        .arg(store)
-        .arg("--exports")
-        .arg(exports)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Serve(child), base)
-}
+use support::{free_port, handler, manifest_after, run, start_serve, Serve};
 
 /// Kickoff to manifest: (seconds, resources in `output`, deletions in `deleted`, `error` files).
 async fn time_export(client: &reqwest::Client, url: &str) -> (f64, u64, u64, usize) {
@@ -53,19 +27,7 @@ async fn time_export(client: &reqwest::Client, url: &str) -> (f64, u64, u64, usi
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 202, "{url}");
-    let status = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let manifest: Value = loop {
-        let response = client.get(&status).send().await.unwrap();
-        match response.status().as_u16() {
-            200 => break response.json().await.unwrap(),
-            202 => tokio::time::sleep(Duration::from_millis(5)).await,
-            other => panic!("{url}: {other} {}", response.text().await.unwrap()),
-        }
-    };
+    let manifest = manifest_after(client, response).await;
     let seconds = started.elapsed().as_secs_f64();
     let count = |list: &str| -> u64 {
         manifest[list]
@@ -198,7 +160,7 @@ fn main() {
     let mut best_without = 0.0;
     for (label, store) in [("updates", &with_updates), ("+deleted", &with_deletions)] {
         let exports = dir.join(format!("exports-{label}"));
-        let (serve, base) = start_serve(store, &exports);
+        let (serve, base) = start_serve(store, &exports, &[]);
         let mut times = Vec::new();
         let mut counted = (0, 0);
         for _ in 0..runs {

@@ -16,18 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{free_port, handler, Serve};
+use support::{handler, peak_rss_mb, start_serve};
 
-/// Peak resident memory (VmHWM) of a running process, in MB.
-fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
+/// The small exports started while measuring must not meet the limit of running exports.
+const UNLIMITED: &[&str] = &["--max-running-exports", "10000"];
 
 /// Runs a command to completion; returns (seconds, peak RSS in MB, stdout). The child is reaped
 /// with `wait4`, which gives its exact end and its own peak RSS, rather than polling it.
@@ -201,40 +193,6 @@ fn cat_seconds(files: &[PathBuf], dir: &Path) -> f64 {
     seconds
 }
 
-/// `handler serve` on `store` writing to `exports`, with `extra` arguments, once it listens; and
-/// its base URL.
-fn start_serve(store: &Path, exports: &Path, extra: &[&str]) -> (Serve, String) {
-    let port = free_port();
-    let port_text = port.to_string();
-    let mut args = vec![
-        "serve",
-        "--port",
-        &port_text,
-        "--store",
-        store.to_str().unwrap(),
-        "--exports",
-        exports.to_str().unwrap(),
-        // The small exports started while measuring must not meet the limit.
-        "--max-running-exports",
-        "10000",
-    ];
-    args.extend_from_slice(extra);
-    let serve = Serve(
-        handler()
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (serve, format!("http://127.0.0.1:{port}"))
-}
-
 /// The HIPAA Safe Harbor sample configuration of Microsoft's anonymizer (from `../shared`), or,
 /// without it, a configuration with the same kinds of rules.
 fn hipaa_config() -> Vec<u8> {
@@ -357,7 +315,7 @@ fn main() {
         settle();
 
         let exports = dir.join("exports");
-        let (serve, base) = start_serve(&store, &exports, &[]);
+        let (serve, base) = start_serve(&store, &exports, UNLIMITED);
         let figures = runtime.block_on(export(&base, &exports, ""));
         let serve_rss = peak_rss_mb(serve.0.id());
         let plain = runtime.block_on(download_all(&figures.urls, false));
@@ -369,7 +327,11 @@ fn main() {
         settle();
         // The same export with files stored gzip-compressed.
         let gzip_exports = dir.join("exports-gzip");
-        let (serve, gzip_base) = start_serve(&store, &gzip_exports, &["--compression", "gzip"]);
+        let (serve, gzip_base) = start_serve(
+            &store,
+            &gzip_exports,
+            &[UNLIMITED, &["--compression", "gzip"]].concat(),
+        );
         let stored = runtime.block_on(export(&gzip_base, &gzip_exports, ""));
         let stored_plain = runtime.block_on(download_all(&stored.urls, false));
         let stored_gzip = runtime.block_on(download_all(&stored.urls, true));
@@ -387,7 +349,7 @@ fn main() {
         let config_dir = deid_exports.join("anonymization");
         std::fs::create_dir_all(&config_dir).unwrap();
         std::fs::write(config_dir.join("hipaa.json"), &hipaa).unwrap();
-        let (serve, deid_base) = start_serve(&store, &deid_exports, &[]);
+        let (serve, deid_base) = start_serve(&store, &deid_exports, UNLIMITED);
         let deid = runtime.block_on(export(
             &deid_base,
             &deid_exports,

@@ -9,28 +9,12 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
-use support::{free_port, handler, Serve};
+use support::{handler, manifest_after, peak_rss_mb, run, start_serve};
 
 const VIEWS: &str = include_str!("../views/four-views.json");
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn run(mut command: std::process::Command) {
-    let status = command.stdout(Stdio::null()).status().unwrap();
-    assert!(status.success(), "{command:?} failed");
-}
 
 /// Kickoff to manifest: (seconds, rows written).
 async fn export(client: &reqwest::Client, base: &str, format: &str) -> (f64, u64) {
@@ -51,19 +35,7 @@ async fn export(client: &reqwest::Client, base: &str, format: &str) -> (f64, u64
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 202);
-    let status = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let manifest: Value = loop {
-        let response = client.get(&status).send().await.unwrap();
-        match response.status().as_u16() {
-            200 => break response.json().await.unwrap(),
-            202 => tokio::time::sleep(Duration::from_millis(5)).await,
-            other => panic!("{other}: {}", response.text().await.unwrap()),
-        }
-    };
+    let manifest = manifest_after(client, response).await;
     let rows = manifest["output"]
         .as_array()
         .unwrap()
@@ -132,23 +104,8 @@ fn main() {
             .unwrap()
         };
         for format in ["csv", "parquet"] {
-            let port = free_port();
             let exports = dir.join(format!("exports-{format}"));
-            let child = handler()
-                .args(["serve", "--port", &port.to_string()])
-                .arg("--store")
-                .arg(&store)
-                .arg("--exports")
-                .arg(&exports)
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            let serve = Serve(child);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let base = format!("http://127.0.0.1:{port}");
+            let (serve, base) = start_serve(&store, &exports, &[]);
             let (seconds, rows) = runtime.block_on(export(&client, &base, format));
             let rss = peak_rss_mb(serve.0.id());
             println!(

@@ -32,6 +32,8 @@ pub struct ExportOptions {
     pub out: PathBuf,
     pub resume: Option<String>,
     pub bearer_token: Option<String>,
+    /// Bulk Data STU4: `$export-v4` kicked off by POST of a `Parameters` body.
+    pub stu4: bool,
 }
 
 #[derive(Debug, Default)]
@@ -85,51 +87,90 @@ fn authorized(
     }
 }
 
-/// The kickoff URL and query for the options.
-pub fn kickoff_url(options: &ExportOptions) -> anyhow::Result<String> {
+/// The kickoff's parameters, in order, each value on its own (`_type` once per type).
+fn kickoff_parameters(options: &ExportOptions) -> anyhow::Result<Vec<(&'static str, &str)>> {
+    if options.anonymization_config_etag.is_some() && options.anonymization_config.is_none() {
+        bail!("--anonymization-config-etag needs --anonymization-config");
+    }
+    let mut parameters = Vec::new();
+    parameters.extend(options.types.iter().map(|t| ("_type", t.as_str())));
+    parameters.extend(options.since.as_deref().map(|s| ("_since", s)));
+    parameters.extend(
+        options
+            .type_filters
+            .iter()
+            .map(|f| ("_typeFilter", f.as_str())),
+    );
+    parameters.extend(options.container.as_deref().map(|c| ("_container", c)));
+    let config = options.anonymization_config.as_deref();
+    parameters.extend(config.map(|c| ("_anonymizationConfig", c)));
+    let etag = options.anonymization_config_etag.as_deref();
+    parameters.extend(etag.map(|e| ("_anonymizationConfigEtag", e)));
+    Ok(parameters)
+}
+
+/// The kickoff URL for the options' level and version, without a query.
+fn operation_url(options: &ExportOptions) -> anyhow::Result<String> {
     let base = options.base_url.trim_end_matches('/');
+    let operation = if options.stu4 {
+        "$export-v4"
+    } else {
+        "$export"
+    };
     let path = match options.level.as_str() {
-        "system" | "" => "$export".to_string(),
-        "patient" => "Patient/$export".to_string(),
+        "system" | "" => operation.to_string(),
+        "patient" => format!("Patient/{operation}"),
         level => match level.strip_prefix("group:") {
-            Some(id) if !id.is_empty() => format!("Group/{id}/$export"),
+            Some(id) if !id.is_empty() => format!("Group/{id}/{operation}"),
             _ => bail!("--level must be system, patient or group:ID (got {level:?})"),
         },
     };
+    Ok(format!("{base}/{path}"))
+}
+
+/// The STU3 kickoff URL and query for the options (`_type` as one comma list).
+pub fn kickoff_url(options: &ExportOptions) -> anyhow::Result<String> {
+    let url = operation_url(options)?;
     let mut query = form_urlencoded::Serializer::new(String::new());
     if !options.types.is_empty() {
         query.append_pair("_type", &options.types.join(","));
     }
-    if let Some(since) = &options.since {
-        query.append_pair("_since", since);
-    }
-    for filter in &options.type_filters {
-        query.append_pair("_typeFilter", filter);
-    }
-    if let Some(container) = &options.container {
-        query.append_pair("_container", container);
-    }
-    if options.anonymization_config_etag.is_some() && options.anonymization_config.is_none() {
-        bail!("--anonymization-config-etag needs --anonymization-config");
-    }
-    if let Some(config) = &options.anonymization_config {
-        query.append_pair("_anonymizationConfig", config);
-    }
-    if let Some(etag) = &options.anonymization_config_etag {
-        query.append_pair("_anonymizationConfigEtag", etag);
+    for (name, value) in kickoff_parameters(options)? {
+        if name != "_type" {
+            query.append_pair(name, value);
+        }
     }
     let query = query.finish();
     Ok(if query.is_empty() {
-        format!("{base}/{path}")
+        url
     } else {
-        format!("{base}/{path}?{query}")
+        format!("{url}?{query}")
     })
 }
 
+/// The STU4 kickoff: the URL, and the `Parameters` body with each value a parameter of its own,
+/// `_since` as an instant.
+pub fn stu4_kickoff(options: &ExportOptions) -> anyhow::Result<(String, Value)> {
+    let parameter: Vec<Value> = kickoff_parameters(options)?
+        .into_iter()
+        .map(|(name, value)| match name {
+            "_since" => serde_json::json!({"name": name, "valueInstant": value}),
+            _ => serde_json::json!({"name": name, "valueString": value}),
+        })
+        .collect();
+    let body = serde_json::json!({"resourceType": "Parameters", "parameter": parameter});
+    Ok((operation_url(options)?, body))
+}
+
 async fn kickoff(client: &reqwest::Client, options: &ExportOptions) -> anyhow::Result<String> {
-    let url = kickoff_url(options)?;
-    let request = client
-        .get(&url)
+    let (url, request) = if options.stu4 {
+        let (url, body) = stu4_kickoff(options)?;
+        (url.clone(), client.post(url).json(&body))
+    } else {
+        let url = kickoff_url(options)?;
+        (url.clone(), client.get(url))
+    };
+    let request = request
         .header(header::ACCEPT, "application/fhir+json")
         .header("Prefer", "respond-async");
     let response = authorized(request, options)
@@ -257,7 +298,8 @@ async fn download_all(
         .await
         .with_context(|| format!("creating {}", options.out.display()))?;
     let mut files: Vec<(String, u64)> = Vec::new();
-    for section in ["output", "error"] {
+    // STU4 names STU3's `error` list `outcome`; `deleted` lists the deletions since `_since`.
+    for section in ["output", "deleted", "error", "outcome"] {
         for item in manifest
             .get(section)
             .and_then(Value::as_array)
@@ -458,6 +500,29 @@ mod tests {
             "http://h/fhir/Patient/$export?_container=deid\
              &_anonymizationConfig=hipaa%2Fsafe+harbor.json&_anonymizationConfigEtag=%220x8D%22"
         );
+        options.stu4 = true;
+        options.types = vec!["Patient".into(), "Observation".into()];
+        options.since = Some("2020-01-01T00:00:00Z".into());
+        let (url, body) = stu4_kickoff(&options).unwrap();
+        assert_eq!(url, "http://h/fhir/Patient/$export-v4");
+        let names: Vec<&str> = body["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "_type",
+                "_type",
+                "_since",
+                "_container",
+                "_anonymizationConfig",
+                "_anonymizationConfigEtag"
+            ]
+        );
+        assert_eq!(body["parameter"][2]["valueInstant"], "2020-01-01T00:00:00Z");
         options.anonymization_config = None;
         assert!(kickoff_url(&options).is_err());
         options.anonymization_config_etag = None;

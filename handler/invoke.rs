@@ -2,7 +2,7 @@
 //!
 //! Functions with bindings other than plain HTTP arrive as `POST /{FunctionName}` carrying
 //! `{Data, Metadata}` and are answered with `{Outputs, Logs, ReturnValue}`:
-//! - `SystemExport`, `PatientExport`, `GroupExport`: HTTP kickoff; `Outputs.res` is the HTTP answer,
+//! - `SystemExport`, `PatientExport`, `GroupExport` (and their `V4`s), `ViewExport`: HTTP kickoff; `Outputs.res` is the HTTP answer,
 //!   `Outputs.shards` the job's planning message for the Service Bus output binding.
 //! - `ShardWorker`: one Service Bus message: a job's planning (its shards go out as
 //!   `Outputs.shards`) or one shard. A failed shard's retry waits in its state, not in the queue.
@@ -34,10 +34,14 @@ pub const SHARDS_OUTPUT: &str = "shards";
 pub const SHARD_WORKER: &str = "ShardWorker";
 pub const STALE_SWEEPER: &str = "StaleSweeper";
 /// Kickoff functions and the route each serves.
-pub const KICKOFF_FUNCTIONS: [(&str, &str); 3] = [
+pub const KICKOFF_FUNCTIONS: [(&str, &str); 7] = [
     ("SystemExport", "$export"),
     ("PatientExport", "Patient/$export"),
     ("GroupExport", "Group/{id}/$export"),
+    ("SystemExportV4", "$export-v4"),
+    ("PatientExportV4", "Patient/$export-v4"),
+    ("GroupExportV4", "Group/{id}/$export-v4"),
+    ("ViewExport", "$viewdefinition-export"),
 ];
 /// Largest payload accepted from the host (a kickoff body is at most 1 MiB, encoded in JSON).
 const MAX_PAYLOAD_BYTES: u64 = 8 << 20;
@@ -115,14 +119,14 @@ pub async fn serve_custom_handler(
     // Kickoffs arrive as invocations of their functions (which carry the Service Bus output);
     // a raw request for one on this port has no queue to send its shards to.
     let raw_kickoff = warp::path::full().and_then(|path: warp::path::FullPath| async move {
-            let is_kickoff = path
-                .as_str()
-                .rsplit('/')
-                .next()
-                .is_some_and(|last| last == "$export" || last == "%24export");
+            let last = path.as_str().rsplit('/').next().unwrap_or_default();
+            let last = percent_encoding::percent_decode_str(last).decode_utf8_lossy();
+            let is_kickoff = KICKOFF_FUNCTIONS
+                .iter()
+                .any(|(_, route)| route.rsplit('/').next() == Some(last.as_ref()));
             match is_kickoff {
                 true => Ok(outcome_response(&ApiError::not_found(
-                    "a kickoff reaches this handler as an invocation of SystemExport, PatientExport or GroupExport, not as a forwarded request",
+                    "a kickoff reaches this handler as an invocation of its function (SystemExport, PatientExport, GroupExport, their V4s, ViewExport), not as a forwarded request",
                 ))),
                 false => Err(warp::reject::not_found()),
             }

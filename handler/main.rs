@@ -168,6 +168,10 @@ struct ExportArgs {
     /// Bearer token sent with every request.
     #[arg(long, env = "FHIR_BEARER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The Bulk Data version to speak: 3 (`$export`, GET with a query) or 4 (`$export-v4`, the
+    /// STU4 ballot: POST of a Parameters body).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=4))]
+    version: u8,
 }
 
 #[derive(Args)]
@@ -488,6 +492,7 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         out: args.out,
         resume: args.resume,
         bearer_token: args.token,
+        stu4: args.version == 4,
     };
     let out = options.out.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()

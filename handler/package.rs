@@ -12,7 +12,7 @@ use zip::{CompressionMethod, ZipWriter};
 pub const HOST_JSON: &str = include_str!("../host.json");
 
 /// `(function name, function.json)` for every function of the app.
-pub const FUNCTIONS: [(&str, &str); 9] = [
+pub const FUNCTIONS: [(&str, &str); 13] = [
     (
         "SystemExport",
         include_str!("../functions/SystemExport/function.json"),
@@ -24,6 +24,22 @@ pub const FUNCTIONS: [(&str, &str); 9] = [
     (
         "GroupExport",
         include_str!("../functions/GroupExport/function.json"),
+    ),
+    (
+        "SystemExportV4",
+        include_str!("../functions/SystemExportV4/function.json"),
+    ),
+    (
+        "PatientExportV4",
+        include_str!("../functions/PatientExportV4/function.json"),
+    ),
+    (
+        "GroupExportV4",
+        include_str!("../functions/GroupExportV4/function.json"),
+    ),
+    (
+        "ViewExport",
+        include_str!("../functions/ViewExport/function.json"),
     ),
     (
         "ExportStatus",

@@ -161,6 +161,12 @@ async fn invoke(handler: &Handler, function: &str, payload: &Value) -> (u16, Val
 /// returns the job id and the shard messages the planning sent.
 async fn kickoff(handler: &Handler, function: &str, path_and_query: &str) -> (String, Vec<Value>) {
     let (id, sent) = kickoff_unplanned(handler, function, path_and_query).await;
+    let shards = plan(handler, &sent).await;
+    (id, shards)
+}
+
+/// Runs a kickoff's planning message; returns the shard messages it sent.
+async fn plan(handler: &Handler, sent: &[Value]) -> Vec<Value> {
     let (status, planned) = invoke(
         handler,
         "ShardWorker",
@@ -168,8 +174,7 @@ async fn kickoff(handler: &Handler, function: &str, path_and_query: &str) -> (St
     )
     .await;
     assert_eq!(status, 200, "{planned}");
-    let shards = planned["Outputs"]["shards"].as_array().unwrap().clone();
-    (id, shards)
+    planned["Outputs"]["shards"].as_array().unwrap().clone()
 }
 
 /// Kicks off through the payload protocol: the job id, and the one planning message it sent.
@@ -178,12 +183,20 @@ async fn kickoff_unplanned(
     function: &str,
     path_and_query: &str,
 ) -> (String, Vec<Value>) {
-    let (status, body) = invoke(
-        handler,
-        function,
-        &http_payload(function, "GET", path_and_query, kickoff_headers(), ""),
-    )
-    .await;
+    kickoff_request(handler, function, "GET", path_and_query, "").await
+}
+
+/// A kickoff by `method` with `body`, through the payload protocol: the job id, and the one
+/// planning message it sent.
+async fn kickoff_request(
+    handler: &Handler,
+    function: &str,
+    method: &str,
+    path_and_query: &str,
+    body: &str,
+) -> (String, Vec<Value>) {
+    let payload = http_payload(function, method, path_and_query, kickoff_headers(), body);
+    let (status, body) = invoke(handler, function, &payload).await;
     assert_eq!(status, 200, "{body}");
     let res = &body["Outputs"]["res"];
     assert_eq!(res["statusCode"], 202, "{body}");
@@ -749,6 +762,134 @@ async fn storage_that_refuses_access_gives_an_operation_outcome() {
 
     let status = forwarded_status(&handler, "0123456789abcdef0123456789abcdef").await;
     assert_eq!(status.status(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_export_through_the_host_protocol_reads_a_stored_view_and_writes_csv_blobs() {
+    let sas = azurite::sas_url();
+    let handler = start_handler(&sas, &[]).await;
+    let store = store(&sas);
+    // A view stored in the views container, as a user uploads it, named by viewReference.
+    let name = azurite::unique_container("patients");
+    let view = json!({"resourceType": "ViewDefinition", "resource": "Patient", "status": "active",
+        "select": [{"column": [{"name": "id", "path": "getResourceKey()"}, {"name": "gender", "path": "gender"}]}]});
+    store
+        .put(
+            &format!("views/{name}.json"),
+            view.to_string().into(),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let body = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "view", "part": [{"name": "name", "valueString": "patients"},
+            {"name": "viewReference", "valueReference": {"reference": format!("ViewDefinition/{name}")}}]},
+        {"name": "_format", "valueCode": "csv"}]});
+    let (id, sent) = kickoff_request(
+        &handler,
+        "ViewExport",
+        "POST",
+        "/$viewdefinition-export",
+        &body.to_string(),
+    )
+    .await;
+    let shards = plan(&handler, &sent).await;
+    assert_eq!(shards.len(), 1, "one shard: one view over one type");
+    run_shards(&handler, &shards).await;
+    let done = forwarded_status(&handler, &id).await;
+    assert_eq!(done.status(), 200);
+    let manifest: Value = done.json().await.unwrap();
+    assert_eq!(
+        manifest["output"].as_array().unwrap().len(),
+        1,
+        "{manifest}"
+    );
+    let output = &manifest["output"][0];
+    assert_eq!(output["name"], "patients");
+    let url = output["url"].as_str().unwrap();
+    let path = url.strip_prefix(&format!("{PUBLIC}/_exports/")).unwrap();
+    assert!(path.ends_with(".csv"), "{path}");
+    let text = blob_text(&store, path).await;
+    let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+    assert_eq!(lines.next(), Some("id,gender"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 100, "one row a patient of the sample");
+    assert_eq!(output["count"], 100);
+    assert!(rows
+        .iter()
+        .all(|row| row.ends_with(",male") || row.ends_with(",female")));
+
+    // A reference to a view that is not stored is refused at kickoff, in the function's answer.
+    let missing = json!({"resourceType": "Parameters", "parameter": [{"name": "view", "part": [
+        {"name": "viewReference", "valueReference": {"reference": "ViewDefinition/not-stored"}}]}]});
+    let payload = http_payload(
+        "ViewExport",
+        "POST",
+        "/$viewdefinition-export",
+        kickoff_headers(),
+        &missing.to_string(),
+    );
+    let (status, answer) = invoke(&handler, "ViewExport", &payload).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["Outputs"]["res"]["statusCode"], 400, "{answer}");
+    assert_eq!(answer["Outputs"]["shards"], json!([]), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_stu4_export_through_the_host_protocol_is_a_post_and_answers_the_stu4_manifest() {
+    let sas = azurite::sas_url();
+    let handler = start_handler(&sas, &[]).await;
+    let body = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Patient"},
+        {"name": "_maximumFileSize", "valuePositiveInt": 65536}]});
+    let (id, sent) = kickoff_request(
+        &handler,
+        "PatientExportV4",
+        "POST",
+        "/Patient/$export-v4",
+        &body.to_string(),
+    )
+    .await;
+    run_shards(&handler, &plan(&handler, &sent).await).await;
+    let done = forwarded_status(&handler, &id).await;
+    assert_eq!(done.status(), 200);
+    let manifest: Value = done.json().await.unwrap();
+    assert_eq!(
+        manifest["manifestType"],
+        "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkDataManifest"
+    );
+    assert!(manifest.get("request").is_none() && manifest.get("error").is_none());
+    let store = store(&sas);
+    let mut patients = 0;
+    for output in manifest["output"].as_array().unwrap() {
+        let path = output["url"]
+            .as_str()
+            .unwrap()
+            .strip_prefix(&format!("{PUBLIC}/_exports/"))
+            .unwrap();
+        let text = blob_text(&store, path).await;
+        assert_eq!(output["fileSize"], text.len() as u64);
+        assert!(text.len() <= 65536, "{path}: {} bytes", text.len());
+        patients += text.lines().count();
+    }
+    assert_eq!(patients, 100);
+    assert!(
+        manifest["output"].as_array().unwrap().len() > 1,
+        "rolled at 64 KiB"
+    );
+
+    // A GET is refused in the function's answer, and sends no work.
+    let get = http_payload(
+        "SystemExportV4",
+        "GET",
+        "/$export-v4",
+        kickoff_headers(),
+        "",
+    );
+    let (status, answer) = invoke(&handler, "SystemExportV4", &get).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["Outputs"]["res"]["statusCode"], 405, "{answer}");
+    assert_eq!(answer["Outputs"]["shards"], json!([]), "{answer}");
 }
 
 #[test]

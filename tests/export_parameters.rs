@@ -525,8 +525,34 @@ async fn metadata_and_smart_configuration_describe_the_service() {
         .iter()
         .map(|o| o["name"].as_str().unwrap())
         .collect();
-    assert_eq!(operations, HashSet::from(["export"]));
-    for (resource_type, operation) in [("Patient", "patient-export"), ("Group", "group-export")] {
+    assert_eq!(operations, HashSet::from(["export", "export-v4"]));
+    // "a Data Provider supporting two versions of Group-level export could advertise: name
+    // export, definition ...group-export|3.0.0; name export-v4, definition ...group-export|4.0.0"
+    let ig = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition";
+    let advertised = |operations: &Value| -> Vec<(String, String)> {
+        operations
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["name"].as_str().unwrap().to_string(),
+                    o["definition"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let both = |definition: &str| {
+        vec![
+            ("export".to_string(), format!("{ig}/{definition}|3.0.0")),
+            ("export-v4".to_string(), format!("{ig}/{definition}|4.0.0")),
+        ]
+    };
+    assert_eq!(
+        advertised(&statement["rest"][0]["operation"]),
+        both("export")
+    );
+    for (resource_type, definition) in [("Patient", "patient-export"), ("Group", "group-export")] {
         let resource = statement["rest"][0]["resource"]
             .as_array()
             .unwrap()
@@ -534,7 +560,8 @@ async fn metadata_and_smart_configuration_describe_the_service() {
             .find(|r| r["type"] == resource_type)
             .unwrap();
         assert_eq!(
-            resource["operation"][0]["name"], operation,
+            advertised(&resource["operation"]),
+            both(definition),
             "{resource_type}"
         );
     }

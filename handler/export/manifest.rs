@@ -5,6 +5,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
 use super::schema::Job;
+use super::version::{BulkVersion, MANIFEST_TYPE};
 use crate::fhir::OperationOutcome;
 use crate::storage::{ManifestList, OutputFile};
 
@@ -36,56 +37,119 @@ pub fn file_url(base_url: &str, path: &str) -> String {
 
 /// The manifest of a job listing `outputs` (all of them once its shards are done, in shard order;
 /// a page's share for a client that allows partial manifests) each in its list, and the job's
-/// notes file.
+/// notes file; shaped as the job's Bulk Data version has it.
 pub fn build(job: &Job, outputs: &[OutputFile]) -> Value {
-    let organized_by = job.request.organize_output_by.as_deref();
-    let views = job.request.views.as_ref();
-    let entry = |file: &OutputFile| {
-        let mut entry = json!({"url": file_url(&job.base_url, &file.path), "count": file.count});
-        // Organized output names no type for its blocks of many types; a view's rows are named
-        // by the view.
-        match (views, organized_by) {
-            (Some(_), _) if file.list.is_output() => {
-                entry["name"] = file.resource_type.clone().into()
-            }
-            (_, Some(_)) if file.list.is_output() => {}
-            _ => entry["type"] = file.resource_type.clone().into(),
-        }
-        if let Some(next) = &file.continues_in {
-            entry["continuesInFile"] = file_url(&job.base_url, next).into();
-        }
-        entry
-    };
-    let listed = |list: ManifestList| -> Vec<Value> {
-        outputs
-            .iter()
-            .filter(|file| file.list == list)
-            .map(entry)
-            .collect()
-    };
-    let notes = notes_file(job).map(|(file, _)| entry(&file));
-    let error: Vec<Value> = notes
-        .into_iter()
-        .chain(listed(ManifestList::Error))
+    let notes = notes_file(job).map(|(file, _)| file);
+    let outcomes: Vec<&OutputFile> = notes
+        .iter()
+        .chain(outputs.iter().filter(|f| f.list == ManifestList::Error))
         .collect();
-    let mut manifest = json!({
-        "transactionTime": job.transaction_time.to_rfc3339_opts(SecondsFormat::Millis, true),
-        "request": job.request_url,
-        "requiresAccessToken": job.owner.is_some(),
-        "output": listed(ManifestList::Output),
-        "deleted": listed(ManifestList::Deleted),
-        "error": error,
-    });
-    if let Some(organized_by) = organized_by {
-        manifest["outputOrganizedBy"] = organized_by.into();
+    let listed = |list: ManifestList| outputs.iter().filter(move |file| file.list == list);
+    let output: Vec<Value> = listed(ManifestList::Output)
+        .map(|f| output_entry(job, f))
+        .collect();
+    let mut manifest = match job.request.version {
+        BulkVersion::Stu3 => json!({
+            "transactionTime": transaction_time(job),
+            "request": job.request_url,
+            "requiresAccessToken": job.owner.is_some(),
+            "output": output,
+            "deleted": listed(ManifestList::Deleted).map(|f| stu3_entry(job, f)).collect::<Vec<_>>(),
+            "error": outcomes.iter().map(|f| stu3_entry(job, f)).collect::<Vec<_>>(),
+        }),
+        // The BulkDataManifest logical model: no `request`, `outcome` for `error`, `fileSize` on
+        // every file; the lists other than `output` only when they list a file.
+        BulkVersion::Stu4 => {
+            let mut manifest = json!({
+                "manifestType": MANIFEST_TYPE,
+                "transactionTime": transaction_time(job),
+                "requiresAccessToken": job.owner.is_some(),
+                "outputFormat": "application/fhir+ndjson",
+                "output": output,
+            });
+            let deleted: Vec<Value> = listed(ManifestList::Deleted)
+                .map(|f| file_entry(job, f))
+                .collect();
+            if !deleted.is_empty() {
+                manifest["deleted"] = deleted.into();
+            }
+            if !outcomes.is_empty() {
+                let outcome = outcomes
+                    .iter()
+                    .map(|f| outcome_entry(job, f, notes.as_ref()))
+                    .collect::<Vec<_>>();
+                manifest["outcome"] = outcome.into();
+            }
+            manifest
+        }
+    };
+    if let Some(organized_by) = &job.request.organize_output_by {
+        manifest["outputOrganizedBy"] = organized_by.clone().into();
     }
-    if let Some(views) = views {
+    if let Some(views) = &job.request.views {
         manifest["_format"] = views.format.clone().into();
         if let Some(tracking) = &views.client_tracking_id {
             manifest["clientTrackingId"] = tracking.clone().into();
         }
     }
     manifest
+}
+
+fn transaction_time(job: &Job) -> String {
+    job.transaction_time
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A file of `output`: its type (organized output names none for its blocks of many types; a
+/// view's rows are named by the view), and where a resource block cut at its end goes on.
+fn output_entry(job: &Job, file: &OutputFile) -> Value {
+    let mut entry = match job.request.version {
+        BulkVersion::Stu3 => {
+            json!({"url": file_url(&job.base_url, &file.path), "count": file.count})
+        }
+        BulkVersion::Stu4 => file_entry(job, file),
+    };
+    if job.request.views.is_some() {
+        entry["name"] = file.resource_type.clone().into();
+    } else if job.request.organize_output_by.is_none() {
+        entry["type"] = file.resource_type.clone().into();
+    }
+    if let Some(next) = &file.continues_in {
+        entry["continuesInFile"] = file_url(&job.base_url, next).into();
+    }
+    entry
+}
+
+/// A file of STU3's `deleted` or `error`: its URL, its count and what type its lines are.
+fn stu3_entry(job: &Job, file: &OutputFile) -> Value {
+    json!({"url": file_url(&job.base_url, &file.path), "count": file.count, "type": file.resource_type})
+}
+
+/// A file of STU4's manifest: URL, count and size. The size is the NDJSON's, whether the file is
+/// stored compressed or not (what a client reads, and what `_maximumFileSize` bounds).
+fn file_entry(job: &Job, file: &OutputFile) -> Value {
+    json!({"url": file_url(&job.base_url, &file.path), "count": file.count, "fileSize": file.bytes})
+}
+
+/// A file of STU4's `outcome`, with its OperationOutcomes counted by severity: the notes file
+/// holds the lenient-handling notes (information) and planning errors (error); every other
+/// outcome file a shard's errors.
+fn outcome_entry(job: &Job, file: &OutputFile, notes: Option<&OutputFile>) -> Value {
+    let mut entry = file_entry(job, file);
+    let counts: Vec<(&str, usize)> = match notes {
+        Some(notes) if notes.path == file.path => vec![
+            ("information", job.request.notes.len()),
+            ("error", job.planning_errors.len()),
+        ],
+        _ => vec![("error", file.count as usize)],
+    };
+    entry["countSeverity"] = counts
+        .into_iter()
+        .filter(|(_, count)| *count > 0)
+        .map(|(code, count)| json!({"code": code, "count": count}))
+        .collect::<Vec<_>>()
+        .into();
+    entry
 }
 
 /// The job's lenient-handling notes as an NDJSON file of OperationOutcomes, when it has any: the

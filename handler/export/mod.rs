@@ -16,6 +16,7 @@ pub mod running;
 pub mod schema;
 pub mod shaping;
 pub mod state;
+pub mod version;
 pub mod views;
 pub mod worker;
 

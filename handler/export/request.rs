@@ -5,10 +5,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::layout::JOBS_CONTAINER;
+pub use super::version::BulkVersion;
 use crate::fhir::compartment::in_patient_compartment_definition;
 use crate::fhir::search::SearchQuery;
 use crate::fhir::types::is_resource_type;
 use crate::source::VersionKinds;
+
+/// The smallest `_maximumFileSize` taken: a smaller one would write a file for every resource.
+const MIN_MAXIMUM_FILE_BYTES: u64 = 1024;
 
 const NDJSON_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
@@ -82,6 +86,18 @@ pub struct ExportRequest {
     /// pinned at kickoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anonymization: Option<Anonymization>,
+    /// The Bulk Data version kicked off (`$export` STU3, `$export-v4` STU4): how the manifest is
+    /// shaped.
+    #[serde(default, skip_serializing_if = "BulkVersion::is_stu3")]
+    pub version: BulkVersion,
+    /// `_maximumFileSize` (STU4): files are rolled before they pass it (or the server's own
+    /// limit, when that is lower); only a single larger resource makes a larger file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_bytes: Option<u64>,
+    /// `_minimumFileSize` (STU4), checked and kept: files are filled to the maximum before they
+    /// roll, so every file but the last of a shard's type meets any minimum below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_file_bytes: Option<u64>,
 }
 
 /// The anonymization configuration an export names: a blob of the configurations container, and
@@ -198,21 +214,46 @@ fn check_output_format(value: &str) -> Result<(), RequestError> {
 }
 
 impl ExportRequest {
-    /// Parses a kickoff's parameters (`raw_query`: a query string without the `?`; a POST's
-    /// Parameters body arrives converted to one, with `via_post`).
+    /// Parses an STU3 kickoff's parameters (`raw_query`: a query string without the `?`; a
+    /// POST's Parameters body arrives converted to one, with `via_post`).
     pub fn from_query(
         level: Level,
         raw_query: &str,
         lenient: bool,
         via_post: bool,
     ) -> Result<Self, RequestError> {
+        let pairs = form_urlencoded::parse(raw_query.as_bytes()).into_owned();
+        Self::from_pairs(level, pairs, lenient, via_post, BulkVersion::Stu3)
+    }
+
+    /// Parses an STU4 (`$export-v4`) kickoff's `Parameters` body.
+    pub fn from_stu4_parameters(
+        level: Level,
+        body: &[u8],
+        lenient: bool,
+    ) -> Result<Self, RequestError> {
+        let pairs = super::version::stu4_parameters(body)?;
+        Self::from_pairs(level, pairs, lenient, true, BulkVersion::Stu4)
+    }
+
+    fn from_pairs(
+        level: Level,
+        pairs: impl IntoIterator<Item = (String, String)>,
+        lenient: bool,
+        via_post: bool,
+        version: BulkVersion,
+    ) -> Result<Self, RequestError> {
         let mut request = ExportRequest::at(level);
+        request.version = version;
         let mut anonymization_etag = None::<String>;
         let mut seen_until = None::<String>;
         let mut seen_once = Vec::<&'static str>::new();
         let mut filter_bytes = 0;
-        for (name, value) in form_urlencoded::parse(raw_query.as_bytes()) {
-            let (name, value) = (name.as_ref(), value.trim());
+        for (name, value) in pairs {
+            let (name, value) = (name.as_str(), value.trim());
+            if version == BulkVersion::Stu4 {
+                request.refuse_comma_list(name, value, lenient)?;
+            }
             if name.is_empty() {
                 return Err(invalid(
                     "query",
@@ -273,6 +314,9 @@ impl ExportRequest {
                     once(&mut seen_once, "organizeOutputBy")?;
                     request.organize_output_by(value, lenient)?;
                 }
+                "_maximumFileSize" | "_minimumFileSize" if version == BulkVersion::Stu4 => {
+                    request.set_file_size(name, value, &mut seen_once)?;
+                }
                 other => {
                     let message = format!("parameter {other} is not a Bulk Data export parameter");
                     let error = RequestError {
@@ -285,6 +329,7 @@ impl ExportRequest {
         }
         request.pin_anonymization_etag(anonymization_etag)?;
         request.check_window()?;
+        request.check_file_sizes()?;
         request.check_associated_data()?;
         if request.level.is_patient_scoped() || request.organize_output_by.is_some() {
             request.keep_patient_level_types(lenient)?;
@@ -313,6 +358,82 @@ impl ExportRequest {
             anonymization: None,
             versions: VersionKinds::default(),
             views: None,
+            version: BulkVersion::Stu3,
+            max_file_bytes: None,
+            min_file_bytes: None,
+        }
+    }
+
+    /// The size files are rolled at: the client's `_maximumFileSize` when it is below the
+    /// server's `limit`.
+    pub fn file_max_bytes(&self, limit: u64) -> u64 {
+        self.max_file_bytes.map_or(limit, |max| max.min(limit))
+    }
+
+    /// STU4 repeats a parameter for each value: "A Data Consumer SHALL NOT represent multiple
+    /// values by comma-delimiting them within a single parameter value." A comma list is refused;
+    /// under lenient handling it is read as STU3 reads it, with a note.
+    fn refuse_comma_list(
+        &mut self,
+        name: &str,
+        value: &str,
+        lenient: bool,
+    ) -> Result<(), RequestError> {
+        let is_list = match name {
+            "_type" | "_elements" | "includeAssociatedData" | "patient" => value.contains(','),
+            "_typeFilter" => split_queries(value).len() > 1,
+            _ => false,
+        };
+        if !is_list {
+            return Ok(());
+        }
+        let message = format!(
+            "{name} {value:?} is a comma-separated list; Bulk Data STU4 ($export-v4) takes one value per parameter, repeated"
+        );
+        if !lenient {
+            return Err(invalid(name, message));
+        }
+        self.notes
+            .push(format!("{message}; read as a list (handling=lenient)"));
+        Ok(())
+    }
+
+    /// `_maximumFileSize` or `_minimumFileSize`, in bytes, given once.
+    fn set_file_size(
+        &mut self,
+        name: &str,
+        value: &str,
+        seen_once: &mut Vec<&'static str>,
+    ) -> Result<(), RequestError> {
+        let bytes = value
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| invalid(name, format!("{name} {value:?} is not a positive integer")))?;
+        if name == "_maximumFileSize" {
+            once(seen_once, "_maximumFileSize")?;
+            if bytes < MIN_MAXIMUM_FILE_BYTES {
+                return Err(invalid(
+                    name,
+                    format!("_maximumFileSize {bytes} is below the {MIN_MAXIMUM_FILE_BYTES} bytes this server writes a file with at the least"),
+                ));
+            }
+            self.max_file_bytes = Some(bytes);
+        } else {
+            once(seen_once, "_minimumFileSize")?;
+            self.min_file_bytes = Some(bytes);
+        }
+        Ok(())
+    }
+
+    /// "[_maximumFileSize] SHALL be greater than `_minimumFileSize` if both are specified."
+    fn check_file_sizes(&self) -> Result<(), RequestError> {
+        match (self.min_file_bytes, self.max_file_bytes) {
+            (Some(min), Some(max)) if max <= min => Err(invalid(
+                "_maximumFileSize",
+                format!("_maximumFileSize {max} must be greater than _minimumFileSize {min}"),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -761,220 +882,4 @@ fn is_export_container_name(name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(query: &str) -> Result<ExportRequest, RequestError> {
-        ExportRequest::from_query(Level::System, query, false, false)
-    }
-
-    #[test]
-    fn types_merge_lists_and_repeats() {
-        let request = parse("_type=Patient,Observation&_type=Patient&_type=Encounter").unwrap();
-        assert_eq!(
-            request.types.unwrap(),
-            ["Patient", "Observation", "Encounter"]
-        );
-    }
-
-    #[test]
-    fn errors_name_the_parameter() {
-        for (query, parameter) in [
-            ("_type=Patient,Nope", "_type"),
-            ("_since=yesterday", "_since"),
-            ("_since=2020-01-01", "_since"),
-            ("_outputFormat=text/csv", "_outputFormat"),
-            ("_container=../x", "_container"),
-            ("_container=Upper", "_container"),
-            ("_container=fhir-export-jobs", "_container"),
-            ("_container=a--b", "_container"),
-            (
-                "_container=20261201t184500-0123456789abcdef0123456789abcdef",
-                "_container",
-            ),
-            ("patient=Patient/1", "patient"),
-            ("_typeFilter=Patient%3Fbogus%3Dtrue", "_typeFilter"),
-            ("_typeFilter=Observation", "_typeFilter"),
-            ("_elements=name.family", "_elements"),
-            ("_elements=Unicorn.id", "_elements"),
-            (
-                "includeAssociatedData=LatestProvenanceResources",
-                "includeAssociatedData",
-            ),
-            (
-                "includeAssociatedData=_history&_typeFilter=Patient%3Factive%3Dtrue",
-                "_typeFilter",
-            ),
-            ("_bogus=1", "_bogus"),
-            ("_type=", "_type"),
-            (
-                "_since=2020-01-02T00:00:00Z&_until=2020-01-01T00:00:00Z",
-                "_until",
-            ),
-            ("_since=2999-01-01T00:00:00Z", "_since"),
-            (
-                "_since=2020-01-01T00:00:00Z&_since=2021-01-01T00:00:00Z",
-                "_since",
-            ),
-        ] {
-            let error = parse(query).unwrap_err();
-            assert_eq!(error.parameter, parameter, "{query}");
-            assert!(
-                error.message.contains(parameter),
-                "{query}: {}",
-                error.message
-            );
-        }
-    }
-
-    #[test]
-    fn lenient_turns_unsupported_parameters_into_notes() {
-        let request = ExportRequest::from_query(
-            Level::System,
-            "_bogus=id&_type=Patient&includeAssociatedData=_history,RelevantProvenanceResources",
-            true,
-            false,
-        )
-        .unwrap();
-        assert_eq!(request.notes.len(), 2);
-        assert!(request.notes[0].contains("_bogus"));
-        assert!(request.notes[1].contains("RelevantProvenanceResources"));
-        assert!(request.versions.history && !request.versions.deleted);
-        let patient_level = ExportRequest::from_query(
-            Level::Patient,
-            "includeAssociatedData=_deleted",
-            true,
-            false,
-        );
-        assert_eq!(
-            patient_level.unwrap_err().parameter,
-            "includeAssociatedData"
-        );
-    }
-
-    #[test]
-    fn patient_level_parameters() {
-        let patient_level =
-            |query: &str, post: bool| ExportRequest::from_query(Level::Patient, query, false, post);
-        assert_eq!(
-            patient_level("patient=Patient/a,Patient/b&patient=Patient/a", true)
-                .unwrap()
-                .patients
-                .unwrap(),
-            ["a", "b"]
-        );
-        assert_eq!(
-            patient_level("patient=Patient/a", false)
-                .unwrap_err()
-                .parameter,
-            "patient"
-        );
-        assert_eq!(
-            patient_level("patient=Observation/a", true)
-                .unwrap_err()
-                .parameter,
-            "patient"
-        );
-        assert_eq!(
-            patient_level("_type=Organization", false)
-                .unwrap_err()
-                .parameter,
-            "_type"
-        );
-        assert_eq!(
-            patient_level("_type=Group", false).unwrap_err().parameter,
-            "_type"
-        );
-        assert!(patient_level("_type=Observation,Patient", false).is_ok());
-        let mixed = patient_level("_type=Observation,Organization,Group", false).unwrap();
-        assert_eq!(mixed.types.unwrap(), ["Observation"]);
-        assert_eq!(mixed.notes.len(), 1);
-        assert!(mixed.notes[0].contains("Organization, Group are not in the Patient compartment"));
-        let none_in_scope =
-            ExportRequest::from_query(Level::Patient, "_type=Organization", true, false).unwrap();
-        assert_eq!(none_in_scope.types.unwrap(), Vec::<String>::new());
-        assert!(none_in_scope.notes[0].contains("Organization"));
-    }
-
-    #[test]
-    fn privacy_parameters_are_never_ignored() {
-        for (query, parameter) in [
-            (
-                "_anonymizationConfigCollectionReference=x",
-                "_anonymizationConfigCollectionReference",
-            ),
-            ("_ANONYMIZATIONconfig=x", "_ANONYMIZATIONconfig"),
-            ("_anonymizationConfigEtag=x", "_anonymizationConfig"),
-            ("_anonymizationConfig=a/../b", "_anonymizationConfig"),
-            ("_anonymizationConfig=..", "_anonymizationConfig"),
-            (
-                "_anonymizationConfig=a&_anonymizationConfig=b",
-                "_anonymizationConfig",
-            ),
-        ] {
-            for lenient in [false, true] {
-                for level in [Level::System, Level::Patient, Level::Group("g".into())] {
-                    let error =
-                        ExportRequest::from_query(level, query, lenient, false).unwrap_err();
-                    assert_eq!(error.parameter, parameter, "{query}");
-                    assert!(error.message.contains(parameter), "{}", error.message);
-                }
-            }
-        }
-        let request =
-            parse("_anonymizationConfig=team/a.json&_anonymizationConfigEtag=0x8D").unwrap();
-        assert_eq!(
-            request.anonymization,
-            Some(Anonymization {
-                config: "team/a.json".into(),
-                etag: Some("\"0x8D\"".into())
-            })
-        );
-        let quoted =
-            parse("_anonymizationConfig=a.json&_anonymizationConfigEtag=%220x8D%22").unwrap();
-        assert_eq!(
-            quoted.anonymization.unwrap().etag.as_deref(),
-            Some("\"0x8D\"")
-        );
-    }
-
-    #[test]
-    fn type_filters_split_into_queries_and_elements_parse() {
-        let request = parse(
-            "_typeFilter=Observation%3Fcode%3D1%2C2,Condition%3Fcode%3D3&_elements=id,Patient.name",
-        )
-        .unwrap();
-        let filters: Vec<&str> = request.type_filters.iter().map(|q| q.as_str()).collect();
-        assert_eq!(filters, ["Observation?code=1,2", "Condition?code=3"]);
-        assert_eq!(request.filters_for("Observation").len(), 1);
-        assert_eq!(
-            split_queries("Observation?code=a, Condition ?code=b,c,Unicorn?x=1"),
-            ["Observation?code=a", "Condition ?code=b,c,Unicorn?x=1"]
-        );
-        assert_eq!(request.elements_for("Patient"), ["id", "name"]);
-        assert_eq!(request.elements_for("Observation"), ["id"]);
-    }
-
-    #[test]
-    fn headers_are_checked() {
-        let good = KickoffHeaders {
-            accept: Some("application/fhir+json"),
-            prefer: Some("respond-async"),
-        };
-        assert!(check_headers(&good).is_ok());
-        let no_prefer = KickoffHeaders {
-            prefer: None,
-            ..good.clone()
-        };
-        assert_eq!(check_headers(&no_prefer).unwrap_err().parameter, "Prefer");
-        let wrong_accept = KickoffHeaders {
-            accept: Some("text/html"),
-            ..good
-        };
-        assert_eq!(
-            check_headers(&wrong_accept).unwrap_err().parameter,
-            "Accept"
-        );
-        assert!(is_lenient(Some("respond-async, handling=lenient")));
-    }
-}
+mod tests;

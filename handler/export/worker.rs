@@ -299,7 +299,7 @@ async fn write_files(
         &job.output_folder,
         &spec.stem,
         &spec.resource_type,
-        exports.limits.file_max_bytes,
+        job.request.file_max_bytes(exports.limits.file_max_bytes),
     )
     .numbered_after(resume.files_before)
     .gzip(exports.limits.gzip_files);

@@ -12,40 +12,61 @@ use crate::auth::{AuthError, Caller};
 use crate::config::FileUrls;
 use crate::export::jobs::{is_job_id, JobStatus, JOBS_CONTAINER};
 use crate::export::request::{check_headers, is_lenient, wants_separate_status, KickoffHeaders};
+use crate::export::version::BulkVersion;
 use crate::export::{kickoff, pages, ExportRequest, Level};
 use crate::fault::Fault;
 use crate::fhir::IssueType;
 
+/// `[base]/$export` (STU3: GET, or POST of a Parameters body) and `[base]/$export-v4` (STU4:
+/// POST of a Parameters body) at each level.
 pub async fn kickoff(
     api: &Api,
     request: &Request,
     level: Level,
+    version: BulkVersion,
     caller: Option<&Caller>,
 ) -> Result<Response, ApiError> {
+    let prefer = checked_kickoff_headers(request)?;
+    let lenient = is_lenient(prefer.as_deref());
+    let via_post = request.method == Method::POST;
+    if via_post && !request.query.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            IssueType::Invalid,
+            "a POST kickoff takes its parameters in a Parameters body, not in the query string",
+        ));
+    }
+    let export = match version {
+        BulkVersion::Stu4 => ExportRequest::from_stu4_parameters(level, &request.body, lenient)?,
+        BulkVersion::Stu3 if via_post => {
+            let query = parameters::to_query(&request.body)?;
+            ExportRequest::from_query(level, &query, lenient, true)?
+        }
+        BulkVersion::Stu3 => ExportRequest::from_query(level, &request.query, lenient, false)?,
+    };
+    start_job(api, request, caller, export, prefer.as_deref(), lenient).await
+}
+
+/// The kickoff's `Prefer` header, once `Accept` and `Prefer` are checked.
+fn checked_kickoff_headers(request: &Request) -> Result<Option<String>, ApiError> {
     let header = |name: header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
     let prefer = header(header::HeaderName::from_static("prefer"));
     check_headers(&KickoffHeaders {
         accept: header(header::ACCEPT),
         prefer,
     })?;
-    let query = if request.method == Method::POST {
-        if !request.query.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                IssueType::Invalid,
-                "a POST kickoff takes its parameters in a Parameters body, not in the query string",
-            ));
-        }
-        parameters::to_query(&request.body)?
-    } else {
-        request.query.clone()
-    };
-    let mut export = ExportRequest::from_query(
-        level,
-        &query,
-        is_lenient(prefer),
-        request.method == Method::POST,
-    )?;
+    Ok(prefer.map(str::to_string))
+}
+
+/// Starts the job of a checked request for the caller: `202` with the status URL.
+async fn start_job(
+    api: &Api,
+    request: &Request,
+    caller: Option<&Caller>,
+    mut export: ExportRequest,
+    prefer: Option<&str>,
+    lenient: bool,
+) -> Result<Response, ApiError> {
     export.separate_export_status = wants_separate_status(prefer);
     limit_to_readable(caller, &mut export)?;
     let base = base_url(api, request);
@@ -54,7 +75,7 @@ pub async fn kickoff(
         false => format!("{base}{}?{}", request.path, request.query),
     };
     let owner = caller.map(|c| c.owner.clone());
-    let applied = preferences_applied(&export, is_lenient(prefer));
+    let applied = preferences_applied(&export, lenient);
     let job = kickoff::start(&api.exports, export, request_url, base.clone(), owner).await?;
     let mut response = empty_accepted();
     let location = format!("{base}/_operations/export/{}", job.id);
@@ -71,28 +92,12 @@ pub async fn kickoff_views(
     request: &Request,
     caller: Option<&Caller>,
 ) -> Result<Response, ApiError> {
-    let header = |name: header::HeaderName| request.headers.get(name).and_then(|v| v.to_str().ok());
-    let prefer = header(header::HeaderName::from_static("prefer"));
-    check_headers(&KickoffHeaders {
-        accept: header(header::ACCEPT),
-        prefer,
-    })?;
+    let prefer = checked_kickoff_headers(request)?;
     let storage = api.exports.storage.as_ref();
     let body = crate::export::views::with_referenced_views(storage, &request.body).await?;
-    let mut export = crate::export::views::from_parameters(&body)?;
-    export.separate_export_status = wants_separate_status(prefer);
-    limit_to_readable(caller, &mut export)?;
-    let base = base_url(api, request);
-    let request_url = format!("{base}{}", request.path);
-    let owner = caller.map(|c| c.owner.clone());
-    let applied = preferences_applied(&export, false);
-    let job = kickoff::start(&api.exports, export, request_url, base.clone(), owner).await?;
-    let mut response = empty_accepted();
-    let location = format!("{base}/_operations/export/{}", job.id);
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_LOCATION, header_value(&location));
-    headers.insert("preference-applied", header_value(&applied));
-    Ok(response)
+    let export = crate::export::views::from_parameters(&body)?;
+    // Views are checked strictly: handling=lenient is not applied to them.
+    start_job(api, request, caller, export, prefer.as_deref(), false).await
 }
 
 /// The `Prefer` tokens this kickoff honours (RFC 7240 `Preference-Applied`).
@@ -321,7 +326,7 @@ async fn with_signed_urls(api: &Api, base_url: &str, manifest: &[u8]) -> Result<
     let mut all_signed = true;
     // A file named twice (a `continuesInFile` and the next file's `url`) gets one URL.
     let mut signed = std::collections::HashMap::<String, Option<String>>::new();
-    for list in ["output", "deleted", "error"] {
+    for list in ["output", "deleted", "error", "outcome"] {
         let Some(files) = manifest.get_mut(list).and_then(|l| l.as_array_mut()) else {
             continue;
         };

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
+use crate::export::version::BulkVersion;
 use crate::fhir::search::{supported_parameters, Kind};
 
 const EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export";
@@ -16,6 +17,20 @@ const TYPE_FILTER_NOTE: &str = "_typeFilter supports, on every type, _id and _la
 /// What of each Bulk Data IG version the server does (clients of STU1 and STU2 never send what
 /// STU3 added, and see no change).
 const IG_FEATURES_NOTE: &str = "Bulk Data IG: STU1/STU2 (1.0, 2.0) $export at system, Patient and Group level with _type, _since, _typeFilter, _elements, patient, includeAssociatedData refused; STU3 (3.0.0) _until, Prefer: separate-export-status (X-Export-Status), gzip-compressed downloads (Accept-Encoding: gzip), allowPartialManifests (202 with the files finished so far; manifests in pages linked by next), organizeOutputBy=Patient (resource blocks, continuesInFile). Each STU3 feature only when the client asks for it: STU1/STU2 clients see no change.";
+
+/// What `$export-v4` (STU4, the 4.0.0 ballot) does, and the IG's Provenance rule, which this
+/// server does not follow (the IG allows saying so here).
+const STU4_NOTE: &str = "Bulk Data STU4 (4.0.0 ballot): $export-v4 at system, Patient and Group level, by POST of a Parameters body only; one value per parameter, repeated (a comma list is a 400, a note under handling=lenient); includeAssociatedData as valueCoding, patient as valueReference; _maximumFileSize (bytes, 1024 at the least; files never pass it or the server's own 64 MB limit, except a file holding a single larger resource); _minimumFileSize is checked and kept, and files are filled to the maximum before they roll, so each file but the last of a shard meets a minimum below it; the manifest is the BulkDataManifest logical model (manifestType, outputFormat, fileSize counting the NDJSON bytes, outcome with countSeverity, no request). Provenance: a Patient-level export includes the Provenance resources in the Patient compartment (Provenance.target names the patient), not those whose targets are only other resources of the patient; LatestProvenanceResources and RelevantProvenanceResources are refused (noted under handling=lenient). $export keeps STU3 (3.0.0) as it was.";
+
+/// The Bulk Data export of `definition` (an IG OperationDefinition), in each version served.
+fn export_operations(definition: &str) -> Value {
+    let versions = [BulkVersion::Stu3, BulkVersion::Stu4];
+    versions
+        .iter()
+        .map(|v| json!({"name": v.operation_name(), "definition": format!("{definition}|{}", v.definition_version())}))
+        .collect::<Vec<_>>()
+        .into()
+}
 
 /// Scopes a client may ask for: SMART v1 and v2 read scopes, for all types or one (`Patient` shown).
 const SCOPES: &[&str] = &[
@@ -57,13 +72,10 @@ pub fn capability_statement(base_url: &str, token_endpoint: Option<&str>) -> Vec
                 "searchParam": search_params,
                 "extension": [{"url": "https://github.com/fhir-export/typeFilter", "valueString": "searchParam lists the parameters _typeFilter supports for this type"}],
             });
-            let operation = match resource_type {
-                "Patient" => Some(json!([{"name": "patient-export", "definition": PATIENT_EXPORT}])),
-                "Group" => Some(json!([{"name": "group-export", "definition": GROUP_EXPORT}])),
-                _ => None,
-            };
-            if let Some(operation) = operation {
-                resource["operation"] = operation;
+            match resource_type {
+                "Patient" => resource["operation"] = export_operations(PATIENT_EXPORT),
+                "Group" => resource["operation"] = export_operations(GROUP_EXPORT),
+                _ => {}
             }
             resource
         })
@@ -80,10 +92,10 @@ pub fn capability_statement(base_url: &str, token_endpoint: Option<&str>) -> Vec
         "format": ["application/fhir+json"],
         "rest": [{
             "mode": "server",
-            "documentation": format!("{TYPE_FILTER_NOTE} {IG_FEATURES_NOTE}"),
+            "documentation": format!("{TYPE_FILTER_NOTE} {IG_FEATURES_NOTE} {STU4_NOTE}"),
             "resource": resources,
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
-            "operation": [{"name": "export", "definition": EXPORT}]
+            "operation": export_operations(EXPORT)
         }]
     });
     if let Some(token_endpoint) = token_endpoint {

@@ -2,7 +2,8 @@
 //!
 //! - `GET /metadata`
 //! - `GET /.well-known/smart-configuration`
-//! - `GET|POST /$export`, `/Patient/$export`, `/Group/{id}/$export` (kickoff)
+//! - `GET|POST /$export`, `/Patient/$export`, `/Group/{id}/$export` (kickoff, Bulk Data STU3);
+//!   `POST` of the same with `$export-v4` (STU4)
 //! - `GET|DELETE /_operations/export/{jobId}` (status, cancel)
 //! - `GET /_exports/{path}` (export files)
 //! - `GET /{type}/{id}`, `GET /{type}?...`, `GET /Patient/{id}/{type}?...` (FHIR read and search)
@@ -27,6 +28,7 @@ pub use error::ApiError;
 
 use crate::auth::{AuthError, Authenticator, Caller};
 use crate::config::FileUrls;
+use crate::export::version::BulkVersion;
 use crate::export::{Exports, Level};
 use crate::fhir::IssueType;
 
@@ -252,7 +254,7 @@ fn segments_of(path: &str) -> Vec<String> {
 enum Route<'a> {
     Metadata,
     SmartConfiguration,
-    Kickoff(Level),
+    Kickoff(Level, BulkVersion),
     /// `POST [base]/$viewdefinition-export` (SQL on FHIR v2).
     ViewExport,
     /// `GET` polls the status, `DELETE` cancels.
@@ -279,9 +281,15 @@ impl<'a> Route<'a> {
         Some(match segments.as_slice() {
             ["metadata"] => Route::Metadata,
             [".well-known", "smart-configuration"] => Route::SmartConfiguration,
-            ["$export"] => Route::Kickoff(Level::System),
-            ["Patient", "$export"] => Route::Kickoff(Level::Patient),
-            ["Group", id, "$export"] => Route::Kickoff(Level::Group(id.to_string())),
+            [operation] if let Some(version) = BulkVersion::of(operation) => {
+                Route::Kickoff(Level::System, version)
+            }
+            ["Patient", operation] if let Some(version) = BulkVersion::of(operation) => {
+                Route::Kickoff(Level::Patient, version)
+            }
+            ["Group", id, operation] if let Some(version) = BulkVersion::of(operation) => {
+                Route::Kickoff(Level::Group(id.to_string()), version)
+            }
             ["$viewdefinition-export"] | ["ViewDefinition", "$viewdefinition-export"] => {
                 Route::ViewExport
             }
@@ -312,7 +320,13 @@ impl<'a> Route<'a> {
 
     fn allows(&self, method: &Method) -> Result<(), ApiError> {
         match self {
-            Route::Kickoff(_) => only(method, &[Method::GET, Method::POST]),
+            Route::Kickoff(_, BulkVersion::Stu3) => only(method, &[Method::GET, Method::POST]),
+            Route::Kickoff(_, BulkVersion::Stu4) if *method == Method::POST => Ok(()),
+            Route::Kickoff(_, BulkVersion::Stu4) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                IssueType::NotSupported,
+                format!("Bulk Data STU4 ($export-v4) kicks off by POST with a FHIR Parameters body only; {method} is not allowed (a GET kickoff is STU3's, at $export)"),
+            )),
             Route::ViewExport => only(method, &[Method::POST]),
             Route::Job(_) => only(method, &[Method::GET, Method::DELETE]),
             _ => only(method, &[Method::GET]),
@@ -378,7 +392,9 @@ async fn route(
                 "this server runs without access control (no EXPORT_AUTH_ISSUER): there is no SMART configuration to discover",
             )),
         },
-        Route::Kickoff(level) => export::kickoff(api, request, level, caller).await,
+        Route::Kickoff(level, version) => {
+            export::kickoff(api, request, level, version, caller).await
+        }
         Route::ViewExport => export::kickoff_views(api, request, caller).await,
         Route::Job(id) if *method == Method::DELETE => export::cancel(api, id, caller).await,
         Route::Job(id) => export::status(api, id, &request.query, caller).await,

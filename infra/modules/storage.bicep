@@ -83,3 +83,10 @@ resource deidContainer 'Microsoft.Storage/storageAccounts/blobServices/container
   properties: { publicAccess: 'None' }
 }
 
+// Where users store SQL on FHIR views that $viewdefinition-export names by viewReference
+// (ViewDefinition/{name} is the blob {name}.json); read with the app's identity, as above.
+resource viewsContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: exportBlobs
+  name: 'views'
+  properties: { publicAccess: 'None' }
+}

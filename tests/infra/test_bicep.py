@@ -129,6 +129,17 @@ def test_storage_accounts_allow_no_shared_key_and_only_tls12():
         assert properties["supportsHttpsTrafficOnly"] is True
 
 
+def test_the_views_container_the_handler_reads_is_created_private_on_the_export_account():
+    handler_name = re.search(r'VIEWS_CONTAINER: &str = "([^"]+)"',
+                             (ROOT / "handler" / "export" / "views.rs").read_text()).group(1)
+    containers = [r for r in resources("modules/storage.bicep").values()
+                  if r["type"] == "Microsoft.Storage/storageAccounts/blobServices/containers"]
+    views = [c for c in containers if c["config"]["name"] == handler_name]
+    assert len(views) == 1, [c["config"]["name"] for c in containers]
+    assert views[0]["config"]["properties"]["publicAccess"] == "None"
+    assert views[0]["config"]["parent"] == "exportBlobs"
+
+
 def test_export_account_firewall_denies_by_default_but_lets_the_app_and_trusted_services_in():
     exports = resources("modules/storage.bicep")["exports"]["config"]["properties"]
     acls = exports["networkAcls"]

@@ -22,9 +22,124 @@ use crate::source::{
 };
 use crate::storage::{RollingNdjsonWriter, StorageError};
 
-/// Patients a shard reads at once: every type is one scan per batch (one batch in all where such
-/// a scan reads the whole type anyway).
+/// Patients a shard reads at once from a FHIR server: every type is one search per batch.
 const BATCH: usize = 100;
+
+/// A batch's resources are held in memory up to this size, then in a temporary file.
+const SPILL_IN_MEMORY: usize = 16 << 20;
+/// The spill file's write buffer, and about the most one read of it takes back (a longer run of
+/// adjacent resources is read in parts).
+const SPILL_BUFFER: usize = 1 << 20;
+const SPILL_RUN: u64 = 1 << 20;
+
+/// A batch's shaped resources between their scan and their blocks: in memory while they are few
+/// (a batch of Synthea patients holds about 50 MB), the rest in a temporary file, so that memory
+/// stays bounded whatever a batch holds.
+struct Spill {
+    /// What memory holds at the most.
+    memory_limit: usize,
+    memory: Vec<u8>,
+    file: Option<BufWriter<std::fs::File>>,
+    /// Bytes in the file (which starts where memory ends).
+    file_bytes: u64,
+    /// The file once written, to read back from.
+    reader: Option<std::fs::File>,
+    run: Vec<u8>,
+}
+
+impl Default for Spill {
+    fn default() -> Self {
+        Spill::holding_in_memory(SPILL_IN_MEMORY)
+    }
+}
+
+fn spill_error(e: std::io::Error) -> SinkError {
+    SinkError::from(StorageError::io("spill file", e))
+}
+
+impl Spill {
+    fn holding_in_memory(memory_limit: usize) -> Spill {
+        Spill {
+            memory_limit,
+            memory: Vec::new(),
+            file: None,
+            file_bytes: 0,
+            reader: None,
+            run: Vec::new(),
+        }
+    }
+
+    /// Adds `bytes`; returns where they start.
+    fn append(&mut self, bytes: &[u8]) -> Result<u64, SinkError> {
+        let offset = self.memory.len() as u64 + self.file_bytes;
+        if self.file.is_none() && self.memory.len() + bytes.len() <= self.memory_limit {
+            self.memory.extend_from_slice(bytes);
+            return Ok(offset);
+        }
+        if self.file.is_none() {
+            let file = tempfile::tempfile().map_err(spill_error)?;
+            self.file = Some(BufWriter::with_capacity(SPILL_BUFFER, file));
+        }
+        let file = self.file.as_mut().expect("opened above");
+        file.write_all(bytes).map_err(spill_error)?;
+        self.file_bytes += bytes.len() as u64;
+        Ok(offset)
+    }
+
+    /// The bytes from `start` to `end`: a slice of memory, or read back from the file (a run that
+    /// begins in memory and ends in the file is gathered from both).
+    fn read(&mut self, start: u64, end: u64) -> Result<&[u8], SinkError> {
+        let in_memory = self.memory.len() as u64;
+        if end <= in_memory {
+            return Ok(&self.memory[start as usize..end as usize]);
+        }
+        if start < in_memory {
+            // A run across the boundary: gathered from both.
+            self.run.clear();
+            self.run.extend_from_slice(&self.memory[start as usize..]);
+            let from_file = (end - in_memory) as usize;
+            let at = self.run.len();
+            self.run.resize(at + from_file, 0);
+            self.finish_writing()?;
+            let reader = self.reader.as_mut().expect("finished writing");
+            reader.seek(SeekFrom::Start(0)).map_err(spill_error)?;
+            reader
+                .read_exact(&mut self.run[at..])
+                .map_err(spill_error)?;
+            return Ok(&self.run);
+        }
+        self.run.resize((end - start) as usize, 0);
+        self.finish_writing()?;
+        let reader = self.reader.as_mut().expect("finished writing");
+        reader
+            .seek(SeekFrom::Start(start - in_memory))
+            .map_err(spill_error)?;
+        reader.read_exact(&mut self.run).map_err(spill_error)?;
+        Ok(&self.run)
+    }
+
+    /// Empties the spill for the next batch, keeping its memory.
+    fn clear(&mut self) {
+        self.memory.clear();
+        self.file = None;
+        self.file_bytes = 0;
+        self.reader = None;
+    }
+
+    /// Flushes the file, once all is written, to be read back from.
+    fn finish_writing(&mut self) -> Result<(), SinkError> {
+        if let Some(writer) = self.file.take() {
+            let file = writer
+                .into_inner()
+                .map_err(|e| spill_error(e.into_error()))?;
+            self.reader = Some(file);
+        }
+        match self.reader {
+            Some(_) => Ok(()),
+            None => Err(spill_error(std::io::Error::other("no spill file"))),
+        }
+    }
+}
 
 /// Patients per shard when the source cannot count its resources.
 const PATIENTS_PER_SHARD_UNCOUNTED: usize = 1_000;
@@ -203,6 +318,9 @@ pub struct BlockShard {
     until: DateTime<Utc>,
     snapshot: DateTime<Utc>,
     universe: Universe,
+    /// The batch's resources between their scan and their blocks (its memory kept from batch to
+    /// batch).
+    spill: Spill,
 }
 
 impl BlockShard {
@@ -254,6 +372,7 @@ impl BlockShard {
                 ranges,
                 loaded: HashMap::new(),
             },
+            spill: Spill::default(),
         })
     }
 
@@ -268,7 +387,7 @@ impl BlockShard {
     ) -> Result<Scanned, ScanError> {
         let mut count = 0;
         let patients = std::mem::take(&mut self.patients);
-        let batch = match source.patient_scans_read_whole_types() {
+        let batch = match source.patients_read_together() {
             true => patients.len().max(1),
             false => BATCH,
         };
@@ -298,15 +417,14 @@ impl BlockShard {
         writer: &mut RollingNdjsonWriter,
         go_on: &dyn Fn() -> bool,
     ) -> Result<u64, ScanError> {
-        let spill_error = |e: std::io::Error| SinkError::from(StorageError::io("spill file", e));
         let positions: HashMap<&str, u32> = batch
             .iter()
             .enumerate()
             .map(|(at, id)| (id.as_str(), at as u32))
             .collect();
-        let mut spill = BufWriter::new(tempfile::tempfile().map_err(spill_error)?);
+        let spill = &mut self.spill;
+        spill.clear();
         let mut entries: Vec<Entry> = Vec::new();
-        let mut offset = 0u64;
         let scope = PatientScope::Only(batch.to_vec());
         for (rank, resource_type) in self.types.iter().enumerate() {
             let shaping = &self.shapings[rank];
@@ -328,37 +446,45 @@ impl BlockShard {
                 let Some(bytes) = shaping.shape(resource)? else {
                     return Ok(());
                 };
-                spill.write_all(&bytes).map_err(spill_error)?;
                 entries.push(Entry {
                     owner,
                     rank: rank as u16,
-                    offset,
+                    offset: spill.append(&bytes)?,
                     length: bytes.len() as u32,
                 });
-                offset += bytes.len() as u64;
                 Ok(())
             })?;
         }
-        let mut spill = spill
-            .into_inner()
-            .map_err(|e| spill_error(e.into_error()))?;
-        spill.seek(SeekFrom::Start(0)).map_err(spill_error)?;
         // Stable: within a block, each type's resources stay in the order they were read.
         entries.sort_by_key(|entry| (entry.owner, entry.rank));
-        let mut line = Vec::new();
         for block in entries.chunk_by(|a, b| a.owner == b.owner) {
             let header = header(&batch[block[0].owner as usize]);
             let bytes: u64 = block.iter().map(|e| u64::from(e.length) + 1).sum();
             writer
                 .begin_block(&header, header.len() as u64 + 1 + bytes)
                 .map_err(SinkError::from)?;
-            for entry in block {
-                line.resize(entry.length as usize, 0);
-                spill
-                    .seek(SeekFrom::Start(entry.offset))
-                    .map_err(spill_error)?;
-                spill.read_exact(&mut line).map_err(spill_error)?;
-                writer.push(&line).map_err(SinkError::from)?;
+            // Resources read one after another lie one after another in the spill (a patient's
+            // resources of a type, as the store holds them): each such run is read back at once.
+            let mut rest = block;
+            while !rest.is_empty() {
+                let start = rest[0].offset;
+                let mut end = start + u64::from(rest[0].length);
+                let mut taken = 1;
+                while let Some(next) = rest.get(taken) {
+                    if next.offset != end || end - start >= SPILL_RUN {
+                        break;
+                    }
+                    end += u64::from(next.length);
+                    taken += 1;
+                }
+                let run = spill.read(start, end)?;
+                for entry in &rest[..taken] {
+                    let at = (entry.offset - start) as usize;
+                    writer
+                        .push(&run[at..at + entry.length as usize])
+                        .map_err(SinkError::from)?;
+                }
+                rest = &rest[taken..];
             }
             writer.end_block();
         }
@@ -458,6 +584,27 @@ mod tests {
         );
         assert_eq!(patients_named(br#"{"note":"Patient/ a"}"#), None);
         assert_eq!(patients_named(br#"{"id":"x"}"#), Some(vec![]));
+    }
+
+    #[test]
+    fn the_spill_gives_back_what_it_was_given_from_memory_and_from_its_file() {
+        let mut spill = Spill::holding_in_memory(10);
+        let pieces: [&[u8]; 4] = [b"abcd", b"efgh", b"ijkl", b"mnop"];
+        let offsets: Vec<u64> = pieces.iter().map(|p| spill.append(p).unwrap()).collect();
+        assert_eq!(offsets, [0, 4, 8, 12]);
+        assert!(
+            spill.file.is_some(),
+            "past 10 bytes, the rest went to a file"
+        );
+        assert_eq!(spill.read(4, 8).unwrap(), b"efgh");
+        assert_eq!(spill.read(12, 16).unwrap(), b"mnop");
+        assert_eq!(
+            spill.read(4, 12).unwrap(),
+            b"efghijkl",
+            "a run across the two"
+        );
+        assert_eq!(spill.read(0, 16).unwrap(), b"abcdefghijklmnop");
+        assert_eq!(spill.read(8, 12).unwrap(), b"ijkl");
     }
 
     #[test]

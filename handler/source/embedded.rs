@@ -138,6 +138,8 @@ pub struct EmbeddedStore {
     planning: Arc<Mutex<Option<Connection>>>,
     /// Whether this process has made sure of `WINDOW_INDEX`.
     window_index: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether this process has made sure of `PATIENT_INDEX`.
+    patient_index: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a count of a `lastUpdated` window reads instead of every row of the type. Made by the first
@@ -147,6 +149,29 @@ pub struct EmbeddedStore {
 const WINDOW_INDEX: &str = "DROP INDEX IF EXISTS resources_by_last_updated;
     CREATE INDEX IF NOT EXISTS resources_by_window ON resources (type, last_updated, import_run, deleted);";
 
+/// The terms that limit a query to a scope's patients' compartments.
+#[derive(Debug, Default)]
+struct ScopeTerms {
+    /// On a current row `r`.
+    current: String,
+    /// On a replaced version `h`.
+    replaced: String,
+    /// On `r`, where a scan reads its rows (its other terms stand in a `CASE`, which SQLite cannot
+    /// find rows by): the rows that can be in scope, for SQLite to read those alone (for a list of
+    /// patients, the rows they link to and the rows changed since the snapshot, `?4`).
+    candidates: String,
+}
+
+/// The links by patient, for a scan of a list of patients' compartments (a Group, `patient`, a
+/// shard of an export organized by patient) to read their rows alone. Made by the first such scan,
+/// like `WINDOW_INDEX`, so that a store only ever exported whole keeps its loads as fast as they
+/// were.
+/// With them, the versions by when they were superseded: a scan finds the few rows changed since
+/// its snapshot without reading the type's every replaced version.
+const PATIENT_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS patient_link_by_patient ON patient_link (patient_id);
+     CREATE INDEX IF NOT EXISTS replaced_by_superseded ON replaced (type, superseded_run);";
+
 impl EmbeddedStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, SourceError> {
@@ -154,6 +179,7 @@ impl EmbeddedStore {
             path: path.into(),
             planning: Arc::default(),
             window_index: Arc::default(),
+            patient_index: Arc::default(),
         };
         if let Some(parent) = store.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| SourceError::Io {
@@ -452,7 +478,7 @@ impl ResourceSource for EmbeddedStore {
         }
         let runs = self.runs(&conn, request)?;
         let mut count = 0;
-        let scope = self.scope_terms(&conn, request.scope)?;
+        let scope = self.scope_terms(&conn, request.scope, request.resource_type, true)?;
         for query in count_queries(request, &scope) {
             let counted: i64 = conn
                 .query_row(&query, bind(request, runs), |row| row.get(0))
@@ -462,21 +488,22 @@ impl ResourceSource for EmbeddedStore {
         Ok(Some(count))
     }
 
-    /// Each resource's version at the snapshot, at its current row's place: in storage order when
-    /// the type is stored together, else in id order. A version replaced since the snapshot is read
-    /// from `replaced` where its row stands, so that a scan paused and resumed (or a type cut into
-    /// parts) reads it once however the store changes meanwhile.
-    fn patient_scans_read_whole_types(&self) -> bool {
+    fn patients_read_together(&self) -> bool {
         true
     }
 
+    /// Each resource's version at the snapshot, at its current row's place: in storage order when
+    /// the type is stored together, else in id order. A version replaced since the snapshot is read
+    /// from `replaced` where its row stands, so that a scan paused and resumed (or a type cut into
+    /// parts) reads it once however the store changes meanwhile. A list of patients' rows are
+    /// found by patient (their links) and read in rowid order.
     fn scan(
         &self,
         request: &ScanRequest<'_>,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<Scanned, ScanError> {
         let conn = self.connect()?;
-        let scope = self.scope_terms(&conn, request.scope)?;
+        let scope = self.scope_terms(&conn, request.scope, request.resource_type, true)?;
         let order = match (request.resume, request.after_id) {
             (Some(Cursor::Rowid { rowid }), _) => ScanOrder::Storage {
                 span: self.dense_rowid_span(&conn, request.resource_type)?,
@@ -496,6 +523,11 @@ impl ResourceSource for EmbeddedStore {
             (None, None) => match self.dense_rowid_span(&conn, request.resource_type)? {
                 Some(span) => ScanOrder::Storage {
                     span: Some(span),
+                    after: None,
+                },
+                // A list of patients' rows are found by patient, in rowid order.
+                None if matches!(request.scope, PatientScope::Only(_)) => ScanOrder::Storage {
+                    span: None,
                     after: None,
                 },
                 None => ScanOrder::Id { after: None },
@@ -657,14 +689,36 @@ fn bind<'a>(request: &'a ScanRequest<'a>, runs: Runs) -> (&'a str, i64, i64, i64
 }
 
 impl EmbeddedStore {
-    /// The rowid span of a type's current rows when they lie together (`TypeStats::is_dense`). From
-    /// the kept statistics, else by one pass over the type's index entries.
+    /// The rowid span of a type's current rows when they lie together (`TypeStats::is_dense`).
     fn dense_rowid_span(
         &self,
         conn: &Connection,
         resource_type: &str,
     ) -> Result<Option<(i64, i64)>, SourceError> {
-        let stats = match type_stats(conn).map_err(|e| self.error(e))? {
+        Ok(self
+            .type_stats_of(conn, resource_type)?
+            .filter(TypeStats::is_dense)
+            .map(|s| (s.first_rowid, s.last_rowid)))
+    }
+
+    /// The rowid span of a type's current rows, however they lie.
+    fn rowid_span(
+        &self,
+        conn: &Connection,
+        resource_type: &str,
+    ) -> Result<Option<(i64, i64)>, SourceError> {
+        Ok(self
+            .type_stats_of(conn, resource_type)?
+            .map(|s| (s.first_rowid, s.last_rowid)))
+    }
+
+    /// A type's statistics: the kept ones, else by one pass over the type's index entries.
+    fn type_stats_of(
+        &self,
+        conn: &Connection,
+        resource_type: &str,
+    ) -> Result<Option<TypeStats>, SourceError> {
+        Ok(match type_stats(conn).map_err(|e| self.error(e))? {
             Some(mut all) => all.remove(resource_type),
             None => conn
                 .query_row(
@@ -683,29 +737,42 @@ impl EmbeddedStore {
                     },
                 )
                 .map_err(|e| self.error(e))?,
-        };
-        Ok(stats
-            .filter(TypeStats::is_dense)
-            .map(|s| (s.first_rowid, s.last_rowid)))
+        })
     }
 
-    /// The terms that limit a scan to its patients' compartments: `(current rows r, replaced rows h)`.
-    /// For a list of patients, fills this connection's temporary table of them.
+    /// Makes sure of `PATIENT_INDEX` once per process; without it a scan still works, reading more.
+    fn ensure_patient_index(&self, conn: &Connection) {
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        if !self.patient_index.swap(true, ordering) {
+            if let Err(e) = conn.execute_batch(PATIENT_INDEX) {
+                tracing::warn!(store = %self.path.display(), error = %e, "cannot add the patient index");
+            }
+        }
+    }
+
+    /// The terms that limit a scan of `resource_type` to its patients' compartments: `(current rows
+    /// r, replaced rows h)`. For a list of patients, fills this connection's temporary table of
+    /// them; `by_patient`: the rows are found through the patients' links (else found another way,
+    /// each checked against them).
     fn scope_terms(
         &self,
         conn: &Connection,
         scope: &PatientScope,
-    ) -> Result<(String, String), SourceError> {
+        resource_type: &str,
+        by_patient: bool,
+    ) -> Result<ScopeTerms, SourceError> {
         // A current row's patients are its links; a replaced version keeps the patients its own
         // content named.
         let links = "patient_link c WHERE c.resource = r.rowid";
         Ok(match scope {
-            PatientScope::All => (String::new(), String::new()),
-            PatientScope::AnyPatient => (
-                format!("AND EXISTS (SELECT 1 FROM {links})"),
-                "AND h.patients != '[]'".to_string(),
-            ),
+            PatientScope::All => ScopeTerms::default(),
+            PatientScope::AnyPatient => ScopeTerms {
+                current: format!("AND EXISTS (SELECT 1 FROM {links})"),
+                replaced: "AND h.patients != '[]'".to_string(),
+                candidates: String::new(),
+            },
             PatientScope::Only(patients) => {
+                self.ensure_patient_index(conn);
                 conn.execute_batch(
                     "CREATE TEMP TABLE IF NOT EXISTS scope_patients (id TEXT PRIMARY KEY) WITHOUT ROWID;
                      DELETE FROM temp.scope_patients;",
@@ -718,13 +785,25 @@ impl EmbeddedStore {
                     insert.execute([patient]).map_err(|e| self.error(e))?;
                 }
                 let in_scope = "IN (SELECT id FROM temp.scope_patients)";
-                (
-                    // `+`: the links are found by resource, then each looked up among the scope's
-                    // patients; else SQLite seeks (resource, patient) once per patient of the
-                    // scope, for every row of the type.
-                    format!("AND EXISTS (SELECT 1 FROM {links} AND +c.patient_id {in_scope})"),
-                    format!("AND EXISTS (SELECT 1 FROM json_each(h.patients) p WHERE p.value {in_scope})"),
-                )
+                // Found by patient, the scope's rows are read alone, in rowid order, not every row
+                // of the type with a link lookup each; `+` leaves the finding to another index.
+                // The links are those within the type's rowid span: the set SQLite gathers for
+                // the scan holds the type's rows, not every row of the patients.
+                let rowid = if by_patient { "r.rowid" } else { "+r.rowid" };
+                let span = match self.rowid_span(conn, resource_type)? {
+                    Some((first, last)) => format!("AND c.resource BETWEEN {first} AND {last}"),
+                    None => String::new(),
+                };
+                let linked = format!(
+                    "SELECT c.resource FROM patient_link c WHERE c.patient_id {in_scope} {span}"
+                );
+                let changed = "SELECT s.rowid FROM replaced v JOIN resources s ON s.type = v.type AND s.id = v.id
+                     WHERE v.type = ?1 AND v.superseded_run > ?4 AND v.stored_run <= ?4";
+                ScopeTerms {
+                    current: format!("AND {rowid} IN ({linked})"),
+                    replaced: format!("AND EXISTS (SELECT 1 FROM json_each(h.patients) p WHERE p.value {in_scope})"),
+                    candidates: format!("AND r.rowid IN ({linked} UNION ALL {changed})"),
+                }
             }
         })
     }
@@ -732,10 +811,8 @@ impl EmbeddedStore {
 
 /// The SQL of a count: current versions in the window, then replaced versions current at the
 /// snapshot (in a type's first part only, where a scan reads them too).
-fn count_queries(
-    request: &ScanRequest<'_>,
-    (scope, replaced_scope): &(String, String),
-) -> Vec<String> {
+fn count_queries(request: &ScanRequest<'_>, terms: &ScopeTerms) -> Vec<String> {
+    let (scope, replaced_scope) = (&terms.current, &terms.replaced);
     let rows = request.rows;
     let from = rows.from.map(|from| format!("AND r.rowid >= {from} "));
     let to = rows.to.map(|to| format!("AND r.rowid < {to} "));
@@ -771,11 +848,13 @@ fn count_queries(
 /// version; a row stored later stands for its replaced version current at the snapshot, if any.
 /// Parameters: ?1 type, ?2 since, ?3 until, ?4 snapshot run, ?5 after id (paging), ?6 since run,
 /// ?7 resume id.
-fn scan_query(
-    request: &ScanRequest<'_>,
-    (scope, replaced_scope): &(String, String),
-    order: &ScanOrder<'_>,
-) -> String {
+fn scan_query(request: &ScanRequest<'_>, terms: &ScopeTerms, order: &ScanOrder<'_>) -> String {
+    // Where the candidates find the rows, a current row among them is in scope (a row changed
+    // since the snapshot is checked by its replaced version): the current term is not asked again.
+    let (scope, replaced_scope, candidates) = match terms.candidates.is_empty() {
+        true => (terms.current.as_str(), &terms.replaced, ""),
+        false => ("", &terms.replaced, terms.candidates.as_str()),
+    };
     let rows = request.rows;
     let (type_term, position) = match *order {
         ScanOrder::Storage { span, after } => {
@@ -824,7 +903,7 @@ fn scan_query(
     format!(
         "SELECT CASE WHEN r.import_run <= ?4 THEN r.json ELSE ({version_at_snapshot}) END, r.rowid, r.id
          FROM resources r
-         WHERE {type_term} = ?1 {after_id}
+         WHERE {type_term} = ?1 {after_id} {candidates}
            AND CASE WHEN r.import_run <= ?4
                THEN (r.last_updated > ?2 OR r.import_run > ?6) AND r.last_updated <= ?3
                    AND NOT r.deleted {scope}

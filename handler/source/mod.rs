@@ -234,10 +234,11 @@ pub trait ResourceSource: Send + Sync {
         Ok(Part::whole())
     }
 
-    /// Whether a scan limited to some patients reads the whole type all the same (the embedded
-    /// store keeps compartment links by resource, not by patient): output organized by patient
-    /// then reads a shard's patients in one pass rather than in batches.
-    fn patient_scans_read_whole_types(&self) -> bool {
+    /// Whether output organized by patient reads a shard's patients in one scan per type rather
+    /// than in batches: the embedded store finds a list of patients' rows by their links and reads
+    /// only those, but where patients' rows lie interleaved (copies, loads type by type) each
+    /// batch would read the same pages again; a FHIR server is searched in batches.
+    fn patients_read_together(&self) -> bool {
         false
     }
 

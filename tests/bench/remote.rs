@@ -3,7 +3,8 @@
 //!
 //! The data: the Synthea sample (`../shared`), or generated data when it is absent.
 //! Then the same export read from Medplum's FHIR router (tests/medplum, when installed), with the
-//! same split of its time.
+//! same split of its time; and from Medplum, the export organized by patient against the plain
+//! export of the same types.
 //!
 //! `BENCH_SHARD_MAX` sets `EXPORT_SHARD_MAX_RESOURCES` for the remote export (default 5000, so the
 //! big types are split and read in parallel).
@@ -41,9 +42,15 @@ fn app(
 
 /// Kickoff to manifest: (seconds, resources, seconds the kickoff took to answer).
 async fn time_export(client: &reqwest::Client, base: &str) -> (f64, u64, f64) {
+    time_kickoff(client, &format!("{base}/$export")).await
+}
+
+/// Kickoff of `url` to manifest: (seconds, resources and block headers, seconds the kickoff took
+/// to answer).
+async fn time_kickoff(client: &reqwest::Client, url: &str) -> (f64, u64, f64) {
     let started = Instant::now();
     let response = client
-        .get(format!("{base}/$export"))
+        .get(url)
         .header("Accept", "application/fhir+json")
         .header("Prefer", "respond-async")
         .send()
@@ -210,5 +217,21 @@ fn main() {
         let after = from_medplum.request_stats();
         assert_eq!(local_n, medplum_n, "the export from Medplum must hold the same resources");
         report("Medplum", (medplum_n, medplum_s, medplum_kickoff), before, after);
+
+        // Organized by patient against the plain export of the same types (the Patient
+        // compartment's), both from Medplum, in one run.
+        let before = from_medplum.request_stats();
+        let plain = time_kickoff(&client, &format!("{c_base}/Patient/$export")).await;
+        let after = from_medplum.request_stats();
+        report("Medplum, Patient/$export", plain, before, after);
+        let before = from_medplum.request_stats();
+        let organized =
+            time_kickoff(&client, &format!("{c_base}/$export?organizeOutputBy=Patient")).await;
+        let after = from_medplum.request_stats();
+        report("Medplum, organized by patient (lines)", organized, before, after);
+        println!(
+            "Medplum, the Patient compartment's types: organized by patient takes {:.2}x the plain export's time",
+            organized.0 / plain.0
+        );
     });
 }

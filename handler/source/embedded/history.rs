@@ -19,7 +19,9 @@ impl EmbeddedStore {
         sink: &mut dyn FnMut(&str) -> Result<(), SinkError>,
     ) -> Result<Scanned, ScanError> {
         let conn = self.connect()?;
-        let (scope, replaced_scope) = self.scope_terms(&conn, request.scope)?;
+        // Deletions are found in their own index, then checked against the scope.
+        let terms = self.scope_terms(&conn, request.scope, request.resource_type, false)?;
+        let (scope, replaced_scope) = (terms.current, terms.replaced);
         let run_at = |instant| run_committed_by(&conn, instant).map_err(|e| self.error(e));
         let since_run = match request.since {
             Some(since) => run_at(since)?,

@@ -492,3 +492,52 @@ async fn the_bundled_client_speaks_stu4() {
     names.sort();
     assert_eq!(names, ["Observation-1.ndjson", "Patient-1.ndjson"]);
 }
+
+/// "If an includeAssociatedData value relevant to provenance is not specified ... the Data
+/// Provider SHALL include all available Provenance resources whose `Provenance.target` is a
+/// resource in the Patient compartment in a patient level export request" (export.md). This
+/// server says in its CapabilityStatement what it does instead, and does that: the Provenance of
+/// the Patient compartment (its target names the patient), not one that targets only another
+/// resource of the patient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_capability_statement_says_which_provenance_a_patient_export_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("provenance.ndjson");
+    let lines = [
+        r#"{"resourceType":"Patient","id":"a","meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+        r#"{"resourceType":"Observation","id":"oa","status":"final","subject":{"reference":"Patient/a"},"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+        r#"{"resourceType":"Provenance","id":"of-patient","target":[{"reference":"Patient/a"},{"reference":"Observation/oa"}],"recorded":"2020-01-01T00:00:00Z","agent":[{"who":{"display":"x"}}],"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+        r#"{"resourceType":"Provenance","id":"of-observation","target":[{"reference":"Observation/oa"}],"recorded":"2020-01-01T00:00:00Z","agent":[{"who":{"display":"x"}}],"meta":{"lastUpdated":"2020-01-01T00:00:00Z"}}"#,
+    ];
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let store = dir.path().join("store.db");
+    import::import(&EmbeddedStore::open(&store).unwrap(), &[data]).unwrap();
+    let server = start(&store, |_| {}).await;
+    let client = client();
+    let statement = get_json(&client, &format!("{}/metadata", server.base)).await;
+    let documentation = statement["rest"][0]["documentation"].as_str().unwrap();
+    assert!(
+        documentation.contains("Provenance: a Patient-level export includes the Provenance resources in the Patient compartment"),
+        "{documentation}"
+    );
+    let url = format!("{}/Patient/$export-v4", server.base);
+    let manifest = post_export(
+        &client,
+        &url,
+        parameters(vec![string("_type", "Provenance")]),
+    )
+    .await;
+    let files = download_all(&client, &manifest).await;
+    let ids: Vec<String> = files
+        .iter()
+        .flat_map(|(_, _, lines)| {
+            lines.iter().map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+        })
+        .collect();
+    assert_eq!(ids, ["of-patient"]);
+}

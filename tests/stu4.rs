@@ -39,6 +39,20 @@ async fn post(
         .unwrap()
 }
 
+/// The ids of the resources of every output file, in order.
+async fn exported_ids(client: &reqwest::Client, manifest: &Value) -> Vec<String> {
+    let files = download_all(client, manifest).await;
+    let lines = files.iter().flat_map(|(_, _, lines)| lines);
+    lines
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// A refused kickoff: its status, and the diagnostics of its OperationOutcome.
 async fn refused(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
@@ -244,18 +258,7 @@ async fn include_associated_data_is_a_coding_and_patient_a_reference() {
         json!({"name": "patient", "valueReference": {"reference": "Patient/a"}}),
     ]);
     let manifest = post_export(&client, &patient_url, as_reference).await;
-    let files = download_all(&client, &manifest).await;
-    let ids: BTreeSet<String> = files
-        .iter()
-        .flat_map(|(_, _, lines)| {
-            lines.iter().map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-        })
-        .collect();
+    let ids: BTreeSet<String> = exported_ids(&client, &manifest).await.into_iter().collect();
     assert_eq!(ids, BTreeSet::from(["a".to_string(), "oa".to_string()]));
 }
 
@@ -527,17 +530,6 @@ async fn the_capability_statement_says_which_provenance_a_patient_export_holds()
         parameters(vec![string("_type", "Provenance")]),
     )
     .await;
-    let files = download_all(&client, &manifest).await;
-    let ids: Vec<String> = files
-        .iter()
-        .flat_map(|(_, _, lines)| {
-            lines.iter().map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-        })
-        .collect();
+    let ids = exported_ids(&client, &manifest).await;
     assert_eq!(ids, ["of-patient"]);
 }

@@ -28,7 +28,10 @@ tests/azurite/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$p
 azurite=$!
 # Tests that need a corpus from ../shared (absent from a fresh clone) say so here; CI skips none.
 export FHIR_EXPORT_SKIPPED_LOG="$data/skipped.log"
+# Results the tests report beside passing (the SQL on FHIR suite's counts).
+export FHIR_EXPORT_SUMMARY_LOG="$data/summary.log"
 report_skipped() {
+    [ -s "$FHIR_EXPORT_SUMMARY_LOG" ] && sort -u "$FHIR_EXPORT_SUMMARY_LOG"
     if [ -s "$FHIR_EXPORT_SKIPPED_LOG" ]; then
         sort "$FHIR_EXPORT_SKIPPED_LOG"
         echo "$(wc -l <"$FHIR_EXPORT_SKIPPED_LOG") tests skipped: ../shared/data is not beside the project"

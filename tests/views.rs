@@ -24,13 +24,13 @@ fn the_sql_on_fhir_conformance_suite_passes() {
         .iter()
         .filter(|o| !o.tags.iter().any(|t| t == "shareable"))
         .collect();
-    println!(
+    common::outside::summary(&format!(
         "SQL on FHIR suite: {} of {} shareable cases pass, {} of {} others (experimental)",
         passed(&shareable),
         shareable.len(),
         passed(&experimental),
         experimental.len()
-    );
+    ));
     for outcome in &outcomes {
         if let Some(failure) = &outcome.failure {
             println!("  failed: {} / {}: {failure}", outcome.file, outcome.name);

@@ -183,3 +183,18 @@ pub fn outside_corpus(corpus: &str, test: &str) -> Option<PathBuf> {
     }
     None
 }
+
+/// Prints a result the test command shows at its end (`tests/run.sh` keeps such lines in
+/// `FHIR_EXPORT_SUMMARY_LOG`; `cargo test` hides a passing test's output).
+pub fn summary(line: &str) {
+    println!("{line}");
+    if let Ok(log) = std::env::var("FHIR_EXPORT_SUMMARY_LOG") {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log);
+        if let Ok(mut file) = file {
+            let _ = file.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+}

@@ -162,6 +162,9 @@ struct ScopeTerms {
     candidates: String,
 }
 
+/// The widest rowid span whose rows a scan of a list of patients gathers in memory.
+const ROWS_GATHERED_IN_MEMORY: i64 = 500_000;
+
 /// The links by patient, for a scan of a list of patients' compartments (a Group, `patient`, a
 /// shard of an export organized by patient) to read their rows alone. Made by the first such scan,
 /// like `WINDOW_INDEX`, so that a store only ever exported whole keeps its loads as fast as they
@@ -478,7 +481,7 @@ impl ResourceSource for EmbeddedStore {
         }
         let runs = self.runs(&conn, request)?;
         let mut count = 0;
-        let scope = self.scope_terms(&conn, request.scope, request.resource_type, true)?;
+        let scope = self.scope_terms(&conn, request, true)?;
         for query in count_queries(request, &scope) {
             let counted: i64 = conn
                 .query_row(&query, bind(request, runs), |row| row.get(0))
@@ -503,7 +506,7 @@ impl ResourceSource for EmbeddedStore {
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<Scanned, ScanError> {
         let conn = self.connect()?;
-        let scope = self.scope_terms(&conn, request.scope, request.resource_type, true)?;
+        let scope = self.scope_terms(&conn, request, true)?;
         let order = match (request.resume, request.after_id) {
             (Some(Cursor::Rowid { rowid }), _) => ScanOrder::Storage {
                 span: self.dense_rowid_span(&conn, request.resource_type)?,
@@ -750,21 +753,20 @@ impl EmbeddedStore {
         }
     }
 
-    /// The terms that limit a scan of `resource_type` to its patients' compartments: `(current rows
-    /// r, replaced rows h)`. For a list of patients, fills this connection's temporary table of
-    /// them; `by_patient`: the rows are found through the patients' links (else found another way,
-    /// each checked against them).
+    /// The terms that limit a query of `request`'s type (and part of it) to its patients'
+    /// compartments. For a list of patients, fills this connection's temporary table of them;
+    /// `by_patient`: the rows are found through the patients' links (else found another way, each
+    /// checked against them).
     fn scope_terms(
         &self,
         conn: &Connection,
-        scope: &PatientScope,
-        resource_type: &str,
+        request: &ScanRequest<'_>,
         by_patient: bool,
     ) -> Result<ScopeTerms, SourceError> {
         // A current row's patients are its links; a replaced version keeps the patients its own
         // content named.
         let links = "patient_link c WHERE c.resource = r.rowid";
-        Ok(match scope {
+        Ok(match request.scope {
             PatientScope::All => ScopeTerms::default(),
             PatientScope::AnyPatient => ScopeTerms {
                 current: format!("AND EXISTS (SELECT 1 FROM {links})"),
@@ -773,6 +775,22 @@ impl EmbeddedStore {
             },
             PatientScope::Only(patients) => {
                 self.ensure_patient_index(conn);
+                // The links within the part of the type the scan reads, when it reads one.
+                let span = self
+                    .rowid_span(conn, request.resource_type)?
+                    .map(|(first, last)| {
+                        let first = request.rows.from.map_or(first, |from| first.max(from));
+                        let last = request.rows.to.map_or(last, |to| last.min(to - 1));
+                        (first, last)
+                    });
+                // The set of rows SQLite gathers for the scan stays in memory while the span is
+                // small enough (about 16 MB at the most); past that it goes through the page cache
+                // to a temporary file, however many rows a large group holds. (Set before the
+                // temporary table, which a change of `temp_store` drops.)
+                if span.is_none_or(|(first, last)| last - first > ROWS_GATHERED_IN_MEMORY) {
+                    conn.execute_batch("PRAGMA temp_store = FILE")
+                        .map_err(|e| self.error(e))?;
+                }
                 conn.execute_batch(
                     "CREATE TEMP TABLE IF NOT EXISTS scope_patients (id TEXT PRIMARY KEY) WITHOUT ROWID;
                      DELETE FROM temp.scope_patients;",
@@ -790,7 +808,7 @@ impl EmbeddedStore {
                 // The links are those within the type's rowid span: the set SQLite gathers for
                 // the scan holds the type's rows, not every row of the patients.
                 let rowid = if by_patient { "r.rowid" } else { "+r.rowid" };
-                let span = match self.rowid_span(conn, resource_type)? {
+                let span = match span {
                     Some((first, last)) => format!("AND c.resource BETWEEN {first} AND {last}"),
                     None => String::new(),
                 };

@@ -20,7 +20,7 @@ impl EmbeddedStore {
     ) -> Result<Scanned, ScanError> {
         let conn = self.connect()?;
         // Deletions are found in their own index, then checked against the scope.
-        let terms = self.scope_terms(&conn, request.scope, request.resource_type, false)?;
+        let terms = self.scope_terms(&conn, request, false)?;
         let (scope, replaced_scope) = (terms.current, terms.replaced);
         let run_at = |instant| run_committed_by(&conn, instant).map_err(|e| self.error(e));
         let since_run = match request.since {

@@ -171,16 +171,7 @@ pub fn outside_corpus(corpus: &str, test: &str) -> Option<PathBuf> {
     assert!(!in_ci(), "CI must have the corpus at {}", dir.display());
     let line = format!("skipped: {test} (needs ../shared/data/{corpus})");
     eprintln!("{line}");
-    if let Ok(log) = std::env::var("FHIR_EXPORT_SKIPPED_LOG") {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log);
-        if let Ok(mut file) = file {
-            // One write, so that lines of test processes running at once never interleave.
-            let _ = file.write_all(format!("{line}\n").as_bytes());
-        }
-    }
+    append_to_log("FHIR_EXPORT_SKIPPED_LOG", &line);
     None
 }
 
@@ -188,13 +179,20 @@ pub fn outside_corpus(corpus: &str, test: &str) -> Option<PathBuf> {
 /// `FHIR_EXPORT_SUMMARY_LOG`; `cargo test` hides a passing test's output).
 pub fn summary(line: &str) {
     println!("{line}");
-    if let Ok(log) = std::env::var("FHIR_EXPORT_SUMMARY_LOG") {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log);
-        if let Ok(mut file) = file {
-            let _ = file.write_all(format!("{line}\n").as_bytes());
-        }
+    append_to_log("FHIR_EXPORT_SUMMARY_LOG", line);
+}
+
+/// Appends `line` to the file the environment variable `name` names, if it names one.
+fn append_to_log(name: &str, line: &str) {
+    let Ok(log) = std::env::var(name) else {
+        return;
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log);
+    if let Ok(mut file) = file {
+        // One write, so that lines of test processes running at once never interleave.
+        let _ = file.write_all(format!("{line}\n").as_bytes());
     }
 }

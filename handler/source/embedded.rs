@@ -168,8 +168,7 @@ const ROWS_GATHERED_IN_MEMORY: i64 = 500_000;
 /// The links by patient, for a scan of a list of patients' compartments (a Group, `patient`, a
 /// shard of an export organized by patient) to read their rows alone. Made by the first such scan,
 /// like `WINDOW_INDEX`, so that a store only ever exported whole keeps its loads as fast as they
-/// were.
-/// With them, the versions by when they were superseded: a scan finds the few rows changed since
+/// were. With them, the versions by when they were superseded: a scan finds the few rows changed since
 /// its snapshot without reading the type's every replaced version.
 const PATIENT_INDEX: &str =
     "CREATE INDEX IF NOT EXISTS patient_link_by_patient ON patient_link (patient_id);
@@ -470,15 +469,8 @@ impl ResourceSource for EmbeddedStore {
     /// `_summary=count`. Exports plan by rowid instead.
     fn count(&self, request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
         let conn = self.connect()?;
-        if !self
-            .window_index
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            if let Err(e) = conn.execute_batch(WINDOW_INDEX) {
-                // Counting still works, reading the rows.
-                tracing::warn!(store = %self.path.display(), error = %e, "cannot add the lastUpdated index");
-            }
-        }
+        // Without it, counting still works, reading the rows.
+        self.ensure_index(&conn, &self.window_index, WINDOW_INDEX, "lastUpdated");
         let runs = self.runs(&conn, request)?;
         let mut count = 0;
         let scope = self.scope_terms(&conn, request, true)?;
@@ -743,12 +735,18 @@ impl EmbeddedStore {
         })
     }
 
-    /// Makes sure of `PATIENT_INDEX` once per process; without it a scan still works, reading more.
-    fn ensure_patient_index(&self, conn: &Connection) {
-        let ordering = std::sync::atomic::Ordering::Relaxed;
-        if !self.patient_index.swap(true, ordering) {
-            if let Err(e) = conn.execute_batch(PATIENT_INDEX) {
-                tracing::warn!(store = %self.path.display(), error = %e, "cannot add the patient index");
+    /// Makes sure of an index made on first need (`sql`), once per process (`made`). A store
+    /// that refuses it is only read more slowly: the failure is logged, not returned.
+    fn ensure_index(
+        &self,
+        conn: &Connection,
+        made: &std::sync::atomic::AtomicBool,
+        sql: &str,
+        what: &str,
+    ) {
+        if !made.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = conn.execute_batch(sql) {
+                tracing::warn!(store = %self.path.display(), error = %e, "cannot add the {what} index");
             }
         }
     }
@@ -774,8 +772,10 @@ impl EmbeddedStore {
                 candidates: String::new(),
             },
             PatientScope::Only(patients) => {
-                self.ensure_patient_index(conn);
-                // The links within the part of the type the scan reads, when it reads one.
+                // Without it, a scan still works, reading more.
+                self.ensure_index(conn, &self.patient_index, PATIENT_INDEX, "patient");
+                // The links within the part of the type the scan reads, when it reads one: the
+                // set SQLite gathers for the scan holds those rows, not every row of the patients.
                 let span = self
                     .rowid_span(conn, request.resource_type)?
                     .map(|(first, last)| {
@@ -805,8 +805,6 @@ impl EmbeddedStore {
                 let in_scope = "IN (SELECT id FROM temp.scope_patients)";
                 // Found by patient, the scope's rows are read alone, in rowid order, not every row
                 // of the type with a link lookup each; `+` leaves the finding to another index.
-                // The links are those within the type's rowid span: the set SQLite gathers for
-                // the scan holds the type's rows, not every row of the patients.
                 let rowid = if by_patient { "r.rowid" } else { "+r.rowid" };
                 let span = match span {
                     Some((first, last)) => format!("AND c.resource BETWEEN {first} AND {last}"),

@@ -93,28 +93,22 @@ impl Spill {
         if end <= in_memory {
             return Ok(&self.memory[start as usize..end as usize]);
         }
+        self.run.clear();
         if start < in_memory {
-            // A run across the boundary: gathered from both.
-            self.run.clear();
             self.run.extend_from_slice(&self.memory[start as usize..]);
-            let from_file = (end - in_memory) as usize;
-            let at = self.run.len();
-            self.run.resize(at + from_file, 0);
-            self.finish_writing()?;
-            let reader = self.reader.as_mut().expect("finished writing");
-            reader.seek(SeekFrom::Start(0)).map_err(spill_error)?;
-            reader
-                .read_exact(&mut self.run[at..])
-                .map_err(spill_error)?;
-            return Ok(&self.run);
         }
-        self.run.resize((end - start) as usize, 0);
+        let from_file = start.max(in_memory) - in_memory;
+        let at = self.run.len();
+        self.run
+            .resize(at + (end - in_memory - from_file) as usize, 0);
         self.finish_writing()?;
         let reader = self.reader.as_mut().expect("finished writing");
         reader
-            .seek(SeekFrom::Start(start - in_memory))
+            .seek(SeekFrom::Start(from_file))
             .map_err(spill_error)?;
-        reader.read_exact(&mut self.run).map_err(spill_error)?;
+        reader
+            .read_exact(&mut self.run[at..])
+            .map_err(spill_error)?;
         Ok(&self.run)
     }
 

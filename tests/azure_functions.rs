@@ -261,6 +261,14 @@ async fn run_shards(handler: &Handler, shards: &[Value]) {
     }
 }
 
+/// The blob path of a manifest entry's URL, as this service serves it.
+fn blob_path(url: &Value) -> &str {
+    url.as_str()
+        .unwrap()
+        .strip_prefix(&format!("{PUBLIC}/_exports/"))
+        .unwrap_or_else(|| panic!("{url} is not a file URL of {PUBLIC}"))
+}
+
 fn store(account_url: &str) -> Arc<AzureBlob> {
     Arc::new(AzureBlob::new(account_url, None).unwrap())
 }
@@ -325,8 +333,7 @@ async fn whole_export_through_the_host_protocol(sas: String) {
     let outputs = manifest["output"].as_array().unwrap();
     assert_eq!(outputs.len(), blobs.len(), "one blob per manifest entry");
     for output in outputs {
-        let url = output["url"].as_str().unwrap();
-        let path = url.strip_prefix(&format!("{PUBLIC}/_exports/")).unwrap();
+        let path = blob_path(&output["url"]);
         assert!(
             path.starts_with(&folder_prefix) && path.contains(&id),
             "{path}"
@@ -376,11 +383,7 @@ async fn whole_export_through_the_host_protocol(sas: String) {
         .replace(PUBLIC, &handler.base);
     let downloaded = reqwest::get(&first).await.unwrap();
     assert_eq!(downloaded.status(), 200);
-    let path = outputs[0]["url"]
-        .as_str()
-        .unwrap()
-        .strip_prefix(&format!("{PUBLIC}/_exports/"))
-        .unwrap();
+    let path = blob_path(&outputs[0]["url"]);
     assert_eq!(
         downloaded.text().await.unwrap(),
         blob_text(&store, path).await
@@ -511,11 +514,7 @@ async fn stale_shards_swept_redelivered_once_and_capped(sas: String) {
     let mut ids = HashSet::new();
     let mut lines = 0;
     for output in manifest["output"].as_array().unwrap() {
-        let path = output["url"]
-            .as_str()
-            .unwrap()
-            .strip_prefix(&format!("{PUBLIC}/_exports/"))
-            .unwrap();
+        let path = blob_path(&output["url"]);
         for line in blob_text(&store, path).await.lines() {
             lines += 1;
             let resource: Value = serde_json::from_str(line).unwrap();
@@ -806,8 +805,7 @@ async fn a_view_export_through_the_host_protocol_reads_a_stored_view_and_writes_
     );
     let output = &manifest["output"][0];
     assert_eq!(output["name"], "patients");
-    let url = output["url"].as_str().unwrap();
-    let path = url.strip_prefix(&format!("{PUBLIC}/_exports/")).unwrap();
+    let path = blob_path(&output["url"]);
     assert!(path.ends_with(".csv"), "{path}");
     let text = blob_text(&store, path).await;
     let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
@@ -862,11 +860,7 @@ async fn an_stu4_export_through_the_host_protocol_is_a_post_and_answers_the_stu4
     let store = store(&sas);
     let mut patients = 0;
     for output in manifest["output"].as_array().unwrap() {
-        let path = output["url"]
-            .as_str()
-            .unwrap()
-            .strip_prefix(&format!("{PUBLIC}/_exports/"))
-            .unwrap();
+        let path = blob_path(&output["url"]);
         let text = blob_text(&store, path).await;
         assert_eq!(output["fileSize"], text.len() as u64);
         assert!(text.len() <= 8192, "{path}: {} bytes", text.len());
@@ -1372,12 +1366,7 @@ async fn killed_at_each_crash_point_an_export_on_blob_storage_ends_with_every_re
         let mut seen = HashSet::new();
         let mut lines = 0;
         for output in manifest["output"].as_array().unwrap() {
-            let path = output["url"]
-                .as_str()
-                .unwrap()
-                .strip_prefix(&format!("{PUBLIC}/_exports/"))
-                .unwrap()
-                .to_string();
+            let path = blob_path(&output["url"]).to_string();
             for line in blob_text(&blobs, &path).await.lines() {
                 lines += 1;
                 let resource: Value = serde_json::from_str(line).unwrap();

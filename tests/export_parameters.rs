@@ -506,6 +506,85 @@ async fn a_version_moved_or_backdated_after_kickoff_stays_where_it_was_at_kickof
     );
 }
 
+/// Organized by patient, an export holds each resource as it was at kickoff, in the block of the
+/// patient its version then named: `oa`, moved from a to b after kickoff, stays in a's block as
+/// it was; `both`, in a's and b's compartments at kickoff, once, in a's; `d` and `od`, stored
+/// later, not at all (nor Group `ga`: a Group is not exported at Patient level).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organized_export_holds_each_version_as_at_kickoff_in_its_patients_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, exports, api_only) = api_only_on_small_store(dir.path()).await;
+    let client = client();
+    let url = format!("{}/$export?organizeOutputBy=Patient", api_only.base);
+    let response = kickoff(&client, &url).await;
+    assert_eq!(response.status(), 202);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let old_base = api_only.base.clone();
+    drop(api_only);
+
+    let later = dir.path().join("later.ndjson");
+    std::fs::write(
+        &later,
+        "{\"resourceType\":\"Observation\",\"id\":\"oa\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/b\"}}\n\
+         {\"resourceType\":\"Observation\",\"id\":\"both\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/b\"}}\n\
+         {\"resourceType\":\"Patient\",\"id\":\"d\"}\n\
+         {\"resourceType\":\"Observation\",\"id\":\"od\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/a\"}}\n",
+    )
+    .unwrap();
+    let report = import::import(&EmbeddedStore::open(&store).unwrap(), &[later]).unwrap();
+    assert_eq!((report.created, report.updated), (2, 2));
+
+    let server = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |_| {}).await;
+    let manifest = wait_for_manifest(&client, &status_url.replace(&old_base, &server.base)).await;
+    let manifest: Value =
+        serde_json::from_str(&manifest.to_string().replace(&old_base, &server.base)).unwrap();
+    let mut blocks: Vec<(String, Vec<String>)> = Vec::new();
+    for output in manifest["output"].as_array().unwrap() {
+        let url = output["url"].as_str().unwrap();
+        let body = client.get(url).send().await.unwrap().text().await.unwrap();
+        for line in body.lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            if resource["resourceType"] == "Parameters" {
+                let patient = resource["parameter"][0]["valueReference"]["reference"].as_str();
+                blocks.push((patient.unwrap().to_string(), Vec::new()));
+                continue;
+            }
+            let key = format!(
+                "{}/{}",
+                resource["resourceType"].as_str().unwrap(),
+                resource["id"].as_str().unwrap()
+            );
+            if key == "Observation/oa" {
+                assert!(
+                    line.contains("Patient/a") && line.contains("8867-4"),
+                    "oa as at kickoff: {line}"
+                );
+            }
+            blocks.last_mut().expect("a header first").1.push(key);
+        }
+    }
+    blocks.sort();
+    assert_eq!(
+        blocks,
+        [
+            (
+                "Patient/a".to_string(),
+                vec!["Patient/a", "Observation/oa", "Observation/both"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            ),
+            (
+                "Patient/b".to_string(),
+                vec!["Patient/b".to_string(), "Observation/ob".to_string()]
+            ),
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_and_smart_configuration_describe_the_service() {
     let dir = tempfile::tempdir().unwrap();

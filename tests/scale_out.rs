@@ -716,6 +716,58 @@ async fn organized_shards_paused_between_batches_write_each_resource_once() {
     assert!(paused == whole, "the same blocks");
 }
 
+/// Organized by patient from the embedded store, which reads a shard's patients in groups of
+/// neighbours (12,000 links each): a time-boxed shard pauses between groups and its continuation
+/// reads the next, so that every resource is written once, in the same blocks as an export that
+/// never paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organized_shards_of_the_embedded_store_pause_between_groups_of_patients() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::sample_store();
+    let mut results = Vec::new();
+    for time_box in [None, Some(Duration::from_millis(1))] {
+        let storage = Arc::new(
+            LocalFolder::open(dir.path().join(format!("exports-{}", time_box.is_some()))).unwrap(),
+        );
+        let binding = Arc::new(Binding::default());
+        let app = exports_on(&store, storage.clone(), binding.clone(), None, |s| {
+            s.shard_max_time = time_box
+        });
+        let job = start(&app.exports, "organizeOutputBy=Patient").await;
+        let mut runs = 0;
+        loop {
+            let messages = binding.take();
+            if messages.is_empty() {
+                break;
+            }
+            for message in messages {
+                runs += usize::from(message.shard.is_some());
+                worker::handle_message(&app.exports, &message)
+                    .await
+                    .unwrap();
+            }
+        }
+        let (blocks, _) = organized_blocks(&storage, &app.exports, &job.id).await;
+        results.push((blocks, runs));
+    }
+    let (whole, whole_runs) = &results[0];
+    let (paused, paused_runs) = &results[1];
+    assert_eq!(whole.len(), common::sample_counts()["Patient"]);
+    assert_eq!(*whole_runs, 1, "the sample is one shard");
+    let links: usize = whole.values().map(|keys| keys.len()).sum();
+    assert!(
+        *paused_runs >= links / 12_000,
+        "{paused_runs} runs for {links} resources in blocks"
+    );
+    assert!(paused == whole, "the same blocks");
+    let mut seen = std::collections::HashSet::new();
+    for keys in whole.values() {
+        for key in keys {
+            assert!(seen.insert(key), "{key} in two blocks");
+        }
+    }
+}
+
 /// One policy for a failed export's files, whoever fails it: an export the sweeper fails at the
 /// restart cap loses its finished shards' files at once, as one its worker fails does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

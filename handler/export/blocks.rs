@@ -1,9 +1,11 @@
 //! Output organized by patient (`organizeOutputBy=Patient`, Bulk Data 3.0.0): files of resource
 //! blocks, each a `Parameters` header naming a patient, then the patient, then the other resources
 //! of its compartment. A resource in several exported patients' compartments is written once, in
-//! the block of the first of them by id. Planning lists the exported patients in id order and cuts
-//! them into shards; a shard reads its patients in batches (each type one scan per batch) into a
-//! spill file, and writes the batch's blocks from it in patient order.
+//! the block of the first of them by id. Planning lists the exported patients in the order a scan
+//! of them gives (the embedded store's: storage order) and cuts them into shards. A shard reads its
+//! patients group by group (a source streaming compartments: neighbours read together in storage
+//! order) or batch by batch (a FHIR server: each type one search per batch), holds each group's
+//! resources in a spill, and writes their blocks from it in the group's order.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -18,7 +20,8 @@ use super::shaping::Shaping;
 use super::{ExportError, Exports};
 use crate::fhir::compartment::patient_ids;
 use crate::source::{
-    Cursor, PatientScope, ResourceSource, RowRange, ScanError, ScanRequest, Scanned, SinkError,
+    CompartmentScan, Cursor, PatientScope, ResourceSource, RowRange, ScanError, ScanRequest,
+    Scanned, SinkError,
 };
 use crate::storage::{RollingNdjsonWriter, StorageError};
 
@@ -32,9 +35,10 @@ const SPILL_IN_MEMORY: usize = 16 << 20;
 const SPILL_BUFFER: usize = 1 << 20;
 const SPILL_RUN: u64 = 1 << 20;
 
-/// A batch's shaped resources between their scan and their blocks: in memory while they are few
-/// (a batch of Synthea patients holds about 50 MB), the rest in a temporary file, so that memory
-/// stays bounded whatever a batch holds.
+/// A group's (or batch's) shaped resources between their scan and their blocks: in memory while
+/// they are few (a group of the embedded store holds about 16 MB, a batch of 100 Synthea patients
+/// from a FHIR server about 50 MB), the rest in a temporary file, so that memory stays bounded
+/// whatever a group holds.
 struct Spill {
     /// What memory holds at the most.
     memory_limit: usize,
@@ -199,29 +203,40 @@ pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize
     Ok((shards, order))
 }
 
-/// The ids of the patients an organized export covers, sorted: every Patient of its scope as at
-/// its `transactionTime`. (Held in memory at planning: about 40 bytes a patient.)
+/// The ids of the patients an organized export covers: every Patient of its scope as at its
+/// `transactionTime`, in the order a scan of them gives (the embedded store's is storage order
+/// where the Patients lie together), so that a shard's patients, and the patients one after
+/// another in it, are those whose resources lie near each other: what a shard reads, it reads
+/// once. (Held in memory at planning: about 40 bytes a patient.)
 fn exported_patients(source: &dyn ResourceSource, job: &Job) -> Result<Vec<String>, ExportError> {
     #[derive(Deserialize)]
     struct Id {
         id: Option<String>,
     }
     let mut ids = Vec::new();
+    let mut seen = HashSet::new();
     source.scan(
         &ScanRequest::whole("Patient", &job.scope, job.transaction_time),
         &mut |resource| {
             if let Ok(Id { id: Some(id) }) = serde_json::from_slice::<Id>(resource) {
-                ids.push(id);
+                if seen.insert(id.clone()) {
+                    ids.push(id);
+                }
             }
             Ok(())
         },
     )?;
-    ids.sort_unstable();
-    ids.dedup();
     Ok(ids)
 }
 
-/// Patients per shard: as many as hold about `max_resources` resources, by the source's counts.
+/// An export this large is cut into `SHARDS_AT_LEAST` shards at least, however large
+/// `EXPORT_SHARD_MAX_RESOURCES` lets a shard be, so that workers share it evenly when patients'
+/// sizes differ (shards of neighbouring patients do, unlike the types of a plain export).
+const SHARDS_AT_LEAST: u64 = 8;
+const SHARD_RESOURCES_AT_LEAST: u64 = 50_000;
+
+/// Patients per shard: as many as hold about `max_resources` resources (fewer in a large export,
+/// to make `SHARDS_AT_LEAST` shards), by the source's counts.
 fn patients_per_shard(
     source: &dyn ResourceSource,
     job: &Job,
@@ -246,7 +261,12 @@ fn patients_per_shard(
         }
     }
     let per_patient = (total / patients.max(1) as u64).max(1);
-    Ok((max_resources / per_patient).clamp(1, patients.max(1) as u64) as usize)
+    let per_shard = max_resources.min(
+        total
+            .div_ceil(SHARDS_AT_LEAST)
+            .max(SHARD_RESOURCES_AT_LEAST),
+    );
+    Ok((per_shard / per_patient).clamp(1, patients.max(1) as u64) as usize)
 }
 
 /// The header line of a patient's resource block.
@@ -255,30 +275,31 @@ fn header(patient: &str) -> Vec<u8> {
     format!(r#"{{"resourceType":"Parameters","parameter":[{{"name":"header","valueReference":{{"reference":{reference}}}}}]}}"#).into_bytes()
 }
 
-/// Whether a patient id is among the export's patients (planned, in shards' documents).
+/// Whether a patient id is among the export's patients (planned, in shards' documents): read
+/// on first need, which only a resource in several patients' compartments has.
 struct Universe {
     jobs: JobStore,
     runtime: Handle,
     job_id: String,
-    /// Each shard's first and last patient, by shard.
-    ranges: Vec<(usize, String, String)>,
-    loaded: HashMap<usize, HashSet<String>>,
+    shards: Vec<usize>,
+    loaded: Option<HashSet<String>>,
 }
 
 impl Universe {
     fn contains(&mut self, id: &str) -> Result<bool, SinkError> {
-        let Some(&(shard, _, _)) = self
-            .ranges
-            .iter()
-            .find(|(_, first, last)| first.as_str() <= id && id <= last.as_str())
-        else {
-            return Ok(false);
-        };
-        if !self.loaded.contains_key(&shard) {
-            let ids = load_patients(&self.jobs, &self.runtime, &self.job_id, shard)?;
-            self.loaded.insert(shard, ids.into_iter().collect());
+        if self.loaded.is_none() {
+            let mut all = HashSet::new();
+            for &shard in &self.shards {
+                all.extend(load_patients(
+                    &self.jobs,
+                    &self.runtime,
+                    &self.job_id,
+                    shard,
+                )?);
+            }
+            self.loaded = Some(all);
         }
-        Ok(self.loaded[&shard].contains(id))
+        Ok(self.loaded.as_ref().is_some_and(|all| all.contains(id)))
     }
 }
 
@@ -331,7 +352,15 @@ impl BlockShard {
         let mut patients = load_patients(&exports.jobs, &runtime, &job.id, shard)?;
         match resume {
             None => {}
-            Some(Cursor::Id { id }) => patients.retain(|patient| patient > id),
+            Some(Cursor::Id { id }) => match patients.iter().position(|patient| patient == id) {
+                Some(at) => drop(patients.drain(..=at)),
+                None => {
+                    return Err(crate::source::SourceError::Unsupported(format!(
+                        "a shard of resource blocks cannot resume after {id:?}, not one of its patients"
+                    ))
+                    .into())
+                }
+            },
             Some(other) => {
                 return Err(crate::source::SourceError::Unsupported(format!(
                     "a shard of resource blocks cannot resume at {other:?}"
@@ -341,14 +370,11 @@ impl BlockShard {
         }
         let types = block_types(exports.source.as_ref(), &job.request)?;
         let shapings = types.iter().map(|t| Shaping::of(&job.request, t)).collect();
-        let ranges = job
+        let shards = job
             .shards
             .iter()
             .enumerate()
-            .filter_map(|(index, s)| {
-                let range = s.patients.as_ref()?;
-                Some((index, range.first.clone(), range.last.clone()))
-            })
+            .filter_map(|(index, s)| s.patients.as_ref().map(|_| index))
             .collect();
         let (since, stored_since, until) = window;
         Ok(BlockShard {
@@ -363,15 +389,16 @@ impl BlockShard {
                 jobs: exports.jobs.clone(),
                 runtime,
                 job_id: job.id.clone(),
-                ranges,
-                loaded: HashMap::new(),
+                shards,
+                loaded: None,
             },
             spill: Spill::default(),
         })
     }
 
-    /// Writes the blocks of the shard's patients, batch by batch; past `pause_after`, pauses after
-    /// a batch (the cursor: its last patient). `go_on` says whether to keep going.
+    /// Writes the blocks of the shard's patients: patient by patient where the source streams
+    /// compartments, else batch by batch. Past `pause_after`, pauses after a patient (or a batch);
+    /// the cursor is the last patient written. `go_on` says whether to keep going.
     pub fn write(
         mut self,
         source: &dyn ResourceSource,
@@ -379,13 +406,12 @@ impl BlockShard {
         go_on: &dyn Fn() -> bool,
         pause_after: Option<std::time::Instant>,
     ) -> Result<Scanned, ScanError> {
-        let mut count = 0;
         let patients = std::mem::take(&mut self.patients);
-        let batch = match source.patients_read_together() {
-            true => patients.len().max(1),
-            false => BATCH,
-        };
-        let batches: Vec<&[String]> = patients.chunks(batch).collect();
+        if let Some(scanned) = self.write_streamed(source, &patients, writer, go_on, pause_after)? {
+            return Ok(scanned);
+        }
+        let mut count = 0;
+        let batches: Vec<&[String]> = patients.chunks(BATCH).collect();
         for (number, batch) in batches.iter().enumerate() {
             if !go_on() {
                 return Err(SinkError::Stopped.into());
@@ -401,6 +427,68 @@ impl BlockShard {
             }
         }
         Ok(Scanned::whole(count))
+    }
+
+    /// Writes the blocks of each group of patients as the source streams their compartments
+    /// (`None`: the source cannot).
+    fn write_streamed(
+        &mut self,
+        source: &dyn ResourceSource,
+        patients: &[String],
+        writer: &mut RollingNdjsonWriter,
+        go_on: &dyn Fn() -> bool,
+        pause_after: Option<std::time::Instant>,
+    ) -> Result<Option<Scanned>, ScanError> {
+        let request = CompartmentScan {
+            patients,
+            types: &self.types,
+            since: self.since,
+            stored_since: self.stored_since,
+            until: self.until,
+            snapshot: self.snapshot,
+            pause_after,
+        };
+        let (spill, universe, shapings) = (&mut self.spill, &mut self.universe, &self.shapings);
+        spill.clear();
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut group: std::ops::Range<usize> = 0..0;
+        let mut positions: HashMap<&str, u32> = HashMap::new();
+        let mut count = 0;
+        let scanned = source.scan_compartments(&request, &mut |row| {
+            if !go_on() {
+                return Err(SinkError::Stopped);
+            }
+            if row.patients != group {
+                count += write_blocks(spill, &mut entries, &patients[group.clone()], writer)?;
+                group = row.patients.clone();
+                positions = patients[group.clone()]
+                    .iter()
+                    .enumerate()
+                    .map(|(at, id)| (id.as_str(), at as u32))
+                    .collect();
+            }
+            let resource_type = &request.types[row.rank];
+            let Some(owner) = owner_of(resource_type, row.resource, &positions, universe)? else {
+                return Ok(());
+            };
+            if let Some(bytes) = shapings[row.rank].shape(row.resource)? {
+                entries.push(Entry {
+                    owner,
+                    rank: row.rank as u16,
+                    offset: spill.append(&bytes)?,
+                    length: bytes.len() as u32,
+                });
+            }
+            Ok(())
+        })?;
+        let Some(scanned) = scanned else {
+            return Ok(None);
+        };
+        count += write_blocks(spill, &mut entries, &patients[group], writer)?;
+        Ok(Some(Scanned {
+            count,
+            paused: scanned.paused,
+        }))
     }
 
     /// Reads every type of a batch of patients into a spill file, then writes their blocks.
@@ -449,41 +537,52 @@ impl BlockShard {
                 Ok(())
             })?;
         }
-        // Stable: within a block, each type's resources stay in the order they were read.
-        entries.sort_by_key(|entry| (entry.owner, entry.rank));
-        for block in entries.chunk_by(|a, b| a.owner == b.owner) {
-            let header = header(&batch[block[0].owner as usize]);
-            let bytes: u64 = block.iter().map(|e| u64::from(e.length) + 1).sum();
-            writer
-                .begin_block(&header, header.len() as u64 + 1 + bytes)
-                .map_err(SinkError::from)?;
-            // Resources read one after another lie one after another in the spill (a patient's
-            // resources of a type, as the store holds them): each such run is read back at once.
-            let mut rest = block;
-            while !rest.is_empty() {
-                let start = rest[0].offset;
-                let mut end = start + u64::from(rest[0].length);
-                let mut taken = 1;
-                while let Some(next) = rest.get(taken) {
-                    if next.offset != end || end - start >= SPILL_RUN {
-                        break;
-                    }
-                    end += u64::from(next.length);
-                    taken += 1;
-                }
-                let run = spill.read(start, end)?;
-                for entry in &rest[..taken] {
-                    let at = (entry.offset - start) as usize;
-                    writer
-                        .push(&run[at..at + entry.length as usize])
-                        .map_err(SinkError::from)?;
-                }
-                rest = &rest[taken..];
-            }
-            writer.end_block();
-        }
-        Ok(entries.len() as u64)
+        Ok(write_blocks(spill, &mut entries, batch, writer)?)
     }
+}
+
+/// Writes the blocks of `entries` (of `batch`'s patients, in the spill), in patient order; each
+/// block's types in block order and each type's resources in the order they were read. Empties
+/// `entries` and the spill; returns how many resources it wrote.
+fn write_blocks(
+    spill: &mut Spill,
+    entries: &mut Vec<Entry>,
+    batch: &[String],
+    writer: &mut RollingNdjsonWriter,
+) -> Result<u64, SinkError> {
+    // Stable: within a block, each type's resources stay in the order they were read.
+    entries.sort_by_key(|entry| (entry.owner, entry.rank));
+    for block in entries.chunk_by(|a, b| a.owner == b.owner) {
+        let header = header(&batch[block[0].owner as usize]);
+        let bytes: u64 = block.iter().map(|e| u64::from(e.length) + 1).sum();
+        writer.begin_block(&header, header.len() as u64 + 1 + bytes)?;
+        // Resources read one after another lie one after another in the spill (a patient's
+        // resources of a type, as the store holds them): each such run is read back at once.
+        let mut rest = block;
+        while !rest.is_empty() {
+            let start = rest[0].offset;
+            let mut end = start + u64::from(rest[0].length);
+            let mut taken = 1;
+            while let Some(next) = rest.get(taken) {
+                if next.offset != end || end - start >= SPILL_RUN {
+                    break;
+                }
+                end += u64::from(next.length);
+                taken += 1;
+            }
+            let run = spill.read(start, end)?;
+            for entry in &rest[..taken] {
+                let at = (entry.offset - start) as usize;
+                writer.push(&run[at..at + entry.length as usize])?;
+            }
+            rest = &rest[taken..];
+        }
+        writer.end_block();
+    }
+    let written = entries.len() as u64;
+    entries.clear();
+    spill.clear();
+    Ok(written)
 }
 
 /// One resource in the spill file: whose block (its patient's place in the batch), its type's
@@ -536,13 +635,15 @@ fn owner_of(
 /// trusted to show them (no `\/` or `\u` escapes): a compartment's patients are among them, so a
 /// resource naming one patient belongs to that patient's block, without parsing it.
 fn patients_named(resource: &[u8]) -> Option<Vec<&str>> {
-    if memchr::memmem::find(resource, b"\\/").is_some()
-        || memchr::memmem::find(resource, b"\\u").is_some()
-    {
+    static PATIENT: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"Patient/"));
+    let escaped = memchr::memchr_iter(b'\\', resource)
+        .any(|at| matches!(resource.get(at + 1), Some(b'/' | b'u')));
+    if escaped {
         return None;
     }
     let mut ids: Vec<&str> = Vec::new();
-    for at in memchr::memmem::find_iter(resource, b"Patient/") {
+    for at in PATIENT.find_iter(resource) {
         let rest = &resource[at + "Patient/".len()..];
         let length = rest
             .iter()

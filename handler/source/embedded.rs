@@ -8,11 +8,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+mod compartments;
 mod history;
 
 use super::{
-    plan, tuning, Cursor, HistoryPage, HistoryRequest, Part, PatientScope, PlanRequest,
-    ResourceSource, ScanError, ScanRequest, Scanned, SinkError, SourceError, Version, VersionKinds,
+    plan, tuning, CompartmentRow, CompartmentScan, Cursor, HistoryPage, HistoryRequest, Part,
+    PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest, Scanned, SinkError,
+    SourceError, Version, VersionKinds,
 };
 use crate::fhir::types::R4_RESOURCE_TYPES;
 
@@ -483,8 +485,14 @@ impl ResourceSource for EmbeddedStore {
         Ok(Some(count))
     }
 
-    fn patients_read_together(&self) -> bool {
-        true
+    /// Found by the patients' links, group by group: a group's resources read together, in
+    /// storage order (see `compartments`).
+    fn scan_compartments(
+        &self,
+        request: &CompartmentScan<'_>,
+        sink: &mut dyn FnMut(&CompartmentRow<'_>) -> Result<(), SinkError>,
+    ) -> Result<Option<Scanned>, ScanError> {
+        self.compartments(request, sink).map(Some)
     }
 
     /// Each resource's version at the snapshot, at its current row's place: in storage order when

@@ -86,6 +86,37 @@ impl<'a> ScanRequest<'a> {
     }
 }
 
+/// The compartments of a shard of output organized by patient: each resource of `types` whose
+/// version at `snapshot` lies in the window and whose compartment holds one of `patients`.
+#[derive(Debug, Clone)]
+pub struct CompartmentScan<'a> {
+    /// Sorted by id.
+    pub patients: &'a [String],
+    /// In block order.
+    pub types: &'a [String],
+    /// The window, as in [`ScanRequest`].
+    pub since: Option<DateTime<Utc>>,
+    pub stored_since: Option<DateTime<Utc>>,
+    pub until: DateTime<Utc>,
+    pub snapshot: DateTime<Utc>,
+    /// Past this instant, pause before the next group of patients: the cursor is the last patient
+    /// given (`Cursor::Id`), every resource of whose compartment was given.
+    pub pause_after: Option<std::time::Instant>,
+}
+
+/// One resource of a compartment scan. The scan's patients are given in groups of neighbours
+/// (in `CompartmentScan::patients`' order): each group's resources, each once, before the next
+/// group's, in storage order.
+#[derive(Debug, Clone)]
+pub struct CompartmentRow<'a> {
+    /// The group: places in `CompartmentScan::patients`; the resource is in the compartment of
+    /// one of them at least.
+    pub patients: std::ops::Range<usize>,
+    /// Its type's place in `CompartmentScan::types`.
+    pub rank: usize,
+    pub resource: &'a [u8],
+}
+
 /// Where a paused scan stopped, kept in the shard's state for its continuation. Everything before
 /// it was passed to the sink, nothing after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,12 +265,16 @@ pub trait ResourceSource: Send + Sync {
         Ok(Part::whole())
     }
 
-    /// Whether output organized by patient reads a shard's patients in one scan per type rather
-    /// than in batches: the embedded store finds a list of patients' rows by their links and reads
-    /// only those, but where patients' rows lie interleaved (copies, loads type by type) each
-    /// batch would read the same pages again; a FHIR server is searched in batches.
-    fn patients_read_together(&self) -> bool {
-        false
+    /// Streams the compartments of a list of patients (a shard of output organized by patient) in
+    /// groups of neighbours, each group's resources once, read together: what lets the exporter
+    /// write a group's blocks as soon as it is read, and pause between groups. `None` when the
+    /// source cannot (a FHIR server): the exporter then scans each type for a batch of patients.
+    fn scan_compartments(
+        &self,
+        _request: &CompartmentScan<'_>,
+        _sink: &mut dyn FnMut(&CompartmentRow<'_>) -> Result<(), SinkError>,
+    ) -> Result<Option<Scanned>, ScanError> {
+        Ok(None)
     }
 
     /// What the source is waiting for, when it waits out a refusal (a role assignment that is

@@ -340,7 +340,8 @@ fn main() {
         plain_runs.sort_by(f64::total_cmp);
         organized_runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
         let blocks = organized_runs.swap_remove(1);
-        organized.push((n, first.seconds, plain_runs[1], blocks));
+        let rss = peak_rss_mb(serve.0.id());
+        organized.push((n, first.seconds, plain_runs[1], blocks, rss));
         drop(serve);
         settle();
         // The same export with files stored gzip-compressed.
@@ -435,12 +436,21 @@ fn main() {
     println!();
     println!("the same store exported organized by patient (organizeOutputBy=Patient): first (after the plain export), then plain and organized in turn (medians of 3):");
     println!(
-        "{:>6} | {:>7} | {:>9} {:>8} {:>7} {:>11} {:>8} {:>6} {:>6}",
-        "copies", "first s", "lines", "MB", "plain s", "organized s", "lines/s", "files", "ratio"
+        "{:>6} | {:>7} | {:>9} {:>8} {:>7} {:>11} {:>8} {:>6} {:>6} {:>9}",
+        "copies",
+        "first s",
+        "lines",
+        "MB",
+        "plain s",
+        "organized s",
+        "lines/s",
+        "files",
+        "ratio",
+        "serve RSS"
     );
-    for (n, first_s, plain_s, blocks) in organized {
+    for (n, first_s, plain_s, blocks, rss) in organized {
         println!(
-            "{:>6} | {:>7.2} | {:>9} {:>8.0} {:>7.2} {:>11.2} {:>8.0} {:>6} {:>6.2}",
+            "{:>6} | {:>7.2} | {:>9} {:>8.0} {:>7.2} {:>11.2} {:>8.0} {:>6} {:>6.2} {:>9.0}",
             n,
             first_s,
             blocks.resources,
@@ -449,10 +459,11 @@ fn main() {
             blocks.seconds,
             blocks.resources as f64 / blocks.seconds,
             blocks.files.len(),
-            blocks.seconds / plain_s
+            blocks.seconds / plain_s,
+            rss
         );
     }
-    println!("first s: includes making the store's indexes by patient and by lastUpdated, once per store; ratio: organized s / plain s");
+    println!("first s: includes making the store's indexes by patient and by lastUpdated, once per store; ratio: organized s / plain s; serve RSS: peak, in MB, over all these exports");
     println!("lines: resources and block headers; the organized export leaves out the types in no patient's compartment");
     println!();
     println!("the same export with files stored gzip-compressed (EXPORT_COMPRESSION=gzip), then every file downloaded plain (decompressed on the way) and gzip (as stored):");

@@ -585,7 +585,9 @@ async fn on_background_thread<T: Send + 'static>(
         .name("shard-writer".into())
         .spawn(move || {
             crate::os::lower_this_threads_priority();
-            let _ = done.send(caught(work));
+            let outcome = caught(work);
+            crate::os::release_freed_memory();
+            let _ = done.send(outcome);
         })
         .map_err(|e| format!("no thread for the shard: {e}"))?;
     result

@@ -164,16 +164,24 @@ pub fn block_types(
 }
 
 /// Plans an organized export: its patients (those of its scope as at `transactionTime`, whatever
-/// the window) in id order, cut into shards of about `EXPORT_SHARD_MAX_RESOURCES` resources, each
-/// shard's ids recorded beside the job. Returns the shards and the order to queue them in.
+/// the window) in the order a scan gives them, cut into shards of about
+/// `EXPORT_SHARD_MAX_RESOURCES` resources, each shard's ids recorded beside the job, and the
+/// block types in the shards (a FHIR server counts every type it declares to find them).
+/// Returns the shards and the order to queue them in.
 pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
     let (source, planned) = (exports.source.clone(), job.clone());
     let max_resources = exports.limits.shard_max_resources;
-    let (patients, per_shard) = crate::blocking::run(move || -> Result<_, ExportError> {
+    let (patients, per_shard, types) = crate::blocking::run(move || -> Result<_, ExportError> {
         let patients = exported_patients(source.as_ref(), &planned)?;
-        let per_shard =
-            patients_per_shard(source.as_ref(), &planned, patients.len(), max_resources)?;
-        Ok((patients, per_shard))
+        let types = block_types(source.as_ref(), &planned.request)?;
+        let per_shard = patients_per_shard(
+            source.as_ref(),
+            &planned,
+            &types,
+            patients.len(),
+            max_resources,
+        )?;
+        Ok((patients, per_shard, types))
     })
     .await?;
     let chunks: Vec<&[String]> = patients.chunks(per_shard.max(1)).collect();
@@ -194,6 +202,7 @@ pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize
                 first: chunk[0].clone(),
                 last: chunk[chunk.len() - 1].clone(),
                 count: chunk.len(),
+                types: types.clone(),
             }),
             kind: ShardKind::Resources,
             view: None,
@@ -240,6 +249,7 @@ const SHARD_RESOURCES_AT_LEAST: u64 = 50_000;
 fn patients_per_shard(
     source: &dyn ResourceSource,
     job: &Job,
+    types: &[String],
     patients: usize,
     max_resources: u64,
 ) -> Result<usize, ExportError> {
@@ -248,12 +258,12 @@ fn patients_per_shard(
         .until
         .map_or(job.transaction_time, |u| u.min(job.transaction_time));
     let mut total = 0;
-    for resource_type in block_types(source, &job.request)? {
+    for resource_type in types {
         let counted = source.count(&ScanRequest {
             since: job.request.since,
             stored_since: job.request.since,
             until,
-            ..ScanRequest::whole(&resource_type, &job.scope, job.transaction_time)
+            ..ScanRequest::whole(resource_type, &job.scope, job.transaction_time)
         })?;
         match counted {
             Some(count) => total += count,
@@ -333,6 +343,11 @@ pub struct BlockShard {
     until: DateTime<Utc>,
     snapshot: DateTime<Utc>,
     universe: Universe,
+    /// The export's scope, when this shard holds every exported patient and the scope is not a
+    /// list of them (an export at system or Patient level of one shard): a batch holding the
+    /// shard's every patient then reads whole types, as a plain export does, rather than
+    /// searching them by patient.
+    whole_scope: Option<PatientScope>,
     /// The batch's resources between their scan and their blocks (its memory kept from batch to
     /// batch).
     spill: Spill,
@@ -368,7 +383,16 @@ impl BlockShard {
                 .into())
             }
         }
-        let types = block_types(exports.source.as_ref(), &job.request)?;
+        let planned_types = job
+            .shards
+            .get(shard)
+            .and_then(|planned| planned.patients.as_ref())
+            .map(|range| range.types.clone())
+            .filter(|types| !types.is_empty());
+        let types = match planned_types {
+            Some(types) => types,
+            None => block_types(exports.source.as_ref(), &job.request)?,
+        };
         let shapings = types.iter().map(|t| Shaping::of(&job.request, t)).collect();
         let shards = job
             .shards
@@ -377,6 +401,11 @@ impl BlockShard {
             .filter_map(|(index, s)| s.patients.as_ref().map(|_| index))
             .collect();
         let (since, stored_since, until) = window;
+        let one_shard = job.shards.iter().filter(|s| s.patients.is_some()).count() == 1;
+        let whole_scope = match &job.scope {
+            PatientScope::Only(_) => None,
+            scope => (one_shard && resume.is_none()).then(|| scope.clone()),
+        };
         Ok(BlockShard {
             patients,
             types,
@@ -392,6 +421,7 @@ impl BlockShard {
                 shards,
                 loaded: None,
             },
+            whole_scope,
             spill: Spill::default(),
         })
     }
@@ -412,6 +442,9 @@ impl BlockShard {
         }
         let mut count = 0;
         let batches: Vec<&[String]> = patients.chunks(BATCH).collect();
+        if batches.len() > 1 {
+            self.whole_scope = None;
+        }
         for (number, batch) in batches.iter().enumerate() {
             if !go_on() {
                 return Err(SinkError::Stopped.into());
@@ -507,7 +540,10 @@ impl BlockShard {
         let spill = &mut self.spill;
         spill.clear();
         let mut entries: Vec<Entry> = Vec::new();
-        let scope = PatientScope::Only(batch.to_vec());
+        let scope = match &self.whole_scope {
+            Some(scope) => scope.clone(),
+            None => PatientScope::Only(batch.to_vec()),
+        };
         for (rank, resource_type) in self.types.iter().enumerate() {
             let shaping = &self.shapings[rank];
             let request = ScanRequest {

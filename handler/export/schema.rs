@@ -86,6 +86,10 @@ pub struct PatientRange {
     pub first: String,
     pub last: String,
     pub count: usize,
+    /// The types of the blocks, in block order, as planned (shards planned before they were
+    /// recorded ask the source again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -312,6 +312,13 @@ async fn type_filters_and_elements_shape_the_output() {
         .contains("value-quantity"));
 }
 
+/// Imports `lines` into the store at `store` (a later change to it), from a file in `dir`.
+fn import_later(dir: &Path, store: &Path, lines: &[&str]) -> import::ImportReport {
+    let later = dir.join("later.ndjson");
+    std::fs::write(&later, lines.join("\n") + "\n").unwrap();
+    import::import(&EmbeddedStore::open(store).unwrap(), &[later]).unwrap()
+}
+
 /// The small store, its exports folder, and a service on them without workers: kickoffs are
 /// recorded and wait, so that the store can change before they run.
 async fn api_only_on_small_store(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Server) {
@@ -439,14 +446,14 @@ async fn a_version_moved_or_backdated_after_kickoff_stays_where_it_was_at_kickof
     let old_base = api_only.base.clone();
     drop(api_only);
 
-    let later = dir.path().join("later.ndjson");
-    std::fs::write(
-        &later,
-        "{\"resourceType\":\"Observation\",\"id\":\"oa\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/b\"}}\n\
-         {\"resourceType\":\"Patient\",\"id\":\"d\",\"meta\":{\"lastUpdated\":\"2019-01-01T00:00:00Z\"}}\n",
-    )
-    .unwrap();
-    let report = import::import(&EmbeddedStore::open(&store).unwrap(), &[later]).unwrap();
+    let report = import_later(
+        dir.path(),
+        &store,
+        &[
+            r#"{"resourceType":"Observation","id":"oa","status":"final","subject":{"reference":"Patient/b"}}"#,
+            r#"{"resourceType":"Patient","id":"d","meta":{"lastUpdated":"2019-01-01T00:00:00Z"}}"#,
+        ],
+    );
     assert_eq!((report.created, report.updated), (1, 1));
 
     let server = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |_| {}).await;
@@ -516,25 +523,20 @@ async fn an_organized_export_holds_each_version_as_at_kickoff_in_its_patients_bl
     let (store, exports, api_only) = api_only_on_small_store(dir.path()).await;
     let client = client();
     let url = format!("{}/$export?organizeOutputBy=Patient", api_only.base);
-    let response = kickoff(&client, &url).await;
-    assert_eq!(response.status(), 202);
-    let status_url = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let status_url = started(&client, &url).await;
     let old_base = api_only.base.clone();
     drop(api_only);
 
-    let later = dir.path().join("later.ndjson");
-    std::fs::write(
-        &later,
-        "{\"resourceType\":\"Observation\",\"id\":\"oa\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/b\"}}\n\
-         {\"resourceType\":\"Observation\",\"id\":\"both\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/b\"}}\n\
-         {\"resourceType\":\"Patient\",\"id\":\"d\"}\n\
-         {\"resourceType\":\"Observation\",\"id\":\"od\",\"status\":\"final\",\"subject\":{\"reference\":\"Patient/a\"}}\n",
-    )
-    .unwrap();
-    let report = import::import(&EmbeddedStore::open(&store).unwrap(), &[later]).unwrap();
+    let report = import_later(
+        dir.path(),
+        &store,
+        &[
+            r#"{"resourceType":"Observation","id":"oa","status":"final","subject":{"reference":"Patient/b"}}"#,
+            r#"{"resourceType":"Observation","id":"both","status":"final","subject":{"reference":"Patient/b"}}"#,
+            r#"{"resourceType":"Patient","id":"d"}"#,
+            r#"{"resourceType":"Observation","id":"od","status":"final","subject":{"reference":"Patient/a"}}"#,
+        ],
+    );
     assert_eq!((report.created, report.updated), (2, 2));
 
     let server = start_with_exports(&store, &exports, tempfile::tempdir().unwrap(), |_| {}).await;

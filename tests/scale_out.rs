@@ -657,6 +657,22 @@ async fn organized_blocks(
     (blocks, outputs.len())
 }
 
+/// Handles the queued messages, and those they queue, until none is left; returns how many shard
+/// runs there were.
+async fn work_off(binding: &Binding, exports: &Exports) -> usize {
+    let mut runs = 0;
+    loop {
+        let messages = binding.take();
+        if messages.is_empty() {
+            return runs;
+        }
+        for message in messages {
+            runs += usize::from(message.shard.is_some());
+            worker::handle_message(exports, &message).await.unwrap();
+        }
+    }
+}
+
 /// Organized by patient from a source read in batches of patients, a time-boxed shard pauses
 /// after a batch and its continuation writes the next: every resource once, in the same blocks
 /// as an export that never paused.
@@ -688,19 +704,7 @@ async fn organized_shards_paused_between_batches_write_each_resource_once() {
             |s| s.shard_max_time = time_box,
         );
         let job = start(&app.exports, "organizeOutputBy=Patient").await;
-        let mut runs = 0;
-        loop {
-            let messages = binding.take();
-            if messages.is_empty() {
-                break;
-            }
-            for message in messages {
-                runs += usize::from(message.shard.is_some());
-                worker::handle_message(&app.exports, &message)
-                    .await
-                    .unwrap();
-            }
-        }
+        let runs = work_off(&binding, &app.exports).await;
         let (blocks, files) = organized_blocks(&storage, &app.exports, &job.id).await;
         results.push((blocks, files, runs));
     }
@@ -734,19 +738,7 @@ async fn organized_shards_of_the_embedded_store_pause_between_groups_of_patients
             s.shard_max_time = time_box
         });
         let job = start(&app.exports, "organizeOutputBy=Patient").await;
-        let mut runs = 0;
-        loop {
-            let messages = binding.take();
-            if messages.is_empty() {
-                break;
-            }
-            for message in messages {
-                runs += usize::from(message.shard.is_some());
-                worker::handle_message(&app.exports, &message)
-                    .await
-                    .unwrap();
-            }
-        }
+        let runs = work_off(&binding, &app.exports).await;
         let (blocks, _) = organized_blocks(&storage, &app.exports, &job.id).await;
         results.push((blocks, runs));
     }

@@ -745,10 +745,12 @@ async fn organized_shards_of_the_embedded_store_pause_between_groups_of_patients
     let (whole, whole_runs) = &results[0];
     let (paused, paused_runs) = &results[1];
     assert_eq!(whole.len(), common::sample_counts()["Patient"]);
-    assert_eq!(*whole_runs, 1, "the sample is one shard");
+    // A run per shard (one for the sample, two for a fresh clone's larger stand-in), against a
+    // run per group.
     let links: usize = whole.values().map(|keys| keys.len()).sum();
+    assert!(*whole_runs <= 2, "{whole_runs} runs");
     assert!(
-        *paused_runs >= links / 12_000,
+        *paused_runs > *whole_runs && *paused_runs >= links / 12_000,
         "{paused_runs} runs for {links} resources in blocks"
     );
     assert!(paused == whole, "the same blocks");

@@ -396,7 +396,6 @@ async fn organized_exports_from_medplum_equal_those_from_the_embedded_store() {
     let embedded = start(&data.store, |_| {}).await;
     let remote = start_on(&medplum.base).await;
     let client = client();
-    let mut requests = Vec::new();
     for path in [
         "/$export?organizeOutputBy=Patient".to_string(),
         format!(
@@ -409,13 +408,11 @@ async fn organized_exports_from_medplum_equal_those_from_the_embedded_store() {
             &run(&client, &format!("{}{path}", embedded.base), None).await,
         )
         .await;
-        let before = medplum.requests(&client).await;
         let got = blocks(
             &client,
             &run(&client, &format!("{}{path}", remote.base), None).await,
         )
         .await;
-        requests.push(medplum.requests(&client).await - before);
         assert!(
             expected.len() >= GROUP_SIZE,
             "{path}: {} blocks",
@@ -435,15 +432,35 @@ async fn organized_exports_from_medplum_equal_those_from_the_embedded_store() {
             );
         }
     }
-    // Its one shard holding every patient, the system-level export reads each type whole, as
-    // `Patient/$export` does, rather than searching it by patient.
-    let before = medplum.requests(&client).await;
-    run(&client, &format!("{}/Patient/$export", remote.base), None).await;
-    let plain = medplum.requests(&client).await - before;
+}
+
+/// An export organized by patient whose one shard holds every patient (60 here) reads each type
+/// whole, as `Patient/$export` does, rather than searching it by patient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organized_export_of_one_shard_reads_each_type_whole_from_medplum() {
+    let dir = tempfile::tempdir().unwrap();
+    fhir_export::generate::write_ndjson(60, 7, dir.path()).unwrap();
+    let medplum = Medplum::start(dir.path(), &[]);
+    let remote = start_on(&medplum.base).await;
+    let client = client();
+    let mut counted = Vec::new();
+    for path in ["/$export?organizeOutputBy=Patient", "/Patient/$export"] {
+        let before = (
+            medplum.requests(&client).await,
+            medplum.searches_by_patient(&client).await,
+        );
+        let manifest = run(&client, &format!("{}{path}", remote.base), None).await;
+        assert!(!manifest["output"].as_array().unwrap().is_empty());
+        counted.push((
+            medplum.requests(&client).await - before.0,
+            medplum.searches_by_patient(&client).await - before.1,
+        ));
+    }
+    let ((organized, organized_by_patient), (plain, _)) = (counted[0], counted[1]);
+    assert_eq!(organized_by_patient, 0, "no search by patient");
     assert!(
-        requests[0] <= plain + plain / 5,
-        "organized: {} requests, Patient/$export: {plain}",
-        requests[0]
+        organized <= plain + plain / 5,
+        "organized: {organized} requests, Patient/$export: {plain}"
     );
 }
 

@@ -43,8 +43,17 @@ impl Medplum {
 
     /// How many requests the server has answered.
     pub async fn requests(&self, client: &reqwest::Client) -> u64 {
+        self.counted(client, "requests").await
+    }
+
+    /// How many searches naming patients (a `Patient/` reference in the query) it has answered.
+    pub async fn searches_by_patient(&self, client: &reqwest::Client) -> u64 {
+        self.counted(client, "byPatient").await
+    }
+
+    async fn counted(&self, client: &reqwest::Client, what: &str) -> u64 {
         let answer = super::get_json(client, &format!("{}/$requests", self.base)).await;
-        answer["requests"].as_u64().unwrap()
+        answer[what].as_u64().unwrap()
     }
 }
 

@@ -16,7 +16,8 @@
 //                     at the first request for a later page, the first N matches are updated (their
 //                     `meta.lastUpdated` set to now), as if other clients wrote during the export
 // With `_sort`, the order is the sort's and only ties are unstable.
-// `GET /$requests` answers how many requests came in; `PUT [type]/[id]` updates (concurrent changes;
+// `GET /$requests` answers how many requests came in (`requests`), and how many of them were
+// searches naming patients (`byPatient`: a `Patient/` reference in the query); `PUT [type]/[id]` updates (concurrent changes;
 // a body without `meta.lastUpdated` is stamped now).
 import { createServer } from 'node:http';
 import { readdirSync, readFileSync } from 'node:fs';
@@ -49,6 +50,7 @@ const repo = new MemoryRepository();
 const cache = new Map();
 let updatesLeft = Number(option('--update-while-paging') ?? 0);
 let requests = 0;
+let byPatient = 0;
 
 const dir = option('--load');
 if (dir) {
@@ -190,9 +192,12 @@ async function handle(req, body) {
   const path = url.pathname.replace(/^\/+|\/+$/g, '');
   const segments = path.split('/').map(decodeURIComponent);
   if (req.method === 'GET' && path === '$requests') {
-    return [200, { requests }];
+    return [200, { requests, byPatient }];
   }
   requests++;
+  if (decodeURIComponent(url.search).includes('Patient/')) {
+    byPatient++;
+  }
   if (req.method === 'GET' && path === 'metadata') {
     return [200, capabilityStatement()];
   }

@@ -138,10 +138,10 @@ pub struct EmbeddedStore {
     /// Kept open for small questions (types, sizes, one resource), which would otherwise spend
     /// most of their time opening a connection.
     planning: Arc<Mutex<Option<Connection>>>,
-    /// Whether this process has made sure of `WINDOW_INDEX`.
-    window_index: Arc<std::sync::atomic::AtomicBool>,
-    /// Whether this process has made sure of `PATIENT_INDEX`.
-    patient_index: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once this process has made sure of `WINDOW_INDEX`.
+    window_index: Arc<std::sync::OnceLock<()>>,
+    /// Set once this process has made sure of `PATIENT_INDEX`.
+    patient_index: Arc<std::sync::OnceLock<()>>,
 }
 
 /// What a count of a `lastUpdated` window reads instead of every row of the type. Made by the first
@@ -743,20 +743,22 @@ impl EmbeddedStore {
         })
     }
 
-    /// Makes sure of an index made on first need (`sql`), once per process (`made`). A store
-    /// that refuses it is only read more slowly: the failure is logged, not returned.
+    /// Makes sure of an index made on first need (`sql`), once per process (`made`): the scans
+    /// that need it meanwhile wait for it (the shards of an export start together), rather than
+    /// plan their queries without it. A store that refuses it is only read more slowly: the
+    /// failure is logged, not returned.
     fn ensure_index(
         &self,
         conn: &Connection,
-        made: &std::sync::atomic::AtomicBool,
+        made: &std::sync::OnceLock<()>,
         sql: &str,
         what: &str,
     ) {
-        if !made.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        made.get_or_init(|| {
             if let Err(e) = conn.execute_batch(sql) {
                 tracing::warn!(store = %self.path.display(), error = %e, "cannot add the {what} index");
             }
-        }
+        });
     }
 
     /// The terms that limit a query of `request`'s type (and part of it) to its patients'

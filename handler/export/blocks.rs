@@ -73,6 +73,16 @@ impl Spill {
         }
     }
 
+    /// Adds the shaped resource `bytes` for `owner`'s block, its type of `rank`; returns its entry.
+    fn keep(&mut self, owner: u32, rank: usize, bytes: &[u8]) -> Result<Entry, SinkError> {
+        Ok(Entry {
+            owner,
+            rank: rank as u16,
+            offset: self.append(bytes)?,
+            length: bytes.len() as u32,
+        })
+    }
+
     /// Adds `bytes`; returns where they start.
     fn append(&mut self, bytes: &[u8]) -> Result<u64, SinkError> {
         let offset = self.memory.len() as u64 + self.file_bytes;
@@ -394,17 +404,16 @@ impl BlockShard {
             None => block_types(exports.source.as_ref(), &job.request)?,
         };
         let shapings = types.iter().map(|t| Shaping::of(&job.request, t)).collect();
-        let shards = job
+        let shards: Vec<usize> = job
             .shards
             .iter()
             .enumerate()
             .filter_map(|(index, s)| s.patients.as_ref().map(|_| index))
             .collect();
         let (since, stored_since, until) = window;
-        let one_shard = job.shards.iter().filter(|s| s.patients.is_some()).count() == 1;
         let whole_scope = match &job.scope {
             PatientScope::Only(_) => None,
-            scope => (one_shard && resume.is_none()).then(|| scope.clone()),
+            scope => (shards.len() == 1 && resume.is_none()).then(|| scope.clone()),
         };
         Ok(BlockShard {
             patients,
@@ -426,8 +435,8 @@ impl BlockShard {
         })
     }
 
-    /// Writes the blocks of the shard's patients: patient by patient where the source streams
-    /// compartments, else batch by batch. Past `pause_after`, pauses after a patient (or a batch);
+    /// Writes the blocks of the shard's patients: group by group where the source streams
+    /// compartments, else batch by batch. Past `pause_after`, pauses after a group (or a batch);
     /// the cursor is the last patient written. `go_on` says whether to keep going.
     pub fn write(
         mut self,
@@ -442,14 +451,17 @@ impl BlockShard {
         }
         let mut count = 0;
         let batches: Vec<&[String]> = patients.chunks(BATCH).collect();
-        if batches.len() > 1 {
-            self.whole_scope = None;
-        }
+        // Whole types only where one batch holds every exported patient.
+        let whole_scope = self.whole_scope.take().filter(|_| batches.len() == 1);
         for (number, batch) in batches.iter().enumerate() {
             if !go_on() {
                 return Err(SinkError::Stopped.into());
             }
-            count += self.write_batch(source, batch, writer, go_on)?;
+            let scope = match &whole_scope {
+                Some(scope) => scope.clone(),
+                None => PatientScope::Only(batch.to_vec()),
+            };
+            count += self.write_batch(source, batch, &scope, writer, go_on)?;
             let more = number + 1 < batches.len();
             if more && pause_after.is_some_and(|at| std::time::Instant::now() >= at) {
                 let last = batch[batch.len() - 1].clone();
@@ -494,23 +506,14 @@ impl BlockShard {
             if row.patients != group {
                 count += write_blocks(spill, &mut entries, &patients[group.clone()], writer)?;
                 group = row.patients.clone();
-                positions = patients[group.clone()]
-                    .iter()
-                    .enumerate()
-                    .map(|(at, id)| (id.as_str(), at as u32))
-                    .collect();
+                positions = positions_of(&patients[group.clone()]);
             }
             let resource_type = &request.types[row.rank];
             let Some(owner) = owner_of(resource_type, row.resource, &positions, universe)? else {
                 return Ok(());
             };
             if let Some(bytes) = shapings[row.rank].shape(row.resource)? {
-                entries.push(Entry {
-                    owner,
-                    rank: row.rank as u16,
-                    offset: spill.append(&bytes)?,
-                    length: bytes.len() as u32,
-                });
+                entries.push(spill.keep(owner, row.rank, &bytes)?);
             }
             Ok(())
         })?;
@@ -524,26 +527,20 @@ impl BlockShard {
         }))
     }
 
-    /// Reads every type of a batch of patients into a spill file, then writes their blocks.
+    /// Reads every type of a batch of patients (in `scope`: the batch, or the export's when the
+    /// batch is all of it) into the spill, then writes their blocks.
     fn write_batch(
         &mut self,
         source: &dyn ResourceSource,
         batch: &[String],
+        scope: &PatientScope,
         writer: &mut RollingNdjsonWriter,
         go_on: &dyn Fn() -> bool,
     ) -> Result<u64, ScanError> {
-        let positions: HashMap<&str, u32> = batch
-            .iter()
-            .enumerate()
-            .map(|(at, id)| (id.as_str(), at as u32))
-            .collect();
+        let positions = positions_of(batch);
         let spill = &mut self.spill;
         spill.clear();
         let mut entries: Vec<Entry> = Vec::new();
-        let scope = match &self.whole_scope {
-            Some(scope) => scope.clone(),
-            None => PatientScope::Only(batch.to_vec()),
-        };
         for (rank, resource_type) in self.types.iter().enumerate() {
             let shaping = &self.shapings[rank];
             let request = ScanRequest {
@@ -551,7 +548,7 @@ impl BlockShard {
                 stored_since: self.stored_since,
                 until: self.until,
                 type_filters: &shaping.filters,
-                ..ScanRequest::whole(resource_type, &scope, self.snapshot)
+                ..ScanRequest::whole(resource_type, scope, self.snapshot)
             };
             let universe = &mut self.universe;
             source.scan(&request, &mut |resource| {
@@ -561,15 +558,9 @@ impl BlockShard {
                 let Some(owner) = owner_of(resource_type, resource, &positions, universe)? else {
                     return Ok(());
                 };
-                let Some(bytes) = shaping.shape(resource)? else {
-                    return Ok(());
-                };
-                entries.push(Entry {
-                    owner,
-                    rank: rank as u16,
-                    offset: spill.append(&bytes)?,
-                    length: bytes.len() as u32,
-                });
+                if let Some(bytes) = shaping.shape(resource)? {
+                    entries.push(spill.keep(owner, rank, &bytes)?);
+                }
                 Ok(())
             })?;
         }
@@ -619,6 +610,15 @@ fn write_blocks(
     entries.clear();
     spill.clear();
     Ok(written)
+}
+
+/// Each patient of a batch (or group) by id, with its place in it.
+fn positions_of(batch: &[String]) -> HashMap<&str, u32> {
+    batch
+        .iter()
+        .enumerate()
+        .map(|(at, id)| (id.as_str(), at as u32))
+        .collect()
 }
 
 /// One resource in the spill file: whose block (its patient's place in the batch), its type's

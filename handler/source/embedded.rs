@@ -105,6 +105,11 @@ pub struct TypeStats {
 }
 
 impl TypeStats {
+    /// The first and last rowid of the type's rows.
+    fn rowid_span(&self) -> (i64, i64) {
+        (self.first_rowid, self.last_rowid)
+    }
+
     /// At least half the rows in the type's rowid span are its own, as after a load of per-type
     /// files: then reading the span in rowid order reads each page once.
     fn is_dense(&self) -> bool {
@@ -603,9 +608,19 @@ enum ScanOrder<'a> {
 
 impl EmbeddedStore {
     fn runs(&self, conn: &Connection, request: &ScanRequest<'_>) -> Result<Runs, SourceError> {
+        self.runs_at(conn, request.snapshot, request.stored_since)
+    }
+
+    /// The runs of a snapshot and of an export's `_since` (`ScanRequest::stored_since`).
+    fn runs_at(
+        &self,
+        conn: &Connection,
+        snapshot: DateTime<Utc>,
+        stored_since: Option<DateTime<Utc>>,
+    ) -> Result<Runs, SourceError> {
         Ok(Runs {
-            snapshot: run_committed_by(conn, request.snapshot).map_err(|e| self.error(e))?,
-            since: match request.stored_since {
+            snapshot: run_committed_by(conn, snapshot).map_err(|e| self.error(e))?,
+            since: match stored_since {
                 Some(since) => match run_committed_by(conn, since).map_err(|e| self.error(e))? {
                     0 => i64::MAX,
                     run => run,
@@ -701,18 +716,7 @@ impl EmbeddedStore {
         Ok(self
             .type_stats_of(conn, resource_type)?
             .filter(TypeStats::is_dense)
-            .map(|s| (s.first_rowid, s.last_rowid)))
-    }
-
-    /// The rowid span of a type's current rows, however they lie.
-    fn rowid_span(
-        &self,
-        conn: &Connection,
-        resource_type: &str,
-    ) -> Result<Option<(i64, i64)>, SourceError> {
-        Ok(self
-            .type_stats_of(conn, resource_type)?
-            .map(|s| (s.first_rowid, s.last_rowid)))
+            .map(|s| s.rowid_span()))
     }
 
     /// A type's statistics: the kept ones, else by one pass over the type's index entries.
@@ -787,7 +791,8 @@ impl EmbeddedStore {
                 // The links within the part of the type the scan reads, when it reads one: the
                 // set SQLite gathers for the scan holds those rows, not every row of the patients.
                 let span = self
-                    .rowid_span(conn, request.resource_type)?
+                    .type_stats_of(conn, request.resource_type)?
+                    .map(|s| s.rowid_span())
                     .map(|(first, last)| {
                         let first = request.rows.from.map_or(first, |from| first.max(from));
                         let last = request.rows.to.map_or(last, |to| last.min(to - 1));

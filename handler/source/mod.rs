@@ -90,7 +90,7 @@ impl<'a> ScanRequest<'a> {
 /// version at `snapshot` lies in the window and whose compartment holds one of `patients`.
 #[derive(Debug, Clone)]
 pub struct CompartmentScan<'a> {
-    /// Sorted by id.
+    /// In the order planning gave them (the store's order of the Patients).
     pub patients: &'a [String],
     /// In block order.
     pub types: &'a [String],

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, Row, Statement};
 
-use super::{micros, run_committed_by, EmbeddedStore, PATIENT_INDEX};
+use super::{micros, EmbeddedStore, PATIENT_INDEX};
 use crate::source::{CompartmentRow, CompartmentScan, Cursor, ScanError, Scanned, SinkError};
 
 /// Links a group of patients reads together: about 16 MB of Synthea resources, so that its
@@ -72,18 +72,11 @@ impl EmbeddedStore {
         self.ensure_index(&conn, &self.patient_index, PATIENT_INDEX, "patient");
         let sql = |e| self.error(e);
         fill_tables(&conn, request).map_err(sql)?;
-        let snapshot_run = run_committed_by(&conn, request.snapshot).map_err(sql)?;
-        let since_run = match request.stored_since {
-            Some(since) => match run_committed_by(&conn, since).map_err(sql)? {
-                0 => i64::MAX,
-                run => run,
-            },
-            None => i64::MAX,
-        };
+        let runs = self.runs_at(&conn, request.snapshot, request.stored_since)?;
         let window = (
-            snapshot_run,
+            runs.snapshot,
             request.since.map(micros).unwrap_or(i64::MIN),
-            since_run,
+            runs.since,
             micros(request.until.min(request.snapshot)),
         );
         conn.execute(CHANGED, params![window.0, window.1, window.2, window.3])

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fhir_export::app::{limits_of, App};
 use fhir_export::config::{Settings, SourceSetting, StorageSetting};
-use fhir_export::export::jobs::{Job, JobStatus};
+use fhir_export::export::jobs::{Job, JobStatus, ShardKind};
 use fhir_export::export::state::ShardStatus;
 use fhir_export::export::{kickoff as planner, worker, ExportRequest, Exports, Level};
 use fhir_export::http::{dispatch, Request};
@@ -673,11 +673,13 @@ async fn work_off(binding: &Binding, exports: &Exports) -> usize {
     }
 }
 
-/// Organized by patient from a source read in batches of patients, a time-boxed shard pauses
-/// after a batch and its continuation writes the next: every resource once, in the same blocks
-/// as an export that never paused.
+/// Organized by patient from a source that cannot stream compartments (as a FHIR server), a
+/// first phase reads each type once, as a plain export does, and writes each resource to the
+/// partition of its patient's shard; the shards of blocks wait for it, then write their blocks
+/// from their partitions. The blocks are those of the embedded store's export, whether the first
+/// phase's shards pause at their time box or not, and no partition is left once it completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn organized_shards_paused_between_batches_write_each_resource_once() {
+async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partitions() {
     let dir = tempfile::tempdir().unwrap();
     let generated = dir.path().join("generated");
     fhir_export::generate::write_ndjson(250, 11, &generated).unwrap();
@@ -689,35 +691,59 @@ async fn organized_shards_paused_between_batches_write_each_resource_once() {
     .unwrap();
     assert!(report.failed.is_empty());
     let mut results = Vec::new();
-    for time_box in [None, Some(Duration::from_millis(1))] {
-        let storage = Arc::new(
-            LocalFolder::open(dir.path().join(format!("exports-{}", time_box.is_some()))).unwrap(),
-        );
+    for (batched, time_box) in [
+        (false, None),
+        (true, None),
+        (true, Some(Duration::from_millis(1))),
+    ] {
+        let storage =
+            Arc::new(LocalFolder::open(dir.path().join(results.len().to_string())).unwrap());
         let binding = Arc::new(Binding::default());
         let plain = exports_on(&store, storage.clone(), binding.clone(), None, |_| {});
-        let batched: Arc<dyn ResourceSource> = Arc::new(Batched(plain.exports.source.clone()));
+        let source: Arc<dyn ResourceSource> = match batched {
+            true => Arc::new(Batched(plain.exports.source.clone())),
+            false => plain.exports.source.clone(),
+        };
         let app = exports_on(
             &store,
             storage.clone(),
             binding.clone(),
-            Some(batched),
-            |s| s.shard_max_time = time_box,
+            Some(source),
+            |s| {
+                s.shard_max_time = time_box;
+                s.shard_max_resources = 2_000;
+            },
         );
         let job = start(&app.exports, "organizeOutputBy=Patient").await;
         let runs = work_off(&binding, &app.exports).await;
-        let (blocks, files) = organized_blocks(&storage, &app.exports, &job.id).await;
-        results.push((blocks, files, runs));
+        let (blocks, _) = organized_blocks(&storage, &app.exports, &job.id).await;
+        let (job, _) = app.exports.jobs.load(&job.id).await.unwrap().unwrap();
+        let kinds: Vec<ShardKind> = job.shards.iter().map(|shard| shard.kind).collect();
+        let left = storage.list(&job.output_folder).await.unwrap();
+        assert!(
+            left.iter().all(|path| !path.contains("_partitions")),
+            "{left:?}"
+        );
+        results.push((blocks, kinds, runs));
     }
-    let (whole, whole_files, whole_runs) = &results[0];
-    let (paused, paused_files, paused_runs) = &results[1];
-    assert_eq!(whole.len(), 250);
-    assert_eq!((*whole_runs, *whole_files), (1, 1));
-    assert_eq!(
-        (*paused_runs, *paused_files),
-        (3, 3),
-        "a run, and a file, per batch of 100"
+    let (streamed, streamed_kinds, _) = &results[0];
+    assert_eq!(streamed.len(), 250);
+    assert!(!streamed_kinds.contains(&ShardKind::Partition));
+    let blocks_shards = streamed_kinds.len();
+    assert!(blocks_shards >= 3, "{blocks_shards} shards of blocks");
+    for (blocks, kinds, runs) in &results[1..] {
+        let partitions = kinds.iter().filter(|k| **k == ShardKind::Partition).count();
+        assert_eq!(kinds.len(), blocks_shards + partitions);
+        assert!(partitions >= 10, "{partitions} partition shards");
+        assert!(blocks == streamed, "the same blocks");
+        assert!(*runs >= kinds.len(), "{runs} runs");
+    }
+    assert_eq!(results[1].2, results[1].1.len(), "a run a shard, unpaused");
+    assert!(
+        results[2].2 > results[2].1.len(),
+        "paused: {} runs",
+        results[2].2
     );
-    assert!(paused == whole, "the same blocks");
 }
 
 /// Organized by patient from the embedded store, which reads a shard's patients in groups of

@@ -3,12 +3,13 @@
 //! of its compartment. A resource in several exported patients' compartments is written once, in
 //! the block of the first of them by id. Planning lists the exported patients in the order a scan
 //! of them gives (the embedded store's: storage order) and cuts them into shards. A shard reads its
-//! patients group by group (a source streaming compartments: neighbours read together in storage
-//! order) or batch by batch (a FHIR server: each type one search per batch), holds each group's
-//! resources in a spill, and writes their blocks from it in the group's order.
+//! patients group by group where the source streams compartments (neighbours read together in
+//! storage order), else from the partitions its export's first phase wrote (see `partitions`),
+//! holds the resources in a spill, and writes their blocks from it in planning order.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -20,25 +21,20 @@ use super::shaping::Shaping;
 use super::{ExportError, Exports};
 use crate::fhir::compartment::patient_ids;
 use crate::source::{
-    CompartmentScan, Cursor, PatientScope, ResourceSource, RowRange, ScanError, ScanRequest,
-    Scanned, SinkError,
+    CompartmentScan, Cursor, ResourceSource, RowRange, ScanError, ScanRequest, Scanned, SinkError,
 };
-use crate::storage::{RollingNdjsonWriter, StorageError};
+use crate::storage::{ObjectStore, RollingNdjsonWriter, StorageError};
 
-/// Patients a shard reads at once from a FHIR server: every type is one search per batch.
-const BATCH: usize = 100;
-
-/// A batch's resources are held in memory up to this size, then in a temporary file.
+/// A group's resources are held in memory up to this size, then in a temporary file.
 const SPILL_IN_MEMORY: usize = 16 << 20;
 /// The spill file's write buffer, and about the most one read of it takes back (a longer run of
 /// adjacent resources is read in parts).
 const SPILL_BUFFER: usize = 1 << 20;
 const SPILL_RUN: u64 = 1 << 20;
 
-/// A group's (or batch's) shaped resources between their scan and their blocks: in memory while
-/// they are few (a group of the embedded store holds about 16 MB, a batch of 100 Synthea patients
-/// from a FHIR server about 50 MB), the rest in a temporary file, so that memory stays bounded
-/// whatever a group holds.
+/// A group's (or a shard's partition's) shaped resources between their scan and their blocks: in memory while
+/// they are few (a group of the embedded store holds about 16 MB), the rest in a temporary file,
+/// so that memory stays bounded whatever a group (or a shard's partition) holds.
 struct Spill {
     /// What memory holds at the most.
     memory_limit: usize,
@@ -126,7 +122,7 @@ impl Spill {
         Ok(&self.run)
     }
 
-    /// Empties the spill for the next batch, keeping its memory.
+    /// Empties the spill for the next group, keeping its memory.
     fn clear(&mut self) {
         self.memory.clear();
         self.file = None;
@@ -176,8 +172,10 @@ pub fn block_types(
 /// Plans an organized export: its patients (those of its scope as at `transactionTime`, whatever
 /// the window) in the order a scan gives them, cut into shards of about
 /// `EXPORT_SHARD_MAX_RESOURCES` resources, each shard's ids recorded beside the job, and the
-/// block types in the shards (a FHIR server counts every type it declares to find them).
-/// Returns the shards and the order to queue them in.
+/// block types in the shards (a FHIR server counts every type it declares to find them). From a
+/// source that cannot stream compartments, the partition shards of the first phase follow.
+/// Returns the shards and the order to queue them in (the partition shards alone, when there are
+/// any: they queue the shards of blocks when done).
 pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
     let (source, planned) = (exports.source.clone(), job.clone());
     let max_resources = exports.limits.shard_max_resources;
@@ -218,8 +216,26 @@ pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize
             view: None,
         });
     }
-    let order = (0..shards.len()).collect();
-    Ok((shards, order))
+    if exports.source.streams_compartments() || shards.is_empty() {
+        let order = (0..shards.len()).collect();
+        return Ok((shards, order));
+    }
+    // A first phase reads each type once, as a plain export does; the shards of blocks wait.
+    let request = super::ExportRequest {
+        types: Some(types),
+        ..job.request.clone()
+    };
+    let planned = super::kickoff::plan(exports, &request, &job.scope, job.transaction_time).await?;
+    let (partitions, largest_first) = super::kickoff::shards_of(planned);
+    let blocks = shards.len();
+    shards.extend(partitions.into_iter().map(|shard| Shard {
+        kind: ShardKind::Partition,
+        ..shard
+    }));
+    Ok((
+        shards,
+        largest_first.into_iter().map(|i| blocks + i).collect(),
+    ))
 }
 
 /// The ids of the patients an organized export covers: every Patient of its scope as at its
@@ -323,7 +339,7 @@ impl Universe {
     }
 }
 
-fn load_patients(
+pub(super) fn load_patients(
     jobs: &JobStore,
     runtime: &Handle,
     job_id: &str,
@@ -353,13 +369,12 @@ pub struct BlockShard {
     until: DateTime<Utc>,
     snapshot: DateTime<Utc>,
     universe: Universe,
-    /// The export's scope, when this shard holds every exported patient and the scope is not a
-    /// list of them (an export at system or Patient level of one shard): a batch holding the
-    /// shard's every patient then reads whole types, as a plain export does, rather than
-    /// searching them by patient.
-    whole_scope: Option<PatientScope>,
-    /// The batch's resources between their scan and their blocks (its memory kept from batch to
-    /// batch).
+    /// The files of this shard's partition, each with its type's place in `types`, when the
+    /// export read its types in a first phase (a source that cannot stream compartments).
+    partitions: Option<Vec<(usize, String)>>,
+    storage: Arc<dyn ObjectStore>,
+    /// The resources between their reading and their blocks (its memory kept from group to
+    /// group).
     spill: Spill,
 }
 
@@ -404,17 +419,14 @@ impl BlockShard {
             None => block_types(exports.source.as_ref(), &job.request)?,
         };
         let shapings = types.iter().map(|t| Shaping::of(&job.request, t)).collect();
-        let shards: Vec<usize> = job
-            .shards
-            .iter()
-            .enumerate()
-            .filter_map(|(index, s)| s.patients.as_ref().map(|_| index))
-            .collect();
-        let (since, stored_since, until) = window;
-        let whole_scope = match &job.scope {
-            PatientScope::Only(_) => None,
-            scope => (shards.len() == 1 && resume.is_none()).then(|| scope.clone()),
+        let shards: Vec<usize> = super::partitions::block_shards(job).collect();
+        let partitions = match super::partitions::partition_shards(job).next() {
+            Some(_) => Some(super::partitions::files_of(
+                exports, &runtime, job, shard, &types,
+            )?),
+            None => None,
         };
+        let (since, stored_since, until) = window;
         Ok(BlockShard {
             patients,
             types,
@@ -430,14 +442,16 @@ impl BlockShard {
                 shards,
                 loaded: None,
             },
-            whole_scope,
+            partitions,
+            storage: exports.storage.clone(),
             spill: Spill::default(),
         })
     }
 
-    /// Writes the blocks of the shard's patients: group by group where the source streams
-    /// compartments, else batch by batch. Past `pause_after`, pauses after a group (or a batch);
-    /// the cursor is the last patient written. `go_on` says whether to keep going.
+    /// Writes the blocks of the shard's patients: from its partition when the export has a first
+    /// phase, else group by group as the source streams their compartments (past `pause_after`,
+    /// pausing after a group; the cursor is the last patient written). `go_on` says whether to
+    /// keep going.
     pub fn write(
         mut self,
         source: &dyn ResourceSource,
@@ -446,32 +460,18 @@ impl BlockShard {
         pause_after: Option<std::time::Instant>,
     ) -> Result<Scanned, ScanError> {
         let patients = std::mem::take(&mut self.patients);
-        if let Some(scanned) = self.write_streamed(source, &patients, writer, go_on, pause_after)? {
-            return Ok(scanned);
+        if let Some(files) = self.partitions.take() {
+            return self.write_partitioned(&files, &patients, writer, go_on);
         }
-        let mut count = 0;
-        let batches: Vec<&[String]> = patients.chunks(BATCH).collect();
-        // Whole types only where one batch holds every exported patient.
-        let whole_scope = self.whole_scope.take().filter(|_| batches.len() == 1);
-        for (number, batch) in batches.iter().enumerate() {
-            if !go_on() {
-                return Err(SinkError::Stopped.into());
-            }
-            let scope = match &whole_scope {
-                Some(scope) => scope.clone(),
-                None => PatientScope::Only(batch.to_vec()),
-            };
-            count += self.write_batch(source, batch, &scope, writer, go_on)?;
-            let more = number + 1 < batches.len();
-            if more && pause_after.is_some_and(|at| std::time::Instant::now() >= at) {
-                let last = batch[batch.len() - 1].clone();
-                return Ok(Scanned {
-                    count,
-                    paused: Some(Cursor::Id { id: last }),
-                });
-            }
+        match self.write_streamed(source, &patients, writer, go_on, pause_after)? {
+            Some(scanned) => Ok(scanned),
+            None => Err(SinkError::Permanent(
+                "this export was planned without the first phase its source needs (a source that \
+                 cannot stream compartments): start it again"
+                    .into(),
+            )
+            .into()),
         }
-        Ok(Scanned::whole(count))
     }
 
     /// Writes the blocks of each group of patients as the source streams their compartments
@@ -509,7 +509,14 @@ impl BlockShard {
                 positions = positions_of(&patients[group.clone()]);
             }
             let resource_type = &request.types[row.rank];
-            let Some(owner) = owner_of(resource_type, row.resource, &positions, universe)? else {
+            let owner = owner_of(resource_type, row.resource, &mut |id| {
+                Ok(match positions.get(id) {
+                    Some(&at) => Place::Here(at),
+                    None if universe.contains(id)? => Place::Elsewhere,
+                    None => Place::Outside,
+                })
+            })?;
+            let Some(owner) = owner else {
                 return Ok(());
             };
             if let Some(bytes) = shapings[row.rank].shape(row.resource)? {
@@ -527,60 +534,62 @@ impl BlockShard {
         }))
     }
 
-    /// Reads every type of a batch of patients (in `scope`: the batch, or the export's when the
-    /// batch is all of it) into the spill, then writes their blocks.
-    fn write_batch(
+    /// Writes the blocks of the shard's patients from its partition's `files` (already shaped,
+    /// each line its patient's place in `patients`), read one at a time into the spill.
+    fn write_partitioned(
         &mut self,
-        source: &dyn ResourceSource,
-        batch: &[String],
-        scope: &PatientScope,
+        files: &[(usize, String)],
+        patients: &[String],
         writer: &mut RollingNdjsonWriter,
         go_on: &dyn Fn() -> bool,
-    ) -> Result<u64, ScanError> {
-        let positions = positions_of(batch);
+    ) -> Result<Scanned, ScanError> {
+        let runtime = self.universe.runtime.clone();
         let spill = &mut self.spill;
         spill.clear();
         let mut entries: Vec<Entry> = Vec::new();
-        for (rank, resource_type) in self.types.iter().enumerate() {
-            let shaping = &self.shapings[rank];
-            let request = ScanRequest {
-                since: self.since,
-                stored_since: self.stored_since,
-                until: self.until,
-                type_filters: &shaping.filters,
-                ..ScanRequest::whole(resource_type, scope, self.snapshot)
+        for (rank, path) in files {
+            if !go_on() {
+                return Err(SinkError::Stopped.into());
+            }
+            let Some((file, _)) = runtime
+                .block_on(self.storage.get(path))
+                .map_err(SinkError::from)?
+            else {
+                return Err(SinkError::from(StorageError::NotFound(path.clone())).into());
             };
-            let universe = &mut self.universe;
-            source.scan(&request, &mut |resource| {
-                if !go_on() {
-                    return Err(SinkError::Stopped);
+            for line in super::partitions::lines(&file) {
+                let (owner, resource) = line?;
+                if owner as usize >= patients.len() {
+                    return Err(SinkError::Permanent(format!(
+                        "partition file {path} names a patient beyond its shard's"
+                    ))
+                    .into());
                 }
-                let Some(owner) = owner_of(resource_type, resource, &positions, universe)? else {
-                    return Ok(());
-                };
-                if let Some(bytes) = shaping.shape(resource)? {
-                    entries.push(spill.keep(owner, rank, &bytes)?);
-                }
-                Ok(())
-            })?;
+                entries.push(spill.keep(owner, *rank, resource)?);
+            }
         }
-        Ok(write_blocks(spill, &mut entries, batch, writer)?)
+        Ok(Scanned::whole(write_blocks(
+            spill,
+            &mut entries,
+            patients,
+            writer,
+        )?))
     }
 }
 
-/// Writes the blocks of `entries` (of `batch`'s patients, in the spill), in patient order; each
-/// block's types in block order and each type's resources in the order they were read. Empties
+/// Writes the blocks of `entries` (of `patients`, in the spill), in patient order; each block's
+/// types in block order and each type's resources in the order they were read. Empties
 /// `entries` and the spill; returns how many resources it wrote.
 fn write_blocks(
     spill: &mut Spill,
     entries: &mut Vec<Entry>,
-    batch: &[String],
+    patients: &[String],
     writer: &mut RollingNdjsonWriter,
 ) -> Result<u64, SinkError> {
     // Stable: within a block, each type's resources stay in the order they were read.
     entries.sort_by_key(|entry| (entry.owner, entry.rank));
     for block in entries.chunk_by(|a, b| a.owner == b.owner) {
-        let header = header(&batch[block[0].owner as usize]);
+        let header = header(&patients[block[0].owner as usize]);
         let bytes: u64 = block.iter().map(|e| u64::from(e.length) + 1).sum();
         writer.begin_block(&header, header.len() as u64 + 1 + bytes)?;
         // Resources read one after another lie one after another in the spill (a patient's
@@ -612,16 +621,16 @@ fn write_blocks(
     Ok(written)
 }
 
-/// Each patient of a batch (or group) by id, with its place in it.
-fn positions_of(batch: &[String]) -> HashMap<&str, u32> {
-    batch
+/// Each patient of a group by id, with its place in it.
+fn positions_of(group: &[String]) -> HashMap<&str, u32> {
+    group
         .iter()
         .enumerate()
         .map(|(at, id)| (id.as_str(), at as u32))
         .collect()
 }
 
-/// One resource in the spill file: whose block (its patient's place in the batch), its type's
+/// One resource in the spill file: whose block (its patient's place in the shard), its type's
 /// place in block order, and where its bytes are.
 struct Entry {
     owner: u32,
@@ -630,18 +639,32 @@ struct Entry {
     length: u32,
 }
 
-/// The patient of the batch whose block holds `resource`, if any: a Patient is its own; any other
-/// resource goes to the first, by id, of the exported patients whose compartment holds it (so
-/// that each resource has one block, whichever batch or shard reads it).
-fn owner_of(
+/// Where a patient's block is, as a reader of some patients sees it.
+pub(super) enum Place<T> {
+    /// Among the patients read: the block is `T`.
+    Here(T),
+    /// An exported patient read elsewhere.
+    Elsewhere,
+    /// Not an exported patient.
+    Outside,
+}
+
+/// The block that holds `resource` (as `place` locates patients), if it is among those read: a
+/// Patient is its own; any other resource goes to the first, by id, of the exported patients
+/// whose compartment holds it (so that each resource has one block, whichever group, shard or
+/// partition reads it).
+pub(super) fn owner_of<T>(
     resource_type: &str,
     resource: &[u8],
-    batch: &HashMap<&str, u32>,
-    universe: &mut Universe,
-) -> Result<Option<u32>, SinkError> {
+    place: &mut dyn FnMut(&str) -> Result<Place<T>, SinkError>,
+) -> Result<Option<T>, SinkError> {
+    let here = |place: Place<T>| match place {
+        Place::Here(block) => Some(block),
+        _ => None,
+    };
     if resource_type != "Patient" {
         if let Some([only]) = patients_named(resource).as_deref() {
-            return Ok(batch.get(only).copied());
+            return Ok(here(place(only)?));
         }
     }
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(resource) else {
@@ -652,16 +675,15 @@ fn owner_of(
         .and_then(|id| id.as_str())
         .unwrap_or_default();
     if resource_type == "Patient" {
-        return Ok(batch.get(id).copied());
+        return Ok(here(place(id)?));
     }
     let mut candidates = patient_ids(resource_type, id, &value);
     candidates.sort_unstable();
     for candidate in candidates {
-        if let Some(&at) = batch.get(candidate.as_str()) {
-            return Ok(Some(at));
-        }
-        if universe.contains(&candidate)? {
-            return Ok(None);
+        match place(&candidate)? {
+            Place::Here(block) => return Ok(Some(block)),
+            Place::Elsewhere => return Ok(None),
+            Place::Outside => {}
         }
     }
     Ok(None)

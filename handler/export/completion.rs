@@ -1,10 +1,10 @@
 //! Completing a job: when every shard is marked done, the manifest is built from the shards'
-//! states and written once, and the job marked completed.
+//! states and written once, the job marked completed, and its partitions removed.
 
 use bytes::Bytes;
 use chrono::Utc;
 
-use super::schema::{Job, JobStatus, ShardStatus};
+use super::schema::{Job, JobStatus, ShardKind, ShardStatus};
 use super::{manifest, state, ExportError, Exports};
 
 /// Completes the job when every shard is marked done: builds the manifest from the shards' states,
@@ -22,7 +22,12 @@ pub async fn finalize(exports: &Exports, job: &Job) -> Result<(), ExportError> {
     for index in 0..job.shards.len() {
         let state = exports.jobs.shard(job_id, index).await?;
         match state {
-            Some(state) if state.status == ShardStatus::Done => outputs.extend(state.outputs),
+            // A partition is not the export's: its resources are in their blocks.
+            Some(state) if state.status == ShardStatus::Done => {
+                if job.shards[index].kind != ShardKind::Partition {
+                    outputs.extend(state.outputs);
+                }
+            }
             _ => {
                 // A marker is written after its state: this cannot be, unless a hand got in.
                 tracing::error!(
@@ -49,6 +54,7 @@ pub async fn finalize(exports: &Exports, job: &Job) -> Result<(), ExportError> {
             state::end(job, JobStatus::Completed, None, Utc::now())
         })
         .await?;
+    super::partitions::remove(exports, job).await;
     let resources: u64 = outputs.iter().map(|f| f.count).sum();
     tracing::info!(job_id, files = outputs.len(), resources, "export completed");
     Ok(())

@@ -341,7 +341,7 @@ pub(super) async fn plan(
 /// The job's shards, one per part (files named `{type}-{part}` when a type has several), and the
 /// order to queue them in: largest first, so that the last to run are small ones and both cores
 /// finish together (a stable sort: shards of unknown size keep type order).
-fn shards_of(planned: Vec<(String, Vec<Part>)>) -> (Vec<Shard>, Vec<usize>) {
+pub(super) fn shards_of(planned: Vec<(String, Vec<Part>)>) -> (Vec<Shard>, Vec<usize>) {
     let mut shards = Vec::new();
     let mut sizes = Vec::new();
     for (resource_type, parts) in planned {

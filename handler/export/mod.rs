@@ -10,6 +10,7 @@ pub mod kickoff;
 pub mod layout;
 pub mod manifest;
 pub mod pages;
+pub mod partitions;
 pub mod recovery;
 pub mod request;
 pub mod running;

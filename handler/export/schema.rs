@@ -71,6 +71,10 @@ pub enum ShardKind {
     Versions,
     /// The rows of a view (`$viewdefinition-export`) over the type's resources.
     View,
+    /// The first phase of output organized by patient from a source that cannot stream
+    /// compartments: the type's resources, each in the partition of the shard whose patient's
+    /// block holds it (files beside the output, never in the manifest; see `export::partitions`).
+    Partition,
 }
 
 impl ShardKind {
@@ -79,7 +83,7 @@ impl ShardKind {
     }
 }
 
-/// A range of patients in id order, first and last included.
+/// The patients of a shard of resource blocks, in planning order, first and last included.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PatientRange {

@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::blocks::BlockShard;
 use super::completion::finalize;
 use super::jobs::{Change, Job, JobError, JobStatus, ShardKind, Versioned};
+use super::partitions::Partitioner;
 use super::running::{RunningShard, Stop, StopSignal};
 use super::shaping::Shaping;
 use super::state::{self, Beat, Claim, Failure, ShardState};
@@ -100,6 +101,10 @@ async fn claim_shard(
     };
     if job.status != JobStatus::Running || task.shard >= job.shards.len() {
         tracing::debug!("shard message skipped: the job is not running, or has no such shard");
+        return Ok(None);
+    }
+    if super::partitions::waits(exports, &job, task.shard).await? {
+        tracing::debug!("shard message skipped: its export's partitions are not all written");
         return Ok(None);
     }
     let timing = exports.limits.timing();
@@ -194,6 +199,7 @@ async fn run_claimed(
     }
     crate::crashpoint::reached("shard-done");
     exports.jobs.mark_done(&job.id, task.shard).await?;
+    super::partitions::queue_blocks_when_partitioned(exports, &job, task.shard).await?;
     finalize(exports, &job).await
 }
 
@@ -323,10 +329,9 @@ async fn write_files(
     let scope = job.scope.clone();
     let engine = super::deid::engine_for(exports, job).await?;
     let shaping = Shaping::of(&job.request, &spec.resource_type).deidentified_by(engine);
-    let blocks = spec
-        .patients
-        .is_some()
-        .then(|| (exports.clone(), job.clone()));
+    let blocks = spec.patients.is_some();
+    let context = (exports.clone(), job.clone());
+    let files_before = resume.files_before;
     let started = std::time::Instant::now();
     let pause_after = exports.limits.shard_max_time.map(|box_| started + box_);
     let cursor = resume.cursor.clone();
@@ -345,8 +350,10 @@ async fn write_files(
             resume: cursor.as_ref(),
             pause_after,
         };
-        let scanned = caught(|| match &blocks {
-            Some((exports, job)) => {
+        let (exports, job) = &context;
+        let mut partition_files = Vec::new();
+        let scanned = caught(|| match blocks {
+            true => {
                 let window = (since, stored_since, until);
                 let shard = BlockShard::load(
                     exports,
@@ -359,20 +366,39 @@ async fn write_files(
                 let go_on = || stop.get() == Stop::KeepGoing;
                 shard.write(source.as_ref(), &mut writer, &go_on, pause_after)
             }
-            None => scan_kind(
-                source.as_ref(),
-                &request,
-                (spec.kind, job_versions, table.as_ref()),
-                &shaping,
-                &mut writer,
-                &stop,
-            ),
+            false => {
+                let mut partitioner = match spec.kind {
+                    ShardKind::Partition => Some(Partitioner::new(
+                        exports,
+                        runtime.clone(),
+                        job,
+                        shard,
+                        files_before,
+                    )?),
+                    _ => None,
+                };
+                let scanned = scan_kind(
+                    source.as_ref(),
+                    &request,
+                    (spec.kind, job_versions, table.as_ref()),
+                    &shaping,
+                    (&mut writer, partitioner.as_mut()),
+                    &stop,
+                )?;
+                if let Some(partitioner) = partitioner {
+                    partition_files = partitioner.finish()?;
+                }
+                Ok(scanned)
+            }
         });
         // A paused run's last file is cut at a point another run would not choose: it is
         // committed only while the shard is still this run's, so that it never replaces the
         // file of a worker that took the shard over.
         let still_ours = || runtime.block_on(owner.beat());
-        ended(writer, scanned, still_ours, &stop, job_id)
+        ended(writer, scanned, still_ours, &stop, job_id).map(|(count, mut written)| {
+            written.files.splice(0..0, partition_files);
+            (count, written)
+        })
     })
     .await
     .unwrap_or_else(|panic| Err((ExportError::Panicked(panic), Vec::new())));
@@ -402,13 +428,14 @@ fn view_of(job: &Job, spec: &super::jobs::Shard) -> Result<Option<TableOf>, Expo
 }
 
 /// Streams what a shard of `kind` writes from the source into `writer`: resources, deletions or
-/// versions, each shaped for the export; stopped when `stop` is set.
+/// versions, each shaped for the export (a partition shard's resources into its `partitioner`);
+/// stopped when `stop` is set.
 fn scan_kind(
     source: &dyn crate::source::ResourceSource,
     request: &ScanRequest<'_>,
     (kind, versions, view): (ShardKind, crate::source::VersionKinds, Option<&TableOf>),
     shaping: &Shaping,
-    writer: &mut RollingNdjsonWriter,
+    (writer, mut partitioner): (&mut RollingNdjsonWriter, Option<&mut Partitioner>),
     stop: &StopSignal,
 ) -> Result<Scanned, ScanError> {
     let going_on = || match stop.get() {
@@ -420,12 +447,13 @@ fn scan_kind(
             let (view, format) = view.expect("a view shard has its view");
             return view_rows(source, request, (view, *format), writer, &going_on);
         }
-        ShardKind::Resources => {
+        ShardKind::Resources | ShardKind::Partition => {
             return source.scan(request, &mut |resource| {
                 going_on()?;
-                match shaping.shape(resource)? {
-                    Some(bytes) => Ok(writer.push(&bytes)?),
-                    None => Ok(()),
+                match (shaping.shape(resource)?, partitioner.as_deref_mut()) {
+                    (Some(bytes), Some(partitioner)) => partitioner.push(resource, &bytes),
+                    (Some(bytes), None) => Ok(writer.push(&bytes)?),
+                    (None, _) => Ok(()),
                 }
             })
         }

@@ -490,6 +490,10 @@ impl ResourceSource for EmbeddedStore {
         Ok(Some(count))
     }
 
+    fn streams_compartments(&self) -> bool {
+        true
+    }
+
     /// Found by the patients' links, group by group: a group's resources read together, in
     /// storage order (see `compartments`).
     fn scan_compartments(

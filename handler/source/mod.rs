@@ -265,10 +265,17 @@ pub trait ResourceSource: Send + Sync {
         Ok(Part::whole())
     }
 
+    /// Whether `scan_compartments` streams compartments (the embedded store). A source that
+    /// cannot (a FHIR server) has an organized export read each type once, as a plain export
+    /// does, and put each resource in its patient's shard (see `export::partitions`).
+    fn streams_compartments(&self) -> bool {
+        false
+    }
+
     /// Streams the compartments of a list of patients (a shard of output organized by patient) in
     /// groups of neighbours, each group's resources once, read together: what lets the exporter
     /// write a group's blocks as soon as it is read, and pause between groups. `None` when the
-    /// source cannot (a FHIR server): the exporter then scans each type for a batch of patients.
+    /// source cannot (a FHIR server).
     fn scan_compartments(
         &self,
         _request: &CompartmentScan<'_>,

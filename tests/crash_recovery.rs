@@ -37,12 +37,17 @@ fn generated_store(dir: &Path) -> PathBuf {
     path
 }
 
-fn spawn(store: &Path, exports: &Path, port: u16, crash_at: Option<&str>) -> Child {
+fn spawn(
+    store: &Path,
+    exports: &Path,
+    port: u16,
+    (crash_at, source): (Option<&str>, Option<&str>),
+) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
     command
         .args(["serve", "--port", &port.to_string(), "--workers", "2"])
         .arg("--store")
-        .arg(store)
+        .arg(source.unwrap_or(store.to_str().unwrap()))
         .arg("--exports")
         .arg(exports)
         .args(["--file-max-bytes", FILE_MAX_BYTES])
@@ -52,6 +57,10 @@ fn spawn(store: &Path, exports: &Path, port: u16, crash_at: Option<&str>) -> Chi
         .stderr(Stdio::null());
     if let Some(point) = crash_at {
         command.env("EXPORT_CRASH_AT", point);
+    }
+    if source.is_some() {
+        // Small shards: an organized export has several shards of blocks, and many partitions.
+        command.env("EXPORT_SHARD_MAX_RESOURCES", "500");
     }
     command.spawn().unwrap()
 }
@@ -149,6 +158,8 @@ struct Expected {
     query: &'static str,
     output: Keys,
     deleted: Keys,
+    /// The FHIR server the service reads (`--store URL`), rather than the store.
+    source: Option<String>,
 }
 
 /// Waits for the job's manifest and checks it: every expected resource and deletion exactly once,
@@ -166,6 +177,10 @@ async fn assert_complete(
     let mut seen = BTreeMap::<(String, String), u32>::new();
     let mut listed = BTreeSet::new();
     let mut deleted = BTreeMap::<(String, String), u32>::new();
+    for file in manifest["error"].as_array().unwrap() {
+        let url = file["url"].as_str().unwrap();
+        listed.insert(url.split("/_exports/").nth(1).unwrap().to_string());
+    }
     for file in manifest["deleted"].as_array().unwrap() {
         let url = file["url"].as_str().unwrap();
         listed.insert(url.split("/_exports/").nth(1).unwrap().to_string());
@@ -191,9 +206,15 @@ async fn assert_complete(
         listed.insert(url.split("/_exports/").nth(1).unwrap().to_string());
         for line in lines {
             let resource: Value = serde_json::from_str(&line).unwrap();
-            assert_eq!(resource["resourceType"], resource_type.as_str());
+            let organized = manifest["outputOrganizedBy"] == "Patient";
+            if organized && resource["resourceType"] == "Parameters" {
+                continue;
+            }
+            if !organized {
+                assert_eq!(resource["resourceType"], resource_type.as_str());
+            }
             let key = (
-                resource_type.clone(),
+                resource["resourceType"].as_str().unwrap().to_string(),
                 resource["id"].as_str().unwrap().to_string(),
             );
             *seen.entry(key).or_default() += 1;
@@ -246,7 +267,8 @@ async fn run_scenario(store: &Path, expected: &Expected, kills: &[Kill]) -> Dura
             Kill::At(point, nth) => Some(format!("{point}@{nth}")),
             Kill::After(_) => None,
         };
-        let mut child = spawn(store, &exports, port, crash_at.as_deref());
+        let source = expected.source.as_deref();
+        let mut child = spawn(store, &exports, port, (crash_at.as_deref(), source));
         let ready = wait_ready(&client, &base, &mut child).await;
         assert!(ready || round > 0, "{label}: the service did not start");
         if round == 0 {
@@ -285,7 +307,7 @@ async fn run_scenario(store: &Path, expected: &Expected, kills: &[Kill]) -> Dura
         assert_visible_files_complete(&exports);
     }
 
-    let mut child = spawn(store, &exports, port, None);
+    let mut child = spawn(store, &exports, port, (None, expected.source.as_deref()));
     assert!(
         wait_ready(&client, &base, &mut child).await,
         "{label}: the service did not start"
@@ -323,6 +345,7 @@ async fn killed_at_any_point_an_export_finishes_with_every_resource_once() {
         query: "",
         output: common::stored_resources(&store).into_keys().collect(),
         deleted: Keys::new(),
+        source: None,
     };
     assert!(expected.output.len() > 3000);
 
@@ -428,6 +451,7 @@ async fn killed_while_listing_deletions_a_since_export_lists_each_once() {
         query,
         output: Keys::new(),
         deleted,
+        source: None,
     };
     run_scenario(&store, &expected, &[]).await;
     for (point, nth) in [
@@ -440,5 +464,39 @@ async fn killed_while_listing_deletions_a_since_export_lists_each_once() {
         ("manifest-written", 1),
     ] {
         run_scenario(&store, &expected, &[Kill::At(point, nth)]).await;
+    }
+}
+
+/// Organized by patient from a FHIR server (Medplum), in two phases: killed while the first phase
+/// writes its partitions, once they are all written but before the shards of blocks are queued,
+/// and while those run, the export still completes with each resource in one block, once, and
+/// no partition left beside its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_its_phases_an_organized_export_from_a_fhir_server_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fhir_export::generate::write_ndjson(100, 7, &data).unwrap();
+    let medplum = common::medplum::Medplum::start(&data, &[]);
+    let store = generated_store(&dir.path().join("store"));
+    let output: Keys = common::stored_resources(&store)
+        .into_keys()
+        .filter(|(resource_type, _)| {
+            fhir_export::export::request::is_patient_level_type(resource_type)
+        })
+        .collect();
+    let expected = Expected {
+        query: "?organizeOutputBy=Patient",
+        output,
+        deleted: Keys::new(),
+        source: Some(medplum.base.clone()),
+    };
+    for kills in [
+        vec![],
+        vec![Kill::At("partition-written", 3)],
+        vec![Kill::At("partitioned", 1)],
+        vec![Kill::At("shard-done", 12), Kill::At("partition-written", 2)],
+        vec![Kill::At("file-committed", 1)],
+    ] {
+        run_scenario(&store, &expected, &kills).await;
     }
 }

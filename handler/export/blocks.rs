@@ -179,19 +179,25 @@ pub fn block_types(
 pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
     let (source, planned) = (exports.source.clone(), job.clone());
     let max_resources = exports.limits.shard_max_resources;
-    let (patients, per_shard, types) = crate::blocking::run(move || -> Result<_, ExportError> {
-        let patients = exported_patients(source.as_ref(), &planned)?;
-        let types = block_types(source.as_ref(), &planned.request)?;
-        let per_shard = patients_per_shard(
-            source.as_ref(),
-            &planned,
-            &types,
-            patients.len(),
-            max_resources,
-        )?;
-        Ok((patients, per_shard, types))
-    })
-    .await?;
+    let (patients, per_shard, types, held) =
+        crate::blocking::run(move || -> Result<_, ExportError> {
+            let patients = exported_patients(source.as_ref(), &planned)?;
+            let types = block_types(source.as_ref(), &planned.request)?;
+            let counts = counts(source.as_ref(), &planned, &types)?;
+            let per_shard = patients_per_shard(counts.as_deref(), patients.len(), max_resources);
+            // The types a first phase reads: those the counts found any of.
+            let held: Vec<String> = match &counts {
+                Some(counts) => types
+                    .iter()
+                    .zip(counts)
+                    .filter(|(_, count)| **count > 0)
+                    .map(|(t, _)| t.clone())
+                    .collect(),
+                None => types.clone(),
+            };
+            Ok((patients, per_shard, types, held))
+        })
+        .await?;
     let chunks: Vec<&[String]> = patients.chunks(per_shard.max(1)).collect();
     let split = chunks.len() > 1;
     let mut shards = Vec::new();
@@ -221,11 +227,14 @@ pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize
         return Ok((shards, order));
     }
     // A first phase reads each type once, as a plain export does; the shards of blocks wait.
-    let request = super::ExportRequest {
-        types: Some(types),
-        ..job.request.clone()
-    };
-    let planned = super::kickoff::plan(exports, &request, &job.scope, job.transaction_time).await?;
+    let planned = super::kickoff::plan_types(
+        exports,
+        &job.request,
+        &job.scope,
+        job.transaction_time,
+        Some(held),
+    )
+    .await?;
     let (partitions, largest_first) = super::kickoff::shards_of(planned);
     let blocks = shards.len();
     shards.extend(partitions.into_iter().map(|shard| Shard {
@@ -271,19 +280,33 @@ const SHARDS_AT_LEAST: u64 = 8;
 const SHARD_RESOURCES_AT_LEAST: u64 = 50_000;
 
 /// Patients per shard: as many as hold about `max_resources` resources (fewer in a large export,
-/// to make `SHARDS_AT_LEAST` shards), by the source's counts.
-fn patients_per_shard(
+/// to make `SHARDS_AT_LEAST` shards), by the source's `counts` of the types.
+fn patients_per_shard(counts: Option<&[u64]>, patients: usize, max_resources: u64) -> usize {
+    let Some(counts) = counts else {
+        return PATIENTS_PER_SHARD_UNCOUNTED;
+    };
+    let total: u64 = counts.iter().sum();
+    let per_patient = (total / patients.max(1) as u64).max(1);
+    let per_shard = max_resources.min(
+        total
+            .div_ceil(SHARDS_AT_LEAST)
+            .max(SHARD_RESOURCES_AT_LEAST),
+    );
+    (per_shard / per_patient).clamp(1, patients.max(1) as u64) as usize
+}
+
+/// How many resources of each of `types` the export reads, by the source's counts (`None` when
+/// it cannot count one).
+fn counts(
     source: &dyn ResourceSource,
     job: &Job,
     types: &[String],
-    patients: usize,
-    max_resources: u64,
-) -> Result<usize, ExportError> {
+) -> Result<Option<Vec<u64>>, ExportError> {
     let until = job
         .request
         .until
         .map_or(job.transaction_time, |u| u.min(job.transaction_time));
-    let mut total = 0;
+    let mut counts = Vec::new();
     for resource_type in types {
         let counted = source.count(&ScanRequest {
             since: job.request.since,
@@ -292,17 +315,11 @@ fn patients_per_shard(
             ..ScanRequest::whole(resource_type, &job.scope, job.transaction_time)
         })?;
         match counted {
-            Some(count) => total += count,
-            None => return Ok(PATIENTS_PER_SHARD_UNCOUNTED),
+            Some(count) => counts.push(count),
+            None => return Ok(None),
         }
     }
-    let per_patient = (total / patients.max(1) as u64).max(1);
-    let per_shard = max_resources.min(
-        total
-            .div_ceil(SHARDS_AT_LEAST)
-            .max(SHARD_RESOURCES_AT_LEAST),
-    );
-    Ok((per_shard / per_patient).clamp(1, patients.max(1) as u64) as usize)
+    Ok(Some(counts))
 }
 
 /// The header line of a patient's resource block.

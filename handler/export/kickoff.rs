@@ -315,12 +315,28 @@ pub(super) async fn plan(
     scope: &PatientScope,
     transaction_time: DateTime<Utc>,
 ) -> Result<Vec<(String, Vec<Part>)>, ExportError> {
+    plan_types(exports, request, scope, transaction_time, None).await
+}
+
+/// Each of `types` (by default, each type the export reads), with the parts its source cut it
+/// into.
+pub(super) async fn plan_types(
+    exports: &Exports,
+    request: &ExportRequest,
+    scope: &PatientScope,
+    transaction_time: DateTime<Utc>,
+    types: Option<Vec<String>>,
+) -> Result<Vec<(String, Vec<Part>)>, ExportError> {
     let (source, request, scope) = (exports.source.clone(), request.clone(), scope.clone());
     let max_per_part = exports.limits.shard_max_resources;
     crate::blocking::run(move || -> Result<_, ExportError> {
         let mut planned = Vec::new();
         let held = |source: &dyn ResourceSource| source.resource_types();
-        for resource_type in exported_types(source.as_ref(), &request, &scope, held)? {
+        let types = match types {
+            Some(types) => types,
+            None => exported_types(source.as_ref(), &request, &scope, held)?,
+        };
+        for resource_type in types {
             let parts = source.plan(&PlanRequest {
                 resource_type: &resource_type,
                 scope: &scope,

@@ -6,7 +6,7 @@
 //!    part of each block type, cut as a plain export cuts it. Such a shard reads its part (and
 //!    pauses by cursor) as a plain shard does, and writes each resource, shaped, to the partition
 //!    of the block shard whose patient's block holds it: files
-//!    `{output folder}/_partitions/{block shard}/{stem}-{n}.ndjson`, a line per resource: its
+//!    `{output folder}/_partitions/{block shard}/{stem}-{n}.part`, a line per resource: its
 //!    patient's place in the block shard, a tab, the resource. A file is written whole from
 //!    memory (at most [`FLUSH_AT`] of resources), then listed in the shard's state.
 //! 2. The block shards wait until every partition shard is done; the last to finish queues them.
@@ -17,6 +17,7 @@
 //! cancelled.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -195,7 +196,7 @@ impl Partitioner {
         let entries = std::mem::take(&mut self.entries);
         for group in entries.chunk_by(|a, b| a.0 == b.0) {
             let path = format!(
-                "{}/{}/{}-{}.ndjson",
+                "{}/{}/{}-{}.part",
                 self.folder, group[0].0, self.stem, self.next_number
             );
             self.next_number += 1;
@@ -222,8 +223,7 @@ impl Partitioner {
         let mut chunk = Vec::with_capacity(WRITE_CHUNK);
         let mut bytes = 0;
         for &(_, at, start, length) in group {
-            chunk.extend_from_slice(at.to_string().as_bytes());
-            chunk.push(b'\t');
+            write!(chunk, "{at}\t").expect("a Vec takes any write");
             chunk.extend_from_slice(&self.held[start..start + length]);
             chunk.push(b'\n');
             if chunk.len() >= WRITE_CHUNK {
@@ -291,18 +291,24 @@ pub fn files_of(
 
 /// Each line of a partition file: its patient's place in the shard, and the resource.
 pub fn lines(file: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8]), SinkError>> {
-    file.split(|&b| b == b'\n')
-        .filter(|line| !line.is_empty())
-        .map(|line| {
-            let tab = memchr::memchr(b'\t', line);
-            let place = tab.and_then(|tab| std::str::from_utf8(&line[..tab]).ok()?.parse().ok());
-            match (tab, place) {
-                (Some(tab), Some(place)) => Ok((place, &line[tab + 1..])),
-                _ => Err(SinkError::Permanent(
-                    "a partition file holds a line without its patient's place".into(),
-                )),
-            }
-        })
+    let ends = memchr::memchr_iter(b'\n', file).chain(std::iter::once(file.len()));
+    let mut start = 0;
+    ends.map(move |end| {
+        let line = &file[start..end];
+        start = end + 1;
+        line
+    })
+    .filter(|line| !line.is_empty())
+    .map(|line| {
+        let tab = memchr::memchr(b'\t', line);
+        let place = tab.and_then(|tab| std::str::from_utf8(&line[..tab]).ok()?.parse().ok());
+        match (tab, place) {
+            (Some(tab), Some(place)) => Ok((place, &line[tab + 1..])),
+            _ => Err(SinkError::Permanent(
+                "a partition file holds a line without its patient's place".into(),
+            )),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -312,14 +318,15 @@ mod tests {
     #[test]
     fn a_partition_line_gives_back_its_place_and_resource() {
         let file = b"3\t{\"id\":\"a\"}\n12\t{\"id\":\"b\\tc\"}\n";
-        let lines: Vec<_> = lines(file).map(Result::unwrap).collect();
+        let read: Vec<_> = lines(file).map(Result::unwrap).collect();
         assert_eq!(
-            lines,
+            read,
             [
                 (3, &b"{\"id\":\"a\"}"[..]),
                 (12, &b"{\"id\":\"b\\tc\"}"[..])
             ]
         );
         assert!(lines(b"{\"id\":\"a\"}\n").next().unwrap().is_err());
+        assert_eq!(lines(b"7\t{}").count(), 1, "a last line without its end");
     }
 }

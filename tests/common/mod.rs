@@ -343,7 +343,9 @@ pub async fn download_all(
             output["count"].as_u64().unwrap(),
             "count of {url}"
         );
-        files.push((output["type"].as_str().unwrap().to_string(), url, lines));
+        // Files of resource blocks (`organizeOutputBy`) name no type.
+        let resource_type = output["type"].as_str().unwrap_or_default();
+        files.push((resource_type.to_string(), url, lines));
     }
     files
 }

@@ -16,6 +16,7 @@
 //                     at the first request for a later page, the first N matches are updated (their
 //                     `meta.lastUpdated` set to now), as if other clients wrote during the export
 // With `_sort`, the order is the sort's and only ties are unstable.
+// With MEDPLUM_LOG set, each request is logged on stderr.
 // `GET /$requests` answers how many requests came in (`requests`), and how many of them were
 // searches naming patients (`byPatient`: a `Patient/` reference in the query); `PUT [type]/[id]` updates (concurrent changes;
 // a body without `meta.lastUpdated` is stamped now).
@@ -195,6 +196,7 @@ async function handle(req, body) {
     return [200, { requests, byPatient }];
   }
   requests++;
+  if (process.env.MEDPLUM_LOG) console.error(req.method, req.url);
   if (decodeURIComponent(url.search).includes('Patient/')) {
     byPatient++;
   }

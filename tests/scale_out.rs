@@ -729,11 +729,10 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
     let (streamed, streamed_kinds, _) = &results[0];
     assert_eq!(streamed.len(), 250);
     assert!(!streamed_kinds.contains(&ShardKind::Partition));
-    let blocks_shards = streamed_kinds.len();
-    assert!(blocks_shards >= 3, "{blocks_shards} shards of blocks");
+    assert!(streamed_kinds.len() >= 3, "{streamed_kinds:?}");
     for (blocks, kinds, runs) in &results[1..] {
         let partitions = kinds.iter().filter(|k| **k == ShardKind::Partition).count();
-        assert_eq!(kinds.len(), blocks_shards + partitions);
+        assert!(kinds.len() - partitions >= 3, "{kinds:?}: shards of blocks");
         assert!(partitions >= 10, "{partitions} partition shards");
         assert!(blocks == streamed, "the same blocks");
         assert!(*runs >= kinds.len(), "{runs} runs");

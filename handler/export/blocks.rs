@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tokio::runtime::Handle;
 
 use super::jobs::{Job, JobError, JobStore, PatientRange, Shard, ShardKind};
+use super::kickoff;
 use super::request::is_patient_level_type;
 use super::shaping::Shaping;
 use super::{ExportError, Exports};
@@ -145,7 +146,7 @@ impl Spill {
     }
 }
 
-/// Patients per shard when the source cannot count its resources.
+/// Patients per shard at most when the source cannot count its resources.
 const PATIENTS_PER_SHARD_UNCOUNTED: usize = 1_000;
 
 /// The types of an organized export in block order: Patient first, then the rest of the Patient
@@ -179,25 +180,31 @@ pub fn block_types(
 pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
     let (source, planned) = (exports.source.clone(), job.clone());
     let max_resources = exports.limits.shard_max_resources;
-    let (patients, per_shard, types, held) =
-        crate::blocking::run(move || -> Result<_, ExportError> {
-            let patients = exported_patients(source.as_ref(), &planned)?;
-            let types = block_types(source.as_ref(), &planned.request)?;
-            let counts = counts(source.as_ref(), &planned, &types)?;
-            let per_shard = patients_per_shard(counts.as_deref(), patients.len(), max_resources);
-            // The types a first phase reads: those the counts found any of.
-            let held: Vec<String> = match &counts {
-                Some(counts) => types
-                    .iter()
-                    .zip(counts)
-                    .filter(|(_, count)| **count > 0)
-                    .map(|(t, _)| t.clone())
-                    .collect(),
-                None => types.clone(),
-            };
-            Ok((patients, per_shard, types, held))
-        })
-        .await?;
+    let (patients, types) = crate::blocking::run(move || -> Result<_, ExportError> {
+        let patients = exported_patients(source.as_ref(), &planned)?;
+        let types = block_types(source.as_ref(), &planned.request)?;
+        Ok((patients, types))
+    })
+    .await?;
+    // A source that cannot stream compartments has a first phase read each type, cut as a
+    // plain export's (its parts' counts size the shards of blocks); the shards of blocks wait.
+    let (counts, partitions) = match exports.source.streams_compartments() {
+        true => {
+            let (source, planned, types) = (exports.source.clone(), job.clone(), types.clone());
+            let counts =
+                crate::blocking::run(move || counts(source.as_ref(), &planned, &types)).await?;
+            (counts, None)
+        }
+        false => {
+            let (request, scope, at) = (&job.request, &job.scope, job.transaction_time);
+            let planned = kickoff::plan_types(exports, request, scope, at, Some(types.clone()));
+            let planned = planned.await?;
+            let sizes = planned.iter().flat_map(|(_, parts)| parts);
+            let counts: Option<Vec<u64>> = sizes.map(|p| p.size.map(|s| s.resources)).collect();
+            (counts, Some(kickoff::shards_of(planned)))
+        }
+    };
+    let per_shard = patients_per_shard(counts.as_deref(), patients.len(), max_resources);
     let chunks: Vec<&[String]> = patients.chunks(per_shard.max(1)).collect();
     let split = chunks.len() > 1;
     let mut shards = Vec::new();
@@ -222,20 +229,10 @@ pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize
             view: None,
         });
     }
-    if exports.source.streams_compartments() || shards.is_empty() {
+    let Some((partitions, largest_first)) = partitions.filter(|_| !shards.is_empty()) else {
         let order = (0..shards.len()).collect();
         return Ok((shards, order));
-    }
-    // A first phase reads each type once, as a plain export does; the shards of blocks wait.
-    let planned = super::kickoff::plan_types(
-        exports,
-        &job.request,
-        &job.scope,
-        job.transaction_time,
-        Some(held),
-    )
-    .await?;
-    let (partitions, largest_first) = super::kickoff::shards_of(planned);
+    };
     let blocks = shards.len();
     shards.extend(partitions.into_iter().map(|shard| Shard {
         kind: ShardKind::Partition,
@@ -280,10 +277,13 @@ const SHARDS_AT_LEAST: u64 = 8;
 const SHARD_RESOURCES_AT_LEAST: u64 = 50_000;
 
 /// Patients per shard: as many as hold about `max_resources` resources (fewer in a large export,
-/// to make `SHARDS_AT_LEAST` shards), by the source's `counts` of the types.
+/// to make `SHARDS_AT_LEAST` shards), by the source's `counts` of the types; uncounted,
+/// `SHARDS_AT_LEAST` shards of at most `PATIENTS_PER_SHARD_UNCOUNTED` patients.
 fn patients_per_shard(counts: Option<&[u64]>, patients: usize, max_resources: u64) -> usize {
     let Some(counts) = counts else {
-        return PATIENTS_PER_SHARD_UNCOUNTED;
+        return patients
+            .div_ceil(SHARDS_AT_LEAST as usize)
+            .clamp(1, PATIENTS_PER_SHARD_UNCOUNTED);
     };
     let total: u64 = counts.iter().sum();
     let per_patient = (total / patients.max(1) as u64).max(1);

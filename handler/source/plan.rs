@@ -65,6 +65,7 @@ impl Part {
 /// `meta.lastUpdated` windows in order, found by counting and halving the export's window while a
 /// half holds more than `max_per_part` (one second is the finest cut); the whole type when the
 /// source cannot count or the type is small enough. Neighbouring pieces are merged while they fit.
+/// A part counted says how many resources it holds (its bytes unknown).
 pub fn by_last_updated(
     source: &dyn ResourceSource,
     request: &PlanRequest<'_>,
@@ -72,8 +73,17 @@ pub fn by_last_updated(
     let Some(total) = count(source, request, request.since, request.until)? else {
         return Ok(Part::whole());
     };
+    let counted = |resources| {
+        Some(PartSize {
+            bytes: 0,
+            resources,
+        })
+    };
     if total <= request.max_per_part {
-        return Ok(Part::whole());
+        return Ok(vec![Part {
+            size: counted(total),
+            ..Part::default()
+        }]);
     }
     let floor = request
         .since
@@ -97,7 +107,13 @@ pub fn by_last_updated(
             )),
         }
     }
-    let mut parts: Vec<Part> = parts.into_iter().map(|(part, _)| part).collect();
+    let mut parts: Vec<Part> = parts
+        .into_iter()
+        .map(|(part, sum)| Part {
+            size: counted(sum),
+            ..part
+        })
+        .collect();
     // The outer ends stay open: the request's own bounds still apply in the worker.
     if let Some(first) = parts.first_mut() {
         first.since = request.since;

@@ -494,9 +494,13 @@ async fn killed_between_its_phases_an_organized_export_from_a_fhir_server_finish
         vec![],
         vec![Kill::At("partition-written", 3)],
         vec![Kill::At("partitioned", 1)],
-        vec![Kill::At("shard-done", 12), Kill::At("partition-written", 2)],
+        vec![
+            Kill::At("partition-written", 5),
+            Kill::At("partition-written", 1),
+        ],
         vec![Kill::At("file-committed", 1)],
     ] {
+        eprintln!("killed at {kills:?}");
         run_scenario(&store, &expected, &kills).await;
     }
 }

@@ -186,6 +186,28 @@ async fn conformance(store: Arc<dyn ObjectStore>, c: &str) {
     );
     assert!(store.get(&doc).await.unwrap().is_some());
 
+    // A range of a streamed object (a partition file's section), and of a whole one.
+    let streamed = format!("{c}/export-10/_partitions/Observation-1.part");
+    assert!(store.get_range(&streamed, 0..4).await.unwrap().is_none());
+    let mut writer = store.writer(&streamed).await.unwrap();
+    writer.write(Bytes::from_static(b"0\tab\n")).await.unwrap();
+    writer.write(Bytes::from_static(b"1\tcde\n")).await.unwrap();
+    writer.commit().await.unwrap();
+    for (range, expected) in [
+        (0..5, &b"0\tab\n"[..]),
+        (5..11, b"1\tcde\n"),
+        (2..8, b"ab\n1\tc"),
+    ] {
+        let got = store
+            .get_range(&streamed, range.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..], expected, "{range:?}");
+    }
+    let got = store.get_range(&doc, 2..4).await.unwrap().unwrap();
+    assert_eq!(&got[..], &store.get(&doc).await.unwrap().unwrap().0[2..4]);
+
     // Paths cannot escape or be empty.
     for bad in ["", "../x", &format!("{c}/../x"), &format!("{c}//x")] {
         assert!(

@@ -24,7 +24,7 @@ use crate::fhir::compartment::patient_ids;
 use crate::source::{
     CompartmentScan, Cursor, ResourceSource, RowRange, ScanError, ScanRequest, Scanned, SinkError,
 };
-use crate::storage::{ObjectStore, RollingNdjsonWriter, StorageError};
+use crate::storage::{ObjectStore, RollingNdjsonWriter, Section, StorageError};
 
 /// A group's resources are held in memory up to this size, then in a temporary file.
 const SPILL_IN_MEMORY: usize = 16 << 20;
@@ -386,9 +386,10 @@ pub struct BlockShard {
     until: DateTime<Utc>,
     snapshot: DateTime<Utc>,
     universe: Universe,
-    /// The files of this shard's partition, each with its type's place in `types`, when the
-    /// export read its types in a first phase (a source that cannot stream compartments).
-    partitions: Option<Vec<(usize, String)>>,
+    /// This shard's sections of the partition files, each with its file and its type's place in
+    /// `types`, when the export read its types in a first phase (a source that cannot stream
+    /// compartments).
+    partitions: Option<Vec<(usize, String, Section)>>,
     storage: Arc<dyn ObjectStore>,
     /// The resources between their reading and their blocks (its memory kept from group to
     /// group).
@@ -438,7 +439,7 @@ impl BlockShard {
         let shapings = types.iter().map(|t| Shaping::of(&job.request, t)).collect();
         let shards: Vec<usize> = super::partitions::block_shards(job).collect();
         let partitions = match super::partitions::partition_shards(job).next() {
-            Some(_) => Some(super::partitions::files_of(
+            Some(_) => Some(super::partitions::sections_of(
                 exports, &runtime, job, shard, &types,
             )?),
             None => None,
@@ -477,8 +478,8 @@ impl BlockShard {
         pause_after: Option<std::time::Instant>,
     ) -> Result<Scanned, ScanError> {
         let patients = std::mem::take(&mut self.patients);
-        if let Some(files) = self.partitions.take() {
-            return self.write_partitioned(&files, &patients, writer, go_on);
+        if let Some(sections) = self.partitions.take() {
+            return self.write_partitioned(&sections, &patients, writer, go_on);
         }
         match self.write_streamed(source, &patients, writer, go_on, pause_after)? {
             Some(scanned) => Ok(scanned),
@@ -551,11 +552,12 @@ impl BlockShard {
         }))
     }
 
-    /// Writes the blocks of the shard's patients from its partition's `files` (already shaped,
-    /// each line its patient's place in `patients`), read one at a time into the spill.
+    /// Writes the blocks of the shard's patients from its `sections` of the partition files
+    /// (already shaped, each line its patient's place in `patients`), read one at a time into
+    /// the spill.
     fn write_partitioned(
         &mut self,
-        files: &[(usize, String)],
+        sections: &[(usize, String, Section)],
         patients: &[String],
         writer: &mut RollingNdjsonWriter,
         go_on: &dyn Fn() -> bool,
@@ -564,17 +566,12 @@ impl BlockShard {
         let spill = &mut self.spill;
         spill.clear();
         let mut entries: Vec<Entry> = Vec::new();
-        for (rank, path) in files {
+        for (rank, path, section) in sections {
             if !go_on() {
                 return Err(SinkError::Stopped.into());
             }
-            let Some((file, _)) = runtime
-                .block_on(self.storage.get(path))
-                .map_err(SinkError::from)?
-            else {
-                return Err(SinkError::from(StorageError::NotFound(path.clone())).into());
-            };
-            for line in super::partitions::lines(&file) {
+            let lines = super::partitions::read_section(&*self.storage, &runtime, path, section)?;
+            for line in super::partitions::lines(&lines) {
                 let (owner, resource) = line?;
                 if owner as usize >= patients.len() {
                     return Err(SinkError::Permanent(format!(

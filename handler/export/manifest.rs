@@ -179,6 +179,7 @@ pub fn notes_file(job: &Job) -> Option<(OutputFile, Vec<u8>)> {
         bytes: body.len() as u64,
         continues_in: None,
         list: Default::default(),
+        sections: Vec::new(),
     };
     Some((file, body))
 }

@@ -4,14 +4,16 @@
 //!
 //! 1. Planning adds, beside the shards of resource blocks, a [`ShardKind::Partition`] shard per
 //!    part of each block type, cut as a plain export cuts it. Such a shard reads its part (and
-//!    pauses by cursor) as a plain shard does, and writes each resource, shaped, to the partition
+//!    pauses by cursor) as a plain shard does, and sorts each resource, shaped, into the section
 //!    of the block shard whose patient's block holds it: files
-//!    `{output folder}/_partitions/{block shard}/{stem}-{n}.part`, a line per resource: its
-//!    patient's place in the block shard, a tab, the resource. A file is written whole from
-//!    memory (at most [`FLUSH_AT`] of resources), then listed in the shard's state.
+//!    `{output folder}/_partitions/{stem}-{n}.part` of a section per block shard, a line per
+//!    resource (its patient's place in the block shard, a tab, the resource). A file is written
+//!    whole from memory (at most [`FLUSH_AT`] of resources), then listed, with its sections, in
+//!    the shard's state.
 //! 2. The block shards wait until every partition shard is done; the last to finish queues them.
-//!    Each then writes its blocks from the files its partition shards' states list (a file no
-//!    state lists, left by a run that stopped, is never read).
+//!    Each then reads its own sections (a range of each file) of the files its partition shards'
+//!    states list (a file no state lists, left by a run that stopped, is never read), checks
+//!    each whole, and writes its blocks.
 //!
 //! The partitions go when the export completes, and with its folder when it fails or is
 //! cancelled.
@@ -27,13 +29,12 @@ use super::blocks::{load_patients, owner_of, Place};
 use super::jobs::{Job, ShardKind};
 use super::{ExportError, Exports};
 use crate::source::SinkError;
-use crate::storage::{ObjectStore, OutputFile, StorageError};
+use crate::storage::{ObjectStore, OutputFile, Section, StorageError};
 
 /// The folder of an export's partitions, inside its output folder.
 const PARTITIONS: &str = "_partitions";
 
-/// A partition shard writes its resources held in memory up to here: a file per block shard
-/// they go to.
+/// A partition shard writes its resources held in memory up to here, as one file.
 const FLUSH_AT: usize = 16 << 20;
 
 /// What one write to a partition file takes at most.
@@ -42,11 +43,6 @@ const WRITE_CHUNK: usize = 1 << 20;
 /// The folder of the export's partitions.
 pub fn folder(job: &Job) -> String {
     format!("{}/{PARTITIONS}", job.output_folder)
-}
-
-/// The folder of block shard `shard`'s partition, with its trailing slash.
-fn shard_folder(job: &Job, shard: usize) -> String {
-    format!("{}/{shard}/", folder(job))
 }
 
 /// The job's partition shards.
@@ -190,52 +186,62 @@ impl Partitioner {
         Ok(())
     }
 
-    /// Writes what is held: a file per block shard, in the order the resources came.
+    /// Writes what is held: one file, a section per shard of blocks (each in the order the
+    /// resources came).
     fn flush(&mut self) -> Result<(), SinkError> {
-        self.entries.sort_by_key(|&(shard, ..)| shard);
-        let entries = std::mem::take(&mut self.entries);
-        for group in entries.chunk_by(|a, b| a.0 == b.0) {
-            let path = format!(
-                "{}/{}/{}-{}.part",
-                self.folder, group[0].0, self.stem, self.next_number
-            );
-            self.next_number += 1;
-            let bytes = self.write_file(&path, group)?;
-            self.files.push(OutputFile {
-                resource_type: self.resource_type.clone(),
-                path,
-                count: group.len() as u64,
-                bytes,
-                continues_in: None,
-                list: Default::default(),
-            });
-            crate::crashpoint::reached("partition-written");
+        if self.entries.is_empty() {
+            return Ok(());
         }
+        self.entries.sort_by_key(|&(shard, ..)| shard);
+        let path = format!("{}/{}-{}.part", self.folder, self.stem, self.next_number);
+        self.next_number += 1;
+        let sections = self.write_file(&path)?;
+        self.files.push(OutputFile {
+            resource_type: self.resource_type.clone(),
+            path,
+            count: self.entries.len() as u64,
+            bytes: sections.last().map_or(0, |section| section.end),
+            continues_in: None,
+            list: Default::default(),
+            sections,
+        });
+        crate::crashpoint::reached("partition-written");
+        self.entries.clear();
         self.held.clear();
         Ok(())
     }
 
-    /// Writes one partition file of `group`'s resources; returns its size.
-    fn write_file(&self, path: &str, group: &[(u32, u32, usize, usize)]) -> Result<u64, SinkError> {
-        let storage = self.storage.clone();
+    /// Writes the held resources, sorted by shard, as one partition file; returns its sections.
+    fn write_file(&self, path: &str) -> Result<Vec<Section>, SinkError> {
         let runtime = &self.runtime;
-        let mut writer = runtime.block_on(storage.writer(path))?;
+        let mut writer = runtime.block_on(self.storage.writer(path))?;
         let mut chunk = Vec::with_capacity(WRITE_CHUNK);
-        let mut bytes = 0;
-        for &(_, at, start, length) in group {
+        let mut sections: Vec<Section> = Vec::new();
+        let mut written = 0;
+        for &(shard, at, start, length) in &self.entries {
+            let offset = written + chunk.len() as u64;
+            match sections.last_mut() {
+                Some(section) if section.shard == shard => section.count += 1,
+                _ => sections.push(Section {
+                    shard,
+                    start: offset,
+                    end: offset,
+                    count: 1,
+                }),
+            }
             write!(chunk, "{at}\t").expect("a Vec takes any write");
             chunk.extend_from_slice(&self.held[start..start + length]);
             chunk.push(b'\n');
+            sections.last_mut().expect("pushed above").end = written + chunk.len() as u64;
             if chunk.len() >= WRITE_CHUNK {
-                bytes += chunk.len() as u64;
+                written += chunk.len() as u64;
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(WRITE_CHUNK));
                 runtime.block_on(writer.write(Bytes::from(full)))?;
             }
         }
-        bytes += chunk.len() as u64;
         runtime.block_on(writer.write(Bytes::from(chunk)))?;
         runtime.block_on(writer.commit())?;
-        Ok(bytes)
+        Ok(sections)
     }
 
     /// Writes what is still held; returns every file this run wrote.
@@ -245,17 +251,17 @@ impl Partitioner {
     }
 }
 
-/// The partition files of block shard `shard`, each with the place of its type in `types`: in
-/// type order, then as the partition shards wrote them.
-pub fn files_of(
+/// The sections of the partition files that hold block shard `shard`'s resources, each with its
+/// file and the place of its type in `types`: in type order, then as the partition shards wrote
+/// them.
+pub fn sections_of(
     exports: &Exports,
     runtime: &Handle,
     job: &Job,
     shard: usize,
     types: &[String],
-) -> Result<Vec<(usize, String)>, SinkError> {
-    let prefix = shard_folder(job, shard);
-    let mut files = Vec::new();
+) -> Result<Vec<(usize, String, Section)>, SinkError> {
+    let mut sections = Vec::new();
     for partition in partition_shards(job) {
         let state = runtime
             .block_on(exports.jobs.shard(&job.id, partition))
@@ -277,16 +283,44 @@ pub fn files_of(
                 "{resource_type} was partitioned, but is not a type of the blocks"
             )));
         };
-        files.extend(
-            state
-                .outputs
-                .into_iter()
-                .filter(|file| file.path.starts_with(&prefix))
-                .map(|file| (rank, file.path)),
-        );
+        for file in state.outputs {
+            let section = file.sections.iter().find(|s| s.shard as usize == shard);
+            if let Some(&section) = section {
+                sections.push((rank, file.path.clone(), section));
+            }
+        }
     }
-    files.sort_by_key(|&(rank, _)| rank);
-    Ok(files)
+    sections.sort_by_key(|&(rank, ..)| rank);
+    Ok(sections)
+}
+
+/// Reads one section of a partition file, checked whole: as many lines as it was written with.
+pub fn read_section(
+    storage: &dyn ObjectStore,
+    runtime: &Handle,
+    path: &str,
+    section: &Section,
+) -> Result<Bytes, SinkError> {
+    let read = runtime.block_on(storage.get_range(path, section.start..section.end))?;
+    let Some(bytes) = read else {
+        return Err(StorageError::NotFound(path.to_string()).into());
+    };
+    let whole = bytes.len() as u64 == section.end - section.start
+        && memchr::memchr_iter(b'\n', &bytes).count() as u64 == section.count;
+    if !whole {
+        // A partition cut short never makes blocks that lack a resource.
+        return Err(StorageError::Service {
+            path: path.to_string(),
+            detail: format!(
+                "the partition's section of shard {} is not as written ({} lines, {} bytes)",
+                section.shard,
+                section.count,
+                section.end - section.start
+            ),
+        }
+        .into());
+    }
+    Ok(bytes)
 }
 
 /// Each line of a partition file: its patient's place in the shard, and the resource.

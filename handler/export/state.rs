@@ -372,6 +372,7 @@ mod tests {
             bytes: n,
             continues_in: None,
             list: Default::default(),
+            sections: Vec::new(),
         };
         let mut found = state(Running, 1, 0);
         assert_eq!(written(finish(&mut found, &[file(1)])), (true, true));
@@ -389,6 +390,7 @@ mod tests {
             bytes: n,
             continues_in: None,
             list: Default::default(),
+            sections: Vec::new(),
         };
         let cursor = Cursor::Rowid { rowid: 41 };
         // Only the attempt that holds the shard pauses it.

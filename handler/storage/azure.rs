@@ -381,6 +381,30 @@ impl ObjectStore for AzureBlob {
         Ok(Some((body, etag)))
     }
 
+    async fn get_range(
+        &self,
+        path: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<Bytes>, StorageError> {
+        if range.is_empty() {
+            return Ok(self.get(path).await?.map(|_| Bytes::new()));
+        }
+        let (_, blob) = self.blob(path)?;
+        let options = azure_storage_blob::models::BlobClientDownloadOptions {
+            range: Some(range.into()),
+            ..Default::default()
+        };
+        let downloaded = match bounded(path, REQUEST_LIMIT, blob.download(Some(options))).await? {
+            Ok(downloaded) => downloaded,
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(None),
+            Err(e) => return Err(to_storage_error(path, e)),
+        };
+        let body = bounded(path, REQUEST_LIMIT, downloaded.body.collect())
+            .await?
+            .map_err(|e| to_storage_error(path, e))?;
+        Ok(Some(body))
+    }
+
     async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError> {
         let (container, blob) = self.blob(path)?;
         let options = || BlockBlobClientUploadOptions {

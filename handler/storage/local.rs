@@ -314,6 +314,33 @@ impl ObjectStore for LocalFolder {
         }))
     }
 
+    async fn get_range(
+        &self,
+        path: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<Bytes>, StorageError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let file = self.file(path)?;
+        if let Some(data) = self.behind.pending(path) {
+            let cut = |at: u64| (at as usize).min(data.len());
+            return Ok(Some(data.slice(cut(range.start)..cut(range.end))));
+        }
+        let mut opened = match std::fs::File::open(&file) {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageError::io(path, e)),
+        };
+        let mut bytes = Vec::new();
+        opened
+            .seek(SeekFrom::Start(range.start))
+            .and_then(|_| {
+                let length = range.end.saturating_sub(range.start);
+                opened.take(length).read_to_end(&mut bytes)
+            })
+            .map_err(|e| StorageError::io(path, e))?;
+        Ok(Some(Bytes::from(bytes)))
+    }
+
     async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError> {
         self.file(path)?;
         let etag = etag_of(&data);

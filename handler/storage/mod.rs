@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 pub use azure::AzureBlob;
 pub use local::LocalFolder;
-pub use rolling::{ManifestList, OutputFile, RollingNdjsonWriter};
+pub use rolling::{ManifestList, OutputFile, RollingNdjsonWriter, Section};
 
 /// An opaque version tag of a stored object, for compare-and-swap.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +94,19 @@ pub type ByteStream =
 pub trait ObjectStore: Send + Sync + 'static {
     /// The object's bytes and version, or `None` when absent.
     async fn get(&self, path: &str) -> Result<Option<(Bytes, ETag)>, StorageError>;
+
+    /// Bytes `range` of an object, or `None` when absent (by default read whole, then cut).
+    async fn get_range(
+        &self,
+        path: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let Some((whole, _)) = self.get(path).await? else {
+            return Ok(None);
+        };
+        let cut = |at: u64| (at as usize).min(whole.len());
+        Ok(Some(whole.slice(cut(range.start)..cut(range.end))))
+    }
 
     /// Writes a whole object under `mode`; `PreconditionFailed` when the condition does not hold.
     async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<ETag, StorageError>;

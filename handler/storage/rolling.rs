@@ -27,6 +27,18 @@ pub struct OutputFile {
     /// The manifest list that names the file.
     #[serde(default, skip_serializing_if = "ManifestList::is_output")]
     pub list: ManifestList,
+    /// A partition file's sections (organized output's first phase), one per shard of blocks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sections: Vec<Section>,
+}
+
+/// The lines of a partition file for one shard of blocks: bytes `start..end`, `count` lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Section {
+    pub shard: u32,
+    pub start: u64,
+    pub end: u64,
+    pub count: u64,
 }
 
 /// The lists of a manifest a file goes in.
@@ -354,6 +366,7 @@ impl RollingNdjsonWriter {
             bytes: self.file_bytes,
             continues_in: None,
             list: self.list,
+            sections: Vec::new(),
         });
         self.file_bytes = 0;
         self.file_count = 0;

@@ -18,7 +18,7 @@
 //! The partitions go when the export completes, and with its folder when it fails or is
 //! cancelled.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -136,9 +136,10 @@ pub struct Partitioner {
     resource_type: String,
     /// The number of the next file (after those of the shard's runs before).
     next_number: usize,
-    held: Vec<u8>,
-    /// Each held resource: its block shard, its patient's place there, where its bytes are.
-    entries: Vec<(u32, u32, usize, usize)>,
+    /// The lines held for each block shard (its patient's place, a tab, the resource), and how
+    /// many.
+    held: BTreeMap<u32, (Vec<u8>, u64)>,
+    held_bytes: usize,
     files: Vec<OutputFile>,
 }
 
@@ -159,8 +160,8 @@ impl Partitioner {
             stem: job.shards[shard].stem.clone(),
             resource_type: job.shards[shard].resource_type.clone(),
             next_number: files_before + 1,
-            held: Vec::new(),
-            entries: Vec::new(),
+            held: BTreeMap::new(),
+            held_bytes: 0,
             files: Vec::new(),
         })
     }
@@ -177,10 +178,14 @@ impl Partitioner {
         let Some((shard, at)) = owner else {
             return Ok(());
         };
-        self.entries
-            .push((shard, at, self.held.len(), shaped.len()));
-        self.held.extend_from_slice(shaped);
-        if self.held.len() >= FLUSH_AT {
+        let (lines, count) = self.held.entry(shard).or_default();
+        let before = lines.len();
+        write!(lines, "{at}\t").expect("a Vec takes any write");
+        lines.extend_from_slice(shaped);
+        lines.push(b'\n');
+        *count += 1;
+        self.held_bytes += lines.len() - before;
+        if self.held_bytes >= FLUSH_AT {
             self.flush()?;
         }
         Ok(())
@@ -189,57 +194,53 @@ impl Partitioner {
     /// Writes what is held: one file, a section per shard of blocks (each in the order the
     /// resources came).
     fn flush(&mut self) -> Result<(), SinkError> {
-        if self.entries.is_empty() {
+        if self.held.is_empty() {
             return Ok(());
         }
-        self.entries.sort_by_key(|&(shard, ..)| shard);
         let path = format!("{}/{}-{}.part", self.folder, self.stem, self.next_number);
         self.next_number += 1;
-        let sections = self.write_file(&path)?;
+        let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
+        let sections = self.write_file(&path, held)?;
         self.files.push(OutputFile {
             resource_type: self.resource_type.clone(),
             path,
-            count: self.entries.len() as u64,
+            count: sections.iter().map(|section| section.count).sum(),
             bytes: sections.last().map_or(0, |section| section.end),
             continues_in: None,
             list: Default::default(),
             sections,
         });
         crate::crashpoint::reached("partition-written");
-        self.entries.clear();
-        self.held.clear();
         Ok(())
     }
 
-    /// Writes the held resources, sorted by shard, as one partition file; returns its sections.
-    fn write_file(&self, path: &str) -> Result<Vec<Section>, SinkError> {
+    /// Writes the `held` lines, block shard by block shard, as one partition file; returns its
+    /// sections.
+    fn write_file(
+        &self,
+        path: &str,
+        held: BTreeMap<u32, (Vec<u8>, u64)>,
+    ) -> Result<Vec<Section>, SinkError> {
         let runtime = &self.runtime;
         let mut writer = runtime.block_on(self.storage.writer(path))?;
-        let mut chunk = Vec::with_capacity(WRITE_CHUNK);
-        let mut sections: Vec<Section> = Vec::new();
+        let mut sections = Vec::new();
         let mut written = 0;
-        for &(shard, at, start, length) in &self.entries {
-            let offset = written + chunk.len() as u64;
-            match sections.last_mut() {
-                Some(section) if section.shard == shard => section.count += 1,
-                _ => sections.push(Section {
-                    shard,
-                    start: offset,
-                    end: offset,
-                    count: 1,
-                }),
-            }
-            write!(chunk, "{at}\t").expect("a Vec takes any write");
-            chunk.extend_from_slice(&self.held[start..start + length]);
-            chunk.push(b'\n');
-            sections.last_mut().expect("pushed above").end = written + chunk.len() as u64;
-            if chunk.len() >= WRITE_CHUNK {
-                written += chunk.len() as u64;
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(WRITE_CHUNK));
-                runtime.block_on(writer.write(Bytes::from(full)))?;
+        for (shard, (lines, count)) in held {
+            let end = written + lines.len() as u64;
+            sections.push(Section {
+                shard,
+                start: written,
+                end,
+                count,
+            });
+            written = end;
+            let lines = Bytes::from(lines);
+            for at in (0..lines.len()).step_by(WRITE_CHUNK) {
+                let part = lines.slice(at..(at + WRITE_CHUNK).min(lines.len()));
+                runtime.block_on(writer.write(part))?;
             }
         }
-        runtime.block_on(writer.write(Bytes::from(chunk)))?;
         runtime.block_on(writer.commit())?;
         Ok(sections)
     }

@@ -299,32 +299,8 @@ async fn write_files(
     let snapshot = job.transaction_time;
     let source = exports.source.clone();
     let runtime = tokio::runtime::Handle::current();
-    let mut writer = RollingNdjsonWriter::new(
-        exports.storage.clone(),
-        runtime.clone(),
-        &job.output_folder,
-        &spec.stem,
-        &spec.resource_type,
-        job.request.file_max_bytes(exports.limits.file_max_bytes),
-    )
-    .numbered_after(resume.files_before)
-    .gzip(exports.limits.gzip_files);
-    if spec.kind == ShardKind::Deletions {
-        writer = writer.listed_in(ManifestList::Deleted, "Bundle");
-    }
     let table = view_of(job, &spec)?;
-    if let Some((view, format)) = &table {
-        let names: Vec<&str> = view.columns().iter().map(|c| c.name.as_str()).collect();
-        let (extension, line_end) = crate::views::write::file_kind(*format);
-        let header = crate::views::write::header_line(*format, &names);
-        let name = &job.request.views.as_ref().expect("a view's job").views
-            [spec.view.expect("a view shard")]
-        .name;
-        writer = writer
-            .as_table(extension, line_end, header)
-            .listed_in(ManifestList::Output, name)
-            .gzip(exports.limits.gzip_files && *format != crate::views::write::Format::Parquet);
-    }
+    let mut writer = writer_of(exports, job, &spec, resume, table.as_ref());
     let job_id = job.id.clone();
     let scope = job.scope.clone();
     let engine = super::deid::engine_for(exports, job).await?;
@@ -411,6 +387,44 @@ async fn write_files(
     };
     tracing::info!(resource_type = %job.shards[shard].resource_type, count, files = written.files.len(), paused = written.paused.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "shard written");
     Ok(written)
+}
+
+/// The writer of a shard's files: numbered after those of its earlier runs, listed as its kind
+/// is (a view's rows as a table of its format).
+fn writer_of(
+    exports: &Exports,
+    job: &Job,
+    spec: &super::jobs::Shard,
+    resume: &ResumeAt,
+    table: Option<&TableOf>,
+) -> RollingNdjsonWriter {
+    let runtime = tokio::runtime::Handle::current();
+    let mut writer = RollingNdjsonWriter::new(
+        exports.storage.clone(),
+        runtime,
+        &job.output_folder,
+        &spec.stem,
+        &spec.resource_type,
+        job.request.file_max_bytes(exports.limits.file_max_bytes),
+    )
+    .numbered_after(resume.files_before)
+    .gzip(exports.limits.gzip_files);
+    if spec.kind == ShardKind::Deletions {
+        writer = writer.listed_in(ManifestList::Deleted, "Bundle");
+    }
+    if let Some((view, format)) = table {
+        let names: Vec<&str> = view.columns().iter().map(|c| c.name.as_str()).collect();
+        let (extension, line_end) = crate::views::write::file_kind(*format);
+        let header = crate::views::write::header_line(*format, &names);
+        let name = &job.request.views.as_ref().expect("a view's job").views
+            [spec.view.expect("a view shard")]
+        .name;
+        writer = writer
+            .as_table(extension, line_end, header)
+            .listed_in(ManifestList::Output, name)
+            .gzip(exports.limits.gzip_files && *format != crate::views::write::Format::Parquet);
+    }
+    writer
 }
 
 /// The view a view shard writes, with its format; `None` for other shards.

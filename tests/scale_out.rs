@@ -23,7 +23,7 @@ use fhir_export::queue::{QueueClosed, WorkMessage, WorkQueue};
 use fhir_export::source::{
     ResourceSource, ScanError, ScanRequest, Scanned, SinkError, SourceError,
 };
-use fhir_export::storage::StorageError;
+use fhir_export::storage::{AzureBlob, StorageError};
 use fhir_export::storage::{ByteStream, ETag, LocalFolder, ObjectStore, ObjectWriter, PutMode};
 use serde_json::Value;
 
@@ -617,7 +617,7 @@ impl ResourceSource for Batched {
 
 /// An organized export's resources by the patient whose block holds them, each once.
 async fn organized_blocks(
-    storage: &LocalFolder,
+    storage: &dyn ObjectStore,
     exports: &Exports,
     job_id: &str,
 ) -> (
@@ -674,10 +674,11 @@ async fn work_off(binding: &Binding, exports: &Exports) -> usize {
 }
 
 /// Organized by patient from a source that cannot stream compartments (as a FHIR server), a
-/// first phase reads each type once, as a plain export does, and writes each resource to the
-/// partition of its patient's shard; the shards of blocks wait for it, then write their blocks
-/// from their partitions. The blocks are those of the embedded store's export, whether the first
-/// phase's shards pause at their time box or not, and no partition is left once it completes.
+/// first phase reads each type once, as a plain export does, and sorts each resource into the
+/// section of its patient's shard; the shards of blocks wait for it, then write their blocks
+/// from their sections. The blocks are those of the embedded store's export, whether the first
+/// phase's shards pause at their time box or not, on a local folder or on Azure Blob (Azurite:
+/// the sections read by ranged downloads), and no partition is left once it completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partitions() {
     let dir = tempfile::tempdir().unwrap();
@@ -691,13 +692,18 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
     .unwrap();
     assert!(report.failed.is_empty());
     let mut results = Vec::new();
-    for (batched, time_box) in [
-        (false, None),
-        (true, None),
-        (true, Some(Duration::from_millis(1))),
+    for (batched, time_box, on_azurite) in [
+        (false, None, false),
+        (true, None, false),
+        (true, Some(Duration::from_millis(1)), false),
+        (true, None, true),
     ] {
-        let storage =
-            Arc::new(LocalFolder::open(dir.path().join(results.len().to_string())).unwrap());
+        let storage: Arc<dyn ObjectStore> = match on_azurite {
+            true => Arc::new(AzureBlob::new(&common::azurite::sas_url(), None).unwrap()),
+            false => {
+                Arc::new(LocalFolder::open(dir.path().join(results.len().to_string())).unwrap())
+            }
+        };
         let binding = Arc::new(Binding::default());
         let plain = exports_on(&store, storage.clone(), binding.clone(), None, |_| {});
         let source: Arc<dyn ResourceSource> = match batched {
@@ -716,7 +722,7 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
         );
         let job = start(&app.exports, "organizeOutputBy=Patient").await;
         let runs = work_off(&binding, &app.exports).await;
-        let (blocks, _) = organized_blocks(&storage, &app.exports, &job.id).await;
+        let (blocks, _) = organized_blocks(storage.as_ref(), &app.exports, &job.id).await;
         let (job, _) = app.exports.jobs.load(&job.id).await.unwrap().unwrap();
         let kinds: Vec<ShardKind> = job.shards.iter().map(|shard| shard.kind).collect();
         let left = storage.list(&job.output_folder).await.unwrap();
@@ -738,6 +744,11 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
         assert!(*runs >= kinds.len(), "{runs} runs");
     }
     assert_eq!(results[1].2, results[1].1.len(), "a run a shard, unpaused");
+    assert_eq!(
+        results[3].2,
+        results[3].1.len(),
+        "a run a shard, on Azurite"
+    );
     assert!(
         results[2].2 > results[2].1.len(),
         "paused: {} runs",
@@ -764,7 +775,7 @@ async fn organized_shards_of_the_embedded_store_pause_between_groups_of_patients
         });
         let job = start(&app.exports, "organizeOutputBy=Patient").await;
         let runs = work_off(&binding, &app.exports).await;
-        let (blocks, _) = organized_blocks(&storage, &app.exports, &job.id).await;
+        let (blocks, _) = organized_blocks(storage.as_ref(), &app.exports, &job.id).await;
         results.push((blocks, runs));
     }
     let (whole, whole_runs) = &results[0];

@@ -425,7 +425,7 @@ async fn a_resource_of_several_compartments_goes_to_the_first_patients_block_onc
 }
 
 /// Shards of a few patients each: still every compartment resource once, in its patient's block.
-/// (Runs paused between batches: `scale_out::organized_shards_paused_between_batches_write_each_resource_once`.)
+/// (Two phases from a FHIR server: `scale_out::organized_shards_from_a_source_of_types_write_their_blocks_from_partitions`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_organized_exports_write_each_resource_once() {
     let store = sample_store();

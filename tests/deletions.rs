@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use fhir_export::config::{SourceAuth, SourceSetting};
 use fhir_export::source::{import, EmbeddedStore, ResourceSource};
 use serde_json::Value;
 
@@ -412,14 +411,7 @@ async fn deletions_come_from_a_fhir_servers_history() {
     change(&store);
 
     let empty = dir.path().join("unused.db");
-    let url = fhir.base.clone();
-    let exporter = start(&empty, move |settings| {
-        settings.source = SourceSetting::Remote {
-            url,
-            auth: SourceAuth::None,
-        };
-    })
-    .await;
+    let exporter = start_reading(&empty, &fhir.base, |_| {}).await;
     for (path, expected) in [
         (
             "$export",

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{client, download_all, export, start, Server};
+use common::{client, download_all, export, start, start_reading, Server};
 use fhir_export::config::{SourceAuth, SourceSetting};
 use serde_json::{json, Value};
 
@@ -17,12 +17,7 @@ async fn start_remote(source_base: &str) -> Server {
 }
 
 async fn start_remote_with(source_base: &str, shard_max_resources: u64) -> Server {
-    let url = source_base.to_string();
-    start(&common::sample_store(), move |settings| {
-        settings.source = SourceSetting::Remote {
-            url,
-            auth: SourceAuth::None,
-        };
+    start_reading(&common::sample_store(), source_base, |settings| {
         settings.shard_max_resources = shard_max_resources;
     })
     .await
@@ -365,12 +360,7 @@ async fn a_poison_shard_fails_its_export_at_the_restart_cap_and_the_queue_drains
         (path == "/Condition" && !query.contains("_summary=count")).then_some(500)
     })
     .await;
-    let url = proxy.clone();
-    let b = start(&common::sample_store(), move |settings| {
-        settings.source = SourceSetting::Remote {
-            url,
-            auth: SourceAuth::None,
-        };
+    let b = start_reading(&common::sample_store(), &proxy, |settings| {
         settings.max_attempts = 3;
     })
     .await;
@@ -415,11 +405,7 @@ async fn a_source_that_refuses_gives_a_failed_export_naming_it() {
     tokio::spawn(warp::serve(refuse).incoming(listener).run());
     // Refusals are waited out for 2 s here (10 minutes by default), then final.
     let url = format!("http://{address}");
-    let b = start(&common::sample_store(), move |settings| {
-        settings.source = SourceSetting::Remote {
-            url,
-            auth: SourceAuth::None,
-        };
+    let b = start_reading(&common::sample_store(), &url, |settings| {
         settings.access_wait = std::time::Duration::from_secs(2);
     })
     .await;
@@ -501,12 +487,7 @@ async fn a_big_type_is_split_into_lastupdated_ranges_read_in_parallel() {
     let store = fhir_export::source::EmbeddedStore::open(&store_path).unwrap();
     fhir_export::source::import::import(&store, &[dir.path().join("data")]).unwrap();
     let a = start(&store_path, |_| {}).await;
-    let url = a.base.clone();
-    let b = start(&store_path, move |settings| {
-        settings.source = SourceSetting::Remote {
-            url,
-            auth: SourceAuth::None,
-        };
+    let b = start_reading(&store_path, &a.base, |settings| {
         settings.shard_max_resources = 1_000;
     })
     .await;

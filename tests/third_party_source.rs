@@ -12,8 +12,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::medplum::Medplum;
-use common::{client, download_all, start, Server};
-use fhir_export::config::{SourceAuth, SourceSetting};
+use common::{client, download_all, start, start_reading, Server};
 use fhir_export::source::{import, EmbeddedStore};
 use serde_json::{json, Value};
 
@@ -102,12 +101,7 @@ async fn start_on(source: &str) -> Server {
 
 /// A service on `source` whose shards pause after `time_box` and go on in a continuation.
 async fn start_time_boxed(source: &str, time_box: Option<Duration>) -> Server {
-    let url = source.to_string();
-    start(&dataset().store, move |settings| {
-        settings.source = SourceSetting::Remote {
-            url,
-            auth: SourceAuth::None,
-        };
+    start_reading(&dataset().store, source, |settings| {
         settings.shard_max_time = time_box;
     })
     .await
@@ -442,12 +436,7 @@ async fn an_organized_export_of_many_shards_reads_each_type_once_from_medplum() 
     let dir = tempfile::tempdir().unwrap();
     fhir_export::generate::write_ndjson(60, 7, dir.path()).unwrap();
     let medplum = Medplum::start(dir.path(), &[]);
-    let url = medplum.base.clone();
-    let remote = start(&dataset().store, move |settings| {
-        settings.source = SourceSetting::Remote {
-            url,
-            auth: SourceAuth::None,
-        };
+    let remote = start_reading(&dataset().store, &medplum.base, |settings| {
         settings.shard_max_resources = 200;
     })
     .await;

@@ -452,7 +452,6 @@ fn as_doubles(value: serde_json::Value) -> serde_json::Value {
 /// embedded store holding the same resources.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn view_exports_from_medplum_equal_those_from_the_embedded_store() {
-    use fhir_export::config::{SourceAuth, SourceSetting};
     use serde_json::{json, Value};
     let store = common::sample_store();
     let dir = tempfile::tempdir().unwrap();
@@ -469,14 +468,7 @@ async fn view_exports_from_medplum_equal_those_from_the_embedded_store() {
     }
     let medplum = common::medplum::Medplum::start(dir.path(), &[]);
     let embedded = common::start(&store, |_| {}).await;
-    let url = medplum.base.clone();
-    let remote = common::start(&store, move |settings| {
-        settings.source = SourceSetting::Remote {
-            url,
-            auth: SourceAuth::None,
-        };
-    })
-    .await;
+    let remote = common::start_reading(&store, &medplum.base, |_| {}).await;
     let client = common::client();
     let parameter: Vec<Value> = four_views()
         .iter()

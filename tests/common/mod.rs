@@ -96,6 +96,20 @@ pub async fn start(store: &Path, tune: impl FnOnce(&mut Settings)) -> Server {
     start_with_exports(store, &exports, dir, tune).await
 }
 
+/// Starts the local service reading the FHIR server at `url` (without authentication) rather than
+/// `store`; `tune` adjusts the settings further.
+pub async fn start_reading(store: &Path, url: &str, tune: impl FnOnce(&mut Settings)) -> Server {
+    let url = url.to_string();
+    start(store, move |settings| {
+        settings.source = SourceSetting::Remote {
+            url,
+            auth: fhir_export::config::SourceAuth::None,
+        };
+        tune(settings);
+    })
+    .await
+}
+
 /// Starts the local service on `store` writing to `exports`; `dir` lives as long as the server.
 pub async fn start_with_exports(
     store: &Path,

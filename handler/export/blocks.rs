@@ -33,9 +33,9 @@ const SPILL_IN_MEMORY: usize = 16 << 20;
 const SPILL_BUFFER: usize = 1 << 20;
 const SPILL_RUN: u64 = 1 << 20;
 
-/// A group's (or a shard's partition's) shaped resources between their scan and their blocks: in memory while
-/// they are few (a group of the embedded store holds about 16 MB), the rest in a temporary file,
-/// so that memory stays bounded whatever a group (or a shard's partition) holds.
+/// A group's (or a shard's sections') shaped resources between their reading and their blocks: in
+/// memory while they are few (a group of the embedded store holds about 16 MB), the rest in a
+/// temporary file, so that memory stays bounded whatever a group (or a shard) holds.
 struct Spill {
     /// What memory holds at the most.
     memory_limit: usize,
@@ -366,12 +366,20 @@ pub(super) fn load_patients(
     match runtime.block_on(jobs.patients(job_id, shard)) {
         Ok(Some(ids)) => Ok(ids),
         Ok(None) => Err(StorageError::NotFound(path).into()),
-        Err(JobError::Storage(error)) => Err(error.into()),
-        Err(other) => Err(StorageError::Service {
+        Err(error) => Err(job_read_error(path, error)),
+    }
+}
+
+/// A job document (`path`) a shard's thread could not read, as the error of its writing: a
+/// storage failure as it is, any other as the storage service's.
+pub(super) fn job_read_error(path: String, error: JobError) -> SinkError {
+    match error {
+        JobError::Storage(error) => error.into(),
+        other => StorageError::Service {
             path,
             detail: other.to_string(),
         }
-        .into()),
+        .into(),
     }
 }
 

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use chrono::Utc;
 
-use super::schema::{Job, JobStatus, ShardKind, ShardStatus};
+use super::schema::{Job, JobStatus, ShardStatus};
 use super::{manifest, state, ExportError, Exports};
 
 /// Completes the job when every shard is marked done: builds the manifest from the shards' states,
@@ -22,9 +22,8 @@ pub async fn finalize(exports: &Exports, job: &Job) -> Result<(), ExportError> {
     for index in 0..job.shards.len() {
         let state = exports.jobs.shard(job_id, index).await?;
         match state {
-            // A partition is not the export's: its resources are in their blocks.
             Some(state) if state.status == ShardStatus::Done => {
-                if job.shards[index].kind != ShardKind::Partition {
+                if job.shards[index].kind.is_listed() {
                     outputs.extend(state.outputs);
                 }
             }

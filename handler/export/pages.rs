@@ -87,7 +87,7 @@ async fn gather(
             break;
         }
         let files = match exports.jobs.shard(&job.id, shard).await? {
-            Some(_) if job.shards[shard].kind == super::jobs::ShardKind::Partition => Vec::new(),
+            Some(_) if !job.shards[shard].kind.is_listed() => Vec::new(),
             Some(state) if state.status == ShardStatus::Done => state.outputs,
             _ => continue,
         };

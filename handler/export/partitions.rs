@@ -18,14 +18,14 @@
 //! The partitions go when the export completes, and with its folder when it fails or is
 //! cancelled.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::runtime::Handle;
 
-use super::blocks::{load_patients, owner_of, Place};
+use super::blocks::{job_read_error, load_patients, owner_of, Place};
 use super::jobs::{Job, ShardKind};
 use super::{ExportError, Exports};
 use crate::source::SinkError;
@@ -69,7 +69,12 @@ pub async fn waits(exports: &Exports, job: &Job, shard: usize) -> Result<bool, E
         return Ok(false);
     }
     let done = exports.jobs.done_shards(&job.id).await?;
-    Ok(!partition_shards(job).all(|index| done.contains(&index)))
+    Ok(!all_partitioned(job, &done))
+}
+
+/// Whether every partition shard of the job is among the `done` ones.
+fn all_partitioned(job: &Job, done: &BTreeSet<usize>) -> bool {
+    partition_shards(job).all(|index| done.contains(&index))
 }
 
 /// After partition shard `finished` is marked done: once every partition shard is done, queues
@@ -85,7 +90,7 @@ pub async fn queue_blocks_when_partitioned(
         return Ok(());
     }
     let done = exports.jobs.done_shards(&job.id).await?;
-    if !partition_shards(job).all(|index| done.contains(&index)) {
+    if !all_partitioned(job, &done) {
         return Ok(());
     }
     let blocks: Vec<usize> = block_shards(job)
@@ -264,16 +269,14 @@ pub fn sections_of(
 ) -> Result<Vec<(usize, String, Section)>, SinkError> {
     let mut sections = Vec::new();
     for partition in partition_shards(job) {
+        let path = format!("state of shard {partition}");
         let state = runtime
             .block_on(exports.jobs.shard(&job.id, partition))
-            .map_err(|error| StorageError::Service {
-                path: format!("state of shard {partition}"),
-                detail: error.to_string(),
-            })?;
+            .map_err(|error| job_read_error(path.clone(), error))?;
         let done = state.filter(|s| s.status == super::state::ShardStatus::Done);
         let Some(state) = done else {
             return Err(StorageError::Service {
-                path: format!("state of shard {partition}"),
+                path,
                 detail: "a partition shard is not done, yet its blocks were asked for".into(),
             }
             .into());

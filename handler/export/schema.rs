@@ -81,6 +81,12 @@ impl ShardKind {
     pub fn is_resources(&self) -> bool {
         *self == ShardKind::Resources
     }
+
+    /// Whether the manifest (and its pages) lists the shard's files: a partition's are not the
+    /// export's, their resources are in their blocks.
+    pub fn is_listed(&self) -> bool {
+        *self != ShardKind::Partition
+    }
 }
 
 /// The patients of a shard of resource blocks, in planning order, first and last included.

@@ -678,7 +678,8 @@ async fn work_off(binding: &Binding, exports: &Exports) -> usize {
 /// section of its patient's shard; the shards of blocks wait for it, then write their blocks
 /// from their sections. The blocks are those of the embedded store's export, whether the first
 /// phase's shards pause at their time box or not, on a local folder or on Azure Blob (Azurite:
-/// the sections read by ranged downloads), and no partition is left once it completes.
+/// the sections read by ranged downloads), with partition files written while their shard reads
+/// on, and no partition is left once it completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partitions() {
     let dir = tempfile::tempdir().unwrap();
@@ -692,11 +693,14 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
     .unwrap();
     assert!(report.failed.is_empty());
     let mut results = Vec::new();
-    for (batched, time_box, on_azurite) in [
-        (false, None, false),
-        (true, None, false),
-        (true, Some(Duration::from_millis(1)), false),
-        (true, None, true),
+    // Small files: each partition shard writes several partition files, one while it reads on.
+    let mut partition_files = 0;
+    for (batched, time_box, on_azurite, small_files) in [
+        (false, None, false, false),
+        (true, None, false, false),
+        (true, Some(Duration::from_millis(1)), false, false),
+        (true, None, true, false),
+        (true, None, false, true),
     ] {
         let storage: Arc<dyn ObjectStore> = match on_azurite {
             true => Arc::new(AzureBlob::new(&common::azurite::sas_url(), None).unwrap()),
@@ -718,6 +722,9 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
             |s| {
                 s.shard_max_time = time_box;
                 s.shard_max_resources = 2_000;
+                if small_files {
+                    s.file_max_bytes = 65_536;
+                }
             },
         );
         let job = start(&app.exports, "organizeOutputBy=Patient").await;
@@ -725,6 +732,22 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
         let (blocks, _) = organized_blocks(storage.as_ref(), &app.exports, &job.id).await;
         let (job, _) = app.exports.jobs.load(&job.id).await.unwrap().unwrap();
         let kinds: Vec<ShardKind> = job.shards.iter().map(|shard| shard.kind).collect();
+        for (index, _) in kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == ShardKind::Partition)
+        {
+            let state = app
+                .exports
+                .jobs
+                .shard(&job.id, index)
+                .await
+                .unwrap()
+                .unwrap();
+            if small_files {
+                partition_files = partition_files.max(state.outputs.len());
+            }
+        }
         let left = storage.list(&job.output_folder).await.unwrap();
         assert!(
             left.iter().all(|path| !path.contains("_partitions")),
@@ -753,6 +776,10 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
         results[2].2 > results[2].1.len(),
         "paused: {} runs",
         results[2].2
+    );
+    assert!(
+        partition_files >= 3,
+        "{partition_files} files of one partition shard"
     );
 }
 

@@ -123,6 +123,13 @@ impl Spill {
         Ok(&self.run)
     }
 
+    /// Makes room in memory, at once, for about `bytes` to come (as much of them as it holds).
+    fn expect(&mut self, bytes: u64) {
+        let room = (bytes as usize).min(self.memory_limit);
+        self.memory
+            .reserve_exact(room.saturating_sub(self.memory.len()));
+    }
+
     /// Empties the spill for the next group, keeping its memory.
     fn clear(&mut self) {
         self.memory.clear();
@@ -561,8 +568,8 @@ impl BlockShard {
     }
 
     /// Writes the blocks of the shard's patients from its `sections` of the partition files
-    /// (already shaped, each line its patient's place in `patients`), read one at a time into
-    /// the spill.
+    /// (already shaped, each line its patient's place in `patients`), read a few ahead into the
+    /// spill.
     fn write_partitioned(
         &mut self,
         sections: &[(usize, String, Section)],
@@ -573,12 +580,19 @@ impl BlockShard {
         let runtime = self.universe.runtime.clone();
         let spill = &mut self.spill;
         spill.clear();
-        let mut entries: Vec<Entry> = Vec::new();
-        for (rank, path, section) in sections {
+        let (bytes, count) = sections
+            .iter()
+            .fold((0, 0), |(bytes, count), (_, _, section)| {
+                (bytes + section.end - section.start, count + section.count)
+            });
+        spill.expect(bytes);
+        let mut entries: Vec<Entry> = Vec::with_capacity(count as usize);
+        let read = super::partitions::read_sections(&self.storage, &runtime, sections);
+        for ((rank, path, _), lines) in sections.iter().zip(read) {
             if !go_on() {
                 return Err(SinkError::Stopped.into());
             }
-            let lines = super::partitions::read_section(&*self.storage, &runtime, path, section)?;
+            let lines = lines?;
             for line in super::partitions::lines(&lines) {
                 let (owner, resource) = line?;
                 if owner as usize >= patients.len() {

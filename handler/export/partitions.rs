@@ -8,12 +8,12 @@
 //!    of the block shard whose patient's block holds it: files
 //!    `{output folder}/_partitions/{stem}-{n}.part` of a section per block shard, a line per
 //!    resource (its patient's place in the block shard, a tab, the resource). A file is written
-//!    whole from memory (at most [`FLUSH_AT`] of resources), then listed, with its sections, in
-//!    the shard's state.
+//!    whole from memory (at most [`FLUSH_AT`] of resources, or the export's file size when
+//!    smaller) while the shard reads on, then listed, with its sections, in the shard's state.
 //! 2. The block shards wait until every partition shard is done; the last to finish queues them.
-//!    Each then reads its own sections (a range of each file) of the files its partition shards'
-//!    states list (a file no state lists, left by a run that stopped, is never read), checks
-//!    each whole, and writes its blocks.
+//!    Each then reads its own sections (a range of each file, a few at once) of the files its
+//!    partition shards' states list (a file no state lists, left by a run that stopped, is never
+//!    read), checks each whole, and writes its blocks.
 //!
 //! The partitions go when the export completes, and with its folder when it fails or is
 //! cancelled.
@@ -23,6 +23,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use tokio::runtime::Handle;
 
 use super::blocks::{job_read_error, load_patients, owner_of, Place};
@@ -34,11 +35,15 @@ use crate::storage::{ObjectStore, OutputFile, Section, StorageError};
 /// The folder of an export's partitions, inside its output folder.
 const PARTITIONS: &str = "_partitions";
 
-/// A partition shard writes its resources held in memory up to here, as one file.
-const FLUSH_AT: usize = 16 << 20;
+/// A partition shard writes its resources held in memory up to here, as one file (on a thread of
+/// its own while the shard reads on: with the file being written, at most twice this in memory).
+const FLUSH_AT: usize = 8 << 20;
 
 /// What one write to a partition file takes at most.
 const WRITE_CHUNK: usize = 1 << 20;
+
+/// Sections of partition files a shard of blocks reads at once.
+const READ_AHEAD: usize = 4;
 
 /// The folder of the export's partitions.
 pub fn folder(job: &Job) -> String {
@@ -129,8 +134,11 @@ impl Owners {
     }
 }
 
-/// One run of a partition shard: its resources, held until [`FLUSH_AT`], then written to the
-/// partitions of their block shards.
+/// A partition file's writing thread, which gives back the file's sections.
+type Writing = std::thread::JoinHandle<Result<Vec<Section>, SinkError>>;
+
+/// One run of a partition shard: its resources, held until [`FLUSH_AT`] (or the export's file size
+/// when smaller), then written to the partitions of their block shards.
 pub struct Partitioner {
     owners: Owners,
     storage: Arc<dyn ObjectStore>,
@@ -145,6 +153,10 @@ pub struct Partitioner {
     /// many.
     held: BTreeMap<u32, (Vec<u8>, u64)>,
     held_bytes: usize,
+    /// What is held at most before it is written.
+    flush_at: usize,
+    /// The file being written, and its writing thread.
+    writing: Option<(String, Writing)>,
     files: Vec<OutputFile>,
 }
 
@@ -167,6 +179,8 @@ impl Partitioner {
             next_number: files_before + 1,
             held: BTreeMap::new(),
             held_bytes: 0,
+            flush_at: FLUSH_AT.min(exports.limits.file_max_bytes as usize),
+            writing: None,
             files: Vec::new(),
         })
     }
@@ -190,23 +204,43 @@ impl Partitioner {
         lines.push(b'\n');
         *count += 1;
         self.held_bytes += lines.len() - before;
-        if self.held_bytes >= FLUSH_AT {
+        if self.held_bytes >= self.flush_at {
             self.flush()?;
         }
         Ok(())
     }
 
-    /// Writes what is held: one file, a section per shard of blocks (each in the order the
-    /// resources came).
+    /// Starts writing what is held, once the file before is written: one file, a section per
+    /// shard of blocks (each in the order the resources came).
     fn flush(&mut self) -> Result<(), SinkError> {
         if self.held.is_empty() {
             return Ok(());
         }
+        self.wait_for_write()?;
         let path = format!("{}/{}-{}.part", self.folder, self.stem, self.next_number);
         self.next_number += 1;
         let held = std::mem::take(&mut self.held);
         self.held_bytes = 0;
-        let sections = self.write_file(&path, held)?;
+        let (storage, runtime, file) = (self.storage.clone(), self.runtime.clone(), path.clone());
+        let writing = std::thread::Builder::new()
+            .name("partition-writer".into())
+            .spawn(move || {
+                crate::os::lower_this_threads_priority();
+                write_file(&*storage, &runtime, &file, held)
+            })
+            .map_err(|e| SinkError::Permanent(format!("no thread to write a partition: {e}")))?;
+        self.writing = Some((path, writing));
+        Ok(())
+    }
+
+    /// Waits for the file being written, then lists it.
+    fn wait_for_write(&mut self) -> Result<(), SinkError> {
+        let Some((path, writing)) = self.writing.take() else {
+            return Ok(());
+        };
+        let sections = writing.join().map_err(|_| {
+            SinkError::Permanent(format!("the writing of partition file {path} panicked"))
+        })??;
         self.files.push(OutputFile {
             resource_type: self.resource_type.clone(),
             path,
@@ -220,41 +254,52 @@ impl Partitioner {
         Ok(())
     }
 
-    /// Writes the `held` lines, block shard by block shard, as one partition file; returns its
-    /// sections.
-    fn write_file(
-        &self,
-        path: &str,
-        held: BTreeMap<u32, (Vec<u8>, u64)>,
-    ) -> Result<Vec<Section>, SinkError> {
-        let runtime = &self.runtime;
-        let mut writer = runtime.block_on(self.storage.writer(path))?;
-        let mut sections = Vec::new();
-        let mut written = 0;
-        for (shard, (lines, count)) in held {
-            let end = written + lines.len() as u64;
-            sections.push(Section {
-                shard,
-                start: written,
-                end,
-                count,
-            });
-            written = end;
-            let lines = Bytes::from(lines);
-            for at in (0..lines.len()).step_by(WRITE_CHUNK) {
-                let part = lines.slice(at..(at + WRITE_CHUNK).min(lines.len()));
-                runtime.block_on(writer.write(part))?;
-            }
-        }
-        runtime.block_on(writer.commit())?;
-        Ok(sections)
-    }
-
     /// Writes what is still held; returns every file this run wrote.
     pub fn finish(mut self) -> Result<Vec<OutputFile>, SinkError> {
         self.flush()?;
-        Ok(self.files)
+        self.wait_for_write()?;
+        Ok(std::mem::take(&mut self.files))
     }
+}
+
+impl Drop for Partitioner {
+    /// A run that stops waits for its file being written: no write of it outlives the run, to
+    /// land over a file of the same name that the shard's next run writes.
+    fn drop(&mut self) {
+        if let Some((_, writing)) = self.writing.take() {
+            let _ = writing.join();
+        }
+    }
+}
+
+/// Writes the `held` lines, block shard by block shard, as one partition file; returns its
+/// sections.
+fn write_file(
+    storage: &dyn ObjectStore,
+    runtime: &Handle,
+    path: &str,
+    held: BTreeMap<u32, (Vec<u8>, u64)>,
+) -> Result<Vec<Section>, SinkError> {
+    let mut writer = runtime.block_on(storage.writer(path))?;
+    let mut sections = Vec::new();
+    let mut written = 0;
+    for (shard, (lines, count)) in held {
+        let end = written + lines.len() as u64;
+        sections.push(Section {
+            shard,
+            start: written,
+            end,
+            count,
+        });
+        written = end;
+        let lines = Bytes::from(lines);
+        for at in (0..lines.len()).step_by(WRITE_CHUNK) {
+            let part = lines.slice(at..(at + WRITE_CHUNK).min(lines.len()));
+            runtime.block_on(writer.write(part))?;
+        }
+    }
+    runtime.block_on(writer.commit())?;
+    Ok(sections)
 }
 
 /// The sections of the partition files that hold block shard `shard`'s resources, each with its
@@ -298,14 +343,38 @@ pub fn sections_of(
     Ok(sections)
 }
 
+/// The `sections`, in order, each checked whole: up to [`READ_AHEAD`] read at once (from Azure
+/// Blob, a ranged download each), so that the shard does not wait on one round trip per section.
+pub fn read_sections<'a>(
+    storage: &Arc<dyn ObjectStore>,
+    runtime: &'a Handle,
+    sections: &[(usize, String, Section)],
+) -> impl Iterator<Item = Result<Bytes, SinkError>> + 'a {
+    let reads: Vec<_> = sections
+        .iter()
+        .map(|(_, path, section)| (storage.clone(), path.clone(), *section))
+        .collect();
+    let spawned = reads.into_iter().map(|(storage, path, section)| {
+        runtime.spawn(async move { read_section(&*storage, &path, &section).await })
+    });
+    let mut ahead = futures_util::stream::iter(spawned).buffered(READ_AHEAD);
+    std::iter::from_fn(move || {
+        let joined = runtime.block_on(ahead.next())?;
+        Some(joined.unwrap_or_else(|stopped| {
+            Err(SinkError::Permanent(format!(
+                "the read of a partition's section stopped: {stopped}"
+            )))
+        }))
+    })
+}
+
 /// Reads one section of a partition file, checked whole: as many lines as it was written with.
-pub fn read_section(
+async fn read_section(
     storage: &dyn ObjectStore,
-    runtime: &Handle,
     path: &str,
     section: &Section,
 ) -> Result<Bytes, SinkError> {
-    let read = runtime.block_on(storage.get_range(path, section.start..section.end))?;
+    let read = storage.get_range(path, section.start..section.end).await?;
     let Some(bytes) = read else {
         return Err(StorageError::NotFound(path.to_string()).into());
     };

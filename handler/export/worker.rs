@@ -628,8 +628,9 @@ async fn on_background_thread<T: Send + 'static>(
         .spawn(move || {
             crate::os::lower_this_threads_priority();
             let outcome = caught(work);
-            crate::os::release_freed_memory();
             let _ = done.send(outcome);
+            // After answering: the shard's end (and the next claim) does not wait on it.
+            crate::os::release_freed_memory();
         })
         .map_err(|e| format!("no thread for the shard: {e}"))?;
     result

@@ -7,7 +7,8 @@
 //! export of the same types, at Patient and at system level.
 //!
 //! `BENCH_SHARD_MAX` sets `EXPORT_SHARD_MAX_RESOURCES` for the remote export (default 5000, so the
-//! big types are split and read in parallel).
+//! big types are split and read in parallel); `BENCH_ROUNDS` how many times the organized and
+//! plain exports run in turn (default 3; the medians are reported).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -242,9 +243,10 @@ fn main() {
             ("$export of the same types", format!("/$export?_type={}", types.join(","))),
             ("$export organized by patient", "/$export?organizeOutputBy=Patient".to_string()),
         ];
-        // Three rounds in turn; the medians.
+        // Rounds in turn (`BENCH_ROUNDS`, 3 unless set); the medians.
+        let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
         let mut seconds = vec![Vec::new(); rows.len()];
-        for round in 0..3 {
+        for round in 0..rounds.max(1) {
             for (row, (label, path)) in rows.iter().enumerate() {
                 let before = from_medplum.request_stats();
                 let (s, n, kickoff) = time_kickoff(&client, &format!("{c_base}{path}")).await;

@@ -151,10 +151,6 @@ fn publish_now(path: &str, staged: &Path, target: &Path) -> Result<(), StorageEr
     std::fs::rename(staged, target).map_err(|e| StorageError::io(path, e))
 }
 
-/// Read on the calling thread, not the blocking pool: what is read whole is a small document (a
-/// job, a manifest) this process wrote moments ago, in the page cache. The read takes microseconds;
-/// the hop to a pool thread and back took 2-9 ms at the 99th percentile while a 100x export kept
-/// both cores busy.
 /// Bytes `range` of a file (as many as it holds), or `None` when it is absent.
 fn read_range(
     path: &str,
@@ -180,6 +176,10 @@ fn read_range(
     Ok(Some(Bytes::from(bytes)))
 }
 
+/// Read on the calling thread, not the blocking pool: what is read whole is a small document (a
+/// job, a manifest) this process wrote moments ago, in the page cache. The read takes microseconds;
+/// the hop to a pool thread and back took 2-9 ms at the 99th percentile while a 100x export kept
+/// both cores busy.
 fn read_optional(path: &str, file: &Path) -> Result<Option<Vec<u8>>, StorageError> {
     match std::fs::read(file) {
         Ok(data) => Ok(Some(data)),

@@ -48,6 +48,12 @@ struct Spill {
     run: Vec<u8>,
 }
 
+impl Drop for Spill {
+    fn drop(&mut self) {
+        super::spare::give_back(std::mem::take(&mut self.memory));
+    }
+}
+
 impl Default for Spill {
     fn default() -> Self {
         Spill::holding_in_memory(SPILL_IN_MEMORY)
@@ -62,7 +68,7 @@ impl Spill {
     fn holding_in_memory(memory_limit: usize) -> Spill {
         Spill {
             memory_limit,
-            memory: Vec::new(),
+            memory: super::spare::take(0),
             file: None,
             file_bytes: 0,
             reader: None,

@@ -16,6 +16,7 @@ pub mod request;
 pub mod running;
 pub mod schema;
 pub mod shaping;
+mod spare;
 pub mod state;
 pub mod version;
 pub mod views;

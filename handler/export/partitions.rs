@@ -18,7 +18,7 @@
 //! The partitions go when the export completes, and with its folder when it fails or is
 //! cancelled.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -149,10 +149,8 @@ pub struct Partitioner {
     resource_type: String,
     /// The number of the next file (after those of the shard's runs before).
     next_number: usize,
-    /// The lines held for each block shard (its patient's place, a tab, the resource), and how
-    /// many.
-    held: BTreeMap<u32, (Vec<u8>, u64)>,
-    held_bytes: usize,
+    /// The lines held for the next file.
+    held: Held,
     /// What is held at most before it is written.
     flush_at: usize,
     /// The file being written, and its writing thread.
@@ -177,8 +175,7 @@ impl Partitioner {
             stem: job.shards[shard].stem.clone(),
             resource_type: job.shards[shard].resource_type.clone(),
             next_number: files_before + 1,
-            held: BTreeMap::new(),
-            held_bytes: 0,
+            held: Held::default(),
             flush_at: FLUSH_AT.min(exports.limits.file_max_bytes as usize),
             writing: None,
             files: Vec::new(),
@@ -197,14 +194,11 @@ impl Partitioner {
         let Some((shard, at)) = owner else {
             return Ok(());
         };
-        let (lines, count) = self.held.entry(shard).or_default();
-        let before = lines.len();
-        write!(lines, "{at}\t").expect("a Vec takes any write");
-        lines.extend_from_slice(shaped);
-        lines.push(b'\n');
-        *count += 1;
-        self.held_bytes += lines.len() - before;
-        if self.held_bytes >= self.flush_at {
+        if self.held.lines.is_empty() {
+            self.held.bytes = super::spare::take(self.flush_at + shaped.len() + 16);
+        }
+        self.held.push(shard, at, shaped);
+        if self.held.bytes.len() >= self.flush_at {
             self.flush()?;
         }
         Ok(())
@@ -213,14 +207,13 @@ impl Partitioner {
     /// Starts writing what is held, once the file before is written: one file, a section per
     /// shard of blocks (each in the order the resources came).
     fn flush(&mut self) -> Result<(), SinkError> {
-        if self.held.is_empty() {
+        if self.held.lines.is_empty() {
             return Ok(());
         }
         self.wait_for_write()?;
         let path = format!("{}/{}-{}.part", self.folder, self.stem, self.next_number);
         self.next_number += 1;
         let held = std::mem::take(&mut self.held);
-        self.held_bytes = 0;
         let (storage, runtime, file) = (self.storage.clone(), self.runtime.clone(), path.clone());
         let writing = std::thread::Builder::new()
             .name("partition-writer".into())
@@ -272,31 +265,76 @@ impl Drop for Partitioner {
     }
 }
 
-/// Writes the `held` lines, block shard by block shard, as one partition file; returns its
-/// sections.
+/// The lines held for a partition file, in the order they came, in memory kept from one file
+/// (and shard) to the next.
+#[derive(Default)]
+struct Held {
+    /// Each line: the patient's place, a tab, the resource.
+    bytes: Vec<u8>,
+    /// Each line's block shard, and where it lies in `bytes`.
+    lines: Vec<(u32, usize, usize)>,
+}
+
+impl Held {
+    fn push(&mut self, shard: u32, place: u32, resource: &[u8]) {
+        let start = self.bytes.len();
+        write!(self.bytes, "{place}\t").expect("a Vec takes any write");
+        self.bytes.extend_from_slice(resource);
+        self.bytes.push(b'\n');
+        self.lines.push((shard, start, self.bytes.len()));
+    }
+}
+
+/// Bytes whose memory goes back to the spare buffers once written.
+struct Spare(Vec<u8>);
+
+impl AsRef<[u8]> for Spare {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        super::spare::give_back(std::mem::take(&mut self.0));
+    }
+}
+
+/// Writes the `held` lines as one partition file, block shard by block shard (each shard's in the
+/// order they came); returns its sections.
 fn write_file(
     storage: &dyn ObjectStore,
     runtime: &Handle,
     path: &str,
-    held: BTreeMap<u32, (Vec<u8>, u64)>,
+    held: Held,
 ) -> Result<Vec<Section>, SinkError> {
-    let mut writer = runtime.block_on(storage.writer(path))?;
-    let mut sections = Vec::new();
-    let mut written = 0;
-    for (shard, (lines, count)) in held {
-        let end = written + lines.len() as u64;
-        sections.push(Section {
-            shard,
-            start: written,
-            end,
-            count,
-        });
-        written = end;
-        let lines = Bytes::from(lines);
-        for at in (0..lines.len()).step_by(WRITE_CHUNK) {
-            let part = lines.slice(at..(at + WRITE_CHUNK).min(lines.len()));
-            runtime.block_on(writer.write(part))?;
+    let Held { bytes, mut lines } = held;
+    // Stable: a shard's lines stay in the order they came.
+    lines.sort_by_key(|&(shard, ..)| shard);
+    let mut file = super::spare::take(bytes.len());
+    let mut sections: Vec<Section> = Vec::new();
+    for (shard, start, end) in lines {
+        let (at, length) = (file.len() as u64, (end - start) as u64);
+        match sections.last_mut() {
+            Some(section) if section.shard == shard => {
+                section.end += length;
+                section.count += 1;
+            }
+            _ => sections.push(Section {
+                shard,
+                start: at,
+                end: at + length,
+                count: 1,
+            }),
         }
+        file.extend_from_slice(&bytes[start..end]);
+    }
+    super::spare::give_back(bytes);
+    let file = Bytes::from_owner(Spare(file));
+    let mut writer = runtime.block_on(storage.writer(path))?;
+    for at in (0..file.len()).step_by(WRITE_CHUNK) {
+        let part = file.slice(at..(at + WRITE_CHUNK).min(file.len()));
+        runtime.block_on(writer.write(part))?;
     }
     runtime.block_on(writer.commit())?;
     Ok(sections)

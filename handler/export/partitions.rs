@@ -285,21 +285,6 @@ impl Held {
     }
 }
 
-/// Bytes whose memory goes back to the spare buffers once written.
-struct Spare(Vec<u8>);
-
-impl AsRef<[u8]> for Spare {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Spare {
-    fn drop(&mut self) {
-        super::spare::give_back(std::mem::take(&mut self.0));
-    }
-}
-
 /// Writes the `held` lines as one partition file, block shard by block shard (each shard's in the
 /// order they came); returns its sections.
 fn write_file(
@@ -330,7 +315,7 @@ fn write_file(
         file.extend_from_slice(&bytes[start..end]);
     }
     super::spare::give_back(bytes);
-    let file = Bytes::from_owner(Spare(file));
+    let file = super::spare::into_bytes(file);
     let mut writer = runtime.block_on(storage.writer(path))?;
     for at in (0..file.len()).step_by(WRITE_CHUNK) {
         let part = file.slice(at..(at + WRITE_CHUNK).min(file.len()));

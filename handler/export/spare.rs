@@ -4,6 +4,8 @@
 
 use std::sync::Mutex;
 
+use bytes::Bytes;
+
 /// The room of the spare buffers kept, at most (about what two shards use: a spill, a partition
 /// file filling and one being written).
 const MAX_SPARE_BYTES: usize = 64 << 20;
@@ -35,6 +37,25 @@ pub fn give_back(mut buffer: Vec<u8>) {
     let kept: usize = spare.iter().map(Vec::capacity).sum();
     if kept + buffer.capacity() <= MAX_SPARE_BYTES {
         spare.push(buffer);
+    }
+}
+
+/// `buffer` as `Bytes`, its memory given back once the last of them is dropped.
+pub fn into_bytes(buffer: Vec<u8>) -> Bytes {
+    Bytes::from_owner(GivenBack(buffer))
+}
+
+struct GivenBack(Vec<u8>);
+
+impl AsRef<[u8]> for GivenBack {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for GivenBack {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.0));
     }
 }
 

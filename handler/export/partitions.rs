@@ -36,7 +36,8 @@ use crate::storage::{ObjectStore, OutputFile, Section, StorageError};
 const PARTITIONS: &str = "_partitions";
 
 /// A partition shard writes its resources held in memory up to here, as one file (on a thread of
-/// its own while the shard reads on: with the file being written, at most twice this in memory).
+/// its own while the shard reads on: with the file in flight, gathered from its lines, up to three
+/// times this in memory).
 const FLUSH_AT: usize = 8 << 20;
 
 /// What one write to a partition file takes at most.

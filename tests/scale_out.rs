@@ -732,20 +732,10 @@ async fn organized_shards_from_a_source_of_types_write_their_blocks_from_partiti
         let (blocks, _) = organized_blocks(storage.as_ref(), &app.exports, &job.id).await;
         let (job, _) = app.exports.jobs.load(&job.id).await.unwrap().unwrap();
         let kinds: Vec<ShardKind> = job.shards.iter().map(|shard| shard.kind).collect();
-        for (index, _) in kinds
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| **k == ShardKind::Partition)
-        {
-            let state = app
-                .exports
-                .jobs
-                .shard(&job.id, index)
-                .await
-                .unwrap()
-                .unwrap();
-            if small_files {
-                partition_files = partition_files.max(state.outputs.len());
+        if small_files {
+            for index in fhir_export::export::partitions::partition_shards(&job) {
+                let state = app.exports.jobs.shard(&job.id, index).await.unwrap();
+                partition_files = partition_files.max(state.unwrap().outputs.len());
             }
         }
         let left = storage.list(&job.output_folder).await.unwrap();

@@ -300,7 +300,7 @@ async fn write_files(
     let source = exports.source.clone();
     let runtime = tokio::runtime::Handle::current();
     let table = view_of(job, &spec)?;
-    let mut writer = writer_of(exports, job, &spec, resume, table.as_ref());
+    let mut writer = writer_of(exports, &runtime, job, &spec, resume, table.as_ref());
     let job_id = job.id.clone();
     let scope = job.scope.clone();
     let engine = super::deid::engine_for(exports, job).await?;
@@ -393,15 +393,15 @@ async fn write_files(
 /// is (a view's rows as a table of its format).
 fn writer_of(
     exports: &Exports,
+    runtime: &tokio::runtime::Handle,
     job: &Job,
     spec: &super::jobs::Shard,
     resume: &ResumeAt,
     table: Option<&TableOf>,
 ) -> RollingNdjsonWriter {
-    let runtime = tokio::runtime::Handle::current();
     let mut writer = RollingNdjsonWriter::new(
         exports.storage.clone(),
-        runtime,
+        runtime.clone(),
         &job.output_folder,
         &spec.stem,
         &spec.resource_type,

@@ -332,8 +332,8 @@ async fn retention_lists_the_ended_markers_and_reads_only_the_exports_due() {
 struct ConditionDown(Arc<dyn ResourceSource>);
 
 impl ResourceSource for ConditionDown {
-    fn resource_types(&self) -> Result<Vec<String>, SourceError> {
-        self.0.resource_types()
+    fn resource_types(&self, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<String>, SourceError> {
+        self.0.resource_types(wanted)
     }
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
         self.0.read(resource_type, id)
@@ -597,8 +597,8 @@ async fn partial_manifests_list_finished_files_in_pages_that_never_change() {
 struct Batched(Arc<dyn ResourceSource>);
 
 impl ResourceSource for Batched {
-    fn resource_types(&self) -> Result<Vec<String>, SourceError> {
-        self.0.resource_types()
+    fn resource_types(&self, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<String>, SourceError> {
+        self.0.resource_types(wanted)
     }
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError> {
         self.0.read(resource_type, id)

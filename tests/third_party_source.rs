@@ -463,6 +463,49 @@ async fn an_organized_export_of_many_shards_reads_each_type_once_from_medplum() 
     );
 }
 
+/// Planning a big type counts only where its resources lie. Data loaded in bulk (here every
+/// `meta.lastUpdated` within ten minutes of 2024) is cut into parts after a few counts: halving
+/// the export's hundred-year window down to those ten minutes alone would take some thirty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_type_loaded_in_bulk_is_planned_by_counting_where_it_lies() {
+    let dir = tempfile::tempdir().unwrap();
+    fhir_export::generate::write_ndjson(60, 7, dir.path()).unwrap();
+    let loaded: chrono::DateTime<chrono::Utc> = "2024-03-01T09:00:00Z".parse().unwrap();
+    let mut observations = BTreeSet::new();
+    for file in std::fs::read_dir(dir.path()).unwrap() {
+        let path = file.unwrap().path();
+        let mut lines = Vec::new();
+        for (at, line) in std::fs::read_to_string(&path).unwrap().lines().enumerate() {
+            let mut resource: Value = serde_json::from_str(line).unwrap();
+            let instant = loaded + chrono::Duration::milliseconds(at as i64 * 7_919 % 600_000);
+            let instant = instant.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            resource["meta"] = json!({ "lastUpdated": instant });
+            if resource["resourceType"] == "Observation" {
+                observations.insert(resource["id"].as_str().unwrap().to_string());
+            }
+            lines.push(resource.to_string());
+        }
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    }
+    let medplum = Medplum::start(dir.path(), &[]);
+    let per_part = observations.len() as u64 / 4;
+    let remote = start_reading(&dataset().store, &medplum.base, |settings| {
+        settings.shard_max_resources = per_part;
+    })
+    .await;
+    let client = client();
+    let before = medplum.counts(&client).await;
+    let url = format!("{}/$export?_type=Observation", remote.base);
+    let manifest = run(&client, &url, None).await;
+    let counts = medplum.counts(&client).await - before;
+    let files = manifest["output"].as_array().unwrap().len();
+    assert_eq!(ids(&client, &manifest).await["Observation"], observations);
+    assert!(files >= 4, "{files} files of at most {per_part} resources");
+    // Per part, a count before its read and one after; the rest plan.
+    let planning = counts - 2 * files as u64;
+    assert!(planning <= 12, "{planning} counts to plan {files} parts");
+}
+
 /// Resources per type on a FHIR server, counted by `_summary=count`.
 async fn counts_on(
     client: &reqwest::Client,

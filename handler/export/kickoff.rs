@@ -211,26 +211,29 @@ async fn admit(exports: &Exports) -> Result<(), ExportError> {
     }
 }
 
+/// Which of the types wanted a source lists (those it holds, or those it may hold deletions of).
+type TypesAmong =
+    fn(&dyn ResourceSource, &dyn Fn(&str) -> bool) -> Result<Vec<String>, SourceError>;
+
 /// The types an export reads (`types`: those the source holds, or those it may hold deletions
-/// of), narrowed by `_type` and the level.
+/// of, among those wanted), narrowed by `_type` and the level before the source looks.
 fn exported_types(
     source: &dyn ResourceSource,
     request: &ExportRequest,
     scope: &PatientScope,
-    types: fn(&dyn ResourceSource) -> Result<Vec<String>, SourceError>,
+    types: TypesAmong,
 ) -> Result<Vec<String>, ExportError> {
     if matches!(scope, PatientScope::Only(patients) if patients.is_empty()) {
         return Ok(Vec::new());
     }
-    let mut types = types(source)?;
-    types.retain(|resource_type| {
+    let wanted = |resource_type: &str| {
         (!request.level.is_patient_scoped() || is_patient_level_type(resource_type))
             && request
                 .types
                 .as_ref()
-                .is_none_or(|wanted| wanted.contains(resource_type))
-    });
-    Ok(types)
+                .is_none_or(|wanted| wanted.iter().any(|t| t == resource_type))
+    };
+    Ok(types(source, &wanted)?)
 }
 
 /// The shards of changes: with `_since`, each type's deletions (the manifest's `deleted`); with
@@ -260,7 +263,7 @@ async fn with_changes(
             source.as_ref(),
             &planned.request,
             &planned.scope,
-            |source| source.types_with_deletions(),
+            |source, wanted| source.types_with_deletions(wanted),
         )?;
         let mut listed = Vec::new();
         let mut unknown: Vec<(String, String)> = Vec::new();
@@ -331,7 +334,9 @@ pub(super) async fn plan_types(
     let max_per_part = exports.limits.shard_max_resources;
     crate::blocking::run(move || -> Result<_, ExportError> {
         let mut planned = Vec::new();
-        let held = |source: &dyn ResourceSource| source.resource_types();
+        let held = |source: &dyn ResourceSource, wanted: &dyn Fn(&str) -> bool| {
+            source.resource_types(wanted)
+        };
         let types = match types {
             Some(types) => types,
             None => exported_types(source.as_ref(), &request, &scope, held)?,

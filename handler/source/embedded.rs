@@ -410,8 +410,10 @@ pub(crate) fn micros(instant: DateTime<Utc>) -> i64 {
 
 impl ResourceSource for EmbeddedStore {
     /// From the kept statistics (one small table), else one index seek per stored type.
-    fn resource_types(&self) -> Result<Vec<String>, SourceError> {
-        self.planning(|conn| self.types_on(conn))
+    fn resource_types(&self, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<String>, SourceError> {
+        let mut types = self.planning(|conn| self.types_on(conn))?;
+        types.retain(|resource_type| wanted(resource_type));
+        Ok(types)
     }
 
     /// From the kept statistics: a type stored together with more than `max_per_part` resources

@@ -243,12 +243,16 @@ impl ScanError {
     }
 }
 
+/// The earliest and the latest `meta.lastUpdated` of some resources.
+pub type Span = (DateTime<Utc>, DateTime<Utc>);
+
 /// A FHIR resource source. Every call blocks, and must not be made on a runtime worker (the remote
 /// source drives its own runtime, which panics there): a request calls through
 /// [`crate::blocking::run`], a shard from its own thread.
 pub trait ResourceSource: Send + Sync {
-    /// The resource types that hold at least one resource, sorted by name.
-    fn resource_types(&self) -> Result<Vec<String>, SourceError>;
+    /// The resource types among those `wanted` that hold at least one resource, sorted by name (a
+    /// FHIR server counts the types wanted only).
+    fn resource_types(&self, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<String>, SourceError>;
 
     /// One resource's stored JSON.
     fn read(&self, resource_type: &str, id: &str) -> Result<Option<Vec<u8>>, SourceError>;
@@ -256,6 +260,13 @@ pub trait ResourceSource: Send + Sync {
     /// How many resources a scan would give, when the source can tell cheaply (`None`: it cannot).
     /// `type_filters` and `after_id` are not applied.
     fn count(&self, _request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
+        Ok(None)
+    }
+
+    /// The earliest and the latest `meta.lastUpdated` among the resources a scan would give, when
+    /// the source can tell cheaply (`None`: it cannot, or the scan gives none). A hint: planning
+    /// checks it with a count before it relies on it.
+    fn last_updated_span(&self, _request: &ScanRequest<'_>) -> Result<Option<Span>, SourceError> {
         Ok(None)
     }
 
@@ -298,10 +309,13 @@ pub trait ResourceSource: Send + Sync {
         sink: &mut dyn FnMut(&[u8]) -> Result<(), SinkError>,
     ) -> Result<Scanned, ScanError>;
 
-    /// The types whose deletions an export with `_since` asks for: every type that may have held
-    /// a resource, holding any now or not (by default those that hold some).
-    fn types_with_deletions(&self) -> Result<Vec<String>, SourceError> {
-        self.resource_types()
+    /// The types among those `wanted` whose deletions an export with `_since` asks for: every type
+    /// that may have held a resource, holding any now or not (by default those that hold some).
+    fn types_with_deletions(
+        &self,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<String>, SourceError> {
+        self.resource_types(wanted)
     }
 
     /// Why `scan_deleted` cannot list the type's deletions (`None`: it can).

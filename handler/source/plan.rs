@@ -2,9 +2,9 @@
 //! that knows where it stores each type cuts by storage position; one that can count cuts by
 //! `meta.lastUpdated` windows; any other gives the whole type as one part.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 
-use super::{PatientScope, ResourceSource, RowRange, ScanRequest, SourceError};
+use super::{PatientScope, ResourceSource, RowRange, ScanRequest, SourceError, Span};
 
 /// What to plan: one type of an export.
 #[derive(Debug, Clone, Copy)]
@@ -88,8 +88,9 @@ pub fn by_last_updated(
     let floor = request
         .since
         .unwrap_or(DateTime::UNIX_EPOCH - chrono::Duration::days(365 * 100));
+    let (low, high) = occupied(source, request, floor, total)?.unwrap_or((floor, request.until));
     let mut pieces = Vec::new();
-    bisect(source, request, floor, request.until, total, &mut pieces)?;
+    bisect(source, request, low, high, total, &mut pieces)?;
     let mut parts: Vec<(Part, u64)> = Vec::new();
     for (low, high, count) in pieces {
         match parts.last_mut() {
@@ -118,7 +119,39 @@ pub fn by_last_updated(
     if let Some(first) = parts.first_mut() {
         first.since = request.since;
     }
+    if let Some(last) = parts.last_mut() {
+        last.until = Some(request.until);
+    }
     Ok(parts)
+}
+
+/// The narrowest window `(low, high]` that holds all `total` resources of the type: from the
+/// earliest and latest `meta.lastUpdated` the source tells, when a count of that window finds all
+/// `total` (a source that sorted as asked for). Data loaded in bulk shares a few minutes of a long
+/// export window: halving from its `floor` would count once for each of some thirty halvings
+/// before the first cut that splits it.
+fn occupied(
+    source: &dyn ResourceSource,
+    request: &PlanRequest<'_>,
+    floor: DateTime<Utc>,
+    total: u64,
+) -> Result<Option<Span>, SourceError> {
+    let Some((earliest, latest)) =
+        source.last_updated_span(&scan(request, request.since, request.until))?
+    else {
+        return Ok(None);
+    };
+    // Whole milliseconds below the earliest, as many servers keep no finer instants.
+    let millisecond = chrono::Duration::milliseconds(1);
+    let below = (earliest - millisecond)
+        .duration_trunc(millisecond)
+        .unwrap_or(earliest - millisecond);
+    let low = below.max(floor);
+    if latest > request.until || low >= latest {
+        return Ok(None);
+    }
+    let within = count(source, request, Some(low), latest)?;
+    Ok((within == Some(total)).then_some((low, latest)))
 }
 
 fn count(
@@ -127,7 +160,16 @@ fn count(
     since: Option<DateTime<Utc>>,
     until: DateTime<Utc>,
 ) -> Result<Option<u64>, SourceError> {
-    source.count(&ScanRequest {
+    source.count(&scan(request, since, until))
+}
+
+/// A whole-type scan of the window `(since, until]`.
+fn scan<'a>(
+    request: &PlanRequest<'a>,
+    since: Option<DateTime<Utc>>,
+    until: DateTime<Utc>,
+) -> ScanRequest<'a> {
+    ScanRequest {
         resource_type: request.resource_type,
         since,
         stored_since: None,
@@ -139,7 +181,7 @@ fn count(
         rows: RowRange::default(),
         resume: None,
         pause_after: None,
-    })
+    }
 }
 
 fn bisect(

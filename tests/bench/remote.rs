@@ -232,11 +232,8 @@ fn main() {
         // compartment, so each type is one shard) and at system level (types cut by count).
         let types: Vec<String> = EmbeddedStore::open(&store_path)
             .unwrap()
-            .resource_types()
-            .unwrap()
-            .into_iter()
-            .filter(|t| fhir_export::export::request::is_patient_level_type(t))
-            .collect();
+            .resource_types(&fhir_export::export::request::is_patient_level_type)
+            .unwrap();
         let rows = [
             ("Patient/$export", "/Patient/$export".to_string()),
             ("Patient/$export organized by patient", "/Patient/$export?organizeOutputBy=Patient".to_string()),

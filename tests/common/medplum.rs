@@ -51,6 +51,11 @@ impl Medplum {
         self.counted(client, "byPatient").await
     }
 
+    /// How many counts (`_summary=count`) it has answered.
+    pub async fn counts(&self, client: &reqwest::Client) -> u64 {
+        self.counted(client, "counts").await
+    }
+
     async fn counted(&self, client: &reqwest::Client, what: &str) -> u64 {
         let answer = super::get_json(client, &format!("{}/$requests", self.base)).await;
         answer[what].as_u64().unwrap()

@@ -17,8 +17,9 @@
 //                     `meta.lastUpdated` set to now), as if other clients wrote during the export
 // With `_sort`, the order is the sort's and only ties are unstable.
 // With MEDPLUM_LOG set, each request is logged on stderr.
-// `GET /$requests` answers how many requests came in (`requests`), and how many of them were
-// searches naming patients (`byPatient`: a `Patient/` reference in the query); `PUT [type]/[id]` updates (concurrent changes;
+// `GET /$requests` answers how many requests came in (`requests`), how many of them were
+// searches naming patients (`byPatient`: a `Patient/` reference in the query) and how many were
+// counts (`counts`: `_summary=count`); `PUT [type]/[id]` updates (concurrent changes;
 // a body without `meta.lastUpdated` is stamped now).
 import { createServer } from 'node:http';
 import { readdirSync, readFileSync } from 'node:fs';
@@ -52,6 +53,7 @@ const cache = new Map();
 let updatesLeft = Number(option('--update-while-paging') ?? 0);
 let requests = 0;
 let byPatient = 0;
+let counts = 0;
 
 const dir = option('--load');
 if (dir) {
@@ -193,12 +195,15 @@ async function handle(req, body) {
   const path = url.pathname.replace(/^\/+|\/+$/g, '');
   const segments = path.split('/').map(decodeURIComponent);
   if (req.method === 'GET' && path === '$requests') {
-    return [200, { requests, byPatient }];
+    return [200, { requests, byPatient, counts }];
   }
   requests++;
   if (process.env.MEDPLUM_LOG) console.error(req.method, req.url);
   if (decodeURIComponent(url.search).includes('Patient/')) {
     byPatient++;
+  }
+  if (url.searchParams.get('_summary') === 'count') {
+    counts++;
   }
   if (req.method === 'GET' && path === 'metadata') {
     return [200, capabilityStatement()];

@@ -38,7 +38,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Cursor, Part, PatientScope, PlanRequest, ResourceSource, ScanError, ScanRequest, Scanned,
-    SinkError, SourceError,
+    SinkError, SourceError, Span,
 };
 use crate::fhir::compartment::patient_ids;
 
@@ -80,16 +80,31 @@ impl RemoteServer {
     }
 }
 
+impl RemoteServer {
+    /// The search of a scan that reads its whole type (`None`: it reads a compartment).
+    fn whole_type_search(&self, request: &ScanRequest<'_>) -> Option<Search> {
+        let whole_type = matches!(request.scope, PatientScope::All)
+            || (matches!(request.scope, PatientScope::AnyPatient)
+                && request.resource_type == "Patient");
+        whole_type.then(|| Search {
+            target: format!("{}/{}", self.0.base, request.resource_type),
+            criteria: String::new(),
+        })
+    }
+}
+
 impl ResourceSource for RemoteServer {
     fn waiting_for(&self) -> Option<String> {
         self.0.access.waiting.lock().expect("not poisoned").clone()
     }
 
-    /// The types the server declares that hold resources (a `_summary=count` probe each).
-    fn resource_types(&self) -> Result<Vec<String>, SourceError> {
+    /// The types wanted that the server declares and that hold resources (a `_summary=count` probe
+    /// each).
+    fn resource_types(&self, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<String>, SourceError> {
         let this = &self.0;
         this.runtime.block_on(async {
-            let declared: Vec<String> = this.capabilities().await?.types.keys().cloned().collect();
+            let declared = this.capabilities().await?.types.keys();
+            let declared: Vec<String> = declared.filter(|t| wanted(t)).cloned().collect();
             let counted: Vec<(String, Result<Option<u64>, SourceError>)> =
                 futures_util::stream::iter(declared)
                     .map(|t| async move {
@@ -112,34 +127,43 @@ impl ResourceSource for RemoteServer {
         })
     }
 
-    /// A `_summary=count` probe of the window, for whole-type scans only.
     /// By `_summary=count` probes over `lastUpdated` windows.
     fn plan(&self, request: &PlanRequest<'_>) -> Result<Vec<Part>, SourceError> {
         super::plan::by_last_updated(self, request)
     }
 
+    /// A `_summary=count` probe of the window, for whole-type scans only.
     fn count(&self, request: &ScanRequest<'_>) -> Result<Option<u64>, SourceError> {
-        let whole_type = matches!(request.scope, PatientScope::All)
-            || (matches!(request.scope, PatientScope::AnyPatient)
-                && request.resource_type == "Patient");
-        if !whole_type {
+        let Some(search) = self.whole_type_search(request) else {
             return Ok(None);
-        }
-        let search = Search {
-            target: format!("{}/{}", self.0.base, request.resource_type),
-            criteria: String::new(),
         };
         let url = search.count_url(&window(request));
         self.0.runtime.block_on(self.0.total(&url))
     }
 
+    /// Two searches of one match each, sorted by `_lastUpdated` each way, for whole-type scans only.
+    fn last_updated_span(&self, request: &ScanRequest<'_>) -> Result<Option<Span>, SourceError> {
+        let Some(search) = self.whole_type_search(request) else {
+            return Ok(None);
+        };
+        let window = window(request);
+        self.0
+            .runtime
+            .block_on(self.0.last_updated_span(&search, &window))
+    }
+
     /// Every type the server declares (those without `history-type` then say in the manifest's
     /// `error` that their deletions are unknown): a type whose resources were all deleted holds
     /// none now.
-    fn types_with_deletions(&self) -> Result<Vec<String>, SourceError> {
+    fn types_with_deletions(
+        &self,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<String>, SourceError> {
         let this = &self.0;
-        this.runtime
-            .block_on(async { Ok(this.capabilities().await?.types.keys().cloned().collect()) })
+        this.runtime.block_on(async {
+            let declared = this.capabilities().await?.types.keys();
+            Ok(declared.filter(|t| wanted(t)).cloned().collect())
+        })
     }
 
     fn why_deletions_are_unknown(

@@ -12,7 +12,7 @@ use super::client::{Fetched, Inner};
 use crate::fhir::compartment::compartment_search_params;
 use crate::fhir::outcome::texts_in;
 use crate::fhir::search::SearchQuery;
-use crate::source::{Cursor, PatientScope, ScanRequest, SourceError};
+use crate::source::{Cursor, PatientScope, ScanRequest, SourceError, Span};
 
 const PAGE_SIZE: usize = 1000;
 /// The longest patient list one search request carries (bytes of its URL's values).
@@ -230,6 +230,48 @@ impl Inner {
                 .ok()
                 .and_then(|p| p.total)),
         }
+    }
+
+    /// The earliest and the latest `meta.lastUpdated` the search gives in `window`: its first match
+    /// sorted each way (`None` when the server refuses `_sort=_lastUpdated` or drops it with a
+    /// warning, or nothing matches).
+    pub(super) async fn last_updated_span(
+        &self,
+        search: &Search,
+        window: &Window,
+    ) -> Result<Option<Span>, SourceError> {
+        let first = |sort: &str| format!("{}&_count=1&_sort={sort}", search.windowed(window));
+        let (earliest, latest) = futures_util::future::join(
+            self.first_last_updated(first("_lastUpdated")),
+            self.first_last_updated(first("-_lastUpdated")),
+        )
+        .await;
+        Ok(earliest?.zip(latest?))
+    }
+
+    /// The `meta.lastUpdated` of a sorted search's first match.
+    async fn first_last_updated(&self, url: String) -> Result<Option<DateTime<Utc>>, SourceError> {
+        let body = match self.get(&url).await {
+            Ok(Fetched::Body(body)) => body,
+            Ok(Fetched::NotFound) => return Ok(None),
+            Err(SourceError::Unsupported(reason)) => {
+                tracing::info!(%reason, "FHIR source: no _sort by _lastUpdated; planning counts the whole window");
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
+        let page = parse_page(&url, &body)?;
+        if page.sort_warning().is_some() {
+            return Ok(None);
+        }
+        let matched = page.entry.iter().find(|entry| {
+            let mode = entry.search.as_ref().and_then(|s| s.mode.as_deref());
+            mode.is_none_or(|mode| mode == "match")
+        });
+        let identity = matched
+            .and_then(|entry| entry.resource)
+            .and_then(|resource| serde_json::from_str::<Identity>(resource.get()).ok());
+        Ok(identity.and_then(|identity| identity.last_updated()))
     }
 
     /// The searches of a scan. `_typeFilter` queries go to the server only in the criteria it

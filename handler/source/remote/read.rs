@@ -8,15 +8,11 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
 use super::client::{Inner, RemoteServer};
-use super::search::{fetch_page, next_link, parse_page, Identity, Page, Search, Window};
+use super::search::{fetch_page, next_link, parse_page, Identity, Page, Search, Window, SORTS};
 use crate::source::{ScanError, ScanRequest, SourceError};
 
 /// Reads of one search before its count is trusted to have held still.
 pub(super) const MAX_PASSES: u32 = 5;
-/// The orders asked for, best first: a stable order keeps a search's pages from overlapping or
-/// skipping. A server that refuses one is asked the next from then on.
-pub(super) const SORTS: [&str; 3] = ["_lastUpdated,_id", "_lastUpdated", ""];
-
 /// How a read of one search ended.
 pub(super) enum Read {
     /// Every page; the ids seen.

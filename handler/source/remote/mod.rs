@@ -78,9 +78,7 @@ impl RemoteServer {
             waiting: Duration::from_micros(self.0.waiting_micros.load(Ordering::Relaxed)),
         }
     }
-}
 
-impl RemoteServer {
     /// The search of a scan that reads its whole type (`None`: it reads a compartment).
     fn whole_type_search(&self, request: &ScanRequest<'_>) -> Option<Search> {
         let whole_type = matches!(request.scope, PatientScope::All)

@@ -13,6 +13,7 @@ use crate::source::{ScanError, ScanRequest, SourceError};
 
 /// Reads of one search before its count is trusted to have held still.
 pub(super) const MAX_PASSES: u32 = 5;
+
 /// How a read of one search ended.
 pub(super) enum Read {
     /// Every page; the ids seen.

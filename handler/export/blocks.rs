@@ -182,10 +182,10 @@ pub fn block_types(
 /// Plans an organized export: its patients (those of its scope as at `transactionTime`, whatever
 /// the window) in the order a scan gives them, cut into shards of about
 /// `EXPORT_SHARD_MAX_RESOURCES` resources, each shard's ids recorded beside the job, and the
-/// block types in the shards (a FHIR server counts every type it declares to find them). From a
-/// source that cannot stream compartments, the partition shards of the first phase follow.
-/// Returns the shards and the order to queue them in (the partition shards alone, when there are
-/// any: they queue the shards of blocks when done).
+/// block types in the shards (a FHIR server counts the compartment's types, or those of `_type`,
+/// to find them). From a source that cannot stream compartments, the partition shards of the
+/// first phase follow. Returns the shards and the order to queue them in (the partition shards
+/// alone, when there are any: they queue the shards of blocks when done).
 pub async fn plan(exports: &Exports, job: &Job) -> Result<(Vec<Shard>, Vec<usize>), ExportError> {
     let (source, planned) = (exports.source.clone(), job.clone());
     let max_resources = exports.limits.shard_max_resources;

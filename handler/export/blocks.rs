@@ -168,13 +168,8 @@ pub fn block_types(
     source: &dyn ResourceSource,
     request: &super::ExportRequest,
 ) -> Result<Vec<String>, crate::source::SourceError> {
-    let mut types = source.resource_types(&|t| {
-        is_patient_level_type(t)
-            && request
-                .types
-                .as_ref()
-                .is_none_or(|wanted| wanted.iter().any(|w| w == t))
-    })?;
+    let mut types =
+        source.resource_types(&|t| is_patient_level_type(t) && request.names_type(t))?;
     types.sort_by(|a, b| (a != "Patient", a).cmp(&(b != "Patient", b)));
     Ok(types)
 }

@@ -228,10 +228,7 @@ fn exported_types(
     }
     let wanted = |resource_type: &str| {
         (!request.level.is_patient_scoped() || is_patient_level_type(resource_type))
-            && request
-                .types
-                .as_ref()
-                .is_none_or(|wanted| wanted.iter().any(|t| t == resource_type))
+            && request.names_type(resource_type)
     };
     Ok(types(source, &wanted)?)
 }
@@ -334,12 +331,11 @@ pub(super) async fn plan_types(
     let max_per_part = exports.limits.shard_max_resources;
     crate::blocking::run(move || -> Result<_, ExportError> {
         let mut planned = Vec::new();
-        let held = |source: &dyn ResourceSource, wanted: &dyn Fn(&str) -> bool| {
-            source.resource_types(wanted)
-        };
         let types = match types {
             Some(types) => types,
-            None => exported_types(source.as_ref(), &request, &scope, held)?,
+            None => exported_types(source.as_ref(), &request, &scope, |source, wanted| {
+                source.resource_types(wanted)
+            })?,
         };
         for resource_type in types {
             let parts = source.plan(&PlanRequest {

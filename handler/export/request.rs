@@ -214,6 +214,13 @@ fn check_output_format(value: &str) -> Result<(), RequestError> {
 }
 
 impl ExportRequest {
+    /// Whether `_type` lets the export read `resource_type` (no `_type`: every type).
+    pub fn names_type(&self, resource_type: &str) -> bool {
+        self.types
+            .as_ref()
+            .is_none_or(|types| types.iter().any(|t| t == resource_type))
+    }
+
     /// Parses an STU3 kickoff's parameters (`raw_query`: a query string without the `?`; a
     /// POST's Parameters body arrives converted to one, with `via_post`).
     pub fn from_query(

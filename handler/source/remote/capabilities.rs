@@ -31,6 +31,11 @@ pub(super) enum CompartmentAccess {
 }
 
 impl Capabilities {
+    /// The types declared among those `wanted`, by name.
+    pub(super) fn declared(&self, wanted: &dyn Fn(&str) -> bool) -> Vec<String> {
+        self.types.keys().filter(|t| wanted(t)).cloned().collect()
+    }
+
     pub(super) fn parse(statement: &serde_json::Value) -> Self {
         let mut capabilities = Capabilities::default();
         let rest = statement.pointer("/rest/0");

@@ -20,7 +20,7 @@
 //!
 //! Parts, used one way (`read` -> `capabilities`, `search`, `client`): `client` (requests,
 //! tokens, refusals), `capabilities` (what the server declares, the searches of a scan), `search`
-//! (windows, URLs, pages), `read` (verified reads, halving, pauses).
+//! (windows, URLs, pages), `read` (verified reads, halving, pauses, spans).
 
 mod capabilities;
 mod client;
@@ -101,8 +101,7 @@ impl ResourceSource for RemoteServer {
     fn resource_types(&self, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<String>, SourceError> {
         let this = &self.0;
         this.runtime.block_on(async {
-            let declared = this.capabilities().await?.types.keys();
-            let declared: Vec<String> = declared.filter(|t| wanted(t)).cloned().collect();
+            let declared = this.capabilities().await?.declared(wanted);
             let counted: Vec<(String, Result<Option<u64>, SourceError>)> =
                 futures_util::stream::iter(declared)
                     .map(|t| async move {
@@ -145,9 +144,10 @@ impl ResourceSource for RemoteServer {
             return Ok(None);
         };
         let window = window(request);
-        self.0
-            .runtime
-            .block_on(self.0.last_updated_span(&search, &window))
+        self.0.runtime.block_on(
+            self.0
+                .last_updated_span(&search, &window, request.resource_type),
+        )
     }
 
     /// Every type the server declares (those without `history-type` then say in the manifest's
@@ -158,10 +158,8 @@ impl ResourceSource for RemoteServer {
         wanted: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<String>, SourceError> {
         let this = &self.0;
-        this.runtime.block_on(async {
-            let declared = this.capabilities().await?.types.keys();
-            Ok(declared.filter(|t| wanted(t)).cloned().collect())
-        })
+        this.runtime
+            .block_on(async { Ok(this.capabilities().await?.declared(wanted)) })
     }
 
     fn why_deletions_are_unknown(

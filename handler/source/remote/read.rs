@@ -1,5 +1,6 @@
 //! Reading searches whole: every search verified by its counts, halved where the server limits
-//! paging, paused where a time-boxed shard can resume.
+//! paging, paused where a time-boxed shard can resume; and the span of `meta.lastUpdated` a
+//! search's matches occupy, for planning.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -7,12 +8,15 @@ use std::sync::atomic::Ordering;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use super::client::{Inner, RemoteServer};
-use super::search::{fetch_page, next_link, parse_page, Identity, Page, Search, Window, SORTS};
-use crate::source::{ScanError, ScanRequest, SourceError};
+use super::client::{Fetched, Inner, RemoteServer};
+use super::search::{fetch_page, next_link, parse_page, Identity, Page, Search, Window};
+use crate::source::{ScanError, ScanRequest, SourceError, Span};
 
 /// Reads of one search before its count is trusted to have held still.
 pub(super) const MAX_PASSES: u32 = 5;
+/// The orders asked for, best first: a stable order keeps a search's pages from overlapping or
+/// skipping. A server that refuses one is asked the next from then on.
+pub(super) const SORTS: [&str; 3] = ["_lastUpdated,_id", "_lastUpdated", ""];
 
 /// How a read of one search ended.
 pub(super) enum Read {
@@ -309,6 +313,75 @@ fn matches<'p>(
         found.push((id, last_updated, resource));
     }
     Ok(found)
+}
+
+/// Where in [`SORTS`] a server that cannot sort by `_lastUpdated` stands.
+const UNSORTED: usize = SORTS.len() - 1;
+
+/// What a search sorted by `_lastUpdated` told of its first match.
+#[derive(Debug, PartialEq, Eq)]
+enum Sorted {
+    First(DateTime<Utc>),
+    /// Nothing matched, or the match had no `meta.lastUpdated`.
+    Unknown,
+    /// The server refused the sort, or dropped it with a warning.
+    Refused,
+}
+
+impl Inner {
+    /// The earliest and the latest `meta.lastUpdated` of `resource_type` the search gives in
+    /// `window`: its first match sorted each way (`None` when the server refuses
+    /// `_sort=_lastUpdated` or drops it with a warning, which no read of the source asks again, or
+    /// nothing matches).
+    pub(super) async fn last_updated_span(
+        &self,
+        search: &Search,
+        window: &Window,
+        resource_type: &str,
+    ) -> Result<Option<Span>, SourceError> {
+        if self.sort.load(Ordering::Relaxed) >= UNSORTED {
+            return Ok(None);
+        }
+        let first = |sort: &str| format!("{}&_count=1&_sort={sort}", search.windowed(window));
+        let (earliest, latest) = futures_util::future::join(
+            self.first_last_updated(first("_lastUpdated"), resource_type),
+            self.first_last_updated(first("-_lastUpdated"), resource_type),
+        )
+        .await;
+        let (earliest, latest) = (earliest?, latest?);
+        if earliest == Sorted::Refused {
+            self.sort.fetch_max(UNSORTED, Ordering::Relaxed);
+        }
+        match (earliest, latest) {
+            (Sorted::First(earliest), Sorted::First(latest)) => Ok(Some((earliest, latest))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The `meta.lastUpdated` of a sorted search's first match.
+    async fn first_last_updated(
+        &self,
+        url: String,
+        resource_type: &str,
+    ) -> Result<Sorted, SourceError> {
+        let body = match self.get(&url).await {
+            Ok(Fetched::Body(body)) => body,
+            Ok(Fetched::NotFound) => return Ok(Sorted::Unknown),
+            Err(SourceError::Unsupported(reason)) => {
+                tracing::info!(%reason, "FHIR source: no _sort by _lastUpdated; planning counts the whole window");
+                return Ok(Sorted::Refused);
+            }
+            Err(error) => return Err(error),
+        };
+        let page = parse_page(&url, &body)?;
+        if page.sort_warning().is_some() {
+            return Ok(Sorted::Refused);
+        }
+        // A page a read would refuse tells nothing here: planning halves the whole window.
+        let found = matches(&page, resource_type, &url).unwrap_or_default();
+        let first = found.first().and_then(|&(_, last_updated, _)| last_updated);
+        Ok(first.map_or(Sorted::Unknown, Sorted::First))
+    }
 }
 
 /// Where a read sorted by `_lastUpdated` may pause.

@@ -1,6 +1,5 @@
 //! One search: its windows of `meta.lastUpdated`, its URLs, and the pages it answers.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,16 +12,9 @@ use super::client::{Fetched, Inner};
 use crate::fhir::compartment::compartment_search_params;
 use crate::fhir::outcome::texts_in;
 use crate::fhir::search::SearchQuery;
-use crate::source::{Cursor, PatientScope, ScanRequest, SourceError, Span};
+use crate::source::{Cursor, PatientScope, ScanRequest, SourceError};
 
 const PAGE_SIZE: usize = 1000;
-
-/// The orders asked for, best first: a stable order keeps a search's pages from overlapping or
-/// skipping. A server that refuses one is asked the next from then on.
-pub(super) const SORTS: [&str; 3] = ["_lastUpdated,_id", "_lastUpdated", ""];
-
-/// Where in [`SORTS`] a server that cannot sort by `_lastUpdated` stands.
-const UNSORTED: usize = SORTS.len() - 1;
 /// The longest patient list one search request carries (bytes of its URL's values).
 const MAX_IDS_BYTES: usize = 3000;
 
@@ -152,16 +144,6 @@ impl Page<'_> {
     }
 }
 
-/// What a search sorted by `_lastUpdated` told of its first match.
-#[derive(Debug, PartialEq, Eq)]
-enum Sorted {
-    First(DateTime<Utc>),
-    /// Nothing matched, or the match had no `meta.lastUpdated`.
-    Unknown,
-    /// The server refused the sort, or dropped it with a warning.
-    Refused,
-}
-
 #[derive(Deserialize)]
 pub(super) struct Identity {
     #[serde(rename = "resourceType")]
@@ -248,59 +230,6 @@ impl Inner {
                 .ok()
                 .and_then(|p| p.total)),
         }
-    }
-
-    /// The earliest and the latest `meta.lastUpdated` the search gives in `window`: its first match
-    /// sorted each way (`None` when the server refuses `_sort=_lastUpdated` or drops it with a
-    /// warning, which no read of the source asks again, or nothing matches).
-    pub(super) async fn last_updated_span(
-        &self,
-        search: &Search,
-        window: &Window,
-    ) -> Result<Option<Span>, SourceError> {
-        if self.sort.load(Ordering::Relaxed) >= UNSORTED {
-            return Ok(None);
-        }
-        let first = |sort: &str| format!("{}&_count=1&_sort={sort}", search.windowed(window));
-        let (earliest, latest) = futures_util::future::join(
-            self.first_last_updated(first("_lastUpdated")),
-            self.first_last_updated(first("-_lastUpdated")),
-        )
-        .await;
-        let (earliest, latest) = (earliest?, latest?);
-        if earliest == Sorted::Refused {
-            self.sort.fetch_max(UNSORTED, Ordering::Relaxed);
-        }
-        match (earliest, latest) {
-            (Sorted::First(earliest), Sorted::First(latest)) => Ok(Some((earliest, latest))),
-            _ => Ok(None),
-        }
-    }
-
-    /// The `meta.lastUpdated` of a sorted search's first match.
-    async fn first_last_updated(&self, url: String) -> Result<Sorted, SourceError> {
-        let body = match self.get(&url).await {
-            Ok(Fetched::Body(body)) => body,
-            Ok(Fetched::NotFound) => return Ok(Sorted::Unknown),
-            Err(SourceError::Unsupported(reason)) => {
-                tracing::info!(%reason, "FHIR source: no _sort by _lastUpdated; planning counts the whole window");
-                return Ok(Sorted::Refused);
-            }
-            Err(error) => return Err(error),
-        };
-        let page = parse_page(&url, &body)?;
-        if page.sort_warning().is_some() {
-            return Ok(Sorted::Refused);
-        }
-        let matched = page.entry.iter().find(|entry| {
-            let mode = entry.search.as_ref().and_then(|s| s.mode.as_deref());
-            mode.is_none_or(|mode| mode == "match")
-        });
-        let identity = matched
-            .and_then(|entry| entry.resource)
-            .and_then(|resource| serde_json::from_str::<Identity>(resource.get()).ok());
-        let first = identity.and_then(|identity| identity.last_updated());
-        Ok(first.map_or(Sorted::Unknown, Sorted::First))
     }
 
     /// The searches of a scan. `_typeFilter` queries go to the server only in the criteria it
